@@ -1,0 +1,258 @@
+//! The deployment shape: how many attention replicas and expert workers, where each expert
+//! lives, how many micro-batches, and the batch limits. Read from and written to TOML; the
+//! planner writes it, the engine and the launcher read it.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeploymentError {
+    #[error("cannot read deployment file {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot parse deployment file {path}: {source}")]
+    Parse {
+        path: String,
+        source: toml::de::Error,
+    },
+    #[error("invalid deployment: {0}")]
+    Invalid(String),
+}
+
+/// Where each routed expert lives. `workers[e]` lists the expert workers holding expert `e`
+/// (the same placement for every layer). More than one worker means the expert is replicated
+/// and its tokens are split between the copies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExpertPlacement {
+    pub workers: Vec<Vec<u32>>,
+}
+
+impl ExpertPlacement {
+    /// Contiguous ranges: expert `e` goes to worker `e * n / num_experts`.
+    pub fn contiguous(num_experts: usize, num_workers: usize) -> Self {
+        let n = num_workers.max(1);
+        let workers = (0..num_experts)
+            .map(|e| vec![(e * n / num_experts.max(1)) as u32])
+            .collect();
+        Self { workers }
+    }
+
+    /// Experts held by `worker` (in expert order).
+    pub fn experts_of(&self, worker: u32) -> Vec<u32> {
+        self.workers
+            .iter()
+            .enumerate()
+            .filter(|(_, ws)| ws.contains(&worker))
+            .map(|(e, _)| e as u32)
+            .collect()
+    }
+}
+
+/// Optional addresses of every worker, for multi-process deployments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Addresses {
+    #[serde(default)]
+    pub attention: Vec<String>,
+    #[serde(default)]
+    pub expert: Vec<String>,
+}
+
+/// Free-form provenance written by the planner (hardware, TP degrees, predicted numbers).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct PlanInfo {
+    #[serde(default)]
+    pub attention_hw: Option<String>,
+    #[serde(default)]
+    pub expert_hw: Option<String>,
+    #[serde(default)]
+    pub tp_attention: Option<u32>,
+    #[serde(default)]
+    pub tp_expert: Option<u32>,
+    #[serde(default)]
+    pub global_batch: Option<u32>,
+    #[serde(default)]
+    pub predicted_tokens_per_s: Option<f64>,
+    #[serde(default)]
+    pub predicted_tbt_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deployment {
+    /// `n_a`: attention replicas.
+    #[serde(default = "one")]
+    pub attention_replicas: u32,
+    /// `N`: expert workers. 0 means colocated: the replica runs its own experts.
+    #[serde(default = "one")]
+    pub expert_workers: u32,
+    /// `m`: micro-batches per iteration.
+    #[serde(default = "one")]
+    pub micro_batches: u32,
+    /// Expert placement; contiguous ranges when absent.
+    #[serde(default)]
+    pub placement: Option<ExpertPlacement>,
+    /// Per replica: most sequences in one iteration.
+    #[serde(default = "default_max_num_seqs")]
+    pub max_num_seqs: u32,
+    /// Per replica: most tokens (prefill + decode) in one iteration.
+    #[serde(default = "default_max_num_batched_tokens")]
+    pub max_num_batched_tokens: u32,
+    /// Tokens per KV block.
+    #[serde(default = "default_block_size")]
+    pub kv_block_size: u32,
+    /// Per replica: KV blocks. 0 lets the engine size it from `kv_cache_bytes`.
+    #[serde(default)]
+    pub num_kv_blocks: u32,
+    /// Threads per worker (one rayon pool each).
+    #[serde(default = "one")]
+    pub threads_per_worker: u32,
+    /// Pin worker pools to cores (replicas first, then expert workers, round-robin).
+    #[serde(default)]
+    pub pin_cores: bool,
+    #[serde(default)]
+    pub addresses: Addresses,
+    #[serde(default)]
+    pub plan: PlanInfo,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_max_num_seqs() -> u32 {
+    256
+}
+fn default_max_num_batched_tokens() -> u32 {
+    2048
+}
+fn default_block_size() -> u32 {
+    16
+}
+
+impl Default for Deployment {
+    fn default() -> Self {
+        Self {
+            attention_replicas: 1,
+            expert_workers: 1,
+            micro_batches: 1,
+            placement: None,
+            max_num_seqs: default_max_num_seqs(),
+            max_num_batched_tokens: default_max_num_batched_tokens(),
+            kv_block_size: default_block_size(),
+            num_kv_blocks: 0,
+            threads_per_worker: 1,
+            pin_cores: false,
+            addresses: Addresses::default(),
+            plan: PlanInfo::default(),
+        }
+    }
+}
+
+impl Deployment {
+    pub fn from_toml_str(s: &str, path: &str) -> Result<Self, DeploymentError> {
+        let d: Deployment = toml::from_str(s).map_err(|source| DeploymentError::Parse {
+            path: path.to_string(),
+            source,
+        })?;
+        d.validate_shape()?;
+        Ok(d)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, DeploymentError> {
+        let s = std::fs::read_to_string(path).map_err(|source| DeploymentError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml_str(&s, &path.display().to_string())
+    }
+
+    pub fn to_toml_string(&self) -> String {
+        // Serialising plain structs of numbers and strings cannot fail.
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Checks that need no model.
+    pub fn validate_shape(&self) -> Result<(), DeploymentError> {
+        let bad = |m: &str| Err(DeploymentError::Invalid(m.to_string()));
+        if self.attention_replicas == 0 {
+            return bad("attention_replicas must be at least 1");
+        }
+        if self.micro_batches == 0 {
+            return bad("micro_batches must be at least 1");
+        }
+        if self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 {
+            return bad("max_num_seqs and max_num_batched_tokens must be positive");
+        }
+        if self.kv_block_size == 0 {
+            return bad("kv_block_size must be positive");
+        }
+        if let Some(p) = &self.placement {
+            for (e, ws) in p.workers.iter().enumerate() {
+                if ws.is_empty() {
+                    return Err(DeploymentError::Invalid(format!(
+                        "expert {e} is placed on no worker"
+                    )));
+                }
+                if let Some(w) = ws.iter().find(|w| **w >= self.expert_workers) {
+                    return Err(DeploymentError::Invalid(format!(
+                        "expert {e} is placed on worker {w}, but there are only {} expert workers",
+                        self.expert_workers
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The placement for a model with `num_experts` routed experts, checked against it.
+    pub fn placement_for(&self, num_experts: usize) -> Result<ExpertPlacement, DeploymentError> {
+        match &self.placement {
+            None => Ok(ExpertPlacement::contiguous(
+                num_experts,
+                self.expert_workers.max(1) as usize,
+            )),
+            Some(p) if p.workers.len() != num_experts => Err(DeploymentError::Invalid(format!(
+                "placement lists {} experts but the model has {num_experts}",
+                p.workers.len()
+            ))),
+            Some(p) => Ok(p.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_defaults() {
+        let d = Deployment::from_toml_str("attention_replicas = 2\nmicro_batches = 3\n", "t")
+            .unwrap();
+        assert_eq!(d.attention_replicas, 2);
+        assert_eq!(d.expert_workers, 1);
+        assert_eq!(d.micro_batches, 3);
+        let back = Deployment::from_toml_str(&d.to_toml_string(), "t").unwrap();
+        assert_eq!(back, d);
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        assert!(Deployment::from_toml_str("micro_batches = 0", "t").is_err());
+        assert!(Deployment::from_toml_str("bogus = 1", "t").is_err());
+        let e = Deployment::from_toml_str(
+            "expert_workers = 2\n[placement]\nworkers = [[0], [2]]\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("worker 2"), "{e}");
+    }
+
+    #[test]
+    fn contiguous_placement() {
+        let p = ExpertPlacement::contiguous(8, 3);
+        assert_eq!(p.experts_of(0), vec![0, 1, 2]);
+        assert_eq!(p.experts_of(1), vec![3, 4, 5]);
+        assert_eq!(p.experts_of(2), vec![6, 7]);
+    }
+}
