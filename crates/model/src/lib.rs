@@ -1,1 +1,23 @@
-//! tandem-model
+//! tandem-model: Hugging Face MoE checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DBRX)
+//! loaded into an attention stage and an expert stage per layer, the seam the disaggregated
+//! runtime cuts at. See ARCHITECTURE.md at the repository root.
+
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod families;
+pub mod generate;
+pub mod kernels;
+pub mod kv;
+pub mod layers;
+pub mod model;
+pub mod stages;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{Family, ModelConfig};
+pub use error::{ModelError, Result};
+pub use kv::{BatchLayout, KvCache, SeqSlot};
+pub use model::{ExpertSelection, Model};
+pub use stages::{Assignment, AttentionOutput, AttentionStage, ExpertStage, Routing};
+pub use tokenizer::Tokenizer;

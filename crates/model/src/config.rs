@@ -1,0 +1,281 @@
+//! The model configuration every family is parsed into. Each family file
+//! (`families/*.rs`) has the serde struct of its own `config.json` at the top and converts it
+//! here; the layers read only this struct.
+
+use crate::error::{ModelError, Result};
+use serde::Serialize;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    Mixtral,
+    Qwen2Moe,
+    Qwen3Moe,
+    Olmoe,
+    Dbrx,
+}
+
+impl Family {
+    pub fn from_model_type(t: &str) -> Result<Self> {
+        Ok(match t {
+            "mixtral" => Family::Mixtral,
+            "qwen2_moe" => Family::Qwen2Moe,
+            "qwen3_moe" => Family::Qwen3Moe,
+            "olmoe" => Family::Olmoe,
+            "dbrx" => Family::Dbrx,
+            other => return Err(ModelError::UnknownFamily(other.to_string())),
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Mixtral => "mixtral",
+            Family::Qwen2Moe => "qwen2_moe",
+            Family::Qwen3Moe => "qwen3_moe",
+            Family::Olmoe => "olmoe",
+            Family::Dbrx => "dbrx",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum NormKind {
+    Rms,
+    /// LayerNorm without bias (DBRX).
+    LayerNoBias,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum QkNorm {
+    None,
+    /// RMSNorm over each head's `head_dim` (Qwen3-MoE).
+    PerHead,
+    /// RMSNorm over the whole q / k projection (OLMoE).
+    Full,
+}
+
+/// How the top-k router weights are rescaled after softmax + top-k.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum TopkNorm {
+    None,
+    /// Divide by their sum (Mixtral; `norm_topk_prob`).
+    Sum,
+    /// Divide by their p-norm (DBRX `moe_normalize_expert_weights`).
+    PNorm(f32),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelConfig {
+    pub family: Family,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub norm: NormKind,
+    pub norm_eps: f32,
+    pub rope_theta: f64,
+    pub qkv_bias: bool,
+    pub clip_qkv: Option<f32>,
+    pub qk_norm: QkNorm,
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub moe_intermediate_size: usize,
+    pub topk_norm: TopkNorm,
+    /// Qwen2-MoE's always-on shared expert (with a sigmoid gate), its FFN width.
+    pub shared_expert_intermediate_size: Option<usize>,
+    /// FFN width of dense (non-MoE) layers.
+    pub dense_intermediate_size: usize,
+    /// `dense_layers[l]`: layer `l` has a dense MLP instead of routed experts.
+    pub dense_layers: Vec<bool>,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelConfig {
+    /// Reads and parses `dir/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Self::from_json_str(&text, &path)
+    }
+
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
+        let v: Value = serde_json::from_str(text).map_err(|e| ModelError::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        let model_type = v
+            .get("model_type")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| ModelError::Config {
+                path: path.to_path_buf(),
+                msg: "no \"model_type\" string".into(),
+            })?;
+        let family = Family::from_model_type(model_type)?;
+        let cx = ParseCx {
+            path: path.to_path_buf(),
+        };
+        let cfg = match family {
+            Family::Mixtral => crate::families::mixtral::parse(&v, &cx)?,
+            Family::Qwen2Moe => crate::families::qwen2_moe::parse(&v, &cx)?,
+            Family::Qwen3Moe => crate::families::qwen3_moe::parse(&v, &cx)?,
+            Family::Olmoe => crate::families::olmoe::parse(&v, &cx)?,
+            Family::Dbrx => crate::families::dbrx::parse(&v, &cx)?,
+        };
+        cfg.validate(&cx)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, cx: &ParseCx) -> Result<()> {
+        let positive = [
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+            ("num_experts", self.num_experts),
+            ("num_experts_per_tok", self.top_k),
+        ];
+        for (k, v) in positive {
+            if v == 0 {
+                return Err(cx.err(format!("{k} must be positive")));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(cx.err(format!(
+                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+                self.num_heads, self.num_kv_heads
+            )));
+        }
+        if self.top_k > self.num_experts {
+            return Err(cx.err(format!(
+                "num_experts_per_tok ({}) exceeds the number of experts ({})",
+                self.top_k, self.num_experts
+            )));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(cx.err("head_dim must be even for rotary embeddings".into()));
+        }
+        Ok(())
+    }
+
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        !self.dense_layers.get(layer).copied().unwrap_or(false)
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+
+    /// Total parameters (counting every expert).
+    pub fn num_params(&self) -> usize {
+        let d = self.hidden_size;
+        let attn = d * (self.q_dim() + 2 * self.kv_dim()) + self.q_dim() * d;
+        let mut total = self.vocab_size * d * if self.tie_word_embeddings { 1 } else { 2 };
+        for l in 0..self.num_layers {
+            total += attn + d * 2;
+            if self.is_moe_layer(l) {
+                total += self.num_experts * (d + 3 * d * self.moe_intermediate_size);
+                if let Some(s) = self.shared_expert_intermediate_size {
+                    total += 3 * d * s + d;
+                }
+            } else {
+                total += 3 * d * self.dense_intermediate_size;
+            }
+        }
+        total
+    }
+}
+
+/// Context for parse errors (the config path).
+pub struct ParseCx {
+    pub path: PathBuf,
+}
+
+impl ParseCx {
+    pub fn err(&self, msg: String) -> ModelError {
+        ModelError::Config {
+            path: self.path.clone(),
+            msg,
+        }
+    }
+    pub fn unsupported(&self, msg: String) -> ModelError {
+        ModelError::Unsupported {
+            path: self.path.clone(),
+            msg,
+        }
+    }
+    /// Deserialises the family's raw config struct.
+    pub fn typed<T: serde::de::DeserializeOwned>(&self, v: &Value) -> Result<T> {
+        serde_json::from_value(v.clone()).map_err(|e| self.err(e.to_string()))
+    }
+
+    /// The rope base, from either layout: transformers 5's `rope_parameters` or the older
+    /// top-level `rope_theta` (+ `rope_scaling`). Any scaling other than the default is
+    /// refused rather than silently ignored.
+    pub fn rope_theta(
+        &self,
+        v: &Value,
+        legacy_theta: Option<f64>,
+        default_theta: f64,
+    ) -> Result<f64> {
+        let check_type = |obj: &Value, key: &str| -> Result<()> {
+            let t = obj
+                .get("rope_type")
+                .or_else(|| obj.get("type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("default");
+            if t != "default" {
+                return Err(self.unsupported(format!(
+                    "{key}: rope type {t:?} is not implemented (only \"default\")"
+                )));
+            }
+            Ok(())
+        };
+        if let Some(s) = v.get("rope_scaling").filter(|s| !s.is_null()) {
+            check_type(s, "rope_scaling")?;
+        }
+        if let Some(p) = v.get("rope_parameters").filter(|p| !p.is_null()) {
+            check_type(p, "rope_parameters")?;
+            if let Some(t) = p.get("rope_theta").and_then(|t| t.as_f64()) {
+                return Ok(t);
+            }
+        }
+        Ok(legacy_theta.unwrap_or(default_theta))
+    }
+
+    /// `eos_token_id` may be a number or a list.
+    pub fn eos_ids(&self, v: &Value) -> Vec<u32> {
+        match v.get("eos_token_id") {
+            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect(),
+            _ => vec![],
+        }
+    }
+}
+
+/// The "hidden_act" of every supported family must be SiLU.
+pub fn check_silu(cx: &ParseCx, act: Option<&str>) -> Result<()> {
+    match act {
+        None | Some("silu") | Some("swish") => Ok(()),
+        Some(other) => Err(cx.unsupported(format!(
+            "activation {other:?} is not implemented (only silu)"
+        ))),
+    }
+}

@@ -1,0 +1,45 @@
+//! Errors of the model crate. Every message names what is wrong and where (file, tensor).
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error("unknown model_type {0:?} (supported: mixtral, qwen2_moe, qwen3_moe, olmoe, dbrx)")]
+    UnknownFamily(String),
+    #[error("unsupported option in {path}: {msg}")]
+    Unsupported { path: PathBuf, msg: String },
+    #[error("corrupt safetensors file {path}: {msg}")]
+    CorruptFile { path: PathBuf, msg: String },
+    #[error("missing tensor {name} (looked in {files})")]
+    MissingTensor { name: String, files: String },
+    #[error("tensor {name} in {path} has shape {found:?}, expected {expected:?}")]
+    WrongShape {
+        name: String,
+        path: PathBuf,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("tensor {name} in {path} has unsupported dtype {dtype}")]
+    WrongDtype {
+        name: String,
+        path: PathBuf,
+        dtype: String,
+    },
+    #[error("tokenizer {path}: {msg}")]
+    Tokenizer { path: PathBuf, msg: String },
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    #[error("invalid input: {0}")]
+    Input(String),
+    #[error("tensor op failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

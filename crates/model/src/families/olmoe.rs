@@ -1,0 +1,114 @@
+//! OLMoE (`OlmoeForCausalLM`): RMSNorm over the whole q and k projections (before the head
+//! split and rotary), optional `clip_qkv`, top-k weights renormalised only if `norm_topk_prob`.
+
+use super::{gated, llama_attention, AttentionWeights, FamilyWeights};
+use crate::config::{check_silu, Family, ModelConfig, NormKind, ParseCx, QkNorm, TopkNorm};
+use crate::error::Result;
+use crate::layers::GatedMlp;
+use crate::weights::Weights;
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Deserialize)]
+pub struct OlmoeConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    pub rope_theta: Option<f64>,
+    pub num_experts: Option<usize>,
+    /// transformers 5 writes this name.
+    pub num_local_experts: Option<usize>,
+    pub num_experts_per_tok: usize,
+    #[serde(default)]
+    pub norm_topk_prob: bool,
+    pub clip_qkv: Option<f64>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    pub hidden_act: Option<String>,
+    pub bos_token_id: Option<u32>,
+}
+
+fn default_max_pos() -> usize {
+    4096
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+
+pub fn parse(v: &Value, cx: &ParseCx) -> Result<ModelConfig> {
+    let c: OlmoeConfig = cx.typed(v)?;
+    check_silu(cx, c.hidden_act.as_deref())?;
+    let heads = c.num_attention_heads;
+    let num_experts = c
+        .num_experts
+        .or(c.num_local_experts)
+        .ok_or_else(|| cx.err("neither num_experts nor num_local_experts is set".into()))?;
+    Ok(ModelConfig {
+        family: Family::Olmoe,
+        hidden_size: c.hidden_size,
+        num_layers: c.num_hidden_layers,
+        num_heads: heads,
+        num_kv_heads: c.num_key_value_heads.unwrap_or(heads),
+        head_dim: c.hidden_size / heads.max(1),
+        vocab_size: c.vocab_size,
+        max_position_embeddings: c.max_position_embeddings,
+        norm: NormKind::Rms,
+        norm_eps: c.rms_norm_eps as f32,
+        rope_theta: cx.rope_theta(v, c.rope_theta, 10000.0)?,
+        qkv_bias: c.attention_bias,
+        clip_qkv: c.clip_qkv.map(|x| x as f32),
+        qk_norm: QkNorm::Full,
+        num_experts,
+        top_k: c.num_experts_per_tok,
+        moe_intermediate_size: c.intermediate_size,
+        topk_norm: if c.norm_topk_prob {
+            TopkNorm::Sum
+        } else {
+            TopkNorm::None
+        },
+        shared_expert_intermediate_size: None,
+        dense_intermediate_size: c.intermediate_size,
+        dense_layers: vec![false; c.num_hidden_layers],
+        tie_word_embeddings: c.tie_word_embeddings,
+        bos_token_id: c.bos_token_id,
+        eos_token_ids: cx.eos_ids(v),
+    })
+}
+
+pub struct Names;
+
+const GUD: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
+impl FamilyWeights for Names {
+    fn embed(&self) -> String {
+        "model.embed_tokens.weight".into()
+    }
+    fn final_norm(&self) -> String {
+        "model.norm".into()
+    }
+    fn lm_head(&self) -> String {
+        "lm_head".into()
+    }
+    fn attention(&self, w: &Weights, cfg: &ModelConfig, l: usize) -> Result<AttentionWeights> {
+        let p = format!("model.layers.{l}");
+        llama_attention(w, cfg, &p, Some(&format!("{p}.mlp.gate")))
+    }
+    fn expert(&self, w: &Weights, cfg: &ModelConfig, l: usize, e: usize) -> Result<GatedMlp> {
+        let p = format!("model.layers.{l}.mlp.experts.{e}");
+        gated(w, &p, GUD, cfg.hidden_size, cfg.moe_intermediate_size)
+    }
+    fn dense_mlp(&self, _w: &Weights, _cfg: &ModelConfig, l: usize) -> Result<GatedMlp> {
+        Err(crate::error::ModelError::Input(format!(
+            "olmoe has no dense layers (asked for layer {l})"
+        )))
+    }
+}

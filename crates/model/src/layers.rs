@@ -1,0 +1,315 @@
+//! Building blocks shared by every family: linear layers, RMSNorm / LayerNorm, rotary
+//! embeddings, the SwiGLU expert. Activations cross function boundaries as candle tensors
+//! `[T, D]` (T tokens, row-major, f32); inner loops work on the raw slices.
+
+use crate::error::{ModelError, Result};
+use crate::kernels::matmul_wt;
+use candle_core::{Device, Storage, Tensor};
+
+/// Above this many token rows a linear layer uses candle's GEMM; below it, the
+/// weight-streaming kernel in `kernels`, which reads each weight row once per call.
+pub const SMALL_BATCH_ROWS: usize = 24;
+
+/// Runs `f` on the contiguous f32 data of `t`.
+pub fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = if t.is_contiguous() {
+        t.clone()
+    } else {
+        t.contiguous()?
+    };
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => {
+            let s = cpu.as_slice::<f32>()?;
+            let start = layout.start_offset();
+            Ok(f(&s[start..start + layout.shape().elem_count()]))
+        }
+        #[allow(unreachable_patterns)]
+        _ => Err(ModelError::Input("expected a CPU f32 tensor".into())),
+    }
+}
+
+/// A copy of the data of `t` as a `Vec<f32>`.
+pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    with_slice(t, |s| s.to_vec())
+}
+
+/// `[rows, cols]` tensor from a vector.
+pub fn from_vec(v: Vec<f32>, rows: usize, cols: usize) -> Result<Tensor> {
+    Ok(Tensor::from_vec(v, (rows, cols), &Device::Cpu)?)
+}
+
+/// A PyTorch-style linear layer: `y = x W^T + b`, W `[out, in]`.
+#[derive(Clone)]
+pub struct Linear {
+    pub w: Tensor,
+    pub b: Option<Vec<f32>>,
+    pub out_dim: usize,
+    pub in_dim: usize,
+}
+
+impl Linear {
+    pub fn new(w: Tensor, b: Option<Vec<f32>>) -> Result<Self> {
+        let (out_dim, in_dim) = w.dims2()?;
+        Ok(Self {
+            w,
+            b,
+            out_dim,
+            in_dim,
+        })
+    }
+
+    /// Stacks the rows of several linears that read the same input (q, k, v; gate, up).
+    pub fn concat(parts: &[Linear]) -> Result<Self> {
+        let ws: Vec<&Tensor> = parts.iter().map(|p| &p.w).collect();
+        let w = Tensor::cat(&ws, 0)?;
+        let b = if parts.iter().any(|p| p.b.is_some()) {
+            let mut b = Vec::new();
+            for p in parts {
+                match &p.b {
+                    Some(pb) => b.extend_from_slice(pb),
+                    None => b.extend(std::iter::repeat_n(0.0, p.out_dim)),
+                }
+            }
+            Some(b)
+        } else {
+            None
+        };
+        Self::new(w, b)
+    }
+
+    /// Bytes of weights read by one forward pass (f32).
+    pub fn weight_bytes(&self) -> usize {
+        self.out_dim * self.in_dim * 4
+    }
+
+    /// x `[T, in]` -> `[T, out]`.
+    pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        debug_assert_eq!(x.len(), rows * self.in_dim);
+        let mut out = if rows <= SMALL_BATCH_ROWS {
+            let mut out = vec![0f32; rows * self.out_dim];
+            with_slice(&self.w, |w| {
+                matmul_wt(x, rows, self.in_dim, w, self.out_dim, &mut out)
+            })?;
+            out
+        } else {
+            self.forward_gemm(x, rows)?
+        };
+        if let Some(b) = &self.b {
+            for row in out.chunks_exact_mut(self.out_dim) {
+                for (o, bb) in row.iter_mut().zip(b) {
+                    *o += bb;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The same product through candle's GEMM (used for large T, and as a test oracle).
+    pub fn forward_gemm(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let xt = Tensor::from_slice(x, (rows, self.in_dim), &Device::Cpu)?;
+        let y = xt.matmul(&self.w.t()?)?;
+        to_vec(&y)
+    }
+}
+
+/// Normalisation over the last dimension of each row.
+#[derive(Clone)]
+pub enum Norm {
+    /// `x / sqrt(mean(x^2) + eps) * w` (Llama, Mixtral, Qwen, OLMoE).
+    Rms { w: Vec<f32>, eps: f32 },
+    /// `(x - mean) / sqrt(var + eps) * w`, no bias (DBRX).
+    Layer { w: Vec<f32>, eps: f32 },
+}
+
+impl Norm {
+    pub fn dim(&self) -> usize {
+        match self {
+            Norm::Rms { w, .. } | Norm::Layer { w, .. } => w.len(),
+        }
+    }
+
+    /// Normalises every `dim()`-sized row of `x` in place.
+    pub fn apply_inplace(&self, x: &mut [f32]) {
+        match self {
+            Norm::Rms { w, eps } => {
+                for row in x.chunks_exact_mut(w.len()) {
+                    let ms: f32 = row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+                    let r = 1.0 / (ms + eps).sqrt();
+                    for (v, g) in row.iter_mut().zip(w) {
+                        *v = *v * r * g;
+                    }
+                }
+            }
+            Norm::Layer { w, eps } => {
+                let n = w.len() as f32;
+                for row in x.chunks_exact_mut(w.len()) {
+                    let mean: f32 = row.iter().sum::<f32>() / n;
+                    let var: f32 = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+                    let r = 1.0 / (var + eps).sqrt();
+                    for (v, g) in row.iter_mut().zip(w) {
+                        *v = (*v - mean) * r * g;
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn apply(&self, x: &[f32]) -> Vec<f32> {
+        let mut y = x.to_vec();
+        self.apply_inplace(&mut y);
+        y
+    }
+}
+
+/// Rotary position embedding, the "rotate half" (GPT-NeoX) layout that all supported families
+/// use. Angles are computed in f32 the way transformers computes them.
+#[derive(Clone)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+    head_dim: usize,
+    /// cos/sin for positions below `table_len`, `[pos, head_dim/2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    table_len: usize,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f64, max_pos: usize) -> Self {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let table_len = max_pos.min(16384);
+        let mut cos = Vec::with_capacity(table_len * half);
+        let mut sin = Vec::with_capacity(table_len * half);
+        for p in 0..table_len {
+            for f in &inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Self {
+            inv_freq,
+            head_dim,
+            cos,
+            sin,
+            table_len,
+        }
+    }
+
+    /// Rotates every head of one token's `[heads * head_dim]` vector at position `pos`.
+    pub fn apply(&self, x: &mut [f32], pos: usize) {
+        let half = self.head_dim / 2;
+        let mut cs_buf;
+        let (cos, sin): (&[f32], &[f32]) = if pos < self.table_len {
+            (
+                &self.cos[pos * half..(pos + 1) * half],
+                &self.sin[pos * half..(pos + 1) * half],
+            )
+        } else {
+            cs_buf = (Vec::with_capacity(half), Vec::with_capacity(half));
+            for f in &self.inv_freq {
+                let a = pos as f32 * f;
+                cs_buf.0.push(a.cos());
+                cs_buf.1.push(a.sin());
+            }
+            (&cs_buf.0, &cs_buf.1)
+        };
+        for head in x.chunks_exact_mut(self.head_dim) {
+            let (a, b) = head.split_at_mut(half);
+            for i in 0..half {
+                let (x1, x2) = (a[i], b[i]);
+                a[i] = x1 * cos[i] - x2 * sin[i];
+                b[i] = x2 * cos[i] + x1 * sin[i];
+            }
+        }
+    }
+}
+
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// A gated FFN (SwiGLU): `down(silu(gate(x)) * up(x))`, gate and up stacked as one
+/// `[2F, D]` matrix so the input is read once.
+#[derive(Clone)]
+pub struct GatedMlp {
+    pub gate_up: Linear,
+    pub down: Linear,
+    pub inter: usize,
+}
+
+impl GatedMlp {
+    pub fn new(gate: Linear, up: Linear, down: Linear) -> Result<Self> {
+        let inter = gate.out_dim;
+        Ok(Self {
+            gate_up: Linear::concat(&[gate, up])?,
+            down,
+            inter,
+        })
+    }
+
+    /// x `[T, D]` -> `[T, D]`.
+    pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let gu = self.gate_up.forward(x, rows)?; // [T, 2F]
+        let f = self.inter;
+        let mut act = Vec::with_capacity(rows * f);
+        for row in gu.chunks_exact(2 * f) {
+            let (g, u) = row.split_at(f);
+            act.extend(g.iter().zip(u).map(|(g, u)| silu(*g) * u));
+        }
+        self.down.forward(&act, rows)
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.gate_up.weight_bytes() + self.down.weight_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_and_gemm_paths_agree() {
+        let (o, i) = (37, 29);
+        let w: Vec<f32> = (0..o * i)
+            .map(|k| ((k * 7919) % 101) as f32 / 101.0 - 0.5)
+            .collect();
+        let lin = Linear::new(from_vec(w, o, i).unwrap(), Some(vec![0.25; o])).unwrap();
+        for rows in [1, 3, 30] {
+            let x: Vec<f32> = (0..rows * i)
+                .map(|k| ((k * 31) % 17) as f32 / 17.0)
+                .collect();
+            let a = lin.forward(&x, rows).unwrap();
+            let mut b = lin.forward_gemm(&x, rows).unwrap();
+            for row in b.chunks_exact_mut(o) {
+                row.iter_mut().for_each(|v| *v += 0.25);
+            }
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn rope_table_and_direct_agree() {
+        let r = Rope::new(8, 10000.0, 4);
+        let mut a = vec![1.0f32; 16];
+        let mut b = a.clone();
+        r.apply(&mut a, 3);
+        let r2 = Rope::new(8, 10000.0, 1);
+        r2.apply(&mut b, 3);
+        assert_eq!(a, b);
+        // position 0 is the identity
+        let mut c = vec![0.5f32; 8];
+        r.apply(&mut c, 0);
+        assert_eq!(c, vec![0.5f32; 8]);
+    }
+}

@@ -1,0 +1,400 @@
+//! The seam of every MoE layer: an **attention stage** (input norm, attention over the paged
+//! KV cache, residual, post-attention norm, router top-k) and an **expert stage** (the routed
+//! experts' FFNs, plus the shared expert or dense MLP where the family has one). The runtime
+//! decides where each stage runs; this file only computes.
+
+use crate::config::{ModelConfig, QkNorm, TopkNorm};
+use crate::error::{ModelError, Result};
+use crate::families::{AttentionWeights, SharedExpert};
+use crate::kv::{BatchLayout, LayerKv};
+use crate::layers::{from_vec, sigmoid, with_slice, GatedMlp, Rope};
+use candle_core::Tensor;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Top-k routing of `T` tokens: `ids[t * k + j]` is token t's j-th expert (by descending
+/// weight), `weights[t * k + j]` its weight.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Routing {
+    pub top_k: usize,
+    pub ids: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+impl Routing {
+    pub fn num_tokens(&self) -> usize {
+        if self.top_k == 0 {
+            0
+        } else {
+            self.ids.len() / self.top_k
+        }
+    }
+}
+
+/// What the attention stage hands on.
+pub struct AttentionOutput {
+    /// `[T, D]` residual stream after attention: `h + attn(norm(h))`.
+    pub residual: Tensor,
+    /// `[T, D]` post-attention-normed hidden states: the experts' input.
+    pub normed: Tensor,
+    /// Router decision; `None` on dense layers.
+    pub routing: Option<Routing>,
+}
+
+pub struct AttentionStage {
+    pub layer: usize,
+    pub w: AttentionWeights,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    hidden: usize,
+    clip_qkv: Option<f32>,
+    qk_norm: QkNorm,
+    top_k: usize,
+    topk_norm: TopkNorm,
+    rope: Arc<Rope>,
+}
+
+impl AttentionStage {
+    pub fn new(layer: usize, w: AttentionWeights, cfg: &ModelConfig, rope: Arc<Rope>) -> Self {
+        Self {
+            layer,
+            w,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            hidden: cfg.hidden_size,
+            clip_qkv: cfg.clip_qkv,
+            qk_norm: cfg.qk_norm,
+            top_k: cfg.top_k,
+            topk_norm: cfg.topk_norm,
+            rope,
+        }
+    }
+
+    /// Bytes of weights this stage reads per forward pass.
+    pub fn weight_bytes(&self) -> usize {
+        self.w.qkv.weight_bytes()
+            + self.w.o.weight_bytes()
+            + self.w.router.as_ref().map_or(0, |r| r.weight_bytes())
+    }
+
+    /// h `[T, D]` -> residual, normed `[T, D]` and routing. Writes this batch's keys and values
+    /// into `kv` (block size `block_size`) before attending, so a token sees itself and every
+    /// earlier position of its sequence.
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        layout: &BatchLayout,
+        kv: &mut LayerKv,
+        block_size: usize,
+    ) -> Result<AttentionOutput> {
+        let t = layout.num_tokens();
+        let d = self.hidden;
+        let h = with_slice(h, |s| s.to_vec())?; // [T, D]
+        if h.len() != t * d {
+            return Err(ModelError::Input(format!(
+                "hidden states have {} values, layout says {t} tokens of {d}",
+                h.len()
+            )));
+        }
+        let x = self.w.input_norm.apply(&h);
+        let (hq, hk, dh) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let (qd, kd) = (hq * dh, hk * dh);
+        let qkv = self.w.qkv.forward(&x, t)?; // [T, qd + 2 kd]
+        let mut q = Vec::with_capacity(t * qd); // [T, H * Dh]
+        let mut k = Vec::with_capacity(t * kd); // [T, KV * Dh]
+        let mut v = Vec::with_capacity(t * kd);
+        for row in qkv.chunks_exact(qd + 2 * kd) {
+            q.extend_from_slice(&row[..qd]);
+            k.extend_from_slice(&row[qd..qd + kd]);
+            v.extend_from_slice(&row[qd + kd..]);
+        }
+        if self.qk_norm != QkNorm::None {
+            // Per-head norms have head_dim weights, full norms the whole width: both apply
+            // row by row over their own width.
+            if let Some(n) = &self.w.q_norm {
+                n.apply_inplace(&mut q);
+            }
+            if let Some(n) = &self.w.k_norm {
+                n.apply_inplace(&mut k);
+            }
+        }
+        if let Some(c) = self.clip_qkv {
+            for x in q.iter_mut().chain(k.iter_mut()).chain(v.iter_mut()) {
+                *x = x.clamp(-c, c);
+            }
+        }
+        let rows = layout.row_positions();
+        for (i, &(_, pos)) in rows.iter().enumerate() {
+            self.rope.apply(&mut q[i * qd..(i + 1) * qd], pos);
+            self.rope.apply(&mut k[i * kd..(i + 1) * kd], pos);
+        }
+        // Write keys and values into their slots.
+        for (i, &(si, pos)) in rows.iter().enumerate() {
+            let slot = slot_of(&layout.seqs[si].block_table, pos, block_size)?;
+            let dst = slot * kd;
+            if dst + kd > kv.k.len() {
+                return Err(ModelError::Input(format!(
+                    "KV slot {slot} is outside the cache"
+                )));
+            }
+            kv.k[dst..dst + kd].copy_from_slice(&k[i * kd..(i + 1) * kd]);
+            kv.v[dst..dst + kd].copy_from_slice(&v[i * kd..(i + 1) * kd]);
+        }
+        let attn = self.attend(&q, &rows, layout, kv, block_size)?; // [T, H * Dh]
+        let o = self.w.o.forward(&attn, t)?; // [T, D]
+        let mut residual = h;
+        for (r, a) in residual.iter_mut().zip(&o) {
+            *r += a;
+        }
+        let normed = self.w.post_norm.apply(&residual);
+        let routing = match &self.w.router {
+            Some(r) => Some(self.route(&r.forward(&normed, t)?, t)),
+            None => None,
+        };
+        Ok(AttentionOutput {
+            residual: from_vec(residual, t, d)?,
+            normed: from_vec(normed, t, d)?,
+            routing,
+        })
+    }
+
+    /// Causal attention of every row over its sequence's cached positions `0..=pos`.
+    fn attend(
+        &self,
+        q: &[f32],
+        rows: &[(usize, usize)],
+        layout: &BatchLayout,
+        kv: &LayerKv,
+        bs: usize,
+    ) -> Result<Vec<f32>> {
+        let (hq, hk, dh) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let group = hq / hk;
+        let kd = hk * dh;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let mut out = vec![0f32; rows.len() * hq * dh];
+        // Slots of every position of every sequence, resolved once.
+        let slots: Vec<Vec<usize>> = layout
+            .seqs
+            .iter()
+            .map(|s| {
+                (0..s.start_pos + s.num_tokens)
+                    .map(|p| slot_of(&s.block_table, p, bs))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?;
+        out.par_chunks_mut(hq * dh)
+            .zip(rows.par_iter())
+            .enumerate()
+            .for_each(|(i, (o_row, &(si, pos)))| {
+                let sl = &slots[si][..=pos];
+                let mut scores = vec![0f32; sl.len()];
+                for h in 0..hq {
+                    let g = h / group;
+                    let qh = &q[i * hq * dh + h * dh..i * hq * dh + (h + 1) * dh];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, &slot) in sl.iter().enumerate() {
+                        let kr = &kv.k[slot * kd + g * dh..slot * kd + (g + 1) * dh];
+                        let s = dot(qh, kr) * scale;
+                        scores[j] = s;
+                        max = max.max(s);
+                    }
+                    let mut sum = 0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    let oh = &mut o_row[h * dh..(h + 1) * dh];
+                    for (j, &slot) in sl.iter().enumerate() {
+                        let p = scores[j] / sum;
+                        let vr = &kv.v[slot * kd + g * dh..slot * kd + (g + 1) * dh];
+                        for (o, vv) in oh.iter_mut().zip(vr) {
+                            *o += p * vv;
+                        }
+                    }
+                }
+            });
+        Ok(out)
+    }
+
+    /// Softmax over experts, top-k, then the family's rescaling.
+    fn route(&self, logits: &[f32], t: usize) -> Routing {
+        let e = logits.len() / t.max(1);
+        let k = self.top_k;
+        let mut ids = Vec::with_capacity(t * k);
+        let mut weights = Vec::with_capacity(t * k);
+        for row in logits.chunks_exact(e) {
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let exps: Vec<f32> = row.iter().map(|x| (x - max).exp()).collect();
+            let sum: f32 = exps.iter().sum();
+            let probs: Vec<f32> = exps.iter().map(|x| x / sum).collect();
+            let mut order: Vec<usize> = (0..e).collect();
+            // Descending probability, lower index first on ties.
+            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+            let top = &order[..k];
+            let mut w: Vec<f32> = top.iter().map(|&i| probs[i]).collect();
+            match self.topk_norm {
+                TopkNorm::None => {}
+                TopkNorm::Sum => {
+                    let s: f32 = w.iter().sum();
+                    w.iter_mut().for_each(|x| *x /= s);
+                }
+                TopkNorm::PNorm(p) => {
+                    let n: f32 = w.iter().map(|x| x.abs().powf(p)).sum::<f32>().powf(1.0 / p);
+                    w.iter_mut().for_each(|x| *x /= n);
+                }
+            }
+            ids.extend(top.iter().map(|&i| i as u32));
+            weights.extend(w);
+        }
+        Routing {
+            top_k: k,
+            ids,
+            weights,
+        }
+    }
+}
+
+fn slot_of(table: &[u32], pos: usize, bs: usize) -> Result<usize> {
+    let b = table.get(pos / bs).ok_or_else(|| {
+        ModelError::Input(format!(
+            "position {pos} has no KV block (block table has {} blocks of {bs})",
+            table.len()
+        ))
+    })?;
+    Ok(*b as usize * bs + pos % bs)
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let n8 = a.len() / 8 * 8;
+    for (ca, cb) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
+        for j in 0..8 {
+            acc[j] += ca[j] * cb[j];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in n8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// One token-to-expert assignment inside a dispatch: row of the payload, expert, weight.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Assignment {
+    pub row: u32,
+    pub expert: u32,
+    pub weight: f32,
+}
+
+/// The FFN side of one layer. `routed[e]` is `None` for experts this process does not hold.
+pub struct ExpertStage {
+    pub layer: usize,
+    pub hidden: usize,
+    pub routed: Vec<Option<Arc<GatedMlp>>>,
+    /// Qwen2-MoE's shared expert (runs on every token).
+    pub shared: Option<SharedExpert>,
+    /// The MLP of a dense (non-MoE) layer.
+    pub dense: Option<GatedMlp>,
+}
+
+impl ExpertStage {
+    /// The routed part: x `[n, D]` (the dispatched rows) and their assignments -> `[n, D]`,
+    /// row r = sum over its assignments of `weight * expert(x[r])`. Each expert runs once on
+    /// all of its rows.
+    pub fn forward_routed(&self, x: &Tensor, assignments: &[Assignment]) -> Result<Tensor> {
+        let d = self.hidden;
+        let xs = with_slice(x, |s| s.to_vec())?;
+        let n = xs.len() / d;
+        let out = routed_ffn(&xs, n, d, assignments, |e| {
+            self.routed.get(e as usize).and_then(|m| m.as_deref())
+        })?;
+        from_vec(out, n, d)
+    }
+
+    /// The always-on part: shared expert (gated) or dense MLP, x `[T, D]` -> `[T, D]`;
+    /// `None` where the layer has neither.
+    pub fn forward_shared(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if self.shared.is_none() && self.dense.is_none() {
+            return Ok(None);
+        }
+        let d = self.hidden;
+        let xs = with_slice(x, |s| s.to_vec())?;
+        let t = xs.len() / d;
+        let out = if let Some(mlp) = &self.dense {
+            mlp.forward(&xs, t)?
+        } else if let Some(sh) = &self.shared {
+            let mut y = sh.mlp.forward(&xs, t)?;
+            if let Some(g) = &sh.gate {
+                let gl = g.forward(&xs, t)?; // [T, 1]
+                for (row, gv) in y.chunks_exact_mut(d).zip(&gl) {
+                    let s = sigmoid(*gv);
+                    row.iter_mut().for_each(|v| *v *= s);
+                }
+            }
+            y
+        } else {
+            unreachable!("checked above")
+        };
+        Ok(Some(from_vec(out, t, d)?))
+    }
+
+    /// Bytes of expert weights read when the given experts run.
+    pub fn routed_bytes(&self, experts: impl Iterator<Item = u32>) -> usize {
+        experts
+            .filter_map(|e| self.routed.get(e as usize).and_then(|m| m.as_ref()))
+            .map(|m| m.weight_bytes())
+            .sum()
+    }
+
+    pub fn shared_bytes(&self) -> usize {
+        self.dense.as_ref().map_or(0, |m| m.weight_bytes())
+            + self.shared.as_ref().map_or(0, |s| {
+                s.mlp.weight_bytes() + s.gate.as_ref().map_or(0, |g| g.weight_bytes())
+            })
+    }
+}
+
+/// Groups `assignments` by expert, runs each expert on its gathered rows of `x` `[n, d]`,
+/// and accumulates `weight * out` per row.
+pub fn routed_ffn<'a>(
+    x: &[f32],
+    n: usize,
+    d: usize,
+    assignments: &[Assignment],
+    expert: impl Fn(u32) -> Option<&'a GatedMlp>,
+) -> Result<Vec<f32>> {
+    let mut out = vec![0f32; n * d];
+    let mut by_expert: std::collections::BTreeMap<u32, Vec<(u32, f32)>> = Default::default();
+    for a in assignments {
+        if a.row as usize >= n {
+            return Err(ModelError::Input(format!(
+                "assignment row {} outside {n} rows",
+                a.row
+            )));
+        }
+        by_expert
+            .entry(a.expert)
+            .or_default()
+            .push((a.row, a.weight));
+    }
+    for (e, rows) in by_expert {
+        let mlp = expert(e)
+            .ok_or_else(|| ModelError::Input(format!("expert {e} is not held by this worker")))?;
+        let mut xb = Vec::with_capacity(rows.len() * d);
+        for (r, _) in &rows {
+            let r = *r as usize;
+            xb.extend_from_slice(&x[r * d..(r + 1) * d]);
+        }
+        let y = mlp.forward(&xb, rows.len())?;
+        for ((r, w), yr) in rows.iter().zip(y.chunks_exact(d)) {
+            let o = &mut out[*r as usize * d..(*r as usize + 1) * d];
+            for (ov, yv) in o.iter_mut().zip(yr) {
+                *ov += w * yv;
+            }
+        }
+    }
+    Ok(out)
+}

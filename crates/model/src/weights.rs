@@ -1,0 +1,205 @@
+//! Safetensors checkpoints, single file or sharded (`model.safetensors.index.json`), memory
+//! mapped. Tensors are converted to f32 when taken (bf16/f16/f32 on disk). Every error names the
+//! tensor and the file.
+
+use crate::error::{ModelError, Result};
+use candle_core::{Device, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata, SafeTensors};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+struct File {
+    path: PathBuf,
+    mmap: Mmap,
+    header_len: usize,
+    meta: Metadata,
+}
+
+/// All tensors of one checkpoint directory.
+pub struct Weights {
+    files: Vec<File>,
+    /// tensor name -> index in `files`
+    index: HashMap<String, usize>,
+}
+
+impl Weights {
+    /// Opens `dir/model.safetensors.index.json` if present, else every `*.safetensors` file.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let mut names: Vec<PathBuf> = Vec::new();
+        if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|source| ModelError::Io {
+                path: index_path.clone(),
+                source,
+            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::CorruptFile {
+                    path: index_path.clone(),
+                    msg: e.to_string(),
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::CorruptFile {
+                    path: index_path.clone(),
+                    msg: "no weight_map object".into(),
+                })?;
+            for f in map.values() {
+                let f = f.as_str().ok_or_else(|| ModelError::CorruptFile {
+                    path: index_path.clone(),
+                    msg: "weight_map values must be file names".into(),
+                })?;
+                let p = dir.join(f);
+                if !names.contains(&p) {
+                    names.push(p);
+                }
+            }
+        } else {
+            let rd = std::fs::read_dir(dir).map_err(|source| ModelError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "safetensors") {
+                    names.push(p);
+                }
+            }
+            names.sort();
+        }
+        if names.is_empty() {
+            return Err(ModelError::Io {
+                path: dir.join("model.safetensors"),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no safetensors files"),
+            });
+        }
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for path in names {
+            let f = std::fs::File::open(&path).map_err(|source| ModelError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            // SAFETY: the file is opened read-only; a checkpoint changed underneath a running
+            // server is outside what we can defend against (as in every mmap-based loader).
+            let mmap = unsafe { Mmap::map(&f) }.map_err(|source| ModelError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let (header_len, meta) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::CorruptFile {
+                    path: path.clone(),
+                    msg: match e {
+                        safetensors::SafeTensorError::MetadataIncompleteBuffer => {
+                            "file is truncated or has trailing bytes (its size does not match \
+                             the header)"
+                                .to_string()
+                        }
+                        other => other.to_string(),
+                    },
+                })?;
+            let fi = files.len();
+            for name in meta.tensors().keys() {
+                index.insert(name.clone(), fi);
+            }
+            files.push(File {
+                path,
+                mmap,
+                header_len,
+                meta,
+            });
+        }
+        Ok(Self { files, index })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(|s| s.as_str())
+    }
+
+    fn files_list(&self) -> String {
+        self.files
+            .iter()
+            .map(|f| f.path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The dtype a tensor is stored in ("F32", "BF16", ...).
+    pub fn dtype_of(&self, name: &str) -> Option<String> {
+        let f = &self.files[*self.index.get(name)?];
+        f.meta.info(name).map(|i| format!("{:?}", i.dtype))
+    }
+
+    /// The tensor `name` as f32, checked to have `shape`.
+    pub fn get_vec(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let fi = *self
+            .index
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                files: self.files_list(),
+            })?;
+        let f = &self.files[fi];
+        let info = f.meta.info(name).ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_string(),
+            files: self.files_list(),
+        })?;
+        if info.shape != shape {
+            return Err(ModelError::WrongShape {
+                name: name.to_string(),
+                path: f.path.clone(),
+                found: info.shape.clone(),
+                expected: shape.to_vec(),
+            });
+        }
+        let (s, e) = info.data_offsets;
+        let base = 8 + f.header_len;
+        let bytes = &f.mmap[base + s..base + e];
+        let n: usize = shape.iter().product();
+        let out = match info.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect::<Vec<_>>(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(ModelError::WrongDtype {
+                    name: name.to_string(),
+                    path: f.path.clone(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        if out.len() != n {
+            return Err(ModelError::CorruptFile {
+                path: f.path.clone(),
+                msg: format!("tensor {name}: byte size does not match shape {shape:?}"),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The tensor `name` as an f32 candle tensor of `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let v = self.get_vec(name, shape)?;
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    }
+
+    /// The shape recorded for `name`, if present.
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        let f = &self.files[*self.index.get(name)?];
+        f.meta.info(name).map(|i| i.shape.clone())
+    }
+}
