@@ -11,6 +11,12 @@ use tandem_model::{Model, Tokenizer};
 struct Prompt {
     text: Option<String>,
     ids: Vec<u32>,
+    #[serde(default = "yes")]
+    add_special_tokens: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Deserialize)]
@@ -51,7 +57,7 @@ fn check_family(name: &str) {
     for (i, p) in exp.prompts.iter().enumerate() {
         if let Some(t) = &p.text {
             assert_eq!(
-                tok.encode(t, true).unwrap(),
+                tok.encode(t, p.add_special_tokens).unwrap(),
                 p.ids,
                 "{name} prompt {i}: tokenizer"
             );
