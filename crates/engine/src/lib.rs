@@ -1,1 +1,38 @@
-//! tandem-engine
+//! tandem-engine: the disaggregated runtime. Attention replicas and expert workers run on
+//! their own threads and thread pools, exchange hidden states through a [`transport`], and
+//! keep each other busy with a ping-pong pipeline of micro-batches (see `replica.rs`).
+//! [`Engine`] is the API: `add_request` returns a stream of outputs; `abort` cancels.
+
+pub mod engine;
+pub mod expert_worker;
+pub mod microbatch;
+pub mod output;
+pub mod replica;
+pub mod stats;
+pub mod transport;
+
+pub use engine::{Engine, EngineOptions, RequestHandle};
+pub use output::{Finish, RequestOutput};
+pub use stats::StatsSnapshot;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] tandem_model::ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Sched(#[from] tandem_sched::SchedError),
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
+    #[error("M2N protocol error: {0}")]
+    Protocol(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("invalid deployment: {0}")]
+    Deployment(String),
+    #[error("the engine has stopped: {0}")]
+    Stopped(String),
+    #[error("cannot start a worker: {0}")]
+    Spawn(String),
+}

@@ -220,8 +220,15 @@ impl AttentionStage {
 
     /// Softmax over experts, top-k, then the family's rescaling.
     fn route(&self, logits: &[f32], t: usize) -> Routing {
-        let e = logits.len() / t.max(1);
         let k = self.top_k;
+        if t == 0 {
+            return Routing {
+                top_k: k,
+                ids: vec![],
+                weights: vec![],
+            };
+        }
+        let e = logits.len() / t;
         let mut ids = Vec::with_capacity(t * k);
         let mut weights = Vec::with_capacity(t * k);
         for row in logits.chunks_exact(e) {
