@@ -1,0 +1,731 @@
+//! `tandem plan`, `tandem plan reproduce`, `tandem plan catalog`, `tandem plan profile-template`
+//! and `tandem simulate`: flag parsing and printing only; the logic is in `tandem-plan`.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use tandem_plan::deploy::{self, SimulateOptions};
+use tandem_plan::planner::{
+    Layout, Objective, PerfSource, Plan, PlanReport, PlanRequest, ReplicaSearch,
+};
+use tandem_plan::sim::{Imbalance, RoutingTrace};
+use tandem_plan::{svg, HardwareCatalog, ModelCatalog, PriceUnit, Profile, Roofline};
+
+/// `tandem plan`: search deployment plans, or one of the subcommands.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct PlanArgs {
+    #[command(subcommand)]
+    pub command: Option<PlanCommand>,
+    #[command(flatten)]
+    pub search: PlanSearchArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlanCommand {
+    /// Regenerate the paper-reproduction report: OUT/reproduction.md and OUT/img/*.svg.
+    Reproduce(ReproduceArgs),
+    /// List the hardware and model catalogs.
+    Catalog(CatalogArgs),
+    /// Write a performance-profile file fitted to the roofline: the format `tandem profile`
+    /// will fill with measurements.
+    ProfileTemplate(ProfileTemplateArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ObjectiveArg {
+    /// Tokens/s per unit of hourly price.
+    Cost,
+    /// Tokens/s per GPU.
+    Gpu,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PriceArg {
+    /// The paper's normalised prices (L20 = 1.00).
+    Norm,
+    /// Public USD per GPU-hour.
+    Usd,
+}
+
+/// Search flags of `tandem plan`.
+#[derive(Debug, Args)]
+pub struct PlanSearchArgs {
+    /// Model: catalog name (see `tandem plan catalog`) or a config.json / its directory.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Attention hardware, comma-separated catalog names (default: every non-placeholder device).
+    #[arg(long, value_delimiter = ',')]
+    pub attention_hw: Vec<String>,
+    /// Expert hardware, comma-separated (default: every non-placeholder device).
+    #[arg(long, value_delimiter = ',')]
+    pub expert_hw: Vec<String>,
+    /// Same hardware for attention and experts (shorthand for both flags).
+    #[arg(long, conflicts_with_all = ["attention_hw", "expert_hw"])]
+    pub hw: Option<String>,
+    /// Time-between-tokens target, milliseconds (Eq. 7).
+    #[arg(long, default_value_t = 150.0)]
+    pub tbt_slo_ms: f64,
+    /// Context per sequence, tokens (KV read per step and KV memory per sequence).
+    #[arg(long, default_value_t = 730)]
+    pub context: u32,
+    /// Fewest micro-batches searched.
+    #[arg(long, default_value_t = 1)]
+    pub min_micro_batches: u32,
+    /// Most micro-batches searched (the paper's N_m).
+    #[arg(long, default_value_t = 4)]
+    pub max_micro_batches: u32,
+    /// Most GPUs per attention replica (default: a node).
+    #[arg(long)]
+    pub max_tp_attention: Option<u32>,
+    /// Most GPUs per expert worker (default: a node).
+    #[arg(long)]
+    pub max_tp_expert: Option<u32>,
+    /// Routed experts per expert worker (default: search the divisors of E; the paper uses 1).
+    #[arg(long)]
+    pub experts_per_worker: Option<u32>,
+    /// Most attention replicas.
+    #[arg(long, default_value_t = 64)]
+    pub max_replicas: u32,
+    /// Most GPUs in the deployment.
+    #[arg(long)]
+    pub max_gpus: Option<u32>,
+    /// Most sequences per micro-batch per replica.
+    #[arg(long, default_value_t = 4096)]
+    pub max_micro_batch_seqs: u32,
+    /// Fraction of device memory usable for weights + KV.
+    #[arg(long, default_value_t = 0.9)]
+    pub mem_fraction: f64,
+    /// Rank plans by throughput per cost or per GPU.
+    #[arg(long, value_enum, default_value = "cost")]
+    pub objective: ObjectiveArg,
+    /// Which prices rank plans.
+    #[arg(long, value_enum, default_value = "norm")]
+    pub price: PriceArg,
+    /// Max / mean tokens per expert worker to size for (1 = balanced routing; `tandem
+    /// simulate --skew` reports it for a plan).
+    #[arg(long, default_value_t = 1.0)]
+    pub expert_load_factor: f64,
+    /// Algorithm 1 as written: only n_a = BALANCE (default: every n_a up to --max-replicas).
+    #[arg(long)]
+    pub balance_only: bool,
+    /// Extra hardware catalog (TOML) adding or overriding devices.
+    #[arg(long)]
+    pub hw_catalog: Option<PathBuf>,
+    /// Measured performance profile for its hardware pair (roofline elsewhere).
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
+    /// Plans shown.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    /// Write the best plan as a deployment file (and FILE's .meta.toml sidecar).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReproduceArgs {
+    /// Output directory: writes reproduction.md and img/*.svg there.
+    #[arg(long, default_value = "docs")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CatalogArgs {
+    /// Extra hardware catalog (TOML).
+    #[arg(long)]
+    pub hw_catalog: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProfileTemplateArgs {
+    #[arg(long)]
+    pub model: String,
+    #[arg(long)]
+    pub attention_hw: String,
+    #[arg(long)]
+    pub expert_hw: String,
+    #[arg(long, default_value_t = 730)]
+    pub context: u32,
+    /// Output TOML file.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub hw_catalog: Option<PathBuf>,
+}
+
+/// `tandem simulate`: a discrete-event simulation of a plan file's ping-pong pipeline.
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Deployment file written by `tandem plan --out`.
+    #[arg(long)]
+    pub plan: PathBuf,
+    /// Model (catalog name or config.json); default: the plan's .meta.toml sidecar.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Context per sequence, tokens; default: the sidecar's, else 730.
+    #[arg(long)]
+    pub context: Option<u32>,
+    /// Expert popularity skew (Zipf exponent; 0 = uniform, sampled). Absent: perfectly
+    /// balanced routing, the closed form's assumption.
+    #[arg(long, conflicts_with = "routing_trace")]
+    pub skew: Option<f64>,
+    /// Recorded routing: JSON {"num_experts": E, "layers": [[tokens per expert], ...]}.
+    #[arg(long)]
+    pub routing_trace: Option<PathBuf>,
+    /// Coefficient of variation of each message's time (log-normal).
+    #[arg(long, default_value_t = 0.0)]
+    pub jitter: f64,
+    /// Probability that a compute task straggles.
+    #[arg(long, default_value_t = 0.0)]
+    pub straggler_prob: f64,
+    /// Slowdown of a straggling task.
+    #[arg(long, default_value_t = 3.0)]
+    pub straggler_factor: f64,
+    /// Decode steps simulated.
+    #[arg(long, default_value_t = 8)]
+    pub steps: u32,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Write an SVG timeline of one steady step here.
+    #[arg(long)]
+    pub timeline: Option<PathBuf>,
+    /// Layers shown in the timeline.
+    #[arg(long, default_value_t = 4)]
+    pub timeline_layers: u32,
+    #[arg(long)]
+    pub hw_catalog: Option<PathBuf>,
+    /// Measured performance profile to take stage times from.
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn load_catalog(extra: Option<&PathBuf>) -> Result<HardwareCatalog> {
+    let mut c = HardwareCatalog::builtin().context("loading the built-in hardware catalog")?;
+    if let Some(p) = extra {
+        c.merge_file(p)
+            .with_context(|| format!("loading hardware catalog {}", p.display()))?;
+    }
+    Ok(c)
+}
+
+/// Runs `tandem plan` and its subcommands.
+pub fn plan(args: PlanArgs) -> Result<()> {
+    match args.command {
+        Some(PlanCommand::Reproduce(r)) => reproduce(r),
+        Some(PlanCommand::Catalog(c)) => catalog(c),
+        Some(PlanCommand::ProfileTemplate(p)) => profile_template(p),
+        None => search(args.search),
+    }
+}
+
+fn search(a: PlanSearchArgs) -> Result<()> {
+    let Some(model_ref) = a.model.clone() else {
+        bail!("tandem plan needs --model (a catalog name or a config.json); see `tandem plan catalog`");
+    };
+    let cat = load_catalog(a.hw_catalog.as_ref())?;
+    let model = ModelCatalog::builtin()?
+        .resolve(&model_ref)
+        .with_context(|| format!("resolving model {model_ref}"))?;
+    let all: Vec<String> = cat
+        .devices
+        .iter()
+        .filter(|d| !d.placeholder)
+        .map(|d| d.name.clone())
+        .collect();
+    let (attention, expert) = match &a.hw {
+        Some(h) => (vec![h.clone()], vec![h.clone()]),
+        None => (
+            if a.attention_hw.is_empty() {
+                all.clone()
+            } else {
+                a.attention_hw.clone()
+            },
+            if a.expert_hw.is_empty() {
+                all
+            } else {
+                a.expert_hw.clone()
+            },
+        ),
+    };
+    let mut req = PlanRequest::new(model, "", "");
+    req.attention_hw = attention;
+    req.expert_hw = expert;
+    req.tbt_slo_s = a.tbt_slo_ms / 1e3;
+    req.context_tokens = a.context as f64;
+    req.min_micro_batches = a.min_micro_batches;
+    req.max_micro_batches = a.max_micro_batches;
+    req.max_tp_attention = a.max_tp_attention;
+    req.max_tp_expert = a.max_tp_expert;
+    req.experts_per_worker = a.experts_per_worker;
+    req.max_replicas = a.max_replicas;
+    req.max_gpus = a.max_gpus;
+    req.max_micro_batch_seqs = a.max_micro_batch_seqs;
+    req.mem_fraction = a.mem_fraction;
+    req.expert_load_factor = a.expert_load_factor;
+    req.objective = match a.objective {
+        ObjectiveArg::Cost => Objective::PerCost,
+        ObjectiveArg::Gpu => Objective::PerGpu,
+    };
+    req.price_unit = match a.price {
+        PriceArg::Norm => PriceUnit::Norm,
+        PriceArg::Usd => PriceUnit::Usd,
+    };
+    req.replica_search = if a.balance_only {
+        ReplicaSearch::Balance
+    } else {
+        ReplicaSearch::Exhaustive
+    };
+    req.keep = a.top.max(1);
+    let profile = match &a.profile {
+        Some(p) => {
+            Some(Profile::load(p).with_context(|| format!("loading profile {}", p.display()))?)
+        }
+        None => None,
+    };
+    let source = match &profile {
+        Some(p) => PerfSource::Profile(p),
+        None => PerfSource::Roofline,
+    };
+    let report = tandem_plan::plan(&req, &cat, source).context("planning")?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&req, &report);
+    }
+    if let Some(out) = &a.out {
+        let best = report.best().context("no plan to write")?;
+        let side = deploy::write_plan(best, &model_ref, out)
+            .with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("wrote {} (and {})", out.display(), side.display());
+    }
+    Ok(())
+}
+
+fn plan_label(p: &Plan) -> (String, String) {
+    match p.layout {
+        Layout::Disaggregated => (
+            format!("{} tp{} x{}", p.attention_hw, p.tp_a, p.n_a),
+            format!("{} tp{} x{}", p.expert_hw, p.tp_e, p.expert_workers),
+        ),
+        Layout::Colocated => (
+            format!("{} tp{} pp{}", p.attention_hw, p.tp_a, p.pp),
+            "(colocated)".into(),
+        ),
+    }
+}
+
+fn fmt_opt(v: Option<f64>, prec: usize) -> String {
+    v.map_or("-".into(), |x| format!("{x:.prec$}"))
+}
+
+fn print_report(req: &PlanRequest, r: &PlanReport) {
+    println!(
+        "model {} | SLO {:.1} ms between tokens | context {} tokens | ranked by tokens/s per {}",
+        req.model.name,
+        req.tbt_slo_s * 1e3,
+        req.context_tokens,
+        match r.objective {
+            Objective::PerCost => match req.price_unit {
+                PriceUnit::Norm => "cost (L20-normalised price)",
+                PriceUnit::Usd => "USD/hour",
+            },
+            Objective::PerGpu => "GPU",
+        }
+    );
+    println!(
+        "{:>3}  {:<18} {:<18} {:>2} {:>5} {:>6} {:>7} {:>9} {:>9} {:>9} {:>5} {:>7} {:>8}",
+        "#",
+        "attention",
+        "experts",
+        "m",
+        "b_a",
+        "B",
+        "TBT ms",
+        "tok/s",
+        "tok/s/GPU",
+        "tok/s/$",
+        "GPUs",
+        "binds",
+        "vs coloc"
+    );
+    let row = |i: String, p: &Plan, ratio: Option<f64>| {
+        let (a, e) = plan_label(p);
+        println!(
+            "{:>3}  {:<18} {:<18} {:>2} {:>5} {:>6} {:>7.1} {:>9.0} {:>9.1} {:>9} {:>5} {:>7} {:>8}",
+            i,
+            a,
+            e,
+            p.micro_batches,
+            p.micro_batch_seqs,
+            p.global_batch,
+            p.tbt_s * 1e3,
+            p.tokens_per_s,
+            p.tokens_per_s_per_gpu,
+            fmt_opt(p.tokens_per_s_per_cost, 1),
+            p.gpus(),
+            format!("{:?}", p.binding).to_lowercase(),
+            ratio.map_or("-".into(), |x| format!("{x:.2}x"))
+        );
+    };
+    for (i, p) in r.ranked.iter().enumerate() {
+        row(format!("{}", i + 1), p, r.ratio(p));
+    }
+    if !r.colocated.is_empty() {
+        println!("colocated baselines (one replica, TP in a node x PP across nodes):");
+        for p in &r.colocated {
+            row("c".into(), p, None);
+        }
+    }
+    if let Some(b) = r.best() {
+        println!(
+            "best: T_a {:.3} ms, T_e {:.3} ms, T_c {:.3} ms per layer; m >= {:.2} keeps the pipeline fed; BALANCE n_a = {:.2}; Eq. 5 step {:.1} ms",
+            b.times.t_a_s * 1e3,
+            b.times.t_e_s * 1e3,
+            b.times.t_c_s * 1e3,
+            b.min_micro_batches,
+            b.n_a_balance,
+            b.eq5_step_s * 1e3
+        );
+        println!("stage times from: {}", b.source);
+    }
+    for n in &r.notes {
+        println!("note: {n}");
+    }
+}
+
+fn reproduce(a: ReproduceArgs) -> Result<()> {
+    let s = tandem_plan::reproduce::reproduce(&a.out)
+        .with_context(|| format!("writing the reproduction report to {}", a.out.display()))?;
+    for h in &s.headlines {
+        println!("{h}");
+    }
+    println!(
+        "wrote {} and {} plots",
+        s.markdown.display(),
+        s.images.len()
+    );
+    Ok(())
+}
+
+fn catalog(a: CatalogArgs) -> Result<()> {
+    let cat = load_catalog(a.hw_catalog.as_ref())?;
+    println!(
+        "{:<22} {:>5} {:>8} {:>8} {:>6} {:>8} {:>7} {:>6} {:>8}  note",
+        "hardware", "dtype", "TFLOPS", "GB/s", "GB", "link GB/s", "NIC Gb", "price", "USD/h"
+    );
+    for d in &cat.devices {
+        println!(
+            "{:<22} {:>5} {:>8.1} {:>8.0} {:>6.0} {:>8.0} {:>7.0} {:>6} {:>8}  {}",
+            d.name,
+            format!("{:?}", d.dtype).to_lowercase(),
+            d.tflops,
+            d.mem_bw_gb_s,
+            d.memory_gb,
+            d.intra_link_gb_s,
+            d.nic_gbit_s,
+            fmt_opt(d.price_norm, 2),
+            fmt_opt(d.usd_per_hour, 2),
+            if d.placeholder {
+                "PLACEHOLDER, not measured"
+            } else if d.price_norm_estimated {
+                "price_norm estimated"
+            } else {
+                ""
+            }
+        );
+    }
+    println!();
+    println!(
+        "{:<18} {:>8} {:>7} {:>7} {:>6} {:>4} {:>3} {:>7}  family",
+        "model", "params B", "active", "layers", "hidden", "E", "K", "h'"
+    );
+    for m in &ModelCatalog::builtin()?.models {
+        println!(
+            "{:<18} {:>8.1} {:>7.1} {:>7} {:>6} {:>4} {:>3} {:>7}  {}",
+            m.name,
+            m.total_params() / 1e9,
+            m.active_params() / 1e9,
+            m.num_layers,
+            m.hidden_size,
+            m.num_experts,
+            m.top_k,
+            m.expert_intermediate,
+            m.family
+        );
+    }
+    Ok(())
+}
+
+fn profile_template(a: ProfileTemplateArgs) -> Result<()> {
+    let cat = load_catalog(a.hw_catalog.as_ref())?;
+    let model = ModelCatalog::builtin()?.resolve(&a.model)?;
+    let ha = cat.get(&a.attention_hw)?;
+    let he = cat.get(&a.expert_hw)?;
+    let roof = Roofline::new(&cat, &model, ha, he, a.context as f64);
+    let tps = |max: u32| -> Vec<u32> { [1, 2, 4, 8].into_iter().filter(|t| *t <= max).collect() };
+    let p = Profile::from_stage_model(
+        &roof,
+        &model.name,
+        &ha.name,
+        &he.name,
+        &tps(ha.gpus_per_node),
+        &tps(he.gpus_per_node),
+        a.context as f64,
+        512.0,
+    )?;
+    let text = format!(
+        "# Performance profile fitted to the ROOFLINE (not measured). `tandem profile` will write\n# the same format from measurements on real hardware.\n{}",
+        p.to_toml_string()?
+    );
+    std::fs::write(&a.out, text).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+/// Runs `tandem simulate`.
+pub fn simulate(a: SimulateArgs) -> Result<()> {
+    let cat = load_catalog(a.hw_catalog.as_ref())?;
+    let profile = match &a.profile {
+        Some(p) => {
+            Some(Profile::load(p).with_context(|| format!("loading profile {}", p.display()))?)
+        }
+        None => None,
+    };
+    let imbalance = match (&a.routing_trace, a.skew) {
+        (Some(p), _) => Imbalance::Trace(
+            RoutingTrace::load(p)
+                .with_context(|| format!("loading routing trace {}", p.display()))?,
+        ),
+        (None, Some(s)) => Imbalance::Zipf { skew: s },
+        (None, None) => Imbalance::None,
+    };
+    let steps = a.steps.max(1);
+    let opts = SimulateOptions {
+        model: a.model.clone(),
+        context_tokens: a.context.map(|c| c as f64),
+        imbalance,
+        jitter_cv: a.jitter,
+        straggler_prob: a.straggler_prob,
+        straggler_factor: a.straggler_factor,
+        steps,
+        seed: a.seed,
+        timeline_step: a.timeline.as_ref().map(|_| if steps > 1 { 1 } else { 0 }),
+    };
+    let s = deploy::simulate_plan_file(&a.plan, &opts, &cat, profile.as_ref())
+        .with_context(|| format!("simulating {}", a.plan.display()))?;
+    let r = &s.report;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else {
+        let p = &s.shape;
+        println!(
+            "{}: attention {} tp{} x{}, experts {} tp{} ({} per worker), m={}, b_a={:.0}, B={:.0}, context {} | {}",
+            s.model.name,
+            s.attention_hw,
+            p.tp_a,
+            p.n_a,
+            s.expert_hw,
+            p.tp_e,
+            p.experts_per_worker,
+            p.m,
+            p.b_a,
+            r.global_batch,
+            s.context_tokens,
+            s.source
+        );
+        println!(
+            "closed form: T_a {:.3} ms, T_e {:.3} ms, T_c {:.3} ms per layer",
+            r.closed.t_a_s * 1e3,
+            r.closed.t_e_s * 1e3,
+            r.closed.t_c_s * 1e3
+        );
+        println!(
+            "throughput: {:.0} tokens/s simulated vs {:.0} closed form ({:+.1}%)",
+            r.tokens_per_s,
+            r.closed_tokens_per_s,
+            (r.tokens_per_s / r.closed_tokens_per_s - 1.0) * 100.0
+        );
+        println!(
+            "time between tokens: mean {:.2} ms, p99 {:.2} ms (closed form {:.2} ms)",
+            r.tbt_mean_s * 1e3,
+            r.tbt_p99_s * 1e3,
+            r.closed_tbt_s * 1e3
+        );
+        println!(
+            "one step from empty: {:.2} ms simulated vs Eq. 5 {:.2} ms ({:+.2}%)",
+            r.first_step_s * 1e3,
+            r.eq5_step_s * 1e3,
+            r.eq5_rel_err * 100.0
+        );
+        let summary = |us: &[tandem_plan::sim::NodeUtil]| {
+            let v: Vec<f64> = us.iter().map(|u| u.utilisation).collect();
+            let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+            let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
+            let max = v.iter().cloned().fold(0.0, f64::max);
+            format!(
+                "mean {:.1}%, min {:.1}%, max {:.1}% over {} nodes",
+                mean * 100.0,
+                min * 100.0,
+                max * 100.0,
+                v.len()
+            )
+        };
+        println!(
+            "busiest expert worker / mean load: {:.2} (size plans for it: tandem plan --expert-load-factor {:.2})",
+            r.worker_load_max_over_mean, r.worker_load_max_over_mean
+        );
+        println!(
+            "utilisation: attention {}; experts {}",
+            summary(&r.attention_util),
+            summary(&r.expert_util)
+        );
+        println!("where the closed form and the simulation differ:");
+        for f in &r.findings {
+            println!("  - {f}");
+        }
+    }
+    if let Some(path) = &a.timeline {
+        let text = svg::timeline(
+            &format!(
+                "{}: one steady decode step (first {} layers)",
+                s.model.name, a.timeline_layers
+            ),
+            &r.timeline_rows,
+            &r.timeline,
+            Some(a.timeline_layers),
+        );
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: Cmd,
+    }
+
+    #[derive(Debug, Subcommand)]
+    enum Cmd {
+        Plan(PlanArgs),
+        Simulate(SimulateArgs),
+    }
+
+    fn parse(args: &[&str]) -> Cmd {
+        Cli::try_parse_from(std::iter::once("tandem").chain(args.iter().copied()))
+            .map(|c| c.cmd)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    #[test]
+    fn flags_parse_as_documented() {
+        let Cmd::Plan(p) = parse(&[
+            "plan",
+            "--model",
+            "mixtral",
+            "--attention-hw",
+            "H20",
+            "--expert-hw",
+            "L40S",
+            "--tbt-slo-ms",
+            "150",
+            "--context",
+            "730",
+            "--out",
+            "x.toml",
+        ]) else {
+            panic!("not plan")
+        };
+        assert!(p.command.is_none());
+        assert_eq!(p.search.attention_hw, vec!["H20"]);
+        assert_eq!(p.search.context, 730);
+        let Cmd::Plan(p) = parse(&["plan", "reproduce", "--out", "docs/"]) else {
+            panic!("not plan")
+        };
+        assert!(matches!(p.command, Some(PlanCommand::Reproduce(_))));
+        let Cmd::Plan(p) = parse(&["plan", "--model", "dbrx", "--attention-hw", "H20,H800"]) else {
+            panic!("not plan")
+        };
+        assert_eq!(p.search.attention_hw.len(), 2);
+        let Cmd::Simulate(s) = parse(&[
+            "simulate", "--plan", "p.toml", "--skew", "0.5", "--jitter", "0.1",
+        ]) else {
+            panic!("not simulate")
+        };
+        assert_eq!(s.skew, Some(0.5));
+        assert!(Cli::try_parse_from([
+            "tandem",
+            "simulate",
+            "--plan",
+            "p",
+            "--skew",
+            "1",
+            "--routing-trace",
+            "t"
+        ])
+        .is_err());
+        assert!(
+            Cli::try_parse_from(["tandem", "plan", "--hw", "A800", "--attention-hw", "H20"])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn plan_then_simulate_end_to_end() {
+        let dir = std::env::temp_dir().join(format!("tandem-plan-cmd-{}", std::process::id()));
+        let out = dir.join("plan.toml");
+        let out_s = out.display().to_string();
+        let Cmd::Plan(p) = parse(&[
+            "plan",
+            "--model",
+            "mixtral-8x22b",
+            "--attention-hw",
+            "H20",
+            "--expert-hw",
+            "L40S",
+            "--max-replicas",
+            "8",
+            "--out",
+            &out_s,
+        ]) else {
+            panic!("not plan")
+        };
+        plan(p).unwrap();
+        assert!(out.exists());
+        let Cmd::Simulate(s) = parse(&["simulate", "--plan", &out_s, "--steps", "2"]) else {
+            panic!("not simulate")
+        };
+        simulate(s).unwrap();
+        let Cmd::Plan(p) = parse(&[
+            "plan",
+            "--model",
+            "mixtral",
+            "--hw",
+            "A800",
+            "--tbt-slo-ms",
+            "1",
+        ]) else {
+            panic!("not plan")
+        };
+        let e = format!("{:#}", plan(p).unwrap_err());
+        assert!(e.contains("SLO binds"), "{e}");
+        let Cmd::Plan(p) = parse(&["plan"]) else {
+            panic!("not plan")
+        };
+        assert!(plan(p).unwrap_err().to_string().contains("--model"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
