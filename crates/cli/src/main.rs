@@ -1,1 +1,67 @@
-fn main() {}
+//! The `tandem` binary: parses flags and wires the crates together. Logic lives in the
+//! library crates (see ARCHITECTURE.md).
+
+mod bench;
+mod generate;
+mod models;
+mod plan_cmd;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Serve Mixture-of-Experts models with disaggregated expert parallelism"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text for one or more prompts (batched) and print it.
+    Generate(generate::GenerateArgs),
+    /// Write the embedded demo model (random weights, locally trained tokenizer) to DIR.
+    InitDemo(models::InitDemoArgs),
+    /// Benchmarks (JSON output).
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+    /// Search deployment plans for a model, an SLO and a hardware pair (MegaScale-Infer 4.2).
+    Plan(plan_cmd::PlanArgs),
+    /// Discrete-event simulation of a plan's ping-pong pipeline.
+    Simulate(plan_cmd::SimulateArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
+    match cli.cmd {
+        Cmd::Generate(a) => {
+            let sub = matches
+                .subcommand_matches("generate")
+                .ok_or_else(|| anyhow::anyhow!("generate: no arguments"))?;
+            generate::run(a, sub)
+        }
+        Cmd::InitDemo(a) => models::init_demo(a),
+        Cmd::Bench(b) => bench::run(b),
+        Cmd::Plan(a) => plan_cmd::plan(a),
+        Cmd::Simulate(a) => plan_cmd::simulate(a),
+    }
+}

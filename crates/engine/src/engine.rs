@@ -48,15 +48,15 @@ impl Default for EngineOptions {
 enum Cmd {
     Add {
         replica: usize,
-        seq: Sequence,
-        state: RequestState,
+        seq: Box<Sequence>,
+        state: Box<RequestState>,
     },
     Abort(RequestId),
     Shutdown,
 }
 
 enum ReplicaCmd {
-    Add(Sequence, RequestState),
+    Add(Box<Sequence>, Box<RequestState>),
     Abort(RequestId),
     Step(u64),
 }
@@ -205,7 +205,7 @@ impl Engine {
                         pool.install(move || {
                             while let Ok(cmd) = rx.recv() {
                                 match cmd {
-                                    ReplicaCmd::Add(seq, st) => rep.add(seq, st),
+                                    ReplicaCmd::Add(seq, st) => rep.add(*seq, *st),
                                     ReplicaCmd::Abort(id) => rep.abort(id),
                                     ReplicaCmd::Step(it) => {
                                         let before = rep.stats_preemptions();
@@ -318,8 +318,8 @@ impl Engine {
         let seq = Sequence::new(id, prompt, params, self.eos.clone());
         self.send(Cmd::Add {
             replica,
-            seq,
-            state,
+            seq: Box::new(seq),
+            state: Box::new(state),
         })?;
         Ok(RequestHandle { id, replica, rx })
     }

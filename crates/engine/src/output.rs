@@ -72,8 +72,9 @@ impl RequestState {
         Ok((text, p.stopped))
     }
 
-    pub fn send(&self, o: RequestOutput) -> Result<(), ()> {
-        self.tx.send(o).map_err(|_| ())
+    /// False when the client has gone away.
+    pub fn send(&self, o: RequestOutput) -> bool {
+        self.tx.send(o).is_ok()
     }
 
     pub fn finish(mut self, f: FinishedSeq) {

@@ -325,7 +325,7 @@ impl Replica {
                 text,
                 finish: None,
             };
-            if st.send(o).is_err() {
+            if !st.send(o) {
                 // The client went away: free its blocks.
                 stopped.push((*id, FinishReason::Abort));
             } else if stop_hit {

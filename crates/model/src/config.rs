@@ -150,7 +150,7 @@ impl ModelConfig {
                 return Err(cx.err(format!("{k} must be positive")));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(cx.err(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
@@ -162,7 +162,7 @@ impl ModelConfig {
                 self.top_k, self.num_experts
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(cx.err("head_dim must be even for rotary embeddings".into()));
         }
         Ok(())

@@ -235,7 +235,7 @@ pub fn write_demo(dir: &Path, spec: &DemoSpec) -> Result<()> {
     }
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut hbytes = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap_or_default();
-    while hbytes.len() % 8 != 0 {
+    while !hbytes.len().is_multiple_of(8) {
         hbytes.push(b' ');
     }
     let path = dir.join("model.safetensors");

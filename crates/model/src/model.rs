@@ -159,6 +159,17 @@ impl Model {
         layout: &BatchLayout,
         kv: &mut KvCache,
     ) -> Result<Tensor> {
+        self.forward_observed(tokens, layout, kv, &mut |_, _| {})
+    }
+
+    /// [`Model::forward`], calling `observe(layer, routing)` for every MoE layer.
+    pub fn forward_observed(
+        &self,
+        tokens: &[u32],
+        layout: &BatchLayout,
+        kv: &mut KvCache,
+        observe: &mut dyn FnMut(usize, &crate::stages::Routing),
+    ) -> Result<Tensor> {
         if tokens.len() != layout.num_tokens() {
             return Err(ModelError::Input(format!(
                 "{} tokens but the layout has {}",
@@ -171,6 +182,9 @@ impl Model {
             let a = layer
                 .attention
                 .forward(&h, layout, &mut kv.layers[l], kv.block_size)?;
+            if let Some(r) = &a.routing {
+                observe(l, r);
+            }
             h = self.finish_layer(layer, a)?;
         }
         Ok(h)

@@ -23,11 +23,7 @@ pub struct Routing {
 
 impl Routing {
     pub fn num_tokens(&self) -> usize {
-        if self.top_k == 0 {
-            0
-        } else {
-            self.ids.len() / self.top_k
-        }
+        self.ids.len().checked_div(self.top_k).unwrap_or(0)
     }
 }
 
