@@ -17,6 +17,8 @@ pub enum BenchCmd {
     /// Offline throughput of the engine: N requests through one or more deployment shapes,
     /// measured one after another in the same run.
     Engine(EngineArgs),
+    /// Load generator for any OpenAI-compatible server, compatible with `vllm bench serve`.
+    Serve(crate::bench_serve::BenchServeArgs),
 }
 
 #[derive(Args)]
@@ -66,6 +68,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Decode(a) => decode(a),
         BenchCmd::Engine(a) => engine(a),
+        BenchCmd::Serve(a) => crate::bench_serve::run(a),
     }
 }
 

@@ -4,7 +4,9 @@
 mod bench;
 mod generate;
 mod models;
+mod bench_serve;
 mod plan_cmd;
+mod serve_cmd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -22,6 +24,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Start the OpenAI-compatible server (default: the embedded demo model, disaggregated
+    /// in-process).
+    Serve(serve_cmd::ServeArgs),
     /// Generate text for one or more prompts (batched) and print it.
     Generate(generate::GenerateArgs),
     /// Write the embedded demo model (random weights, locally trained tokenizer) to DIR.
@@ -60,6 +65,7 @@ fn run() -> Result<()> {
             generate::run(a, sub)
         }
         Cmd::InitDemo(a) => models::init_demo(a),
+        Cmd::Serve(a) => serve_cmd::run(a),
         Cmd::Bench(b) => bench::run(b),
         Cmd::Plan(a) => plan_cmd::plan(a),
         Cmd::Simulate(a) => plan_cmd::simulate(a),

@@ -1,0 +1,1 @@
+//! tandem-server: the OpenAI-compatible HTTP frontend (work in progress).
