@@ -227,8 +227,8 @@ mod tests {
 
     #[test]
     fn round_trip_and_defaults() {
-        let d = Deployment::from_toml_str("attention_replicas = 2\nmicro_batches = 3\n", "t")
-            .unwrap();
+        let d =
+            Deployment::from_toml_str("attention_replicas = 2\nmicro_batches = 3\n", "t").unwrap();
         assert_eq!(d.attention_replicas, 2);
         assert_eq!(d.expert_workers, 1);
         assert_eq!(d.micro_batches, 3);

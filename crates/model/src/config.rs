@@ -123,6 +123,7 @@ impl ModelConfig {
         let cx = ParseCx {
             path: path.to_path_buf(),
         };
+        check_limits(&v, &cx)?;
         let cfg = match family {
             Family::Mixtral => crate::families::mixtral::parse(&v, &cx)?,
             Family::Qwen2Moe => crate::families::qwen2_moe::parse(&v, &cx)?,
@@ -217,9 +218,17 @@ impl ParseCx {
             msg,
         }
     }
-    /// Deserialises the family's raw config struct.
+    /// Deserialises the family's raw config struct; errors name the offending key.
     pub fn typed<T: serde::de::DeserializeOwned>(&self, v: &Value) -> Result<T> {
-        serde_json::from_value(v.clone()).map_err(|e| self.err(e.to_string()))
+        serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path.is_empty() || path == "." {
+                self.err(inner.to_string())
+            } else {
+                self.err(format!("{path}: {inner}"))
+            }
+        })
     }
 
     /// The rope base, from either layout: transformers 5's `rope_parameters` or the older
@@ -268,6 +277,41 @@ impl ParseCx {
             _ => vec![],
         }
     }
+}
+
+/// Upper bounds on the sizes that allocations are made from before any tensor is checked, so
+/// that an absurd config is an error rather than an out-of-memory abort.
+fn check_limits(v: &Value, cx: &ParseCx) -> Result<()> {
+    const LIMITS: [(&str, u64); 14] = [
+        ("num_hidden_layers", 4096),
+        ("n_layers", 4096),
+        ("num_local_experts", 65536),
+        ("num_experts", 65536),
+        ("ffn_config.moe_num_experts", 65536),
+        ("num_experts_per_tok", 65536),
+        ("head_dim", 65536),
+        ("hidden_size", 1 << 20),
+        ("d_model", 1 << 20),
+        ("num_attention_heads", 65536),
+        ("n_heads", 65536),
+        ("num_key_value_heads", 65536),
+        ("vocab_size", 1 << 24),
+        ("intermediate_size", 1 << 24),
+    ];
+    for (key, max) in LIMITS {
+        let mut cur = Some(v);
+        for part in key.split('.') {
+            cur = cur.and_then(|c| c.get(part));
+        }
+        if let Some(n) = cur.and_then(|x| x.as_u64()) {
+            if n > max {
+                return Err(cx.err(format!(
+                    "{key} = {n} is larger than tandem supports ({max})"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The "hidden_act" of every supported family must be SiLU.

@@ -96,6 +96,12 @@ impl Weights {
                              the header)"
                                 .to_string()
                         }
+                        safetensors::SafeTensorError::InvalidHeaderLength => {
+                            header_length_msg(&mmap)
+                        }
+                        safetensors::SafeTensorError::TensorInvalidInfo => {
+                            invalid_tensor_msg(&mmap)
+                        }
                         other => other.to_string(),
                     },
                 })?;
@@ -202,4 +208,69 @@ impl Weights {
         let f = &self.files[*self.index.get(name)?];
         f.meta.info(name).map(|i| i.shape.clone())
     }
+}
+
+/// Why the header length is invalid: usually a file cut inside its header.
+fn header_length_msg(buf: &[u8]) -> String {
+    let n = buf
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0);
+    format!(
+        "file is truncated: its header says {n} bytes of JSON but the file has {} bytes",
+        buf.len()
+    )
+}
+
+/// Names the tensor whose shape and dtype disagree with its byte range.
+fn invalid_tensor_msg(buf: &[u8]) -> String {
+    let generic = "a tensor's shape and dtype do not match its byte range".to_string();
+    let Some(n) = buf
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+    else {
+        return generic;
+    };
+    let Some(header) = buf.get(8..8 + n as usize) else {
+        return generic;
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(header) else {
+        return generic;
+    };
+    let Some(obj) = v.as_object() else {
+        return generic;
+    };
+    for (name, info) in obj {
+        if name == "__metadata__" {
+            continue;
+        }
+        let shape: Vec<u64> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+            .unwrap_or_default();
+        let bytes_per = match info.get("dtype").and_then(|d| d.as_str()) {
+            Some("F64" | "I64" | "U64") => 8,
+            Some("F32" | "I32" | "U32") => 4,
+            Some("F16" | "BF16" | "I16" | "U16") => 2,
+            _ => 1,
+        };
+        let offs: Vec<u64> = info
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+            .unwrap_or_default();
+        if let [s, e] = offs[..] {
+            let want = shape.iter().product::<u64>() * bytes_per;
+            if e.saturating_sub(s) != want {
+                return format!(
+                    "tensor {name}: shape {shape:?} needs {want} bytes but its data range holds {}",
+                    e.saturating_sub(s)
+                );
+            }
+        }
+    }
+    generic
 }
