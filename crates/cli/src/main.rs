@@ -2,9 +2,9 @@
 //! library crates (see ARCHITECTURE.md).
 
 mod bench;
+mod bench_serve;
 mod generate;
 mod models;
-mod bench_serve;
 mod plan_cmd;
 mod serve_cmd;
 

@@ -1,11 +1,117 @@
-//! `tandem serve`: placeholder until the server lands.
+//! `tandem serve`: loads a model, starts the engine and runs the OpenAI-compatible server
+//! (the logic lives in tandem-server).
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_engine::{Engine, EngineOptions};
+use tandem_model::{Model, Tokenizer};
+use tandem_server::{AppState, ServerOptions};
 
 #[derive(Args)]
-pub struct ServeArgs {}
+pub struct ServeArgs {
+    /// Checkpoint directory (Hugging Face layout). Default: the embedded demo model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The name clients pass as `model`. Default: the checkpoint directory's name.
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Most requests (sequences) in flight plus waiting; beyond it requests get 503.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Seconds a shutdown waits for in-flight requests.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace_s: u64,
+    #[command(flatten)]
+    pub shape: crate::generate::ShapeArgs,
+}
 
-pub fn run(_a: ServeArgs) -> Result<()> {
-    anyhow::bail!("tandem serve is not implemented yet")
+pub fn run(a: ServeArgs) -> Result<()> {
+    let dir = crate::models::resolve(&a.model)?;
+    let model = Model::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
+    let tok = if dir.join("tokenizer.json").exists() {
+        Some(Arc::new(Tokenizer::load(&dir)?))
+    } else {
+        None
+    };
+    let mut deployment = a.shape.deployment()?;
+    if a.shape.micro_batches.is_none() && a.shape.deployment.is_none() {
+        // Serving keeps a batch in flight: ping-pong two micro-batches by default.
+        deployment.micro_batches = 2;
+        deployment.validate_shape()?;
+    }
+    let name = a.served_model_name.clone().unwrap_or_else(|| {
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "tandem".into())
+    });
+    let engine = Engine::start(
+        Arc::new(model),
+        tok.clone(),
+        EngineOptions {
+            deployment: deployment.clone(),
+            ..EngineOptions::default()
+        },
+    )?;
+    let state = AppState::new(
+        Arc::new(engine),
+        tok,
+        ServerOptions {
+            model_name: name.clone(),
+            max_queue: a.max_queue,
+            shutdown_grace: Duration::from_secs(a.shutdown_grace_s),
+            ..ServerOptions::default()
+        },
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", a.host, a.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let local = listener.local_addr()?;
+        tracing::info!(
+            "serving {name} on http://{local} (replicas {}, expert workers {}, micro-batches {}, max_model_len {})",
+            deployment.attention_replicas,
+            deployment.expert_workers,
+            deployment.micro_batches,
+            state.engine().max_model_len()
+        );
+        tandem_server::serve(listener, state, shutdown_signal()).await?;
+        tracing::info!("server stopped");
+        Ok(())
+    })
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
 }

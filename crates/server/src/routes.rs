@@ -1,0 +1,353 @@
+//! The HTTP handlers. Each reads its body by hand (see [`crate::protocol::parse_body`]) so that
+//! every client mistake is a 4xx in OpenAI's shape.
+
+use crate::error::ApiError;
+use crate::generate::{self, Api, Job};
+use crate::protocol::{
+    chat_messages, parse_body, ChatRequest, CompletionRequest, DetokenizeRequest, Prompt,
+    TokenizeRequest,
+};
+use crate::{AppState, Shared};
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Instant;
+use tandem_model::Tokenizer;
+
+fn json_response(v: &Value) -> Response {
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+fn respond(r: Result<Response, ApiError>) -> Response {
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn read_body(s: &Shared, req: Request) -> Result<Bytes, ApiError> {
+    let limit = s.opts.max_body_bytes;
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|e| {
+            // The only error besides the limit is a broken client connection.
+            if format!("{e:?}").contains("LengthLimit") {
+                ApiError::too_large(format!("the request body is larger than {limit} bytes"))
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {e}"))
+            }
+        })
+}
+
+fn check_model(s: &Shared, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        None => Ok(()),
+        Some(m) if m == s.opts.model_name => Ok(()),
+        Some(m) => Err(ApiError::model_not_found(m)),
+    }
+}
+
+fn tokenizer(s: &Shared) -> Result<&Tokenizer, ApiError> {
+    s.tokenizer.as_deref().ok_or_else(|| {
+        ApiError::bad_request("this model has no tokenizer: send the prompt as token ids")
+    })
+}
+
+fn encode(s: &Shared, text: &str, add_special: bool) -> Result<Vec<u32>, ApiError> {
+    tokenizer(s)?
+        .encode(text, add_special)
+        .map_err(|e| ApiError::bad_param("prompt", format!("cannot tokenize the prompt: {e}")))
+}
+
+fn render_chat(
+    s: &Shared,
+    msgs: &[crate::protocol::InMessage],
+    add_generation_prompt: bool,
+) -> Result<Vec<u32>, ApiError> {
+    let msgs = chat_messages(msgs)?;
+    let text = tokenizer(s)?
+        .apply_chat_template(&msgs, add_generation_prompt)
+        .map_err(|e| ApiError::bad_param("messages", format!("{e}")))?;
+    encode(s, &text, false)
+}
+
+/// Prompt and context checks before anything reaches the engine.
+fn check_lengths(
+    s: &Shared,
+    prompts: &[Vec<u32>],
+    max_tokens: Option<usize>,
+) -> Result<(), ApiError> {
+    let ctx = s.engine.max_model_len();
+    if prompts.is_empty() {
+        return Err(ApiError::bad_param("prompt", "the prompt list is empty"));
+    }
+    for p in prompts {
+        if p.is_empty() {
+            return Err(ApiError::bad_param("prompt", "the prompt is empty"));
+        }
+        if p.len() >= ctx {
+            return Err(ApiError::bad_param(
+                "prompt",
+                format!(
+                    "This model's maximum context length is {ctx} tokens. However, your prompt has {} tokens.",
+                    p.len()
+                ),
+            ));
+        }
+        if let Some(m) = max_tokens {
+            if p.len().saturating_add(m) > ctx {
+                return Err(ApiError::bad_param(
+                    "max_tokens",
+                    format!(
+                        "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({} in the prompt, {m} for the completion).",
+                        p.len().saturating_add(m),
+                        p.len()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn completions(State(st): State<AppState>, req: Request) -> Response {
+    respond(completions_inner(&st.0, req).await)
+}
+
+async fn completions_inner(s: &Arc<Shared>, req: Request) -> Result<Response, ApiError> {
+    let arrival = Instant::now();
+    let bytes = read_body(s, req).await?;
+    let r: CompletionRequest = parse_body(&bytes)?;
+    check_model(s, r.model.as_deref())?;
+    r.check_unsupported()?;
+    let sampling = r.sampling();
+    // OpenAI's default for the legacy completions endpoint.
+    let params = sampling.to_params(Some(r.max_tokens.unwrap_or(16)), r.logprobs)?;
+    let prompts = match &r.prompt {
+        Prompt::Text(t) => vec![encode(s, t, true)?],
+        Prompt::Texts(v) => v
+            .iter()
+            .map(|t| encode(s, t, true))
+            .collect::<Result<_, _>>()?,
+        Prompt::Ids(v) => vec![v.clone()],
+        Prompt::IdLists(v) => v.clone(),
+    };
+    check_lengths(s, &prompts, params.max_tokens)?;
+    let stream = r.stream.unwrap_or(false);
+    let include_usage = stream_usage(stream, r.stream_options.as_ref())?;
+    generate::run(
+        s,
+        Job {
+            api: Api::Completion,
+            prompts,
+            params,
+            stream,
+            include_usage,
+            logprobs: r.logprobs.is_some(),
+            arrival,
+        },
+    )
+    .await
+}
+
+fn stream_usage(
+    stream: bool,
+    opts: Option<&crate::protocol::StreamOptions>,
+) -> Result<bool, ApiError> {
+    match opts {
+        None => Ok(false),
+        Some(_) if !stream => Err(ApiError::bad_param(
+            "stream_options",
+            "stream_options is only allowed when stream is true",
+        )),
+        Some(o) => Ok(o.include_usage.unwrap_or(false)),
+    }
+}
+
+pub(crate) async fn chat_completions(State(st): State<AppState>, req: Request) -> Response {
+    respond(chat_inner(&st.0, req).await)
+}
+
+async fn chat_inner(s: &Arc<Shared>, req: Request) -> Result<Response, ApiError> {
+    let arrival = Instant::now();
+    let bytes = read_body(s, req).await?;
+    let r: ChatRequest = parse_body(&bytes)?;
+    check_model(s, r.model.as_deref())?;
+    r.check_unsupported()?;
+    let logprobs = if r.logprobs == Some(true) {
+        Some(r.top_logprobs.unwrap_or(0))
+    } else {
+        None
+    };
+    let max_tokens = r.max_completion_tokens.or(r.max_tokens);
+    let params = r.sampling().to_params(max_tokens, logprobs)?;
+    let prompt = render_chat(s, &r.messages, r.add_generation_prompt.unwrap_or(true))?;
+    let prompts = vec![prompt];
+    check_lengths(s, &prompts, params.max_tokens)?;
+    let stream = r.stream.unwrap_or(false);
+    let include_usage = stream_usage(stream, r.stream_options.as_ref())?;
+    generate::run(
+        s,
+        Job {
+            api: Api::Chat,
+            prompts,
+            params,
+            stream,
+            include_usage,
+            logprobs: logprobs.is_some(),
+            arrival,
+        },
+    )
+    .await
+}
+
+pub(crate) async fn tokenize(State(st): State<AppState>, req: Request) -> Response {
+    respond(tokenize_inner(&st.0, req).await)
+}
+
+async fn tokenize_inner(s: &Arc<Shared>, req: Request) -> Result<Response, ApiError> {
+    let bytes = read_body(s, req).await?;
+    let r: TokenizeRequest = parse_body(&bytes)?;
+    check_model(s, r.model.as_deref())?;
+    let tokens = match (&r.prompt, &r.messages) {
+        (Some(p), None) => encode(s, p, r.add_special_tokens.unwrap_or(true))?,
+        (None, Some(m)) => render_chat(s, m, r.add_generation_prompt.unwrap_or(true))?,
+        _ => {
+            return Err(ApiError::bad_request(
+                "give exactly one of \"prompt\" and \"messages\"",
+            ))
+        }
+    };
+    Ok(json_response(&json!({
+        "tokens": tokens,
+        "count": tokens.len(),
+        "max_model_len": s.engine.max_model_len(),
+    })))
+}
+
+pub(crate) async fn detokenize(State(st): State<AppState>, req: Request) -> Response {
+    respond(detokenize_inner(&st.0, req).await)
+}
+
+async fn detokenize_inner(s: &Arc<Shared>, req: Request) -> Result<Response, ApiError> {
+    let bytes = read_body(s, req).await?;
+    let r: DetokenizeRequest = parse_body(&bytes)?;
+    check_model(s, r.model.as_deref())?;
+    let tk = tokenizer(s)?;
+    let vocab = tk.vocab_size();
+    if let Some(bad) = r.tokens.iter().find(|t| **t as usize >= vocab) {
+        return Err(ApiError::bad_param(
+            "tokens",
+            format!("token id {bad} is outside the vocabulary (size {vocab})"),
+        ));
+    }
+    let prompt = tk
+        .decode(&r.tokens, false)
+        .map_err(|e| ApiError::bad_param("tokens", format!("cannot decode: {e}")))?;
+    Ok(json_response(&json!({ "prompt": prompt })))
+}
+
+pub(crate) async fn models(State(st): State<AppState>) -> Response {
+    let s = &st.0;
+    json_response(&json!({
+        "object": "list",
+        "data": [{
+            "id": s.opts.model_name,
+            "object": "model",
+            "created": s.created,
+            "owned_by": "tandem",
+            "max_model_len": s.engine.max_model_len(),
+        }],
+    }))
+}
+
+pub(crate) async fn health() -> Response {
+    json_response(&json!({"status": "ok"}))
+}
+
+pub(crate) async fn metrics(State(st): State<AppState>) -> Response {
+    let s = &st.0;
+    let stats = s.engine.stats();
+    let in_flight = s.opts.max_queue - s.admission.available_permits().min(s.opts.max_queue);
+    let mut text = String::new();
+    if let Some(h) = &s.prometheus {
+        metrics::gauge!("tandem_requests_in_flight").set(in_flight as f64);
+        metrics::gauge!("tandem_engine_iterations").set(stats.iterations as f64);
+        for w in &stats.workers {
+            metrics::gauge!("tandem_worker_busy_fraction", "role" => w.role, "id" => w.id.to_string())
+                .set(w.busy_fraction);
+        }
+        h.run_upkeep();
+        text = h.render();
+    } else {
+        // Another recorder owns the process: render what the server knows itself.
+        text.push_str(&format!("tandem_requests_in_flight {in_flight}\n"));
+        text.push_str(&format!("tandem_engine_iterations {}\n", stats.iterations));
+        for w in &stats.workers {
+            text.push_str(&format!(
+                "tandem_worker_busy_fraction{{role=\"{}\",id=\"{}\"}} {}\n",
+                w.role, w.id, w.busy_fraction
+            ));
+        }
+    }
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        text,
+    )
+        .into_response()
+}
+
+pub(crate) async fn not_found(req: Request) -> Response {
+    ApiError::not_found(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+    .into_response()
+}
+
+pub(crate) async fn method_not_allowed(req: Request) -> Response {
+    let mut e = ApiError::not_found(format!(
+        "method {} is not allowed on {}",
+        req.method(),
+        req.uri().path()
+    ));
+    e.status = StatusCode::METHOD_NOT_ALLOWED;
+    e.into_response()
+}
+
+fn endpoint_label(path: &str) -> &'static str {
+    match path {
+        "/v1/completions" => "/v1/completions",
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/models" => "/v1/models",
+        "/health" => "/health",
+        "/metrics" => "/metrics",
+        "/tokenize" => "/tokenize",
+        "/detokenize" => "/detokenize",
+        _ => "other",
+    }
+}
+
+/// Counts requests by endpoint and status.
+pub(crate) async fn track(req: Request, next: Next) -> Response {
+    let ep = endpoint_label(req.uri().path());
+    let resp = next.run(req).await;
+    metrics::counter!("tandem_http_requests_total", "endpoint" => ep,
+        "status" => resp.status().as_u16().to_string())
+    .increment(1);
+    resp
+}

@@ -1,0 +1,78 @@
+//! The official `openai` Python client against the server. Skipped (with a message) when
+//! `python3 -c "import openai"` fails, so `cargo test --workspace` passes without Python.
+
+mod common;
+
+use common::{bounded, TestServer, MODEL};
+use std::time::Duration;
+
+const SCRIPT: &str = r#"
+import sys, openai
+c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="none", max_retries=0, timeout=60)
+model = sys.argv[2]
+assert [m.id for m in c.models.list().data] == [model]
+r = c.completions.create(model=model, prompt="hello", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4, r
+r = c.chat.completions.create(model=model, messages=[{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}],
+                              max_completion_tokens=3, temperature=0, logprobs=True, top_logprobs=2, n=2, seed=1,
+                              extra_body={"ignore_eos": True})
+assert len(r.choices) == 2 and r.choices[0].message.role == "assistant", r
+assert len(r.choices[0].logprobs.content) == 3 and len(r.choices[0].logprobs.content[0].top_logprobs) == 2, r
+full = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0,
+                                 extra_body={"ignore_eos": True}).choices[0].message.content
+text, usage = "", None
+for ch in c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0,
+                                    stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+    if ch.usage is not None:
+        usage = ch.usage
+    for choice in ch.choices:
+        text += choice.delta.content or ""
+assert text == full and usage.completion_tokens == 6, (text, full, usage)
+try:
+    c.completions.create(model="no-such-model", prompt="x")
+    raise SystemExit("expected NotFoundError")
+except openai.NotFoundError:
+    pass
+try:
+    c.completions.create(model=model, prompt="x", temperature=-1)
+    raise SystemExit("expected BadRequestError")
+except openai.BadRequestError as e:
+    assert "temperature" in str(e), e
+print("OPENAI CLIENT OK")
+"#;
+
+fn have_openai() -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_openai_python_client() {
+    if !have_openai() {
+        eprintln!(
+            "SKIPPED official_openai_python_client: python3 with the `openai` package is not \
+             available (pip install openai to run it)"
+        );
+        return;
+    }
+    bounded(async {
+        let s = TestServer::start(64).await;
+        let child = tokio::process::Command::new("python3")
+            .args(["-c", SCRIPT, &s.base, MODEL])
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(120), child)
+            .await
+            .expect("python finished in time")
+            .expect("python ran");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stdout.contains("OPENAI CLIENT OK"),
+            "openai client failed:\n{stdout}\n{stderr}"
+        );
+    })
+    .await;
+}
