@@ -344,6 +344,11 @@ impl Engine {
         })
     }
 
+    /// Why the engine stopped serving (a worker failed), or `None` while it is healthy.
+    pub fn failure(&self) -> Option<String> {
+        self.dead.lock().ok().and_then(|d| d.clone())
+    }
+
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
     }

@@ -98,6 +98,7 @@ impl Replica {
         if let Ok(Some(f)) = self.sched.abort(id) {
             self.finish(f);
         }
+        self.publish_gauges();
     }
 
     /// One engine iteration: schedule, run the micro-batches through every layer, sample,
@@ -106,20 +107,27 @@ impl Replica {
     pub fn step(&mut self, iteration: u64, stats: &WorkerStats) -> Result<(), EngineError> {
         let mut clock = Clock::new(stats, "attention", self.id as usize);
         let out = self.sched.schedule()?;
-        metrics::gauge!("tandem_queue_waiting", "replica" => self.id.to_string())
-            .set(self.sched.num_waiting() as f64);
-        metrics::gauge!("tandem_queue_running", "replica" => self.id.to_string())
-            .set(self.sched.num_running() as f64);
-        metrics::gauge!("tandem_kv_blocks_used", "replica" => self.id.to_string())
-            .set(self.sched.num_used_blocks() as f64);
+        self.publish_gauges();
         for id in &out.preempted {
             tracing::debug!(replica = self.id, request = id.0, "preempted (recompute)");
             metrics::counter!("tandem_preemptions_total").increment(1);
         }
         let logits = self.run(iteration, &out, &mut clock)?;
         self.postprocess(&out, logits)?;
+        self.publish_gauges();
         clock.busy();
         Ok(())
+    }
+
+    /// Queue lengths and KV usage, refreshed before and after every step and on abort.
+    fn publish_gauges(&self) {
+        let id = self.id.to_string();
+        metrics::gauge!("tandem_queue_waiting", "replica" => id.clone())
+            .set(self.sched.num_waiting() as f64);
+        metrics::gauge!("tandem_queue_running", "replica" => id.clone())
+            .set(self.sched.num_running() as f64);
+        metrics::gauge!("tandem_kv_blocks_used", "replica" => id)
+            .set(self.sched.num_used_blocks() as f64);
     }
 
     /// The forward pass of one iteration; returns `(request, logits [V])` for every sequence

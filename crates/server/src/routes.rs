@@ -270,8 +270,15 @@ pub(crate) async fn models(State(st): State<AppState>) -> Response {
     }))
 }
 
-pub(crate) async fn health() -> Response {
-    json_response(&json!({"status": "ok"}))
+pub(crate) async fn health(State(st): State<AppState>) -> Response {
+    match st.0.engine.failure() {
+        None => json_response(&json!({"status": "ok"})),
+        Some(why) => {
+            let mut r = json_response(&json!({"status": "error", "message": why}));
+            *r.status_mut() = axum::http::StatusCode::SERVICE_UNAVAILABLE;
+            r
+        }
+    }
 }
 
 pub(crate) async fn metrics(State(st): State<AppState>) -> Response {
