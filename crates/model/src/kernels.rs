@@ -34,6 +34,19 @@ pub fn matmul_wt(x: &[f32], tokens: usize, k: usize, w: &[f32], n: usize, out: &
     }
 }
 
+/// Sum of `x`, reading it at full memory speed (AVX2 where available): the bandwidth probe of
+/// `tandem bench decode`.
+pub fn sum(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the feature was just detected.
+            return unsafe { avx::sum(x) };
+        }
+    }
+    x.iter().sum()
+}
+
 #[derive(Copy, Clone)]
 struct SyncPtr(*mut f32);
 unsafe impl Send for SyncPtr {}
@@ -83,6 +96,28 @@ fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx {
     use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn sum(x: &[f32]) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let n32 = x.len() / 32 * 32;
+        let p = x.as_ptr();
+        let mut i = 0;
+        while i < n32 {
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_add_ps(*a, _mm256_loadu_ps(p.add(i + 8 * j)));
+            }
+            i += 32;
+        }
+        let mut s = hsum(_mm256_add_ps(
+            _mm256_add_ps(acc[0], acc[1]),
+            _mm256_add_ps(acc[2], acc[3]),
+        ));
+        for v in &x[n32..] {
+            s += v;
+        }
+        s
+    }
 
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
