@@ -209,8 +209,13 @@ impl Engine {
                                     ReplicaCmd::Abort(id) => rep.abort(id),
                                     ReplicaCmd::Step(it) => {
                                         let before = rep.stats_preemptions();
+                                        let gen_before = rep.generated;
                                         let res = rep.step(it, &stats.replicas[r]);
                                         record_preemptions(&stats, before, rep.stats_preemptions());
+                                        stats.generated_tokens.fetch_add(
+                                            rep.generated - gen_before,
+                                            Ordering::Relaxed,
+                                        );
                                         let res = match res {
                                             Ok(()) => Ok(rep.has_work()),
                                             Err(e) => {

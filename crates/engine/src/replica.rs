@@ -51,6 +51,8 @@ pub struct Replica {
     pub micro_batches: usize,
     pub requests: HashMap<RequestId, RequestState>,
     combines: HashMap<(u64, u32, u32), Vec<CombineMsg>>,
+    /// Tokens sampled so far (read into the engine stats after each step).
+    pub generated: u64,
 }
 
 impl Replica {
@@ -76,6 +78,7 @@ impl Replica {
             micro_batches: micro_batches.max(1),
             requests: HashMap::new(),
             combines: HashMap::new(),
+            generated: 0,
         }
     }
 
@@ -315,8 +318,9 @@ impl Replica {
             extra.push(s);
         }
         let _ = out;
+        self.generated += sampled.len() as u64;
         let finished = self.sched.update(&sampled)?;
-        let finished: HashMap<RequestId, FinishedSeq> =
+        let mut finished: HashMap<RequestId, FinishedSeq> =
             finished.into_iter().map(|f| (f.id, f)).collect();
         let mut stopped = Vec::new();
         for ((id, tok), s) in sampled.iter().zip(extra) {
@@ -337,7 +341,12 @@ impl Replica {
                 // The client went away: free its blocks.
                 stopped.push((*id, FinishReason::Abort));
             } else if stop_hit {
-                stopped.push((*id, FinishReason::Stop));
+                match finished.get_mut(id) {
+                    // Finished this very step (e.g. max_tokens): the stop string still wins,
+                    // as in vLLM.
+                    Some(f) => f.reason = FinishReason::Stop,
+                    None => stopped.push((*id, FinishReason::Stop)),
+                }
             }
         }
         for (_, f) in finished {
