@@ -87,15 +87,6 @@ pub fn parse(v: &Value, cx: &ParseCx) -> Result<ModelConfig> {
 pub struct Names;
 
 impl FamilyWeights for Names {
-    fn embed(&self) -> String {
-        "model.embed_tokens.weight".into()
-    }
-    fn final_norm(&self) -> String {
-        "model.norm".into()
-    }
-    fn lm_head(&self) -> String {
-        "lm_head".into()
-    }
     fn attention(&self, w: &Weights, cfg: &ModelConfig, l: usize) -> Result<AttentionWeights> {
         let p = format!("model.layers.{l}");
         llama_attention(w, cfg, &p, Some(&format!("{p}.block_sparse_moe.gate")))

@@ -38,9 +38,16 @@ pub struct SharedExpert {
 
 /// Tensor names and layout of one family.
 pub trait FamilyWeights {
-    fn embed(&self) -> String;
-    fn final_norm(&self) -> String;
-    fn lm_head(&self) -> String;
+    /// Embedding, final norm and lm_head names; the defaults are the Llama layout.
+    fn embed(&self) -> String {
+        "model.embed_tokens.weight".into()
+    }
+    fn final_norm(&self) -> String {
+        "model.norm".into()
+    }
+    fn lm_head(&self) -> String {
+        "lm_head".into()
+    }
     fn attention(&self, w: &Weights, cfg: &ModelConfig, layer: usize) -> Result<AttentionWeights>;
     fn expert(&self, w: &Weights, cfg: &ModelConfig, layer: usize, e: usize) -> Result<GatedMlp>;
     /// Several experts of one layer (families that store experts stacked read them once).
@@ -156,6 +163,20 @@ pub fn gated(
         linear(w, &format!("{prefix}.{dn}"), d, f)?,
     )
 }
+
+/// `model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj` (Qwen, OLMoE).
+pub fn mlp_expert(w: &Weights, cfg: &ModelConfig, l: usize, e: usize) -> Result<GatedMlp> {
+    let p = format!("model.layers.{l}.mlp.experts.{e}");
+    gated(w, &p, GUD, cfg.hidden_size, cfg.moe_intermediate_size)
+}
+
+/// `model.layers.{l}.mlp.{gate,up,down}_proj`, a dense layer's MLP (Qwen).
+pub fn mlp_dense(w: &Weights, cfg: &ModelConfig, l: usize) -> Result<GatedMlp> {
+    let p = format!("model.layers.{l}.mlp");
+    gated(w, &p, GUD, cfg.hidden_size, cfg.dense_intermediate_size)
+}
+
+pub const GUD: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 
 /// Layers that are dense under Qwen's `decoder_sparse_step` / `mlp_only_layers` rule.
 pub fn qwen_dense_layers(

@@ -1,7 +1,7 @@
 //! OLMoE (`OlmoeForCausalLM`): RMSNorm over the whole q and k projections (before the head
 //! split and rotary), optional `clip_qkv`, top-k weights renormalised only if `norm_topk_prob`.
 
-use super::{gated, llama_attention, AttentionWeights, FamilyWeights};
+use super::{llama_attention, AttentionWeights, FamilyWeights};
 use crate::config::{check_silu, Family, ModelConfig, NormKind, ParseCx, QkNorm, TopkNorm};
 use crate::error::Result;
 use crate::layers::GatedMlp;
@@ -86,25 +86,13 @@ pub fn parse(v: &Value, cx: &ParseCx) -> Result<ModelConfig> {
 
 pub struct Names;
 
-const GUD: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
-
 impl FamilyWeights for Names {
-    fn embed(&self) -> String {
-        "model.embed_tokens.weight".into()
-    }
-    fn final_norm(&self) -> String {
-        "model.norm".into()
-    }
-    fn lm_head(&self) -> String {
-        "lm_head".into()
-    }
     fn attention(&self, w: &Weights, cfg: &ModelConfig, l: usize) -> Result<AttentionWeights> {
         let p = format!("model.layers.{l}");
         llama_attention(w, cfg, &p, Some(&format!("{p}.mlp.gate")))
     }
     fn expert(&self, w: &Weights, cfg: &ModelConfig, l: usize, e: usize) -> Result<GatedMlp> {
-        let p = format!("model.layers.{l}.mlp.experts.{e}");
-        gated(w, &p, GUD, cfg.hidden_size, cfg.moe_intermediate_size)
+        super::mlp_expert(w, cfg, l, e)
     }
     fn dense_mlp(&self, _w: &Weights, _cfg: &ModelConfig, l: usize) -> Result<GatedMlp> {
         Err(crate::error::ModelError::Input(format!(

@@ -109,26 +109,14 @@ pub fn parse(v: &Value, cx: &ParseCx) -> Result<ModelConfig> {
 
 pub struct Names;
 
-const GUD: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
-
 impl FamilyWeights for Names {
-    fn embed(&self) -> String {
-        "model.embed_tokens.weight".into()
-    }
-    fn final_norm(&self) -> String {
-        "model.norm".into()
-    }
-    fn lm_head(&self) -> String {
-        "lm_head".into()
-    }
     fn attention(&self, w: &Weights, cfg: &ModelConfig, l: usize) -> Result<AttentionWeights> {
         let p = format!("model.layers.{l}");
         let router = cfg.is_moe_layer(l).then(|| format!("{p}.mlp.gate"));
         llama_attention(w, cfg, &p, router.as_deref())
     }
     fn expert(&self, w: &Weights, cfg: &ModelConfig, l: usize, e: usize) -> Result<GatedMlp> {
-        let p = format!("model.layers.{l}.mlp.experts.{e}");
-        gated(w, &p, GUD, cfg.hidden_size, cfg.moe_intermediate_size)
+        super::mlp_expert(w, cfg, l, e)
     }
     fn shared_expert(
         &self,
@@ -141,7 +129,13 @@ impl FamilyWeights for Names {
         };
         let p = format!("model.layers.{l}.mlp");
         Ok(Some(SharedExpert {
-            mlp: gated(w, &format!("{p}.shared_expert"), GUD, cfg.hidden_size, s)?,
+            mlp: gated(
+                w,
+                &format!("{p}.shared_expert"),
+                super::GUD,
+                cfg.hidden_size,
+                s,
+            )?,
             gate: Some(linear(
                 w,
                 &format!("{p}.shared_expert_gate"),
@@ -151,7 +145,6 @@ impl FamilyWeights for Names {
         }))
     }
     fn dense_mlp(&self, w: &Weights, cfg: &ModelConfig, l: usize) -> Result<GatedMlp> {
-        let p = format!("model.layers.{l}.mlp");
-        gated(w, &p, GUD, cfg.hidden_size, cfg.dense_intermediate_size)
+        super::mlp_dense(w, cfg, l)
     }
 }

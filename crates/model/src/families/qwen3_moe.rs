@@ -1,7 +1,7 @@
 //! Qwen3-MoE (`Qwen3MoeForCausalLM`): per-head q/k RMSNorm before rotary, explicit
 //! `head_dim`, `norm_topk_prob`, dense layers by `decoder_sparse_step` / `mlp_only_layers`.
 
-use super::{gated, llama_attention, qwen_dense_layers, AttentionWeights, FamilyWeights};
+use super::{llama_attention, qwen_dense_layers, AttentionWeights, FamilyWeights};
 use crate::config::{check_silu, Family, ModelConfig, NormKind, ParseCx, QkNorm, TopkNorm};
 use crate::error::Result;
 use crate::layers::GatedMlp;
@@ -106,29 +106,16 @@ pub fn parse(v: &Value, cx: &ParseCx) -> Result<ModelConfig> {
 
 pub struct Names;
 
-const GUD: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
-
 impl FamilyWeights for Names {
-    fn embed(&self) -> String {
-        "model.embed_tokens.weight".into()
-    }
-    fn final_norm(&self) -> String {
-        "model.norm".into()
-    }
-    fn lm_head(&self) -> String {
-        "lm_head".into()
-    }
     fn attention(&self, w: &Weights, cfg: &ModelConfig, l: usize) -> Result<AttentionWeights> {
         let p = format!("model.layers.{l}");
         let router = cfg.is_moe_layer(l).then(|| format!("{p}.mlp.gate"));
         llama_attention(w, cfg, &p, router.as_deref())
     }
     fn expert(&self, w: &Weights, cfg: &ModelConfig, l: usize, e: usize) -> Result<GatedMlp> {
-        let p = format!("model.layers.{l}.mlp.experts.{e}");
-        gated(w, &p, GUD, cfg.hidden_size, cfg.moe_intermediate_size)
+        super::mlp_expert(w, cfg, l, e)
     }
     fn dense_mlp(&self, w: &Weights, cfg: &ModelConfig, l: usize) -> Result<GatedMlp> {
-        let p = format!("model.layers.{l}.mlp");
-        gated(w, &p, GUD, cfg.hidden_size, cfg.dense_intermediate_size)
+        super::mlp_dense(w, cfg, l)
     }
 }
