@@ -20,7 +20,6 @@ pub fn split(seqs: &[ScheduledSeq], m: usize) -> Vec<Vec<usize>> {
         }
         groups[g].push(i);
         acc += s.token_ids.len();
-        let _ = i;
     }
     groups
 }
