@@ -1,20 +1,21 @@
-//! The engine: spawns the replicas and expert workers of a deployment, runs the iteration
-//! lockstep, and exposes `add_request` / `abort`.
+//! The engine: spawns the replicas and expert workers of a deployment and exposes
+//! `add_request` / `abort`.
 //!
-//! Lockstep: a coordinator thread starts iteration `i` on **every** replica and waits for all
-//! of them before starting `i + 1`. A replica with nothing scheduled still takes part (it
-//! sends empty dispatches), so every expert worker can complete every slot
-//! (iteration, layer, micro-batch) in order. When no replica has work, the coordinator blocks
-//! on its command channel: an idle deployment does not spin. Requests may arrive at any time;
-//! they are handed to their replica between iterations.
+//! There is no central coordinator: each replica runs its own loop (take commands, run an
+//! iteration), and the expert workers keep the replicas in step through the membership
+//! protocol described in `transport.rs` (worker 0 admits replicas with work into the next
+//! iteration; a member with nothing scheduled still sends empty dispatches so every worker
+//! can complete every slot in order). A replica with no work and no membership sleeps on its
+//! command channel, so an idle deployment does not spin. Requests may arrive at any time;
+//! a replica takes them between iterations.
 
 use crate::expert_worker::ExpertWorker;
 use crate::output::{RequestOutput, RequestState};
 use crate::replica::{record_preemptions, Experts, Replica};
 use crate::stats::{EngineStats, StatsSnapshot};
-use crate::transport::in_process;
+use crate::transport::{in_process, ReplicaLink};
 use crate::EngineError;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -45,20 +46,10 @@ impl Default for EngineOptions {
     }
 }
 
-enum Cmd {
-    Add {
-        replica: usize,
-        seq: Box<Sequence>,
-        state: Box<RequestState>,
-    },
-    Abort(RequestId),
-    Shutdown,
-}
-
 enum ReplicaCmd {
     Add(Box<Sequence>, Box<RequestState>),
     Abort(RequestId),
-    Step(u64),
+    Shutdown,
 }
 
 /// A request's output stream.
@@ -69,7 +60,8 @@ pub struct RequestHandle {
 }
 
 pub struct Engine {
-    cmd_tx: Mutex<mpsc::Sender<Cmd>>,
+    /// One command channel per replica run by this process.
+    rep_txs: Mutex<Vec<mpsc::Sender<ReplicaCmd>>>,
     next_id: AtomicU64,
     next_replica: AtomicUsize,
     n_replicas: usize,
@@ -79,6 +71,81 @@ pub struct Engine {
     stats: Arc<EngineStats>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     dead: Arc<Mutex<Option<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+/// One rayon pool per worker, pinned to cores when the deployment asks.
+fn pool_for(
+    cores: &[core_affinity::CoreId],
+    dep: &Deployment,
+    index: usize,
+    name: String,
+) -> Result<rayon::ThreadPool, EngineError> {
+    let threads_per = dep.threads_per_worker.max(1) as usize;
+    let cores = cores.to_vec();
+    let pin = dep.pin_cores && !cores.is_empty();
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads_per)
+        .thread_name(move |i| format!("{name}-{i}"))
+        .start_handler(move |i| {
+            if pin {
+                let c = cores[(index * threads_per + i) % cores.len()];
+                core_affinity::set_for_current(c);
+            }
+        })
+        .build()
+        .map_err(|e| EngineError::Spawn(e.to_string()))
+}
+
+/// A replica's thread: take commands, and run iterations while there is work or the
+/// membership protocol needs this replica; sleep on the command channel otherwise.
+fn replica_loop(
+    rep: &mut Replica,
+    rx: mpsc::Receiver<ReplicaCmd>,
+    stats: &EngineStats,
+    local: usize,
+) {
+    loop {
+        let mut cmds = Vec::new();
+        if !rep.wants_to_step() {
+            match rx.recv() {
+                Ok(c) => cmds.push(c),
+                Err(_) => break,
+            }
+        }
+        while let Ok(c) = rx.try_recv() {
+            cmds.push(c);
+        }
+        for c in cmds {
+            match c {
+                ReplicaCmd::Add(seq, st) => rep.add(*seq, *st),
+                ReplicaCmd::Abort(id) => rep.abort(id),
+                ReplicaCmd::Shutdown => {
+                    rep.fail_all("the engine is shutting down");
+                    return;
+                }
+            }
+        }
+        if !rep.wants_to_step() {
+            continue;
+        }
+        let before = rep.stats_preemptions();
+        let gen_before = rep.generated;
+        let res = rep.tick(&stats.replicas[local]);
+        record_preemptions(stats, before, rep.stats_preemptions());
+        stats
+            .generated_tokens
+            .fetch_add(rep.generated - gen_before, Ordering::Relaxed);
+        stats.iterations.fetch_max(rep.steps, Ordering::Relaxed);
+        match res {
+            Ok(()) => {}
+            Err(EngineError::Stopped(_)) => {
+                rep.fail_all("the engine is shutting down");
+                return;
+            }
+            Err(e) => tracing::warn!(replica = rep.id, "{e}"),
+        }
+    }
 }
 
 impl Engine {
@@ -96,38 +163,9 @@ impl Engine {
         let placement = dep
             .placement_for(cfg.num_experts)
             .map_err(|e| EngineError::Deployment(e.to_string()))?;
-        let bs = dep.kv_block_size as usize;
-        let num_blocks = if dep.num_kv_blocks > 0 {
-            dep.num_kv_blocks as usize
-        } else {
-            KvCache::blocks_for_bytes(cfg, bs, opts.kv_cache_bytes / n_a.max(1)).max(1)
-        };
-        let max_model_len = cfg.max_position_embeddings.min(num_blocks * bs);
-        let mut eos = cfg.eos_token_ids.clone();
-        if let Some(e) = tokenizer.as_ref().and_then(|t| t.eos_token_id()) {
-            if !eos.contains(&e) {
-                eos.push(e);
-            }
-        }
         let stats = EngineStats::new(n_a, n_e);
         let dead: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
         let cores = core_affinity::get_core_ids().unwrap_or_default();
-        let threads_per = dep.threads_per_worker.max(1) as usize;
-        let pool_for = |index: usize, name: String| -> Result<rayon::ThreadPool, EngineError> {
-            let cores = cores.clone();
-            let pin = dep.pin_cores && !cores.is_empty();
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads_per)
-                .thread_name(move |i| format!("{name}-{i}"))
-                .start_handler(move |i| {
-                    if pin {
-                        let c = cores[(index * threads_per + i) % cores.len()];
-                        core_affinity::set_for_current(c);
-                    }
-                })
-                .build()
-                .map_err(|e| EngineError::Spawn(e.to_string()))
-        };
         let (rep_links, exp_links) = if n_e > 0 {
             in_process(n_a, n_e)
         } else {
@@ -142,8 +180,11 @@ impl Engine {
                 link,
                 micro_batches: dep.micro_batches,
                 experts: placement.experts_of(w as u32),
+                initial_epoch: 1,
+                recover: false,
+                status: Default::default(),
             };
-            let pool = pool_for(n_a + w, format!("expert{w}"))?;
+            let pool = pool_for(&cores, dep, n_a + w, format!("expert{w}"))?;
             let stats = stats.clone();
             let dead = dead.clone();
             threads.push(
@@ -160,11 +201,81 @@ impl Engine {
                     .map_err(|e| EngineError::Spawn(e.to_string()))?,
             );
         }
-        // Replicas.
-        let (done_tx, done_rx) = mpsc::channel::<(usize, Result<bool, String>)>();
+        let links = if n_e > 0 {
+            rep_links.into_iter().map(Some).collect()
+        } else {
+            (0..n_a).map(|_| None).collect()
+        };
+        let ids = (0..n_a as u32).collect();
+        Self::start_replicas(model, tokenizer, opts, ids, links, stats, dead, threads)
+    }
+
+    /// Runs attention replica `rank` of a multi-process deployment in this process; its
+    /// routed experts are reached through `link` (e.g. TCP to the expert worker processes).
+    pub fn start_remote(
+        model: Arc<Model>,
+        tokenizer: Option<Arc<Tokenizer>>,
+        opts: EngineOptions,
+        rank: u32,
+        link: Box<dyn ReplicaLink>,
+    ) -> Result<Self, EngineError> {
+        let dep = &opts.deployment;
+        dep.validate_shape()
+            .map_err(|e| EngineError::Deployment(e.to_string()))?;
+        if rank >= dep.attention_replicas {
+            return Err(EngineError::Deployment(format!(
+                "attention rank {rank} but the deployment has {} replicas",
+                dep.attention_replicas
+            )));
+        }
+        let stats = EngineStats::new(1, 0);
+        let dead = Arc::new(Mutex::new(None));
+        Self::start_replicas(
+            model,
+            tokenizer,
+            opts,
+            vec![rank],
+            vec![Some(link)],
+            stats,
+            dead,
+            Vec::new(),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_replicas(
+        model: Arc<Model>,
+        tokenizer: Option<Arc<Tokenizer>>,
+        opts: EngineOptions,
+        ids: Vec<u32>,
+        links: Vec<Option<Box<dyn ReplicaLink>>>,
+        stats: Arc<EngineStats>,
+        dead: Arc<Mutex<Option<String>>>,
+        mut threads: Vec<JoinHandle<()>>,
+    ) -> Result<Self, EngineError> {
+        let dep = &opts.deployment;
+        let cfg = &model.cfg;
+        let n_total = dep.attention_replicas.max(1) as usize;
+        let placement = dep
+            .placement_for(cfg.num_experts)
+            .map_err(|e| EngineError::Deployment(e.to_string()))?;
+        let bs = dep.kv_block_size as usize;
+        let num_blocks = if dep.num_kv_blocks > 0 {
+            dep.num_kv_blocks as usize
+        } else {
+            KvCache::blocks_for_bytes(cfg, bs, opts.kv_cache_bytes / n_total).max(1)
+        };
+        let max_model_len = cfg.max_position_embeddings.min(num_blocks * bs);
+        let mut eos = cfg.eos_token_ids.clone();
+        if let Some(e) = tokenizer.as_ref().and_then(|t| t.eos_token_id()) {
+            if !eos.contains(&e) {
+                eos.push(e);
+            }
+        }
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let stop = Arc::new(AtomicBool::new(false));
         let mut rep_txs = Vec::new();
-        let mut rep_links = rep_links.into_iter();
-        for r in 0..n_a {
+        for (local, (id, link)) in ids.into_iter().zip(links).enumerate() {
             let sched = Scheduler::new(SchedulerConfig {
                 max_num_seqs: dep.max_num_seqs as usize,
                 max_num_batched_tokens: dep.max_num_batched_tokens as usize,
@@ -174,7 +285,7 @@ impl Engine {
                 long_prefill_chunk: None,
                 max_model_len: Some(cfg.max_position_embeddings),
             })?;
-            let experts = match rep_links.next() {
+            let experts = match link {
                 Some(link) => Experts::Remote {
                     link,
                     placement: placement.clone(),
@@ -184,7 +295,7 @@ impl Engine {
             };
             let kv = KvCache::new(cfg, bs, num_blocks);
             let mut rep = Replica::new(
-                r as u32,
+                id,
                 model.clone(),
                 tokenizer.clone(),
                 sched,
@@ -192,74 +303,32 @@ impl Engine {
                 Sampler::new(eos.clone()),
                 experts,
                 dep.micro_batches as usize,
-            );
+            )
+            .with_stop(stop.clone());
             let (tx, rx) = mpsc::channel::<ReplicaCmd>();
             rep_txs.push(tx);
-            let pool = pool_for(r, format!("attn{r}"))?;
-            let done_tx = done_tx.clone();
+            let pool = pool_for(&cores, dep, local, format!("attn{id}"))?;
             let stats = stats.clone();
             threads.push(
                 std::thread::Builder::new()
-                    .name(format!("attn{r}"))
-                    .spawn(move || {
-                        pool.install(move || {
-                            while let Ok(cmd) = rx.recv() {
-                                match cmd {
-                                    ReplicaCmd::Add(seq, st) => rep.add(*seq, *st),
-                                    ReplicaCmd::Abort(id) => rep.abort(id),
-                                    ReplicaCmd::Step(it) => {
-                                        let before = rep.stats_preemptions();
-                                        let gen_before = rep.generated;
-                                        let res = rep.step(it, &stats.replicas[r]);
-                                        record_preemptions(&stats, before, rep.stats_preemptions());
-                                        stats.generated_tokens.fetch_add(
-                                            rep.generated - gen_before,
-                                            Ordering::Relaxed,
-                                        );
-                                        let res = match res {
-                                            Ok(()) => Ok(rep.has_work()),
-                                            Err(e) => {
-                                                let msg = format!("attention replica {r}: {e}");
-                                                rep.fail_all(&msg);
-                                                Err(msg)
-                                            }
-                                        };
-                                        let failed = res.is_err();
-                                        if done_tx.send((r, res)).is_err() || failed {
-                                            break;
-                                        }
-                                    }
-                                }
-                            }
-                        })
-                    })
+                    .name(format!("attn{id}"))
+                    .spawn(move || pool.install(move || replica_loop(&mut rep, rx, &stats, local)))
                     .map_err(|e| EngineError::Spawn(e.to_string()))?,
             );
         }
-        drop(done_tx);
-        // Coordinator.
-        let (cmd_tx, cmd_rx) = mpsc::channel::<Cmd>();
-        {
-            let stats = stats.clone();
-            let dead = dead.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name("coordinator".into())
-                    .spawn(move || coordinate(cmd_rx, rep_txs, done_rx, stats, dead))
-                    .map_err(|e| EngineError::Spawn(e.to_string()))?,
-            );
-        }
+        let n_local = rep_txs.len();
         Ok(Self {
-            cmd_tx: Mutex::new(cmd_tx),
+            rep_txs: Mutex::new(rep_txs),
             next_id: AtomicU64::new(0),
             next_replica: AtomicUsize::new(0),
-            n_replicas: n_a,
+            n_replicas: n_local,
             max_model_len,
             vocab: cfg.vocab_size,
             eos,
             stats,
             threads: Mutex::new(threads),
             dead,
+            stop,
         })
     }
 
@@ -321,32 +390,40 @@ impl Engine {
             prompt.len(),
         );
         let seq = Sequence::new(id, prompt, params, self.eos.clone());
-        self.send(Cmd::Add {
-            replica,
-            seq: Box::new(seq),
-            state: Box::new(state),
-        })?;
+        self.send(
+            Some(replica),
+            ReplicaCmd::Add(Box::new(seq), Box::new(state)),
+        )?;
         Ok(RequestHandle { id, replica, rx })
     }
 
     pub fn abort(&self, id: RequestId) -> Result<(), EngineError> {
-        self.send(Cmd::Abort(id))
+        // Only the owning replica knows the id; the others ignore it.
+        for r in 0..self.n_replicas {
+            self.send(Some(r), ReplicaCmd::Abort(id))?;
+        }
+        Ok(())
     }
 
-    fn send(&self, c: Cmd) -> Result<(), EngineError> {
-        let tx = self
-            .cmd_tx
+    fn send(&self, replica: Option<usize>, c: ReplicaCmd) -> Result<(), EngineError> {
+        let txs = self
+            .rep_txs
             .lock()
             .map_err(|_| EngineError::Stopped("poisoned".into()))?;
-        tx.send(c).map_err(|_| {
-            EngineError::Stopped(
-                self.dead
-                    .lock()
-                    .ok()
-                    .and_then(|d| d.clone())
-                    .unwrap_or_else(|| "shut down".into()),
-            )
-        })
+        let sent = match replica.and_then(|r| txs.get(r)) {
+            Some(tx) => tx.send(c).is_ok(),
+            None => false,
+        };
+        if sent {
+            return Ok(());
+        }
+        Err(EngineError::Stopped(
+            self.dead
+                .lock()
+                .ok()
+                .and_then(|d| d.clone())
+                .unwrap_or_else(|| "shut down".into()),
+        ))
     }
 
     /// Why the engine stopped serving (a worker failed), or `None` while it is healthy.
@@ -360,7 +437,12 @@ impl Engine {
 
     /// Stops every worker after the current iteration; in-flight requests end with an error.
     pub fn shutdown(&self) {
-        let _ = self.send(Cmd::Shutdown);
+        self.stop.store(true, Ordering::Relaxed);
+        if let Ok(txs) = self.rep_txs.lock() {
+            for tx in txs.iter() {
+                let _ = tx.send(ReplicaCmd::Shutdown);
+            }
+        }
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             let _ = t.join();
@@ -372,75 +454,4 @@ impl Drop for Engine {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-fn coordinate(
-    cmd_rx: mpsc::Receiver<Cmd>,
-    rep_txs: Vec<mpsc::Sender<ReplicaCmd>>,
-    done_rx: mpsc::Receiver<(usize, Result<bool, String>)>,
-    stats: Arc<EngineStats>,
-    dead: Arc<Mutex<Option<String>>>,
-) {
-    let n = rep_txs.len();
-    let mut busy = vec![false; n];
-    let mut iteration = 0u64;
-    'outer: loop {
-        let mut cmds = Vec::new();
-        if !busy.iter().any(|b| *b) {
-            // Idle: block until something arrives.
-            match cmd_rx.recv() {
-                Ok(c) => cmds.push(c),
-                Err(_) => break,
-            }
-        }
-        while let Ok(c) = cmd_rx.try_recv() {
-            cmds.push(c);
-        }
-        for c in cmds {
-            match c {
-                Cmd::Add {
-                    replica,
-                    seq,
-                    state,
-                } => {
-                    busy[replica] = true;
-                    if rep_txs[replica].send(ReplicaCmd::Add(seq, state)).is_err() {
-                        break 'outer;
-                    }
-                }
-                Cmd::Abort(id) => {
-                    for tx in &rep_txs {
-                        let _ = tx.send(ReplicaCmd::Abort(id));
-                    }
-                }
-                Cmd::Shutdown => break 'outer,
-            }
-        }
-        if !busy.iter().any(|b| *b) {
-            continue;
-        }
-        for tx in &rep_txs {
-            if tx.send(ReplicaCmd::Step(iteration)).is_err() {
-                break 'outer;
-            }
-        }
-        for _ in 0..n {
-            match done_rx.recv() {
-                Ok((r, Ok(has_work))) => busy[r] = has_work,
-                Ok((_, Err(msg))) => {
-                    tracing::error!("{msg}");
-                    if let Ok(mut d) = dead.lock() {
-                        d.get_or_insert(msg);
-                    }
-                    break 'outer;
-                }
-                Err(_) => break 'outer,
-            }
-        }
-        iteration += 1;
-        stats.iterations.store(iteration, Ordering::Relaxed);
-    }
-    // Dropping the replica senders ends their loops; their links drop and the expert workers
-    // see every replica hang up.
-    drop(rep_txs);
 }

@@ -1,14 +1,16 @@
 //! An expert worker: for every pipeline slot (iteration, MoE layer, micro-batch), in order, it
-//! waits for the dispatch of **every** attention replica (an idle replica sends an empty one),
-//! concatenates their rows, runs each of its experts once on all the rows routed to it, and
-//! returns to each replica the weighted sums for its rows. Aggregating across replicas is
-//! what makes the expert GEMMs bigger.
+//! waits for the dispatch of every **member** replica of that iteration (a member with nothing
+//! routed here sends an empty one), concatenates their rows, runs each of its experts once on
+//! all the rows routed to it, and returns to each replica the weighted sums for its rows.
+//! Aggregating across replicas is what makes the expert GEMMs bigger.
+//!
+//! Worker 0 also decides who the members are (see the protocol in `transport.rs`).
 
 use crate::stats::{Clock, WorkerStats};
-use crate::transport::{CombineMsg, DispatchMsg, ExpertLink, SlotHeader};
+use crate::transport::{CombineMsg, DispatchMsg, ExpertLink, SlotHeader, ToReplica, ToWorker};
 use crate::EngineError;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tandem_model::layers::{from_vec, with_slice};
 use tandem_model::stages::routed_ffn;
 use tandem_model::{Assignment, Model};
@@ -20,6 +22,27 @@ pub struct ExpertWorker {
     pub micro_batches: u32,
     /// Experts this worker holds (checked against each assignment).
     pub experts: Vec<u32>,
+    /// Worker 0's first epoch (others follow the replicas' messages).
+    pub initial_epoch: u64,
+    /// On a replica's protocol violation: log it and start over (network deployments) instead
+    /// of stopping with an error (in-process, where it can only be a bug).
+    pub recover: bool,
+    /// Where the worker publishes its state for status queries.
+    pub status: Arc<Mutex<WorkerStatus>>,
+}
+
+/// What a status query sees.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct WorkerStatus {
+    pub worker: u32,
+    pub epoch: u64,
+    /// The slot the worker waits for: (iteration, layer, micro-batch).
+    pub waiting_for: Option<(u64, u32, u32)>,
+    /// Members of that slot's iteration, when known.
+    pub members: Option<u64>,
+    pub slots_done: u64,
+    pub epochs_started: u64,
+    pub protocol_errors: u64,
 }
 
 /// Slot order: iteration, then MoE layers ascending, then micro-batches.
@@ -34,8 +57,25 @@ fn next_slot(slot: (u64, u32, u32), moe_layers: &[u32], m: u32) -> (u64, u32, u3
     }
 }
 
+/// The worker's view of the pipeline.
+struct State {
+    epoch: u64,
+    /// The next slot to process; `None` until the first message of an epoch (workers > 0).
+    want: Option<(u64, u32, u32)>,
+    /// Members of `want`'s iteration, once known (worker 0 always knows; 0 = idle).
+    members: Option<u64>,
+    pending: HashMap<(u64, u32, u32), Vec<DispatchMsg>>,
+    /// Worker 0: replicas waiting to join at the next iteration.
+    joins: u64,
+}
+
+fn bit(r: u32) -> u64 {
+    1u64 << r
+}
+
 impl ExpertWorker {
-    /// Runs until every replica hangs up. Returns an error on a protocol violation.
+    /// Runs until the link closes for good. Returns an error on a protocol violation unless
+    /// `recover` is set.
     pub fn run(self, stats: &WorkerStats) -> Result<(), EngineError> {
         let cfg = &self.model.cfg;
         let moe_layers: Vec<u32> = (0..cfg.num_layers)
@@ -46,49 +86,249 @@ impl ExpertWorker {
             return Ok(());
         }
         let n_a = self.link.num_replicas();
-        let mut pending: HashMap<(u64, u32, u32), Vec<DispatchMsg>> = HashMap::new();
-        let mut want = (0u64, moe_layers[0], 0u32);
+        if n_a > 64 {
+            return Err(EngineError::Deployment(format!(
+                "{n_a} attention replicas; at most 64 are supported"
+            )));
+        }
+        let mut st = State {
+            epoch: if self.id == 0 { self.initial_epoch } else { 0 },
+            want: (self.id == 0).then_some((0, moe_layers[0], 0)),
+            members: (self.id == 0).then_some(0),
+            pending: HashMap::new(),
+            joins: 0,
+        };
         let mut clock = Clock::new(stats, "expert", self.id as usize);
+        self.publish(&st, |_| {});
         loop {
-            while pending.get(&want).map_or(0, |v| v.len()) < n_a {
-                let Some(msg) = self.link.recv_dispatch()? else {
-                    return Ok(());
-                };
-                let h = msg.header;
-                if h.slot() < want
-                    || !moe_layers.contains(&h.layer)
-                    || h.micro_batch >= self.micro_batches
-                {
-                    return Err(EngineError::Protocol(format!(
-                        "expert worker {}: dispatch for slot {:?} from replica {} while expecting {want:?}",
-                        self.id,
-                        h.slot(),
-                        h.sender
-                    )));
-                }
-                let v = pending.entry(h.slot()).or_default();
-                if h.sender as usize >= n_a || v.iter().any(|m| m.header.sender == h.sender) {
-                    return Err(EngineError::Protocol(format!(
-                        "expert worker {}: duplicate or unknown sender {} for slot {:?}",
-                        self.id,
-                        h.sender,
-                        h.slot()
-                    )));
-                }
-                v.push(msg);
+            if let Some(want) = self.ready(&st) {
+                clock.idle();
+                let msgs = st.pending.remove(&want).unwrap_or_default();
+                self.process(&mut st, want, msgs, &moe_layers)?;
+                clock.busy();
+                self.publish(&st, |s| s.slots_done += 1);
+                continue;
             }
-            clock.idle();
-            let msgs = pending.remove(&want).unwrap_or_default();
-            self.process(want, msgs)?;
-            clock.busy();
-            want = next_slot(want, &moe_layers, self.micro_batches);
+            let Some(ev) = self.link.recv()? else {
+                return Ok(());
+            };
+            let res = match ev {
+                ToWorker::Dispatch(m) => self.on_dispatch(&mut st, m, &moe_layers, n_a),
+                ToWorker::Join { replica } => self.on_join(&mut st, replica, n_a),
+                ToWorker::Trouble {
+                    replica,
+                    epoch,
+                    why,
+                } => {
+                    if self.id == 0 && epoch == st.epoch {
+                        self.new_epoch(
+                            &mut st,
+                            &format!("replica {replica} reported: {why}"),
+                            &moe_layers,
+                            n_a,
+                        );
+                    }
+                    Ok(())
+                }
+                ToWorker::Gone { replica } => {
+                    if self.id == 0 {
+                        st.joins &= !bit(replica);
+                        if st.members.unwrap_or(0) & bit(replica) != 0 {
+                            self.new_epoch(
+                                &mut st,
+                                &format!("attention replica {replica} went away"),
+                                &moe_layers,
+                                n_a,
+                            );
+                        }
+                    }
+                    Ok(())
+                }
+            };
+            if let Err(e) = res {
+                if !self.recover {
+                    return Err(e);
+                }
+                tracing::error!(worker = self.id, "{e}; starting over");
+                self.publish(&st, |s| s.protocol_errors += 1);
+                if self.id == 0 {
+                    self.new_epoch(&mut st, &e.to_string(), &moe_layers, n_a);
+                } else {
+                    st.pending.clear();
+                    st.want = None;
+                    st.members = None;
+                }
+            }
+            self.publish(&st, |_| {});
+        }
+    }
+
+    fn publish(&self, st: &State, f: impl FnOnce(&mut WorkerStatus)) {
+        if let Ok(mut s) = self.status.lock() {
+            s.worker = self.id;
+            s.epoch = st.epoch;
+            s.waiting_for = st.want;
+            s.members = st.members;
+            f(&mut s);
+        }
+    }
+
+    /// The slot to process now, if every member's dispatch for it is here.
+    fn ready(&self, st: &State) -> Option<(u64, u32, u32)> {
+        let want = st.want?;
+        let members = st.members?;
+        if members == 0 {
+            return None;
+        }
+        let got = st.pending.get(&want)?;
+        let mask = got.iter().fold(0u64, |a, m| a | bit(m.header.sender));
+        (mask == members).then_some(want)
+    }
+
+    fn on_dispatch(
+        &self,
+        st: &mut State,
+        m: DispatchMsg,
+        moe_layers: &[u32],
+        n_a: usize,
+    ) -> Result<(), EngineError> {
+        let h = m.header;
+        if h.epoch < st.epoch {
+            tracing::debug!(worker = self.id, "dropping a dispatch of old epoch {}", h.epoch);
+            return Ok(());
+        }
+        if h.epoch > st.epoch {
+            if self.id == 0 {
+                // Only worker 0 starts epochs: this replica followed a previous worker 0.
+                return Err(EngineError::Protocol(format!(
+                    "replica {} sent epoch {} but this worker 0 is at epoch {}",
+                    h.sender, h.epoch, st.epoch
+                )));
+            }
+            st.epoch = h.epoch;
+            st.pending.clear();
+            st.want = None;
+            st.members = None;
+            self.publish(st, |s| s.epochs_started += 1);
+        }
+        let want = *st
+            .want
+            .get_or_insert((h.iteration, moe_layers[0], 0));
+        if h.sender as usize >= n_a || m.members & bit(h.sender) == 0 {
+            return Err(EngineError::Protocol(format!(
+                "expert worker {}: dispatch from replica {} which is not in its member mask {:#x}",
+                self.id, h.sender, m.members
+            )));
+        }
+        // A replica welcomed into the next iteration may start it before this worker has
+        // finished the current one (worker 0 welcomes it on *its* last slot).
+        let ahead = self.id != 0 && h.iteration == want.0 + 1;
+        if (h.iteration != want.0 && !ahead)
+            || h.slot() < want
+            || !moe_layers.contains(&h.layer)
+            || h.micro_batch >= self.micro_batches
+        {
+            return Err(EngineError::Protocol(format!(
+                "expert worker {}: dispatch for slot {:?} from replica {} while expecting {want:?}",
+                self.id,
+                h.slot(),
+                h.sender
+            )));
+        }
+        let known = if ahead {
+            st.pending
+                .iter()
+                .find(|(s, v)| s.0 == h.iteration && !v.is_empty())
+                .map(|(_, v)| v[0].members)
+        } else {
+            st.members
+        };
+        match known {
+            None if !ahead => st.members = Some(m.members),
+            None => {}
+            Some(k) if k == m.members => {}
+            Some(k) => {
+                return Err(EngineError::Protocol(format!(
+                    "expert worker {}: replica {} says iteration {} has members {:#x}, expected {k:#x}",
+                    self.id, h.sender, h.iteration, m.members
+                )))
+            }
+        }
+        let v = st.pending.entry(h.slot()).or_default();
+        if v.iter().any(|x| x.header.sender == h.sender) {
+            return Err(EngineError::Protocol(format!(
+                "expert worker {}: two dispatches from replica {} for slot {:?}",
+                self.id,
+                h.sender,
+                h.slot()
+            )));
+        }
+        v.push(m);
+        Ok(())
+    }
+
+    fn on_join(&self, st: &mut State, replica: u32, n_a: usize) -> Result<(), EngineError> {
+        if self.id != 0 || replica as usize >= n_a {
+            return Err(EngineError::Protocol(format!(
+                "expert worker {}: join from replica {replica} (only worker 0 admits, {n_a} replicas)",
+                self.id
+            )));
+        }
+        match (st.want, st.members) {
+            (Some(want), Some(0)) => {
+                // Idle: the next iteration starts now, with this replica.
+                st.members = Some(bit(replica));
+                self.welcome(st.epoch, want.0, bit(replica), bit(replica));
+            }
+            _ => st.joins |= bit(replica),
+        }
+        Ok(())
+    }
+
+    fn welcome(&self, epoch: u64, iteration: u64, members: u64, to: u64) {
+        for r in 0..64u32 {
+            if to & bit(r) != 0 {
+                let msg = ToReplica::Welcome {
+                    epoch,
+                    iteration,
+                    members,
+                };
+                if let Err(e) = self.link.send(r, msg) {
+                    tracing::debug!(worker = self.id, "welcome to replica {r}: {e}");
+                }
+            }
+        }
+    }
+
+    /// Worker 0: forget every membership, tell every replica, admit those waiting to join.
+    fn new_epoch(&self, st: &mut State, why: &str, moe_layers: &[u32], n_a: usize) {
+        st.epoch += 1;
+        let it = st.want.map_or(0, |w| w.0) + 1;
+        st.want = Some((it, moe_layers[0], 0));
+        st.pending.clear();
+        st.members = Some(0);
+        tracing::warn!(worker = self.id, epoch = st.epoch, "new epoch: {why}");
+        self.publish(st, |s| s.epochs_started += 1);
+        for r in 0..n_a as u32 {
+            let msg = ToReplica::Reset {
+                epoch: st.epoch,
+                why: why.to_string(),
+            };
+            let _ = self.link.send(r, msg);
+        }
+        if st.joins != 0 {
+            st.members = Some(st.joins);
+            self.welcome(st.epoch, it, st.joins, st.joins);
+            st.joins = 0;
         }
     }
 
     fn process(
         &self,
+        st: &mut State,
         slot: (u64, u32, u32),
         mut msgs: Vec<DispatchMsg>,
+        moe_layers: &[u32],
     ) -> Result<(), EngineError> {
         let d = self.model.cfg.hidden_size;
         let layer = &self.model.layers[slot.1 as usize];
@@ -105,10 +345,10 @@ impl ExpertWorker {
             })?;
             offsets.push((rows as usize, n));
             for a in &m.assignments {
-                if !self.experts.contains(&a.expert) {
+                if !self.experts.contains(&a.expert) || a.row as usize >= n {
                     return Err(EngineError::Protocol(format!(
-                        "expert worker {} got a token for expert {} it does not hold",
-                        self.id, a.expert
+                        "expert worker {} got row {} (of {n}) for expert {} from replica {}; it holds {:?}",
+                        self.id, a.row, a.expert, m.header.sender, self.experts
                     )));
                 }
                 assignments.push(Assignment {
@@ -134,20 +374,47 @@ impl ExpertWorker {
                     .and_then(|m| m.as_deref())
             })?
         };
+        let next = next_slot(slot, moe_layers, self.micro_batches);
+        let last = next.0 != slot.0;
+        // Worker 0 decides the next iteration's members on the last slot of this one.
+        let next_members = (self.id == 0 && last).then(|| {
+            msgs.iter()
+                .filter(|m| m.more)
+                .fold(st.joins, |a, m| a | bit(m.header.sender))
+        });
         for (m, (off, n)) in msgs.iter().zip(offsets) {
             let y_r = y[off * d..(off + n) * d].to_vec();
-            self.link.combine(
-                m.header.sender,
-                CombineMsg {
-                    header: SlotHeader {
-                        iteration: slot.0,
-                        layer: slot.1,
-                        micro_batch: slot.2,
-                        sender: self.id,
-                    },
-                    y: from_vec(y_r, n, d)?,
+            let msg = ToReplica::Combine(CombineMsg {
+                header: SlotHeader {
+                    epoch: st.epoch,
+                    iteration: slot.0,
+                    layer: slot.1,
+                    micro_batch: slot.2,
+                    sender: self.id,
                 },
-            )?;
+                y: from_vec(y_r, n, d)?,
+                next_members,
+            });
+            if let Err(e) = self.link.send(m.header.sender, msg) {
+                // The replica is gone; worker 0 hears of it and starts a new epoch.
+                tracing::debug!(worker = self.id, "combine to replica {}: {e}", m.header.sender);
+            }
+        }
+        st.want = Some(next);
+        if last {
+            st.members = next_members.or_else(|| {
+                // Workers > 0: the next iteration's members, if one of them already wrote.
+                st.pending
+                    .iter()
+                    .find(|(s, v)| s.0 == next.0 && !v.is_empty())
+                    .map(|(_, v)| v[0].members)
+            });
+            if let Some(k) = next_members {
+                if st.joins != 0 {
+                    self.welcome(st.epoch, next.0, k, st.joins);
+                    st.joins = 0;
+                }
+            }
         }
         Ok(())
     }

@@ -25,6 +25,8 @@ pub enum EngineError {
     Sched(#[from] tandem_sched::SchedError),
     #[error(transparent)]
     Transport(#[from] transport::TransportError),
+    #[error("the iteration was interrupted: {0}")]
+    Interrupted(String),
     #[error("M2N protocol error: {0}")]
     Protocol(String),
     #[error("invalid request: {0}")]

@@ -7,13 +7,13 @@
 use crate::microbatch::split;
 use crate::output::{RequestOutput, RequestState};
 use crate::stats::{Clock, WorkerStats};
-use crate::transport::{CombineMsg, DispatchMsg, ReplicaLink, SlotHeader};
+use crate::transport::{CombineMsg, DispatchMsg, ReplicaLink, SlotHeader, ToReplica, ToWorker};
 use crate::EngineError;
 use candle_core::Tensor;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tandem_core::{ExpertPlacement, RequestId};
 use tandem_model::layers::{from_vec, with_slice};
 use tandem_model::model::{add_into, assignments_of};
@@ -53,6 +53,25 @@ pub struct Replica {
     combines: HashMap<(u64, u32, u32), Vec<CombineMsg>>,
     /// Tokens sampled so far (read into the engine stats after each step).
     pub generated: u64,
+    /// Iterations run.
+    pub steps: u64,
+    /// Where this replica stands in the M2N protocol (see `transport.rs`).
+    m2n: Membership,
+    /// Set when the engine stops: waits for peers end early.
+    stop: Arc<AtomicBool>,
+}
+
+/// A replica's view of the membership protocol.
+#[derive(Debug, Default)]
+struct Membership {
+    member: bool,
+    epoch: u64,
+    /// The iteration to run next (meaningful while a member).
+    iteration: u64,
+    members: u64,
+    join_outstanding: bool,
+    /// From worker 0's combine of the current iteration's last slot.
+    next_members: Option<u64>,
 }
 
 impl Replica {
@@ -79,7 +98,127 @@ impl Replica {
             requests: HashMap::new(),
             combines: HashMap::new(),
             generated: 0,
+            steps: 0,
+            m2n: Membership::default(),
+            stop: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Shares the engine's stop flag.
+    pub fn with_stop(mut self, stop: Arc<AtomicBool>) -> Self {
+        self.stop = stop;
+        self
+    }
+
+    /// Whether this replica must take part in the membership protocol: its routed experts
+    /// are remote and the model has MoE layers.
+    fn uses_protocol(&self) -> bool {
+        matches!(self.experts, Experts::Remote { .. })
+            && (0..self.model.cfg.num_layers).any(|l| self.model.cfg.is_moe_layer(l))
+    }
+
+    /// Whether the replica's loop should call [`Replica::tick`] now rather than wait for a
+    /// command: it has requests, or it is a member of the next iteration (and must send its
+    /// dispatches even if it has nothing to run).
+    pub fn wants_to_step(&self) -> bool {
+        self.m2n.member || self.has_work()
+    }
+
+    /// One turn of the replica's loop: join the next iteration if needed, then step. On an
+    /// error the requests of the interrupted iteration have already been failed; the replica
+    /// can go on.
+    pub fn tick(&mut self, stats: &WorkerStats) -> Result<(), EngineError> {
+        if self.uses_protocol() && !self.m2n.member {
+            if !self.has_work() {
+                return Ok(());
+            }
+            if let Err(e) = self.join() {
+                let msg = format!("attention replica {}: {e}", self.id);
+                self.fail_all(&msg);
+                return Err(e);
+            }
+        }
+        self.step(stats)
+    }
+
+    /// Asks worker 0 for a place in the next iteration and waits for it.
+    fn join(&mut self) -> Result<(), EngineError> {
+        let Experts::Remote { link, timeout, .. } = &self.experts else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + *timeout;
+        while let Err(why) = link.ready() {
+            if Instant::now() >= deadline {
+                return Err(EngineError::Transport(
+                    crate::transport::TransportError::Disconnected(why),
+                ));
+            }
+            self.check_stop()?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !self.m2n.join_outstanding {
+            // Whatever is queued is from before (a stale loss notice or reset).
+            while let Ok(ev) = link.recv(Duration::ZERO) {
+                if let ToReplica::Reset { epoch, .. } = ev {
+                    self.m2n.epoch = self.m2n.epoch.max(epoch);
+                }
+            }
+            link.control(ToWorker::Join { replica: self.id })?;
+            self.m2n.join_outstanding = true;
+        }
+        loop {
+            let ev = match link.recv(POLL.min(*timeout)) {
+                Ok(ev) => ev,
+                Err(crate::transport::TransportError::Timeout { .. })
+                    if Instant::now() < deadline =>
+                {
+                    self.check_stop()?;
+                    continue;
+                }
+                Err(e) => {
+                    self.m2n.join_outstanding = false;
+                    return Err(e.into());
+                }
+            };
+            match ev {
+                ToReplica::Welcome {
+                    epoch,
+                    iteration,
+                    members,
+                } => {
+                    self.m2n = Membership {
+                        member: true,
+                        epoch,
+                        iteration,
+                        members,
+                        join_outstanding: false,
+                        next_members: None,
+                    };
+                    self.combines.clear();
+                    return Ok(());
+                }
+                // Worker 0 keeps pending joins across epochs: keep waiting.
+                ToReplica::Reset { epoch, .. } => self.m2n.epoch = self.m2n.epoch.max(epoch),
+                ToReplica::Combine(_) => {}
+                ToReplica::Lost { worker, why } => {
+                    if worker == 0 {
+                        self.m2n.join_outstanding = false;
+                        return Err(EngineError::Transport(
+                            crate::transport::TransportError::Disconnected(format!(
+                                "expert worker 0: {why}"
+                            )),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_stop(&self) -> Result<(), EngineError> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(EngineError::Stopped("shutting down".into()));
+        }
+        Ok(())
     }
 
     pub fn has_work(&self) -> bool {
@@ -107,7 +246,7 @@ impl Replica {
     /// One engine iteration: schedule, run the micro-batches through every layer, sample,
     /// update. Runs the M2N protocol even with nothing scheduled (an idle replica sends empty
     /// dispatches so that the expert workers can complete every slot).
-    pub fn step(&mut self, iteration: u64, stats: &WorkerStats) -> Result<(), EngineError> {
+    fn step(&mut self, stats: &WorkerStats) -> Result<(), EngineError> {
         let mut clock = Clock::new(stats, "attention", self.id as usize);
         let out = self.sched.schedule()?;
         self.publish_gauges();
@@ -115,8 +254,56 @@ impl Replica {
             tracing::debug!(replica = self.id, request = id.0, "preempted (recompute)");
             metrics::counter!("tandem_preemptions_total").increment(1);
         }
-        let logits = self.run(iteration, &out, &mut clock)?;
-        self.postprocess(logits)?;
+        let protocol = self.uses_protocol();
+        self.m2n.next_members = None;
+        let iteration = self.m2n.iteration;
+        self.steps += 1;
+        match self.run(iteration, &out, &mut clock) {
+            Ok(logits) => {
+                if protocol {
+                    match self.m2n.next_members {
+                        Some(k) => {
+                            self.m2n.member = k & (1u64 << self.id) != 0;
+                            self.m2n.members = k;
+                            self.m2n.iteration += 1;
+                        }
+                        None => {
+                            tracing::error!(
+                                replica = self.id,
+                                "worker 0 did not say who takes part next; joining again"
+                            );
+                            self.m2n.member = false;
+                        }
+                    }
+                }
+                self.postprocess(logits)?;
+            }
+            Err(e) => {
+                // The iteration is lost: its sequences end with the error; the others wait.
+                let msg = format!("attention replica {}: {e}", self.id);
+                for s in &out.seqs {
+                    let _ = self.sched.abort(s.id);
+                    if let Some(st) = self.requests.remove(&s.id) {
+                        st.finish_error(s.id, msg.clone());
+                    }
+                }
+                self.combines.clear();
+                if protocol {
+                    self.m2n.member = false;
+                    if !matches!(e, EngineError::Interrupted(_) | EngineError::Stopped(_)) {
+                        if let Experts::Remote { link, .. } = &self.experts {
+                            let _ = link.control(ToWorker::Trouble {
+                                replica: self.id,
+                                epoch: self.m2n.epoch,
+                                why: e.to_string(),
+                            });
+                        }
+                    }
+                }
+                self.publish_gauges();
+                return Err(e);
+            }
+        }
         self.publish_gauges();
         clock.busy();
         Ok(())
@@ -168,6 +355,8 @@ impl Replica {
             h.push(model.embed(&toks)?);
         }
         let mut inflight: Vec<Option<InFlight>> = (0..m).map(|_| None).collect();
+        // Worker 0 reads this on the last slot to decide the next iteration's members.
+        let more = self.has_work();
         for (l, layer) in model.layers.iter().enumerate() {
             for mb in 0..m {
                 if let Some(f) = inflight[mb].take() {
@@ -189,7 +378,9 @@ impl Replica {
                         let rows = dispatch(
                             link.as_ref(),
                             placement,
+                            (self.m2n.members, more),
                             SlotHeader {
+                                epoch: self.m2n.epoch,
                                 iteration,
                                 layer: l as u32,
                                 micro_batch: mb as u32,
@@ -261,14 +452,66 @@ impl Replica {
         let n = link.num_workers();
         let want = (iteration, layer, mb);
         clock.busy();
+        let deadline = Instant::now() + *timeout;
         while self.combines.get(&want).map_or(0, |v| v.len()) < n {
-            let msg = link.recv_combine(*timeout)?;
+            let ev = match link.recv(POLL.min(*timeout)) {
+                Ok(ev) => ev,
+                Err(crate::transport::TransportError::Timeout { .. })
+                    if Instant::now() < deadline =>
+                {
+                    self.check_stop()?;
+                    continue;
+                }
+                Err(crate::transport::TransportError::Timeout { .. }) => {
+                    return Err(EngineError::Transport(
+                        crate::transport::TransportError::Timeout {
+                            what: format!(
+                                "the expert workers for slot {want:?} (have {} of {n})",
+                                self.combines.get(&want).map_or(0, |v| v.len())
+                            ),
+                            secs: timeout.as_secs_f64(),
+                        },
+                    ))
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let msg = match ev {
+                ToReplica::Combine(msg) => msg,
+                ToReplica::Reset { epoch, why } => {
+                    if epoch > self.m2n.epoch {
+                        self.m2n.epoch = epoch;
+                        return Err(EngineError::Interrupted(why));
+                    }
+                    continue;
+                }
+                ToReplica::Lost { worker, why } => {
+                    return Err(EngineError::Transport(
+                        crate::transport::TransportError::Disconnected(format!(
+                            "expert worker {worker}: {why}"
+                        )),
+                    ))
+                }
+                ToReplica::Welcome { .. } => {
+                    return Err(EngineError::Protocol(format!(
+                        "replica {}: a welcome while taking part in iteration {iteration}",
+                        self.id
+                    )))
+                }
+            };
+            if msg.header.epoch != self.m2n.epoch {
+                continue; // from an interrupted epoch
+            }
             let s = msg.header.slot();
             if s < want {
                 return Err(EngineError::Protocol(format!(
                     "replica {}: combine for past slot {s:?} (now at {want:?})",
                     self.id
                 )));
+            }
+            if msg.header.sender == 0 {
+                if let Some(k) = msg.next_members {
+                    self.m2n.next_members = Some(k);
+                }
             }
             self.combines.entry(s).or_default().push(msg);
         }
@@ -361,9 +604,11 @@ impl Replica {
 
     /// Ends every request with an error (the replica cannot go on).
     pub fn fail_all(&mut self, msg: &str) {
-        for (id, st) in self.requests.drain() {
+        for (id, st) in std::mem::take(&mut self.requests) {
+            let _ = self.sched.abort(id);
             st.finish_error(id, msg.to_string());
         }
+        self.publish_gauges();
     }
 
     pub fn stats_preemptions(&self) -> u64 {
@@ -376,6 +621,7 @@ impl Replica {
 fn dispatch(
     link: &dyn ReplicaLink,
     placement: &ExpertPlacement,
+    (members, more): (u64, bool),
     header: SlotHeader,
     normed: &Tensor,
     routing: &tandem_model::Routing,
@@ -411,6 +657,8 @@ fn dispatch(
             }
             let msg = DispatchMsg {
                 header,
+                members,
+                more,
                 x: from_vec(xb, rows[w].len(), d)?,
                 assignments: std::mem::take(&mut asg[w]),
             };
@@ -420,6 +668,9 @@ fn dispatch(
     })??;
     Ok(rows)
 }
+
+/// How often waits for peers check the stop flag.
+const POLL: Duration = Duration::from_millis(100);
 
 /// Records a replica's preemption count into the shared stats.
 pub fn record_preemptions(stats: &crate::stats::EngineStats, before: u64, after: u64) {

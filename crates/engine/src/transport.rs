@@ -1,7 +1,28 @@
-//! M2N: how attention replicas and expert workers exchange hidden states. Every message
-//! carries a [`SlotHeader`] (iteration, layer, micro-batch, sender) so that it can only be
-//! applied to the slot it was computed for. The in-process transport moves candle tensors
-//! through channels: the hidden states are never copied.
+//! M2N: how attention replicas and expert workers exchange hidden states, and the small
+//! control protocol that keeps them in step without a central coordinator.
+//!
+//! Every data message carries a [`SlotHeader`] (epoch, iteration, layer, micro-batch,
+//! sender) so that it can only be applied to the slot it was computed for. The in-process
+//! transport moves candle tensors through channels (the hidden states are never copied);
+//! the TCP transport (`net.rs`) writes them from and reads them into tensor memory.
+//!
+//! ## Membership
+//! An expert worker must know, for every slot, which replicas will send it a dispatch. The
+//! replicas taking part in an iteration are its *members* (a bit mask). Expert worker 0 is
+//! the authority: a replica with work and no membership sends [`ToWorker::Join`]; worker 0
+//! answers [`ToReplica::Welcome`] (epoch, iteration, members) at once when no iteration is
+//! running, else at the end of the current one. Every dispatch carries the iteration's
+//! member mask, so the other workers learn it from the first message of a slot. A member
+//! says in each dispatch whether it has `more` work; worker 0 puts the next iteration's
+//! members in its combine of the iteration's last slot ([`CombineMsg::next_members`]). A
+//! replica left out stops sending; when nobody is a member the whole deployment sleeps.
+//!
+//! ## Epochs
+//! A failure (a replica that went away, a worker that died or stalled) makes worker 0 start a
+//! new epoch: it forgets the memberships and broadcasts [`ToReplica::Reset`]. Replicas fail the
+//! requests of the interrupted iteration and join again; the other workers drop every pending
+//! message of an older epoch when the first message of the new one arrives. A restarted
+//! worker 0 starts from an epoch derived from the clock, so it is newer than any before.
 
 use candle_core::Tensor;
 use std::sync::mpsc;
@@ -11,6 +32,7 @@ use tandem_model::Assignment;
 /// Which pipeline slot a message belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SlotHeader {
+    pub epoch: u64,
     pub iteration: u64,
     pub layer: u32,
     pub micro_batch: u32,
@@ -19,7 +41,7 @@ pub struct SlotHeader {
 }
 
 impl SlotHeader {
-    /// The slot without the sender.
+    /// The slot without the epoch and the sender.
     pub fn slot(&self) -> (u64, u32, u32) {
         (self.iteration, self.layer, self.micro_batch)
     }
@@ -28,6 +50,10 @@ impl SlotHeader {
 /// Attention -> expert: the rows routed to this worker and what to do with each.
 pub struct DispatchMsg {
     pub header: SlotHeader,
+    /// The replicas taking part in this iteration (bit i = replica i).
+    pub members: u64,
+    /// The sender has work beyond this iteration (read by worker 0 on the last slot).
+    pub more: bool,
     /// `[n, D]` post-attention-normed hidden states.
     pub x: Tensor,
     /// `row` indexes `x`.
@@ -39,6 +65,39 @@ pub struct DispatchMsg {
 pub struct CombineMsg {
     pub header: SlotHeader,
     pub y: Tensor,
+    /// Set by worker 0 on the last slot of an iteration: the next iteration's members.
+    pub next_members: Option<u64>,
+}
+
+/// Everything a worker receives.
+pub enum ToWorker {
+    Dispatch(DispatchMsg),
+    /// Replica `replica` has work and asks to take part (worker 0 only).
+    Join { replica: u32 },
+    /// Replica `replica` saw a failure in `epoch` (a worker gone or silent): start a new
+    /// epoch (worker 0 only).
+    Trouble {
+        replica: u32,
+        epoch: u64,
+        why: String,
+    },
+    /// The connection to replica `replica` is gone (network transports only).
+    Gone { replica: u32 },
+}
+
+/// Everything a replica receives.
+pub enum ToReplica {
+    Combine(CombineMsg),
+    /// From worker 0: take part in `iteration` of `epoch` with these members.
+    Welcome {
+        epoch: u64,
+        iteration: u64,
+        members: u64,
+    },
+    /// From worker 0: `epoch` starts; every membership is forgotten.
+    Reset { epoch: u64, why: String },
+    /// The connection to worker `worker` is gone (network transports only).
+    Lost { worker: u32, why: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,29 +108,51 @@ pub enum TransportError {
     Timeout { what: String, secs: f64 },
 }
 
-/// A replica's end: dispatch to any worker, receive combines from all.
+/// A replica's end: dispatch to any worker, receive from all.
 pub trait ReplicaLink: Send {
     fn num_workers(&self) -> usize;
     fn dispatch(&self, worker: u32, msg: DispatchMsg) -> Result<(), TransportError>;
-    fn recv_combine(&self, timeout: Duration) -> Result<CombineMsg, TransportError>;
+    /// Sends a control message (`Join`, `Trouble`) to worker 0.
+    fn control(&self, msg: ToWorker) -> Result<(), TransportError>;
+    fn recv(&self, timeout: Duration) -> Result<ToReplica, TransportError>;
+    /// `Err(why)` while some worker is unreachable.
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
-/// A worker's end: receive dispatches from all replicas, combine to any.
+/// A worker's end: receive from all replicas, send to any.
 pub trait ExpertLink: Send {
+    /// `n_a`: how many replicas the deployment has (connected or not).
     fn num_replicas(&self) -> usize;
-    /// Blocks until a dispatch arrives; `Ok(None)` when every replica has hung up (shutdown).
-    fn recv_dispatch(&self) -> Result<Option<DispatchMsg>, TransportError>;
-    fn combine(&self, replica: u32, msg: CombineMsg) -> Result<(), TransportError>;
+    /// Blocks until something arrives; `Ok(None)` when the link is closed for good
+    /// (every in-process replica hung up, or the process is stopping).
+    fn recv(&self) -> Result<Option<ToWorker>, TransportError>;
+    fn send(&self, replica: u32, msg: ToReplica) -> Result<(), TransportError>;
 }
 
 struct InProcReplica {
-    to_workers: Vec<mpsc::Sender<DispatchMsg>>,
-    from_workers: mpsc::Receiver<CombineMsg>,
+    to_workers: Vec<mpsc::Sender<ToWorker>>,
+    from_workers: mpsc::Receiver<ToReplica>,
 }
 
 struct InProcExpert {
-    from_replicas: mpsc::Receiver<DispatchMsg>,
-    to_replicas: Vec<mpsc::Sender<CombineMsg>>,
+    num_replicas: usize,
+    from_replicas: mpsc::Receiver<ToWorker>,
+    to_replicas: Vec<mpsc::Sender<ToReplica>>,
+}
+
+fn send_to<T>(
+    senders: &[mpsc::Sender<T>],
+    i: u32,
+    what: &str,
+    msg: T,
+) -> Result<(), TransportError> {
+    senders
+        .get(i as usize)
+        .ok_or_else(|| TransportError::Disconnected(format!("{what} {i}")))?
+        .send(msg)
+        .map_err(|_| TransportError::Disconnected(format!("{what} {i}")))
 }
 
 impl ReplicaLink for InProcReplica {
@@ -79,13 +160,17 @@ impl ReplicaLink for InProcReplica {
         self.to_workers.len()
     }
     fn dispatch(&self, worker: u32, msg: DispatchMsg) -> Result<(), TransportError> {
-        self.to_workers
-            .get(worker as usize)
-            .ok_or_else(|| TransportError::Disconnected(format!("expert worker {worker}")))?
-            .send(msg)
-            .map_err(|_| TransportError::Disconnected(format!("expert worker {worker}")))
+        send_to(
+            &self.to_workers,
+            worker,
+            "expert worker",
+            ToWorker::Dispatch(msg),
+        )
     }
-    fn recv_combine(&self, timeout: Duration) -> Result<CombineMsg, TransportError> {
+    fn control(&self, msg: ToWorker) -> Result<(), TransportError> {
+        send_to(&self.to_workers, 0, "expert worker", msg)
+    }
+    fn recv(&self, timeout: Duration) -> Result<ToReplica, TransportError> {
         self.from_workers
             .recv_timeout(timeout)
             .map_err(|e| match e {
@@ -102,17 +187,13 @@ impl ReplicaLink for InProcReplica {
 
 impl ExpertLink for InProcExpert {
     fn num_replicas(&self) -> usize {
-        self.to_replicas.len()
+        self.num_replicas
     }
-    fn recv_dispatch(&self) -> Result<Option<DispatchMsg>, TransportError> {
+    fn recv(&self) -> Result<Option<ToWorker>, TransportError> {
         Ok(self.from_replicas.recv().ok())
     }
-    fn combine(&self, replica: u32, msg: CombineMsg) -> Result<(), TransportError> {
-        self.to_replicas
-            .get(replica as usize)
-            .ok_or_else(|| TransportError::Disconnected(format!("attention replica {replica}")))?
-            .send(msg)
-            .map_err(|_| TransportError::Disconnected(format!("attention replica {replica}")))
+    fn send(&self, replica: u32, msg: ToReplica) -> Result<(), TransportError> {
+        send_to(&self.to_replicas, replica, "attention replica", msg)
     }
 }
 
@@ -145,6 +226,7 @@ pub fn in_process(replicas: usize, workers: usize) -> Links {
         .into_iter()
         .map(|rx| {
             Box::new(InProcExpert {
+                num_replicas: replicas,
                 from_replicas: rx,
                 to_replicas: c_tx.clone(),
             }) as Box<dyn ExpertLink>
