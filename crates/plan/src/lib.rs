@@ -9,11 +9,14 @@
 //! - [`sim`]: a discrete-event simulation of the ping-pong pipeline with load imbalance,
 //!   jitter and stragglers.
 //! - [`deploy`]: plans to deployment files; [`reproduce`]: the paper-reproduction report.
+//! - [`engine_model`]: decode throughput of tandem's own engine for an explicit shape, from a
+//!   measured profile (the calibration target).
 //!
 //! Units everywhere: seconds, bytes, FLOPs, tokens; names say so (`_s`, `_bytes`).
 
 pub mod closed_form;
 pub mod deploy;
+pub mod engine_model;
 pub mod error;
 pub mod hardware;
 pub mod model;
@@ -31,4 +34,4 @@ pub use hardware::{Hardware, HardwareCatalog, PriceUnit};
 pub use model::{ModelCatalog, ModelShape};
 pub use perf::{PipelineShape, Roofline, StageModel};
 pub use planner::{plan, Objective, PerfSource, Plan, PlanReport, PlanRequest, ReplicaSearch};
-pub use profile::{Profile, ProfileModel};
+pub use profile::{HeadFit, Profile, ProfileModel};

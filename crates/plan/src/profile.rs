@@ -16,6 +16,12 @@
 //! context_tokens = 730   # context the fit was measured at
 //! k1_s = 1.2e-6          # seconds per sequence
 //! k2_s = 6.0e-5          # seconds
+//! k_ctx_s = 2.0e-10      # optional: seconds per (sequence, cached token) away from 730
+//!
+//! [[head]]               # optional: once per decode step per micro-batch, outside the
+//! tp = 2                 # layers (embedding, final norm, LM head, sampling)
+//! k1_s = 4.0e-5          # seconds per sequence
+//! k2_s = 2.0e-3          # seconds
 //!
 //! [[expert]]             # one expert with t > 0 tokens: k3_s * t + k4_s seconds
 //! tp = 1
@@ -31,6 +37,15 @@
 //! bandwidth_gbit_s = 100.0
 //! util = [[4096.0, 0.05], [262144.0, 0.6], [4194304.0, 0.9]]
 //! ```
+//!
+//! Optional header fields: `moe_layers` (to amortise the `[[head]]` work over the layers in
+//! [`StageModel::attention_s`]), `machine` and `settings` (provenance). `[network.loopback_tcp]`
+//! (optional, same shape) records a TCP link measured beside the transport the engine uses.
+//! On a CPU, `tp` is the number of threads of the worker's pool (the threads split every
+//! GEMM as tensor parallelism splits it over GPUs).
+//!
+//! With `k_ctx_s`, attention at context `c` costs `k1_s b + k2_s + k_ctx_s b (c - context_tokens)`
+//! (the KV read grows with the context); without it the fit nearest in context is used as is.
 //!
 //! The worker time for a list of per-expert token counts is the sum of the fits over its
 //! experts that got tokens plus `worker_overhead_s`, so the paper's `T_e = k3 b_e + k4` is the
@@ -53,6 +68,16 @@ pub struct ProfileHeader {
     pub expert_hw: String,
     #[serde(default)]
     pub source: String,
+    /// MoE layers of the model; with `[[head]]` fits, the head's work is spread over them in
+    /// [`StageModel::attention_s`]. 0 = unknown.
+    #[serde(default)]
+    pub moe_layers: u32,
+    /// Where it was measured (CPU model, cores), free-form.
+    #[serde(default)]
+    pub machine: String,
+    /// How it was measured (threads, repetitions, grids), free-form.
+    #[serde(default)]
+    pub settings: String,
 }
 
 /// `T_a = k1_s * b_a + k2_s` at one TP degree and context.
@@ -61,6 +86,22 @@ pub struct ProfileHeader {
 pub struct AttentionFit {
     pub tp: u32,
     pub context_tokens: f64,
+    /// Seconds per sequence.
+    pub k1_s: f64,
+    /// Seconds.
+    pub k2_s: f64,
+    /// Seconds per (sequence, cached token): the context-dependent part (KV reads), applied
+    /// to the distance between the asked context and `context_tokens`. 0 = not measured.
+    #[serde(default)]
+    pub k_ctx_s: f64,
+}
+
+/// Per decode step and micro-batch, outside the layers: `k1_s * b + k2_s` seconds
+/// (embedding, final norm, LM head, sampling).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadFit {
+    pub tp: u32,
     /// Seconds per sequence.
     pub k1_s: f64,
     /// Seconds.
@@ -96,6 +137,9 @@ pub struct NetworkFit {
 pub struct Networks {
     pub attention: NetworkFit,
     pub expert: NetworkFit,
+    /// A loopback TCP link measured for reference (not used by the stage model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loopback_tcp: Option<NetworkFit>,
 }
 
 /// A measured performance profile (see the module docs for the file).
@@ -104,6 +148,8 @@ pub struct Networks {
 pub struct Profile {
     pub profile: ProfileHeader,
     pub attention: Vec<AttentionFit>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub head: Vec<HeadFit>,
     pub expert: Vec<ExpertFit>,
     pub network: Networks,
 }
@@ -154,6 +200,14 @@ impl Profile {
             {
                 return bad(format!("attention fit for tp={} is not positive", a.tp));
             }
+            if !(a.k_ctx_s >= 0.0 && a.k_ctx_s.is_finite()) {
+                return bad(format!("attention k_ctx_s for tp={} must be >= 0", a.tp));
+            }
+        }
+        for h in &self.head {
+            if h.tp == 0 || !(h.k1_s >= 0.0 && h.k2_s >= 0.0) || !(h.k1_s + h.k2_s).is_finite() {
+                return bad(format!("head fit for tp={} must be non-negative", h.tp));
+            }
         }
         for e in &self.expert {
             if e.tp == 0
@@ -165,10 +219,14 @@ impl Profile {
                 return bad(format!("expert fit for tp={} is not positive", e.tp));
             }
         }
-        for (side, n) in [
+        let mut links = vec![
             ("attention", &self.network.attention),
             ("expert", &self.network.expert),
-        ] {
+        ];
+        if let Some(t) = &self.network.loopback_tcp {
+            links.push(("loopback_tcp", t));
+        }
+        for (side, n) in links {
             if n.bandwidth_gbit_s.is_nan() || n.bandwidth_gbit_s <= 0.0 {
                 return bad(format!("network.{side}.bandwidth_gbit_s must be positive"));
             }
@@ -209,6 +267,7 @@ impl Profile {
                 context_tokens,
                 k1_s: k1.max(0.0),
                 k2_s: k2.max(0.0),
+                k_ctx_s: 0.0,
             });
         }
         for &te in tps_e {
@@ -240,12 +299,17 @@ impl Profile {
                 attention_hw: attention_hw.to_string(),
                 expert_hw: expert_hw.to_string(),
                 source: format!("fitted to {}", sm.describe()),
+                moe_layers: 0,
+                machine: String::new(),
+                settings: String::new(),
             },
             attention,
+            head: Vec::new(),
             expert,
             network: Networks {
                 attention: table(&|s| sm.attention_link_s(s), gbit_a),
                 expert: table(&|s| sm.expert_link_s(s), gbit_e),
+                loopback_tcp: None,
             },
         })
     }
@@ -279,14 +343,14 @@ impl ProfileModel {
         }
     }
 
-    fn attention_fit(&self, tp: u32) -> Result<&AttentionFit> {
+    fn attention_fit_at(&self, tp: u32, context: f64) -> Result<&AttentionFit> {
         self.profile
             .attention
             .iter()
             .filter(|a| a.tp == tp)
             .min_by(|x, y| {
-                let dx = (x.context_tokens - self.context_tokens).abs();
-                let dy = (y.context_tokens - self.context_tokens).abs();
+                let dx = (x.context_tokens - context).abs();
+                let dy = (y.context_tokens - context).abs();
                 dx.total_cmp(&dy)
             })
             .ok_or_else(|| PlanError::Profile {
@@ -295,7 +359,31 @@ impl ProfileModel {
             })
     }
 
-    fn expert_fit(&self, tp: u32) -> Result<&ExpertFit> {
+    /// One layer's attention stage alone (no head work) for `b_a` sequences at `context`
+    /// tokens, seconds.
+    pub fn attention_layer_s(&self, tp_a: u32, b_a: f64, context: f64) -> Result<f64> {
+        let f = self.attention_fit_at(tp_a, context)?;
+        let t = f.k1_s * b_a + f.k2_s + f.k_ctx_s * b_a * (context - f.context_tokens);
+        Ok(t.max(0.0))
+    }
+
+    /// The once-per-step work of one micro-batch of `b_a` sequences (0 without `[[head]]`
+    /// fits), seconds.
+    pub fn head_s(&self, tp_a: u32, b_a: f64) -> f64 {
+        self.profile
+            .head
+            .iter()
+            .find(|h| h.tp == tp_a)
+            .map_or(0.0, |h| h.k1_s * b_a + h.k2_s)
+    }
+
+    /// Whether the profile has a `[[head]]` fit at `tp_a`.
+    pub fn has_head(&self, tp_a: u32) -> bool {
+        self.profile.head.iter().any(|h| h.tp == tp_a)
+    }
+
+    /// The expert fit at `tp`.
+    pub fn expert_fit(&self, tp: u32) -> Result<&ExpertFit> {
         self.profile
             .expert
             .iter()
@@ -309,8 +397,14 @@ impl ProfileModel {
 
 impl StageModel for ProfileModel {
     fn attention_s(&self, tp_a: u32, b_a: f64) -> Result<f64> {
-        let f = self.attention_fit(tp_a)?;
-        Ok(f.k1_s * b_a + f.k2_s)
+        let layer = self.attention_layer_s(tp_a, b_a, self.context_tokens)?;
+        let layers = self.profile.profile.moe_layers;
+        let head = if layers > 0 {
+            self.head_s(tp_a, b_a) / layers as f64
+        } else {
+            0.0
+        };
+        Ok(layer + head)
     }
 
     fn expert_s(&self, tp_e: u32, tokens: &[f64]) -> Result<f64> {
@@ -419,6 +513,40 @@ util = [[4096.0, 0.05], [262144.0, 0.6], [4194304.0, 0.9]]
         // 262144 B at 25 GB/s * 0.6.
         assert!((m.attention_link_s(262144.0) - 262144.0 / (25e9 * 0.6)).abs() < 1e-12);
         assert_eq!(m.attention_tps(), Some(vec![2]));
+    }
+
+    #[test]
+    fn measured_extensions_parse_and_price_context_and_head() {
+        let text = DOC_EXAMPLE
+            .replace(
+                "source = \"hand-written\"",
+                "source = \"hand-written\"\nmoe_layers = 4\nmachine = \"cpu\"",
+            )
+            .replace(
+                "k2_s = 6.0e-5\n",
+                "k2_s = 6.0e-5\nk_ctx_s = 1.0e-9\n\n[[head]]\ntp = 2\nk1_s = 4.0e-5\nk2_s = 2.0e-3\n",
+            )
+            + "\n[network.loopback_tcp]\nbandwidth_gbit_s = 10.0\nutil = [[4096.0, 0.1]]\n";
+        let p = Profile::from_toml_str(&text, "ext").unwrap();
+        assert_eq!(p.head.len(), 1);
+        assert!(p.network.loopback_tcp.is_some());
+        // Round trip keeps the new fields.
+        let back = Profile::from_toml_str(&p.to_toml_string().unwrap(), "rt").unwrap();
+        assert_eq!(back, p);
+        let m = ProfileModel::new(p, 1730.0, 2.0);
+        // 1000 tokens past the fit's context: + k_ctx * b * 1000.
+        let layer = m.attention_layer_s(2, 100.0, 1730.0).unwrap();
+        assert!((layer - (1.2e-4 + 6.0e-5 + 1e-9 * 100.0 * 1000.0)).abs() < 1e-15);
+        // attention_s spreads the head over the 4 MoE layers.
+        let head = 4.0e-5 * 100.0 + 2.0e-3;
+        assert!((m.head_s(2, 100.0) - head).abs() < 1e-15);
+        assert!((m.attention_s(2, 100.0).unwrap() - (layer + head / 4.0)).abs() < 1e-15);
+        assert_eq!(m.head_s(1, 100.0), 0.0);
+        let bad = text.replace("k_ctx_s = 1.0e-9", "k_ctx_s = -1.0");
+        assert!(Profile::from_toml_str(&bad, "x")
+            .unwrap_err()
+            .to_string()
+            .contains("k_ctx_s"));
     }
 
     #[test]

@@ -717,13 +717,18 @@ mod tests {
                 attention_hw: "x".into(),
                 expert_hw: "y".into(),
                 source: "hand".into(),
+                moe_layers: 0,
+                machine: String::new(),
+                settings: String::new(),
             },
             attention: vec![AttentionFit {
                 tp: 1,
                 context_tokens: 730.0,
                 k1_s: 0.0,
                 k2_s: 1e-3,
+                k_ctx_s: 0.0,
             }],
+            head: Vec::new(),
             expert: vec![ExpertFit {
                 tp: 1,
                 k3_s: 0.0,
@@ -739,6 +744,7 @@ mod tests {
                     bandwidth_gbit_s: gbit_e,
                     util: vec![[1.0, 1.0]],
                 },
+                loopback_tcp: None,
             },
         };
         let pm = ProfileModel::new(p, 730.0, 2.0);
