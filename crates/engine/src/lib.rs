@@ -6,12 +6,15 @@
 pub mod engine;
 pub mod expert_worker;
 pub mod microbatch;
+pub mod net;
 pub mod output;
 pub mod replica;
 pub mod stats;
 pub mod transport;
+pub mod wire;
 
 pub use engine::{Engine, EngineOptions, RequestHandle};
+pub use transport::{CombineMsg, DispatchMsg};
 pub use output::{Finish, RequestOutput};
 pub use stats::StatsSnapshot;
 

@@ -1,0 +1,725 @@
+//! M2N over TCP: the [`ReplicaLink`] / [`ExpertLink`] of a multi-process deployment.
+//!
+//! Each attention replica keeps one connection to every expert worker, set up once (and set
+//! up again after a failure), with `TCP_NODELAY`. A connection starts with a versioned
+//! handshake: the replica's hello names its rank and the hashes of the model configuration and
+//! of the deployment shape; the worker refuses (with a reason, then closes) a peer that
+//! disagrees. Frames are [`crate::wire`]'s: tensors are written from and read into the
+//! memory that becomes the tensor. Back-pressure is TCP's: a writer blocks when the peer's
+//! socket buffers are full.
+//!
+//! Failures: a connection that breaks or carries a malformed frame is dropped (never the
+//! process), logged, and reported to the local side as [`ToReplica::Lost`] /
+//! [`ToWorker::Gone`], which the membership protocol turns into errors for the requests of
+//! the interrupted iteration and a new epoch. Replicas reconnect by themselves, so a
+//! restarted worker rejoins without restarting anything else.
+
+use crate::expert_worker::{ExpertWorker, WorkerStatus};
+use crate::stats::WorkerStats;
+use crate::transport::{ExpertLink, ReplicaLink, ToReplica, ToWorker, TransportError};
+use crate::wire::{fnv1a, read_frame, write_frame, Frame, WireError, WIRE_VERSION};
+use crate::{DispatchMsg, EngineError};
+use serde::{Deserialize, Serialize};
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+use tandem_core::Deployment;
+use tandem_model::Model;
+
+/// What both ends of a connection must agree on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub model_hash: String,
+    pub deployment_hash: String,
+    pub hidden_size: usize,
+}
+
+impl Identity {
+    /// Hashes the model configuration (architecture and every size) and the deployment's
+    /// shape (replicas, workers, micro-batches, placement).
+    pub fn new(model: &Model, dep: &Deployment) -> Result<Self, EngineError> {
+        let cfg = &model.cfg;
+        let placement = dep
+            .placement_for(cfg.num_experts)
+            .map_err(|e| EngineError::Deployment(e.to_string()))?;
+        let shape = format!(
+            "n_a={} N={} m={} placement={:?}",
+            dep.attention_replicas, dep.expert_workers, dep.micro_batches, placement.workers
+        );
+        Ok(Self {
+            model_hash: format!("{:016x}", fnv1a(format!("{cfg:?}").as_bytes())),
+            deployment_hash: format!("{:016x}", fnv1a(shape.as_bytes())),
+            hidden_size: cfg.hidden_size,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Hello {
+    wire_version: u16,
+    tandem_version: String,
+    /// "replica" or "status".
+    role: String,
+    rank: u32,
+    identity: Option<Identity>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct HelloAck {
+    worker: u32,
+    epoch: u64,
+}
+
+/// Limits and timeouts of a TCP link.
+#[derive(Debug, Clone)]
+pub struct NetOptions {
+    /// Largest data payload a peer may announce (bytes).
+    pub max_payload: u64,
+    /// How long a handshake may take.
+    pub handshake_timeout: Duration,
+    /// Longest pause between reconnection attempts.
+    pub max_backoff: Duration,
+}
+
+impl Default for NetOptions {
+    fn default() -> Self {
+        Self {
+            max_payload: 1 << 30,
+            handshake_timeout: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+fn resolve(addr: &str) -> std::io::Result<std::net::SocketAddr> {
+    addr.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, format!("{addr} resolves to nothing"))
+    })
+}
+
+/// A writable connection and the generation that tells it from its successors.
+struct Conn {
+    gen: u64,
+    w: BufWriter<TcpStream>,
+}
+
+impl Conn {
+    fn send(&mut self, f: &Frame, hidden: usize) -> Result<(), WireError> {
+        write_frame(&mut self.w, f, hidden)?;
+        self.w.flush()?;
+        Ok(())
+    }
+    fn close(&self) {
+        let _ = self.w.get_ref().shutdown(Shutdown::Both);
+    }
+}
+
+fn send_on(
+    slot: &Mutex<Option<Conn>>,
+    f: &Frame,
+    hidden: usize,
+    who: impl Fn() -> String,
+) -> Result<(), TransportError> {
+    let mut g = slot.lock().map_err(|_| TransportError::Disconnected(who()))?;
+    let Some(c) = g.as_mut() else {
+        return Err(TransportError::Disconnected(who()));
+    };
+    if let Err(e) = c.send(f, hidden) {
+        // The reader sees the shutdown and reports the loss.
+        c.close();
+        *g = None;
+        return Err(TransportError::Disconnected(format!("{} ({e})", who())));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The replica's end
+// ---------------------------------------------------------------------------------------
+
+struct ReplicaShared {
+    rank: u32,
+    addrs: Vec<String>,
+    id: Identity,
+    opts: NetOptions,
+    conns: Vec<Mutex<Option<Conn>>>,
+    why_down: Vec<Mutex<String>>,
+    gen: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// Attention replica `rank`'s connections to every expert worker.
+pub struct TcpReplicaLink {
+    shared: Arc<ReplicaShared>,
+    rx: mpsc::Receiver<ToReplica>,
+}
+
+impl TcpReplicaLink {
+    /// Starts connecting to `addrs` (one per expert worker) in the background; use
+    /// [`ReplicaLink::ready`] or [`TcpReplicaLink::wait_ready`] to know when all are up.
+    pub fn connect(rank: u32, addrs: Vec<String>, id: Identity, opts: NetOptions) -> Self {
+        let n = addrs.len();
+        let shared = Arc::new(ReplicaShared {
+            rank,
+            id,
+            opts,
+            conns: (0..n).map(|_| Mutex::new(None)).collect(),
+            why_down: addrs
+                .iter()
+                .enumerate()
+                .map(|(w, a)| Mutex::new(format!("expert worker {w} at {a}: not connected yet")))
+                .collect(),
+            addrs,
+            gen: AtomicU64::new(1),
+            stop: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::channel();
+        for w in 0..n {
+            let shared = shared.clone();
+            let tx = tx.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("m2n-w{w}"))
+                .spawn(move || replica_conn_loop(&shared, w, tx));
+        }
+        Self { shared, rx }
+    }
+
+    /// Blocks until every worker is connected, or `timeout` passes.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.ready() {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// A probe that reports whether every worker is connected (for health checks).
+    pub fn health_probe(&self) -> impl Fn() -> Result<(), String> + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || replica_ready(&shared)
+    }
+}
+
+fn replica_ready(s: &ReplicaShared) -> Result<(), String> {
+    for (w, c) in s.conns.iter().enumerate() {
+        if c.lock().map(|g| g.is_none()).unwrap_or(true) {
+            return Err(s.why_down[w]
+                .lock()
+                .map(|g| g.clone())
+                .unwrap_or_else(|_| format!("expert worker {w} is not connected")));
+        }
+    }
+    Ok(())
+}
+
+fn set_down(s: &ReplicaShared, w: usize, why: String) {
+    if let Ok(mut g) = s.why_down[w].lock() {
+        *g = why;
+    }
+}
+
+/// Connects to worker `w`, handshakes, reads frames until the connection breaks, and starts
+/// again, until the link is dropped.
+fn replica_conn_loop(s: &ReplicaShared, w: usize, tx: mpsc::Sender<ToReplica>) {
+    let addr = &s.addrs[w];
+    let mut backoff = Duration::from_millis(50);
+    let mut logged = false;
+    while !s.stop.load(Ordering::Relaxed) {
+        let stream = match replica_handshake(s, w) {
+            Ok(st) => st,
+            Err(why) => {
+                let why = format!("expert worker {w} at {addr}: {why}");
+                if !logged {
+                    tracing::warn!(replica = s.rank, "{why}; retrying");
+                    logged = true;
+                }
+                set_down(s, w, why);
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(s.opts.max_backoff);
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        logged = false;
+        let gen = s.gen.fetch_add(1, Ordering::Relaxed);
+        let Ok(wr) = stream.try_clone() else {
+            continue;
+        };
+        if let Ok(mut g) = s.conns[w].lock() {
+            *g = Some(Conn {
+                gen,
+                w: BufWriter::with_capacity(1 << 20, wr),
+            });
+        }
+        tracing::info!(replica = s.rank, "connected to expert worker {w} at {addr}");
+        let mut r = BufReader::with_capacity(1 << 16, &stream);
+        let why = loop {
+            match read_frame(&mut r, s.id.hidden_size, s.opts.max_payload) {
+                Ok(Frame::ToReplica(m)) => {
+                    if let ToReplica::Combine(c) = &m {
+                        if c.header.sender != w as u32 {
+                            break format!(
+                                "combine claims to come from worker {}",
+                                c.header.sender
+                            );
+                        }
+                    }
+                    if tx.send(m).is_err() {
+                        break "the replica is gone".into();
+                    }
+                }
+                Ok(_) => break "unexpected message kind on a replica connection".into(),
+                Err(WireError::Closed) => break "closed by the worker".into(),
+                Err(e) => break e.to_string(),
+            }
+        };
+        let _ = stream.shutdown(Shutdown::Both);
+        if let Ok(mut g) = s.conns[w].lock() {
+            if g.as_ref().is_some_and(|c| c.gen == gen) {
+                *g = None;
+            }
+        }
+        if s.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let why = format!("expert worker {w} at {addr}: {why}");
+        tracing::warn!(replica = s.rank, "lost {why}");
+        set_down(s, w, why.clone());
+        let _ = tx.send(ToReplica::Lost {
+            worker: w as u32,
+            why,
+        });
+    }
+}
+
+fn replica_handshake(s: &ReplicaShared, w: usize) -> Result<TcpStream, String> {
+    let sa = resolve(&s.addrs[w]).map_err(|e| e.to_string())?;
+    let stream = TcpStream::connect_timeout(&sa, s.opts.handshake_timeout)
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(s.opts.handshake_timeout))
+        .map_err(|e| e.to_string())?;
+    let hello = Hello {
+        wire_version: WIRE_VERSION,
+        tandem_version: env!("CARGO_PKG_VERSION").into(),
+        role: "replica".into(),
+        rank: s.rank,
+        identity: Some(s.id.clone()),
+    };
+    let text = serde_json::to_string(&hello).map_err(|e| e.to_string())?;
+    let mut wr = &stream;
+    write_frame(&mut wr, &Frame::Hello(text), 0).map_err(|e| e.to_string())?;
+    let mut rd = &stream;
+    match read_frame(&mut rd, 0, 0) {
+        Ok(Frame::HelloAck(_)) => {}
+        Ok(Frame::Reject(why)) => return Err(format!("refused: {why}")),
+        Ok(_) => return Err("unexpected answer to the handshake".into()),
+        Err(e) => return Err(format!("handshake: {e}")),
+    }
+    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    Ok(stream)
+}
+
+impl ReplicaLink for TcpReplicaLink {
+    fn num_workers(&self) -> usize {
+        self.shared.addrs.len()
+    }
+    fn dispatch(&self, worker: u32, msg: DispatchMsg) -> Result<(), TransportError> {
+        let w = worker as usize;
+        let slot = self
+            .shared
+            .conns
+            .get(w)
+            .ok_or_else(|| TransportError::Disconnected(format!("expert worker {w}")))?;
+        send_on(
+            slot,
+            &Frame::ToWorker(ToWorker::Dispatch(msg)),
+            self.shared.id.hidden_size,
+            || format!("expert worker {w} at {}", self.shared.addrs[w]),
+        )
+    }
+    fn control(&self, msg: ToWorker) -> Result<(), TransportError> {
+        let slot = self
+            .shared
+            .conns
+            .first()
+            .ok_or_else(|| TransportError::Disconnected("expert worker 0".into()))?;
+        send_on(
+            slot,
+            &Frame::ToWorker(msg),
+            self.shared.id.hidden_size,
+            || format!("expert worker 0 at {}", self.shared.addrs[0]),
+        )
+    }
+    fn recv(&self, timeout: Duration) -> Result<ToReplica, TransportError> {
+        self.rx.recv_timeout(timeout).map_err(|e| match e {
+            mpsc::RecvTimeoutError::Timeout => TransportError::Timeout {
+                what: "the expert workers".into(),
+                secs: timeout.as_secs_f64(),
+            },
+            mpsc::RecvTimeoutError::Disconnected => {
+                TransportError::Disconnected("every expert worker".into())
+            }
+        })
+    }
+    fn ready(&self) -> Result<(), String> {
+        replica_ready(&self.shared)
+    }
+}
+
+impl Drop for TcpReplicaLink {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for c in &self.shared.conns {
+            if let Ok(mut g) = c.lock() {
+                if let Some(c) = g.take() {
+                    c.close();
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The worker's end
+// ---------------------------------------------------------------------------------------
+
+struct WorkerShared {
+    worker: u32,
+    id: Identity,
+    opts: NetOptions,
+    conns: Vec<Mutex<Option<Conn>>>,
+    peers: Vec<Mutex<Option<String>>>,
+    gen: AtomicU64,
+    status: Arc<Mutex<WorkerStatus>>,
+}
+
+/// Expert worker `worker`'s end: accepts the replicas' connections on a listener.
+pub struct TcpExpertLink {
+    shared: Arc<WorkerShared>,
+    rx: mpsc::Receiver<ToWorker>,
+}
+
+/// What a status query returns for a worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerReport {
+    pub worker: u32,
+    pub tandem_version: String,
+    /// Per replica rank: the peer address when connected.
+    pub replicas: Vec<Option<String>>,
+    pub status: serde_json::Value,
+}
+
+impl TcpExpertLink {
+    /// Serves `n_replicas` replicas on `listener` from background threads.
+    pub fn listen(
+        listener: TcpListener,
+        worker: u32,
+        n_replicas: usize,
+        id: Identity,
+        opts: NetOptions,
+        status: Arc<Mutex<WorkerStatus>>,
+    ) -> Self {
+        let shared = Arc::new(WorkerShared {
+            worker,
+            id,
+            opts,
+            conns: (0..n_replicas).map(|_| Mutex::new(None)).collect(),
+            peers: (0..n_replicas).map(|_| Mutex::new(None)).collect(),
+            gen: AtomicU64::new(1),
+            status,
+        });
+        let (tx, rx) = mpsc::channel();
+        {
+            let shared = shared.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("m2n-accept{worker}"))
+                .spawn(move || {
+                    for stream in listener.incoming() {
+                        let Ok(stream) = stream else { continue };
+                        let shared = shared.clone();
+                        let tx = tx.clone();
+                        let _ = std::thread::Builder::new()
+                            .name("m2n-conn".into())
+                            .spawn(move || worker_conn(&shared, stream, tx));
+                    }
+                });
+        }
+        Self { shared, rx }
+    }
+}
+
+fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) {
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(s.opts.handshake_timeout));
+    let reject = |why: String| {
+        tracing::warn!(worker = s.worker, "refusing {peer}: {why}");
+        let mut w = &stream;
+        let _ = write_frame(&mut w, &Frame::Reject(why), 0);
+        let _ = stream.shutdown(Shutdown::Both);
+    };
+    let mut rd = &stream;
+    let hello = match read_frame(&mut rd, 0, 0) {
+        Ok(Frame::Hello(t)) => match serde_json::from_str::<Hello>(&t) {
+            Ok(h) => h,
+            Err(e) => return reject(format!("unreadable hello: {e}")),
+        },
+        Ok(_) => return reject("the first message must be a hello".into()),
+        Err(e) => return reject(format!("handshake: {e}")),
+    };
+    if hello.wire_version != WIRE_VERSION {
+        return reject(format!(
+            "wire version {} (tandem {}), this worker speaks {WIRE_VERSION} (tandem {})",
+            hello.wire_version,
+            hello.tandem_version,
+            env!("CARGO_PKG_VERSION")
+        ));
+    }
+    if hello.role == "status" {
+        let report = WorkerReport {
+            worker: s.worker,
+            tandem_version: env!("CARGO_PKG_VERSION").into(),
+            replicas: s
+                .peers
+                .iter()
+                .map(|p| p.lock().ok().and_then(|g| g.clone()))
+                .collect(),
+            status: s
+                .status
+                .lock()
+                .ok()
+                .and_then(|g| serde_json::to_value(&*g).ok())
+                .unwrap_or_default(),
+        };
+        let text = serde_json::to_string(&report).unwrap_or_default();
+        let mut w = &stream;
+        let _ = write_frame(&mut w, &Frame::Status(text), 0);
+        let _ = stream.shutdown(Shutdown::Both);
+        return;
+    }
+    if hello.role != "replica" {
+        return reject(format!("unknown role {:?}", hello.role));
+    }
+    match &hello.identity {
+        Some(id) if *id == s.id => {}
+        Some(id) if id.model_hash != s.id.model_hash || id.hidden_size != s.id.hidden_size => {
+            return reject(format!(
+                "model mismatch: the replica serves model {} (hidden {}), this worker {} (hidden {})",
+                id.model_hash, id.hidden_size, s.id.model_hash, s.id.hidden_size
+            ))
+        }
+        Some(id) => {
+            return reject(format!(
+                "deployment mismatch: the replica's deployment hash is {}, this worker's {}",
+                id.deployment_hash, s.id.deployment_hash
+            ))
+        }
+        None => return reject("the hello names no model".into()),
+    }
+    let rank = hello.rank as usize;
+    if rank >= s.conns.len() {
+        return reject(format!(
+            "replica rank {rank}, but the deployment has {} replicas",
+            s.conns.len()
+        ));
+    }
+    let ack = HelloAck {
+        worker: s.worker,
+        epoch: s.status.lock().map(|g| g.epoch).unwrap_or(0),
+    };
+    let Ok(wr) = stream.try_clone() else { return };
+    let gen = s.gen.fetch_add(1, Ordering::Relaxed);
+    {
+        let Ok(mut g) = s.conns[rank].lock() else {
+            return;
+        };
+        if let Some(old) = g.take() {
+            // The replica restarted or reconnected: its old connection is stale.
+            old.close();
+            let _ = tx.send(ToWorker::Gone {
+                replica: rank as u32,
+            });
+        }
+        let mut c = Conn {
+            gen,
+            w: BufWriter::with_capacity(1 << 20, wr),
+        };
+        if c
+            .send(
+                &Frame::HelloAck(serde_json::to_string(&ack).unwrap_or_default()),
+                0,
+            )
+            .is_err()
+        {
+            return;
+        }
+        *g = Some(c);
+    }
+    if let Ok(mut p) = s.peers[rank].lock() {
+        *p = Some(peer.clone());
+    }
+    let _ = stream.set_read_timeout(None);
+    tracing::info!(worker = s.worker, "attention replica {rank} connected from {peer}");
+    let mut r = BufReader::with_capacity(1 << 16, &stream);
+    let why = loop {
+        match read_frame(&mut r, s.id.hidden_size, s.opts.max_payload) {
+            Ok(Frame::ToWorker(m)) => {
+                let sender = match &m {
+                    ToWorker::Dispatch(d) => d.header.sender,
+                    ToWorker::Join { replica } | ToWorker::Trouble { replica, .. } => *replica,
+                    ToWorker::Gone { .. } => u32::MAX,
+                };
+                if sender != rank as u32 {
+                    break format!("message claims to come from replica {sender}");
+                }
+                if tx.send(m).is_err() {
+                    break "the worker stopped".into();
+                }
+            }
+            Ok(_) => break "unexpected message kind on a worker connection".into(),
+            Err(WireError::Closed) => break "closed by the replica".into(),
+            Err(e) => break e.to_string(),
+        }
+    };
+    let _ = stream.shutdown(Shutdown::Both);
+    let mine = s.conns[rank]
+        .lock()
+        .map(|mut g| {
+            let mine = g.as_ref().is_some_and(|c| c.gen == gen);
+            if mine {
+                *g = None;
+            }
+            mine
+        })
+        .unwrap_or(false);
+    if mine {
+        if let Ok(mut p) = s.peers[rank].lock() {
+            *p = None;
+        }
+        tracing::warn!(
+            worker = s.worker,
+            "dropped the connection of attention replica {rank} ({peer}): {why}"
+        );
+        let _ = tx.send(ToWorker::Gone {
+            replica: rank as u32,
+        });
+    }
+}
+
+impl ExpertLink for TcpExpertLink {
+    fn num_replicas(&self) -> usize {
+        self.shared.conns.len()
+    }
+    fn recv(&self) -> Result<Option<ToWorker>, TransportError> {
+        Ok(self.rx.recv().ok())
+    }
+    fn send(&self, replica: u32, msg: ToReplica) -> Result<(), TransportError> {
+        let r = replica as usize;
+        let slot = self
+            .shared
+            .conns
+            .get(r)
+            .ok_or_else(|| TransportError::Disconnected(format!("attention replica {r}")))?;
+        send_on(
+            slot,
+            &Frame::ToReplica(msg),
+            self.shared.id.hidden_size,
+            || format!("attention replica {r}"),
+        )
+    }
+}
+
+/// Asks the worker at `addr` for its status (JSON).
+pub fn query_status(addr: &str, timeout: Duration) -> Result<WorkerReport, String> {
+    let sa = resolve(addr).map_err(|e| e.to_string())?;
+    let stream = TcpStream::connect_timeout(&sa, timeout).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let hello = Hello {
+        wire_version: WIRE_VERSION,
+        tandem_version: env!("CARGO_PKG_VERSION").into(),
+        role: "status".into(),
+        rank: 0,
+        identity: None,
+    };
+    let mut w = &stream;
+    write_frame(
+        &mut w,
+        &Frame::Hello(serde_json::to_string(&hello).map_err(|e| e.to_string())?),
+        0,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut r = &stream;
+    match read_frame(&mut r, 0, 0) {
+        Ok(Frame::Status(t)) => serde_json::from_str(&t).map_err(|e| e.to_string()),
+        Ok(Frame::Reject(why)) => Err(why),
+        Ok(_) => Err("unexpected answer".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Runs expert worker `rank` of `dep` on `listener` until the process stops: loads nothing
+/// (the caller passes the model, typically loaded with only this worker's experts), answers
+/// status queries, and starts over after a replica's protocol violation.
+pub fn serve_expert(
+    model: Arc<Model>,
+    dep: &Deployment,
+    rank: u32,
+    listener: TcpListener,
+    opts: NetOptions,
+) -> Result<(), EngineError> {
+    dep.validate_shape()
+        .map_err(|e| EngineError::Deployment(e.to_string()))?;
+    if rank >= dep.expert_workers {
+        return Err(EngineError::Deployment(format!(
+            "expert rank {rank}, but the deployment has {} expert workers",
+            dep.expert_workers
+        )));
+    }
+    let id = Identity::new(&model, dep)?;
+    let placement = dep
+        .placement_for(model.cfg.num_experts)
+        .map_err(|e| EngineError::Deployment(e.to_string()))?;
+    let status = Arc::new(Mutex::new(WorkerStatus::default()));
+    let link = TcpExpertLink::listen(
+        listener,
+        rank,
+        dep.attention_replicas as usize,
+        id,
+        opts,
+        status.clone(),
+    );
+    // Worker 0's epochs must outrun those of any earlier incarnation: start from the clock.
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(1);
+    let worker = ExpertWorker {
+        id: rank,
+        model,
+        link: Box::new(link),
+        micro_batches: dep.micro_batches,
+        experts: placement.experts_of(rank),
+        initial_epoch: epoch,
+        recover: true,
+        status,
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(dep.threads_per_worker.max(1) as usize)
+        .thread_name(move |i| format!("expert{rank}-{i}"))
+        .build()
+        .map_err(|e| EngineError::Spawn(e.to_string()))?;
+    let stats = WorkerStats::default();
+    pool.install(|| worker.run(&stats))
+}

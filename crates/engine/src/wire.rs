@@ -1,0 +1,499 @@
+//! The M2N wire format: a fixed 64-byte little-endian header, then a payload.
+//!
+//! ```text
+//! off size field
+//!   0    4 magic        "TNDM" (0x4D444E54 little-endian)
+//!   4    2 version      WIRE_VERSION
+//!   6    2 kind         Kind
+//!   8    8 epoch
+//!  16    8 iteration
+//!  24    4 layer
+//!  28    4 micro_batch
+//!  32    4 sender       replica id (to a worker) or worker id (to a replica)
+//!  36    4 flags        bit 0: more (dispatch); bit 1: next_members present (combine)
+//!  40    8 members      member mask (dispatch, welcome) or next members (combine)
+//!  48    4 rows         rows of the [rows, hidden] f32 matrix in the payload
+//!  52    4 n_assign     assignments after the matrix (dispatch)
+//!  56    8 payload_len  bytes after the header
+//! ```
+//!
+//! Data payloads are the f32 matrix (written straight from tensor memory, read straight into
+//! the vector that becomes the tensor) followed, for a dispatch, by `n_assign` records of
+//! (row u32, expert u32, weight f32). Control payloads (hello, reject, reset, trouble) are
+//! UTF-8 text (JSON for the hello), at most [`MAX_CONTROL_PAYLOAD`] bytes.
+//!
+//! The decoder never trusts a length: the payload length must equal what `rows`, `n_assign`
+//! and the hidden size imply, and it must be under the connection's limit, before anything
+//! is allocated.
+
+use crate::transport::{CombineMsg, DispatchMsg, SlotHeader, ToReplica, ToWorker};
+use candle_core::Tensor;
+use std::io::{Read, Write};
+use tandem_model::layers::{from_vec, with_slice};
+use tandem_model::Assignment;
+
+pub const MAGIC: u32 = 0x4D44_4E54;
+pub const WIRE_VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 64;
+pub const MAX_CONTROL_PAYLOAD: u64 = 64 * 1024;
+const ASSIGNMENT_LEN: u64 = 12;
+
+const _: () = assert!(
+    cfg!(target_endian = "little"),
+    "the wire format writes f32 tensors as their in-memory bytes: little-endian hosts only"
+);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Kind {
+    Hello = 1,
+    HelloAck = 2,
+    Reject = 3,
+    Dispatch = 4,
+    Combine = 5,
+    Join = 6,
+    Welcome = 7,
+    Reset = 8,
+    Trouble = 9,
+    Status = 10,
+}
+
+impl Kind {
+    fn from_u16(v: u16) -> Option<Self> {
+        use Kind::*;
+        Some(match v {
+            1 => Hello,
+            2 => HelloAck,
+            3 => Reject,
+            4 => Dispatch,
+            5 => Combine,
+            6 => Join,
+            7 => Welcome,
+            8 => Reset,
+            9 => Trouble,
+            10 => Status,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection closed")]
+    Closed,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad magic {0:#010x}: not a tandem M2N peer")]
+    BadMagic(u32),
+    #[error("peer speaks wire version {0}, this build speaks {WIRE_VERSION}")]
+    Version(u16),
+    #[error("unknown message kind {0}")]
+    UnknownKind(u16),
+    #[error("malformed {kind:?} message: {why}")]
+    Malformed { kind: Kind, why: String },
+    #[error("{kind:?} payload of {len} bytes exceeds the limit of {limit}")]
+    TooLarge { kind: Kind, len: u64, limit: u64 },
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error(transparent)]
+    Model(#[from] tandem_model::ModelError),
+}
+
+/// The decoded fixed header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Header {
+    pub kind: u16,
+    pub epoch: u64,
+    pub iteration: u64,
+    pub layer: u32,
+    pub micro_batch: u32,
+    pub sender: u32,
+    pub flags: u32,
+    pub members: u64,
+    pub rows: u32,
+    pub n_assign: u32,
+    pub payload_len: u64,
+}
+
+impl Header {
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4..6].copy_from_slice(&WIRE_VERSION.to_le_bytes());
+        b[6..8].copy_from_slice(&self.kind.to_le_bytes());
+        b[8..16].copy_from_slice(&self.epoch.to_le_bytes());
+        b[16..24].copy_from_slice(&self.iteration.to_le_bytes());
+        b[24..28].copy_from_slice(&self.layer.to_le_bytes());
+        b[28..32].copy_from_slice(&self.micro_batch.to_le_bytes());
+        b[32..36].copy_from_slice(&self.sender.to_le_bytes());
+        b[36..40].copy_from_slice(&self.flags.to_le_bytes());
+        b[40..48].copy_from_slice(&self.members.to_le_bytes());
+        b[48..52].copy_from_slice(&self.rows.to_le_bytes());
+        b[52..56].copy_from_slice(&self.n_assign.to_le_bytes());
+        b[56..64].copy_from_slice(&self.payload_len.to_le_bytes());
+        b
+    }
+
+    /// Checks magic and version; the kind is checked by [`read_frame`].
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Self, WireError> {
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
+        let magic = u32_at(0);
+        if magic != MAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        let version = u16_at(4);
+        if version != WIRE_VERSION {
+            return Err(WireError::Version(version));
+        }
+        Ok(Self {
+            kind: u16_at(6),
+            epoch: u64_at(8),
+            iteration: u64_at(16),
+            layer: u32_at(24),
+            micro_batch: u32_at(28),
+            sender: u32_at(32),
+            flags: u32_at(36),
+            members: u64_at(40),
+            rows: u32_at(48),
+            n_assign: u32_at(52),
+            payload_len: u64_at(56),
+        })
+    }
+}
+
+const FLAG_MORE: u32 = 1;
+const FLAG_NEXT: u32 = 2;
+
+/// Everything that travels on an M2N connection.
+pub enum Frame {
+    /// First message of a connection, from the connecting side (JSON).
+    Hello(String),
+    /// The listener accepts (JSON with its view, e.g. its epoch).
+    HelloAck(String),
+    /// The listener refuses, saying why; it closes the connection next.
+    Reject(String),
+    ToWorker(ToWorker),
+    ToReplica(ToReplica),
+    /// A status report (JSON), answer to a status hello.
+    Status(String),
+}
+
+fn f32_bytes(s: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte pattern is a valid u8; the length is exact.
+    unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s)) }
+}
+
+fn f32_bytes_mut(s: &mut [f32]) -> &mut [u8] {
+    // SAFETY: as above, and every byte pattern is a valid f32.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut u8, std::mem::size_of_val(s)) }
+}
+
+fn text_frame(w: &mut impl Write, kind: Kind, h: Header, text: &str) -> Result<(), WireError> {
+    let bytes = text.as_bytes();
+    let bytes = &bytes[..bytes.len().min(MAX_CONTROL_PAYLOAD as usize)];
+    let h = Header {
+        kind: kind as u16,
+        payload_len: bytes.len() as u64,
+        ..h
+    };
+    w.write_all(&h.encode())?;
+    w.write_all(bytes)?;
+    Ok(())
+}
+
+fn slot_header(kind: Kind, s: &SlotHeader) -> Header {
+    Header {
+        kind: kind as u16,
+        epoch: s.epoch,
+        iteration: s.iteration,
+        layer: s.layer,
+        micro_batch: s.micro_batch,
+        sender: s.sender,
+        ..Default::default()
+    }
+}
+
+fn matrix_rows(t: &Tensor, hidden: usize) -> Result<u32, WireError> {
+    let n = t.elem_count();
+    if hidden == 0 || n % hidden != 0 {
+        return Err(WireError::Malformed {
+            kind: Kind::Dispatch,
+            why: format!("{n} values is not a multiple of the hidden size {hidden}"),
+        });
+    }
+    Ok((n / hidden) as u32)
+}
+
+/// Writes one frame. The caller flushes (and should buffer small writes).
+pub fn write_frame(w: &mut impl Write, f: &Frame, hidden: usize) -> Result<(), WireError> {
+    match f {
+        Frame::Hello(t) => text_frame(w, Kind::Hello, Header::default(), t),
+        Frame::HelloAck(t) => text_frame(w, Kind::HelloAck, Header::default(), t),
+        Frame::Reject(t) => text_frame(w, Kind::Reject, Header::default(), t),
+        Frame::Status(t) => text_frame(w, Kind::Status, Header::default(), t),
+        Frame::ToWorker(ToWorker::Dispatch(m)) => {
+            let rows = matrix_rows(&m.x, hidden)?;
+            let mut h = slot_header(Kind::Dispatch, &m.header);
+            h.flags = if m.more { FLAG_MORE } else { 0 };
+            h.members = m.members;
+            h.rows = rows;
+            h.n_assign = m.assignments.len() as u32;
+            h.payload_len =
+                rows as u64 * hidden as u64 * 4 + m.assignments.len() as u64 * ASSIGNMENT_LEN;
+            w.write_all(&h.encode())?;
+            with_slice(&m.x, |x| w.write_all(f32_bytes(x)))??;
+            let mut a = Vec::with_capacity(m.assignments.len() * ASSIGNMENT_LEN as usize);
+            for x in &m.assignments {
+                a.extend_from_slice(&x.row.to_le_bytes());
+                a.extend_from_slice(&x.expert.to_le_bytes());
+                a.extend_from_slice(&x.weight.to_le_bytes());
+            }
+            w.write_all(&a)?;
+            Ok(())
+        }
+        Frame::ToWorker(ToWorker::Join { replica }) => {
+            let h = Header {
+                kind: Kind::Join as u16,
+                sender: *replica,
+                ..Default::default()
+            };
+            w.write_all(&h.encode())?;
+            Ok(())
+        }
+        Frame::ToWorker(ToWorker::Trouble {
+            replica,
+            epoch,
+            why,
+        }) => {
+            let h = Header {
+                sender: *replica,
+                epoch: *epoch,
+                ..Default::default()
+            };
+            text_frame(w, Kind::Trouble, h, why)
+        }
+        Frame::ToWorker(ToWorker::Gone { .. }) | Frame::ToReplica(ToReplica::Lost { .. }) => {
+            // Local notices, never sent.
+            Ok(())
+        }
+        Frame::ToReplica(ToReplica::Combine(m)) => {
+            let rows = matrix_rows(&m.y, hidden)?;
+            let mut h = slot_header(Kind::Combine, &m.header);
+            if let Some(k) = m.next_members {
+                h.flags = FLAG_NEXT;
+                h.members = k;
+            }
+            h.rows = rows;
+            h.payload_len = rows as u64 * hidden as u64 * 4;
+            w.write_all(&h.encode())?;
+            with_slice(&m.y, |y| w.write_all(f32_bytes(y)))??;
+            Ok(())
+        }
+        Frame::ToReplica(ToReplica::Welcome {
+            epoch,
+            iteration,
+            members,
+        }) => {
+            let h = Header {
+                kind: Kind::Welcome as u16,
+                epoch: *epoch,
+                iteration: *iteration,
+                members: *members,
+                ..Default::default()
+            };
+            w.write_all(&h.encode())?;
+            Ok(())
+        }
+        Frame::ToReplica(ToReplica::Reset { epoch, why }) => {
+            let h = Header {
+                epoch: *epoch,
+                ..Default::default()
+            };
+            text_frame(w, Kind::Reset, h, why)
+        }
+    }
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8], at_start: bool) -> Result<(), WireError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) if got == 0 && at_start => return Err(WireError::Closed),
+            Ok(0) => {
+                return Err(WireError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("truncated message: {got} of {} bytes", buf.len()),
+                )))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn read_text(r: &mut impl Read, kind: Kind, len: u64) -> Result<String, WireError> {
+    if len > MAX_CONTROL_PAYLOAD {
+        return Err(WireError::TooLarge {
+            kind,
+            len,
+            limit: MAX_CONTROL_PAYLOAD,
+        });
+    }
+    let mut b = vec![0u8; len as usize];
+    read_full(r, &mut b, false)?;
+    String::from_utf8(b).map_err(|_| WireError::Malformed {
+        kind,
+        why: "text payload is not UTF-8".into(),
+    })
+}
+
+fn expect_empty(kind: Kind, h: &Header) -> Result<(), WireError> {
+    if h.payload_len != 0 {
+        return Err(WireError::Malformed {
+            kind,
+            why: format!("{} payload bytes where none belong", h.payload_len),
+        });
+    }
+    Ok(())
+}
+
+/// Reads one frame. `hidden` is the model's hidden size (0 before the handshake: data frames
+/// are then refused); `max_payload` bounds what a length field can make us allocate.
+pub fn read_frame(
+    r: &mut impl Read,
+    hidden: usize,
+    max_payload: u64,
+) -> Result<Frame, WireError> {
+    let mut hb = [0u8; HEADER_LEN];
+    read_full(r, &mut hb, true)?;
+    let h = Header::decode(&hb)?;
+    let kind = Kind::from_u16(h.kind).ok_or(WireError::UnknownKind(h.kind))?;
+    let slot = SlotHeader {
+        epoch: h.epoch,
+        iteration: h.iteration,
+        layer: h.layer,
+        micro_batch: h.micro_batch,
+        sender: h.sender,
+    };
+    let matrix = |kind: Kind, extra: u64| -> Result<usize, WireError> {
+        if hidden == 0 {
+            return Err(WireError::Malformed {
+                kind,
+                why: "data before the handshake".into(),
+            });
+        }
+        let want = (h.rows as u64)
+            .checked_mul(hidden as u64 * 4)
+            .and_then(|m| m.checked_add(extra))
+            .ok_or_else(|| WireError::Malformed {
+                kind,
+                why: "sizes overflow".into(),
+            })?;
+        if want != h.payload_len {
+            return Err(WireError::Malformed {
+                kind,
+                why: format!(
+                    "payload is {} bytes but {} rows of {hidden} and {} assignments need {want}",
+                    h.payload_len, h.rows, h.n_assign
+                ),
+            });
+        }
+        if h.payload_len > max_payload {
+            return Err(WireError::TooLarge {
+                kind,
+                len: h.payload_len,
+                limit: max_payload,
+            });
+        }
+        Ok(h.rows as usize * hidden)
+    };
+    Ok(match kind {
+        Kind::Hello => Frame::Hello(read_text(r, kind, h.payload_len)?),
+        Kind::HelloAck => Frame::HelloAck(read_text(r, kind, h.payload_len)?),
+        Kind::Reject => Frame::Reject(read_text(r, kind, h.payload_len)?),
+        Kind::Status => Frame::Status(read_text(r, kind, h.payload_len)?),
+        Kind::Dispatch => {
+            let n = matrix(kind, h.n_assign as u64 * ASSIGNMENT_LEN)?;
+            let mut x = vec![0f32; n];
+            read_full(r, f32_bytes_mut(&mut x), false)?;
+            let mut ab = vec![0u8; h.n_assign as usize * ASSIGNMENT_LEN as usize];
+            read_full(r, &mut ab, false)?;
+            let mut assignments = Vec::with_capacity(h.n_assign as usize);
+            for c in ab.chunks_exact(ASSIGNMENT_LEN as usize) {
+                let a = Assignment {
+                    row: u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                    expert: u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
+                    weight: f32::from_le_bytes([c[8], c[9], c[10], c[11]]),
+                };
+                if a.row >= h.rows || !a.weight.is_finite() {
+                    return Err(WireError::Malformed {
+                        kind,
+                        why: format!(
+                            "assignment row {} of {} rows, weight {}",
+                            a.row, h.rows, a.weight
+                        ),
+                    });
+                }
+                assignments.push(a);
+            }
+            Frame::ToWorker(ToWorker::Dispatch(DispatchMsg {
+                header: slot,
+                members: h.members,
+                more: h.flags & FLAG_MORE != 0,
+                x: from_vec(x, h.rows as usize, hidden)?,
+                assignments,
+            }))
+        }
+        Kind::Combine => {
+            if h.n_assign != 0 {
+                return Err(WireError::Malformed {
+                    kind,
+                    why: "assignments in a combine".into(),
+                });
+            }
+            let n = matrix(kind, 0)?;
+            let mut y = vec![0f32; n];
+            read_full(r, f32_bytes_mut(&mut y), false)?;
+            Frame::ToReplica(ToReplica::Combine(CombineMsg {
+                header: slot,
+                y: from_vec(y, h.rows as usize, hidden)?,
+                next_members: (h.flags & FLAG_NEXT != 0).then_some(h.members),
+            }))
+        }
+        Kind::Join => {
+            expect_empty(kind, &h)?;
+            Frame::ToWorker(ToWorker::Join { replica: h.sender })
+        }
+        Kind::Welcome => {
+            expect_empty(kind, &h)?;
+            Frame::ToReplica(ToReplica::Welcome {
+                epoch: h.epoch,
+                iteration: h.iteration,
+                members: h.members,
+            })
+        }
+        Kind::Reset => Frame::ToReplica(ToReplica::Reset {
+            epoch: h.epoch,
+            why: read_text(r, kind, h.payload_len)?,
+        }),
+        Kind::Trouble => Frame::ToWorker(ToWorker::Trouble {
+            replica: h.sender,
+            epoch: h.epoch,
+            why: read_text(r, kind, h.payload_len)?,
+        }),
+    })
+}
+
+/// FNV-1a, 64 bits: a stable hash for handshakes (not for security).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
