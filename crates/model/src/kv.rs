@@ -3,6 +3,8 @@
 //! `tandem-sched`); the attention kernel reads the blocks in place through a block table.
 
 use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use rayon::prelude::*;
 
 /// Keys and values of one layer, `[num_blocks * block_size, kv_dim]` each.
 pub struct LayerKv {
@@ -89,5 +91,362 @@ impl BatchLayout {
             }
         }
         out
+    }
+}
+
+/// Head counts of a paged attention call: `heads` query heads share `kv_heads` key/value
+/// heads (grouped-query attention), `head_dim` values each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnDims {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Query rows of one sequence that one parallel task attends together: every row in the tile
+/// reads each key and value row once for all the query heads of its KV group.
+const ROW_TILE: usize = 8;
+
+/// Causal attention of every row of `q` (`[T, heads * head_dim]`, rows in `layout` order)
+/// over its sequence's cached positions `0..=pos`, reading the keys and values of `kv` in
+/// place through the block tables (block size `bs`). Returns `[T, heads * head_dim]`.
+///
+/// Work is split over (sequence, KV head, tile of query rows) with rayon, so it runs on the
+/// calling worker's pool; the inner loops use AVX2/FMA where the CPU has it.
+pub fn paged_attention(
+    q: &[f32],
+    layout: &BatchLayout,
+    kv: &LayerKv,
+    bs: usize,
+    dims: AttnDims,
+) -> Result<Vec<f32>> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return attention_with(q, layout, kv, bs, dims, |t| {
+                // SAFETY: the features were just detected.
+                unsafe { avx::task(t) }
+            });
+        }
+    }
+    paged_attention_scalar(q, layout, kv, bs, dims)
+}
+
+/// The same computation without SIMD (the fallback, and the fast path's test oracle).
+pub fn paged_attention_scalar(
+    q: &[f32],
+    layout: &BatchLayout,
+    kv: &LayerKv,
+    bs: usize,
+    dims: AttnDims,
+) -> Result<Vec<f32>> {
+    attention_with(q, layout, kv, bs, dims, |t| {
+        // SAFETY: Scalar needs no CPU feature.
+        unsafe { task_impl::<Scalar>(t) }
+    })
+}
+
+/// One parallel task: query rows `j0..j1` of sequence `seq`, KV head `g`.
+struct Task<'a> {
+    q: &'a [f32],
+    kv: &'a LayerKv,
+    table: &'a [u32],
+    bs: usize,
+    dims: AttnDims,
+    /// Batch row of the sequence's first new token.
+    row0: usize,
+    start_pos: usize,
+    j0: usize,
+    j1: usize,
+    g: usize,
+}
+
+fn attention_with(
+    q: &[f32],
+    layout: &BatchLayout,
+    kv: &LayerKv,
+    bs: usize,
+    dims: AttnDims,
+    run: impl Fn(&Task) -> Vec<f32> + Sync,
+) -> Result<Vec<f32>> {
+    let AttnDims {
+        heads: hq,
+        kv_heads: hk,
+        head_dim: dh,
+    } = dims;
+    if hk == 0 || hq % hk != 0 || bs == 0 {
+        return Err(ModelError::Input(format!(
+            "attention with {hq} heads, {hk} KV heads, block size {bs}"
+        )));
+    }
+    let t = layout.num_tokens();
+    let (qd, kd) = (hq * dh, hk * dh);
+    if q.len() != t * qd {
+        return Err(ModelError::Input(format!(
+            "queries have {} values, layout says {t} rows of {qd}",
+            q.len()
+        )));
+    }
+    let slots = kv.k.len().min(kv.v.len()) / kd.max(1);
+    let mut tasks = Vec::new();
+    let mut row0 = 0;
+    for s in &layout.seqs {
+        let len = s.start_pos + s.num_tokens;
+        let blocks = len.div_ceil(bs);
+        if s.block_table.len() < blocks {
+            return Err(ModelError::Input(format!(
+                "position {} has no KV block (block table has {} blocks of {bs})",
+                len - 1,
+                s.block_table.len()
+            )));
+        }
+        if let Some(b) = s.block_table[..blocks]
+            .iter()
+            .find(|b| (**b as usize + 1) * bs > slots)
+        {
+            return Err(ModelError::Input(format!(
+                "KV block {b} is outside the cache"
+            )));
+        }
+        let tile = if s.num_tokens == 1 { 1 } else { ROW_TILE };
+        for j0 in (0..s.num_tokens).step_by(tile) {
+            for g in 0..hk {
+                tasks.push(Task {
+                    q,
+                    kv,
+                    table: &s.block_table,
+                    bs,
+                    dims,
+                    row0,
+                    start_pos: s.start_pos,
+                    j0,
+                    j1: (j0 + tile).min(s.num_tokens),
+                    g,
+                });
+            }
+        }
+        row0 += s.num_tokens;
+    }
+    let parts: Vec<Vec<f32>> = if rayon::current_num_threads() > 1 {
+        tasks.par_iter().map(&run).collect()
+    } else {
+        tasks.iter().map(&run).collect()
+    };
+    let group = hq / hk;
+    let mut out = vec![0f32; t * qd];
+    for (task, part) in tasks.iter().zip(parts) {
+        for (r, src) in part.chunks_exact(group * dh).enumerate() {
+            let row = task.row0 + task.j0 + r;
+            let dst = row * qd + task.g * group * dh;
+            out[dst..dst + group * dh].copy_from_slice(src);
+        }
+    }
+    Ok(out)
+}
+
+/// The three inner loops of attention; `Scalar` and (on x86_64) `avx::Avx` implement them.
+trait Ops {
+    /// `sum a[i] * b[i]`.
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32;
+    /// `acc[i] += x * v[i]`.
+    unsafe fn axpy(acc: &mut [f32], x: f32, v: &[f32]);
+    /// `s[i] = exp(s[i] - max)`; returns the sum.
+    unsafe fn exp_sum(s: &mut [f32], max: f32) -> f32;
+}
+
+struct Scalar;
+
+impl Ops for Scalar {
+    #[inline(always)]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0f32; 8];
+        let n8 = a.len() / 8 * 8;
+        for (ca, cb) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
+            for j in 0..8 {
+                acc[j] += ca[j] * cb[j];
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for i in n8..a.len() {
+            s += a[i] * b[i];
+        }
+        s
+    }
+    #[inline(always)]
+    unsafe fn axpy(acc: &mut [f32], x: f32, v: &[f32]) {
+        for (a, b) in acc.iter_mut().zip(v) {
+            *a += x * b;
+        }
+    }
+    #[inline(always)]
+    unsafe fn exp_sum(s: &mut [f32], max: f32) -> f32 {
+        let mut sum = 0f32;
+        for v in s.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        sum
+    }
+}
+
+/// One task: scores of every (row, head of the group) against the positions it sees, softmax,
+/// then the weighted sum of values. Output `[rows, group, head_dim]`.
+#[inline(always)]
+unsafe fn task_impl<O: Ops>(t: &Task) -> Vec<f32> {
+    let AttnDims {
+        heads: hq,
+        kv_heads: hk,
+        head_dim: dh,
+    } = t.dims;
+    let group = hq / hk;
+    let (qd, kd) = (hq * dh, hk * dh);
+    let rows = t.j1 - t.j0;
+    let nq = rows * group;
+    let scale = 1.0 / (dh as f32).sqrt();
+    // Position of the tile's first row; row r sees positions 0..=pos0 + r.
+    let pos0 = t.start_pos + t.j0;
+    let npos = pos0 + rows;
+    let mut qs = vec![0f32; nq * dh];
+    for r in 0..rows {
+        let src = (t.row0 + t.j0 + r) * qd + t.g * group * dh;
+        for (d, s) in qs[r * group * dh..(r + 1) * group * dh]
+            .iter_mut()
+            .zip(&t.q[src..src + group * dh])
+        {
+            *d = s * scale;
+        }
+    }
+    let mut scores = vec![0f32; nq * npos];
+    let kv_row = |slot: usize| slot * kd + t.g * dh;
+    for (b, &blk) in t.table[..npos.div_ceil(t.bs)].iter().enumerate() {
+        let p0 = b * t.bs;
+        for p in p0..(p0 + t.bs).min(npos) {
+            let at = kv_row(blk as usize * t.bs + p - p0);
+            let k = &t.kv.k[at..at + dh];
+            for i in p.saturating_sub(pos0) * group..nq {
+                scores[i * npos + p] = O::dot(&qs[i * dh..(i + 1) * dh], k);
+            }
+        }
+    }
+    let mut inv = vec![0f32; nq];
+    for (i, inv) in inv.iter_mut().enumerate() {
+        let len = pos0 + i / group + 1;
+        let s = &mut scores[i * npos..i * npos + len];
+        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        *inv = 1.0 / O::exp_sum(s, max);
+    }
+    let mut out = vec![0f32; nq * dh];
+    for (b, &blk) in t.table[..npos.div_ceil(t.bs)].iter().enumerate() {
+        let p0 = b * t.bs;
+        for p in p0..(p0 + t.bs).min(npos) {
+            let at = kv_row(blk as usize * t.bs + p - p0);
+            let v = &t.kv.v[at..at + dh];
+            for i in p.saturating_sub(pos0) * group..nq {
+                O::axpy(&mut out[i * dh..(i + 1) * dh], scores[i * npos + p], v);
+            }
+        }
+    }
+    for (o, s) in out.chunks_exact_mut(dh).zip(&inv) {
+        o.iter_mut().for_each(|x| *x *= s);
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx {
+    use super::{task_impl, Ops, Task};
+    use crate::kernels::avx_exp;
+    use std::arch::x86_64::*;
+
+    pub struct Avx;
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_hadd_ps(s, s);
+        _mm_cvtss_f32(_mm_hadd_ps(s, s))
+    }
+
+    impl Ops for Avx {
+        #[inline(always)]
+        unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+            let n = a.len().min(b.len());
+            let (pa, pb) = (a.as_ptr(), b.as_ptr());
+            let mut acc0 = _mm256_setzero_ps();
+            let mut acc1 = _mm256_setzero_ps();
+            let mut i = 0;
+            while i + 16 <= n {
+                acc0 =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+                acc1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(i + 8)),
+                    _mm256_loadu_ps(pb.add(i + 8)),
+                    acc1,
+                );
+                i += 16;
+            }
+            if i + 8 <= n {
+                acc0 =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+                i += 8;
+            }
+            let mut s = hsum(_mm256_add_ps(acc0, acc1));
+            while i < n {
+                s += *pa.add(i) * *pb.add(i);
+                i += 1;
+            }
+            s
+        }
+
+        #[inline(always)]
+        unsafe fn axpy(acc: &mut [f32], x: f32, v: &[f32]) {
+            let n = acc.len().min(v.len());
+            let (pa, pv) = (acc.as_mut_ptr(), v.as_ptr());
+            let xv = _mm256_set1_ps(x);
+            let mut i = 0;
+            while i + 8 <= n {
+                let a = _mm256_loadu_ps(pa.add(i));
+                _mm256_storeu_ps(
+                    pa.add(i),
+                    _mm256_fmadd_ps(xv, _mm256_loadu_ps(pv.add(i)), a),
+                );
+                i += 8;
+            }
+            while i < n {
+                *pa.add(i) += x * *pv.add(i);
+                i += 1;
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn exp_sum(s: &mut [f32], max: f32) -> f32 {
+            let n = s.len();
+            let p = s.as_mut_ptr();
+            let m = _mm256_set1_ps(max);
+            let mut sum = _mm256_setzero_ps();
+            let mut i = 0;
+            while i + 8 <= n {
+                let e = avx_exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m));
+                _mm256_storeu_ps(p.add(i), e);
+                sum = _mm256_add_ps(sum, e);
+                i += 8;
+            }
+            let mut total = hsum(sum);
+            if i < n {
+                // The tail through the same approximation, padded with exp(-inf) = 0.
+                let mut buf = [f32::NEG_INFINITY; 8];
+                buf[..n - i].copy_from_slice(&s[i..]);
+                let e = avx_exp(_mm256_sub_ps(_mm256_loadu_ps(buf.as_ptr()), m));
+                _mm256_storeu_ps(buf.as_mut_ptr(), e);
+                s[i..].copy_from_slice(&buf[..n - i]);
+                total += buf[..n - i].iter().sum::<f32>();
+            }
+            total
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn task(t: &Task) -> Vec<f32> {
+        task_impl::<Avx>(t)
     }
 }

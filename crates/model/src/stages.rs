@@ -6,10 +6,9 @@
 use crate::config::{ModelConfig, QkNorm, TopkNorm};
 use crate::error::{ModelError, Result};
 use crate::families::{AttentionWeights, SharedExpert};
-use crate::kv::{BatchLayout, LayerKv};
+use crate::kv::{paged_attention, AttnDims, BatchLayout, LayerKv};
 use crate::layers::{from_vec, sigmoid, with_slice, GatedMlp, Rope};
 use candle_core::Tensor;
-use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Top-k routing of `T` tokens: `ids[t * k + j]` is token t's j-th expert (by descending
@@ -138,7 +137,7 @@ impl AttentionStage {
             kv.k[dst..dst + kd].copy_from_slice(&k[i * kd..(i + 1) * kd]);
             kv.v[dst..dst + kd].copy_from_slice(&v[i * kd..(i + 1) * kd]);
         }
-        let attn = self.attend(&q, &rows, layout, kv, block_size)?; // [T, H * Dh]
+        let attn = self.attend(&q, layout, kv, block_size)?; // [T, H * Dh]
         let o = self.w.o.forward(&attn, t)?; // [T, D]
         let mut residual = h;
         for (r, a) in residual.iter_mut().zip(&o) {
@@ -156,62 +155,20 @@ impl AttentionStage {
         })
     }
 
-    /// Causal attention of every row over its sequence's cached positions `0..=pos`.
-    fn attend(
-        &self,
-        q: &[f32],
-        rows: &[(usize, usize)],
-        layout: &BatchLayout,
-        kv: &LayerKv,
-        bs: usize,
-    ) -> Result<Vec<f32>> {
-        let (hq, hk, dh) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let group = hq / hk;
-        let kd = hk * dh;
-        let scale = 1.0 / (dh as f32).sqrt();
-        let mut out = vec![0f32; rows.len() * hq * dh];
-        // Slots of every position of every sequence, resolved once.
-        let slots: Vec<Vec<usize>> = layout
-            .seqs
-            .iter()
-            .map(|s| {
-                (0..s.start_pos + s.num_tokens)
-                    .map(|p| slot_of(&s.block_table, p, bs))
-                    .collect::<Result<Vec<_>>>()
-            })
-            .collect::<Result<_>>()?;
-        out.par_chunks_mut(hq * dh)
-            .zip(rows.par_iter())
-            .enumerate()
-            .for_each(|(i, (o_row, &(si, pos)))| {
-                let sl = &slots[si][..=pos];
-                let mut scores = vec![0f32; sl.len()];
-                for h in 0..hq {
-                    let g = h / group;
-                    let qh = &q[i * hq * dh + h * dh..i * hq * dh + (h + 1) * dh];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, &slot) in sl.iter().enumerate() {
-                        let kr = &kv.k[slot * kd + g * dh..slot * kd + (g + 1) * dh];
-                        let s = dot(qh, kr) * scale;
-                        scores[j] = s;
-                        max = max.max(s);
-                    }
-                    let mut sum = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let oh = &mut o_row[h * dh..(h + 1) * dh];
-                    for (j, &slot) in sl.iter().enumerate() {
-                        let p = scores[j] / sum;
-                        let vr = &kv.v[slot * kd + g * dh..slot * kd + (g + 1) * dh];
-                        for (o, vv) in oh.iter_mut().zip(vr) {
-                            *o += p * vv;
-                        }
-                    }
-                }
-            });
-        Ok(out)
+    /// Causal attention of every row over its sequence's cached positions `0..=pos`
+    /// (`kv::paged_attention`: parallel over sequences x KV heads, SIMD inner loops).
+    fn attend(&self, q: &[f32], layout: &BatchLayout, kv: &LayerKv, bs: usize) -> Result<Vec<f32>> {
+        paged_attention(
+            q,
+            layout,
+            kv,
+            bs,
+            AttnDims {
+                heads: self.num_heads,
+                kv_heads: self.num_kv_heads,
+                head_dim: self.head_dim,
+            },
+        )
     }
 
     /// Softmax over experts, top-k, then the family's rescaling.
@@ -267,21 +224,6 @@ fn slot_of(table: &[u32], pos: usize, bs: usize) -> Result<usize> {
         ))
     })?;
     Ok(*b as usize * bs + pos % bs)
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let n8 = a.len() / 8 * 8;
-    for (ca, cb) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
-        for j in 0..8 {
-            acc[j] += ca[j] * cb[j];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in n8..a.len() {
-        s += a[i] * b[i];
-    }
-    s
 }
 
 /// One token-to-expert assignment inside a dispatch: row of the payload, expert, weight.
