@@ -6,6 +6,7 @@ mod bench_serve;
 mod generate;
 mod models;
 mod plan_cmd;
+mod profile_cmd;
 mod serve_cmd;
 
 use anyhow::Result;
@@ -38,6 +39,9 @@ enum Cmd {
     Plan(plan_cmd::PlanArgs),
     /// Discrete-event simulation of a plan's ping-pong pipeline.
     Simulate(plan_cmd::SimulateArgs),
+    /// Measure this machine's stage and transport times into a profile for the planner
+    /// (--calibrate: then predict and measure three engine shapes).
+    Profile(profile_cmd::ProfileArgs),
 }
 
 fn main() {
@@ -69,5 +73,6 @@ fn run() -> Result<()> {
         Cmd::Bench(b) => bench::run(b),
         Cmd::Plan(a) => plan_cmd::plan(a),
         Cmd::Simulate(a) => plan_cmd::simulate(a),
+        Cmd::Profile(a) => profile_cmd::run(a),
     }
 }
