@@ -3,10 +3,8 @@
 use anyhow::{bail, Context, Result};
 use clap::{ArgMatches, Args};
 use std::path::PathBuf;
-use std::sync::Arc;
 use tandem_core::Deployment;
-use tandem_engine::{Engine, EngineOptions};
-use tandem_model::{Model, Tokenizer};
+use tandem_engine::Engine;
 use tandem_sched::{FinishReason, SamplingParams};
 
 #[derive(Args)]
@@ -45,6 +43,8 @@ pub struct GenerateArgs {
     pub json: bool,
     #[command(flatten)]
     pub shape: ShapeArgs,
+    #[command(flatten)]
+    pub role: crate::roles::RoleArgs,
 }
 
 /// The deployment shape flags shared by `generate` and the benchmarks.
@@ -144,12 +144,7 @@ pub fn run(a: GenerateArgs, m: &ArgMatches) -> Result<()> {
     };
     params.validate()?;
     let dir = crate::models::resolve(&a.model)?;
-    let model = Model::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
-    let tok = if dir.join("tokenizer.json").exists() {
-        Some(Tokenizer::load(&dir)?)
-    } else {
-        None
-    };
+    let (engine, tok) = crate::roles::start_engine(&dir, a.shape.deployment()?, &a.role)?;
     let mut ids = Vec::new();
     for p in &prompts {
         ids.push(match p {
@@ -163,14 +158,6 @@ pub fn run(a: GenerateArgs, m: &ArgMatches) -> Result<()> {
             bail!("prompt {} is empty", ids.len() - 1);
         }
     }
-    let engine = Engine::start(
-        Arc::new(model),
-        tok.map(Arc::new),
-        EngineOptions {
-            deployment: a.shape.deployment()?,
-            ..EngineOptions::default()
-        },
-    )?;
     let outputs = generate(&engine, &ids, &params)?;
     engine.shutdown();
     for (i, (out, text)) in outputs.iter().enumerate() {

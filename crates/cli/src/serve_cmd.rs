@@ -1,13 +1,12 @@
 //! `tandem serve`: loads a model, starts the engine and runs the OpenAI-compatible server
 //! (the logic lives in tandem-server).
 
+use crate::roles::Role;
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tandem_engine::{Engine, EngineOptions};
-use tandem_model::{Model, Tokenizer};
 use tandem_server::{AppState, ServerOptions};
 
 #[derive(Args)]
@@ -15,10 +14,12 @@ pub struct ServeArgs {
     /// Checkpoint directory (Hugging Face layout). Default: the embedded demo model.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
-    #[arg(long, default_value_t = 8000)]
-    pub port: u16,
+    /// Default 127.0.0.1, or the host of this replica's `[addresses] attention` entry.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Default 8000, or the port of this replica's `[addresses] attention` entry.
+    #[arg(long)]
+    pub port: Option<u16>,
     /// The name clients pass as `model`. Default: the checkpoint directory's name.
     #[arg(long)]
     pub served_model_name: Option<String>,
@@ -30,17 +31,24 @@ pub struct ServeArgs {
     pub shutdown_grace_s: u64,
     #[command(flatten)]
     pub shape: crate::generate::ShapeArgs,
+    #[command(flatten)]
+    pub role: crate::roles::RoleArgs,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
     let dir = crate::models::resolve(&a.model)?;
-    let model = Model::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
-    let tok = if dir.join("tokenizer.json").exists() {
-        Some(Arc::new(Tokenizer::load(&dir)?))
-    } else {
-        None
-    };
     let mut deployment = a.shape.deployment()?;
+    if a.role.role == Some(Role::Expert) {
+        let listen = match (&a.host, a.port) {
+            (None, None) => None,
+            (h, p) => Some(format!(
+                "{}:{}",
+                h.as_deref().unwrap_or("0.0.0.0"),
+                p.unwrap_or(0)
+            )),
+        };
+        return crate::roles::run_expert(&dir, &deployment, a.role.rank, listen);
+    }
     if a.shape.micro_batches.is_none() && a.shape.deployment.is_none() {
         // Serving keeps a batch in flight: ping-pong two micro-batches by default.
         deployment.micro_batches = 2;
@@ -51,14 +59,22 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "tandem".into())
     });
-    let engine = Engine::start(
-        Arc::new(model),
-        tok.clone(),
-        EngineOptions {
-            deployment: deployment.clone(),
-            ..EngineOptions::default()
-        },
-    )?;
+    // An attention replica of a multi-process deployment serves HTTP where the file says.
+    let (mut host, mut port) = ("127.0.0.1".to_string(), 8000u16);
+    if a.role.role == Some(Role::Attention) {
+        if let Some(addr) = deployment.addresses.attention.get(a.role.rank as usize) {
+            let (h, p) = addr
+                .rsplit_once(':')
+                .with_context(|| format!("attention address {addr:?} is not HOST:PORT"))?;
+            host = h.to_string();
+            port = p
+                .parse()
+                .with_context(|| format!("attention address {addr:?} is not HOST:PORT"))?;
+        }
+    }
+    let host = a.host.clone().unwrap_or(host);
+    let port = a.port.unwrap_or(port);
+    let (engine, tok) = crate::roles::start_engine(&dir, deployment.clone(), &a.role)?;
     let state = AppState::new(
         Arc::new(engine),
         tok,
@@ -74,7 +90,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        let addr = format!("{}:{}", a.host, a.port);
+        let addr = format!("{host}:{port}");
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
@@ -93,7 +109,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
 }
 
 /// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;

@@ -72,7 +72,12 @@ pub struct Engine {
     threads: Mutex<Vec<JoinHandle<()>>>,
     dead: Arc<Mutex<Option<String>>>,
     stop: Arc<AtomicBool>,
+    /// Extra health check (e.g. "every expert worker is connected").
+    probe: Mutex<Option<HealthProbe>>,
 }
+
+/// Says why the deployment cannot serve right now, or `Ok`.
+pub type HealthProbe = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// One rayon pool per worker, pinned to cores when the deployment asks.
 fn pool_for(
@@ -122,6 +127,7 @@ fn replica_loop(
                 ReplicaCmd::Abort(id) => rep.abort(id),
                 ReplicaCmd::Shutdown => {
                     rep.fail_all("the engine is shutting down");
+                    rep.leave(&stats.replicas[local]);
                     return;
                 }
             }
@@ -143,7 +149,11 @@ fn replica_loop(
                 rep.fail_all("the engine is shutting down");
                 return;
             }
-            Err(e) => tracing::warn!(replica = rep.id, "{e}"),
+            Err(e) => {
+                tracing::warn!(replica = rep.id, "{e}");
+                // Never a hot loop, whatever keeps failing.
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 }
@@ -329,6 +339,7 @@ impl Engine {
             threads: Mutex::new(threads),
             dead,
             stop,
+            probe: Mutex::new(None),
         })
     }
 
@@ -426,9 +437,21 @@ impl Engine {
         ))
     }
 
-    /// Why the engine stopped serving (a worker failed), or `None` while it is healthy.
+    /// Why the engine cannot serve (a worker failed, or a probe says a peer is unreachable),
+    /// or `None` while it is healthy.
     pub fn failure(&self) -> Option<String> {
-        self.dead.lock().ok().and_then(|d| d.clone())
+        if let Some(d) = self.dead.lock().ok().and_then(|d| d.clone()) {
+            return Some(d);
+        }
+        let probe = self.probe.lock().ok()?;
+        probe.as_ref().and_then(|p| p().err())
+    }
+
+    /// Adds a health check consulted by [`Engine::failure`].
+    pub fn set_health_probe(&self, probe: HealthProbe) {
+        if let Ok(mut p) = self.probe.lock() {
+            *p = Some(probe);
+        }
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -437,13 +460,20 @@ impl Engine {
 
     /// Stops every worker after the current iteration; in-flight requests end with an error.
     pub fn shutdown(&self) {
-        self.stop.store(true, Ordering::Relaxed);
         if let Ok(txs) = self.rep_txs.lock() {
             for tx in txs.iter() {
                 let _ = tx.send(ReplicaCmd::Shutdown);
             }
         }
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        // Replicas leave the membership cleanly (an empty iteration or two) so that the
+        // other processes of a deployment go on undisturbed; past a deadline, waits for
+        // peers are cut short.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline && threads.iter().any(|t| !t.is_finished()) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.stop.store(true, Ordering::Relaxed);
         for t in threads {
             let _ = t.join();
         }

@@ -194,7 +194,11 @@ impl ExpertWorker {
     ) -> Result<(), EngineError> {
         let h = m.header;
         if h.epoch < st.epoch {
-            tracing::debug!(worker = self.id, "dropping a dispatch of old epoch {}", h.epoch);
+            tracing::debug!(
+                worker = self.id,
+                "dropping a dispatch of old epoch {}",
+                h.epoch
+            );
             return Ok(());
         }
         if h.epoch > st.epoch {
@@ -211,9 +215,7 @@ impl ExpertWorker {
             st.members = None;
             self.publish(st, |s| s.epochs_started += 1);
         }
-        let want = *st
-            .want
-            .get_or_insert((h.iteration, moe_layers[0], 0));
+        let want = *st.want.get_or_insert((h.iteration, moe_layers[0], 0));
         if h.sender as usize >= n_a || m.members & bit(h.sender) == 0 {
             return Err(EngineError::Protocol(format!(
                 "expert worker {}: dispatch from replica {} which is not in its member mask {:#x}",
@@ -249,9 +251,9 @@ impl ExpertWorker {
             Some(k) if k == m.members => {}
             Some(k) => {
                 return Err(EngineError::Protocol(format!(
-                    "expert worker {}: replica {} says iteration {} has members {:#x}, expected {k:#x}",
-                    self.id, h.sender, h.iteration, m.members
-                )))
+                "expert worker {}: replica {} says iteration {} has members {:#x}, expected {k:#x}",
+                self.id, h.sender, h.iteration, m.members
+            )))
             }
         }
         let v = st.pending.entry(h.slot()).or_default();
@@ -397,7 +399,11 @@ impl ExpertWorker {
             });
             if let Err(e) = self.link.send(m.header.sender, msg) {
                 // The replica is gone; worker 0 hears of it and starts a new epoch.
-                tracing::debug!(worker = self.id, "combine to replica {}: {e}", m.header.sender);
+                tracing::debug!(
+                    worker = self.id,
+                    "combine to replica {}: {e}",
+                    m.header.sender
+                );
             }
         }
         st.want = Some(next);

@@ -13,10 +13,10 @@ pub mod stats;
 pub mod transport;
 pub mod wire;
 
-pub use engine::{Engine, EngineOptions, RequestHandle};
-pub use transport::{CombineMsg, DispatchMsg};
+pub use engine::{Engine, EngineOptions, HealthProbe, RequestHandle};
 pub use output::{Finish, RequestOutput};
 pub use stats::StatsSnapshot;
+pub use transport::{CombineMsg, DispatchMsg};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -95,7 +95,10 @@ impl Default for NetOptions {
 
 fn resolve(addr: &str) -> std::io::Result<std::net::SocketAddr> {
     addr.to_socket_addrs()?.next().ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::NotFound, format!("{addr} resolves to nothing"))
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{addr} resolves to nothing"),
+        )
     })
 }
 
@@ -122,15 +125,20 @@ fn send_on(
     hidden: usize,
     who: impl Fn() -> String,
 ) -> Result<(), TransportError> {
-    let mut g = slot.lock().map_err(|_| TransportError::Disconnected(who()))?;
+    let mut g = slot
+        .lock()
+        .map_err(|_| TransportError::Disconnected(who()))?;
     let Some(c) = g.as_mut() else {
-        return Err(TransportError::Disconnected(who()));
+        return Err(TransportError::Disconnected(format!(
+            "{} is not connected",
+            who()
+        )));
     };
     if let Err(e) = c.send(f, hidden) {
         // The reader sees the shutdown and reports the loss.
         c.close();
         *g = None;
-        return Err(TransportError::Disconnected(format!("{} ({e})", who())));
+        return Err(TransportError::Disconnected(format!("{}: {e}", who())));
     }
     Ok(())
 }
@@ -332,11 +340,9 @@ impl ReplicaLink for TcpReplicaLink {
     }
     fn dispatch(&self, worker: u32, msg: DispatchMsg) -> Result<(), TransportError> {
         let w = worker as usize;
-        let slot = self
-            .shared
-            .conns
-            .get(w)
-            .ok_or_else(|| TransportError::Disconnected(format!("expert worker {w}")))?;
+        let slot = self.shared.conns.get(w).ok_or_else(|| {
+            TransportError::Disconnected(format!("expert worker {w} does not exist"))
+        })?;
         send_on(
             slot,
             &Frame::ToWorker(ToWorker::Dispatch(msg)),
@@ -349,7 +355,7 @@ impl ReplicaLink for TcpReplicaLink {
             .shared
             .conns
             .first()
-            .ok_or_else(|| TransportError::Disconnected("expert worker 0".into()))?;
+            .ok_or_else(|| TransportError::Disconnected("no expert worker 0".into()))?;
         send_on(
             slot,
             &Frame::ToWorker(msg),
@@ -364,7 +370,7 @@ impl ReplicaLink for TcpReplicaLink {
                 secs: timeout.as_secs_f64(),
             },
             mpsc::RecvTimeoutError::Disconnected => {
-                TransportError::Disconnected("every expert worker".into())
+                TransportError::Disconnected("every expert worker is gone".into())
             }
         })
     }
@@ -554,12 +560,11 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
             gen,
             w: BufWriter::with_capacity(1 << 20, wr),
         };
-        if c
-            .send(
-                &Frame::HelloAck(serde_json::to_string(&ack).unwrap_or_default()),
-                0,
-            )
-            .is_err()
+        if c.send(
+            &Frame::HelloAck(serde_json::to_string(&ack).unwrap_or_default()),
+            0,
+        )
+        .is_err()
         {
             return;
         }
@@ -569,7 +574,10 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
         *p = Some(peer.clone());
     }
     let _ = stream.set_read_timeout(None);
-    tracing::info!(worker = s.worker, "attention replica {rank} connected from {peer}");
+    tracing::info!(
+        worker = s.worker,
+        "attention replica {rank} connected from {peer}"
+    );
     let mut r = BufReader::with_capacity(1 << 16, &stream);
     let why = loop {
         match read_frame(&mut r, s.id.hidden_size, s.opts.max_payload) {
@@ -625,11 +633,9 @@ impl ExpertLink for TcpExpertLink {
     }
     fn send(&self, replica: u32, msg: ToReplica) -> Result<(), TransportError> {
         let r = replica as usize;
-        let slot = self
-            .shared
-            .conns
-            .get(r)
-            .ok_or_else(|| TransportError::Disconnected(format!("attention replica {r}")))?;
+        let slot = self.shared.conns.get(r).ok_or_else(|| {
+            TransportError::Disconnected(format!("attention replica {r} does not exist"))
+        })?;
         send_on(
             slot,
             &Frame::ToReplica(msg),

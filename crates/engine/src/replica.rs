@@ -146,7 +146,8 @@ impl Replica {
         let Experts::Remote { link, timeout, .. } = &self.experts else {
             return Ok(());
         };
-        let deadline = Instant::now() + *timeout;
+        // A worker being restarted gets a few seconds to come back, not the whole timeout.
+        let deadline = Instant::now() + (*timeout).min(CONNECT_WAIT);
         while let Err(why) = link.ready() {
             if Instant::now() >= deadline {
                 return Err(EngineError::Transport(
@@ -156,6 +157,7 @@ impl Replica {
             self.check_stop()?;
             std::thread::sleep(Duration::from_millis(20));
         }
+        let deadline = Instant::now() + *timeout;
         if !self.m2n.join_outstanding {
             // Whatever is queued is from before (a stale loss notice or reset).
             while let Ok(ev) = link.recv(Duration::ZERO) {
@@ -204,12 +206,20 @@ impl Replica {
                     if worker == 0 {
                         self.m2n.join_outstanding = false;
                         return Err(EngineError::Transport(
-                            crate::transport::TransportError::Disconnected(format!(
-                                "expert worker 0: {why}"
-                            )),
+                            crate::transport::TransportError::Disconnected(why),
                         ));
                     }
                 }
+            }
+        }
+    }
+
+    /// Before the replica stops: run (empty) iterations until worker 0 no longer counts it
+    /// as a member, so that its departure interrupts nobody.
+    pub fn leave(&mut self, stats: &WorkerStats) {
+        for _ in 0..4 {
+            if !self.m2n.member || self.step(stats).is_err() {
+                break;
             }
         }
     }
@@ -287,6 +297,8 @@ impl Replica {
                         st.finish_error(s.id, msg.clone());
                     }
                 }
+                // Every sequence of the step is gone: this closes the step.
+                let _ = self.sched.update(&[]);
                 self.combines.clear();
                 if protocol {
                     self.m2n.member = false;
@@ -484,11 +496,9 @@ impl Replica {
                     }
                     continue;
                 }
-                ToReplica::Lost { worker, why } => {
+                ToReplica::Lost { why, .. } => {
                     return Err(EngineError::Transport(
-                        crate::transport::TransportError::Disconnected(format!(
-                            "expert worker {worker}: {why}"
-                        )),
+                        crate::transport::TransportError::Disconnected(why),
                     ))
                 }
                 ToReplica::Welcome { .. } => {
@@ -671,6 +681,9 @@ fn dispatch(
 
 /// How often waits for peers check the stop flag.
 const POLL: Duration = Duration::from_millis(100);
+
+/// How long a replica with work waits for an unreachable expert worker to come back.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
 
 /// Records a replica's preemption count into the shared stats.
 pub fn record_preemptions(stats: &crate::stats::EngineStats, before: u64, after: u64) {

@@ -73,7 +73,9 @@ pub struct CombineMsg {
 pub enum ToWorker {
     Dispatch(DispatchMsg),
     /// Replica `replica` has work and asks to take part (worker 0 only).
-    Join { replica: u32 },
+    Join {
+        replica: u32,
+    },
     /// Replica `replica` saw a failure in `epoch` (a worker gone or silent): start a new
     /// epoch (worker 0 only).
     Trouble {
@@ -82,7 +84,9 @@ pub enum ToWorker {
         why: String,
     },
     /// The connection to replica `replica` is gone (network transports only).
-    Gone { replica: u32 },
+    Gone {
+        replica: u32,
+    },
 }
 
 /// Everything a replica receives.
@@ -95,14 +99,21 @@ pub enum ToReplica {
         members: u64,
     },
     /// From worker 0: `epoch` starts; every membership is forgotten.
-    Reset { epoch: u64, why: String },
+    Reset {
+        epoch: u64,
+        why: String,
+    },
     /// The connection to worker `worker` is gone (network transports only).
-    Lost { worker: u32, why: String },
+    Lost {
+        worker: u32,
+        why: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("peer {0} is gone")]
+    /// Says which peer and why, e.g. "expert worker 1 at HOST:PORT: closed by the worker".
+    #[error("{0}")]
     Disconnected(String),
     #[error("no message from {what} within {secs:.1}s")]
     Timeout { what: String, secs: f64 },
@@ -150,9 +161,9 @@ fn send_to<T>(
 ) -> Result<(), TransportError> {
     senders
         .get(i as usize)
-        .ok_or_else(|| TransportError::Disconnected(format!("{what} {i}")))?
+        .ok_or_else(|| TransportError::Disconnected(format!("{what} {i} does not exist")))?
         .send(msg)
-        .map_err(|_| TransportError::Disconnected(format!("{what} {i}")))
+        .map_err(|_| TransportError::Disconnected(format!("{what} {i} is gone")))
 }
 
 impl ReplicaLink for InProcReplica {
@@ -179,7 +190,7 @@ impl ReplicaLink for InProcReplica {
                     secs: timeout.as_secs_f64(),
                 },
                 mpsc::RecvTimeoutError::Disconnected => {
-                    TransportError::Disconnected("every expert worker".into())
+                    TransportError::Disconnected("every expert worker is gone".into())
                 }
             })
     }

@@ -217,7 +217,7 @@ fn slot_header(kind: Kind, s: &SlotHeader) -> Header {
 
 fn matrix_rows(t: &Tensor, hidden: usize) -> Result<u32, WireError> {
     let n = t.elem_count();
-    if hidden == 0 || n % hidden != 0 {
+    if hidden == 0 || !n.is_multiple_of(hidden) {
         return Err(WireError::Malformed {
             kind: Kind::Dispatch,
             why: format!("{n} values is not a multiple of the hidden size {hidden}"),
@@ -363,11 +363,7 @@ fn expect_empty(kind: Kind, h: &Header) -> Result<(), WireError> {
 
 /// Reads one frame. `hidden` is the model's hidden size (0 before the handshake: data frames
 /// are then refused); `max_payload` bounds what a length field can make us allocate.
-pub fn read_frame(
-    r: &mut impl Read,
-    hidden: usize,
-    max_payload: u64,
-) -> Result<Frame, WireError> {
+pub fn read_frame(r: &mut impl Read, hidden: usize, max_payload: u64) -> Result<Frame, WireError> {
     let mut hb = [0u8; HEADER_LEN];
     read_full(r, &mut hb, true)?;
     let h = Header::decode(&hb)?;

@@ -1,0 +1,381 @@
+//! Multi-process deployments: one process per role (`--role attention|expert --rank I`),
+//! `tandem launch` (every role of a deployment on this host, as child processes) and
+//! `tandem status` (every worker's health).
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tandem_core::Deployment;
+use tandem_engine::net::{query_status, serve_expert, Identity, NetOptions, TcpReplicaLink};
+use tandem_engine::{Engine, EngineOptions};
+use tandem_model::{ExpertSelection, Model, Tokenizer};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    Attention,
+    Expert,
+}
+
+/// Which worker of a multi-process deployment this process runs.
+#[derive(Args, Clone, Debug)]
+pub struct RoleArgs {
+    /// Run one worker of the `--deployment` file (whose `[addresses]` list every worker)
+    /// instead of the whole deployment in this process.
+    #[arg(long, value_enum, requires = "deployment")]
+    pub role: Option<Role>,
+    /// The worker's index among its role.
+    #[arg(long, default_value_t = 0)]
+    pub rank: u32,
+    /// Seconds a replica waits for the expert workers before failing its requests.
+    #[arg(long, default_value_t = 60)]
+    pub peer_timeout_s: u64,
+}
+
+fn check_addresses(dep: &Deployment) -> Result<()> {
+    if dep.expert_workers == 0 {
+        bail!("a multi-process deployment needs expert_workers >= 1 (0 means colocated)");
+    }
+    if dep.addresses.expert.len() != dep.expert_workers as usize {
+        bail!(
+            "the deployment has {} expert workers but [addresses] expert lists {} addresses",
+            dep.expert_workers,
+            dep.addresses.expert.len()
+        );
+    }
+    Ok(())
+}
+
+/// Loads the model (the attention side without routed experts) and starts an engine: the
+/// whole deployment in this process, or attention replica `rank` talking TCP to the expert
+/// workers.
+pub fn start_engine(
+    dir: &Path,
+    dep: Deployment,
+    role: &RoleArgs,
+) -> Result<(Engine, Option<Arc<Tokenizer>>)> {
+    let tok = if dir.join("tokenizer.json").exists() {
+        Some(Arc::new(Tokenizer::load(dir)?))
+    } else {
+        None
+    };
+    let load = |sel: &ExpertSelection| {
+        Model::load_with(dir, sel).with_context(|| format!("loading {}", dir.display()))
+    };
+    let opts = EngineOptions {
+        deployment: dep.clone(),
+        peer_timeout: Duration::from_secs(role.peer_timeout_s.max(1)),
+        ..EngineOptions::default()
+    };
+    match role.role {
+        None => {
+            let model = Arc::new(load(&ExpertSelection::All)?);
+            Ok((Engine::start(model, tok.clone(), opts)?, tok))
+        }
+        Some(Role::Attention) => {
+            check_addresses(&dep)?;
+            let model = Arc::new(load(&ExpertSelection::None)?);
+            let link = TcpReplicaLink::connect(
+                role.rank,
+                dep.addresses.expert.clone(),
+                Identity::new(&model, &dep)?,
+                NetOptions::default(),
+            );
+            let probe = link.health_probe();
+            let engine = Engine::start_remote(model, tok.clone(), opts, role.rank, Box::new(link))?;
+            engine.set_health_probe(Box::new(probe));
+            Ok((engine, tok))
+        }
+        Some(Role::Expert) => bail!("this command runs an attention replica, not an expert worker"),
+    }
+}
+
+/// Runs expert worker `rank` of `dep` until the process is stopped.
+pub fn run_expert(dir: &Path, dep: &Deployment, rank: u32, listen: Option<String>) -> Result<()> {
+    check_addresses(dep)?;
+    let Some(addr) = listen.or_else(|| dep.addresses.expert.get(rank as usize).cloned()) else {
+        bail!(
+            "expert rank {rank}, but the deployment lists {} expert addresses",
+            dep.addresses.expert.len()
+        );
+    };
+    let cfg = tandem_model::ModelConfig::from_dir(dir)?;
+    let placement = dep.placement_for(cfg.num_experts)?;
+    let mine = placement.experts_of(rank);
+    let t = Instant::now();
+    let model = Model::load_with(dir, &ExpertSelection::Only(mine.clone()))
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let listener = std::net::TcpListener::bind(&addr).with_context(|| format!("binding {addr}"))?;
+    tracing::info!(
+        "expert worker {rank} listening on {} with experts {mine:?} (loaded in {:.1}s)",
+        listener.local_addr()?,
+        t.elapsed().as_secs_f64()
+    );
+    serve_expert(Arc::new(model), dep, rank, listener, NetOptions::default())?;
+    Ok(())
+}
+
+// -----------------------------------------------------------------------------------------
+// tandem launch
+// -----------------------------------------------------------------------------------------
+
+#[derive(Args)]
+pub struct LaunchArgs {
+    /// The deployment file; every worker in its `[addresses]` is started on this host.
+    pub deployment: PathBuf,
+    /// Checkpoint directory. Default: the embedded demo model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Start a worker again when it exits (it rejoins the running deployment).
+    #[arg(long)]
+    pub restart: bool,
+    /// Seconds to wait for the workers to stop after Ctrl-C before killing them.
+    #[arg(long, default_value_t = 10)]
+    pub grace_s: u64,
+}
+
+struct Worker {
+    name: String,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+fn spawn_worker(w: &mut Worker) -> Result<()> {
+    let exe = std::env::current_exe().context("locating the tandem binary")?;
+    let mut child = Command::new(exe)
+        .args(&w.args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", w.name))?;
+    for (pipe, is_err) in [
+        (
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            false,
+        ),
+        (
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            true,
+        ),
+    ] {
+        let Some(pipe) = pipe else { continue };
+        let name = w.name.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                if is_err {
+                    eprintln!("[{name}] {line}");
+                } else {
+                    println!("[{name}] {line}");
+                }
+            }
+        });
+    }
+    tracing::info!("started {} (pid {})", w.name, child.id());
+    w.child = Some(child);
+    Ok(())
+}
+
+fn terminate(child: &mut Child) {
+    // SIGTERM lets the server drain; `kill` is only the fallback below.
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+}
+
+pub fn launch(a: LaunchArgs) -> Result<()> {
+    let dep = Deployment::load(&a.deployment)?;
+    dep.validate_shape()?;
+    check_addresses(&dep)?;
+    if dep.addresses.attention.len() != dep.attention_replicas as usize {
+        bail!(
+            "the deployment has {} attention replicas but [addresses] attention lists {} (their HTTP addresses)",
+            dep.attention_replicas,
+            dep.addresses.attention.len()
+        );
+    }
+    let file = a.deployment.display().to_string();
+    // Resolving here writes the demo model once rather than racing in every child.
+    let dir = crate::models::resolve(&a.model)?;
+    let model_args = ["--model".to_string(), dir.display().to_string()];
+    let mut workers = Vec::new();
+    for (role, n) in [
+        ("expert", dep.expert_workers),
+        ("attention", dep.attention_replicas),
+    ] {
+        for r in 0..n {
+            let mut args = vec![
+                "serve".to_string(),
+                "--deployment".into(),
+                file.clone(),
+                "--role".into(),
+                role.into(),
+                "--rank".into(),
+                r.to_string(),
+            ];
+            args.extend(model_args.iter().cloned());
+            workers.push(Worker {
+                name: format!("{role}{r}"),
+                args,
+                child: None,
+            });
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::spawn(move || {
+            rt.block_on(crate::serve_cmd::shutdown_signal());
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    for w in &mut workers {
+        spawn_worker(w)?;
+    }
+    tracing::info!(
+        "deployment {file}: {} expert workers at {:?}, {} attention replicas serving HTTP at {:?}; Ctrl-C stops them all",
+        dep.expert_workers,
+        dep.addresses.expert,
+        dep.attention_replicas,
+        dep.addresses.attention
+    );
+    let mut failed = false;
+    while !stop.load(Ordering::Relaxed) {
+        let mut alive = 0;
+        for w in &mut workers {
+            let Some(c) = w.child.as_mut() else { continue };
+            match c.try_wait() {
+                Ok(None) => alive += 1,
+                Ok(Some(st)) => {
+                    tracing::error!("{} exited: {st}", w.name);
+                    w.child = None;
+                    if a.restart {
+                        std::thread::sleep(Duration::from_millis(500));
+                        spawn_worker(w)?;
+                        alive += 1;
+                    } else {
+                        failed = true;
+                    }
+                }
+                Err(e) => tracing::error!("{}: {e}", w.name),
+            }
+        }
+        if alive == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    tracing::info!("stopping every worker");
+    for w in &mut workers {
+        if let Some(c) = w.child.as_mut() {
+            terminate(c);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(a.grace_s);
+    for w in &mut workers {
+        if let Some(c) = w.child.as_mut() {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if !matches!(c.try_wait(), Ok(Some(_))) {
+                tracing::warn!("{} did not stop in time: killing it", w.name);
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+    }
+    if failed {
+        bail!("a worker exited on its own (use --restart to start it again)");
+    }
+    Ok(())
+}
+
+// -----------------------------------------------------------------------------------------
+// tandem status
+// -----------------------------------------------------------------------------------------
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// The deployment file.
+    pub deployment: PathBuf,
+    /// Seconds to wait for each worker.
+    #[arg(long, default_value_t = 3)]
+    pub timeout_s: u64,
+}
+
+/// Prints every worker's state as JSON; fails when one is unreachable or unhealthy.
+pub fn status(a: StatusArgs) -> Result<()> {
+    let dep = Deployment::load(&a.deployment)?;
+    let timeout = Duration::from_secs(a.timeout_s.max(1));
+    let mut healthy = true;
+    let mut experts = Vec::new();
+    for (w, addr) in dep.addresses.expert.iter().enumerate() {
+        experts.push(match query_status(addr, timeout) {
+            Ok(r) => {
+                let connected = r.replicas.iter().filter(|p| p.is_some()).count();
+                serde_json::json!({"worker": w, "address": addr, "up": true,
+                    "replicas_connected": connected, "report": r})
+            }
+            Err(e) => {
+                healthy = false;
+                serde_json::json!({"worker": w, "address": addr, "up": false, "error": e})
+            }
+        });
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = reqwest::Client::builder().timeout(timeout).build()?;
+    let mut replicas = Vec::new();
+    for (r, addr) in dep.addresses.attention.iter().enumerate() {
+        let url = format!("http://{addr}/health");
+        let res = rt.block_on(async {
+            let resp = client.get(&url).send().await?;
+            let code = resp.status().as_u16();
+            let body = resp.text().await.unwrap_or_default();
+            Ok::<_, reqwest::Error>((code, body))
+        });
+        replicas.push(match res {
+            Ok((code, body)) => {
+                healthy &= code == 200;
+                serde_json::json!({"replica": r, "address": addr, "up": code == 200,
+                    "http_status": code, "body": body})
+            }
+            Err(e) => {
+                healthy = false;
+                serde_json::json!({"replica": r, "address": addr, "up": false,
+                    "error": e.to_string()})
+            }
+        });
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "deployment": a.deployment.display().to_string(),
+            "healthy": healthy,
+            "expert_workers": experts,
+            "attention_replicas": replicas,
+        }))?
+    );
+    if !healthy {
+        bail!("some workers are down or unhealthy");
+    }
+    Ok(())
+}
