@@ -7,6 +7,7 @@ mod generate;
 mod models;
 mod plan_cmd;
 mod profile_cmd;
+mod roles;
 mod serve_cmd;
 
 use anyhow::Result;
@@ -39,6 +40,10 @@ enum Cmd {
     Plan(plan_cmd::PlanArgs),
     /// Discrete-event simulation of a plan's ping-pong pipeline.
     Simulate(plan_cmd::SimulateArgs),
+    /// Start every worker of a multi-process deployment on this host (child processes).
+    Launch(roles::LaunchArgs),
+    /// Show whether every worker of a multi-process deployment is up (JSON).
+    Status(roles::StatusArgs),
     /// Measure this machine's stage and transport times into a profile for the planner
     /// (--calibrate: then predict and measure three engine shapes).
     Profile(profile_cmd::ProfileArgs),
@@ -73,6 +78,8 @@ fn run() -> Result<()> {
         Cmd::Bench(b) => bench::run(b),
         Cmd::Plan(a) => plan_cmd::plan(a),
         Cmd::Simulate(a) => plan_cmd::simulate(a),
+        Cmd::Launch(a) => roles::launch(a),
+        Cmd::Status(a) => roles::status(a),
         Cmd::Profile(a) => profile_cmd::run(a),
     }
 }
