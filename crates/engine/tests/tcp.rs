@@ -1,0 +1,418 @@
+//! M2N over TCP on loopback, in one test process: expert workers served by `serve_expert` on
+//! their own listeners, attention replicas started with `Engine::start_remote` — the same code
+//! the multi-process roles run. Greedy tokens must equal the colocated reference for every
+//! fixture family; a peer with another model or deployment is refused with a reason; a
+//! malformed frame drops the connection, not the worker.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tandem_core::deployment::Addresses;
+use tandem_core::Deployment;
+use tandem_engine::net::{query_status, serve_expert, Identity, NetOptions, TcpReplicaLink};
+use tandem_engine::wire::{read_frame, write_frame, Frame, Header};
+use tandem_engine::{Engine, EngineOptions, RequestHandle};
+use tandem_model::generate::greedy;
+use tandem_model::{ExpertSelection, Model};
+use tandem_sched::{FinishReason, SamplingParams};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(name)
+}
+
+/// Binds `n` loopback listeners on free ports.
+fn listeners(n: usize) -> (Vec<TcpListener>, Vec<String>) {
+    let ls: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs = ls
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    (ls, addrs)
+}
+
+fn deployment(n_a: u32, n_e: u32, m: u32, expert: Vec<String>) -> Deployment {
+    Deployment {
+        attention_replicas: n_a,
+        expert_workers: n_e,
+        micro_batches: m,
+        kv_block_size: 4,
+        num_kv_blocks: 256,
+        addresses: Addresses {
+            attention: vec![],
+            expert,
+        },
+        ..Deployment::default()
+    }
+}
+
+/// Starts every expert worker of `dep` on its listener (each loading only its experts).
+fn start_workers(dir: &Path, dep: &Deployment, ls: Vec<TcpListener>) {
+    let cfg = tandem_model::ModelConfig::from_dir(dir).unwrap();
+    let placement = dep.placement_for(cfg.num_experts).unwrap();
+    for (w, l) in ls.into_iter().enumerate() {
+        let sel = ExpertSelection::Only(placement.experts_of(w as u32));
+        let model = Arc::new(Model::load_with(dir, &sel).unwrap());
+        let dep = dep.clone();
+        std::thread::spawn(move || {
+            let _ = serve_expert(model, &dep, w as u32, l, NetOptions::default());
+        });
+    }
+}
+
+fn start_replica(model: &Arc<Model>, dep: &Deployment, rank: u32) -> Engine {
+    let link = TcpReplicaLink::connect(
+        rank,
+        dep.addresses.expert.clone(),
+        Identity::new(model, dep).unwrap(),
+        NetOptions::default(),
+    );
+    link.wait_ready(Duration::from_secs(20)).unwrap();
+    Engine::start_remote(
+        model.clone(),
+        None,
+        EngineOptions {
+            deployment: dep.clone(),
+            peer_timeout: Duration::from_secs(20),
+            ..EngineOptions::default()
+        },
+        rank,
+        Box::new(link),
+    )
+    .unwrap()
+}
+
+fn collect(h: RequestHandle) -> Result<Vec<u32>, String> {
+    let mut rx = h.rx;
+    let mut toks = Vec::new();
+    while let Some(o) = rx.blocking_recv() {
+        toks.extend(o.token);
+        if let Some(f) = o.finish {
+            if let FinishReason::Error(e) = f.reason {
+                return Err(e);
+            }
+            break;
+        }
+    }
+    Ok(toks)
+}
+
+fn greedy_params(n: usize) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        max_tokens: Some(n),
+        ignore_eos: true,
+        ..SamplingParams::default()
+    }
+}
+
+fn prompts(vocab: usize) -> Vec<Vec<u32>> {
+    (0..6)
+        .map(|i| {
+            (0..3 + 2 * i)
+                .map(|j| ((i * 31 + j * 7 + 1) % vocab) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+fn tcp_equals_colocated(family: &str) {
+    let dir = fixture(family);
+    let (ls, addrs) = listeners(2);
+    let dep = deployment(2, 2, 2, addrs);
+    start_workers(&dir, &dep, ls);
+    // Replicas hold no routed experts: everything routed goes over TCP.
+    let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
+    let reference = Model::load(&dir).unwrap();
+    let engines: Vec<Engine> = (0..2).map(|r| start_replica(&model, &dep, r)).collect();
+    let ps = prompts(model.cfg.vocab_size);
+    let n = 10;
+    let handles: Vec<(usize, RequestHandle)> = ps
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            (
+                i,
+                engines[i % 2]
+                    .add_request(p.clone(), greedy_params(n))
+                    .unwrap(),
+            )
+        })
+        .collect();
+    for (i, h) in handles {
+        let got = collect(h).unwrap_or_else(|e| panic!("{family} prompt {i}: {e}"));
+        let want = greedy(&reference, &ps[i], n).unwrap().0;
+        assert_eq!(got, want, "{family} prompt {i}");
+    }
+    // A second wave after the deployment went idle (members left, workers asleep).
+    std::thread::sleep(Duration::from_millis(100));
+    let h = engines[1]
+        .add_request(ps[0].clone(), greedy_params(n))
+        .unwrap();
+    assert_eq!(
+        collect(h).unwrap(),
+        greedy(&reference, &ps[0], n).unwrap().0,
+        "{family} after idle"
+    );
+}
+
+#[test]
+fn tcp_mixtral() {
+    tcp_equals_colocated("mixtral");
+}
+#[test]
+fn tcp_qwen2_moe() {
+    tcp_equals_colocated("qwen2_moe");
+}
+#[test]
+fn tcp_qwen3_moe() {
+    tcp_equals_colocated("qwen3_moe");
+}
+#[test]
+fn tcp_olmoe() {
+    tcp_equals_colocated("olmoe");
+}
+#[test]
+fn tcp_dbrx() {
+    tcp_equals_colocated("dbrx");
+}
+
+#[test]
+fn a_peer_with_another_model_or_deployment_is_refused_with_a_reason() {
+    let dir = fixture("mixtral");
+    let (ls, addrs) = listeners(1);
+    let dep = deployment(1, 1, 2, addrs.clone());
+    start_workers(&dir, &dep, ls);
+    let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
+    let other = Arc::new(Model::load_with(&fixture("olmoe"), &ExpertSelection::None).unwrap());
+    let link = TcpReplicaLink::connect(
+        0,
+        addrs.clone(),
+        Identity::new(&other, &dep).unwrap(),
+        NetOptions::default(),
+    );
+    let e = link.wait_ready(Duration::from_secs(3)).unwrap_err();
+    assert!(e.contains("model mismatch"), "{e}");
+    let other_dep = deployment(1, 1, 3, addrs.clone());
+    let link = TcpReplicaLink::connect(
+        0,
+        addrs.clone(),
+        Identity::new(&model, &other_dep).unwrap(),
+        NetOptions::default(),
+    );
+    let e = link.wait_ready(Duration::from_secs(3)).unwrap_err();
+    assert!(e.contains("deployment mismatch"), "{e}");
+    // A rank the deployment does not have.
+    let link = TcpReplicaLink::connect(
+        5,
+        addrs.clone(),
+        Identity::new(&model, &dep).unwrap(),
+        NetOptions::default(),
+    );
+    let e = link.wait_ready(Duration::from_secs(3)).unwrap_err();
+    assert!(e.contains("rank 5"), "{e}");
+    // The right one still gets in and is served.
+    let engine = start_replica(&model, &dep, 0);
+    let reference = Model::load(&dir).unwrap();
+    let h = engine.add_request(vec![3, 4, 5], greedy_params(6)).unwrap();
+    assert_eq!(
+        collect(h).unwrap(),
+        greedy(&reference, &[3, 4, 5], 6).unwrap().0
+    );
+}
+
+#[test]
+fn garbage_drops_the_connection_not_the_worker() {
+    let dir = fixture("mixtral");
+    let (ls, addrs) = listeners(1);
+    let dep = deployment(1, 1, 1, addrs.clone());
+    start_workers(&dir, &dep, ls);
+    // Garbage instead of a hello, then a truncated hello header.
+    for junk in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &[0x54, 0x4e, 0x44, 0x4d, 1, 0][..],
+    ] {
+        let mut s = TcpStream::connect(&addrs[0]).unwrap();
+        let _ = s.write_all(junk);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        // The worker answers with a rejection or closes; either way it must not hang us.
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut buf);
+    }
+    let status = query_status(&addrs[0], Duration::from_secs(5)).unwrap();
+    assert_eq!(status.worker, 0);
+    // A peer that handshakes properly and then sends a dispatch whose length field lies is
+    // dropped (we read EOF); the worker serves a real replica afterwards.
+    let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
+    let id = Identity::new(&model, &dep).unwrap();
+    let mut s = TcpStream::connect(&addrs[0]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let hello = serde_json::json!({"wire_version": 1, "tandem_version": "test", "role": "replica",
+        "rank": 0, "identity": id});
+    write_frame(&mut s, &Frame::Hello(hello.to_string()), 0).unwrap();
+    assert!(matches!(
+        read_frame(&mut s, 0, 0).unwrap(),
+        Frame::HelloAck(_)
+    ));
+    let lie = Header {
+        kind: 4,
+        rows: 1_000_000,
+        payload_len: 12,
+        ..Header::default()
+    };
+    s.write_all(&lie.encode()).unwrap();
+    s.write_all(&[0u8; 12]).unwrap();
+    let mut buf = Vec::new();
+    let n = std::io::Read::read_to_end(&mut s, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the worker must close, not answer");
+    let engine = start_replica(&model, &dep, 0);
+    let reference = Model::load(&dir).unwrap();
+    let h = engine.add_request(vec![7, 8, 9], greedy_params(5)).unwrap();
+    assert_eq!(
+        collect(h).unwrap(),
+        greedy(&reference, &[7, 8, 9], 5).unwrap().0
+    );
+    drop(engine);
+    let status = query_status(&addrs[0], Duration::from_secs(5)).unwrap();
+    assert_eq!(status.worker, 0);
+    let engine = start_replica(&model, &dep, 0);
+    let h = engine.add_request(vec![7, 8, 9], greedy_params(5)).unwrap();
+    assert_eq!(
+        collect(h).unwrap(),
+        greedy(&reference, &[7, 8, 9], 5).unwrap().0
+    );
+}
+
+#[test]
+fn a_dead_worker_fails_requests_quickly_and_a_replacement_rejoins() {
+    let dir = fixture("mixtral");
+    let (mut ls, addrs) = listeners(2);
+    let dep = deployment(1, 2, 2, addrs.clone());
+    // Worker 0 is served directly; worker 1 sits behind a TCP relay that can play dead (a
+    // killed process looks the same from the replica: connections reset, connects refused).
+    let l1 = ls.pop().unwrap();
+    start_workers(&dir, &dep, ls);
+    // The real worker 1 listens on a private port; the deployment's address is a relay.
+    let (inner, inner_addr) = listeners(1);
+    let cfg = tandem_model::ModelConfig::from_dir(&dir).unwrap();
+    let placement = dep.placement_for(cfg.num_experts).unwrap();
+    let w1 =
+        Arc::new(Model::load_with(&dir, &ExpertSelection::Only(placement.experts_of(1))).unwrap());
+    {
+        let dep = dep.clone();
+        let w1 = w1.clone();
+        let l = inner.into_iter().next().unwrap();
+        std::thread::spawn(move || {
+            let _ = serve_expert(w1, &dep, 1, l, NetOptions::default());
+        });
+    }
+    let relay = Relay::start(l1, inner_addr[0].clone());
+    let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
+    let engine = start_replica(&model, &dep, 0);
+    let reference = Model::load(&dir).unwrap();
+    let long = engine
+        .add_request(
+            vec![1, 2, 3],
+            greedy_params(100_000.min(engine.max_model_len() - 4)),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // "Kill" worker 1: the relay cuts every connection and refuses new ones.
+    relay.set_down(true);
+    let t = Instant::now();
+    let e = collect(long).expect_err("the request must fail");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "failure took {:?}",
+        t.elapsed()
+    );
+    assert!(e.contains("expert worker 1"), "{e}");
+    // While it is down, a new request fails with a clear error (bounded wait).
+    let h = engine.add_request(vec![4, 5], greedy_params(4)).unwrap();
+    let e = collect(h).expect_err("worker 1 is down");
+    assert!(e.contains("expert worker 1"), "{e}");
+    // It comes back: the replica reconnects and serves again, nothing restarted.
+    relay.set_down(false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let h = engine.add_request(vec![4, 5], greedy_params(4)).unwrap();
+        match collect(h) {
+            Ok(t) => {
+                assert_eq!(t, greedy(&reference, &[4, 5], 4).unwrap().0);
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("not yet: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("the deployment did not recover: {e}"),
+        }
+    }
+}
+
+/// A TCP relay that can play dead: while down it closes every relayed connection and every
+/// new one at once.
+struct Relay {
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    fn start(listener: TcpListener, target: String) -> Self {
+        use std::sync::atomic::Ordering;
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = down.clone();
+        std::thread::spawn(move || {
+            for c in listener.incoming() {
+                let Ok(c) = c else { continue };
+                if d.load(Ordering::Relaxed) {
+                    drop(c);
+                    continue;
+                }
+                let Ok(s) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                let _ = c.set_nodelay(true);
+                let _ = s.set_nodelay(true);
+                for (mut a, mut b) in [
+                    (c.try_clone().unwrap(), s.try_clone().unwrap()),
+                    (s.try_clone().unwrap(), c.try_clone().unwrap()),
+                ] {
+                    let d = d.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 1 << 16];
+                        loop {
+                            if d.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            a.set_read_timeout(Some(Duration::from_millis(50))).ok();
+                            match std::io::Read::read(&mut a, &mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if b.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e)
+                                    if e.kind() == std::io::ErrorKind::WouldBlock
+                                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                                Err(_) => break,
+                            }
+                        }
+                        let _ = a.shutdown(std::net::Shutdown::Both);
+                        let _ = b.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { down }
+    }
+    fn set_down(&self, v: bool) {
+        self.down.store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+}

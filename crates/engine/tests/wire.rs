@@ -1,0 +1,279 @@
+//! The M2N wire format: every message round-trips exactly, and the decoder survives anything
+//! (arbitrary bytes, flipped bits, truncation, lying length fields) with an error, never a
+//! panic or an allocation a length field asked for.
+
+use proptest::prelude::*;
+use std::io::Cursor;
+use tandem_engine::transport::{CombineMsg, DispatchMsg, SlotHeader, ToReplica, ToWorker};
+use tandem_engine::wire::{read_frame, write_frame, Frame, Header, WireError, HEADER_LEN, MAGIC};
+use tandem_model::layers::{from_vec, with_slice};
+use tandem_model::Assignment;
+
+const LIMIT: u64 = 1 << 20;
+
+fn values(t: &candle_core::Tensor) -> Vec<f32> {
+    with_slice(t, |s| s.to_vec()).unwrap()
+}
+
+fn encode(f: &Frame, hidden: usize) -> Vec<u8> {
+    let mut b = Vec::new();
+    write_frame(&mut b, f, hidden).unwrap();
+    b
+}
+
+fn decode(b: &[u8], hidden: usize) -> Result<Frame, WireError> {
+    read_frame(&mut Cursor::new(b), hidden, LIMIT)
+}
+
+fn slot() -> impl Strategy<Value = SlotHeader> {
+    (
+        any::<u64>(),
+        any::<u64>(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<u32>(),
+    )
+        .prop_map(
+            |(epoch, iteration, layer, micro_batch, sender)| SlotHeader {
+                epoch,
+                iteration,
+                layer,
+                micro_batch,
+                sender,
+            },
+        )
+}
+
+/// A dispatch with `rows` rows of `hidden` values and assignments pointing at them.
+fn dispatch() -> impl Strategy<Value = (usize, SlotHeader, u64, bool, Vec<f32>, Vec<Assignment>)> {
+    (1usize..9, 0usize..6).prop_flat_map(|(hidden, rows)| {
+        let n = hidden * rows;
+        let asg = if rows == 0 {
+            Just(Vec::new()).boxed()
+        } else {
+            prop::collection::vec(
+                (0..rows as u32, any::<u32>(), -4.0f32..4.0).prop_map(|(row, expert, weight)| {
+                    Assignment {
+                        row,
+                        expert,
+                        weight,
+                    }
+                }),
+                0..12,
+            )
+            .boxed()
+        };
+        (
+            Just(hidden),
+            slot(),
+            any::<u64>(),
+            any::<bool>(),
+            prop::collection::vec(any::<f32>(), n..=n),
+            asg,
+        )
+    })
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn dispatch_round_trips((hidden, header, members, more, x, asg) in dispatch()) {
+        let rows = x.len() / hidden;
+        let msg = DispatchMsg {
+            header,
+            members,
+            more,
+            x: from_vec(x.clone(), rows, hidden).unwrap(),
+            assignments: asg.clone(),
+        };
+        let bytes = encode(&Frame::ToWorker(ToWorker::Dispatch(msg)), hidden);
+        prop_assert_eq!(bytes.len(), HEADER_LEN + x.len() * 4 + asg.len() * 12);
+        let Ok(Frame::ToWorker(ToWorker::Dispatch(d))) = decode(&bytes, hidden) else {
+            return Err(TestCaseError::fail("not a dispatch"));
+        };
+        prop_assert_eq!(d.header, header);
+        prop_assert_eq!(d.members, members);
+        prop_assert_eq!(d.more, more);
+        // NaNs included: the bits travel unchanged.
+        prop_assert!(same_bits(&values(&d.x), &x));
+        prop_assert_eq!(d.assignments.len(), asg.len());
+        for (a, b) in d.assignments.iter().zip(&asg) {
+            prop_assert_eq!((a.row, a.expert, a.weight.to_bits()), (b.row, b.expert, b.weight.to_bits()));
+        }
+    }
+
+    #[test]
+    fn combine_and_control_round_trip(
+        header in slot(),
+        hidden in 1usize..9,
+        rows in 0usize..5,
+        next in proptest::option::of(any::<u64>()),
+        epoch in any::<u64>(),
+        iteration in any::<u64>(),
+        members in any::<u64>(),
+        replica in any::<u32>(),
+        why in ".{0,40}",
+    ) {
+        let y: Vec<f32> = (0..rows * hidden).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let c = CombineMsg { header, y: from_vec(y.clone(), rows, hidden).unwrap(), next_members: next };
+        match decode(&encode(&Frame::ToReplica(ToReplica::Combine(c)), hidden), hidden) {
+            Ok(Frame::ToReplica(ToReplica::Combine(d))) => {
+                prop_assert_eq!(d.header, header);
+                prop_assert_eq!(d.next_members, next);
+                prop_assert!(same_bits(&values(&d.y), &y));
+            }
+            _ => return Err(TestCaseError::fail("not a combine")),
+        }
+        let w = ToReplica::Welcome { epoch, iteration, members };
+        match decode(&encode(&Frame::ToReplica(w), hidden), hidden) {
+            Ok(Frame::ToReplica(ToReplica::Welcome { epoch: e, iteration: i, members: m })) => {
+                prop_assert_eq!((e, i, m), (epoch, iteration, members));
+            }
+            _ => return Err(TestCaseError::fail("not a welcome")),
+        }
+        let r = ToReplica::Reset { epoch, why: why.clone() };
+        match decode(&encode(&Frame::ToReplica(r), hidden), hidden) {
+            Ok(Frame::ToReplica(ToReplica::Reset { epoch: e, why: w })) => {
+                prop_assert_eq!(e, epoch);
+                prop_assert_eq!(w, why.clone());
+            }
+            _ => return Err(TestCaseError::fail("not a reset")),
+        }
+        match decode(&encode(&Frame::ToWorker(ToWorker::Join { replica }), hidden), hidden) {
+            Ok(Frame::ToWorker(ToWorker::Join { replica: r })) => prop_assert_eq!(r, replica),
+            _ => return Err(TestCaseError::fail("not a join")),
+        }
+        let t = ToWorker::Trouble { replica, epoch, why: why.clone() };
+        match decode(&encode(&Frame::ToWorker(t), hidden), hidden) {
+            Ok(Frame::ToWorker(ToWorker::Trouble { replica: r, epoch: e, why: w })) => {
+                prop_assert_eq!((r, e), (replica, epoch));
+                prop_assert_eq!(w, why);
+            }
+            _ => return Err(TestCaseError::fail("not a trouble report")),
+        }
+    }
+
+    /// Arbitrary bytes: an error or a frame, never a panic.
+    #[test]
+    fn decoder_survives_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..300), hidden in 0usize..9) {
+        let _ = decode(&bytes, hidden);
+    }
+
+    /// A valid header followed by garbage, with every field random: the decoder checks the
+    /// length against the shape before reading and never allocates past the limit.
+    #[test]
+    fn decoder_survives_lying_headers(
+        kind in 0u16..12,
+        rows in any::<u32>(),
+        n_assign in any::<u32>(),
+        payload_len in any::<u64>(),
+        flags in any::<u32>(),
+        tail in prop::collection::vec(any::<u8>(), 0..200),
+        hidden in 0usize..9,
+    ) {
+        let h = Header { kind, rows, n_assign, payload_len, flags, ..Header::default() };
+        let mut bytes = h.encode().to_vec();
+        bytes.extend_from_slice(&tail);
+        if let Ok(f) = decode(&bytes, hidden) {
+            // Only a frame whose announced size fits in what was sent can decode.
+            prop_assert!(payload_len as usize <= tail.len());
+            if let Frame::ToWorker(ToWorker::Dispatch(d)) = f {
+                prop_assert!(d.assignments.iter().all(|a| a.row < rows));
+            }
+        }
+    }
+
+    /// Any real frame with one flipped bit or cut short: no panic; truncation is an error.
+    #[test]
+    fn decoder_survives_corruption((hidden, header, members, more, x, asg) in dispatch(), flip in any::<prop::sample::Index>(), cut in any::<prop::sample::Index>()) {
+        let rows = x.len() / hidden;
+        let msg = DispatchMsg { header, members, more, x: from_vec(x, rows, hidden).unwrap(), assignments: asg };
+        let bytes = encode(&Frame::ToWorker(ToWorker::Dispatch(msg)), hidden);
+        let mut flipped = bytes.clone();
+        let i = flip.index(flipped.len());
+        flipped[i] ^= 1 << (i % 8);
+        let _ = decode(&flipped, hidden);
+        let n = cut.index(bytes.len());
+        prop_assert!(decode(&bytes[..n], hidden).is_err());
+    }
+}
+
+#[test]
+fn a_huge_length_field_is_refused_before_allocating() {
+    let h = Header {
+        kind: 4, // dispatch
+        rows: u32::MAX,
+        n_assign: 0,
+        payload_len: u32::MAX as u64 * 4096 * 4,
+        ..Header::default()
+    };
+    let err = decode(&h.encode(), 4096).err().expect("must fail");
+    assert!(
+        matches!(err, WireError::TooLarge { .. }),
+        "expected TooLarge, got {err}"
+    );
+    let text = Header {
+        kind: 8, // reset: text payload
+        payload_len: u64::MAX,
+        ..Header::default()
+    };
+    let err = decode(&text.encode(), 4).err().expect("must fail");
+    assert!(matches!(err, WireError::TooLarge { .. }), "got {err}");
+}
+
+#[test]
+fn wrong_magic_version_and_kind_are_named() {
+    let mut b = Header {
+        kind: 6,
+        ..Header::default()
+    }
+    .encode();
+    b[4] = 9; // version 9
+    let e = decode(&b, 4).err().unwrap().to_string();
+    assert!(e.contains("version 9"), "{e}");
+    let mut b = Header::default().encode();
+    b[0] ^= 0xff;
+    assert!(matches!(decode(&b, 4), Err(WireError::BadMagic(m)) if m != MAGIC));
+    let b = Header {
+        kind: 999,
+        ..Header::default()
+    }
+    .encode();
+    assert!(matches!(decode(&b, 4), Err(WireError::UnknownKind(999))));
+    assert!(matches!(decode(&[], 4), Err(WireError::Closed)));
+}
+
+#[test]
+fn data_before_the_handshake_and_bad_assignments_are_refused() {
+    let x = from_vec(vec![1.0; 8], 2, 4).unwrap();
+    let msg = DispatchMsg {
+        header: SlotHeader {
+            epoch: 1,
+            iteration: 0,
+            layer: 0,
+            micro_batch: 0,
+            sender: 0,
+        },
+        members: 1,
+        more: false,
+        x,
+        assignments: vec![Assignment {
+            row: 5, // only 2 rows
+            expert: 0,
+            weight: 1.0,
+        }],
+    };
+    let bytes = encode(&Frame::ToWorker(ToWorker::Dispatch(msg)), 4);
+    // hidden 0 = before the handshake
+    assert!(decode(&bytes, 0).is_err());
+    let e = decode(&bytes, 4).err().unwrap().to_string();
+    assert!(e.contains("assignment row 5"), "{e}");
+    // The same bytes read with another hidden size do not add up.
+    let e = decode(&bytes, 3).err().unwrap().to_string();
+    assert!(e.contains("malformed"), "{e}");
+}
