@@ -1,0 +1,304 @@
+//! Real multi-process deployments on loopback: expert workers started as
+//! `tandem serve --role expert` processes, attention replicas as
+//! `tandem generate --role attention` processes. Greedy tokens must equal the in-process
+//! engine's for every fixture family; a killed worker turns into an error (not a hang) and a
+//! restarted one serves again; `tandem status` reports both states.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tandem");
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(name)
+}
+
+/// Free loopback ports (bound then released: a tiny race, fine on a test machine).
+fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+/// Kills its processes when dropped, so that a failing test leaves nothing behind.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn write_deployment(dir: &Path, n_a: u32, n_e: u32, m: u32) -> PathBuf {
+    let ports = free_ports((n_a + n_e) as usize);
+    let att: Vec<String> = ports[..n_a as usize]
+        .iter()
+        .map(|p| format!("\"127.0.0.1:{p}\""))
+        .collect();
+    let exp: Vec<String> = ports[n_a as usize..]
+        .iter()
+        .map(|p| format!("\"127.0.0.1:{p}\""))
+        .collect();
+    let text = format!(
+        "attention_replicas = {n_a}\nexpert_workers = {n_e}\nmicro_batches = {m}\n\
+         kv_block_size = 4\nnum_kv_blocks = 512\n\n[addresses]\nattention = [{}]\nexpert = [{}]\n",
+        att.join(", "),
+        exp.join(", ")
+    );
+    let path = dir.join("deployment.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn expert(model: &Path, dep: &Path, rank: u32) -> Child {
+    Command::new(BIN)
+        .args(["serve", "--deployment"])
+        .arg(dep)
+        .args(["--role", "expert", "--rank", &rank.to_string(), "--model"])
+        .arg(model)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn generate_cmd(model: &Path, prompts: &[String], max_tokens: usize) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("generate").arg("--model").arg(model);
+    for p in prompts {
+        c.args(["--prompt-ids", p]);
+    }
+    c.args([
+        "--max-tokens",
+        &max_tokens.to_string(),
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ])
+    .env("RUST_LOG", "warn")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    c
+}
+
+fn token_ids(out: &Output) -> Vec<Vec<u64>> {
+    assert!(
+        out.status.success(),
+        "generate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["token_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+fn prompts(vocab_hint: u32, n: usize, seed: u32) -> Vec<String> {
+    (0..n as u32)
+        .map(|i| {
+            (0..3 + 2 * i)
+                .map(|j| ((seed + i * 37 + j * 11 + 1) % vocab_hint).to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect()
+}
+
+fn multi_process_equals_in_process(family: &str) {
+    let model = fixture(family);
+    let tmp = tempdir(family);
+    let dep = write_deployment(&tmp, 2, 2, 2);
+    let _experts = Procs((0..2).map(|r| expert(&model, &dep, r)).collect());
+    let ps = prompts(90, 6, 0);
+    let n = 8;
+    // Reference: the whole deployment in one process.
+    let reference = token_ids(
+        &generate_cmd(&model, &ps, n)
+            .args(["--attention-replicas", "1", "--expert-workers", "0"])
+            .output()
+            .unwrap(),
+    );
+    // Two attention replica processes at once, each with half the prompts.
+    let halves = [ps[..3].to_vec(), ps[3..].to_vec()];
+    let children: Vec<Child> = (0..2)
+        .map(|r| {
+            generate_cmd(&model, &halves[r], n)
+                .arg("--deployment")
+                .arg(&dep)
+                .args(["--role", "attention", "--rank", &r.to_string()])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut got = Vec::new();
+    for c in children {
+        got.extend(token_ids(&wait_bounded(c, Duration::from_secs(120))));
+    }
+    assert_eq!(got, reference, "{family}: multi-process vs in-process");
+}
+
+/// Waits for a child with a deadline (kills it and fails past it).
+fn wait_bounded(mut c: Child, limit: Duration) -> Output {
+    let t = Instant::now();
+    loop {
+        if let Ok(Some(_)) = c.try_wait() {
+            return c.wait_with_output().unwrap();
+        }
+        if t.elapsed() > limit {
+            let _ = c.kill();
+            panic!("a process hung for {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tandem-mp-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn multi_process_mixtral() {
+    multi_process_equals_in_process("mixtral");
+}
+#[test]
+fn multi_process_qwen2_moe() {
+    multi_process_equals_in_process("qwen2_moe");
+}
+#[test]
+fn multi_process_qwen3_moe() {
+    multi_process_equals_in_process("qwen3_moe");
+}
+#[test]
+fn multi_process_olmoe() {
+    multi_process_equals_in_process("olmoe");
+}
+#[test]
+fn multi_process_dbrx() {
+    multi_process_equals_in_process("dbrx");
+}
+
+fn status_ok(dep: &Path) -> (bool, serde_json::Value) {
+    let out = Command::new(BIN)
+        .arg("status")
+        .arg(dep)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    (out.status.success(), v)
+}
+
+#[test]
+fn a_killed_worker_fails_requests_and_a_restarted_one_rejoins() {
+    let model = fixture("mixtral");
+    let tmp = tempdir("kill");
+    // One replica process, so that `status` has no HTTP server to ask: expert workers only.
+    let dep = write_deployment(&tmp, 1, 2, 2);
+    let text = std::fs::read_to_string(&dep).unwrap();
+    let text = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("attention = ") {
+                "attention = []"
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&dep, text).unwrap();
+    let mut procs = Procs((0..2).map(|r| expert(&model, &dep, r)).collect());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !status_ok(&dep).0 {
+        assert!(Instant::now() < deadline, "workers never came up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, v) = status_ok(&dep);
+    assert_eq!(v["healthy"], true, "{v}");
+    assert_eq!(v["expert_workers"].as_array().unwrap().len(), 2, "{v}");
+    // A long generation, then worker 1 dies under it.
+    let long = generate_cmd(&model, &prompts(90, 2, 5), 900)
+        .arg("--deployment")
+        .arg(&dep)
+        .args([
+            "--role",
+            "attention",
+            "--rank",
+            "0",
+            "--peer-timeout-s",
+            "20",
+        ])
+        .spawn()
+        .unwrap();
+    // Kill worker 1 as soon as the replica is connected to it: the generation (500 tokens)
+    // is then in flight or about to start; either way it must end with an error.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = status_ok(&dep);
+        if v["expert_workers"][1]["replicas_connected"].as_u64() == Some(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica never connected: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    procs.0[1].kill().unwrap();
+    let _ = procs.0[1].wait();
+    let t = Instant::now();
+    let out = wait_bounded(long, Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the generation cannot succeed");
+    assert!(err.contains("expert worker 1"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    let (ok, v) = status_ok(&dep);
+    assert!(!ok, "status must report the dead worker: {v}");
+    assert_eq!(v["expert_workers"][1]["up"], false, "{v}");
+    // Restart worker 1 alone: the deployment serves again.
+    procs.0[1] = expert(&model, &dep, 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !status_ok(&dep).0 {
+        assert!(Instant::now() < deadline, "worker 1 never came back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ps = prompts(90, 2, 9);
+    let reference = token_ids(
+        &generate_cmd(&model, &ps, 6)
+            .args(["--attention-replicas", "1", "--expert-workers", "0"])
+            .output()
+            .unwrap(),
+    );
+    let got = token_ids(&wait_bounded(
+        generate_cmd(&model, &ps, 6)
+            .arg("--deployment")
+            .arg(&dep)
+            .args(["--role", "attention", "--rank", "0"])
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(60),
+    ));
+    assert_eq!(got, reference);
+}
