@@ -251,6 +251,13 @@ pub(crate) async fn run(state: &Arc<Shared>, job: Job) -> Result<Response, ApiEr
             ),
         ));
     }
+    // A deployment that cannot serve (a worker failed or is unreachable) says so at once.
+    if let Some(why) = state.engine.failure() {
+        metrics::counter!("tandem_requests_rejected_total").increment(1);
+        return Err(ApiError::unavailable(format!(
+            "the deployment cannot serve right now: {why}"
+        )));
+    }
     let permits = u32::try_from(total).map_err(|_| ApiError::bad_param("n", "too many choices"))?;
     let permit = state
         .admission
