@@ -40,6 +40,20 @@ pub struct EngineArgs {
     /// Also run the colocated shape (1 replica, experts local, all cores in its pool).
     #[arg(long)]
     pub with_colocated: bool,
+    /// KV cache per replica, GiB (long contexts x many sequences need more than the default).
+    #[arg(long)]
+    pub kv_cache_gb: Option<f64>,
+    /// Per replica: most sequences in one iteration (overrides the deployment).
+    #[arg(long)]
+    pub max_num_seqs: Option<u32>,
+    /// Per replica: most tokens in one iteration (overrides the deployment).
+    #[arg(long)]
+    pub max_num_batched_tokens: Option<u32>,
+    /// The first P tokens of every prompt are the same (a shared system prompt). Turns on
+    /// prefix caching and computes the prefix once per shape before the clock starts, so long
+    /// contexts cost little prefill; decode still attends over all of them.
+    #[arg(long, default_value_t = 0)]
+    pub shared_prefix_len: usize,
     #[command(flatten)]
     pub shape: crate::generate::ShapeArgs,
 }
@@ -217,13 +231,60 @@ fn decode_in_pool(a: &DecodeArgs, dir: &std::path::Path, threads: usize) -> Resu
     Ok(())
 }
 
+/// One token or the end of a request, as the bench's receiver threads saw it.
+enum Event {
+    Token(Instant),
+    Done(Result<(), String>),
+}
+
+/// Busy seconds of each worker between two snapshots, and the mean busy fraction.
+fn phase_workers(
+    before: &tandem_engine::stats::StatsSnapshot,
+    after: &tandem_engine::stats::StatsSnapshot,
+) -> (Vec<serde_json::Value>, f64) {
+    let mut out = Vec::new();
+    let mut idle = 0.0;
+    for (a, b) in after.workers.iter().zip(&before.workers) {
+        let busy = a.busy_s - b.busy_s;
+        let idl = a.idle_s - b.idle_s;
+        let f = if busy + idl > 0.0 {
+            busy / (busy + idl)
+        } else {
+            0.0
+        };
+        idle += 1.0 - f;
+        out.push(
+            json!({"role": a.role, "id": a.id, "busy_s": busy, "idle_s": idl, "busy_fraction": f}),
+        );
+    }
+    let n = out.len().max(1) as f64;
+    (out, idle / n)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 fn engine(a: EngineArgs) -> Result<()> {
-    use std::sync::Arc;
+    use std::sync::{mpsc, Arc};
     use tandem_engine::{Engine, EngineOptions};
     use tandem_sched::SamplingParams;
     let dir = crate::models::resolve(&a.model)?;
     let model = Arc::new(Model::load(&dir).with_context(|| format!("loading {}", dir.display()))?);
-    let base = a.shape.deployment()?;
+    let mut base = a.shape.deployment()?;
+    if let Some(v) = a.max_num_seqs {
+        base.max_num_seqs = v;
+    }
+    if let Some(v) = a.max_num_batched_tokens {
+        base.max_num_batched_tokens = v;
+    }
+    base.validate_shape()?;
+    let defaults = EngineOptions::default();
+    let kv_cache_bytes = a.kv_cache_gb.map_or(defaults.kv_cache_bytes, |g| {
+        (g * (1u64 << 30) as f64) as usize
+    });
     let mut shapes = Vec::new();
     if a.sweep_micro_batches.is_empty() {
         shapes.push(base.clone());
@@ -233,22 +294,29 @@ fn engine(a: EngineArgs) -> Result<()> {
         d.micro_batches = *m;
         shapes.push(d);
     }
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
     if a.with_colocated {
+        // The same machine: one replica whose pool has every core (as many threads as the
+        // disaggregated shapes have in all when they use one per core).
         let mut d = base.clone();
         d.attention_replicas = 1;
         d.expert_workers = 0;
         d.micro_batches = 1;
-        d.threads_per_worker = std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1);
+        d.threads_per_worker = cores;
         shapes.push(d);
     }
-    let v = model.cfg.vocab_size;
+    let cfg = &model.cfg;
+    let moe_layers = (0..cfg.num_layers).filter(|l| cfg.is_moe_layer(*l)).count();
+    let v = cfg.vocab_size;
+    let p = a.shared_prefix_len.min(a.input_len);
+    let prefix: Vec<u32> = (0..p).map(|j| ((j * 104729 + 7) % v) as u32).collect();
     let prompts: Vec<Vec<u32>> = (0..a.requests)
         .map(|i| {
-            (0..a.input_len)
-                .map(|j| ((i * 7919 + j * 104729 + 13) % v) as u32)
-                .collect()
+            let mut t = prefix.clone();
+            t.extend((p..a.input_len).map(|j| ((i * 7919 + j * 104729 + 13) % v) as u32));
+            t
         })
         .collect();
     let params = SamplingParams {
@@ -267,74 +335,209 @@ fn engine(a: EngineArgs) -> Result<()> {
                 d.attention_replicas, d.expert_workers, d.micro_batches
             )
         };
-        eprintln!("bench engine: {label} ...");
+        eprintln!("bench engine: {label} ... (load {})", loadavg());
+        let load_before = loadavg();
         let engine = Engine::start(
             model.clone(),
             None,
             EngineOptions {
                 deployment: d.clone(),
-                enable_prefix_caching: false,
+                enable_prefix_caching: p > 0,
+                kv_cache_bytes,
                 ..EngineOptions::default()
             },
         )?;
+        if p > 0 {
+            // Compute (and cache) the shared prefix once, untimed: its own request.
+            let mut prime = prefix.clone();
+            prime.push(1);
+            let h = engine.add_request(
+                prime,
+                SamplingParams {
+                    max_tokens: Some(1),
+                    ..params.clone()
+                },
+            )?;
+            let mut rx_h = h.rx;
+            while let Some(o) = rx_h.blocking_recv() {
+                if o.finish.is_some() {
+                    break;
+                }
+            }
+        }
+        let busy_before = engine.stats();
         let t = Instant::now();
         let handles = prompts
             .iter()
             .map(|p| engine.add_request(p.clone(), params.clone()))
             .collect::<Result<Vec<_>, _>>()?;
+        // One receiver thread per request, so that every token is timed when it arrives.
+        let (tx, rx) = mpsc::channel::<(usize, Event)>();
+        let receivers: Vec<_> = handles
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let mut rx_h = h.rx;
+                    while let Some(o) = rx_h.blocking_recv() {
+                        if o.token.is_some() {
+                            let _ = tx.send((i, Event::Token(Instant::now())));
+                        }
+                        if let Some(f) = o.finish {
+                            let r = match f.reason {
+                                tandem_sched::FinishReason::Error(e) => Err(e),
+                                _ => Ok(()),
+                            };
+                            let _ = tx.send((i, Event::Done(r)));
+                            return;
+                        }
+                    }
+                    let _ = tx.send((i, Event::Done(Err("stream closed".into()))));
+                })
+            })
+            .collect();
+        drop(tx);
+        let n = prompts.len();
         let mut tokens = 0usize;
-        let mut first_token_s = Vec::new();
-        for h in handles {
-            let mut rx = h.rx;
-            let mut first = true;
-            while let Some(o) = rx.blocking_recv() {
-                if o.token.is_some() {
+        let mut first = vec![None::<Instant>; n];
+        let mut with_first = 0usize;
+        let mut done = 0usize;
+        // Decode phase: from the moment every request has its first token.
+        let mut decode_start: Option<(Instant, usize, tandem_engine::stats::StatsSnapshot)> = None;
+        let mut last_token = t;
+        let mut failure = None;
+        while done < n {
+            let Ok((i, ev)) = rx.recv() else { break };
+            match ev {
+                Event::Token(at) => {
                     tokens += 1;
-                    if first {
-                        first_token_s.push(t.elapsed().as_secs_f64());
-                        first = false;
+                    last_token = last_token.max(at);
+                    if first[i].is_none() {
+                        first[i] = Some(at);
+                        with_first += 1;
+                        if with_first == n {
+                            decode_start = Some((at, tokens, engine.stats()));
+                        }
                     }
                 }
-                if let Some(f) = o.finish {
-                    if let tandem_sched::FinishReason::Error(e) = f.reason {
-                        anyhow::bail!("{label}: request failed: {e}");
+                Event::Done(r) => {
+                    done += 1;
+                    if let Err(e) = r {
+                        failure.get_or_insert(e);
                     }
-                    break;
                 }
             }
+        }
+        for r in receivers {
+            let _ = r.join();
         }
         let wall = t.elapsed().as_secs_f64();
         let stats = engine.stats();
         engine.shutdown();
-        let workers = &stats.workers;
-        let bubble = if workers.is_empty() {
-            0.0
-        } else {
-            workers.iter().map(|w| 1.0 - w.busy_fraction).sum::<f64>() / workers.len() as f64
+        if let Some(e) = failure {
+            anyhow::bail!("{label}: request failed: {e}");
+        }
+        // The timed window only (not the priming of a shared prefix).
+        let (workers, bubble) = phase_workers(&busy_before, &stats);
+        let iterations = stats.iterations.saturating_sub(busy_before.iterations);
+        let mut ttft: Vec<f64> = first
+            .iter()
+            .flatten()
+            .map(|f| f.duration_since(t).as_secs_f64())
+            .collect();
+        ttft.sort_by(|x, y| x.total_cmp(y));
+        let m = d.micro_batches.max(1) as f64;
+        // Mean busy time of one worker per pipeline slot (layer x micro-batch of an iteration).
+        let per_slot = |ws: &[serde_json::Value], role: &str, iters: f64, layers: usize| {
+            let busy: Vec<f64> = ws
+                .iter()
+                .filter(|w| w["role"] == role)
+                .filter_map(|w| w["busy_s"].as_f64())
+                .collect();
+            if busy.is_empty() || iters <= 0.0 {
+                return serde_json::Value::Null;
+            }
+            let mean = busy.iter().sum::<f64>() / busy.len() as f64;
+            json!(mean / (iters * layers as f64 * m) * 1e3)
         };
+        let decode = decode_start.map(|(at, before_tokens, before)| {
+            let secs = last_token.duration_since(at).as_secs_f64();
+            let toks = tokens - before_tokens;
+            let (ws, bubble) = phase_workers(&before, &stats);
+            let iters = stats.iterations.saturating_sub(before.iterations) as f64;
+            let expert_layers = if d.expert_workers == 0 {
+                cfg.num_layers
+            } else {
+                moe_layers
+            };
+            json!({
+                "start_s": at.duration_since(t).as_secs_f64(),
+                "seconds": secs,
+                "output_tokens": toks,
+                "output_tokens_per_s": if secs > 0.0 { toks as f64 / secs } else { 0.0 },
+                "iterations": iters,
+                "workers": ws,
+                "bubble_fraction": bubble,
+                // Busy ms per slot: attention (incl. lm_head, sampling and scheduling, spread
+                // over the slots) and expert, the T_a and T_e of the ping-pong.
+                "attention_busy_ms_per_slot": per_slot(&ws, "attention", iters, cfg.num_layers),
+                "expert_busy_ms_per_slot": per_slot(&ws, "expert", iters, expert_layers),
+            })
+        });
+        eprintln!(
+            "bench engine: {label}: {:.2} output tok/s overall, {:.2} in decode, bubble {:.2}",
+            tokens as f64 / wall,
+            decode
+                .as_ref()
+                .and_then(|d| d["output_tokens_per_s"].as_f64())
+                .unwrap_or(0.0),
+            bubble
+        );
         runs.push(json!({
             "shape": label,
             "attention_replicas": d.attention_replicas,
             "expert_workers": d.expert_workers,
             "micro_batches": d.micro_batches,
             "threads_per_worker": d.threads_per_worker,
+            "threads_total": d.threads_per_worker * (d.attention_replicas + d.expert_workers),
             "pin_cores": d.pin_cores,
+            "max_num_seqs": d.max_num_seqs,
+            "max_num_batched_tokens": d.max_num_batched_tokens,
             "wall_s": wall,
             "output_tokens": tokens,
             "output_tokens_per_s": tokens as f64 / wall,
-            "iterations": stats.iterations,
+            "ttft_s": {
+                "min": ttft.first(),
+                "median": ttft.get(ttft.len() / 2),
+                "max": ttft.last(),
+            },
+            "iterations": iterations,
             "preemptions": stats.preemptions,
             "workers": workers,
             "bubble_fraction": bubble,
+            "decode": decode,
+            "load_avg_before": load_before,
+            "load_avg_after": loadavg(),
         }));
     }
     let base_tps = runs
         .first()
         .and_then(|r| r["output_tokens_per_s"].as_f64())
         .unwrap_or(0.0);
+    let base_decode = runs
+        .first()
+        .and_then(|r| r["decode"]["output_tokens_per_s"].as_f64())
+        .unwrap_or(0.0);
     for r in runs.iter_mut() {
         let tps = r["output_tokens_per_s"].as_f64().unwrap_or(0.0);
         r["speedup_vs_first"] = json!(if base_tps > 0.0 { tps / base_tps } else { 0.0 });
+        let dtps = r["decode"]["output_tokens_per_s"].as_f64().unwrap_or(0.0);
+        r["decode_speedup_vs_first"] = json!(if base_decode > 0.0 {
+            dtps / base_decode
+        } else {
+            0.0
+        });
     }
     let out = json!({
         "bench": "engine",
@@ -342,6 +545,15 @@ fn engine(a: EngineArgs) -> Result<()> {
         "requests": a.requests,
         "input_len": a.input_len,
         "output_len": a.output_len,
+        "settings": {
+            "kv_cache_bytes_per_replica": kv_cache_bytes,
+            "max_num_seqs": base.max_num_seqs,
+            "max_num_batched_tokens": base.max_num_batched_tokens,
+            "kv_block_size": base.kv_block_size,
+            "shared_prefix_len": p,
+            "prefix_caching": p > 0,
+            "sampling": "greedy, EOS ignored",
+        },
         "runs": runs,
         "machine": machine_info(),
     });
