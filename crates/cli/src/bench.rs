@@ -9,6 +9,9 @@ use std::time::Instant;
 use tandem_model::generate::argmax;
 use tandem_model::{BatchLayout, KvCache, Model, SeqSlot};
 
+#[path = "bench_m2n.rs"]
+mod m2n;
+
 #[derive(Subcommand)]
 pub enum BenchCmd {
     /// Decode steps of the colocated model at a fixed batch: tokens/s, ms/step and the
@@ -19,6 +22,15 @@ pub enum BenchCmd {
     Engine(EngineArgs),
     /// Load generator for any OpenAI-compatible server, compatible with `vllm bench serve`.
     Serve(crate::bench_serve::BenchServeArgs),
+    /// M2N exchange between M sender and N receiver processes (one dispatch and one combine
+    /// per round), over tandem's TCP transport or, with --baseline mpi, MPI_Alltoallv.
+    M2n(m2n::M2nArgs),
+    /// A sender or receiver process of `bench m2n` (internal).
+    #[command(hide = true)]
+    M2nPeer(m2n::M2nPeerArgs),
+    /// One MPI rank of `bench m2n --baseline mpi` (internal; started by mpirun).
+    #[command(hide = true)]
+    M2nMpiRank(m2n::M2nMpiRankArgs),
 }
 
 #[derive(Args)]
@@ -83,6 +95,9 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Decode(a) => decode(a),
         BenchCmd::Engine(a) => engine(a),
         BenchCmd::Serve(a) => crate::bench_serve::run(a),
+        BenchCmd::M2n(a) => m2n::run(a),
+        BenchCmd::M2nPeer(a) => m2n::peer(a),
+        BenchCmd::M2nMpiRank(a) => m2n::mpi_rank(a),
     }
 }
 
