@@ -20,7 +20,7 @@ use crate::transport::{ExpertLink, ReplicaLink, ToReplica, ToWorker, TransportEr
 use crate::wire::{fnv1a, read_frame, write_frame, Frame, WireError, WIRE_VERSION};
 use crate::{DispatchMsg, EngineError};
 use serde::{Deserialize, Serialize};
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -105,7 +105,8 @@ fn resolve(addr: &str) -> std::io::Result<std::net::SocketAddr> {
 /// A writable connection and the generation that tells it from its successors.
 struct Conn {
     gen: u64,
-    w: BufWriter<TcpStream>,
+    /// Unbuffered: frames go out with vectored writes straight from tensor memory.
+    w: TcpStream,
 }
 
 impl Conn {
@@ -115,7 +116,7 @@ impl Conn {
         Ok(())
     }
     fn close(&self) {
-        let _ = self.w.get_ref().shutdown(Shutdown::Both);
+        let _ = self.w.shutdown(Shutdown::Both);
     }
 }
 
@@ -261,7 +262,7 @@ fn replica_conn_loop(s: &ReplicaShared, w: usize, tx: mpsc::Sender<ToReplica>) {
         if let Ok(mut g) = s.conns[w].lock() {
             *g = Some(Conn {
                 gen,
-                w: BufWriter::with_capacity(1 << 20, wr),
+                w: wr,
             });
         }
         tracing::info!(replica = s.rank, "connected to expert worker {w} at {addr}");
@@ -558,7 +559,7 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
         }
         let mut c = Conn {
             gen,
-            w: BufWriter::with_capacity(1 << 20, wr),
+            w: wr,
         };
         if c.send(
             &Frame::HelloAck(serde_json::to_string(&ack).unwrap_or_default()),

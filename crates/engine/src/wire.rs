@@ -198,8 +198,42 @@ fn text_frame(w: &mut impl Write, kind: Kind, h: Header, text: &str) -> Result<(
         payload_len: bytes.len() as u64,
         ..h
     };
-    w.write_all(&h.encode())?;
-    w.write_all(bytes)?;
+    write_parts(w, &[&h.encode(), bytes])
+}
+
+/// Writes every part, in order, with vectored writes: a frame leaves in as few system calls
+/// (and TCP segments) as the OS allows, and the tensor bytes are not copied into a buffer.
+pub fn write_parts(w: &mut impl Write, parts: &[&[u8]]) -> Result<(), WireError> {
+    let mut i = 0; // current part
+    let mut off = 0; // bytes of it already written
+    while i < parts.len() {
+        if off == parts[i].len() {
+            i += 1;
+            off = 0;
+            continue;
+        }
+        let slices: Vec<std::io::IoSlice> = std::iter::once(&parts[i][off..])
+            .chain(parts[i + 1..].iter().copied())
+            .map(std::io::IoSlice::new)
+            .collect();
+        let mut n = match w.write_vectored(&slices) {
+            Ok(0) => return Err(WireError::Io(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        while n > 0 && i < parts.len() {
+            let left = parts[i].len() - off;
+            if n >= left {
+                n -= left;
+                i += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -242,15 +276,14 @@ pub fn write_frame(w: &mut impl Write, f: &Frame, hidden: usize) -> Result<(), W
             h.n_assign = m.assignments.len() as u32;
             h.payload_len =
                 rows as u64 * hidden as u64 * 4 + m.assignments.len() as u64 * ASSIGNMENT_LEN;
-            w.write_all(&h.encode())?;
-            with_slice(&m.x, |x| w.write_all(f32_bytes(x)))??;
             let mut a = Vec::with_capacity(m.assignments.len() * ASSIGNMENT_LEN as usize);
             for x in &m.assignments {
                 a.extend_from_slice(&x.row.to_le_bytes());
                 a.extend_from_slice(&x.expert.to_le_bytes());
                 a.extend_from_slice(&x.weight.to_le_bytes());
             }
-            w.write_all(&a)?;
+            let head = h.encode();
+            with_slice(&m.x, |x| write_parts(w, &[&head, f32_bytes(x), &a]))??;
             Ok(())
         }
         Frame::ToWorker(ToWorker::Join { replica }) => {
@@ -287,8 +320,8 @@ pub fn write_frame(w: &mut impl Write, f: &Frame, hidden: usize) -> Result<(), W
             }
             h.rows = rows;
             h.payload_len = rows as u64 * hidden as u64 * 4;
-            w.write_all(&h.encode())?;
-            with_slice(&m.y, |y| w.write_all(f32_bytes(y)))??;
+            let head = h.encode();
+            with_slice(&m.y, |y| write_parts(w, &[&head, f32_bytes(y)]))??;
             Ok(())
         }
         Frame::ToReplica(ToReplica::Welcome {
