@@ -222,8 +222,9 @@ fn least_squares(xs: &[Vec<f64>], ys: &[f64]) -> Result<Vec<f64>> {
         for r in 0..k {
             if r != c {
                 let f = a[r][c] / a[c][c];
-                for j in c..=k {
-                    a[r][j] -= f * a[c][j];
+                let pivot = a[c].clone();
+                for (x, p) in a[r][c..=k].iter_mut().zip(&pivot[c..=k]) {
+                    *x -= f * p;
                 }
             }
         }
