@@ -260,10 +260,7 @@ fn replica_conn_loop(s: &ReplicaShared, w: usize, tx: mpsc::Sender<ToReplica>) {
             continue;
         };
         if let Ok(mut g) = s.conns[w].lock() {
-            *g = Some(Conn {
-                gen,
-                w: wr,
-            });
+            *g = Some(Conn { gen, w: wr });
         }
         tracing::info!(replica = s.rank, "connected to expert worker {w} at {addr}");
         let mut r = BufReader::with_capacity(1 << 16, &stream);
@@ -557,10 +554,7 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
                 replica: rank as u32,
             });
         }
-        let mut c = Conn {
-            gen,
-            w: wr,
-        };
+        let mut c = Conn { gen, w: wr };
         if c.send(
             &Frame::HelloAck(serde_json::to_string(&ack).unwrap_or_default()),
             0,
