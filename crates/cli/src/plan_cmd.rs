@@ -28,8 +28,42 @@ pub enum PlanCommand {
     /// List the hardware and model catalogs.
     Catalog(CatalogArgs),
     /// Write a performance-profile file fitted to the roofline: the format `tandem profile`
-    /// will fill with measurements.
+    /// fills with measurements.
     ProfileTemplate(ProfileTemplateArgs),
+    /// Predict the decode throughput of tandem's own engine for one explicit shape from a
+    /// profile measured by `tandem profile` (what `tandem profile --calibrate` checks).
+    Engine(EnginePredictArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EnginePredictArgs {
+    /// Profile written by `tandem profile`.
+    #[arg(long)]
+    pub profile: PathBuf,
+    /// Model: a config.json or its directory, or a catalog name; default: the profile's.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Deployment file; the flags below override it.
+    #[arg(long)]
+    pub deployment: Option<PathBuf>,
+    #[arg(long)]
+    pub attention_replicas: Option<u32>,
+    /// 0 = colocated.
+    #[arg(long)]
+    pub expert_workers: Option<u32>,
+    #[arg(long)]
+    pub micro_batches: Option<u32>,
+    /// Threads per worker (the profile's tp).
+    #[arg(long)]
+    pub threads_per_worker: Option<u32>,
+    /// Decoding sequences per replica.
+    #[arg(long, default_value_t = 16)]
+    pub batch: u32,
+    /// Mean context per sequence over the decode, tokens.
+    #[arg(long, default_value_t = 88.0)]
+    pub context: f64,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -221,6 +255,7 @@ pub fn plan(args: PlanArgs) -> Result<()> {
         Some(PlanCommand::Reproduce(r)) => reproduce(r),
         Some(PlanCommand::Catalog(c)) => catalog(c),
         Some(PlanCommand::ProfileTemplate(p)) => profile_template(p),
+        Some(PlanCommand::Engine(e)) => engine_predict(e),
         None => search(args.search),
     }
 }
@@ -489,6 +524,80 @@ fn profile_template(a: ProfileTemplateArgs) -> Result<()> {
     Ok(())
 }
 
+fn engine_predict(a: EnginePredictArgs) -> Result<()> {
+    use tandem_plan::engine_model::{predict_decode, EngineShape};
+    let profile = Profile::load(&a.profile)
+        .with_context(|| format!("loading profile {}", a.profile.display()))?;
+    let model_ref = a
+        .model
+        .clone()
+        .unwrap_or_else(|| profile.profile.model.clone());
+    let model = ModelCatalog::builtin()?
+        .resolve(&model_ref)
+        .with_context(|| format!("resolving model {model_ref}"))?;
+    let mut d = match &a.deployment {
+        Some(p) => tandem_core::Deployment::load(p)?,
+        None => tandem_core::Deployment::default(),
+    };
+    if let Some(v) = a.attention_replicas {
+        d.attention_replicas = v;
+    }
+    if let Some(v) = a.expert_workers {
+        d.expert_workers = v;
+    }
+    if let Some(v) = a.micro_batches {
+        d.micro_batches = v;
+    }
+    if let Some(v) = a.threads_per_worker {
+        d.threads_per_worker = v;
+    }
+    let shape = EngineShape {
+        attention_replicas: d.attention_replicas,
+        expert_workers: d.expert_workers,
+        micro_batches: d.micro_batches,
+        threads_per_worker: d.threads_per_worker,
+        batch: a.batch,
+        context_tokens: a.context,
+    };
+    let p = predict_decode(&profile, &model, &shape).context("predicting the engine")?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+    } else {
+        let what = if shape.expert_workers == 0 {
+            format!(
+                "colocated, {} replica(s) x {} threads",
+                shape.attention_replicas, shape.threads_per_worker
+            )
+        } else {
+            format!(
+                "{} replica(s) + {} expert worker(s), m={}, {} thread(s) each",
+                shape.attention_replicas,
+                shape.expert_workers,
+                shape.micro_batches,
+                shape.threads_per_worker
+            )
+        };
+        println!(
+            "{what}, batch {} at context {:.0}: {:.1} tokens/s, {:.1} ms per step",
+            shape.batch,
+            shape.context_tokens,
+            p.tokens_per_s,
+            p.step_s * 1e3
+        );
+        println!(
+            "per layer (largest micro-batch): T_a {:.2} ms, T_e {:.2} ms ({:.1} experts hit), T_c {:.3} ms; layers done at {:.1} ms, head {:.1} ms; busiest expert worker {:.0}% busy",
+            p.t_a_s * 1e3,
+            p.t_e_s * 1e3,
+            p.experts_hit,
+            p.t_c_s * 1e3,
+            p.layers_s * 1e3,
+            p.head_s * 1e3,
+            p.expert_utilisation * 100.0
+        );
+    }
+    Ok(())
+}
+
 /// Runs `tandem simulate`.
 pub fn simulate(a: SimulateArgs) -> Result<()> {
     let cat = load_catalog(a.hw_catalog.as_ref())?;
@@ -656,6 +765,22 @@ mod tests {
             panic!("not plan")
         };
         assert!(matches!(p.command, Some(PlanCommand::Reproduce(_))));
+        let Cmd::Plan(p) = parse(&[
+            "plan",
+            "engine",
+            "--profile",
+            "p.toml",
+            "--expert-workers",
+            "0",
+            "--batch",
+            "8",
+        ]) else {
+            panic!("not plan")
+        };
+        let Some(PlanCommand::Engine(e)) = p.command else {
+            panic!("not plan engine")
+        };
+        assert_eq!((e.expert_workers, e.batch, e.context), (Some(0), 8, 88.0));
         let Cmd::Plan(p) = parse(&["plan", "--model", "dbrx", "--attention-hw", "H20,H800"]) else {
             panic!("not plan")
         };
