@@ -170,17 +170,29 @@ mod avx {
         _mm_cvtss_f32(s)
     }
 
-    /// `R` weight rows times `T` token rows, accumulating in `R * T` AVX registers.
+    /// `R` weight rows times `T` token rows, accumulating in `R * T` AVX registers. Meanwhile
+    /// it prefetches `pf_lines` cache lines from `pf`, spread evenly over the loop.
     #[inline(always)]
     unsafe fn micro<const R: usize, const T: usize>(
         xs: [*const f32; T],
         ws: [*const f32; R],
         k: usize,
+        pf: *const f32,
+        pf_lines: usize,
     ) -> [[f32; T]; R] {
         let mut acc = [[_mm256_setzero_ps(); T]; R];
         let k8 = k / 8 * 8;
+        let steps = (k8 / 8).max(1);
+        // Bresenham-style: `debt` grows by pf_lines per step; one line per `steps` of it.
+        let (mut debt, mut line) = (0usize, 0usize);
         let mut i = 0;
         while i < k8 {
+            debt += pf_lines;
+            while debt >= steps {
+                _mm_prefetch::<_MM_HINT_T0>(pf.add(line * 16) as *const i8);
+                line += 1;
+                debt -= steps;
+            }
             let mut xv = [_mm256_setzero_ps(); T];
             for t in 0..T {
                 xv[t] = _mm256_loadu_ps(xs[t].add(i));
@@ -206,6 +218,14 @@ mod avx {
         res
     }
 
+    /// Where `tile` writes and what it prefetches.
+    #[derive(Clone, Copy)]
+    struct Pass {
+        out: *mut f32,
+        pf: *const f32,
+        pf_lines: usize,
+    }
+
     #[inline(always)]
     unsafe fn tile<const R: usize, const T: usize>(
         x: &[f32],
@@ -214,15 +234,66 @@ mod avx {
         n: usize,
         r: usize,
         t0: usize,
-        out: *mut f32,
+        p: Pass,
     ) {
         let xs: [*const f32; T] = std::array::from_fn(|j| x.as_ptr().add((t0 + j) * k));
         let ws: [*const f32; R] = std::array::from_fn(|j| w.as_ptr().add((r + j) * k));
-        let res = micro::<R, T>(xs, ws, k);
+        let res = micro::<R, T>(xs, ws, k, p.pf, p.pf_lines);
         for (j, row) in res.iter().enumerate() {
             for (tt, v) in row.iter().enumerate() {
-                *out.add((t0 + tt) * n + r + j) = *v;
+                *p.out.add((t0 + tt) * n + r + j) = *v;
             }
+        }
+    }
+
+    /// Every token against weight rows `r..r + R`, in token tiles of `T` (then 2, then 1).
+    /// The tiles together prefetch the next group's rows, so reading the weights from memory
+    /// overlaps the arithmetic instead of adding to it; the group's own rows stay in L1 while
+    /// the tiles pass over them.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn group<const R: usize, const T: usize>(
+        x: &[f32],
+        tokens: usize,
+        k: usize,
+        w: &[f32],
+        n: usize,
+        r: usize,
+        out: *mut f32,
+        prefetch: bool,
+    ) {
+        let rem = tokens % T;
+        let tiles = tokens / T + rem / 2 + rem % 2;
+        let (start, end) = ((r + R) * k, ((r + 2 * R) * k).min(n * k));
+        let lines = if prefetch && end > start {
+            (end - start).div_ceil(16)
+        } else {
+            0
+        };
+        let pf = w.as_ptr().add(start.min(n * k));
+        let mut done = 0;
+        let pass = |j: usize| {
+            let from = lines * j / tiles;
+            let to = lines * (j + 1) / tiles;
+            Pass {
+                out,
+                pf: pf.add(from * 16),
+                pf_lines: to - from,
+            }
+        };
+        let mut t = 0;
+        while t + T <= tokens {
+            tile::<R, T>(x, k, w, n, r, t, pass(done));
+            done += 1;
+            t += T;
+        }
+        while t + 2 <= tokens {
+            tile::<R, 2>(x, k, w, n, r, t, pass(done));
+            done += 1;
+            t += 2;
+        }
+        if t < tokens {
+            tile::<R, 1>(x, k, w, n, r, t, pass(done));
         }
     }
 
@@ -238,43 +309,35 @@ mod avx {
         r1: usize,
         out: *mut f32,
     ) {
-        // Token tiles of 4 (then 2, 1) keep 8 accumulators busy with 2 weight rows at a time;
-        // one token alone uses 4 weight rows.
         let mut r = r0;
         if tokens == 1 {
+            // Pure streaming: 4 rows at a time, the hardware prefetcher keeps up by itself.
             while r + 4 <= r1 {
-                tile::<4, 1>(x, k, w, n, r, 0, out);
+                group::<4, 1>(x, tokens, k, w, n, r, out, false);
                 r += 4;
             }
-            while r < r1 {
-                tile::<1, 1>(x, k, w, n, r, 0, out);
-                r += 1;
+        } else if tokens <= SMALL_TILE_TOKENS {
+            // 2 rows x 4 tokens: 8 accumulators, 6 loads per 8 FMAs.
+            while r + 2 <= r1 {
+                group::<2, 4>(x, tokens, k, w, n, r, out, true);
+                r += 2;
             }
-            return;
-        }
-        while r + 2 <= r1 {
-            let mut t = 0;
-            while t + 4 <= tokens {
-                tile::<2, 4>(x, k, w, n, r, t, out);
-                t += 4;
+        } else {
+            // 4 rows x 3 tokens: 12 accumulators, 7 loads per 12 FMAs.
+            while r + 4 <= r1 {
+                group::<4, 3>(x, tokens, k, w, n, r, out, true);
+                r += 4;
             }
-            while t + 2 <= tokens {
-                tile::<2, 2>(x, k, w, n, r, t, out);
-                t += 2;
-            }
-            while t < tokens {
-                tile::<2, 1>(x, k, w, n, r, t, out);
-                t += 1;
-            }
-            r += 2;
         }
         while r < r1 {
-            for t in 0..tokens {
-                tile::<1, 1>(x, k, w, n, r, t, out);
-            }
+            group::<1, 1>(x, tokens, k, w, n, r, out, false);
             r += 1;
         }
     }
+
+    /// Up to this many tokens the 2x4 tile wins, above it the 4x3 (measured with
+    /// `tandem bench kernel`).
+    const SMALL_TILE_TOKENS: usize = 16;
 }
 
 #[cfg(test)]
@@ -311,14 +374,33 @@ mod tests {
             (5, 13, 70),
             (9, 100, 3),
             (17, 256, 130),
+            // Every tile shape and remainder: 2x4 up to 16 tokens, 4x3 above; rows not a
+            // multiple of the tile; prefetch reaching the end of w.
+            (2, 24, 5),
+            (4, 40, 2),
+            (7, 41, 11),
+            (16, 64, 6),
+            (18, 72, 13),
+            (19, 33, 7),
+            (20, 96, 4),
+            (33, 130, 9),
+            (64, 64, 66),
+            (131, 17, 5),
         ] {
             let x: Vec<f32> = (0..t * k).map(|_| rnd()).collect();
             let w: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
-            let mut o = vec![0f32; t * n];
-            matmul_wt(&x, t, k, &w, n, &mut o);
             let r = naive(&x, t, k, &w, n);
-            for (a, b) in o.iter().zip(&r) {
-                assert!((a - b).abs() < 1e-4, "{t}x{k}x{n}: {a} vs {b}");
+            // One thread, and three (tasks split the rows of w).
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut o = vec![f32::NAN; t * n];
+                pool.install(|| matmul_wt(&x, t, k, &w, n, &mut o));
+                for (a, b) in o.iter().zip(&r) {
+                    assert!((a - b).abs() < 1e-4, "{t}x{k}x{n} on {threads}: {a} vs {b}");
+                }
             }
         }
     }

@@ -8,7 +8,7 @@ use candle_core::{Device, Storage, Tensor};
 
 /// Above this many token rows a linear layer uses candle's GEMM; below it, the
 /// weight-streaming kernel in `kernels`, which reads each weight row once per call.
-pub const SMALL_BATCH_ROWS: usize = 24;
+pub const SMALL_BATCH_ROWS: usize = 128;
 
 /// Runs `f` on the contiguous f32 data of `t`.
 pub fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
@@ -283,7 +283,7 @@ mod tests {
             .map(|k| ((k * 7919) % 101) as f32 / 101.0 - 0.5)
             .collect();
         let lin = Linear::new(from_vec(w, o, i).unwrap(), Some(vec![0.25; o])).unwrap();
-        for rows in [1, 3, 30] {
+        for rows in [1, 3, 30, 128, 129] {
             let x: Vec<f32> = (0..rows * i)
                 .map(|k| ((k * 31) % 17) as f32 / 17.0)
                 .collect();
