@@ -146,7 +146,8 @@ pub fn paged_attention_scalar(
     })
 }
 
-/// One parallel task: query rows `j0..j1` of sequence `seq`, KV head `g`.
+/// One parallel task: query rows `j0..j1` of sequence `seq`, KV heads `g..g1`.
+#[derive(Clone, Copy)]
 struct Task<'a> {
     q: &'a [f32],
     kv: &'a LayerKv,
@@ -158,7 +159,10 @@ struct Task<'a> {
     start_pos: usize,
     j0: usize,
     j1: usize,
+    /// KV heads `g..g1` (a decode row takes several: each position's row is then read
+    /// contiguously; prefill tiles take one).
     g: usize,
+    g1: usize,
 }
 
 fn attention_with(
@@ -188,6 +192,7 @@ fn attention_with(
         )));
     }
     let slots = kv.k.len().min(kv.v.len()) / kd.max(1);
+    let threads = rayon::current_num_threads().max(1);
     let mut tasks = Vec::new();
     let mut row0 = 0;
     for s in &layout.seqs {
@@ -209,8 +214,14 @@ fn attention_with(
             )));
         }
         let tile = if s.num_tokens == 1 { 1 } else { ROW_TILE };
+        // A decode row takes KV heads in as few ranges as keep every thread busy.
+        let per_task = if s.num_tokens == 1 {
+            hk.div_ceil((2 * threads).div_ceil(layout.seqs.len()).min(hk))
+        } else {
+            1
+        };
         for j0 in (0..s.num_tokens).step_by(tile) {
-            for g in 0..hk {
+            for g in (0..hk).step_by(per_task) {
                 tasks.push(Task {
                     q,
                     kv,
@@ -222,6 +233,7 @@ fn attention_with(
                     j0,
                     j1: (j0 + tile).min(s.num_tokens),
                     g,
+                    g1: (g + per_task).min(hk),
                 });
             }
         }
@@ -235,10 +247,11 @@ fn attention_with(
     let group = hq / hk;
     let mut out = vec![0f32; t * qd];
     for (task, part) in tasks.iter().zip(parts) {
-        for (r, src) in part.chunks_exact(group * dh).enumerate() {
+        let width = (task.g1 - task.g) * group * dh;
+        for (r, src) in part.chunks_exact(width).enumerate() {
             let row = task.row0 + task.j0 + r;
             let dst = row * qd + task.g * group * dh;
-            out[dst..dst + group * dh].copy_from_slice(src);
+            out[dst..dst + width].copy_from_slice(src);
         }
     }
     Ok(out)
@@ -290,9 +303,24 @@ impl Ops for Scalar {
 }
 
 /// One task: scores of every (row, head of the group) against the positions it sees, softmax,
-/// then the weighted sum of values. Output `[rows, group, head_dim]`.
+/// then the weighted sum of values. Output `[rows, KV heads g..g1, group, head_dim]`.
 #[inline(always)]
 unsafe fn task_impl<O: Ops>(t: &Task) -> Vec<f32> {
+    if t.g1 == t.g + 1 {
+        return group_impl::<O>(t);
+    }
+    // Several KV heads: only for single rows, so the parts simply follow each other.
+    debug_assert_eq!(t.j1 - t.j0, 1);
+    let mut out = Vec::new();
+    for g in t.g..t.g1 {
+        out.extend(group_impl::<O>(&Task { g, g1: g + 1, ..*t }));
+    }
+    out
+}
+
+/// `task_impl` for one KV head.
+#[inline(always)]
+unsafe fn group_impl<O: Ops>(t: &Task) -> Vec<f32> {
     let AttnDims {
         heads: hq,
         kv_heads: hk,
@@ -354,7 +382,7 @@ unsafe fn task_impl<O: Ops>(t: &Task) -> Vec<f32> {
 
 #[cfg(target_arch = "x86_64")]
 mod avx {
-    use super::{task_impl, Ops, Task};
+    use super::{task_impl, AttnDims, Ops, Task};
     use crate::kernels::avx_exp;
     use std::arch::x86_64::*;
 
@@ -447,6 +475,157 @@ mod avx {
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn task(t: &Task) -> Vec<f32> {
-        task_impl::<Avx>(t)
+        if t.j1 - t.j0 == 1 && t.dims.head_dim.is_multiple_of(8) {
+            decode(t)
+        } else {
+            task_impl::<Avx>(t)
+        }
+    }
+
+    /// How many positions ahead the decode kernel prefetches keys and values.
+    const AHEAD: usize = 32;
+
+    /// Eight vectors to the vector of their eight sums.
+    #[inline(always)]
+    unsafe fn reduce8(a: &[__m256; 8]) -> __m256 {
+        let t0 = _mm256_hadd_ps(a[0], a[1]);
+        let t1 = _mm256_hadd_ps(a[2], a[3]);
+        let t2 = _mm256_hadd_ps(a[4], a[5]);
+        let t3 = _mm256_hadd_ps(a[6], a[7]);
+        // [a0 a1 a2 a3 | a0 a1 a2 a3] partial sums of the low and high halves, then a4..a7.
+        let u0 = _mm256_hadd_ps(t0, t1);
+        let u1 = _mm256_hadd_ps(t2, t3);
+        _mm256_add_ps(
+            _mm256_permute2f128_ps(u0, u1, 0x20),
+            _mm256_permute2f128_ps(u0, u1, 0x31),
+        )
+    }
+
+    #[inline(always)]
+    unsafe fn prefetch_row(p: *const f32, len: usize) {
+        let mut c = 0;
+        while c < len {
+            _mm_prefetch::<_MM_HINT_T0>(p.add(c) as *const i8);
+            c += 16;
+        }
+    }
+
+    /// One decode row (every query head of KV heads `g..g1`) against every cached position,
+    /// reading each position's keys and values of those heads as one contiguous run: scores
+    /// eight positions at a time with the sums reduced together, keys and values prefetched
+    /// `AHEAD` positions on, the weighted sum of values accumulated in registers over chunks
+    /// of eight positions that stay in L1.
+    #[inline(always)]
+    unsafe fn decode(t: &Task) -> Vec<f32> {
+        let AttnDims {
+            heads: hq,
+            kv_heads: hk,
+            head_dim: dh,
+        } = t.dims;
+        let group = hq / hk;
+        let (qd, kd) = (hq * dh, hk * dh);
+        let heads = (t.g1 - t.g) * group; // query heads of this task
+        let scale = 1.0 / (dh as f32).sqrt();
+        let npos = t.start_pos + t.j0 + 1;
+        let src = (t.row0 + t.j0) * qd + t.g * group * dh;
+        let qs: Vec<f32> = t.q[src..src + heads * dh]
+            .iter()
+            .map(|v| v * scale)
+            .collect();
+        // Offset of every position's first key of head g (block table resolved once; the
+        // caller checked that it covers npos and stays inside the cache).
+        let mut offs = Vec::with_capacity(npos);
+        for (b, &blk) in t.table[..npos.div_ceil(t.bs)].iter().enumerate() {
+            let first = blk as usize * t.bs;
+            for i in 0..t.bs.min(npos - b * t.bs) {
+                offs.push((first + i) * kd + t.g * dh);
+            }
+        }
+        let run = (t.g1 - t.g) * dh; // contiguous floats per position
+        let (kb, vb) = (t.kv.k.as_ptr(), t.kv.v.as_ptr());
+        // Scores per query head, padded to whole vectors.
+        let npad = npos.next_multiple_of(8);
+        let mut scores = vec![0f32; heads * npad];
+        let mut p = 0;
+        while p < npos {
+            let n = (npos - p).min(8);
+            let kp: [*const f32; 8] = std::array::from_fn(|j| kb.add(offs[p + j.min(n - 1)]));
+            for &off in offs.iter().skip(p + AHEAD).take(8) {
+                prefetch_row(kb.add(off), run);
+            }
+            for h in 0..heads {
+                // Query head h reads the keys of KV head g + h / group.
+                let ko = (h / group) * dh;
+                let qh = qs.as_ptr().add(h * dh);
+                let mut acc = [_mm256_setzero_ps(); 8];
+                let mut c = 0;
+                while c < dh {
+                    let qv = _mm256_loadu_ps(qh.add(c));
+                    for j in 0..8 {
+                        acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(kp[j].add(ko + c)), qv, acc[j]);
+                    }
+                    c += 8;
+                }
+                _mm256_storeu_ps(scores.as_mut_ptr().add(h * npad + p), reduce8(&acc));
+            }
+            p += 8;
+        }
+        let mut inv = vec![0f32; heads];
+        for (h, inv) in inv.iter_mut().enumerate() {
+            let s = &mut scores[h * npad..h * npad + npos];
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            *inv = 1.0 / Avx::exp_sum(s, max);
+        }
+        let mut out = vec![0f32; heads * dh];
+        let mut p = 0;
+        while p < npos {
+            let n = (npos - p).min(8);
+            for &off in offs.iter().skip(p + AHEAD).take(8) {
+                prefetch_row(vb.add(off), run);
+            }
+            let o = &offs[p..p + n];
+            for h in 0..heads {
+                let s = scores.as_ptr().add(h * npad + p);
+                let vo = vb.add((h / group) * dh);
+                let mut c0 = 0;
+                while c0 < dh {
+                    let dst = out.as_mut_ptr().add(h * dh + c0);
+                    let v = vo.add(c0);
+                    match (dh - c0).min(64) / 8 {
+                        8 => pv::<8>(s, o, v, dst),
+                        7 => pv::<7>(s, o, v, dst),
+                        6 => pv::<6>(s, o, v, dst),
+                        5 => pv::<5>(s, o, v, dst),
+                        4 => pv::<4>(s, o, v, dst),
+                        3 => pv::<3>(s, o, v, dst),
+                        2 => pv::<2>(s, o, v, dst),
+                        _ => pv::<1>(s, o, v, dst),
+                    }
+                    c0 += 64;
+                }
+            }
+            p += 8;
+        }
+        for (row, inv) in out.chunks_exact_mut(dh).zip(&inv) {
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+        out
+    }
+
+    /// `o[..8W] += sum_j s[j] * v[offs[j]..][..8W]` over the positions of one chunk, the sum
+    /// in `W` registers.
+    #[inline(always)]
+    unsafe fn pv<const W: usize>(s: *const f32, offs: &[usize], v: *const f32, o: *mut f32) {
+        let mut acc: [__m256; W] = std::array::from_fn(|c| _mm256_loadu_ps(o.add(c * 8)));
+        for (j, &off) in offs.iter().enumerate() {
+            let w = _mm256_set1_ps(*s.add(j));
+            let vp = v.add(off);
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(c * 8)), *a);
+            }
+        }
+        for (c, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(o.add(c * 8), *a);
+        }
     }
 }

@@ -118,10 +118,21 @@ fn fast_and_scalar_paths_match_the_reference() {
         (16, 8, 64), // the demo model
         (2, 1, 5),   // MQA, head dim below one vector
         (3, 1, 24),
+        (8, 2, 128), // wider than the 64 columns the decode kernel keeps in registers
+        (5, 5, 72),
     ];
     // (start_pos, num_tokens): decode rows, a whole prefill longer than a row tile, a chunk
     // of a prefill, a single-token prompt, a long decode.
-    let seqs = [(37, 1), (0, 19), (5, 10), (0, 1), (70, 1), (16, 3)];
+    let seqs = [
+        (37, 1),
+        (0, 19),
+        (5, 10),
+        (0, 1),
+        (70, 1),
+        (16, 3),
+        (7, 1),
+        (8, 1),
+    ];
     for &(heads, kv_heads, head_dim) in &dims {
         for bs in [1, 3, 16] {
             let d = AttnDims {
