@@ -66,6 +66,11 @@ pub struct EngineArgs {
     /// contexts cost little prefill; decode still attends over all of them.
     #[arg(long, default_value_t = 0)]
     pub shared_prefix_len: usize,
+    /// Run every shape this many times, interleaved (round 1: all shapes, round 2: all shapes,
+    /// ...), and add a `summary` with each shape's median and its median ratio to the first
+    /// shape within a round: on a shared, noisy machine, drift then hits all shapes alike.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     #[command(flatten)]
     pub shape: crate::generate::ShapeArgs,
 }
@@ -282,6 +287,47 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// Median, min and max of `v` (empty: zeros).
+fn spread(mut v: Vec<f64>) -> serde_json::Value {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return json!({"median": 0.0, "min": 0.0, "max": 0.0, "values": []});
+    }
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    json!({"median": median, "min": v[0], "max": v[n - 1], "values": v})
+}
+
+/// Per shape (runs are `rounds x n_shapes`, round-major): the spread of its throughputs and
+/// of its ratios to the first shape of the same round.
+fn summarize_rounds(runs: &[serde_json::Value], n_shapes: usize) -> Vec<serde_json::Value> {
+    (0..n_shapes)
+        .map(|j| {
+            let of = |f: &dyn Fn(&serde_json::Value) -> Option<f64>| {
+                spread(
+                    runs.iter()
+                        .skip(j)
+                        .step_by(n_shapes)
+                        .filter_map(f)
+                        .collect(),
+                )
+            };
+            json!({
+                "shape": runs[j]["shape"],
+                "output_tokens_per_s": of(&|r| r["output_tokens_per_s"].as_f64()),
+                "decode_tokens_per_s": of(&|r| r["decode"]["output_tokens_per_s"].as_f64()),
+                "speedup_vs_first": of(&|r| r["speedup_vs_first"].as_f64()),
+                "decode_speedup_vs_first": of(&|r| r["decode_speedup_vs_first"].as_f64()),
+                "bubble_fraction": of(&|r| r["decode"]["bubble_fraction"].as_f64()),
+            })
+        })
+        .collect()
+}
+
 fn engine(a: EngineArgs) -> Result<()> {
     use std::sync::{mpsc, Arc};
     use tandem_engine::{Engine, EngineOptions};
@@ -340,8 +386,12 @@ fn engine(a: EngineArgs) -> Result<()> {
         ignore_eos: true,
         ..SamplingParams::default()
     };
+    if a.rounds == 0 {
+        anyhow::bail!("--rounds must be at least 1");
+    }
+    let n_shapes = shapes.len();
     let mut runs = Vec::new();
-    for d in shapes {
+    for (round, d) in (0..a.rounds).flat_map(|r| shapes.iter().cloned().map(move |d| (r, d))) {
         let label = if d.expert_workers == 0 {
             format!("colocated x{} threads", d.threads_per_worker)
         } else {
@@ -350,7 +400,12 @@ fn engine(a: EngineArgs) -> Result<()> {
                 d.attention_replicas, d.expert_workers, d.micro_batches
             )
         };
-        eprintln!("bench engine: {label} ... (load {})", loadavg());
+        eprintln!(
+            "bench engine: round {}/{}: {label} ... (load {})",
+            round + 1,
+            a.rounds,
+            loadavg()
+        );
         let load_before = loadavg();
         let engine = Engine::start(
             model.clone(),
@@ -534,17 +589,23 @@ fn engine(a: EngineArgs) -> Result<()> {
             "decode": decode,
             "load_avg_before": load_before,
             "load_avg_after": loadavg(),
+            "round": round + 1,
         }));
     }
-    let base_tps = runs
-        .first()
-        .and_then(|r| r["output_tokens_per_s"].as_f64())
-        .unwrap_or(0.0);
-    let base_decode = runs
-        .first()
-        .and_then(|r| r["decode"]["output_tokens_per_s"].as_f64())
-        .unwrap_or(0.0);
-    for r in runs.iter_mut() {
+    // Ratios against the first shape of the same round.
+    let bases: Vec<(f64, f64)> = runs
+        .chunks(n_shapes)
+        .map(|c| {
+            (
+                c[0]["output_tokens_per_s"].as_f64().unwrap_or(0.0),
+                c[0]["decode"]["output_tokens_per_s"]
+                    .as_f64()
+                    .unwrap_or(0.0),
+            )
+        })
+        .collect();
+    for (i, r) in runs.iter_mut().enumerate() {
+        let (base_tps, base_decode) = bases[i / n_shapes];
         let tps = r["output_tokens_per_s"].as_f64().unwrap_or(0.0);
         r["speedup_vs_first"] = json!(if base_tps > 0.0 { tps / base_tps } else { 0.0 });
         let dtps = r["decode"]["output_tokens_per_s"].as_f64().unwrap_or(0.0);
@@ -553,6 +614,18 @@ fn engine(a: EngineArgs) -> Result<()> {
         } else {
             0.0
         });
+    }
+    let summary = summarize_rounds(&runs, n_shapes);
+    for r in &summary {
+        eprintln!(
+            "bench engine: {}: median decode {:.2} tok/s over {} round(s), {:.2}x the first shape",
+            r["shape"].as_str().unwrap_or(""),
+            r["decode_tokens_per_s"]["median"].as_f64().unwrap_or(0.0),
+            a.rounds,
+            r["decode_speedup_vs_first"]["median"]
+                .as_f64()
+                .unwrap_or(0.0),
+        );
     }
     let out = json!({
         "bench": "engine",
@@ -569,9 +642,47 @@ fn engine(a: EngineArgs) -> Result<()> {
             "prefix_caching": p > 0,
             "sampling": "greedy, EOS ignored",
         },
+        "rounds": a.rounds,
         "runs": runs,
+        "summary": summary,
         "machine": machine_info(),
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod rounds_tests {
+    use super::{spread, summarize_rounds};
+    use serde_json::json;
+
+    #[test]
+    fn spread_takes_the_middle() {
+        assert_eq!(spread(vec![3.0, 1.0, 2.0])["median"], json!(2.0));
+        assert_eq!(spread(vec![4.0, 1.0, 2.0, 3.0])["median"], json!(2.5));
+        assert_eq!(spread(vec![4.0, 1.0])["min"], json!(1.0));
+        assert_eq!(spread(vec![])["median"], json!(0.0));
+    }
+
+    #[test]
+    fn rounds_are_grouped_per_shape() {
+        // Two rounds of two shapes, round-major.
+        let run = |shape: &str, tps: f64, ratio: f64| {
+            json!({"shape": shape, "output_tokens_per_s": tps, "speedup_vs_first": ratio,
+                   "decode_speedup_vs_first": ratio,
+                   "decode": {"output_tokens_per_s": tps, "bubble_fraction": 0.1}})
+        };
+        let runs = vec![
+            run("a", 10.0, 1.0),
+            run("b", 15.0, 1.5),
+            run("a", 20.0, 1.0),
+            run("b", 26.0, 1.3),
+        ];
+        let s = summarize_rounds(&runs, 2);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[1]["shape"], json!("b"));
+        assert_eq!(s[1]["decode_tokens_per_s"]["values"], json!([15.0, 26.0]));
+        assert_eq!(s[1]["decode_speedup_vs_first"]["median"], json!(1.4));
+        assert_eq!(s[0]["output_tokens_per_s"]["max"], json!(20.0));
+    }
 }
