@@ -185,7 +185,8 @@ impl Hardware {
             field: f,
         })
     }
-    fn matches(&self, name: &str) -> bool {
+    /// `name` is this device's name or one of its aliases (any case).
+    pub fn matches(&self, name: &str) -> bool {
         self.name.eq_ignore_ascii_case(name)
             || self.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
     }

@@ -415,9 +415,10 @@ pub fn plan(
             let roof = Roofline::new(catalog, &req.model, ha, he, req.context_tokens);
             let profiled;
             let sm: &dyn StageModel = match &source {
+                // The profile names its hardware as the user did (`tandem profile` writes
+                // "cpu"): an alias counts.
                 PerfSource::Profile(p)
-                    if p.profile.attention_hw.eq_ignore_ascii_case(&ha.name)
-                        && p.profile.expert_hw.eq_ignore_ascii_case(&he.name) =>
+                    if ha.matches(&p.profile.attention_hw) && he.matches(&p.profile.expert_hw) =>
                 {
                     profiled = ProfileModel::new((*p).clone(), req.context_tokens, ha.elem_bytes());
                     &profiled
@@ -429,6 +430,17 @@ pub fn plan(
     }
     let mut colocated = Vec::new();
     if req.colocated_baseline {
+        if let PerfSource::Profile(p) = &source {
+            if hw_seen.iter().any(|h| h.matches(&p.profile.attention_hw)) {
+                notes.push(
+                    "the colocated baselines use the roofline: the profile has no colocated \
+                     fit, so 'vs coloc' compares a measured plan with a modelled baseline \
+                     (`tandem plan engine --expert-workers 0 --profile FILE` predicts a \
+                     colocated shape of the engine from the profile)"
+                        .to_string(),
+                );
+            }
+        }
         for hw in &hw_seen {
             let roof = Roofline::new(catalog, &req.model, hw, hw, req.context_tokens);
             match plan_colocated(req, hw, &roof) {
@@ -1111,6 +1123,30 @@ mod tests {
         let best = rep.best().unwrap();
         assert!(best.source.starts_with("profile"));
         assert_eq!((best.tp_a, best.tp_e), (2, 1));
+    }
+
+    #[test]
+    fn a_profile_named_by_an_alias_is_used() {
+        // `tandem profile` writes attention_hw = "cpu"; the catalog entry is named
+        // differently and lists "cpu" as an alias.
+        let c = cat();
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/mixtral");
+        let m = ModelCatalog::builtin().unwrap().resolve(dir).unwrap();
+        let mut r = PlanRequest::new(m, "cpu", "cpu");
+        r.objective = Objective::PerGpu;
+        r.tbt_slo_s = 1.0;
+        let cpu = c.get("cpu").unwrap();
+        assert_ne!(cpu.name, "cpu");
+        let roof = Roofline::new(&c, &r.model, cpu, cpu, 730.0);
+        let prof =
+            Profile::from_stage_model(&roof, "mixtral", "cpu", "cpu", &[1], &[1], 730.0, 64.0)
+                .unwrap();
+        let rep = plan(&r, &c, PerfSource::Profile(&prof)).unwrap();
+        assert!(
+            rep.best().unwrap().source.starts_with("profile"),
+            "{:?}",
+            rep.best()
+        );
     }
 
     #[test]
