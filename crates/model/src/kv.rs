@@ -475,8 +475,8 @@ mod avx {
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn task(t: &Task) -> Vec<f32> {
-        if t.j1 - t.j0 == 1 && t.dims.head_dim.is_multiple_of(8) {
-            decode(t)
+        if t.dims.head_dim.is_multiple_of(8) {
+            rows(t)
         } else {
             task_impl::<Avx>(t)
         }
@@ -510,13 +510,14 @@ mod avx {
         }
     }
 
-    /// One decode row (every query head of KV heads `g..g1`) against every cached position,
-    /// reading each position's keys and values of those heads as one contiguous run: scores
-    /// eight positions at a time with the sums reduced together, keys and values prefetched
-    /// `AHEAD` positions on, the weighted sum of values accumulated in registers over chunks
-    /// of eight positions that stay in L1.
+    /// Query rows `j0..j1` (every query head of KV heads `g..g1`) against the cached
+    /// positions each row sees, reading each position's keys and values of those heads as
+    /// one contiguous run: scores eight positions at a time with the sums reduced together,
+    /// keys and values prefetched `AHEAD` positions on, the weighted sum of values accumulated
+    /// in registers over chunks of eight positions that stay in L1. Row `r` sees positions
+    /// `0..=start + r`; later positions get weight 0. Output `[rows, heads, head_dim]`.
     #[inline(always)]
-    unsafe fn decode(t: &Task) -> Vec<f32> {
+    unsafe fn rows(t: &Task) -> Vec<f32> {
         let AttnDims {
             heads: hq,
             kv_heads: hk,
@@ -525,13 +526,16 @@ mod avx {
         let group = hq / hk;
         let (qd, kd) = (hq * dh, hk * dh);
         let heads = (t.g1 - t.g) * group; // query heads of this task
+        let nrows = t.j1 - t.j0;
+        let nq = nrows * heads; // queries, row-major: query i is row i / heads
         let scale = 1.0 / (dh as f32).sqrt();
-        let npos = t.start_pos + t.j0 + 1;
-        let src = (t.row0 + t.j0) * qd + t.g * group * dh;
-        let qs: Vec<f32> = t.q[src..src + heads * dh]
-            .iter()
-            .map(|v| v * scale)
-            .collect();
+        let pos0 = t.start_pos + t.j0;
+        let npos = pos0 + nrows;
+        let mut qs = Vec::with_capacity(nq * dh);
+        for r in 0..nrows {
+            let src = (t.row0 + t.j0 + r) * qd + t.g * group * dh;
+            qs.extend(t.q[src..src + heads * dh].iter().map(|v| v * scale));
+        }
         // Offset of every position's first key of head g (block table resolved once; the
         // caller checked that it covers npos and stays inside the cache).
         let mut offs = Vec::with_capacity(npos);
@@ -543,9 +547,9 @@ mod avx {
         }
         let run = (t.g1 - t.g) * dh; // contiguous floats per position
         let (kb, vb) = (t.kv.k.as_ptr(), t.kv.v.as_ptr());
-        // Scores per query head, padded to whole vectors.
+        // Scores per query, padded to whole vectors.
         let npad = npos.next_multiple_of(8);
-        let mut scores = vec![0f32; heads * npad];
+        let mut scores = vec![0f32; nq * npad];
         let mut p = 0;
         while p < npos {
             let n = (npos - p).min(8);
@@ -553,10 +557,13 @@ mod avx {
             for &off in offs.iter().skip(p + AHEAD).take(8) {
                 prefetch_row(kb.add(off), run);
             }
-            for h in 0..heads {
+            // Rows that see none of these positions skip them.
+            let first_row = p.saturating_sub(pos0);
+            for i in first_row * heads..nq {
+                let h = i % heads;
                 // Query head h reads the keys of KV head g + h / group.
                 let ko = (h / group) * dh;
-                let qh = qs.as_ptr().add(h * dh);
+                let qh = qs.as_ptr().add(i * dh);
                 let mut acc = [_mm256_setzero_ps(); 8];
                 let mut c = 0;
                 while c < dh {
@@ -566,17 +573,20 @@ mod avx {
                     }
                     c += 8;
                 }
-                _mm256_storeu_ps(scores.as_mut_ptr().add(h * npad + p), reduce8(&acc));
+                _mm256_storeu_ps(scores.as_mut_ptr().add(i * npad + p), reduce8(&acc));
             }
             p += 8;
         }
-        let mut inv = vec![0f32; heads];
-        for (h, inv) in inv.iter_mut().enumerate() {
-            let s = &mut scores[h * npad..h * npad + npos];
+        let mut inv = vec![0f32; nq];
+        for (i, inv) in inv.iter_mut().enumerate() {
+            let seen = pos0 + i / heads + 1;
+            let row = &mut scores[i * npad..(i + 1) * npad];
+            let s = &mut row[..seen];
             let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             *inv = 1.0 / Avx::exp_sum(s, max);
+            row[seen..].iter_mut().for_each(|v| *v = 0.0);
         }
-        let mut out = vec![0f32; heads * dh];
+        let mut out = vec![0f32; nq * dh];
         let mut p = 0;
         while p < npos {
             let n = (npos - p).min(8);
@@ -584,12 +594,13 @@ mod avx {
                 prefetch_row(vb.add(off), run);
             }
             let o = &offs[p..p + n];
-            for h in 0..heads {
-                let s = scores.as_ptr().add(h * npad + p);
-                let vo = vb.add((h / group) * dh);
+            let first_row = p.saturating_sub(pos0);
+            for i in first_row * heads..nq {
+                let s = scores.as_ptr().add(i * npad + p);
+                let vo = vb.add(((i % heads) / group) * dh);
                 let mut c0 = 0;
                 while c0 < dh {
-                    let dst = out.as_mut_ptr().add(h * dh + c0);
+                    let dst = out.as_mut_ptr().add(i * dh + c0);
                     let v = vo.add(c0);
                     match (dh - c0).min(64) / 8 {
                         8 => pv::<8>(s, o, v, dst),
