@@ -12,6 +12,9 @@ use tandem_model::{BatchLayout, KvCache, Model, SeqSlot};
 #[path = "bench_m2n.rs"]
 mod m2n;
 
+#[path = "bench_kernels.rs"]
+mod kernels;
+
 #[derive(Subcommand)]
 pub enum BenchCmd {
     /// Decode steps of the colocated model at a fixed batch: tokens/s, ms/step and the
@@ -31,6 +34,9 @@ pub enum BenchCmd {
     /// One MPI rank of `bench m2n --baseline mpi` (internal; started by mpirun).
     #[command(hide = true)]
     M2nMpiRank(m2n::M2nMpiRankArgs),
+    /// The hot CPU kernels alone: memory read bandwidth, the small-batch matmul against
+    /// candle's GEMM on the demo model's expert shapes, and paged attention decode.
+    Kernels(kernels::KernelsArgs),
 }
 
 #[derive(Args)]
@@ -103,6 +109,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::M2n(a) => m2n::run(a),
         BenchCmd::M2nPeer(a) => m2n::peer(a),
         BenchCmd::M2nMpiRank(a) => m2n::mpi_rank(a),
+        BenchCmd::Kernels(a) => kernels::run(a),
     }
 }
 

@@ -336,7 +336,7 @@ mod avx {
     }
 
     /// Up to this many tokens the 2x4 tile wins, above it the 4x3 (measured with
-    /// `tandem bench kernel`).
+    /// `tandem bench kernels`).
     const SMALL_TILE_TOKENS: usize = 16;
 }
 
