@@ -115,11 +115,17 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
 
 /// Best-of-5 read bandwidth over a 1 GiB buffer in the current rayon pool, bytes/s.
 pub fn measure_bandwidth() -> f64 {
+    read_bandwidth(1 << 30, 5)
+}
+
+/// Best-of-`passes` read bandwidth of `kernels::sum` over a buffer of `bytes`, in the current
+/// rayon pool, bytes/s.
+pub fn read_bandwidth(bytes: usize, passes: usize) -> f64 {
     use rayon::prelude::*;
-    let n = 1usize << 28; // f32s = 1 GiB
+    let n = (bytes / 4).max(1);
     let buf: Vec<f32> = (0..n).into_par_iter().map(|i| (i & 7) as f32).collect();
     let mut best = 0f64;
-    for _ in 0..5 {
+    for _ in 0..passes {
         let t = Instant::now();
         let s: f32 = buf
             .par_chunks(1 << 16)

@@ -104,7 +104,7 @@ pub fn run(a: KernelsArgs) -> Result<()> {
         .build()?;
     let load_before = super::loadavg();
     let (mem, matmul, attention) = pool.install(|| -> Result<_> {
-        let mem = memory_read(a.mem_mib << 20, 3);
+        let mem = super::read_bandwidth(a.mem_mib << 20, 3);
         eprintln!(
             "bench kernels: memory read {:.2} GB/s ({} MiB)",
             mem / 1e9,
@@ -145,25 +145,6 @@ pub fn run(a: KernelsArgs) -> Result<()> {
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
-}
-
-/// Best-of-`passes` read bandwidth of `kernels::sum` over a buffer of `bytes`, bytes/s, in the
-/// current pool (like `measure_bandwidth`, smaller).
-fn memory_read(bytes: usize, passes: usize) -> f64 {
-    use rayon::prelude::*;
-    let n = (bytes / 4).max(1);
-    let buf: Vec<f32> = (0..n).into_par_iter().map(|i| (i & 7) as f32).collect();
-    let mut best = 0f64;
-    for _ in 0..passes {
-        let t = Instant::now();
-        let s: f32 = buf
-            .par_chunks(1 << 16)
-            .map(tandem_model::kernels::sum)
-            .sum();
-        std::hint::black_box(s);
-        best = best.max((n * 4) as f64 / t.elapsed().as_secs_f64());
-    }
-    best
 }
 
 /// `matmul_wt` and candle's GEMM (`Linear::forward_gemm`) on `[rows, k] x [n, k]^T` for every

@@ -165,6 +165,26 @@ struct Task<'a> {
     g1: usize,
 }
 
+impl Task<'_> {
+    /// The task's queries `[rows j0..j1, query heads of KV heads g..g1, head_dim]`, times
+    /// `1 / sqrt(head_dim)`.
+    fn scaled_queries(&self) -> Vec<f32> {
+        let AttnDims {
+            heads: hq,
+            kv_heads: hk,
+            head_dim: dh,
+        } = self.dims;
+        let width = (self.g1 - self.g) * (hq / hk) * dh;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let mut qs = Vec::with_capacity((self.j1 - self.j0) * width);
+        for r in self.j0..self.j1 {
+            let src = (self.row0 + r) * hq * dh + self.g * (hq / hk) * dh;
+            qs.extend(self.q[src..src + width].iter().map(|v| v * scale));
+        }
+        qs
+    }
+}
+
 fn attention_with(
     q: &[f32],
     layout: &BatchLayout,
@@ -327,23 +347,13 @@ unsafe fn group_impl<O: Ops>(t: &Task) -> Vec<f32> {
         head_dim: dh,
     } = t.dims;
     let group = hq / hk;
-    let (qd, kd) = (hq * dh, hk * dh);
+    let kd = hk * dh;
     let rows = t.j1 - t.j0;
     let nq = rows * group;
-    let scale = 1.0 / (dh as f32).sqrt();
     // Position of the tile's first row; row r sees positions 0..=pos0 + r.
     let pos0 = t.start_pos + t.j0;
     let npos = pos0 + rows;
-    let mut qs = vec![0f32; nq * dh];
-    for r in 0..rows {
-        let src = (t.row0 + t.j0 + r) * qd + t.g * group * dh;
-        for (d, s) in qs[r * group * dh..(r + 1) * group * dh]
-            .iter_mut()
-            .zip(&t.q[src..src + group * dh])
-        {
-            *d = s * scale;
-        }
-    }
+    let qs = t.scaled_queries();
     let mut scores = vec![0f32; nq * npos];
     let kv_row = |slot: usize| slot * kd + t.g * dh;
     for (b, &blk) in t.table[..npos.div_ceil(t.bs)].iter().enumerate() {
@@ -524,18 +534,13 @@ mod avx {
             head_dim: dh,
         } = t.dims;
         let group = hq / hk;
-        let (qd, kd) = (hq * dh, hk * dh);
+        let kd = hk * dh;
         let heads = (t.g1 - t.g) * group; // query heads of this task
         let nrows = t.j1 - t.j0;
         let nq = nrows * heads; // queries, row-major: query i is row i / heads
-        let scale = 1.0 / (dh as f32).sqrt();
         let pos0 = t.start_pos + t.j0;
         let npos = pos0 + nrows;
-        let mut qs = Vec::with_capacity(nq * dh);
-        for r in 0..nrows {
-            let src = (t.row0 + t.j0 + r) * qd + t.g * group * dh;
-            qs.extend(t.q[src..src + heads * dh].iter().map(|v| v * scale));
-        }
+        let qs = t.scaled_queries();
         // Offset of every position's first key of head g (block table resolved once; the
         // caller checked that it covers npos and stays inside the cache).
         let mut offs = Vec::with_capacity(npos);
