@@ -2,7 +2,9 @@
 //!
 //! One engine step is `schedule()` -> run the model on the [`SchedulerOutput`] -> sample ->
 //! `update()`. The scheduler never sees a tensor: its output is plain token ids, positions and
-//! block tables.
+//! block tables. An attention replica that pipelines micro-batches across iterations splits
+//! the scheduler into lanes ([`Scheduler::set_lanes`]) whose steps are in flight at the same
+//! time; the policy below then holds per lane (preemption picks the lane's newest sequence).
 //!
 //! # Policy
 //! * **FCFS.** Requests get an arrival number at [`Scheduler::add`]. The running list and the
@@ -128,6 +130,8 @@ pub struct Sequence {
     arrival: u64,
     num_preemptions: u32,
     num_cached_tokens: Option<usize>,
+    /// The lane a running sequence is scheduled in (see [`Scheduler::set_lanes`]).
+    lane: usize,
 }
 
 impl Sequence {
@@ -152,6 +156,7 @@ impl Sequence {
             arrival: 0,
             num_preemptions: 0,
             num_cached_tokens: None,
+            lane: 0,
         }
     }
 
@@ -390,7 +395,8 @@ pub struct Scheduler {
     waiting: VecDeque<RequestId>,
     running: Vec<RequestId>,
     next_arrival: u64,
-    in_flight: Option<Vec<InFlight>>,
+    /// Per lane: the step between `schedule_lane` and `update_lane`.
+    in_flight: Vec<Option<Vec<InFlight>>>,
     num_preemptions: u64,
 }
 
@@ -428,7 +434,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_arrival: 0,
-            in_flight: None,
+            in_flight: vec![None],
             num_preemptions: 0,
         })
     }
@@ -472,21 +478,73 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Plans the next step. Errors only if the previous step was not `update`d, or on an
-    /// internal inconsistency.
+    /// Plans the next step (of lane 0). Errors only if the previous step was not `update`d,
+    /// or on an internal inconsistency.
     pub fn schedule(&mut self) -> Result<SchedulerOutput, SchedError> {
-        if self.in_flight.is_some() {
+        self.schedule_lane(0)
+    }
+
+    /// Splits the scheduler into `n` lanes that step independently: each running sequence
+    /// belongs to one lane, and lane `k`'s step (`schedule_lane(k)` ... `update_lane(k)`)
+    /// may be in flight while the other lanes schedule and update theirs. This is what lets
+    /// an attention replica start micro-batch `k` of the next iteration as soon as micro-batch
+    /// `k`'s tokens are sampled. Each lane gets `ceil(max_num_batched_tokens / n)` tokens
+    /// per step and admits new sequences so that the lanes hold similar numbers of them; it
+    /// preempts only its own sequences (the others' steps may be in flight). With `n = 1`
+    /// (the default) this is the plain scheduler. Fails while a step is in flight.
+    pub fn set_lanes(&mut self, n: usize) -> Result<(), SchedError> {
+        if n == 0 {
+            return Err(SchedError::InvalidConfig("at least one lane".into()));
+        }
+        if self.in_flight.iter().any(Option::is_some) {
             return Err(SchedError::StepInFlight);
         }
-        let mut budget = self.config.max_num_batched_tokens;
+        self.in_flight = vec![None; n];
+        for s in self.seqs.values_mut() {
+            s.lane %= n;
+        }
+        Ok(())
+    }
+
+    /// Lanes (1 unless [`Scheduler::set_lanes`] said otherwise).
+    pub fn num_lanes(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Whether lane `lane` has a step awaiting `update_lane`.
+    pub fn lane_in_flight(&self, lane: usize) -> bool {
+        self.in_flight.get(lane).is_some_and(Option::is_some)
+    }
+
+    /// Plans lane `lane`'s next step: its running sequences first, then admission from the
+    /// (shared, FCFS) waiting queue into this lane. Errors if the lane's previous step was not
+    /// updated, on a lane that does not exist, or on an internal inconsistency.
+    pub fn schedule_lane(&mut self, lane: usize) -> Result<SchedulerOutput, SchedError> {
+        let lanes = self.num_lanes();
+        match self.in_flight.get(lane) {
+            None => {
+                return Err(SchedError::Invariant(format!(
+                    "lane {lane} of {lanes} scheduled"
+                )))
+            }
+            Some(Some(_)) => return Err(SchedError::StepInFlight),
+            Some(None) => {}
+        }
+        let lane_budget = self.config.max_num_batched_tokens.div_ceil(lanes);
+        let mut budget = lane_budget;
         // (id, start, num_new)
         let mut planned: Vec<(RequestId, usize, usize)> = Vec::new();
         let mut preempted = Vec::new();
+        let in_lane = |s: &Self, id: &RequestId| s.seqs.get(id).is_some_and(|q| q.lane == lane);
 
-        // Running sequences, oldest first.
+        // This lane's running sequences, oldest first.
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
+            if !in_lane(self, &id) {
+                i += 1;
+                continue;
+            }
             let (start, len) = {
                 let s = self.seq(id)?;
                 (s.num_computed_tokens, s.len())
@@ -500,9 +558,11 @@ impl Scheduler {
                         break;
                     }
                     Err(BlockError::OutOfBlocks { .. }) => {
-                        let Some(victim) = self.running.pop() else {
+                        // The lane's most recent sequence (at or after `i`).
+                        let Some(pos) = self.running.iter().rposition(|r| in_lane(self, r)) else {
                             break;
                         };
+                        let victim = self.running.remove(pos);
                         self.preempt(victim)?;
                         preempted.push(victim);
                         if victim == id {
@@ -520,9 +580,14 @@ impl Scheduler {
             i += 1;
         }
 
-        // Admission, strictly in order, only if nothing was preempted.
+        // Admission, strictly in order, only if nothing was preempted; a lane takes its share
+        // of the sequences there are to run.
+        let share = (self.running.len() + self.waiting.len())
+            .min(self.config.max_num_seqs)
+            .div_ceil(lanes);
+        let mut held = self.running.iter().filter(|r| in_lane(self, r)).count();
         if preempted.is_empty() {
-            while self.running.len() < self.config.max_num_seqs && budget > 0 {
+            while self.running.len() < self.config.max_num_seqs && budget > 0 && held < share {
                 let Some(&id) = self.waiting.front() else {
                     break;
                 };
@@ -543,6 +608,8 @@ impl Scheduler {
                 seq.status = SequenceStatus::Running;
                 seq.num_computed_tokens = start;
                 seq.num_cached_tokens.get_or_insert(start);
+                seq.lane = lane;
+                held += 1;
                 let arrival = seq.arrival;
                 let pos = self.running_insert_pos(arrival);
                 self.running.insert(pos, id);
@@ -554,7 +621,7 @@ impl Scheduler {
         let mut out = SchedulerOutput {
             seqs: Vec::with_capacity(planned.len()),
             preempted,
-            num_batched_tokens: self.config.max_num_batched_tokens - budget,
+            num_batched_tokens: lane_budget - budget,
             block_size: self.config.block_size,
         };
         let mut in_flight = Vec::with_capacity(planned.len());
@@ -581,7 +648,7 @@ impl Scheduler {
             });
         }
         if !in_flight.is_empty() {
-            self.in_flight = Some(in_flight);
+            self.in_flight[lane] = Some(in_flight);
         }
         Ok(out)
     }
@@ -593,7 +660,16 @@ impl Scheduler {
     /// `ignore_eos`, stop token ids, both only from `min_tokens` on; `max_tokens`; full
     /// context). Validates everything before changing anything.
     pub fn update(&mut self, sampled: &[(RequestId, u32)]) -> Result<Vec<FinishedSeq>, SchedError> {
-        let Some(step) = self.in_flight.as_ref() else {
+        self.update_lane(0, sampled)
+    }
+
+    /// [`Scheduler::update`] for lane `lane`'s step.
+    pub fn update_lane(
+        &mut self,
+        lane: usize,
+        sampled: &[(RequestId, u32)],
+    ) -> Result<Vec<FinishedSeq>, SchedError> {
+        let Some(step) = self.in_flight.get(lane).and_then(Option::as_ref) else {
             return if sampled.is_empty() {
                 Ok(Vec::new())
             } else {
@@ -623,7 +699,7 @@ impl Scheduler {
             return Err(SchedError::MissingSample(e.id));
         }
 
-        let step = self.in_flight.take().unwrap_or_default();
+        let step = self.in_flight[lane].take().unwrap_or_default();
         let mut finished = Vec::new();
         for e in step {
             let max_model_len = self.max_model_len;
@@ -757,10 +833,11 @@ impl Scheduler {
     }
 
     /// Checks the bookkeeping: the block manager's invariants; waiting and running partition
-    /// the live sequences with no duplicates; both are in arrival order and every running
-    /// sequence arrived before every waiting one; statuses match; running sequences hold
-    /// blocks covering their computed tokens and have a token left to compute; waiting ones
-    /// hold no blocks; `running <= max_num_seqs`.
+    /// the live sequences with no duplicates; both are in arrival order and (with one lane)
+    /// every running sequence arrived before every waiting one; statuses match; running
+    /// sequences hold blocks covering their computed tokens and have a token left to compute;
+    /// waiting ones hold no blocks; `running <= max_num_seqs`; a lane's step in flight holds
+    /// only that lane's sequences.
     pub fn check_invariants(&self) -> Result<(), SchedError> {
         let bad = |m: String| Err(SchedError::Invariant(m));
         self.blocks.check_invariants()?;
@@ -784,9 +861,26 @@ impl Scheduler {
         if run.windows(2).any(|w| w[0] >= w[1]) || wait.windows(2).any(|w| w[0] >= w[1]) {
             return bad("queues out of arrival order".into());
         }
-        if let (Some(r), Some(w)) = (run.last(), wait.first()) {
+        // With lanes, a lane preempts its own newest sequence, which may be older than
+        // another lane's.
+        if let (Some(r), Some(w), 1) = (run.last(), wait.first(), self.num_lanes()) {
             if r > w {
                 return bad("a running sequence arrived after a waiting one".into());
+            }
+        }
+        for (lane, step) in self.in_flight.iter().enumerate() {
+            for e in step.iter().flatten() {
+                if let Some(s) = self.seqs.get(&e.id) {
+                    if s.arrival == e.arrival
+                        && s.status == SequenceStatus::Running
+                        && s.lane != lane
+                    {
+                        return bad(format!(
+                            "{} in flight in lane {lane} but in lane {}",
+                            e.id, s.lane
+                        ));
+                    }
+                }
             }
         }
         for id in &self.running {

@@ -622,6 +622,87 @@ fn sampling_through_the_scheduler_is_seeded() -> R {
     Ok(())
 }
 
+#[test]
+fn lanes_split_the_sequences_and_step_independently() -> R {
+    let mut s = Scheduler::new(config(64, 4))?;
+    s.set_lanes(2)?;
+    assert_eq!(s.num_lanes(), 2);
+    for id in 1..=4 {
+        s.add(fixed_request(id, 3, 3))?;
+    }
+    // Lane 0 takes its half of the four (the oldest two), lane 1 the rest, while lane 0's
+    // step is still in flight.
+    let a = s.schedule_lane(0)?;
+    assert_eq!(
+        a.seqs.iter().map(|q| q.id).collect::<Vec<_>>(),
+        [rid(1), rid(2)]
+    );
+    assert_eq!(s.schedule_lane(0), Err(SchedError::StepInFlight));
+    assert!(s.lane_in_flight(0) && !s.lane_in_flight(1));
+    let b = s.schedule_lane(1)?;
+    assert_eq!(
+        b.seqs.iter().map(|q| q.id).collect::<Vec<_>>(),
+        [rid(3), rid(4)]
+    );
+    assert!(matches!(s.schedule_lane(2), Err(SchedError::Invariant(_))));
+    assert_eq!(s.set_lanes(3), Err(SchedError::StepInFlight));
+    s.check_invariants()?;
+    // Lanes close in any order; a lane's update only takes its own sequences' tokens.
+    assert_eq!(
+        s.update_lane(1, &[(rid(1), 5)]),
+        Err(SchedError::UnexpectedSample(rid(1)))
+    );
+    s.update_lane(1, &[(rid(3), 5), (rid(4), 6)])?;
+    let b2 = s.schedule_lane(1)?;
+    assert_eq!(
+        b2.seqs
+            .iter()
+            .map(|q| (q.id, q.start_pos))
+            .collect::<Vec<_>>(),
+        [(rid(3), 3), (rid(4), 3)]
+    );
+    s.update_lane(0, &[(rid(1), 7), (rid(2), 8)])?;
+    let a2 = s.schedule_lane(0)?;
+    assert_eq!(
+        a2.seqs
+            .iter()
+            .map(|q| q.token_ids.clone())
+            .collect::<Vec<_>>(),
+        [vec![7], vec![8]]
+    );
+    s.check_invariants()?;
+    Ok(())
+}
+
+#[test]
+fn a_lane_preempts_only_its_own_sequences() -> R {
+    // 6 blocks of 2: two 3-token prompts per lane take 2 blocks each... then decodes run out.
+    let mut cfg = config(6, 2);
+    cfg.enable_prefix_caching = false;
+    let mut s = Scheduler::new(cfg)?;
+    s.set_lanes(2)?;
+    for id in 1..=3 {
+        s.add(fixed_request(id, 3, 8))?;
+    }
+    let a = s.schedule_lane(0)?; // 1, 2: 4 blocks
+    assert_eq!(a.seqs.len(), 2);
+    let b = s.schedule_lane(1)?; // 3: 2 blocks, cache full
+    assert_eq!(b.seqs.len(), 1);
+    s.update_lane(0, &[(rid(1), 5), (rid(2), 5)])?;
+    // Lane 0's decodes fit (position 3 is in the second block); the next ones do not.
+    let a = s.schedule_lane(0)?;
+    assert_eq!(a.seqs.len(), 2);
+    s.update_lane(0, &[(rid(1), 5), (rid(2), 5)])?;
+    // Position 4 needs a third block each: lane 0 preempts its newest (2), never lane 1's 3,
+    // whose step is in flight, although 3 arrived last.
+    let a = s.schedule_lane(0)?;
+    assert_eq!(a.preempted, [rid(2)]);
+    assert_eq!(a.seqs.iter().map(|q| q.id).collect::<Vec<_>>(), [rid(1)]);
+    assert!(s.running_ids().contains(&rid(3)));
+    s.check_invariants()?;
+    Ok(())
+}
+
 #[derive(Debug, Clone)]
 struct Case {
     cfg: SchedulerConfig,
@@ -660,6 +741,48 @@ fn case() -> impl Strategy<Value = Case> {
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// The same with the scheduler split into 2-3 lanes stepped in rotation (each scheduled
+    /// while the others are in flight): same tokens, nothing lost, no leak, no stall.
+    #[test]
+    fn lanes_finish_every_request_with_the_right_tokens(c in case(), lanes in 2usize..4) {
+        let max_model_len = c.cfg.num_blocks * c.cfg.block_size;
+        let mut seqs = Vec::new();
+        let mut arrivals = Vec::new();
+        for (i, &(step, prefix, suffix, max_tokens, eos)) in c.reqs.iter().enumerate() {
+            let mut p = prompt(500 + prefix as u64, prefix * c.cfg.block_size);
+            p.extend(prompt(i as u64, suffix));
+            if p.len() >= max_model_len {
+                continue;
+            }
+            let params = SamplingParams { ignore_eos: !eos, ..params(max_tokens) };
+            let seq = request(i as u64, p, params);
+            seqs.push(seq.clone());
+            arrivals.push(Arrival { step: step * lanes, seq });
+        }
+        let live: Vec<u64> = seqs.iter().map(|s| s.id().0).collect();
+        let aborts: Vec<_> = c
+            .aborts
+            .iter()
+            .filter(|a| live.contains(&(a.1 as u64)))
+            .map(|&(step, i)| (step * lanes, rid(i as u64)))
+            .collect();
+        let res = drive_lanes(c.cfg.clone(), lanes, arrivals, &aborts, 40_000)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(res.finished.len(), seqs.len());
+        for s in &seqs {
+            let f = &res.finished[&s.id()];
+            let (want, reason) =
+                reference(s.prompt_token_ids(), s.params(), &[EOS], max_model_len);
+            if f.reason == FinishReason::Abort {
+                prop_assert!(aborts.iter().any(|a| a.1 == s.id()));
+                prop_assert!(want.starts_with(&f.output_token_ids));
+            } else {
+                prop_assert_eq!(&f.output_token_ids, &want);
+                prop_assert_eq!(&f.reason, &reason);
+            }
+        }
+    }
 
     /// Random arrivals, lengths, limits and aborts: every request finishes exactly once, with
     /// the tokens (and length) it would have produced alone, no block leaks, no stall.

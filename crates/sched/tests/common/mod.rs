@@ -293,3 +293,97 @@ pub fn assert_matches_reference(seqs: &[Sequence], res: &RunResult, max_model_le
         assert_eq!(f.prompt_len, s.prompt_len());
     }
 }
+
+/// [`drive`] with the scheduler split into `lanes` lanes stepped in rotation, the way a
+/// pipelining attention replica does: lane `k` is scheduled while every other lane's step is
+/// still in flight, and the fake model runs a lane's step only just before its update (so a
+/// block handed to one lane while another lane's step still writes it is caught). An abort of
+/// a sequence in flight is applied after its lane's update, as the replica defers it.
+pub fn drive_lanes(
+    cfg: SchedulerConfig,
+    lanes: usize,
+    arrivals: Vec<Arrival>,
+    aborts: &[(usize, RequestId)],
+    max_steps: usize,
+) -> Result<RunResult, SchedError> {
+    let mut sched = Scheduler::new(cfg.clone())?;
+    sched.set_lanes(lanes)?;
+    let mut model = FakeModel::new(&cfg);
+    let mut finished: BTreeMap<RequestId, FinishedSeq> = BTreeMap::new();
+    let mut outputs = Vec::new();
+    let last_arrival = arrivals.iter().map(|a| a.step).max().unwrap_or(0);
+    let last_abort = aborts.iter().map(|a| a.0).max().unwrap_or(0);
+    let mut pending: HashMap<usize, Vec<Sequence>> = HashMap::new();
+    for a in arrivals {
+        pending.entry(a.step).or_default().push(a.seq);
+    }
+    let mut in_flight: Vec<Option<SchedulerOutput>> = vec![None; lanes];
+    let mut deferred: Vec<RequestId> = Vec::new();
+    let mut record = |f: FinishedSeq, finished: &mut BTreeMap<RequestId, FinishedSeq>| {
+        let id = f.id;
+        assert!(finished.insert(id, f).is_none(), "{id} finished twice");
+    };
+    let mut idle_lanes = 0;
+    let mut step = 0;
+    loop {
+        let lane = step % lanes;
+        // Close this lane's step, then apply the aborts it was holding back.
+        if let Some(out) = in_flight[lane].take() {
+            let sampled = model.run(&sched, &out);
+            for f in sched.update_lane(lane, &sampled)? {
+                record(f, &mut finished);
+            }
+            outputs.push(out);
+        }
+        let busy: Vec<RequestId> = in_flight
+            .iter()
+            .flatten()
+            .flat_map(|o| o.seqs.iter().map(|s| s.id))
+            .collect();
+        for id in std::mem::take(&mut deferred) {
+            if busy.contains(&id) {
+                deferred.push(id);
+            } else if let Some(f) = sched.abort(id)? {
+                record(f, &mut finished);
+            }
+        }
+        for seq in pending.remove(&step).unwrap_or_default() {
+            sched.add(seq)?;
+        }
+        for &(_, id) in aborts.iter().filter(|a| a.0 == step) {
+            deferred.push(id);
+        }
+        sched.check_invariants()?;
+        let quiet = step > last_arrival.max(last_abort) && deferred.is_empty();
+        if quiet && !sched.has_unfinished() && in_flight.iter().all(Option::is_none) {
+            break;
+        }
+        assert!(step < max_steps, "no progress after {max_steps} steps");
+        let out = sched.schedule_lane(lane)?;
+        sched.check_invariants()?;
+        check_output(&cfg, &out);
+        assert!(
+            out.num_batched_tokens <= cfg.max_num_batched_tokens.div_ceil(lanes),
+            "a lane went over its share of the budget"
+        );
+        idle_lanes = if out.is_empty() { idle_lanes + 1 } else { 0 };
+        if quiet && idle_lanes > lanes && in_flight.iter().all(Option::is_none) {
+            panic!(
+                "stalled: no lane scheduled anything with {} live requests",
+                sched.num_waiting() + sched.num_running()
+            );
+        }
+        if !out.is_empty() {
+            in_flight[lane] = Some(out);
+        }
+        step += 1;
+    }
+    assert_eq!(sched.num_free_blocks(), cfg.num_blocks, "KV blocks leaked");
+    assert_eq!(sched.num_running() + sched.num_waiting(), 0);
+    Ok(RunResult {
+        finished,
+        outputs,
+        steps: step,
+        computed_tokens: model.computed_tokens,
+    })
+}
