@@ -319,7 +319,7 @@ pub fn drive_lanes(
     }
     let mut in_flight: Vec<Option<SchedulerOutput>> = vec![None; lanes];
     let mut deferred: Vec<RequestId> = Vec::new();
-    let mut record = |f: FinishedSeq, finished: &mut BTreeMap<RequestId, FinishedSeq>| {
+    let record = |f: FinishedSeq, finished: &mut BTreeMap<RequestId, FinishedSeq>| {
         let id = f.id;
         assert!(finished.insert(id, f).is_none(), "{id} finished twice");
     };
