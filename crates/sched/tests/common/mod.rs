@@ -295,10 +295,10 @@ pub fn assert_matches_reference(seqs: &[Sequence], res: &RunResult, max_model_le
 }
 
 /// [`drive`] with the scheduler split into `lanes` lanes stepped in rotation, the way a
-/// pipelining attention replica does: lane `k` is scheduled while every other lane's step is
-/// still in flight, and the fake model runs a lane's step only just before its update (so a
-/// block handed to one lane while another lane's step still writes it is caught). An abort of
-/// a sequence in flight is applied after its lane's update, as the replica defers it.
+/// pipelining attention replica does: lane `k` is scheduled (and the fake model writes its
+/// KV, as the replica's layers do within the same round) while every other lane's step is in
+/// flight; its tokens reach `update_lane` only when its turn comes again. Aborts are applied
+/// at once, also to sequences in flight (their KV is written by then, as in the replica).
 pub fn drive_lanes(
     cfg: SchedulerConfig,
     lanes: usize,
@@ -317,8 +317,7 @@ pub fn drive_lanes(
     for a in arrivals {
         pending.entry(a.step).or_default().push(a.seq);
     }
-    let mut in_flight: Vec<Option<SchedulerOutput>> = vec![None; lanes];
-    let mut deferred: Vec<RequestId> = Vec::new();
+    let mut in_flight: Vec<Option<(SchedulerOutput, Vec<(RequestId, u32)>)>> = vec![None; lanes];
     let record = |f: FinishedSeq, finished: &mut BTreeMap<RequestId, FinishedSeq>| {
         let id = f.id;
         assert!(finished.insert(id, f).is_none(), "{id} finished twice");
@@ -327,34 +326,24 @@ pub fn drive_lanes(
     let mut step = 0;
     loop {
         let lane = step % lanes;
-        // Close this lane's step, then apply the aborts it was holding back.
-        if let Some(out) = in_flight[lane].take() {
-            let sampled = model.run(&sched, &out);
+        // Close this lane's step (tokens of sequences aborted meanwhile are ignored).
+        if let Some((out, sampled)) = in_flight[lane].take() {
             for f in sched.update_lane(lane, &sampled)? {
                 record(f, &mut finished);
             }
             outputs.push(out);
         }
-        let busy: Vec<RequestId> = in_flight
-            .iter()
-            .flatten()
-            .flat_map(|o| o.seqs.iter().map(|s| s.id))
-            .collect();
-        for id in std::mem::take(&mut deferred) {
-            if busy.contains(&id) {
-                deferred.push(id);
-            } else if let Some(f) = sched.abort(id)? {
-                record(f, &mut finished);
-            }
-        }
         for seq in pending.remove(&step).unwrap_or_default() {
             sched.add(seq)?;
         }
         for &(_, id) in aborts.iter().filter(|a| a.0 == step) {
-            deferred.push(id);
+            if let Some(f) = sched.abort(id)? {
+                assert_eq!(f.reason, FinishReason::Abort);
+                record(f, &mut finished);
+            }
         }
         sched.check_invariants()?;
-        let quiet = step > last_arrival.max(last_abort) && deferred.is_empty();
+        let quiet = step > last_arrival.max(last_abort);
         if quiet && !sched.has_unfinished() && in_flight.iter().all(Option::is_none) {
             break;
         }
@@ -374,7 +363,8 @@ pub fn drive_lanes(
             );
         }
         if !out.is_empty() {
-            in_flight[lane] = Some(out);
+            let sampled = model.run(&sched, &out);
+            in_flight[lane] = Some((out, sampled));
         }
         step += 1;
     }
