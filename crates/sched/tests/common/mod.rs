@@ -317,7 +317,9 @@ pub fn drive_lanes(
     for a in arrivals {
         pending.entry(a.step).or_default().push(a.seq);
     }
-    let mut in_flight: Vec<Option<(SchedulerOutput, Vec<(RequestId, u32)>)>> = vec![None; lanes];
+    // Per lane: the step in flight and the tokens it sampled.
+    type Step = (SchedulerOutput, Vec<(RequestId, u32)>);
+    let mut in_flight: Vec<Option<Step>> = vec![None; lanes];
     let record = |f: FinishedSeq, finished: &mut BTreeMap<RequestId, FinishedSeq>| {
         let id = f.id;
         assert!(finished.insert(id, f).is_none(), "{id} finished twice");
