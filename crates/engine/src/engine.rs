@@ -137,7 +137,11 @@ fn replica_loop(
         }
         let before = rep.stats_preemptions();
         let gen_before = rep.generated;
+        let overlapped_before = rep.overlapped;
         let res = rep.tick(&stats.replicas[local]);
+        stats
+            .overlapped_steps
+            .fetch_add(rep.overlapped - overlapped_before, Ordering::Relaxed);
         record_preemptions(stats, before, rep.stats_preemptions());
         stats
             .generated_tokens

@@ -67,6 +67,15 @@ struct State {
     pending: HashMap<(u64, u32, u32), Vec<DispatchMsg>>,
     /// Worker 0: replicas waiting to join at the next iteration.
     joins: u64,
+    /// Worker 0: the next iteration's members, once decided (on the decision slot).
+    next_members: Option<u64>,
+}
+
+/// The slot on which worker 0 decides the next iteration's members: the first micro-batch of
+/// the last MoE layer. Its combine is the one a pipelining replica waits for before it starts
+/// micro-batch 0 of the next iteration, while the other micro-batches are still in flight.
+fn decides(slot: (u64, u32, u32), moe_layers: &[u32]) -> bool {
+    slot.2 == 0 && moe_layers.last() == Some(&slot.1)
 }
 
 fn bit(r: u32) -> u64 {
@@ -97,6 +106,7 @@ impl ExpertWorker {
             members: (self.id == 0).then_some(0),
             pending: HashMap::new(),
             joins: 0,
+            next_members: None,
         };
         let mut clock = Clock::new(stats, "expert", self.id as usize);
         self.publish(&st, |_| {});
@@ -222,9 +232,10 @@ impl ExpertWorker {
                 self.id, h.sender, m.members
             )));
         }
-        // A replica welcomed into the next iteration may start it before this worker has
-        // finished the current one (worker 0 welcomes it on *its* last slot).
-        let ahead = self.id != 0 && h.iteration == want.0 + 1;
+        // A replica may start the next iteration before this worker has finished the current
+        // one: a member pipelining its micro-batches, or one just welcomed (worker 0 decides
+        // and welcomes on the decision slot). Worker 0 accepts that once it has decided.
+        let ahead = h.iteration == want.0 + 1 && (self.id != 0 || st.next_members.is_some());
         if (h.iteration != want.0 && !ahead)
             || h.slot() < want
             || !moe_layers.contains(&h.layer)
@@ -237,7 +248,9 @@ impl ExpertWorker {
                 h.sender
             )));
         }
-        let known = if ahead {
+        let known = if ahead && self.id == 0 {
+            st.next_members
+        } else if ahead {
             st.pending
                 .iter()
                 .find(|(s, v)| s.0 == h.iteration && !v.is_empty())
@@ -309,6 +322,7 @@ impl ExpertWorker {
         st.want = Some((it, moe_layers[0], 0));
         st.pending.clear();
         st.members = Some(0);
+        st.next_members = None;
         tracing::warn!(worker = self.id, epoch = st.epoch, "new epoch: {why}");
         self.publish(st, |s| s.epochs_started += 1);
         for r in 0..n_a as u32 {
@@ -378,8 +392,8 @@ impl ExpertWorker {
         };
         let next = next_slot(slot, moe_layers, self.micro_batches);
         let last = next.0 != slot.0;
-        // Worker 0 decides the next iteration's members on the last slot of this one.
-        let next_members = (self.id == 0 && last).then(|| {
+        // Worker 0 decides the next iteration's members on the decision slot.
+        let next_members = (self.id == 0 && decides(slot, moe_layers)).then(|| {
             msgs.iter()
                 .filter(|m| m.more)
                 .fold(st.joins, |a, m| a | bit(m.header.sender))
@@ -406,20 +420,30 @@ impl ExpertWorker {
                 );
             }
         }
+        if let Some(k) = next_members {
+            st.next_members = Some(k);
+            if st.joins != 0 {
+                self.welcome(st.epoch, slot.0 + 1, k, st.joins);
+                st.joins = 0;
+            }
+        }
         st.want = Some(next);
         if last {
-            st.members = next_members.or_else(|| {
-                // Workers > 0: the next iteration's members, if one of them already wrote.
+            st.members = if self.id == 0 {
+                st.next_members.take()
+            } else {
+                // The next iteration's members, if one of them already wrote.
                 st.pending
                     .iter()
                     .find(|(s, v)| s.0 == next.0 && !v.is_empty())
                     .map(|(_, v)| v[0].members)
-            });
-            if let Some(k) = next_members {
-                if st.joins != 0 {
-                    self.welcome(st.epoch, next.0, k, st.joins);
-                    st.joins = 0;
-                }
+            };
+            // Worker 0: replicas that asked to join after the decision, when nobody takes
+            // part in the next iteration, start it now rather than never.
+            if self.id == 0 && st.members == Some(0) && st.joins != 0 {
+                st.members = Some(st.joins);
+                self.welcome(st.epoch, next.0, st.joins, st.joins);
+                st.joins = 0;
             }
         }
         Ok(())

@@ -1,10 +1,17 @@
 //! An attention replica: owns its requests (scheduler), its paged KV cache, the attention
-//! weights, router, lm_head and sampler. One iteration = schedule -> run -> postprocess
-//! (STYLE item 4). `run` is where the ping-pong lives: the batch is split into `m`
-//! micro-batches that go through the layers in turn, so that while the expert workers
-//! compute micro-batch `i` of a layer, this replica computes the attention of `i + 1`.
+//! weights, router, lm_head and sampler. [`Replica::round`] is where the ping-pong lives.
+//!
+//! The replica's sequences are split into `m` lanes (one per micro-batch, see
+//! [`tandem_sched::Scheduler::set_lanes`]). Lane `k`'s step is schedule -> the layers, with
+//! its MoE layers on the expert workers as micro-batch `k` -> LM head -> sample -> update
+//! (STYLE item 4). A round runs layer by layer, and within a layer lane by lane, so that
+//! while the expert workers compute micro-batch `k` of a layer this replica computes the
+//! attention of `k + 1`. Lanes also pipeline *across* iterations: a round ends with every
+//! lane's last MoE layer dispatched, and the next round starts lane 0 (its combine, LM head,
+//! sampling and next schedule) while the experts still compute the other lanes' last layer.
+//! Nothing waits for the whole batch to be sampled, so the pipeline never drains while there
+//! is work.
 
-use crate::microbatch::split;
 use crate::output::{RequestOutput, RequestState};
 use crate::stats::{Clock, WorkerStats};
 use crate::transport::{CombineMsg, DispatchMsg, ReplicaLink, SlotHeader, ToReplica, ToWorker};
@@ -19,6 +26,17 @@ use tandem_model::layers::{from_vec, with_slice};
 use tandem_model::model::{add_into, assignments_of};
 use tandem_model::{Assignment, BatchLayout, KvCache, Model, SeqSlot, Tokenizer};
 use tandem_sched::{FinishReason, FinishedSeq, Sampler, Scheduler, SchedulerOutput, Sequence};
+
+/// One lane's step between its schedule and its sampling.
+struct Lane {
+    out: SchedulerOutput,
+    layout: BatchLayout,
+    /// `[T, D]` hidden state after the last layer finished on this replica.
+    h: Tensor,
+    /// The MoE layer dispatched and not yet combined.
+    pending: Option<(u32, InFlight)>,
+    iteration: u64,
+}
 
 /// Where a replica's routed experts run.
 pub enum Experts {
@@ -48,13 +66,16 @@ pub struct Replica {
     pub kv: KvCache,
     pub sampler: Sampler,
     pub experts: Experts,
-    pub micro_batches: usize,
     pub requests: HashMap<RequestId, RequestState>,
+    /// One per micro-batch: the step in flight, if any.
+    lanes: Vec<Option<Lane>>,
     combines: HashMap<(u64, u32, u32), Vec<CombineMsg>>,
     /// Tokens sampled so far (read into the engine stats after each step).
     pub generated: u64,
     /// Iterations run.
     pub steps: u64,
+    /// Lane steps started while another lane's previous step was still with the experts.
+    pub overlapped: u64,
     /// Where this replica stands in the M2N protocol (see `transport.rs`).
     m2n: Membership,
     /// Set when the engine stops: waits for peers end early.
@@ -70,7 +91,8 @@ struct Membership {
     iteration: u64,
     members: u64,
     join_outstanding: bool,
-    /// From worker 0's combine of the current iteration's last slot.
+    /// From worker 0's combine of the decision slot (the first micro-batch of the last MoE
+    /// layer): the members of the iteration after.
     next_members: Option<u64>,
 }
 
@@ -80,12 +102,16 @@ impl Replica {
         id: u32,
         model: Arc<Model>,
         tokenizer: Option<Arc<Tokenizer>>,
-        sched: Scheduler,
+        mut sched: Scheduler,
         kv: KvCache,
         sampler: Sampler,
         experts: Experts,
         micro_batches: usize,
     ) -> Self {
+        let m = micro_batches.max(1);
+        // A fresh scheduler has no step in flight: this cannot fail.
+        let lanes = sched.set_lanes(m);
+        debug_assert!(lanes.is_ok());
         Self {
             id,
             model,
@@ -94,11 +120,12 @@ impl Replica {
             kv,
             sampler,
             experts,
-            micro_batches: micro_batches.max(1),
             requests: HashMap::new(),
+            lanes: (0..m).map(|_| None).collect(),
             combines: HashMap::new(),
             generated: 0,
             steps: 0,
+            overlapped: 0,
             m2n: Membership::default(),
             stop: Arc::new(AtomicBool::new(false)),
         }
@@ -118,17 +145,22 @@ impl Replica {
     }
 
     /// Whether the replica's loop should call [`Replica::tick`] now rather than wait for a
-    /// command: it has requests, or it is a member of the next iteration (and must send its
-    /// dispatches even if it has nothing to run).
+    /// command: it has requests, a step in flight, or it is a member of the next iteration
+    /// (and must send its dispatches even if it has nothing to run).
     pub fn wants_to_step(&self) -> bool {
-        self.m2n.member || self.has_work()
+        self.m2n.member || self.in_flight() || self.has_work()
     }
 
-    /// One turn of the replica's loop: join the next iteration if needed, then step. On an
-    /// error the requests of the interrupted iteration have already been failed; the replica
-    /// can go on.
+    /// Whether a lane holds a step that is not sampled yet.
+    fn in_flight(&self) -> bool {
+        self.lanes.iter().any(Option::is_some)
+    }
+
+    /// One turn of the replica's loop: join the next iteration if needed, then run a round.
+    /// On an error the requests of the interrupted steps have already been failed; the
+    /// replica can go on.
     pub fn tick(&mut self, stats: &WorkerStats) -> Result<(), EngineError> {
-        if self.uses_protocol() && !self.m2n.member {
+        if self.uses_protocol() && !self.m2n.member && !self.in_flight() {
             if !self.has_work() {
                 return Ok(());
             }
@@ -138,7 +170,7 @@ impl Replica {
                 return Err(e);
             }
         }
-        self.step(stats)
+        self.round(stats)
     }
 
     /// Asks worker 0 for a place in the next iteration and waits for it.
@@ -218,7 +250,7 @@ impl Replica {
     /// as a member, so that its departure interrupts nobody.
     pub fn leave(&mut self, stats: &WorkerStats) {
         for _ in 0..4 {
-            if !self.m2n.member || self.step(stats).is_err() {
+            if !(self.m2n.member || self.in_flight()) || self.round(stats).is_err() {
                 break;
             }
         }
@@ -253,72 +285,257 @@ impl Replica {
         self.publish_gauges();
     }
 
-    /// One engine iteration: schedule, run the micro-batches through every layer, sample,
-    /// update. Runs the M2N protocol even with nothing scheduled (an idle replica sends empty
-    /// dispatches so that the expert workers can complete every slot).
-    fn step(&mut self, stats: &WorkerStats) -> Result<(), EngineError> {
+    /// One round: for every layer, for every lane, that lane's part of the layer. A lane
+    /// starts its next step (after finishing the previous one: last combine, LM head,
+    /// sampling, update) at layer 0, so a round ends with every lane's last layer dispatched
+    /// and the next round begins while the expert workers still compute it. With the
+    /// membership protocol the replica runs the M2N protocol even with nothing scheduled (an
+    /// idle lane sends empty dispatches so that the expert workers can complete every slot).
+    /// Without it (colocated) every lane is finished before the round returns.
+    fn round(&mut self, stats: &WorkerStats) -> Result<(), EngineError> {
         let mut clock = Clock::new(stats, "attention", self.id as usize);
-        let out = self.sched.schedule()?;
+        let res = self.run_round(&mut clock);
+        if let Err(e) = &res {
+            self.abandon(e);
+        }
         self.publish_gauges();
+        clock.busy();
+        res
+    }
+
+    fn run_round(&mut self, clock: &mut Clock) -> Result<(), EngineError> {
+        let protocol = self.uses_protocol();
+        let continuing = self.in_flight();
+        let iteration = self.m2n.iteration;
+        // Worker 0 reads this on the decision slot: whether to keep this replica a member.
+        let more = self.has_work();
+        let lanes = self.lanes.len();
+        for l in 0..self.model.cfg.num_layers {
+            for k in 0..lanes {
+                if l == 0 {
+                    self.finish_lane(k, clock)?;
+                    if k == 0 && continuing && protocol && !self.take_membership(iteration)? {
+                        // Left out of this iteration: finish the other lanes and stop.
+                        for j in 1..lanes {
+                            self.finish_lane(j, clock)?;
+                        }
+                        return Ok(());
+                    }
+                    if k == 0 {
+                        self.steps += 1;
+                    }
+                    self.start_lane(k, iteration)?;
+                }
+                self.lane_layer(l, k, more, clock)?;
+            }
+        }
+        if protocol {
+            self.m2n.iteration += 1;
+        } else {
+            for k in 0..lanes {
+                self.finish_lane(k, clock)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads worker 0's decision about iteration `iteration` (it came with the combine that
+    /// the replica just waited for); whether this replica takes part.
+    fn take_membership(&mut self, iteration: u64) -> Result<bool, EngineError> {
+        let Some(k) = self.m2n.next_members.take() else {
+            return Err(EngineError::Protocol(format!(
+                "replica {}: worker 0 did not say who takes part in iteration {iteration}",
+                self.id
+            )));
+        };
+        self.m2n.members = k;
+        self.m2n.member = k & (1u64 << self.id) != 0;
+        Ok(self.m2n.member)
+    }
+
+    /// Schedules lane `k`'s next step and embeds its tokens.
+    fn start_lane(&mut self, k: usize, iteration: u64) -> Result<(), EngineError> {
+        let out = self.sched.schedule_lane(k)?;
         for id in &out.preempted {
             tracing::debug!(replica = self.id, request = id.0, "preempted (recompute)");
             metrics::counter!("tandem_preemptions_total").increment(1);
         }
-        let protocol = self.uses_protocol();
-        self.m2n.next_members = None;
-        let iteration = self.m2n.iteration;
-        self.steps += 1;
-        match self.run(iteration, &out, &mut clock) {
-            Ok(logits) => {
-                if protocol {
-                    match self.m2n.next_members {
-                        Some(k) => {
-                            self.m2n.member = k & (1u64 << self.id) != 0;
-                            self.m2n.members = k;
-                            self.m2n.iteration += 1;
-                        }
-                        None => {
-                            tracing::error!(
-                                replica = self.id,
-                                "worker 0 did not say who takes part next; joining again"
-                            );
-                            self.m2n.member = false;
-                        }
-                    }
+        let layout = BatchLayout {
+            seqs: out
+                .seqs
+                .iter()
+                .map(|s| SeqSlot {
+                    start_pos: s.start_pos,
+                    num_tokens: s.token_ids.len(),
+                    block_table: s.block_table.clone(),
+                })
+                .collect(),
+        };
+        let toks: Vec<u32> = out
+            .seqs
+            .iter()
+            .flat_map(|s| s.token_ids.iter().copied())
+            .collect();
+        let h = self.model.embed(&toks)?;
+        let behind = self.lanes.iter().flatten().any(|l| l.iteration < iteration);
+        if behind && !out.seqs.is_empty() {
+            self.overlapped += 1;
+        }
+        self.lanes[k] = Some(Lane {
+            out,
+            layout,
+            h,
+            pending: None,
+            iteration,
+        });
+        Ok(())
+    }
+
+    /// Lane `k`'s part of layer `l`: the previous MoE layer's combine if one is pending,
+    /// attention, then the experts (dispatched, or here for a dense layer or colocated).
+    fn lane_layer(
+        &mut self,
+        l: usize,
+        k: usize,
+        more: bool,
+        clock: &mut Clock,
+    ) -> Result<(), EngineError> {
+        let mut lane = self.lanes[k]
+            .take()
+            .ok_or_else(|| EngineError::Protocol(format!("lane {k} runs no step")))?;
+        let res = self.lane_layer_inner(l, k, &mut lane, more, clock);
+        self.lanes[k] = Some(lane);
+        res
+    }
+
+    fn lane_layer_inner(
+        &mut self,
+        l: usize,
+        k: usize,
+        lane: &mut Lane,
+        more: bool,
+        clock: &mut Clock,
+    ) -> Result<(), EngineError> {
+        if let Some((pl, f)) = lane.pending.take() {
+            lane.h = self.combine(lane.iteration, pl, k as u32, f, clock)?;
+        }
+        let model = self.model.clone();
+        let layer = &model.layers[l];
+        let a = layer.attention.forward(
+            &lane.h,
+            &lane.layout,
+            &mut self.kv.layers[l],
+            self.kv.block_size,
+        )?;
+        match (&a.routing, &self.experts) {
+            (
+                Some(routing),
+                Experts::Remote {
+                    link, placement, ..
+                },
+            ) => {
+                let rows = dispatch(
+                    link.as_ref(),
+                    placement,
+                    (self.m2n.members, more),
+                    SlotHeader {
+                        epoch: self.m2n.epoch,
+                        iteration: lane.iteration,
+                        layer: l as u32,
+                        micro_batch: k as u32,
+                        sender: self.id,
+                    },
+                    &a.normed,
+                    routing,
+                    model.cfg.hidden_size,
+                )?;
+                // The shared expert runs here while the workers run the routed ones.
+                let mut residual = with_slice(&a.residual, |s| s.to_vec())?;
+                if let Some(y) = layer.experts.forward_shared(&a.normed)? {
+                    with_slice(&y, |y| add_into(&mut residual, y))?;
                 }
-                self.postprocess(logits)?;
+                lane.pending = Some((l as u32, InFlight { residual, rows }));
             }
-            Err(e) => {
-                // The iteration is lost: its sequences end with the error; the others wait.
-                let msg = format!("attention replica {}: {e}", self.id);
-                for s in &out.seqs {
+            // Dense layer, or colocated: finish the layer here.
+            _ => lane.h = model.finish_layer(layer, a)?,
+        }
+        Ok(())
+    }
+
+    /// Ends lane `k`'s step, if it has one: its last combine, the LM head over the rows that
+    /// sample (sequences aborted meanwhile skipped), sampling, the scheduler's update, and
+    /// the tokens to the clients.
+    fn finish_lane(&mut self, k: usize, clock: &mut Clock) -> Result<(), EngineError> {
+        let Some(mut lane) = self.lanes[k].take() else {
+            return Ok(());
+        };
+        let res = self.finish_lane_inner(k, &mut lane, clock);
+        if res.is_err() {
+            // `abandon` fails its sequences.
+            self.lanes[k] = Some(lane);
+        }
+        res
+    }
+
+    fn finish_lane_inner(
+        &mut self,
+        k: usize,
+        lane: &mut Lane,
+        clock: &mut Clock,
+    ) -> Result<(), EngineError> {
+        if let Some((pl, f)) = lane.pending.take() {
+            lane.h = self.combine(lane.iteration, pl, k as u32, f, clock)?;
+        }
+        // Rows that sample: the last token of each live sequence whose prompt is complete.
+        let mut rows = Vec::new();
+        let mut ids = Vec::new();
+        let mut r = 0;
+        for s in &lane.out.seqs {
+            r += s.token_ids.len();
+            if s.samples && self.sched.sequence(s.id).is_some() {
+                rows.push(r - 1);
+                ids.push(s.id);
+            }
+        }
+        let logits = if rows.is_empty() {
+            Vec::new()
+        } else {
+            self.model.logits(&lane.h, &rows)?
+        };
+        self.postprocess(k, &ids, logits)
+    }
+
+    /// After an error: every step in flight is lost; its sequences end with the error (the
+    /// others wait), and the replica leaves the membership (and tells worker 0 unless the
+    /// failure came from it).
+    fn abandon(&mut self, e: &EngineError) {
+        let msg = format!("attention replica {}: {e}", self.id);
+        for k in 0..self.lanes.len() {
+            if let Some(lane) = self.lanes[k].take() {
+                for s in &lane.out.seqs {
                     let _ = self.sched.abort(s.id);
                     if let Some(st) = self.requests.remove(&s.id) {
                         st.finish_error(s.id, msg.clone());
                     }
                 }
-                // Every sequence of the step is gone: this closes the step.
-                let _ = self.sched.update(&[]);
-                self.combines.clear();
-                if protocol {
-                    self.m2n.member = false;
-                    if !matches!(e, EngineError::Interrupted(_) | EngineError::Stopped(_)) {
-                        if let Experts::Remote { link, .. } = &self.experts {
-                            let _ = link.control(ToWorker::Trouble {
-                                replica: self.id,
-                                epoch: self.m2n.epoch,
-                                why: e.to_string(),
-                            });
-                        }
-                    }
+            }
+            // Every sequence of the step is gone: this closes it.
+            let _ = self.sched.update_lane(k, &[]);
+        }
+        self.combines.clear();
+        if self.uses_protocol() {
+            self.m2n.member = false;
+            self.m2n.next_members = None;
+            if !matches!(e, EngineError::Interrupted(_) | EngineError::Stopped(_)) {
+                if let Experts::Remote { link, .. } = &self.experts {
+                    let _ = link.control(ToWorker::Trouble {
+                        replica: self.id,
+                        epoch: self.m2n.epoch,
+                        why: e.to_string(),
+                    });
                 }
-                self.publish_gauges();
-                return Err(e);
             }
         }
-        self.publish_gauges();
-        clock.busy();
-        Ok(())
     }
 
     /// Queue lengths and KV usage, refreshed before and after every step and on abort.
@@ -330,120 +547,6 @@ impl Replica {
             .set(self.sched.num_running() as f64);
         metrics::gauge!("tandem_kv_blocks_used", "replica" => id)
             .set(self.sched.num_used_blocks() as f64);
-    }
-
-    /// The forward pass of one iteration; returns `(request, logits [V])` for every sequence
-    /// that samples this step.
-    fn run(
-        &mut self,
-        iteration: u64,
-        out: &SchedulerOutput,
-        clock: &mut Clock,
-    ) -> Result<Vec<(RequestId, Vec<f32>)>, EngineError> {
-        let model = self.model.clone();
-        let cfg = &model.cfg;
-        let d = cfg.hidden_size;
-        let mbs = split(&out.seqs, self.micro_batches);
-        let m = mbs.len();
-        let layouts: Vec<BatchLayout> = mbs
-            .iter()
-            .map(|mb| BatchLayout {
-                seqs: mb
-                    .iter()
-                    .map(|&i| SeqSlot {
-                        start_pos: out.seqs[i].start_pos,
-                        num_tokens: out.seqs[i].token_ids.len(),
-                        block_table: out.seqs[i].block_table.clone(),
-                    })
-                    .collect(),
-            })
-            .collect();
-        let mut h: Vec<Tensor> = Vec::with_capacity(m);
-        for mb in &mbs {
-            let toks: Vec<u32> = mb
-                .iter()
-                .flat_map(|&i| out.seqs[i].token_ids.iter().copied())
-                .collect();
-            h.push(model.embed(&toks)?);
-        }
-        let mut inflight: Vec<Option<InFlight>> = (0..m).map(|_| None).collect();
-        // Worker 0 reads this on the last slot to decide the next iteration's members.
-        let more = self.has_work();
-        for (l, layer) in model.layers.iter().enumerate() {
-            for mb in 0..m {
-                if let Some(f) = inflight[mb].take() {
-                    h[mb] = self.combine(iteration, l as u32 - 1, mb as u32, f, clock)?;
-                }
-                let a = layer.attention.forward(
-                    &h[mb],
-                    &layouts[mb],
-                    &mut self.kv.layers[l],
-                    self.kv.block_size,
-                )?;
-                match (&a.routing, &self.experts) {
-                    (
-                        Some(routing),
-                        Experts::Remote {
-                            link, placement, ..
-                        },
-                    ) => {
-                        let rows = dispatch(
-                            link.as_ref(),
-                            placement,
-                            (self.m2n.members, more),
-                            SlotHeader {
-                                epoch: self.m2n.epoch,
-                                iteration,
-                                layer: l as u32,
-                                micro_batch: mb as u32,
-                                sender: self.id,
-                            },
-                            &a.normed,
-                            routing,
-                            d,
-                        )?;
-                        // The shared expert runs here while the workers run the routed ones.
-                        let mut residual = with_slice(&a.residual, |s| s.to_vec())?;
-                        if let Some(y) = layer.experts.forward_shared(&a.normed)? {
-                            with_slice(&y, |y| add_into(&mut residual, y))?;
-                        }
-                        inflight[mb] = Some(InFlight { residual, rows });
-                    }
-                    _ => {
-                        // Dense layer, or colocated: finish the layer here.
-                        h[mb] = model.finish_layer(layer, a)?;
-                    }
-                }
-            }
-        }
-        let last = cfg.num_layers as u32 - 1;
-        let mut logits = Vec::new();
-        for mb in 0..m {
-            if let Some(f) = inflight[mb].take() {
-                h[mb] = self.combine(iteration, last, mb as u32, f, clock)?;
-            }
-            // Rows that sample: the last token of each sequence whose prompt is complete.
-            let mut rows = Vec::new();
-            let mut ids = Vec::new();
-            let mut r = 0;
-            for &i in &mbs[mb] {
-                let s = &out.seqs[i];
-                r += s.token_ids.len();
-                if s.samples {
-                    rows.push(r - 1);
-                    ids.push(s.id);
-                }
-            }
-            if rows.is_empty() {
-                continue;
-            }
-            let lg = model.logits(&h[mb], &rows)?;
-            let v = cfg.vocab_size;
-            for (k, id) in ids.into_iter().enumerate() {
-                logits.push((id, lg[k * v..(k + 1) * v].to_vec()));
-            }
-        }
-        Ok(logits)
     }
 
     /// Waits for every worker's combine of a slot and finishes the layer:
@@ -555,17 +658,24 @@ impl Replica {
         Ok(from_vec(out, t, d)?)
     }
 
-    /// Samples, updates the scheduler, streams tokens and text, applies stop strings.
-    fn postprocess(&mut self, logits: Vec<(RequestId, Vec<f32>)>) -> Result<(), EngineError> {
-        let mut sampled = Vec::with_capacity(logits.len());
-        let mut extra = Vec::with_capacity(logits.len());
-        for (id, mut l) in logits {
-            let s = self.sched.sample(id, &self.sampler, &mut l)?;
+    /// Samples lane `lane`'s tokens (`logits` is `[ids.len(), V]`), updates the scheduler,
+    /// streams tokens and text, applies stop strings.
+    fn postprocess(
+        &mut self,
+        lane: usize,
+        ids: &[RequestId],
+        mut logits: Vec<f32>,
+    ) -> Result<(), EngineError> {
+        let mut sampled = Vec::with_capacity(ids.len());
+        let mut extra = Vec::with_capacity(ids.len());
+        let v = self.model.cfg.vocab_size;
+        for (&id, l) in ids.iter().zip(logits.chunks_exact_mut(v.max(1))) {
+            let s = self.sched.sample(id, &self.sampler, l)?;
             sampled.push((id, s.token));
             extra.push(s);
         }
         self.generated += sampled.len() as u64;
-        let finished = self.sched.update(&sampled)?;
+        let finished = self.sched.update_lane(lane, &sampled)?;
         let mut finished: HashMap<RequestId, FinishedSeq> =
             finished.into_iter().map(|f| (f.id, f)).collect();
         let mut stopped = Vec::new();

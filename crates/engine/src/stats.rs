@@ -19,6 +19,9 @@ pub struct EngineStats {
     pub iterations: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub preemptions: AtomicU64,
+    /// Lane steps started while another lane's step of the previous iteration was still
+    /// with the expert workers (pipelining across iterations at work).
+    pub overlapped_steps: AtomicU64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -36,6 +39,7 @@ pub struct StatsSnapshot {
     pub iterations: u64,
     pub generated_tokens: u64,
     pub preemptions: u64,
+    pub overlapped_steps: u64,
 }
 
 impl EngineStats {
@@ -76,6 +80,7 @@ impl EngineStats {
             iterations: self.iterations.load(Ordering::Relaxed),
             generated_tokens: self.generated_tokens.load(Ordering::Relaxed),
             preemptions: self.preemptions.load(Ordering::Relaxed),
+            overlapped_steps: self.overlapped_steps.load(Ordering::Relaxed),
         }
     }
 }

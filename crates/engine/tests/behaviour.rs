@@ -422,6 +422,38 @@ fn stats_count_generated_tokens() {
     });
 }
 
+/// With m >= 2 micro-batches a replica starts micro-batch 0 of the next iteration while the
+/// expert workers still compute the others (pipelining across iterations), and the tokens are
+/// still the reference's; with one micro-batch, or colocated, there is nothing to overlap.
+#[test]
+fn micro_batches_pipeline_across_iterations() {
+    watchdog(|| {
+        let model = load("mixtral");
+        let vocab = model.cfg.vocab_size;
+        for (n_e, m) in [(1, 2), (2, 3), (1, 1), (0, 2)] {
+            let engine = start(&model, None, deployment(1, n_e, m));
+            let prompts: Vec<Vec<u32>> = (0..4)
+                .map(|i| synth_prompt(950 + i, 4 + i as usize, vocab))
+                .collect();
+            let hs: Vec<_> = prompts
+                .iter()
+                .map(|p| engine.add_request(p.clone(), greedy_params(8)).unwrap())
+                .collect();
+            for (h, p) in hs.into_iter().zip(&prompts) {
+                let d = wait(h);
+                assert_eq!(d.tokens, reference(&model, p, 8), "N={n_e} m={m}");
+            }
+            wait_idle(&engine);
+            let overlapped = engine.stats().overlapped_steps;
+            if n_e > 0 && m > 1 {
+                assert!(overlapped > 0, "N={n_e} m={m}: no step overlapped another");
+            } else {
+                assert_eq!(overlapped, 0, "N={n_e} m={m}");
+            }
+        }
+    });
+}
+
 /// A prompt seen before is served partly from the prefix cache, reports it, and still gives
 /// the reference tokens.
 #[test]
