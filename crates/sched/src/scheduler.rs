@@ -212,6 +212,12 @@ impl Sequence {
         &self.eos_token_ids
     }
 
+    /// The lane a running sequence is scheduled in (0 with one lane; meaningless while
+    /// waiting).
+    pub fn lane(&self) -> usize {
+        self.lane
+    }
+
     /// Times this sequence was preempted.
     pub fn num_preemptions(&self) -> u32 {
         self.num_preemptions
@@ -489,9 +495,11 @@ impl Scheduler {
     /// may be in flight while the other lanes schedule and update theirs. This is what lets
     /// an attention replica start micro-batch `k` of the next iteration as soon as micro-batch
     /// `k`'s tokens are sampled. Each lane gets `ceil(max_num_batched_tokens / n)` tokens
-    /// per step and admits new sequences so that the lanes hold similar numbers of them; it
-    /// preempts only its own sequences (the others' steps may be in flight). With `n = 1`
-    /// (the default) this is the plain scheduler. Fails while a step is in flight.
+    /// per step (all of them while no other lane holds a running sequence, so that a lone
+    /// long prompt is not prefilled at a fraction of the budget) and admits new sequences so
+    /// that the lanes hold similar numbers of them; it preempts only its own sequences (the
+    /// others' steps may be in flight). With `n = 1` (the default) this is the plain
+    /// scheduler. Fails while a step is in flight.
     pub fn set_lanes(&mut self, n: usize) -> Result<(), SchedError> {
         if n == 0 {
             return Err(SchedError::InvalidConfig("at least one lane".into()));
@@ -530,12 +538,17 @@ impl Scheduler {
             Some(Some(_)) => return Err(SchedError::StepInFlight),
             Some(None) => {}
         }
-        let lane_budget = self.config.max_num_batched_tokens.div_ceil(lanes);
+        let in_lane = |s: &Self, id: &RequestId| s.seqs.get(id).is_some_and(|q| q.lane == lane);
+        let alone = self.running.iter().all(|r| in_lane(self, r));
+        let lane_budget = if alone {
+            self.config.max_num_batched_tokens
+        } else {
+            self.config.max_num_batched_tokens.div_ceil(lanes)
+        };
         let mut budget = lane_budget;
         // (id, start, num_new)
         let mut planned: Vec<(RequestId, usize, usize)> = Vec::new();
         let mut preempted = Vec::new();
-        let in_lane = |s: &Self, id: &RequestId| s.seqs.get(id).is_some_and(|q| q.lane == lane);
 
         // This lane's running sequences, oldest first.
         let mut i = 0;

@@ -675,6 +675,22 @@ fn lanes_split_the_sequences_and_step_independently() -> R {
 }
 
 #[test]
+fn a_lone_prompt_gets_the_whole_budget_across_lanes() -> R {
+    let mut s = Scheduler::new(config(64, 4))?; // 64 tokens per step
+    s.set_lanes(2)?;
+    s.add(fixed_request(1, 100, 2))?;
+    let a = s.schedule_lane(0)?;
+    assert_eq!(a.num_batched_tokens, 64);
+    // Once another lane holds a sequence, a lane gets its half.
+    s.add(fixed_request(2, 100, 2))?;
+    let b = s.schedule_lane(1)?;
+    assert_eq!((b.seqs[0].id, b.num_batched_tokens), (rid(2), 32));
+    s.update_lane(0, &[])?;
+    assert_eq!(s.schedule_lane(0)?.num_batched_tokens, 32);
+    Ok(())
+}
+
+#[test]
 fn a_lane_preempts_only_its_own_sequences() -> R {
     // 6 blocks of 2: two 3-token prompts per lane take 2 blocks each... then decodes run out.
     let mut cfg = config(6, 2);

@@ -350,13 +350,19 @@ pub fn drive_lanes(
             break;
         }
         assert!(step < max_steps, "no progress after {max_steps} steps");
+        let shared = sched
+            .running_ids()
+            .iter()
+            .any(|id| sched.sequence(*id).is_some_and(|s| s.lane() != lane));
         let out = sched.schedule_lane(lane)?;
         sched.check_invariants()?;
         check_output(&cfg, &out);
-        assert!(
-            out.num_batched_tokens <= cfg.max_num_batched_tokens.div_ceil(lanes),
-            "a lane went over its share of the budget"
-        );
+        if shared {
+            assert!(
+                out.num_batched_tokens <= cfg.max_num_batched_tokens.div_ceil(lanes),
+                "a lane went over its share of the budget"
+            );
+        }
         idle_lanes = if out.is_empty() { idle_lanes + 1 } else { 0 };
         if quiet && idle_lanes > lanes && in_flight.iter().all(Option::is_none) {
             panic!(
