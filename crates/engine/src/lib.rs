@@ -5,7 +5,6 @@
 
 pub mod engine;
 pub mod expert_worker;
-pub mod microbatch;
 pub mod net;
 pub mod output;
 pub mod replica;

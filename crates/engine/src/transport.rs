@@ -11,11 +11,15 @@
 //! replicas taking part in an iteration are its *members* (a bit mask). Expert worker 0 is
 //! the authority: a replica with work and no membership sends [`ToWorker::Join`]; worker 0
 //! answers [`ToReplica::Welcome`] (epoch, iteration, members) at once when no iteration is
-//! running, else at the end of the current one. Every dispatch carries the iteration's
-//! member mask, so the other workers learn it from the first message of a slot. A member
-//! says in each dispatch whether it has `more` work; worker 0 puts the next iteration's
-//! members in its combine of the iteration's last slot ([`CombineMsg::next_members`]). A
-//! replica left out stops sending; when nobody is a member the whole deployment sleeps.
+//! running, else on the current one's *decision slot*: the first micro-batch of the last MoE
+//! layer. Every dispatch carries the iteration's member mask, so the other workers learn it
+//! from the first message of a slot. A member says in each dispatch whether it has `more`
+//! work; worker 0 puts the next iteration's members in its combine of the decision slot
+//! ([`CombineMsg::next_members`]). That combine is the one a replica waits for before it
+//! samples micro-batch 0 and starts it on the next iteration while its other micro-batches
+//! are still with the workers, so a member may send dispatches of iteration `i + 1` before a
+//! worker has finished `i`; workers keep them until their slot comes. A replica left out
+//! stops sending; when nobody is a member the whole deployment sleeps.
 //!
 //! ## Epochs
 //! A failure (a replica that went away, a worker that died or stalled) makes worker 0 start a
@@ -52,7 +56,7 @@ pub struct DispatchMsg {
     pub header: SlotHeader,
     /// The replicas taking part in this iteration (bit i = replica i).
     pub members: u64,
-    /// The sender has work beyond this iteration (read by worker 0 on the last slot).
+    /// The sender has work beyond this iteration (read by worker 0 on the decision slot).
     pub more: bool,
     /// `[n, D]` post-attention-normed hidden states.
     pub x: Tensor,
@@ -65,7 +69,7 @@ pub struct DispatchMsg {
 pub struct CombineMsg {
     pub header: SlotHeader,
     pub y: Tensor,
-    /// Set by worker 0 on the last slot of an iteration: the next iteration's members.
+    /// Set by worker 0 on the decision slot of an iteration: the next iteration's members.
     pub next_members: Option<u64>,
 }
 
