@@ -286,9 +286,10 @@ fn phase_workers(
             0.0
         };
         idle += 1.0 - f;
-        out.push(
-            json!({"role": a.role, "id": a.id, "busy_s": busy, "idle_s": idl, "busy_fraction": f}),
-        );
+        out.push(json!({
+            "role": a.role, "id": a.id, "busy_s": busy, "idle_s": idl, "busy_fraction": f,
+            "lm_head_s": a.lm_head_s - b.lm_head_s, "sample_s": a.sample_s - b.sample_s,
+        }));
     }
     let n = out.len().max(1) as f64;
     (out, idle / n)
@@ -544,6 +545,18 @@ fn engine(a: EngineArgs) -> Result<()> {
             let mean = busy.iter().sum::<f64>() / busy.len() as f64;
             json!(mean / (iters * layers as f64 * m) * 1e3)
         };
+        // Mean over the attention replicas of a replica's `key` seconds, per iteration, in ms.
+        let per_iteration = |ws: &[serde_json::Value], key: &str, iters: f64| {
+            let v: Vec<f64> = ws
+                .iter()
+                .filter(|w| w["role"] == "attention")
+                .filter_map(|w| w[key].as_f64())
+                .collect();
+            if v.is_empty() || iters <= 0.0 {
+                return serde_json::Value::Null;
+            }
+            json!(v.iter().sum::<f64>() / v.len() as f64 / iters * 1e3)
+        };
         let decode = decode_start.map(|(at, before_tokens, before)| {
             let secs = last_token.duration_since(at).as_secs_f64();
             let toks = tokens - before_tokens;
@@ -566,6 +579,13 @@ fn engine(a: EngineArgs) -> Result<()> {
                 // over the slots) and expert, the T_a and T_e of the ping-pong.
                 "attention_busy_ms_per_slot": per_slot(&ws, "attention", iters, cfg.num_layers),
                 "expert_busy_ms_per_slot": per_slot(&ws, "expert", iters, expert_layers),
+                // Of the attention side's busy time: LM head and sampling per iteration (all
+                // micro-batches; mean over replicas), the work at each micro-batch's
+                // iteration boundary.
+                "lm_head_ms_per_iteration": per_iteration(&ws, "lm_head_s", iters),
+                "sample_ms_per_iteration": per_iteration(&ws, "sample_s", iters),
+                // Micro-batch steps started while another was still with the experts.
+                "overlapped_steps": stats.overlapped_steps.saturating_sub(before.overlapped_steps),
             })
         });
         eprintln!(
@@ -596,6 +616,7 @@ fn engine(a: EngineArgs) -> Result<()> {
                 "max": ttft.last(),
             },
             "iterations": iterations,
+            "overlapped_steps": stats.overlapped_steps.saturating_sub(busy_before.overlapped_steps),
             "preemptions": stats.preemptions,
             "workers": workers,
             "bubble_fraction": bubble,

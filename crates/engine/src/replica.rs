@@ -497,12 +497,17 @@ impl Replica {
                 ids.push(s.id);
             }
         }
+        let t = Instant::now();
         let logits = if rows.is_empty() {
             Vec::new()
         } else {
             self.model.logits(&lane.h, &rows)?
         };
-        self.postprocess(k, &ids, logits)
+        clock.lm_head(t.elapsed());
+        let t = Instant::now();
+        let res = self.postprocess(k, &ids, logits);
+        clock.sample(t.elapsed());
+        res
     }
 
     /// After an error: every step in flight is lost; its sequences end with the error (the

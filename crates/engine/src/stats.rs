@@ -10,6 +10,11 @@ use std::time::Instant;
 pub struct WorkerStats {
     pub busy_ns: AtomicU64,
     pub idle_ns: AtomicU64,
+    /// Attention replicas: the part of `busy_ns` spent in the LM head (final norm included).
+    pub lm_head_ns: AtomicU64,
+    /// Attention replicas: the part of `busy_ns` spent sampling, updating the scheduler and
+    /// streaming tokens.
+    pub sample_ns: AtomicU64,
 }
 
 #[derive(Default)]
@@ -31,6 +36,9 @@ pub struct WorkerSnapshot {
     pub busy_s: f64,
     pub idle_s: f64,
     pub busy_fraction: f64,
+    /// Of `busy_s`: LM head, and sampling (attention replicas; 0 for expert workers).
+    pub lm_head_s: f64,
+    pub sample_s: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -61,6 +69,8 @@ impl EngineStats {
                 busy_s: b,
                 idle_s: i,
                 busy_fraction: if b + i > 0.0 { b / (b + i) } else { 0.0 },
+                lm_head_s: w.lm_head_ns.load(Ordering::Relaxed) as f64 / 1e9,
+                sample_s: w.sample_ns.load(Ordering::Relaxed) as f64 / 1e9,
             }
         };
         let mut workers: Vec<_> = self
@@ -114,6 +124,18 @@ impl<'a> Clock<'a> {
         self.w.busy_ns.fetch_add(d, Ordering::Relaxed);
         metrics::counter!("tandem_worker_busy_ns", "role" => self.role, "id" => self.id.clone())
             .increment(d);
+    }
+    /// Records `d` of LM-head time (part of the busy time).
+    pub fn lm_head(&self, d: std::time::Duration) {
+        let d = d.as_nanos() as u64;
+        self.w.lm_head_ns.fetch_add(d, Ordering::Relaxed);
+        metrics::counter!("tandem_replica_lm_head_ns", "id" => self.id.clone()).increment(d);
+    }
+    /// Records `d` of sampling time (part of the busy time).
+    pub fn sample(&self, d: std::time::Duration) {
+        let d = d.as_nanos() as u64;
+        self.w.sample_ns.fetch_add(d, Ordering::Relaxed);
+        metrics::counter!("tandem_replica_sample_ns", "id" => self.id.clone()).increment(d);
     }
     /// The time since the last call was spent waiting.
     pub fn idle(&mut self) {
