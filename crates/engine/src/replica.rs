@@ -307,8 +307,6 @@ impl Replica {
         let protocol = self.uses_protocol();
         let continuing = self.in_flight();
         let iteration = self.m2n.iteration;
-        // Worker 0 reads this on the decision slot: whether to keep this replica a member.
-        let more = self.has_work();
         let lanes = self.lanes.len();
         for l in 0..self.model.cfg.num_layers {
             for k in 0..lanes {
@@ -326,7 +324,7 @@ impl Replica {
                     }
                     self.start_lane(k, iteration)?;
                 }
-                self.lane_layer(l, k, more, clock)?;
+                self.lane_layer(l, k, clock)?;
             }
         }
         if protocol {
@@ -393,17 +391,11 @@ impl Replica {
 
     /// Lane `k`'s part of layer `l`: the previous MoE layer's combine if one is pending,
     /// attention, then the experts (dispatched, or here for a dense layer or colocated).
-    fn lane_layer(
-        &mut self,
-        l: usize,
-        k: usize,
-        more: bool,
-        clock: &mut Clock,
-    ) -> Result<(), EngineError> {
+    fn lane_layer(&mut self, l: usize, k: usize, clock: &mut Clock) -> Result<(), EngineError> {
         let mut lane = self.lanes[k]
             .take()
             .ok_or_else(|| EngineError::Protocol(format!("lane {k} runs no step")))?;
-        let res = self.lane_layer_inner(l, k, &mut lane, more, clock);
+        let res = self.lane_layer_inner(l, k, &mut lane, clock);
         self.lanes[k] = Some(lane);
         res
     }
@@ -413,7 +405,6 @@ impl Replica {
         l: usize,
         k: usize,
         lane: &mut Lane,
-        more: bool,
         clock: &mut Clock,
     ) -> Result<(), EngineError> {
         if let Some((pl, f)) = lane.pending.take() {
@@ -437,7 +428,9 @@ impl Replica {
                 let rows = dispatch(
                     link.as_ref(),
                     placement,
-                    (self.m2n.members, more),
+                    // Worker 0 reads `more` on the decision slot: keep this replica a member?
+                    // Asked now, after the previous round's last samples, not at round start.
+                    (self.m2n.members, self.has_work()),
                     SlotHeader {
                         epoch: self.m2n.epoch,
                         iteration: lane.iteration,
