@@ -407,9 +407,7 @@ impl Replica {
         lane: &mut Lane,
         clock: &mut Clock,
     ) -> Result<(), EngineError> {
-        if let Some((pl, f)) = lane.pending.take() {
-            lane.h = self.combine(lane.iteration, pl, k as u32, f, clock)?;
-        }
+        self.settle(k, lane, clock)?;
         let model = self.model.clone();
         let layer = &model.layers[l];
         let a = layer.attention.forward(
@@ -455,6 +453,14 @@ impl Replica {
         Ok(())
     }
 
+    /// Waits for lane `k`'s pending combine, if any, and makes it the lane's hidden state.
+    fn settle(&mut self, k: usize, lane: &mut Lane, clock: &mut Clock) -> Result<(), EngineError> {
+        if let Some((pl, f)) = lane.pending.take() {
+            lane.h = self.combine(lane.iteration, pl, k as u32, f, clock)?;
+        }
+        Ok(())
+    }
+
     /// Ends lane `k`'s step, if it has one: its last combine, the LM head over the rows that
     /// sample (sequences aborted meanwhile skipped), sampling, the scheduler's update, and
     /// the tokens to the clients.
@@ -476,9 +482,7 @@ impl Replica {
         lane: &mut Lane,
         clock: &mut Clock,
     ) -> Result<(), EngineError> {
-        if let Some((pl, f)) = lane.pending.take() {
-            lane.h = self.combine(lane.iteration, pl, k as u32, f, clock)?;
-        }
+        self.settle(k, lane, clock)?;
         // Rows that sample: the last token of each live sequence whose prompt is complete.
         let mut rows = Vec::new();
         let mut ids = Vec::new();

@@ -755,99 +755,88 @@ fn case() -> impl Strategy<Value = Case> {
         })
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
-
-    /// The same with the scheduler split into 2-3 lanes stepped in rotation (each scheduled
-    /// while the others are in flight): same tokens, nothing lost, no leak, no stall.
-    #[test]
-    fn lanes_finish_every_request_with_the_right_tokens(c in case(), lanes in 2usize..4) {
-        let max_model_len = c.cfg.num_blocks * c.cfg.block_size;
-        let mut seqs = Vec::new();
-        let mut arrivals = Vec::new();
-        for (i, &(step, prefix, suffix, max_tokens, eos)) in c.reqs.iter().enumerate() {
-            let mut p = prompt(500 + prefix as u64, prefix * c.cfg.block_size);
-            p.extend(prompt(i as u64, suffix));
-            if p.len() >= max_model_len {
-                continue;
-            }
-            let params = SamplingParams { ignore_eos: !eos, ..params(max_tokens) };
-            let seq = request(i as u64, p, params);
-            seqs.push(seq.clone());
-            arrivals.push(Arrival { step: step * lanes, seq });
+/// Runs a random case with the scheduler in `lanes` lanes (1: the plain `drive`, more: lanes
+/// stepped in rotation, every step index scaled by `lanes` so that a round of lanes stands for
+/// one plain step) and checks that every request finishes exactly once with the tokens (and
+/// length) it would have produced alone, or a prefix of them if aborted; the drivers check
+/// leaks and stalls. Prompts too long for the cache must be rejected at add time.
+fn check_case(c: &Case, lanes: usize) -> Result<(), TestCaseError> {
+    let max_model_len = c.cfg.num_blocks * c.cfg.block_size;
+    let prefixes: Vec<Vec<u32>> = (0..4)
+        .map(|k| prompt(500 + k, k as usize * c.cfg.block_size + 1))
+        .collect();
+    let mut seqs = Vec::new();
+    let mut arrivals = Vec::new();
+    for (i, &(step, prefix, suffix, max_tokens, eos)) in c.reqs.iter().enumerate() {
+        let mut p = if prefix == 0 {
+            Vec::new()
+        } else {
+            prefixes[prefix].clone()
+        };
+        p.extend(prompt(i as u64, suffix));
+        if p.len() >= max_model_len {
+            let mut s =
+                Scheduler::new(c.cfg.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let rejected = matches!(
+                s.add(request(i as u64, p, params(max_tokens))),
+                Err(SchedError::PromptTooLong { .. })
+            );
+            prop_assert!(rejected);
+            continue;
         }
-        let live: Vec<u64> = seqs.iter().map(|s| s.id().0).collect();
-        let aborts: Vec<_> = c
-            .aborts
-            .iter()
-            .filter(|a| live.contains(&(a.1 as u64)))
-            .map(|&(step, i)| (step * lanes, rid(i as u64)))
-            .collect();
-        let res = drive_lanes(c.cfg.clone(), lanes, arrivals, &aborts, 40_000)
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        prop_assert_eq!(res.finished.len(), seqs.len());
-        for s in &seqs {
-            let f = &res.finished[&s.id()];
-            let (want, reason) =
-                reference(s.prompt_token_ids(), s.params(), &[EOS], max_model_len);
-            if f.reason == FinishReason::Abort {
-                prop_assert!(aborts.iter().any(|a| a.1 == s.id()));
-                prop_assert!(want.starts_with(&f.output_token_ids));
-            } else {
-                prop_assert_eq!(&f.output_token_ids, &want);
-                prop_assert_eq!(&f.reason, &reason);
-            }
+        let params = SamplingParams {
+            ignore_eos: !eos,
+            ..params(max_tokens)
+        };
+        let seq = request(i as u64, p, params);
+        seqs.push(seq.clone());
+        arrivals.push(Arrival {
+            step: step * lanes,
+            seq,
+        });
+    }
+    let live: Vec<u64> = seqs.iter().map(|s| s.id().0).collect();
+    let aborts: Vec<_> = c
+        .aborts
+        .iter()
+        .filter(|a| live.contains(&(a.1 as u64)))
+        .map(|&(step, i)| (step * lanes, rid(i as u64)))
+        .collect();
+    let res = if lanes == 1 {
+        drive(c.cfg.clone(), arrivals, &aborts, 20_000)
+    } else {
+        drive_lanes(c.cfg.clone(), lanes, arrivals, &aborts, 40_000)
+    }
+    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert_eq!(res.finished.len(), seqs.len());
+    for s in &seqs {
+        let f = &res.finished[&s.id()];
+        let (want, reason) = reference(s.prompt_token_ids(), s.params(), &[EOS], max_model_len);
+        if f.reason == FinishReason::Abort {
+            prop_assert!(aborts.iter().any(|a| a.1 == s.id()));
+            prop_assert!(want.starts_with(&f.output_token_ids));
+        } else {
+            prop_assert_eq!(&f.output_token_ids, &want);
+            prop_assert_eq!(&f.reason, &reason);
         }
     }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
     /// Random arrivals, lengths, limits and aborts: every request finishes exactly once, with
     /// the tokens (and length) it would have produced alone, no block leaks, no stall.
     #[test]
     fn every_request_finishes_once_with_the_right_tokens(c in case()) {
-        let max_model_len = c.cfg.num_blocks * c.cfg.block_size;
-        let prefixes: Vec<Vec<u32>> =
-            (0..4).map(|k| prompt(500 + k, k as usize * c.cfg.block_size + 1)).collect();
-        let mut seqs = Vec::new();
-        let mut arrivals = Vec::new();
-        for (i, &(step, prefix, suffix, max_tokens, eos)) in c.reqs.iter().enumerate() {
-            let mut p = if prefix == 0 { Vec::new() } else { prefixes[prefix].clone() };
-            p.extend(prompt(i as u64, suffix));
-            if p.len() >= max_model_len {
-                // Too long for this cache: must be rejected at add time.
-                let mut s = Scheduler::new(c.cfg.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
-                let rejected = matches!(
-                    s.add(request(i as u64, p, params(max_tokens))),
-                    Err(SchedError::PromptTooLong { .. })
-                );
-                prop_assert!(rejected);
-                continue;
-            }
-            let params = SamplingParams { ignore_eos: !eos, ..params(max_tokens) };
-            let seq = request(i as u64, p, params);
-            seqs.push(seq.clone());
-            arrivals.push(Arrival { step, seq });
-        }
-        let live: Vec<u64> = seqs.iter().map(|s| s.id().0).collect();
-        let aborts: Vec<_> = c
-            .aborts
-            .iter()
-            .filter(|a| live.contains(&(a.1 as u64)))
-            .map(|&(step, i)| (step, rid(i as u64)))
-            .collect();
-        let res = drive(c.cfg.clone(), arrivals, &aborts, 20_000)
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        prop_assert_eq!(res.finished.len(), seqs.len());
-        for s in &seqs {
-            let f = &res.finished[&s.id()];
-            let (want, reason) =
-                reference(s.prompt_token_ids(), s.params(), &[EOS], max_model_len);
-            if f.reason == FinishReason::Abort {
-                prop_assert!(aborts.iter().any(|a| a.1 == s.id()));
-                prop_assert!(want.starts_with(&f.output_token_ids));
-            } else {
-                prop_assert_eq!(&f.output_token_ids, &want);
-                prop_assert_eq!(&f.reason, &reason);
-            }
-        }
+        check_case(&c, 1)?;
+    }
+
+    /// The same with the scheduler split into 2-3 lanes stepped in rotation (each scheduled
+    /// while the others are in flight).
+    #[test]
+    fn lanes_finish_every_request_with_the_right_tokens(c in case(), lanes in 2usize..4) {
+        check_case(&c, lanes)?;
     }
 }

@@ -207,6 +207,27 @@ pub fn check_output(cfg: &SchedulerConfig, out: &SchedulerOutput) {
     }
 }
 
+/// The last step at which a request arrives or is aborted.
+fn last_event(arrivals: &[Arrival], aborts: &[(usize, RequestId)]) -> usize {
+    let a = arrivals.iter().map(|a| a.step).max().unwrap_or(0);
+    a.max(aborts.iter().map(|a| a.0).max().unwrap_or(0))
+}
+
+/// Arrivals grouped by the step they join at.
+fn by_step(arrivals: Vec<Arrival>) -> HashMap<usize, Vec<Sequence>> {
+    let mut pending: HashMap<usize, Vec<Sequence>> = HashMap::new();
+    for a in arrivals {
+        pending.entry(a.step).or_default().push(a.seq);
+    }
+    pending
+}
+
+/// Records a finished request; a request may finish only once.
+fn record(f: FinishedSeq, finished: &mut BTreeMap<RequestId, FinishedSeq>) {
+    let id = f.id;
+    assert!(finished.insert(id, f).is_none(), "{id} finished twice");
+}
+
 /// Drives the scheduler with the fake model until every request has finished. `aborts`:
 /// (step, id) pairs applied before scheduling that step.
 pub fn drive(
@@ -219,16 +240,8 @@ pub fn drive(
     let mut model = FakeModel::new(&cfg);
     let mut finished: BTreeMap<RequestId, FinishedSeq> = BTreeMap::new();
     let mut outputs = Vec::new();
-    let last_arrival = arrivals.iter().map(|a| a.step).max().unwrap_or(0);
-    let last_abort = aborts.iter().map(|a| a.0).max().unwrap_or(0);
-    let mut pending: HashMap<usize, Vec<Sequence>> = HashMap::new();
-    for a in arrivals {
-        pending.entry(a.step).or_default().push(a.seq);
-    }
-    let record = |f: FinishedSeq, finished: &mut BTreeMap<RequestId, FinishedSeq>| {
-        let id = f.id;
-        assert!(finished.insert(id, f).is_none(), "{id} finished twice");
-    };
+    let last = last_event(&arrivals, aborts);
+    let mut pending = by_step(arrivals);
     let mut step = 0;
     loop {
         for seq in pending.remove(&step).unwrap_or_default() {
@@ -241,14 +254,14 @@ pub fn drive(
             }
         }
         sched.check_invariants()?;
-        if step > last_arrival.max(last_abort) && !sched.has_unfinished() {
+        if step > last && !sched.has_unfinished() {
             break;
         }
         assert!(step < max_steps, "no progress after {max_steps} steps");
         let out = sched.schedule()?;
         sched.check_invariants()?;
         check_output(&cfg, &out);
-        if out.is_empty() && step > last_arrival.max(last_abort) {
+        if out.is_empty() && step > last {
             panic!(
                 "stalled: nothing scheduled with {} live requests",
                 sched.num_waiting()
@@ -311,19 +324,11 @@ pub fn drive_lanes(
     let mut model = FakeModel::new(&cfg);
     let mut finished: BTreeMap<RequestId, FinishedSeq> = BTreeMap::new();
     let mut outputs = Vec::new();
-    let last_arrival = arrivals.iter().map(|a| a.step).max().unwrap_or(0);
-    let last_abort = aborts.iter().map(|a| a.0).max().unwrap_or(0);
-    let mut pending: HashMap<usize, Vec<Sequence>> = HashMap::new();
-    for a in arrivals {
-        pending.entry(a.step).or_default().push(a.seq);
-    }
+    let last = last_event(&arrivals, aborts);
+    let mut pending = by_step(arrivals);
     // Per lane: the step in flight and the tokens it sampled.
     type Step = (SchedulerOutput, Vec<(RequestId, u32)>);
     let mut in_flight: Vec<Option<Step>> = vec![None; lanes];
-    let record = |f: FinishedSeq, finished: &mut BTreeMap<RequestId, FinishedSeq>| {
-        let id = f.id;
-        assert!(finished.insert(id, f).is_none(), "{id} finished twice");
-    };
     let mut idle_lanes = 0;
     let mut step = 0;
     loop {
@@ -345,7 +350,7 @@ pub fn drive_lanes(
             }
         }
         sched.check_invariants()?;
-        let quiet = step > last_arrival.max(last_abort);
+        let quiet = step > last;
         if quiet && !sched.has_unfinished() && in_flight.iter().all(Option::is_none) {
             break;
         }
