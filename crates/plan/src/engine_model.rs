@@ -4,10 +4,13 @@
 //!
 //! The engine is not the paper's steady pipeline in three ways that matter at small scale:
 //!
-//! 1. **Lockstep iterations.** Every decode step starts from an empty pipeline (the
-//!    coordinator waits for all replicas before the next step) and ends with the head work
-//!    (final norm, LM head, sampling) of each micro-batch on the replica while the expert
-//!    workers idle. So a step is Eq. 5's fill-and-drain plus that tail, not Eq. 4's period.
+//! 1. **Iteration boundaries.** This model prices every decode step from an empty pipeline
+//!    and ends it with the head work (final norm, LM head, sampling) of each micro-batch on
+//!    the replica while the expert workers idle: Eq. 5's fill-and-drain plus that tail, not
+//!    Eq. 4's period. The engine now pipelines across iterations (`Replica::round`: micro-batch
+//!    0 starts its next iteration while the others finish), but each micro-batch's head work
+//!    still stalls the workers at its boundary; on the demo model the two cost about the same
+//!    per iteration (docs/pingpong.md). Calibration was not re-run after that change.
 //! 2. **Weights re-read per micro-batch.** Each micro-batch runs every expert it hits on its
 //!    own, so the per-expert cost `k4` (mostly reading the expert's weights) is paid once per
 //!    hit expert per micro-batch, and the LM head once per micro-batch.
@@ -15,7 +18,7 @@
 //!    routing hits an expert with probability `1 - (1 - K/E)^t`; the expected cost of a worker
 //!    holding `c` experts is `c (k3 t K / E + P(hit) k4) + overhead`.
 //!
-//! The replica's order is the engine's (`Replica::run`): for each layer, for each micro-batch,
+//! The replica's order is the engine's (`Replica::round`): for each layer, for each micro-batch,
 //! wait for that micro-batch's combine of the previous layer, run attention, dispatch. An
 //! expert worker serves the slots in the same order. Dense (non-MoE) layers are priced as
 //! attention only (no dense-MLP fit in the profile). Units: seconds, sequences, tokens.
