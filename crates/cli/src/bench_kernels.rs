@@ -1,6 +1,6 @@
 //! `tandem bench kernels`: the two hot CPU kernels of decode, measured alone on a rayon pool of
-//! `--threads` threads: the weight-streaming matmul (`kernels::matmul_wt`, against candle's
-//! GEMM on the same shapes) for the demo model's expert matrices, and paged attention decode
+//! `--threads` threads: the matmul of every linear layer (`packed::PackedWeights::matmul`,
+//! against candle's GEMM on the same shapes) for the demo model's expert matrices, and paged attention decode
 //! (`kv::paged_attention`) for its attention shape; plus the memory read bandwidth they are
 //! bounded by. One JSON object on stdout, a progress line per measurement on stderr.
 
@@ -9,9 +9,8 @@ use clap::Args;
 use serde_json::json;
 use std::time::Instant;
 use tandem_model::demo::DemoSpec;
-use tandem_model::kernels::matmul_wt;
 use tandem_model::kv::{paged_attention, AttnDims, LayerKv};
-use tandem_model::layers::{from_vec, with_slice, Linear};
+use tandem_model::layers::{from_vec, Linear};
 use tandem_model::{BatchLayout, SeqSlot};
 
 /// Distinct weight matrices per shape, cycled through so the weights come from memory rather
@@ -147,9 +146,10 @@ pub fn run(a: KernelsArgs) -> Result<()> {
     Ok(())
 }
 
-/// `matmul_wt` and candle's GEMM (`Linear::forward_gemm`) on `[rows, k] x [n, k]^T` for every
-/// row count, each pass cycling through `MATRICES` distinct weight matrices; the two are
-/// measured in alternating passes so drift on a shared machine hits both alike.
+/// The packed matmul (`Linear::forward`, no bias) and candle's GEMM (`Linear::forward_gemm`
+/// on the unpacked weight) on `[rows, k] x [n, k]^T` for every row count, each pass cycling
+/// through `MATRICES` distinct weight matrices; the two are measured in alternating passes so
+/// drift on a shared machine hits both alike.
 fn matmul_shape(
     n: usize,
     k: usize,
@@ -161,57 +161,57 @@ fn matmul_shape(
             let w: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 7 + c) % 13) as f32 * 0.01 - 0.06)
                 .collect();
-            Ok(Linear::new(from_vec(w, n, k)?, None)?)
+            let l = Linear::new(from_vec(w, n, k)?, None)?;
+            let t = l.weight_tensor()?;
+            Ok((l, t))
         })
         .collect::<Result<Vec<_>>>()?;
     let weight_bytes = (n * k * 4) as f64;
     let mut rows_out = Vec::new();
     for &rows in rows_list {
         let x: Vec<f32> = (0..rows * k).map(|i| (i % 17) as f32 * 0.1 - 0.8).collect();
-        let mut out = vec![0f32; rows * n];
         // One untimed pass of each warms the code paths and candle's packing buffers.
-        let wt_pass = |out: &mut [f32]| -> Result<f64> {
+        let packed_pass = || -> Result<f64> {
             let t = Instant::now();
-            for l in &linears {
-                with_slice(&l.w, |w| matmul_wt(&x, rows, k, w, n, out))?;
+            for (l, _) in &linears {
+                std::hint::black_box(l.forward(&x, rows)?);
             }
-            std::hint::black_box(&*out);
             Ok(t.elapsed().as_secs_f64() / MATRICES as f64)
         };
         let gemm_pass = || -> Result<f64> {
             let t = Instant::now();
-            for l in &linears {
-                std::hint::black_box(l.forward_gemm(&x, rows)?);
+            for (l, w) in &linears {
+                std::hint::black_box(l.forward_gemm_with(w, &x, rows)?);
             }
             Ok(t.elapsed().as_secs_f64() / MATRICES as f64)
         };
-        wt_pass(&mut out)?;
+        packed_pass()?;
         gemm_pass()?;
-        let (mut wt, mut gemm) = (f64::MAX, f64::MAX);
+        let (mut pk, mut gemm) = (f64::MAX, f64::MAX);
         for _ in 0..repeat {
-            wt = wt.min(wt_pass(&mut out)?);
+            pk = pk.min(packed_pass()?);
             gemm = gemm.min(gemm_pass()?);
         }
         let flops = 2.0 * (rows * n * k) as f64;
         eprintln!(
             "bench kernels: matmul n={n} k={k} rows={rows}: {:.3} ms ({:.2} GB/s, {:.1} GFLOP/s), \
              gemm {:.3} ms, {:.2}x",
-            wt * 1e3,
-            weight_bytes / wt / 1e9,
-            flops / wt / 1e9,
+            pk * 1e3,
+            weight_bytes / pk / 1e9,
+            flops / pk / 1e9,
             gemm * 1e3,
-            gemm / wt
+            gemm / pk
         );
         rows_out.push(json!({
             "n": n,
             "k": k,
             "rows": rows,
-            "ms": wt * 1e3,
-            "gbps": weight_bytes / wt / 1e9,
-            "gflops": flops / wt / 1e9,
+            "ms": pk * 1e3,
+            "gbps": weight_bytes / pk / 1e9,
+            "gflops": flops / pk / 1e9,
             "gemm_ms": gemm * 1e3,
             "gemm_gflops": flops / gemm / 1e9,
-            "speedup_vs_gemm": gemm / wt,
+            "speedup_vs_gemm": gemm / pk,
         }));
     }
     Ok(rows_out)

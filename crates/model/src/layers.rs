@@ -3,12 +3,8 @@
 //! `[T, D]` (T tokens, row-major, f32); inner loops work on the raw slices.
 
 use crate::error::{ModelError, Result};
-use crate::kernels::matmul_wt;
+use crate::packed::PackedWeights;
 use candle_core::{Device, Storage, Tensor};
-
-/// Above this many token rows a linear layer uses candle's GEMM; below it, the
-/// weight-streaming kernel in `kernels`, which reads each weight row once per call.
-pub const SMALL_BATCH_ROWS: usize = 128;
 
 /// Runs `f` on the contiguous f32 data of `t`.
 pub fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
@@ -39,18 +35,21 @@ pub fn from_vec(v: Vec<f32>, rows: usize, cols: usize) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, (rows, cols), &Device::Cpu)?)
 }
 
-/// A PyTorch-style linear layer: `y = x W^T + b`, W `[out, in]`.
+/// A PyTorch-style linear layer: `y = x W^T + b`, W `[out, in]`, held packed for the matmul
+/// kernel (`packed`), which serves every row count: one decode token up to a prefill chunk.
 #[derive(Clone)]
 pub struct Linear {
-    pub w: Tensor,
+    pub w: PackedWeights,
     pub b: Option<Vec<f32>>,
     pub out_dim: usize,
     pub in_dim: usize,
 }
 
 impl Linear {
+    /// From a `[out, in]` weight (packed here; the tensor is not kept).
     pub fn new(w: Tensor, b: Option<Vec<f32>>) -> Result<Self> {
         let (out_dim, in_dim) = w.dims2()?;
+        let w = with_slice(&w, |s| PackedWeights::pack(s, out_dim, in_dim))?;
         Ok(Self {
             w,
             b,
@@ -61,8 +60,17 @@ impl Linear {
 
     /// Stacks the rows of several linears that read the same input (q, k, v; gate, up).
     pub fn concat(parts: &[Linear]) -> Result<Self> {
-        let ws: Vec<&Tensor> = parts.iter().map(|p| &p.w).collect();
-        let w = Tensor::cat(&ws, 0)?;
+        let in_dim = parts.first().map_or(0, |p| p.in_dim);
+        if parts.iter().any(|p| p.in_dim != in_dim) {
+            return Err(ModelError::Input(
+                "concatenated linears must have the same input size".into(),
+            ));
+        }
+        let out_dim = parts.iter().map(|p| p.out_dim).sum();
+        let mut w = Vec::with_capacity(out_dim * in_dim);
+        for p in parts {
+            w.extend(p.w.unpack());
+        }
         let b = if parts.iter().any(|p| p.b.is_some()) {
             let mut b = Vec::new();
             for p in parts {
@@ -75,7 +83,7 @@ impl Linear {
         } else {
             None
         };
-        Self::new(w, b)
+        Self::new(from_vec(w, out_dim, in_dim)?, b)
     }
 
     /// Bytes of weights read by one forward pass (f32).
@@ -86,15 +94,8 @@ impl Linear {
     /// x `[T, in]` -> `[T, out]`.
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         debug_assert_eq!(x.len(), rows * self.in_dim);
-        let mut out = if rows <= SMALL_BATCH_ROWS {
-            let mut out = vec![0f32; rows * self.out_dim];
-            with_slice(&self.w, |w| {
-                matmul_wt(x, rows, self.in_dim, w, self.out_dim, &mut out)
-            })?;
-            out
-        } else {
-            self.forward_gemm(x, rows)?
-        };
+        let mut out = vec![0f32; rows * self.out_dim];
+        self.w.matmul(x, rows, &mut out);
         if let Some(b) = &self.b {
             for row in out.chunks_exact_mut(self.out_dim) {
                 for (o, bb) in row.iter_mut().zip(b) {
@@ -105,11 +106,22 @@ impl Linear {
         Ok(out)
     }
 
-    /// The same product through candle's GEMM (used for large T, and as a test oracle).
+    /// The product without the bias through candle's GEMM on the unpacked weight: the test
+    /// oracle of `forward`, and the baseline of `tandem bench kernels`.
     pub fn forward_gemm(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        self.forward_gemm_with(&self.weight_tensor()?, x, rows)
+    }
+
+    /// `forward_gemm` with the weight already unpacked (see [`Linear::weight_tensor`]).
+    pub fn forward_gemm_with(&self, w: &Tensor, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let xt = Tensor::from_slice(x, (rows, self.in_dim), &Device::Cpu)?;
-        let y = xt.matmul(&self.w.t()?)?;
+        let y = xt.matmul(&w.t()?)?;
         to_vec(&y)
+    }
+
+    /// The weight as a `[out, in]` tensor (a copy).
+    pub fn weight_tensor(&self) -> Result<Tensor> {
+        from_vec(self.w.unpack(), self.out_dim, self.in_dim)
     }
 }
 
@@ -277,13 +289,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn small_and_gemm_paths_agree() {
+    fn packed_and_gemm_paths_agree() {
         let (o, i) = (37, 29);
         let w: Vec<f32> = (0..o * i)
             .map(|k| ((k * 7919) % 101) as f32 / 101.0 - 0.5)
             .collect();
         let lin = Linear::new(from_vec(w, o, i).unwrap(), Some(vec![0.25; o])).unwrap();
-        for rows in [1, 3, 30, 128, 129] {
+        for rows in [1, 3, 30, 128, 129, 300] {
             let x: Vec<f32> = (0..rows * i)
                 .map(|k| ((k * 31) % 17) as f32 / 17.0)
                 .collect();

@@ -11,6 +11,7 @@ pub mod kernels;
 pub mod kv;
 pub mod layers;
 pub mod model;
+pub mod packed;
 pub mod stages;
 pub mod tokenizer;
 pub mod weights;

@@ -1,0 +1,580 @@
+//! Linear-layer weights packed for the CPU matmul, and the matmul that reads them.
+//!
+//! A PyTorch `Linear` weight is `[n, k]` (one row per output). The kernels here want the
+//! transpose in narrow strips instead: the outputs are cut into panels of [`NR`] = 16 columns,
+//! and each panel is stored k-major, one 64-byte cache line per `k` (`[k][16]`, the last panel
+//! zero-padded). Then a step of the inner loop reads one line of weights, broadcasts one input
+//! value per token row and does two 8-wide FMAs per row into `MR x 16` accumulators held in
+//! registers (the usual register-blocked GEMM micro-kernel): no horizontal sums, every weight
+//! loaded once per tile of up to [`MR`] rows, and the weights of a call stream through memory
+//! in one sequential pass, prefetched a block ahead so the read overlaps the arithmetic.
+//!
+//! Packing happens once, at load; the packed copy replaces the `[n, k]` one, so it costs no
+//! memory. The same code serves one token row (a memory-bound GEMV) and thousands (prefill),
+//! blocking rows by [`MC`] and `k` by [`KC`] so the operands of the inner loops stay in cache.
+
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Output columns per panel: two AVX2 registers.
+pub const NR: usize = 16;
+/// Token rows per micro-tile (12 accumulator registers of the 16).
+pub const MR: usize = 6;
+/// `k` per block: a block of a panel is `KC` lines (16 KiB) and stays in L1 while every
+/// micro-tile of the rows passes over it.
+pub const KC: usize = 256;
+/// Token rows per row block: the block's inputs (`MC x KC` floats, 96 KiB) stay in L2.
+pub const MC: usize = 96;
+
+/// One `k` step of one panel: the 16 weights of its 16 output columns.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Line([f32; NR]);
+
+/// Buffers from this size on are mapped on their own and asked for transparent huge pages:
+/// a matmul streams its weights, and with 4 KiB pages every page is a TLB miss and a point
+/// where the hardware prefetcher stops.
+const HUGE_PAGE_MIN_BYTES: usize = 2 << 20;
+
+/// The lines of a packed weight: zero-initialised, 64-byte aligned.
+enum Buf {
+    Heap(Vec<Line>),
+    Mapped(memmap2::MmapMut),
+}
+
+impl Buf {
+    fn zeroed(len: usize) -> Self {
+        let bytes = len * std::mem::size_of::<Line>();
+        if bytes >= HUGE_PAGE_MIN_BYTES {
+            // An anonymous map is zero-filled and page-aligned; advising before the first
+            // write lets the kernel fault it in as huge pages where it is configured to
+            // (`madvise` mode). A failure of either just means small pages.
+            if let Ok(map) = memmap2::MmapMut::map_anon(bytes) {
+                #[cfg(target_os = "linux")]
+                let _ = map.advise(memmap2::Advice::HugePage);
+                return Buf::Mapped(map);
+            }
+        }
+        Buf::Heap(vec![Line::default(); len])
+    }
+
+    fn lines(&self) -> &[Line] {
+        match self {
+            Buf::Heap(v) => v,
+            // SAFETY: the map is page-aligned, `len * 64` bytes long, and any bytes are valid
+            // f32s.
+            Buf::Mapped(m) => unsafe {
+                std::slice::from_raw_parts(m.as_ptr() as *const Line, m.len() / 64)
+            },
+        }
+    }
+
+    fn lines_mut(&mut self) -> &mut [Line] {
+        match self {
+            Buf::Heap(v) => v,
+            // SAFETY: as in `lines`.
+            Buf::Mapped(m) => unsafe {
+                std::slice::from_raw_parts_mut(m.as_mut_ptr() as *mut Line, m.len() / 64)
+            },
+        }
+    }
+}
+
+/// A `[n, k]` weight in panels (see the module doc). Cheap to clone (shared).
+#[derive(Clone)]
+pub struct PackedWeights {
+    lines: Arc<Buf>,
+    n: usize,
+    k: usize,
+}
+
+impl std::fmt::Debug for PackedWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedWeights[{}, {}]", self.n, self.k)
+    }
+}
+
+impl PackedWeights {
+    /// Packs a row-major `[n, k]` weight.
+    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "w must be [n, k]");
+        let panels = n.div_ceil(NR);
+        let mut buf = Buf::zeroed(panels * k);
+        for (p, panel) in buf
+            .lines_mut()
+            .chunks_exact_mut(k.max(1))
+            .enumerate()
+            .take(panels)
+        {
+            for c in 0..NR.min(n - p * NR) {
+                let row = &w[(p * NR + c) * k..(p * NR + c + 1) * k];
+                for (line, v) in panel.iter_mut().zip(row) {
+                    line.0[c] = *v;
+                }
+            }
+        }
+        Self {
+            lines: Arc::new(buf),
+            n,
+            k,
+        }
+    }
+
+    fn lines(&self) -> &[Line] {
+        self.lines.lines()
+    }
+
+    /// The row-major `[n, k]` weight back.
+    pub fn unpack(&self) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        let mut w = vec![0f32; n * k];
+        for (r, row) in w.chunks_exact_mut(k.max(1)).enumerate().take(n) {
+            let panel = &self.lines()[(r / NR) * k..(r / NR + 1) * k];
+            for (v, line) in row.iter_mut().zip(panel) {
+                *v = line.0[r % NR];
+            }
+        }
+        w
+    }
+
+    /// Output columns (rows of the original weight).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input columns.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// `out[t, j] = sum_i x[t, i] * w[j, i]`: x `[rows, k]`, out `[rows, n]`, row-major. Runs
+    /// on the current rayon pool, its tasks splitting the panels (and row blocks).
+    pub fn matmul(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        let (n, k) = (self.n, self.k);
+        assert_eq!(x.len(), rows * k, "x must be [rows, k]");
+        assert_eq!(out.len(), rows * n, "out must be [rows, n]");
+        if rows == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            out.fill(0.0);
+            return;
+        }
+        let panels = n.div_ceil(NR);
+        let row_blocks = rows.div_ceil(MC);
+        let threads = rayon::current_num_threads().max(1);
+        // Panels per task: about four tasks per thread over the whole call, at least 4 panels
+        // (64 columns) so a task's stream of weights is long enough to prefetch.
+        let per_task = (panels * row_blocks)
+            .div_ceil(threads * 4)
+            .clamp(4, 64)
+            .min(panels);
+        let chunks = panels.div_ceil(per_task);
+        let a = pack_rows(x, rows, k);
+        let out_ptr = SyncPtr(out.as_mut_ptr());
+        let run = |task: usize| {
+            let (rb, chunk) = (task / chunks, task % chunks);
+            let r0 = rb * MC;
+            let p0 = chunk * per_task;
+            let tile = Tile {
+                rows: r0..(r0 + MC).min(rows),
+                panels: p0..(p0 + per_task).min(panels),
+            };
+            // SAFETY: tasks write disjoint (row block, panel range) tiles of `out`.
+            unsafe { self.tile(x, &a, tile, out_ptr) };
+        };
+        let tasks = row_blocks * chunks;
+        if threads == 1 || tasks == 1 {
+            (0..tasks).for_each(run);
+        } else {
+            (0..tasks).into_par_iter().for_each(run);
+        }
+    }
+
+    /// Rows `tile.rows` of the product, columns of `tile.panels`; `x` is the input, `a` the
+    /// same in the layout of [`pack_rows`].
+    unsafe fn tile(&self, x: &[f32], a: &[f32], tile: Tile, out: SyncPtr) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return avx::tile(self, a, tile, out.0);
+            }
+        }
+        let _ = a;
+        self.tile_scalar(x, tile, out)
+    }
+
+    /// `tile` without SIMD: the path of CPUs without AVX2/FMA.
+    unsafe fn tile_scalar(&self, x: &[f32], tile: Tile, out: SyncPtr) {
+        let (n, k) = (self.n, self.k);
+        for p in tile.panels {
+            let panel = &self.lines()[p * k..(p + 1) * k];
+            for t in tile.rows.clone() {
+                let xr = &x[t * k..(t + 1) * k];
+                let mut acc = [0f32; NR];
+                for (xv, line) in xr.iter().zip(panel) {
+                    for (a, w) in acc.iter_mut().zip(&line.0) {
+                        *a += xv * w;
+                    }
+                }
+                for (c, a) in acc.iter().enumerate().take(n - p * NR) {
+                    *out.0.add(t * n + p * NR + c) = *a;
+                }
+            }
+        }
+    }
+}
+
+/// The input rows in micro-tiles of [`MR`] rows, each tile stored k-major (`[k][R]`, R its
+/// rows) at the offset of its first row: the micro-kernel then reads one contiguous stream
+/// instead of R rows `k` floats apart (rows exactly 4 KiB apart share L1 sets, with each other
+/// and with the weights).
+fn pack_rows(x: &[f32], rows: usize, k: usize) -> Vec<f32> {
+    let mut a = vec![0f32; rows * k];
+    for t0 in (0..rows).step_by(MR) {
+        let r = MR.min(rows - t0);
+        let dst = &mut a[t0 * k..(t0 + r) * k];
+        for i in 0..r {
+            for (kk, v) in x[(t0 + i) * k..(t0 + i + 1) * k].iter().enumerate() {
+                dst[kk * r + i] = *v;
+            }
+        }
+    }
+    a
+}
+
+#[derive(Clone)]
+struct Tile {
+    rows: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+}
+
+#[derive(Copy, Clone)]
+struct SyncPtr(*mut f32);
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+#[cfg(target_arch = "x86_64")]
+mod avx {
+    use super::{Line, PackedWeights, Tile, KC, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// Where a micro-tile reads, writes and prefetches.
+    #[derive(Clone, Copy)]
+    struct Micro {
+        /// The tile's inputs at the block's first `k`, `[kc][R]` (see `pack_rows`).
+        a: *const f32,
+        /// First line of the panel block.
+        b: *const Line,
+        kc: usize,
+        /// First output of the tile's first row; rows are `ldc` apart.
+        c: *mut f32,
+        ldc: usize,
+        /// Valid columns of the panel (16 but for the last panel).
+        cols: usize,
+        /// Add to `c` instead of overwriting it (every `k` block but the first).
+        accumulate: bool,
+        /// Prefetch `pf_lines` lines from `pf`, one every `pf_every` steps.
+        pf: *const Line,
+        pf_lines: usize,
+        pf_every: usize,
+    }
+
+    /// `R` rows (1..=MR) of one panel block: `R x 16` accumulators. With fewer than 3 rows
+    /// the FMA chains would wait on each other, so `k` is unrolled by `U` with separate
+    /// accumulators, summed at the end.
+    #[inline(always)]
+    unsafe fn micro<const R: usize, const U: usize>(m: Micro) {
+        let mut acc = [[[_mm256_setzero_ps(); 2]; R]; U];
+        let (mut next_pf, mut pf_done) = (0usize, 0usize);
+        let mut kk = 0;
+        while kk + U <= m.kc {
+            for (u, acc) in acc.iter_mut().enumerate() {
+                let line = m.b.add(kk + u) as *const f32;
+                let b0 = _mm256_load_ps(line);
+                let b1 = _mm256_load_ps(line.add(8));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*m.a.add((kk + u) * R + r));
+                    acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
+                }
+            }
+            while kk >= next_pf && pf_done < m.pf_lines {
+                _mm_prefetch::<_MM_HINT_T1>(m.pf.add(pf_done) as *const i8);
+                pf_done += 1;
+                next_pf += m.pf_every;
+            }
+            kk += U;
+        }
+        while kk < m.kc {
+            let line = m.b.add(kk) as *const f32;
+            let b0 = _mm256_load_ps(line);
+            let b1 = _mm256_load_ps(line.add(8));
+            for (r, acc) in acc[0].iter_mut().enumerate() {
+                let av = _mm256_broadcast_ss(&*m.a.add(kk * R + r));
+                acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
+            }
+            kk += 1;
+        }
+        while pf_done < m.pf_lines {
+            _mm_prefetch::<_MM_HINT_T1>(m.pf.add(pf_done) as *const i8);
+            pf_done += 1;
+        }
+        let (first, rest) = acc.split_at_mut(1);
+        for other in rest.iter() {
+            for (a, o) in first[0].iter_mut().zip(other) {
+                a[0] = _mm256_add_ps(a[0], o[0]);
+                a[1] = _mm256_add_ps(a[1], o[1]);
+            }
+        }
+        for (r, acc) in acc[0].iter().enumerate() {
+            let c = m.c.add(r * m.ldc);
+            if m.cols == NR {
+                let (mut v0, mut v1) = (acc[0], acc[1]);
+                if m.accumulate {
+                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(c));
+                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(c.add(8)));
+                }
+                _mm256_storeu_ps(c, v0);
+                _mm256_storeu_ps(c.add(8), v1);
+            } else {
+                let mut tmp = [0f32; NR];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), acc[0]);
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc[1]);
+                for (j, v) in tmp.iter().enumerate().take(m.cols) {
+                    if m.accumulate {
+                        *c.add(j) += v;
+                    } else {
+                        *c.add(j) = *v;
+                    }
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn micro_rows(rows: usize, m: Micro) {
+        match rows {
+            1 => micro::<1, 4>(m),
+            2 => micro::<2, 2>(m),
+            3 => micro::<3, 1>(m),
+            4 => micro::<4, 1>(m),
+            5 => micro::<5, 1>(m),
+            _ => micro::<MR, 1>(m),
+        }
+    }
+
+    /// One token row against `P` panels at once: `P` sequential streams of weights keep more
+    /// memory reads in flight than one (the hardware prefetcher follows each), and `2P`
+    /// independent FMA chains. Memory-bound; no software prefetch, no `k` blocking.
+    #[inline(always)]
+    unsafe fn gemv<const P: usize>(
+        a: *const f32,
+        k: usize,
+        bs: [*const Line; P],
+        cs: [*mut f32; P],
+        cols: [usize; P],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; P];
+        for kk in 0..k {
+            let av = _mm256_broadcast_ss(&*a.add(kk));
+            for p in 0..P {
+                let line = bs[p].add(kk) as *const f32;
+                acc[p][0] = _mm256_fmadd_ps(av, _mm256_load_ps(line), acc[p][0]);
+                acc[p][1] = _mm256_fmadd_ps(av, _mm256_load_ps(line.add(8)), acc[p][1]);
+            }
+        }
+        for p in 0..P {
+            let mut tmp = [0f32; NR];
+            _mm256_storeu_ps(tmp.as_mut_ptr(), acc[p][0]);
+            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc[p][1]);
+            std::ptr::copy_nonoverlapping(tmp.as_ptr(), cs[p], cols[p]);
+        }
+    }
+
+    /// For each panel, for each `k` block, every micro-tile of the rows. The micro-tiles of a
+    /// block together prefetch the next block (the next `KC` lines: blocks and panels are
+    /// contiguous), so the tile's weights stream from memory while it computes.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile(w: &PackedWeights, a: &[f32], tile: Tile, out: *mut f32) {
+        let (n, k) = (w.n, w.k);
+        let rows = tile.rows.len();
+        let micro_tiles = rows.div_ceil(MR);
+        let end = w.lines().as_ptr().add(tile.panels.end * k);
+        if rows == 1 {
+            let row = tile.rows.start;
+            let a = a.as_ptr().add(row * k);
+            let c = out.add(row * n);
+            let lines = w.lines().as_ptr();
+            let at = |p: usize| (lines.add(p * k), c.add(p * NR), NR.min(n - p * NR));
+            let mut p = tile.panels.start;
+            while p + 4 <= tile.panels.end {
+                let parts: [_; 4] = std::array::from_fn(|j| at(p + j));
+                gemv::<4>(
+                    a,
+                    k,
+                    parts.map(|q| q.0),
+                    parts.map(|q| q.1),
+                    parts.map(|q| q.2),
+                );
+                p += 4;
+            }
+            while p < tile.panels.end {
+                let q = at(p);
+                gemv::<1>(a, k, [q.0], [q.1], [q.2]);
+                p += 1;
+            }
+            return;
+        }
+        for p in tile.panels {
+            let cols = NR.min(n - p * NR);
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                let b = w.lines().as_ptr().add(p * k + k0);
+                let next = b.add(kc);
+                let ahead = (end.offset_from(next).max(0) as usize).min(KC);
+                let mut t = 0;
+                for j in 0..micro_tiles {
+                    let r = MR.min(rows - t);
+                    let (lo, hi) = (ahead * j / micro_tiles, ahead * (j + 1) / micro_tiles);
+                    let pf_lines = hi - lo;
+                    let row = tile.rows.start + t;
+                    micro_rows(
+                        r,
+                        Micro {
+                            a: a.as_ptr().add(row * k + k0 * r),
+                            b,
+                            kc,
+                            c: out.add(row * n + p * NR),
+                            ldc: n,
+                            cols,
+                            accumulate: k0 > 0,
+                            pf: next.add(lo),
+                            pf_lines,
+                            pf_every: (kc / pf_lines.max(1)).max(1),
+                        },
+                    );
+                    t += r;
+                }
+                k0 += kc;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], t: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+        let mut o = vec![0f32; t * n];
+        for i in 0..t {
+            for j in 0..n {
+                let mut s = 0f64;
+                for l in 0..k {
+                    s += x[i * k + l] as f64 * w[j * k + l] as f64;
+                }
+                o[i * n + j] = s as f32;
+            }
+        }
+        o
+    }
+
+    fn rnd_vec(seed: &mut u64, len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pack_unpack_round_trips() {
+        let mut seed = 7;
+        // The last is over HUGE_PAGE_MIN_BYTES: a mapped buffer.
+        for &(n, k) in &[(1, 1), (16, 3), (17, 5), (40, 300), (5, 0), (1030, 520)] {
+            let w = rnd_vec(&mut seed, n * k);
+            let p = PackedWeights::pack(&w, n, k);
+            assert_eq!((p.n(), p.k()), (n, k));
+            assert_eq!(p.unpack(), w, "{n}x{k}");
+        }
+    }
+
+    #[test]
+    fn matches_naive_on_odd_shapes() {
+        let mut seed = 1u64;
+        for &(t, k, n) in &[
+            (1, 8, 4),
+            (1, 37, 9),
+            (1, 600, 70),
+            (2, 24, 5),
+            (3, 64, 33),
+            (4, 40, 2),
+            (5, 13, 70),
+            (6, 300, 16),
+            (7, 41, 11),
+            (9, 100, 3),
+            (13, 257, 48),
+            (17, 256, 130),
+            (64, 520, 66),
+            // Several row blocks, a partial last one, k blocks with a short last block.
+            (MC + 5, KC + 3, 35),
+            (2 * MC + 1, 17, 5),
+            // A mapped (huge-page) buffer.
+            (3, 520, 1030),
+        ] {
+            let x = rnd_vec(&mut seed, t * k);
+            let w = rnd_vec(&mut seed, n * k);
+            let r = naive(&x, t, k, &w, n);
+            let p = PackedWeights::pack(&w, n, k);
+            // One thread, and three (tasks split the panels and row blocks).
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut o = vec![f32::NAN; t * n];
+                pool.install(|| p.matmul(&x, t, &mut o));
+                for (a, b) in o.iter().zip(&r) {
+                    assert!(
+                        (a - b).abs() < 1e-4 * (k as f32).sqrt().max(1.0),
+                        "{t}x{k}x{n} on {threads}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scalar_path_matches_naive() {
+        let mut seed = 3u64;
+        let (t, k, n) = (5, 33, 37);
+        let x = rnd_vec(&mut seed, t * k);
+        let w = rnd_vec(&mut seed, n * k);
+        let r = naive(&x, t, k, &w, n);
+        let p = PackedWeights::pack(&w, n, k);
+        let mut o = vec![f32::NAN; t * n];
+        let tile = Tile {
+            rows: 0..t,
+            panels: 0..n.div_ceil(NR),
+        };
+        // SAFETY: one tile covering the whole output.
+        unsafe { p.tile_scalar(&x, tile, SyncPtr(o.as_mut_ptr())) };
+        for (a, b) in o.iter().zip(&r) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn empty_k_gives_zeros() {
+        let p = PackedWeights::pack(&[], 3, 0);
+        let mut o = vec![f32::NAN; 6];
+        p.matmul(&[], 2, &mut o);
+        assert_eq!(o, vec![0.0; 6]);
+    }
+}
