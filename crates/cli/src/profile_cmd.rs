@@ -466,8 +466,8 @@ fn measure_attention(
         let n = b_max * per_seq * bs * kv_dim;
         // Non-zero so that every page is touched before timing.
         let mut kv = tandem_model::kv::LayerKv {
-            k: vec![1e-3; n],
-            v: vec![-1e-3; n],
+            k: std::iter::repeat_n(1e-3, n).collect(),
+            v: std::iter::repeat_n(-1e-3, n).collect(),
         };
         let mut xs = Vec::new();
         let mut ys = Vec::new();

@@ -4,12 +4,13 @@
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::mem::HugeBuf;
 use rayon::prelude::*;
 
 /// Keys and values of one layer, `[num_blocks * block_size, kv_dim]` each.
 pub struct LayerKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    pub k: HugeBuf<f32>,
+    pub v: HugeBuf<f32>,
 }
 
 pub struct KvCache {
@@ -25,8 +26,8 @@ impl KvCache {
         let n = num_blocks * block_size * kv_dim;
         let layers = (0..cfg.num_layers)
             .map(|_| LayerKv {
-                k: vec![0.0; n],
-                v: vec![0.0; n],
+                k: HugeBuf::zeroed(n),
+                v: HugeBuf::zeroed(n),
             })
             .collect();
         Self {

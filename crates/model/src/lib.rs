@@ -10,6 +10,7 @@ pub mod generate;
 pub mod kernels;
 pub mod kv;
 pub mod layers;
+pub mod mem;
 pub mod model;
 pub mod packed;
 pub mod stages;

@@ -13,6 +13,7 @@
 //! memory. The same code serves one token row (a memory-bound GEMV) and thousands (prefill),
 //! blocking rows by [`MC`] and `k` by [`KC`] so the operands of the inner loops stay in cache.
 
+use crate::mem::{HugeBuf, Zeroable};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -31,59 +32,13 @@ pub const MC: usize = 96;
 #[repr(C, align(64))]
 struct Line([f32; NR]);
 
-/// Buffers from this size on are mapped on their own and asked for transparent huge pages:
-/// a matmul streams its weights, and with 4 KiB pages every page is a TLB miss and a point
-/// where the hardware prefetcher stops.
-const HUGE_PAGE_MIN_BYTES: usize = 2 << 20;
-
-/// The lines of a packed weight: zero-initialised, 64-byte aligned.
-enum Buf {
-    Heap(Vec<Line>),
-    Mapped(memmap2::MmapMut),
-}
-
-impl Buf {
-    fn zeroed(len: usize) -> Self {
-        let bytes = len * std::mem::size_of::<Line>();
-        if bytes >= HUGE_PAGE_MIN_BYTES {
-            // An anonymous map is zero-filled and page-aligned; advising before the first
-            // write lets the kernel fault it in as huge pages where it is configured to
-            // (`madvise` mode). A failure of either just means small pages.
-            if let Ok(map) = memmap2::MmapMut::map_anon(bytes) {
-                #[cfg(target_os = "linux")]
-                let _ = map.advise(memmap2::Advice::HugePage);
-                return Buf::Mapped(map);
-            }
-        }
-        Buf::Heap(vec![Line::default(); len])
-    }
-
-    fn lines(&self) -> &[Line] {
-        match self {
-            Buf::Heap(v) => v,
-            // SAFETY: the map is page-aligned, `len * 64` bytes long, and any bytes are valid
-            // f32s.
-            Buf::Mapped(m) => unsafe {
-                std::slice::from_raw_parts(m.as_ptr() as *const Line, m.len() / 64)
-            },
-        }
-    }
-
-    fn lines_mut(&mut self) -> &mut [Line] {
-        match self {
-            Buf::Heap(v) => v,
-            // SAFETY: as in `lines`.
-            Buf::Mapped(m) => unsafe {
-                std::slice::from_raw_parts_mut(m.as_mut_ptr() as *mut Line, m.len() / 64)
-            },
-        }
-    }
-}
+// SAFETY: 16 f32s, no padding; zero bits are zeros.
+unsafe impl Zeroable for Line {}
 
 /// A `[n, k]` weight in panels (see the module doc). Cheap to clone (shared).
 #[derive(Clone)]
 pub struct PackedWeights {
-    lines: Arc<Buf>,
+    lines: Arc<HugeBuf<Line>>,
     n: usize,
     k: usize,
 }
@@ -99,13 +54,8 @@ impl PackedWeights {
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "w must be [n, k]");
         let panels = n.div_ceil(NR);
-        let mut buf = Buf::zeroed(panels * k);
-        for (p, panel) in buf
-            .lines_mut()
-            .chunks_exact_mut(k.max(1))
-            .enumerate()
-            .take(panels)
-        {
+        let mut buf = HugeBuf::<Line>::zeroed(panels * k);
+        for (p, panel) in buf.chunks_exact_mut(k.max(1)).enumerate().take(panels) {
             for c in 0..NR.min(n - p * NR) {
                 let row = &w[(p * NR + c) * k..(p * NR + c + 1) * k];
                 for (line, v) in panel.iter_mut().zip(row) {
@@ -121,7 +71,7 @@ impl PackedWeights {
     }
 
     fn lines(&self) -> &[Line] {
-        self.lines.lines()
+        &self.lines
     }
 
     /// The row-major `[n, k]` weight back.
@@ -496,7 +446,7 @@ mod tests {
     #[test]
     fn pack_unpack_round_trips() {
         let mut seed = 7;
-        // The last is over HUGE_PAGE_MIN_BYTES: a mapped buffer.
+        // The last is over mem::HUGE_PAGE_MIN_BYTES: a mapped buffer.
         for &(n, k) in &[(1, 1), (16, 3), (17, 5), (40, 300), (5, 0), (1030, 520)] {
             let w = rnd_vec(&mut seed, n * k);
             let p = PackedWeights::pack(&w, n, k);
