@@ -32,7 +32,8 @@ impl<T: Zeroable> HugeBuf<T> {
     /// pages before its first write when it is at least [`HUGE_PAGE_MIN_BYTES`]; otherwise,
     /// or if mapping fails, the heap.
     pub fn zeroed(len: usize) -> Self {
-        let bytes = len * std::mem::size_of::<T>();
+        // An overflowing size goes to the heap path, where `vec!` fails as it always did.
+        let bytes = len.checked_mul(std::mem::size_of::<T>()).unwrap_or(0);
         if bytes >= HUGE_PAGE_MIN_BYTES && std::mem::align_of::<T>() <= 4096 {
             if let Ok(map) = memmap2::MmapMut::map_anon(bytes) {
                 // Advice, not a requirement: without it (another OS, THP off) the map is
@@ -64,7 +65,7 @@ impl<T: Zeroable> From<Vec<T>> for HugeBuf<T> {
 impl<T: Zeroable> FromIterator<T> for HugeBuf<T> {
     fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
         let v: Vec<T> = iter.into_iter().collect();
-        if v.len() * std::mem::size_of::<T>() < HUGE_PAGE_MIN_BYTES {
+        if std::mem::size_of_val(v.as_slice()) < HUGE_PAGE_MIN_BYTES {
             return v.into();
         }
         let mut b = Self::zeroed(v.len());
