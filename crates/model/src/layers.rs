@@ -67,10 +67,8 @@ impl Linear {
             ));
         }
         let out_dim = parts.iter().map(|p| p.out_dim).sum();
-        let mut w = Vec::with_capacity(out_dim * in_dim);
-        for p in parts {
-            w.extend(p.w.unpack());
-        }
+        let ws: Vec<&PackedWeights> = parts.iter().map(|p| &p.w).collect();
+        let w = PackedWeights::concat(&ws);
         let b = if parts.iter().any(|p| p.b.is_some()) {
             let mut b = Vec::new();
             for p in parts {
@@ -83,7 +81,12 @@ impl Linear {
         } else {
             None
         };
-        Self::new(from_vec(w, out_dim, in_dim)?, b)
+        Ok(Self {
+            w,
+            b,
+            out_dim,
+            in_dim,
+        })
     }
 
     /// Bytes of weights read by one forward pass (f32).

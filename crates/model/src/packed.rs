@@ -74,6 +74,33 @@ impl PackedWeights {
         &self.lines
     }
 
+    /// The weights of `parts` stacked along `n` (their outputs one after the other); all must
+    /// have the same `k`. Where every part but the last fills whole panels (`n` a multiple of
+    /// 16, as in practice) the panels are copied as they are; otherwise the parts are unpacked
+    /// and the stack packed again.
+    pub fn concat(parts: &[&PackedWeights]) -> Self {
+        let k = parts.first().map_or(0, |p| p.k);
+        assert!(parts.iter().all(|p| p.k == k), "stacked weights need one k");
+        let n: usize = parts.iter().map(|p| p.n).sum();
+        let aligned = parts.iter().rev().skip(1).all(|p| p.n % NR == 0);
+        if !aligned {
+            let w: Vec<f32> = parts.iter().flat_map(|p| p.unpack()).collect();
+            return Self::pack(&w, n, k);
+        }
+        let mut buf = HugeBuf::<Line>::zeroed(n.div_ceil(NR) * k);
+        let mut at = 0;
+        for p in parts {
+            let lines = p.lines();
+            buf[at..at + lines.len()].copy_from_slice(lines);
+            at += lines.len();
+        }
+        Self {
+            lines: Arc::new(buf),
+            n,
+            k,
+        }
+    }
+
     /// The row-major `[n, k]` weight back.
     pub fn unpack(&self) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
@@ -497,6 +524,25 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn concat_stacks_outputs() {
+        let mut seed = 11;
+        let k = 7;
+        // Whole panels (copied) and a ragged first part (repacked).
+        for ns in [[16usize, 32, 5], [5, 16, 3]] {
+            let ws: Vec<Vec<f32>> = ns.iter().map(|&n| rnd_vec(&mut seed, n * k)).collect();
+            let parts: Vec<PackedWeights> = ns
+                .iter()
+                .zip(&ws)
+                .map(|(&n, w)| PackedWeights::pack(w, n, k))
+                .collect();
+            let refs: Vec<&PackedWeights> = parts.iter().collect();
+            let c = PackedWeights::concat(&refs);
+            assert_eq!((c.n(), c.k()), (ns.iter().sum::<usize>(), k));
+            assert_eq!(c.unpack(), ws.concat(), "{ns:?}");
         }
     }
 
