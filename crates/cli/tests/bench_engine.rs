@@ -3,47 +3,34 @@
 //! iterations (`overlapped_steps`), with one it cannot. Timings are only checked to be
 //! positive numbers, never compared.
 
-use serde_json::Value;
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
-fn positive(v: &Value, what: &str) -> f64 {
-    let x = v
-        .as_f64()
-        .unwrap_or_else(|| panic!("{what} is not a number: {v}"));
-    assert!(x.is_finite() && x > 0.0, "{what} = {x}");
-    x
-}
+use common::{positive, report, tandem};
+use std::path::PathBuf;
 
 #[test]
 fn engine_report_has_every_shape_and_its_decode_phase() {
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/mixtral");
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["bench", "engine", "--model"])
-        .arg(&model)
-        .args([
-            "--requests",
-            "6",
-            "--input-len",
-            "8",
-            "--output-len",
-            "6",
-            "--attention-replicas",
-            "1",
-            "--expert-workers",
-            "1",
-            "--sweep-micro-batches",
-            "1,2",
-            "--with-colocated",
-        ])
-        .output()
-        .expect("running tandem");
-    assert!(
-        out.status.success(),
-        "tandem bench engine failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    let model = model.to_str().expect("a UTF-8 path");
+    let v = report(&tandem(&[
+        "bench",
+        "engine",
+        "--model",
+        model,
+        "--requests",
+        "6",
+        "--input-len",
+        "8",
+        "--output-len",
+        "6",
+        "--attention-replicas",
+        "1",
+        "--expert-workers",
+        "1",
+        "--sweep-micro-batches",
+        "1,2",
+        "--with-colocated",
+    ]));
     let runs = v["runs"].as_array().expect("runs");
     let shapes: Vec<&str> = runs.iter().map(|r| r["shape"].as_str().unwrap()).collect();
     assert_eq!(

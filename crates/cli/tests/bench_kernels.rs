@@ -1,45 +1,31 @@
 //! `tandem bench kernels` end to end on tiny sizes: its JSON report has every measurement,
 //! each a positive, finite number. Timings are never compared.
 
-use serde_json::Value;
-use std::process::Command;
+mod common;
 
-fn positive(v: &Value, what: &str) {
-    let x = v
-        .as_f64()
-        .unwrap_or_else(|| panic!("{what} is not a number: {v}"));
-    assert!(x.is_finite() && x > 0.0, "{what} = {x}");
-}
+use common::{positive, report, tandem};
 
 #[test]
 fn kernels_report() {
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args([
-            "bench",
-            "kernels",
-            "--rows",
-            "1,3",
-            "--repeat",
-            "1",
-            "--context",
-            "40",
-            "--batches",
-            "2,3",
-            "--hidden",
-            "64",
-            "--ffn",
-            "96",
-            "--mem-mib",
-            "4",
-        ])
-        .output()
-        .expect("running tandem");
-    assert!(
-        out.status.success(),
-        "tandem bench kernels failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    let out = tandem(&[
+        "bench",
+        "kernels",
+        "--rows",
+        "1,3",
+        "--repeat",
+        "1",
+        "--context",
+        "40",
+        "--batches",
+        "2,3",
+        "--hidden",
+        "64",
+        "--ffn",
+        "96",
+        "--mem-mib",
+        "4",
+    ]);
+    let v = report(&out);
     assert_eq!(v["bench"], "kernels");
     assert_eq!(v["threads"], 1);
     assert!(v["machine"]["cores"].as_u64().unwrap() >= 1);
@@ -110,10 +96,7 @@ fn kernels_report() {
 
 #[test]
 fn bad_settings_are_refused() {
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["bench", "kernels", "--hidden", "60", "--mem-mib", "1"])
-        .output()
-        .expect("running tandem");
+    let out = tandem(&["bench", "kernels", "--hidden", "60", "--mem-mib", "1"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of"));
 }

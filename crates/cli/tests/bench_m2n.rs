@@ -1,41 +1,32 @@
 //! `tandem bench m2n` end to end: a tiny exchange between real processes, its JSON report
 //! and every round accounted for. Timings are never asserted on.
 
+mod common;
+
+use common::{report, tandem};
 use serde_json::Value;
-use std::process::Command;
 
 fn bench(extra: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args([
-            "bench",
-            "m2n",
-            "--senders",
-            "2",
-            "--receivers",
-            "2",
-            "--bytes",
-            "4096",
-            "--hidden",
-            "256",
-            "--iters",
-            "6",
-            "--warmup",
-            "2",
-            "--timeout-s",
-            "120",
-        ])
-        .args(extra)
-        .output()
-        .expect("running tandem")
-}
-
-fn report(out: &std::process::Output) -> Value {
-    assert!(
-        out.status.success(),
-        "tandem bench m2n failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+    let mut args = vec![
+        "bench",
+        "m2n",
+        "--senders",
+        "2",
+        "--receivers",
+        "2",
+        "--bytes",
+        "4096",
+        "--hidden",
+        "256",
+        "--iters",
+        "6",
+        "--warmup",
+        "2",
+        "--timeout-s",
+        "120",
+    ];
+    args.extend_from_slice(extra);
+    tandem(&args)
 }
 
 fn check(v: &Value, baseline: &str) {
@@ -76,10 +67,7 @@ fn m2n_over_tandem_tcp() {
 #[test]
 fn bad_sizes_are_refused() {
     // Not a whole number of rows.
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["bench", "m2n", "--bytes", "1000", "--hidden", "256"])
-        .output()
-        .expect("running tandem");
+    let out = tandem(&["bench", "m2n", "--bytes", "1000", "--hidden", "256"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 4*hidden"));
 }
