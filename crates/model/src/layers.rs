@@ -109,6 +109,26 @@ impl Linear {
         Ok(out)
     }
 
+    /// [`Linear::forward`] for the output columns `cols` only, into `out` (`[T, out]`; the
+    /// other columns are left as they are). See [`PackedWeights::matmul_cols`] for the
+    /// alignment `cols` needs.
+    pub fn forward_cols(
+        &self,
+        x: &[f32],
+        rows: usize,
+        cols: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        self.w.matmul_cols(x, rows, cols.clone(), out);
+        if let Some(b) = &self.b {
+            for row in out.chunks_exact_mut(self.out_dim) {
+                for (o, bb) in row[cols.clone()].iter_mut().zip(&b[cols.clone()]) {
+                    *o += bb;
+                }
+            }
+        }
+    }
+
     /// The product without the bias through candle's GEMM on the unpacked weight: the test
     /// oracle of `forward`, and the baseline of `tandem bench kernels`.
     pub fn forward_gemm(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {

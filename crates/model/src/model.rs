@@ -139,6 +139,14 @@ impl Model {
     /// Final norm + lm_head on the given rows of the last hidden states `[T, D]` ->
     /// `[rows, V]` logits.
     pub fn logits(&self, hidden: &Tensor, rows: &[usize]) -> Result<Vec<f32>> {
+        let x = self.lm_head_input(hidden, rows)?;
+        self.lm_head.forward(&x, rows.len())
+    }
+
+    /// The given rows of the last hidden states `[T, D]` after the final norm: what
+    /// `lm_head` multiplies (`[rows.len(), D]`). With [`Linear::forward_cols`] a caller can
+    /// compute [`Model::logits`] a vocabulary range at a time.
+    pub fn lm_head_input(&self, hidden: &Tensor, rows: &[usize]) -> Result<Vec<f32>> {
         let d = self.cfg.hidden_size;
         let mut x = with_slice(hidden, |h| {
             let mut x = Vec::with_capacity(rows.len() * d);
@@ -148,7 +156,7 @@ impl Model {
             x
         })?;
         self.final_norm.apply_inplace(&mut x);
-        self.lm_head.forward(&x, rows.len())
+        Ok(x)
     }
 
     /// The colocated forward pass: every stage in this thread, in order. Returns the last

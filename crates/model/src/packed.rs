@@ -127,17 +127,40 @@ impl PackedWeights {
     /// `out[t, j] = sum_i x[t, i] * w[j, i]`: x `[rows, k]`, out `[rows, n]`, row-major. Runs
     /// on the current rayon pool, its tasks splitting the panels (and row blocks).
     pub fn matmul(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        self.matmul_cols(x, rows, 0..self.n, out);
+    }
+
+    /// [`PackedWeights::matmul`] for the output columns `cols` only (the others of `out` are
+    /// left as they are): a large product (an LM head) computed in parts, with other work
+    /// between them. `cols.start` must be a multiple of [`NR`], and `cols.end` too unless it
+    /// is `n`.
+    pub fn matmul_cols(
+        &self,
+        x: &[f32],
+        rows: usize,
+        cols: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
         let (n, k) = (self.n, self.k);
         assert_eq!(x.len(), rows * k, "x must be [rows, k]");
         assert_eq!(out.len(), rows * n, "out must be [rows, n]");
-        if rows == 0 || n == 0 {
+        assert!(
+            cols.start.is_multiple_of(NR)
+                && (cols.end.is_multiple_of(NR) || cols.end == n)
+                && cols.end <= n,
+            "columns {cols:?} do not start and end on panels of {NR} (n = {n})"
+        );
+        if rows == 0 || cols.is_empty() {
             return;
         }
         if k == 0 {
-            out.fill(0.0);
+            for row in out.chunks_exact_mut(n) {
+                row[cols.clone()].fill(0.0);
+            }
             return;
         }
-        let panels = n.div_ceil(NR);
+        let first = cols.start / NR;
+        let panels = cols.end.div_ceil(NR) - first;
         let row_blocks = rows.div_ceil(MC);
         let threads = rayon::current_num_threads().max(1);
         // Panels per task: about four tasks per thread over the whole call, at least 4 panels
@@ -155,7 +178,7 @@ impl PackedWeights {
             let p0 = chunk * per_task;
             let tile = Tile {
                 rows: r0..(r0 + MC).min(rows),
-                panels: p0..(p0 + per_task).min(panels),
+                panels: first + p0..first + (p0 + per_task).min(panels),
             };
             // SAFETY: tasks write disjoint (row block, panel range) tiles of `out`.
             unsafe { self.tile(x, &a, tile, out_ptr) };
@@ -525,6 +548,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn column_ranges_write_only_their_columns() {
+        let mut seed = 7u64;
+        for &(t, k, n) in &[(1, 40, 70), (7, 300, 70), (64, 33, 16 * 9 + 5)] {
+            let x = rnd_vec(&mut seed, t * k);
+            let w = rnd_vec(&mut seed, n * k);
+            let r = naive(&x, t, k, &w, n);
+            let p = PackedWeights::pack(&w, n, k);
+            // Panel-aligned parts that cover the matrix, the last one partial.
+            let cuts: Vec<usize> = (0..n).step_by(2 * NR).chain([n]).collect();
+            for part in cuts.windows(2) {
+                let cols = part[0]..part[1];
+                let mut o = vec![f32::NAN; t * n];
+                p.matmul_cols(&x, t, cols.clone(), &mut o);
+                for (i, (a, b)) in o.iter().zip(&r).enumerate() {
+                    if cols.contains(&(i % n)) {
+                        assert!((a - b).abs() < 1e-4 * (k as f32).sqrt(), "{t}x{k}x{n} {i}");
+                    } else {
+                        assert!(a.is_nan(), "{t}x{k}x{n}: column {} written", i % n);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "panels")]
+    fn column_ranges_must_start_on_a_panel() {
+        let p = PackedWeights::pack(&[0.0; 40 * 2], 40, 2);
+        p.matmul_cols(&[0.0; 2], 1, 3..16, &mut [0.0; 40]);
     }
 
     #[test]
