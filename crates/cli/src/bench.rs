@@ -586,6 +586,8 @@ fn engine(a: EngineArgs) -> Result<()> {
                 "sample_ms_per_iteration": per_iteration(&ws, "sample_s", iters),
                 // Micro-batch steps started while another was still with the experts.
                 "overlapped_steps": stats.overlapped_steps.saturating_sub(before.overlapped_steps),
+                // Layers run between another lane's LM head parts or sampling.
+                "interleaved_layers": stats.interleaved_layers.saturating_sub(before.interleaved_layers),
             })
         });
         eprintln!(
@@ -617,6 +619,7 @@ fn engine(a: EngineArgs) -> Result<()> {
             },
             "iterations": iterations,
             "overlapped_steps": stats.overlapped_steps.saturating_sub(busy_before.overlapped_steps),
+            "interleaved_layers": stats.interleaved_layers.saturating_sub(busy_before.interleaved_layers),
             "preemptions": stats.preemptions,
             "workers": workers,
             "bubble_fraction": bubble,

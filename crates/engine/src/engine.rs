@@ -138,10 +138,14 @@ fn replica_loop(
         let before = rep.stats_preemptions();
         let gen_before = rep.generated;
         let overlapped_before = rep.overlapped;
+        let interleaved_before = rep.interleaved;
         let res = rep.tick(&stats.replicas[local]);
         stats
             .overlapped_steps
             .fetch_add(rep.overlapped - overlapped_before, Ordering::Relaxed);
+        stats
+            .interleaved_layers
+            .fetch_add(rep.interleaved - interleaved_before, Ordering::Relaxed);
         record_preemptions(stats, before, rep.stats_preemptions());
         stats
             .generated_tokens

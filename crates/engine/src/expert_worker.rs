@@ -9,7 +9,7 @@
 use crate::stats::{Clock, WorkerStats};
 use crate::transport::{CombineMsg, DispatchMsg, ExpertLink, SlotHeader, ToReplica, ToWorker};
 use crate::EngineError;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use tandem_model::layers::{from_vec, with_slice};
 use tandem_model::stages::routed_ffn;
@@ -45,35 +45,58 @@ pub struct WorkerStatus {
     pub protocol_errors: u64,
 }
 
-/// Slot order: iteration, then MoE layers ascending, then micro-batches.
-fn next_slot(slot: (u64, u32, u32), moe_layers: &[u32], m: u32) -> (u64, u32, u32) {
-    let (it, l, mb) = slot;
-    if mb + 1 < m {
-        return (it, l, mb + 1);
-    }
-    match moe_layers.iter().position(|x| *x == l) {
-        Some(i) if i + 1 < moe_layers.len() => (it, moe_layers[i + 1], 0),
-        _ => (it + 1, moe_layers[0], 0),
-    }
-}
-
-/// The worker's view of the pipeline.
+/// The worker's view of the pipeline. Slots are processed as soon as every member's dispatch
+/// for them is here, the smallest `(iteration, layer, micro-batch)` first: a replica runs its
+/// micro-batches as independent lanes (one can be layers ahead of another, or already in the
+/// next iteration), and each lane waits only for its own combines, so a slot never waits for
+/// another lane's.
 struct State {
     epoch: u64,
-    /// The next slot to process; `None` until the first message of an epoch (workers > 0).
-    want: Option<(u64, u32, u32)>,
-    /// Members of `want`'s iteration, once known (worker 0 always knows; 0 = idle).
-    members: Option<u64>,
+    /// Members of every iteration in progress (worker 0 decides them; the others read them
+    /// from the dispatches). Worker 0 also keeps its newest decided iteration here, even with
+    /// no members (the deployment is idle).
+    members: BTreeMap<u64, u64>,
+    /// Slots processed, per iteration in progress.
+    done: HashMap<u64, HashSet<(u32, u32)>>,
+    /// The newest iteration that completed (every slot processed); older iterations without
+    /// an entry in `members` are over, and a dispatch for one is a protocol error.
+    completed: Option<u64>,
     pending: HashMap<(u64, u32, u32), Vec<DispatchMsg>>,
+    /// Worker 0: its newest decided iteration (the next one is decided on this one's
+    /// decision slot).
+    head: u64,
     /// Worker 0: replicas waiting to join at the next iteration.
     joins: u64,
-    /// Worker 0: the next iteration's members, once decided (on the decision slot).
-    next_members: Option<u64>,
+}
+
+impl State {
+    fn reset(&mut self) {
+        self.members.clear();
+        self.done.clear();
+        self.pending.clear();
+        self.completed = None;
+    }
+
+    /// Whether `it` is over: older than the newest completed iteration and not in progress.
+    fn is_past(&self, it: u64) -> bool {
+        self.completed.is_some_and(|c| it <= c) && !self.members.contains_key(&it)
+    }
+
+    /// The smallest slot not yet processed of the oldest iteration with members (for status).
+    fn waiting_for(&self, moe_layers: &[u32], m: u32) -> Option<(u64, u32, u32)> {
+        let (&it, _) = self.members.iter().find(|(_, v)| **v != 0)?;
+        let done = self.done.get(&it);
+        moe_layers
+            .iter()
+            .flat_map(|&l| (0..m).map(move |mb| (l, mb)))
+            .find(|s| done.is_none_or(|d| !d.contains(s)))
+            .map(|(l, mb)| (it, l, mb))
+    }
 }
 
 /// The slot on which worker 0 decides the next iteration's members: the first micro-batch of
-/// the last MoE layer. Its combine is the one a pipelining replica waits for before it starts
-/// micro-batch 0 of the next iteration, while the other micro-batches are still in flight.
+/// the last MoE layer. Its combine is the one lane 0 of a replica waits for before it samples
+/// and starts the next iteration; the replica's other lanes start it after lane 0.
 fn decides(slot: (u64, u32, u32), moe_layers: &[u32]) -> bool {
     slot.2 == 0 && moe_layers.last() == Some(&slot.1)
 }
@@ -102,21 +125,26 @@ impl ExpertWorker {
         }
         let mut st = State {
             epoch: if self.id == 0 { self.initial_epoch } else { 0 },
-            want: (self.id == 0).then_some((0, moe_layers[0], 0)),
-            members: (self.id == 0).then_some(0),
+            members: BTreeMap::new(),
+            done: HashMap::new(),
+            completed: None,
             pending: HashMap::new(),
+            head: 0,
             joins: 0,
-            next_members: None,
         };
+        if self.id == 0 {
+            // Idle: iteration 0 has nobody yet.
+            st.members.insert(0, 0);
+        }
         let mut clock = Clock::new(stats, "expert", self.id as usize);
-        self.publish(&st, |_| {});
+        self.publish(&st, &moe_layers, |_| {});
         loop {
-            if let Some(want) = self.ready(&st) {
+            if let Some(slot) = self.ready(&st) {
                 clock.idle();
-                let msgs = st.pending.remove(&want).unwrap_or_default();
-                self.process(&mut st, want, msgs, &moe_layers)?;
+                let msgs = st.pending.remove(&slot).unwrap_or_default();
+                self.process(&mut st, slot, msgs, &moe_layers)?;
                 clock.busy();
-                self.publish(&st, |s| s.slots_done += 1);
+                self.publish(&st, &moe_layers, |s| s.slots_done += 1);
                 continue;
             }
             let Some(ev) = self.link.recv()? else {
@@ -131,23 +159,17 @@ impl ExpertWorker {
                     why,
                 } => {
                     if self.id == 0 && epoch == st.epoch {
-                        self.new_epoch(
-                            &mut st,
-                            &format!("replica {replica} reported: {why}"),
-                            &moe_layers,
-                            n_a,
-                        );
+                        self.new_epoch(&mut st, &format!("replica {replica} reported: {why}"), n_a);
                     }
                     Ok(())
                 }
                 ToWorker::Gone { replica } => {
                     if self.id == 0 {
                         st.joins &= !bit(replica);
-                        if st.members.unwrap_or(0) & bit(replica) != 0 {
+                        if st.members.values().any(|m| m & bit(replica) != 0) {
                             self.new_epoch(
                                 &mut st,
                                 &format!("attention replica {replica} went away"),
-                                &moe_layers,
                                 n_a,
                             );
                         }
@@ -160,39 +182,39 @@ impl ExpertWorker {
                     return Err(e);
                 }
                 tracing::error!(worker = self.id, "{e}; starting over");
-                self.publish(&st, |s| s.protocol_errors += 1);
+                self.publish(&st, &moe_layers, |s| s.protocol_errors += 1);
                 if self.id == 0 {
-                    self.new_epoch(&mut st, &e.to_string(), &moe_layers, n_a);
+                    self.new_epoch(&mut st, &e.to_string(), n_a);
                 } else {
-                    st.pending.clear();
-                    st.want = None;
-                    st.members = None;
+                    st.reset();
                 }
             }
-            self.publish(&st, |_| {});
+            self.publish(&st, &moe_layers, |_| {});
         }
     }
 
-    fn publish(&self, st: &State, f: impl FnOnce(&mut WorkerStatus)) {
+    fn publish(&self, st: &State, moe_layers: &[u32], f: impl FnOnce(&mut WorkerStatus)) {
         if let Ok(mut s) = self.status.lock() {
             s.worker = self.id;
             s.epoch = st.epoch;
-            s.waiting_for = st.want;
-            s.members = st.members;
+            s.waiting_for = st.waiting_for(moe_layers, self.micro_batches);
+            s.members = s.waiting_for.and_then(|w| st.members.get(&w.0).copied());
             f(&mut s);
         }
     }
 
-    /// The slot to process now, if every member's dispatch for it is here.
+    /// The smallest slot whose every member's dispatch is here, if any.
     fn ready(&self, st: &State) -> Option<(u64, u32, u32)> {
-        let want = st.want?;
-        let members = st.members?;
-        if members == 0 {
-            return None;
-        }
-        let got = st.pending.get(&want)?;
-        let mask = got.iter().fold(0u64, |a, m| a | bit(m.header.sender));
-        (mask == members).then_some(want)
+        st.pending
+            .iter()
+            .filter(|(slot, got)| {
+                let mask = got.iter().fold(0u64, |a, m| a | bit(m.header.sender));
+                st.members
+                    .get(&slot.0)
+                    .is_some_and(|&members| members != 0 && mask == members)
+            })
+            .map(|(slot, _)| *slot)
+            .min()
     }
 
     fn on_dispatch(
@@ -220,62 +242,54 @@ impl ExpertWorker {
                 )));
             }
             st.epoch = h.epoch;
-            st.pending.clear();
-            st.want = None;
-            st.members = None;
-            self.publish(st, |s| s.epochs_started += 1);
+            st.reset();
+            self.publish(st, moe_layers, |s| s.epochs_started += 1);
         }
-        let want = *st.want.get_or_insert((h.iteration, moe_layers[0], 0));
         if h.sender as usize >= n_a || m.members & bit(h.sender) == 0 {
             return Err(EngineError::Protocol(format!(
                 "expert worker {}: dispatch from replica {} which is not in its member mask {:#x}",
                 self.id, h.sender, m.members
             )));
         }
-        // A replica may start the next iteration before this worker has finished the current
-        // one: a member pipelining its micro-batches, or one just welcomed (worker 0 decides
-        // and welcomes on the decision slot). Worker 0 accepts that once it has decided.
-        let ahead = h.iteration == want.0 + 1 && (self.id != 0 || st.next_members.is_some());
-        if (h.iteration != want.0 && !ahead)
-            || h.slot() < want
+        let slot = h.slot();
+        let processed = st
+            .done
+            .get(&h.iteration)
+            .is_some_and(|d| d.contains(&(h.layer, h.micro_batch)));
+        if st.is_past(h.iteration)
+            || processed
             || !moe_layers.contains(&h.layer)
             || h.micro_batch >= self.micro_batches
         {
             return Err(EngineError::Protocol(format!(
-                "expert worker {}: dispatch for slot {:?} from replica {} while expecting {want:?}",
-                self.id,
-                h.slot(),
-                h.sender
+                "expert worker {}: dispatch for slot {slot:?} from replica {}, which is over or not a slot",
+                self.id, h.sender
             )));
         }
-        let known = if ahead && self.id == 0 {
-            st.next_members
-        } else if ahead {
-            st.pending
-                .iter()
-                .find(|(s, v)| s.0 == h.iteration && !v.is_empty())
-                .map(|(_, v)| v[0].members)
-        } else {
-            st.members
-        };
-        match known {
-            None if !ahead => st.members = Some(m.members),
-            None => {}
-            Some(k) if k == m.members => {}
-            Some(k) => {
+        match st.members.get(&h.iteration) {
+            Some(&k) if k == m.members => {}
+            Some(&k) => {
                 return Err(EngineError::Protocol(format!(
-                "expert worker {}: replica {} says iteration {} has members {:#x}, expected {k:#x}",
-                self.id, h.sender, h.iteration, m.members
-            )))
+                    "expert worker {}: replica {} says iteration {} has members {:#x}, expected {k:#x}",
+                    self.id, h.sender, h.iteration, m.members
+                )))
+            }
+            // Worker 0 decides every iteration before anyone may send for it.
+            None if self.id == 0 => {
+                return Err(EngineError::Protocol(format!(
+                    "expert worker 0: dispatch from replica {} for iteration {}, which it did not start",
+                    h.sender, h.iteration
+                )))
+            }
+            None => {
+                st.members.insert(h.iteration, m.members);
             }
         }
-        let v = st.pending.entry(h.slot()).or_default();
+        let v = st.pending.entry(slot).or_default();
         if v.iter().any(|x| x.header.sender == h.sender) {
             return Err(EngineError::Protocol(format!(
-                "expert worker {}: two dispatches from replica {} for slot {:?}",
-                self.id,
-                h.sender,
-                h.slot()
+                "expert worker {}: two dispatches from replica {} for slot {slot:?}",
+                self.id, h.sender
             )));
         }
         v.push(m);
@@ -289,11 +303,11 @@ impl ExpertWorker {
                 self.id
             )));
         }
-        match (st.want, st.members) {
-            (Some(want), Some(0)) => {
-                // Idle: the next iteration starts now, with this replica.
-                st.members = Some(bit(replica));
-                self.welcome(st.epoch, want.0, bit(replica), bit(replica));
+        match st.members.get_mut(&st.head) {
+            Some(m) if *m == 0 => {
+                // Nobody takes part in the newest iteration: it starts now, with this replica.
+                *m = bit(replica);
+                self.welcome(st.epoch, st.head, bit(replica), bit(replica));
             }
             _ => st.joins |= bit(replica),
         }
@@ -316,15 +330,16 @@ impl ExpertWorker {
     }
 
     /// Worker 0: forget every membership, tell every replica, admit those waiting to join.
-    fn new_epoch(&self, st: &mut State, why: &str, moe_layers: &[u32], n_a: usize) {
+    fn new_epoch(&self, st: &mut State, why: &str, n_a: usize) {
         st.epoch += 1;
-        let it = st.want.map_or(0, |w| w.0) + 1;
-        st.want = Some((it, moe_layers[0], 0));
-        st.pending.clear();
-        st.members = Some(0);
-        st.next_members = None;
+        let newest = st.members.keys().next_back().copied().unwrap_or(st.head);
+        st.head = newest.max(st.head) + 1;
+        st.reset();
+        st.members.insert(st.head, 0);
         tracing::warn!(worker = self.id, epoch = st.epoch, "new epoch: {why}");
-        self.publish(st, |s| s.epochs_started += 1);
+        if let Ok(mut s) = self.status.lock() {
+            s.epochs_started += 1;
+        }
         for r in 0..n_a as u32 {
             let msg = ToReplica::Reset {
                 epoch: st.epoch,
@@ -333,8 +348,8 @@ impl ExpertWorker {
             let _ = self.link.send(r, msg);
         }
         if st.joins != 0 {
-            st.members = Some(st.joins);
-            self.welcome(st.epoch, it, st.joins, st.joins);
+            st.members.insert(st.head, st.joins);
+            self.welcome(st.epoch, st.head, st.joins, st.joins);
             st.joins = 0;
         }
     }
@@ -390,8 +405,6 @@ impl ExpertWorker {
                     .and_then(|m| m.as_deref())
             })?
         };
-        let next = next_slot(slot, moe_layers, self.micro_batches);
-        let last = next.0 != slot.0;
         // Worker 0 decides the next iteration's members on the decision slot.
         let next_members = (self.id == 0 && decides(slot, moe_layers)).then(|| {
             msgs.iter()
@@ -421,30 +434,22 @@ impl ExpertWorker {
             }
         }
         if let Some(k) = next_members {
-            st.next_members = Some(k);
+            // The newest iteration's members were decided before any of its dispatches, so the
+            // decision slot's iteration is the newest one.
+            let next = slot.0 + 1;
+            st.head = next;
+            st.members.insert(next, k);
             if st.joins != 0 {
-                self.welcome(st.epoch, slot.0 + 1, k, st.joins);
+                self.welcome(st.epoch, next, k, st.joins);
                 st.joins = 0;
             }
         }
-        st.want = Some(next);
-        if last {
-            st.members = if self.id == 0 {
-                st.next_members.take()
-            } else {
-                // The next iteration's members, if one of them already wrote.
-                st.pending
-                    .iter()
-                    .find(|(s, v)| s.0 == next.0 && !v.is_empty())
-                    .map(|(_, v)| v[0].members)
-            };
-            // Worker 0: replicas that asked to join after the decision, when nobody takes
-            // part in the next iteration, start it now rather than never.
-            if self.id == 0 && st.members == Some(0) && st.joins != 0 {
-                st.members = Some(st.joins);
-                self.welcome(st.epoch, next.0, st.joins, st.joins);
-                st.joins = 0;
-            }
+        let done = st.done.entry(slot.0).or_default();
+        done.insert((slot.1, slot.2));
+        if done.len() == moe_layers.len() * self.micro_batches as usize {
+            st.done.remove(&slot.0);
+            st.members.remove(&slot.0);
+            st.completed = Some(st.completed.map_or(slot.0, |c| c.max(slot.0)));
         }
         Ok(())
     }
@@ -452,27 +457,48 @@ impl ExpertWorker {
 
 #[cfg(test)]
 mod tests {
-    use super::next_slot;
+    use super::State;
+    use std::collections::{BTreeMap, HashMap};
+
+    fn state() -> State {
+        State {
+            epoch: 0,
+            members: BTreeMap::new(),
+            done: HashMap::new(),
+            completed: None,
+            pending: HashMap::new(),
+            head: 0,
+            joins: 0,
+        }
+    }
 
     #[test]
-    fn slot_order_skips_dense_layers() {
-        let moe = [0, 2];
-        let mut s = (0, 0, 0);
-        let mut seen = vec![];
-        for _ in 0..6 {
-            seen.push(s);
-            s = next_slot(s, &moe, 2);
-        }
-        assert_eq!(
-            seen,
-            vec![
-                (0, 0, 0),
-                (0, 0, 1),
-                (0, 2, 0),
-                (0, 2, 1),
-                (1, 0, 0),
-                (1, 0, 1)
-            ]
-        );
+    fn an_iteration_is_past_once_completed_unless_still_in_progress() {
+        let mut st = state();
+        assert!(!st.is_past(0));
+        st.completed = Some(4);
+        st.members.insert(3, 0b1); // a lane of iteration 3 is still running
+        assert!(st.is_past(2));
+        assert!(!st.is_past(3));
+        assert!(st.is_past(4));
+        assert!(!st.is_past(5));
+    }
+
+    #[test]
+    fn status_names_the_first_missing_slot_of_the_oldest_iteration_with_members() {
+        let moe = [1, 3];
+        let mut st = state();
+        st.members.insert(2, 0);
+        assert_eq!(st.waiting_for(&moe, 2), None, "idle: nothing to wait for");
+        st.members.insert(5, 0b11);
+        st.members.insert(6, 0b01);
+        st.done
+            .entry(5)
+            .or_default()
+            .extend([(1, 0), (1, 1), (3, 0)]);
+        assert_eq!(st.waiting_for(&moe, 2), Some((5, 3, 1)));
+        st.done.entry(5).or_default().insert((3, 1));
+        st.members.remove(&5);
+        assert_eq!(st.waiting_for(&moe, 2), Some((6, 1, 0)));
     }
 }

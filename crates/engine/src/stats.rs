@@ -27,6 +27,9 @@ pub struct EngineStats {
     /// Lane steps started while another lane's step of the previous iteration was still
     /// with the expert workers (pipelining across iterations at work).
     pub overlapped_steps: AtomicU64,
+    /// Layers of one lane run between the LM head parts or sampling of another (the
+    /// expert workers fed during a lane's step boundary).
+    pub interleaved_layers: AtomicU64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -48,6 +51,7 @@ pub struct StatsSnapshot {
     pub generated_tokens: u64,
     pub preemptions: u64,
     pub overlapped_steps: u64,
+    pub interleaved_layers: u64,
 }
 
 impl EngineStats {
@@ -91,6 +95,7 @@ impl EngineStats {
             generated_tokens: self.generated_tokens.load(Ordering::Relaxed),
             preemptions: self.preemptions.load(Ordering::Relaxed),
             overlapped_steps: self.overlapped_steps.load(Ordering::Relaxed),
+            interleaved_layers: self.interleaved_layers.load(Ordering::Relaxed),
         }
     }
 }
