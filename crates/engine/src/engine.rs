@@ -5,7 +5,7 @@
 //! iteration), and the expert workers keep the replicas in step through the membership
 //! protocol described in `transport.rs` (worker 0 admits replicas with work into the next
 //! iteration; a member with nothing scheduled still sends empty dispatches so every worker
-//! can complete every slot in order). A replica with no work and no membership sleeps on its
+//! can complete every slot). A replica with no work and no membership sleeps on its
 //! command channel, so an idle deployment does not spin. Requests may arrive at any time;
 //! a replica takes them between iterations.
 

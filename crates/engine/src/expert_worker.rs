@@ -1,8 +1,10 @@
-//! An expert worker: for every pipeline slot (iteration, MoE layer, micro-batch), in order, it
-//! waits for the dispatch of every **member** replica of that iteration (a member with nothing
-//! routed here sends an empty one), concatenates their rows, runs each of its experts once on
-//! all the rows routed to it, and returns to each replica the weighted sums for its rows.
-//! Aggregating across replicas is what makes the expert GEMMs bigger.
+//! An expert worker: for every pipeline slot (iteration, MoE layer, micro-batch) it waits for
+//! the dispatch of every **member** replica of that iteration (a member with nothing routed
+//! here sends an empty one), concatenates their rows, runs each of its experts once on all the
+//! rows routed to it, and returns to each replica the weighted sums for its rows. Aggregating
+//! across replicas is what makes the expert GEMMs bigger. Slots are taken as they complete
+//! (the smallest complete one first), not in a fixed order: a replica's micro-batches are
+//! independent lanes that drift apart.
 //!
 //! Worker 0 also decides who the members are (see the protocol in `transport.rs`).
 

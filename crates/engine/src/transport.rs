@@ -16,10 +16,12 @@
 //! from the first message of a slot. A member says in each dispatch whether it has `more`
 //! work; worker 0 puts the next iteration's members in its combine of the decision slot
 //! ([`CombineMsg::next_members`]). That combine is the one a replica waits for before it
-//! samples micro-batch 0 and starts it on the next iteration while its other micro-batches
-//! are still with the workers, so a member may send dispatches of iteration `i + 1` before a
-//! worker has finished `i`; workers keep them until their slot comes. A replica left out
-//! stops sending; when nobody is a member the whole deployment sleeps.
+//! samples micro-batch 0 and starts it on the next iteration; its other micro-batches start
+//! that iteration once it is decided. A replica's micro-batches are independent lanes (one
+//! may be layers ahead of another, or in the next iteration), so workers keep the members of
+//! every iteration in progress and take a slot as soon as every member's dispatch for it is
+//! here, the smallest such slot first. A replica left out stops sending; when nobody is a
+//! member the whole deployment sleeps.
 //!
 //! ## Epochs
 //! A failure (a replica that went away, a worker that died or stalled) makes worker 0 start a
