@@ -14,6 +14,24 @@ pub fn sum(x: &[f32]) -> f32 {
     x.iter().sum()
 }
 
+/// `out[i] = silu(g[i]) * u[i]` (`silu(x) = x / (1 + e^-x)`), the gated MLP's activation: 8
+/// lanes at a time with [`avx_exp`] where the CPU has AVX2 and FMA.
+pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+    assert!(g.len() == u.len() && g.len() == out.len());
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            done = unsafe { avx::silu_mul(g, u, out) };
+        }
+    }
+    for ((o, g), u) in out[done..].iter_mut().zip(&g[done..]).zip(&u[done..]) {
+        *o = crate::layers::silu(*g) * u;
+    }
+}
+
 /// `exp` of 8 lanes (Cephes' single-precision polynomial after reducing by powers of two;
 /// within 2 ulp of `f32::exp` on `[-87, 88]`, inputs below flush to about 1e-38, not 0).
 ///
@@ -59,6 +77,23 @@ pub unsafe fn avx_exp(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256
 mod avx {
     use std::arch::x86_64::*;
 
+    /// The first `len / 8 * 8` elements of [`super::silu_mul`]; returns how many.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) -> usize {
+        let n = g.len().min(u.len()).min(out.len()) / 8 * 8;
+        let one = _mm256_set1_ps(1.0);
+        let mut i = 0;
+        while i < n {
+            let gv = _mm256_loadu_ps(g.as_ptr().add(i));
+            let uv = _mm256_loadu_ps(u.as_ptr().add(i));
+            let e = super::avx_exp(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+            let s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(s, uv));
+            i += 8;
+        }
+        n
+    }
+
     #[target_feature(enable = "avx2")]
     pub unsafe fn sum(x: &[f32]) -> f32 {
         let mut acc = [_mm256_setzero_ps(); 4];
@@ -95,6 +130,27 @@ mod avx {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn silu_mul_matches_the_scalar_formula() {
+        // Lengths with and without a tail; values over the whole range, extremes included.
+        for len in [0, 1, 7, 8, 9, 64, 101] {
+            let g: Vec<f32> = (0..len)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.4)
+                .chain([-120.0, -88.0, 0.0, 88.5, 200.0])
+                .collect();
+            let u: Vec<f32> = g.iter().map(|x| 1.5 - x * 0.01).collect();
+            let mut out = vec![f32::NAN; g.len()];
+            silu_mul(&g, &u, &mut out);
+            for ((o, g), u) in out.iter().zip(&g).zip(&u) {
+                let want = (*g as f64) / (1.0 + (-(*g as f64)).exp()) * (*u as f64);
+                assert!(
+                    (*o as f64 - want).abs() <= 1e-6 * want.abs().max(1e-6),
+                    "silu({g}) * {u} = {o}, want {want}"
+                );
+            }
+        }
+    }
 
     #[cfg(target_arch = "x86_64")]
     #[test]

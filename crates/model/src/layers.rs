@@ -294,10 +294,10 @@ impl GatedMlp {
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let gu = self.gate_up.forward(x, rows)?; // [T, 2F]
         let f = self.inter;
-        let mut act = Vec::with_capacity(rows * f);
-        for row in gu.chunks_exact(2 * f) {
+        let mut act = vec![0f32; rows * f];
+        for (row, a) in gu.chunks_exact(2 * f).zip(act.chunks_exact_mut(f.max(1))) {
             let (g, u) = row.split_at(f);
-            act.extend(g.iter().zip(u).map(|(g, u)| silu(*g) * u));
+            crate::kernels::silu_mul(g, u, a);
         }
         self.down.forward(&act, rows)
     }
