@@ -11,7 +11,7 @@
 use crate::stats::{Clock, WorkerStats};
 use crate::transport::{CombineMsg, DispatchMsg, ExpertLink, SlotHeader, ToReplica, ToWorker};
 use crate::EngineError;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use tandem_model::layers::{from_vec, with_slice};
 use tandem_model::stages::routed_ffn;
@@ -60,9 +60,12 @@ struct State {
     members: BTreeMap<u64, u64>,
     /// Slots processed, per iteration in progress.
     done: HashMap<u64, HashSet<(u32, u32)>>,
-    /// The newest iteration that completed (every slot processed); older iterations without
-    /// an entry in `members` are over, and a dispatch for one is a protocol error.
-    completed: Option<u64>,
+    /// The latest [`RECENT`] iterations that completed (every slot processed): a dispatch for
+    /// one of them, or for an iteration older than all of them once the window is full, is a
+    /// protocol error. (Not "older than the newest completed": iterations of different
+    /// replicas can complete out of order, e.g. a replica welcomed into `i + 1` while the
+    /// dispatches of another replica's `i` are still on their way to this worker.)
+    completed: BTreeSet<u64>,
     pending: HashMap<(u64, u32, u32), Vec<DispatchMsg>>,
     /// Worker 0: its newest decided iteration (the next one is decided on this one's
     /// decision slot).
@@ -76,12 +79,24 @@ impl State {
         self.members.clear();
         self.done.clear();
         self.pending.clear();
-        self.completed = None;
+        self.completed.clear();
     }
 
-    /// Whether `it` is over: older than the newest completed iteration and not in progress.
+    /// Whether `it` is over (see `completed`).
     fn is_past(&self, it: u64) -> bool {
-        self.completed.is_some_and(|c| it <= c) && !self.members.contains_key(&it)
+        !self.members.contains_key(&it)
+            && (self.completed.contains(&it)
+                || (self.completed.len() >= RECENT
+                    && self.completed.first().is_some_and(|f| it < *f)))
+    }
+
+    fn complete(&mut self, it: u64) {
+        self.done.remove(&it);
+        self.members.remove(&it);
+        self.completed.insert(it);
+        while self.completed.len() > RECENT {
+            self.completed.pop_first();
+        }
     }
 
     /// The smallest slot not yet processed of the oldest iteration with members (for status).
@@ -95,6 +110,9 @@ impl State {
             .map(|(l, mb)| (it, l, mb))
     }
 }
+
+/// How many completed iterations a worker remembers (to refuse stale dispatches).
+const RECENT: usize = 64;
 
 /// The slot on which worker 0 decides the next iteration's members: the first micro-batch of
 /// the last MoE layer. Its combine is the one lane 0 of a replica waits for before it samples
@@ -129,7 +147,7 @@ impl ExpertWorker {
             epoch: if self.id == 0 { self.initial_epoch } else { 0 },
             members: BTreeMap::new(),
             done: HashMap::new(),
-            completed: None,
+            completed: BTreeSet::new(),
             pending: HashMap::new(),
             head: 0,
             joins: 0,
@@ -449,9 +467,7 @@ impl ExpertWorker {
         let done = st.done.entry(slot.0).or_default();
         done.insert((slot.1, slot.2));
         if done.len() == moe_layers.len() * self.micro_batches as usize {
-            st.done.remove(&slot.0);
-            st.members.remove(&slot.0);
-            st.completed = Some(st.completed.map_or(slot.0, |c| c.max(slot.0)));
+            st.complete(slot.0);
         }
         Ok(())
     }
@@ -459,15 +475,15 @@ impl ExpertWorker {
 
 #[cfg(test)]
 mod tests {
-    use super::State;
-    use std::collections::{BTreeMap, HashMap};
+    use super::{State, RECENT};
+    use std::collections::{BTreeMap, BTreeSet, HashMap};
 
     fn state() -> State {
         State {
             epoch: 0,
             members: BTreeMap::new(),
             done: HashMap::new(),
-            completed: None,
+            completed: BTreeSet::new(),
             pending: HashMap::new(),
             head: 0,
             joins: 0,
@@ -475,15 +491,21 @@ mod tests {
     }
 
     #[test]
-    fn an_iteration_is_past_once_completed_unless_still_in_progress() {
+    fn an_iteration_is_past_once_it_completed() {
         let mut st = state();
         assert!(!st.is_past(0));
-        st.completed = Some(4);
-        st.members.insert(3, 0b1); // a lane of iteration 3 is still running
-        assert!(st.is_past(2));
-        assert!(!st.is_past(3));
-        assert!(st.is_past(4));
-        assert!(!st.is_past(5));
+        st.members.insert(4, 0b1);
+        st.complete(4);
+        assert!(st.members.is_empty() && st.is_past(4));
+        // Iteration 3 of another replica may still arrive after 4 completed.
+        assert!(!st.is_past(3) && !st.is_past(5));
+        // Once the window is full, anything older than it is over too.
+        for it in 10..10 + RECENT as u64 {
+            st.complete(it);
+        }
+        assert_eq!(st.completed.len(), RECENT);
+        assert!(st.is_past(3) && st.is_past(4) && st.is_past(10 + RECENT as u64 - 1));
+        assert!(!st.is_past(10 + RECENT as u64));
     }
 
     #[test]

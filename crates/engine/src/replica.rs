@@ -105,6 +105,8 @@ struct Membership {
     decided: BTreeMap<u64, u64>,
     /// Per lane: the iteration its next step runs (meaningful while a member).
     next: Vec<u64>,
+    /// The newest iteration any lane started.
+    started: Option<u64>,
 }
 
 impl Replica {
@@ -239,6 +241,7 @@ impl Replica {
                         join_outstanding: false,
                         decided: BTreeMap::from([(iteration, members)]),
                         next: vec![iteration; self.lanes.len()],
+                        started: None,
                     };
                     self.combines.clear();
                     return Ok(());
@@ -375,7 +378,8 @@ impl Replica {
     fn start_next(&mut self, k: usize) -> Result<(), EngineError> {
         let it = self.m2n.next[k];
         let members = self.m2n.decided.get(&it).copied().unwrap_or(0);
-        if k == 0 {
+        if self.m2n.started.is_none_or(|s| it > s) {
+            self.m2n.started = Some(it);
             self.steps += 1;
         }
         self.m2n.next[k] = it + 1;
@@ -422,14 +426,19 @@ impl Replica {
             .map(|(k, _)| k)
     }
 
-    /// An idle lane whose next iteration is decided and includes this replica.
+    /// An idle lane whose next iteration is decided and includes this replica, and that every
+    /// other lane has reached: a lane starts iteration `i` only once all the others have
+    /// started `i - 1`, so lanes stay within an iteration of each other (a lane with nothing
+    /// to run would otherwise race ahead through empty iterations).
     fn startable(&self) -> Option<usize> {
         if !self.m2n.member || self.m2n.next.len() != self.lanes.len() {
             return None;
         }
         let me = 1u64 << self.id;
+        let next = &self.m2n.next;
         (0..self.lanes.len())
             .filter(|k| self.lanes[*k].is_none())
+            .filter(|k| next.iter().all(|n| *n >= next[*k]))
             .filter(|k| {
                 self.m2n
                     .decided

@@ -456,6 +456,47 @@ fn micro_batches_pipeline_across_iterations() {
 
 /// A prompt seen before is served partly from the prefix cache, reports it, and still gives
 /// the reference tokens.
+/// A lane whose sequences finished must not race ahead through empty iterations while
+/// another lane still decodes: the number of iterations stays about the requests' steps.
+/// (The replica keeps its lanes within one iteration of each other; in-process with one
+/// worker, the worker's smallest-slot-first order also keeps an empty lane in step, so this
+/// guards the outcome rather than isolating that bound.)
+#[test]
+fn an_empty_lane_does_not_run_ahead_of_a_busy_one() {
+    watchdog(|| {
+        let model = load("mixtral");
+        let vocab = model.cfg.vocab_size;
+        for m in [2, 3] {
+            // One sequence per lane. Short requests occupy lanes 0..m-1 first (lane 0 hears
+            // worker 0's decisions first), then the long one goes to the last lane; when the
+            // short ones end, their lanes have nothing to run while the last lane decodes.
+            let dep = Deployment {
+                max_num_seqs: m,
+                ..deployment(1, 1, m)
+            };
+            let engine = start(&model, None, dep);
+            let mut short: Vec<_> = (1..m as u64)
+                .map(|i| {
+                    let p = synth_prompt(971 + i, 5, vocab);
+                    Stream::new(engine.add_request(p, greedy_params(6)).unwrap())
+                })
+                .collect();
+            for s in &mut short {
+                s.read_tokens(1);
+            }
+            let long = synth_prompt(970, 6, vocab);
+            let h = engine.add_request(long.clone(), greedy_params(40)).unwrap();
+            assert_eq!(wait(h).tokens, reference(&model, &long, 40));
+            short.into_iter().for_each(|s| drop(s.wait()));
+            wait_idle(&engine);
+            let its = engine.stats().iterations;
+            // The short requests' prefill and first token, then the long one's prefill and 40
+            // decode steps; a few more for joining and leaving.
+            assert!(its <= 60, "m={m}: {its} iterations for a 40-token request");
+        }
+    });
+}
+
 #[test]
 fn prefix_cache_hits_are_reported_and_correct() {
     watchdog(|| {
