@@ -75,6 +75,18 @@ struct State {
 }
 
 impl State {
+    fn new(epoch: u64) -> Self {
+        Self {
+            epoch,
+            members: BTreeMap::new(),
+            done: HashMap::new(),
+            completed: BTreeSet::new(),
+            pending: HashMap::new(),
+            head: 0,
+            joins: 0,
+        }
+    }
+
     fn reset(&mut self) {
         self.members.clear();
         self.done.clear();
@@ -143,15 +155,7 @@ impl ExpertWorker {
                 "{n_a} attention replicas; at most 64 are supported"
             )));
         }
-        let mut st = State {
-            epoch: if self.id == 0 { self.initial_epoch } else { 0 },
-            members: BTreeMap::new(),
-            done: HashMap::new(),
-            completed: BTreeSet::new(),
-            pending: HashMap::new(),
-            head: 0,
-            joins: 0,
-        };
+        let mut st = State::new(if self.id == 0 { self.initial_epoch } else { 0 });
         if self.id == 0 {
             // Idle: iteration 0 has nobody yet.
             st.members.insert(0, 0);
@@ -476,18 +480,9 @@ impl ExpertWorker {
 #[cfg(test)]
 mod tests {
     use super::{State, RECENT};
-    use std::collections::{BTreeMap, BTreeSet, HashMap};
 
     fn state() -> State {
-        State {
-            epoch: 0,
-            members: BTreeMap::new(),
-            done: HashMap::new(),
-            completed: BTreeSet::new(),
-            pending: HashMap::new(),
-            head: 0,
-            joins: 0,
-        }
+        State::new(0)
     }
 
     #[test]
