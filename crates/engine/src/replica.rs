@@ -105,8 +105,6 @@ struct Membership {
     decided: BTreeMap<u64, u64>,
     /// Per lane: the iteration its next step runs (meaningful while a member).
     next: Vec<u64>,
-    /// The newest iteration any lane started.
-    started: Option<u64>,
 }
 
 impl Replica {
@@ -241,7 +239,6 @@ impl Replica {
                         join_outstanding: false,
                         decided: BTreeMap::from([(iteration, members)]),
                         next: vec![iteration; self.lanes.len()],
-                        started: None,
                     };
                     self.combines.clear();
                     return Ok(());
@@ -346,7 +343,7 @@ impl Replica {
         loop {
             self.poll_combines()?;
             // A lane whose combine is here: its next layer feeds the expert workers.
-            if let Some(k) = self.layer_ready(None) {
+            if let Some(k) = self.ready_lane(None, false) {
                 let l = self.lanes[k].as_ref().map_or(0, |x| x.next_layer);
                 self.lane_layer(l, k)?;
                 continue;
@@ -358,7 +355,7 @@ impl Replica {
             }
             // A lane done with its layers: LM head (other lanes' layers between its chunks),
             // sampling, tokens out.
-            if let Some(k) = self.finish_ready() {
+            if let Some(k) = self.ready_lane(None, true) {
                 self.finish_lane(k, clock)?;
                 return Ok(());
             }
@@ -378,8 +375,8 @@ impl Replica {
     fn start_next(&mut self, k: usize) -> Result<(), EngineError> {
         let it = self.m2n.next[k];
         let members = self.m2n.decided.get(&it).copied().unwrap_or(0);
-        if self.m2n.started.is_none_or(|s| it > s) {
-            self.m2n.started = Some(it);
+        // The first lane to start an iteration counts it.
+        if self.m2n.next.iter().all(|n| *n <= it) {
             self.steps += 1;
         }
         self.m2n.next[k] = it + 1;
@@ -404,25 +401,15 @@ impl Replica {
             >= n
     }
 
-    /// The lane (other than `except`) with layers left whose input is here; the one furthest
-    /// behind first.
-    fn layer_ready(&self, except: Option<usize>) -> Option<usize> {
+    /// A lane (other than `except`) whose input is here, with layers left (`finished`:
+    /// done with its layers); the one furthest behind first.
+    fn ready_lane(&self, except: Option<usize>, finished: bool) -> Option<usize> {
         let layers = self.model.cfg.num_layers;
         (0..self.lanes.len())
             .filter(|k| Some(*k) != except)
             .filter_map(|k| self.lanes[k].as_ref().map(|l| (k, l)))
-            .filter(|(k, l)| l.next_layer < layers && self.combined(*k, l))
+            .filter(|(k, l)| (l.next_layer >= layers) == finished && self.combined(*k, l))
             .min_by_key(|(k, l)| (l.iteration, l.next_layer, *k))
-            .map(|(k, _)| k)
-    }
-
-    /// A lane done with its layers whose last combine is here; the oldest first.
-    fn finish_ready(&self) -> Option<usize> {
-        let layers = self.model.cfg.num_layers;
-        (0..self.lanes.len())
-            .filter_map(|k| self.lanes[k].as_ref().map(|l| (k, l)))
-            .filter(|(k, l)| l.next_layer >= layers && self.combined(*k, l))
-            .min_by_key(|(k, l)| (l.iteration, *k))
             .map(|(k, _)| k)
     }
 
@@ -591,7 +578,7 @@ impl Replica {
         }
         let logits = if rows.is_empty() {
             Vec::new()
-        } else if self.uses_protocol() && self.lanes.len() > 1 {
+        } else if self.interleaves() {
             self.logits_serving(k, &lane.h, &rows, clock)?
         } else {
             let t = Instant::now();
@@ -635,12 +622,18 @@ impl Replica {
         Ok(logits)
     }
 
+    /// Whether other lanes' layers run between the parts of a lane's LM head and sampling
+    /// (remote experts and more than one lane).
+    fn interleaves(&self) -> bool {
+        self.uses_protocol() && self.lanes.len() > 1
+    }
+
     /// While lane `busy` is being finished: runs the next layer of every other lane whose
     /// combine has arrived, so the expert workers get their next dispatch now.
     fn serve_others(&mut self, busy: usize) -> Result<(), EngineError> {
         let t = Instant::now();
         self.poll_combines()?;
-        while let Some(j) = self.layer_ready(Some(busy)) {
+        while let Some(j) = self.ready_lane(Some(busy), false) {
             let l = self.lanes[j].as_ref().map_or(0, |x| x.next_layer);
             self.lane_layer(l, j)?;
             self.interleaved += 1;
@@ -854,7 +847,7 @@ impl Replica {
         let mut extra = Vec::with_capacity(ids.len());
         let v = self.model.cfg.vocab_size;
         // With other lanes in flight, they get a chance to run every few rows.
-        let serve = self.uses_protocol() && self.lanes.len() > 1;
+        let serve = self.interleaves();
         let group = ids.len().div_ceil(SAMPLE_PARTS).max(1);
         for (i, (&id, l)) in ids
             .iter()
