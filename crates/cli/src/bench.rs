@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Instant;
 use tandem_model::generate::argmax;
-use tandem_model::{BatchLayout, KvCache, Model, SeqSlot};
+use tandem_model::{BatchLayout, ExpertSelection, KvCache, Model, SeqSlot};
 
 #[path = "bench_m2n.rs"]
 mod m2n;
@@ -79,6 +79,8 @@ pub struct EngineArgs {
     pub rounds: usize,
     #[command(flatten)]
     pub shape: crate::generate::ShapeArgs,
+    #[command(flatten)]
+    pub weights: crate::models::WeightArgs,
 }
 
 #[derive(Args)]
@@ -99,6 +101,8 @@ pub struct DecodeArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    #[command(flatten)]
+    pub weights: crate::models::WeightArgs,
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -168,7 +172,9 @@ fn decode(a: DecodeArgs) -> Result<()> {
 }
 
 fn decode_in_pool(a: &DecodeArgs, dir: &std::path::Path, threads: usize) -> Result<()> {
-    let model = Model::load(dir).with_context(|| format!("loading {}", dir.display()))?;
+    let model = Model::load_typed(dir, &ExpertSelection::All, a.weights.linear_type()?)
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let memory = model.weight_memory();
     let cfg = &model.cfg;
     let bs = 16;
     let total = a.context + a.warmup + a.steps + 1;
@@ -250,6 +256,14 @@ fn decode_in_pool(a: &DecodeArgs, dir: &std::path::Path, threads: usize) -> Resu
         "context": a.context,
         "steps": a.steps,
         "threads": threads,
+        "weight_type": model.weight_type().name(),
+        "weight_memory": {
+            "by_type_bytes": memory.by_type,
+            "weight_bytes": memory.weight_bytes(),
+            "resident_bytes": memory.resident_bytes,
+            "norms_and_biases_bytes": memory.other_bytes,
+            "resident_over_weight": memory.resident_bytes as f64 / memory.weight_bytes().max(1) as f64,
+        },
         "ms_per_step": step_s * 1e3,
         "ms_per_step_median": median_s * 1e3,
         "tokens_per_s": a.batch as f64 / step_s,
@@ -347,7 +361,10 @@ fn engine(a: EngineArgs) -> Result<()> {
     use tandem_engine::{Engine, EngineOptions};
     use tandem_sched::SamplingParams;
     let dir = crate::models::resolve(&a.model)?;
-    let model = Arc::new(Model::load(&dir).with_context(|| format!("loading {}", dir.display()))?);
+    let model = Arc::new(
+        Model::load_typed(&dir, &ExpertSelection::All, a.weights.linear_type()?)
+            .with_context(|| format!("loading {}", dir.display()))?,
+    );
     let mut base = a.shape.deployment()?;
     if let Some(v) = a.max_num_seqs {
         base.max_num_seqs = v;

@@ -44,6 +44,8 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub shape: ShapeArgs,
     #[command(flatten)]
+    pub weights: crate::models::WeightArgs,
+    #[command(flatten)]
     pub role: crate::roles::RoleArgs,
 }
 
@@ -144,7 +146,12 @@ pub fn run(a: GenerateArgs, m: &ArgMatches) -> Result<()> {
     };
     params.validate()?;
     let dir = crate::models::resolve(&a.model)?;
-    let (engine, tok) = crate::roles::start_engine(&dir, a.shape.deployment()?, &a.role)?;
+    let (engine, tok) = crate::roles::start_engine(
+        &dir,
+        a.shape.deployment()?,
+        &a.role,
+        a.weights.linear_type()?,
+    )?;
     let mut ids = Vec::new();
     for p in &prompts {
         ids.push(match p {

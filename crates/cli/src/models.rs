@@ -4,6 +4,36 @@ use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 use tandem_model::demo::{default_demo_dir, ensure_demo, write_demo, DemoSpec};
+use tandem_model::weights::LinearType;
+
+/// How the linear layers' weights are held in memory (`serve`, `generate`, `bench`).
+#[derive(Args, Clone, Debug)]
+pub struct WeightArgs {
+    /// Weight type of the linear layers: `auto` (the checkpoint's own: bf16 stays bf16, f32
+    /// stays f32, f16 becomes f32), `f32` or `bf16`. Activations are f32 in every case.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// Quantize the linear layers at load: `q8_0` or `q4_0` (llama.cpp's block formats; wins
+    /// over --dtype).
+    #[arg(long)]
+    pub quantization: Option<String>,
+}
+
+impl WeightArgs {
+    pub fn linear_type(&self) -> Result<LinearType> {
+        LinearType::from_flags(&self.dtype, self.quantization.as_deref())
+            .map_err(anyhow::Error::msg)
+    }
+
+    /// The flags again, for a child process.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut v = vec!["--dtype".to_string(), self.dtype.clone()];
+        if let Some(q) = &self.quantization {
+            v.extend(["--quantization".to_string(), q.clone()]);
+        }
+        v
+    }
+}
 
 #[derive(Args)]
 pub struct InitDemoArgs {

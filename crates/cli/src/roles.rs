@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tandem_core::Deployment;
 use tandem_engine::net::{query_status, serve_expert, Identity, NetOptions, TcpReplicaLink};
 use tandem_engine::{Engine, EngineOptions};
+use tandem_model::weights::LinearType;
 use tandem_model::{ExpertSelection, Model, Tokenizer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -57,6 +58,7 @@ pub fn start_engine(
     dir: &Path,
     dep: Deployment,
     role: &RoleArgs,
+    ty: LinearType,
 ) -> Result<(Engine, Option<Arc<Tokenizer>>)> {
     let tok = if dir.join("tokenizer.json").exists() {
         Some(Arc::new(Tokenizer::load(dir)?))
@@ -64,7 +66,16 @@ pub fn start_engine(
         None
     };
     let load = |sel: &ExpertSelection| {
-        Model::load_with(dir, sel).with_context(|| format!("loading {}", dir.display()))
+        let t = Instant::now();
+        let model = Model::load_typed(dir, sel, ty)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        tracing::info!(
+            "loaded {} in {:.1}s: weights {}",
+            dir.display(),
+            t.elapsed().as_secs_f64(),
+            model.weight_memory().describe()
+        );
+        anyhow::Ok(model)
     };
     let opts = EngineOptions {
         deployment: dep.clone(),
@@ -95,7 +106,13 @@ pub fn start_engine(
 }
 
 /// Runs expert worker `rank` of `dep` until the process is stopped.
-pub fn run_expert(dir: &Path, dep: &Deployment, rank: u32, listen: Option<String>) -> Result<()> {
+pub fn run_expert(
+    dir: &Path,
+    dep: &Deployment,
+    rank: u32,
+    listen: Option<String>,
+    ty: LinearType,
+) -> Result<()> {
     check_addresses(dep)?;
     let Some(addr) = listen.or_else(|| dep.addresses.expert.get(rank as usize).cloned()) else {
         bail!(
@@ -107,13 +124,14 @@ pub fn run_expert(dir: &Path, dep: &Deployment, rank: u32, listen: Option<String
     let placement = dep.placement_for(cfg.num_experts)?;
     let mine = placement.experts_of(rank);
     let t = Instant::now();
-    let model = Model::load_with(dir, &ExpertSelection::Only(mine.clone()))
+    let model = Model::load_typed(dir, &ExpertSelection::Only(mine.clone()), ty)
         .with_context(|| format!("loading {}", dir.display()))?;
     let listener = std::net::TcpListener::bind(&addr).with_context(|| format!("binding {addr}"))?;
     tracing::info!(
-        "expert worker {rank} listening on {} with experts {mine:?} (loaded in {:.1}s)",
+        "expert worker {rank} listening on {} with experts {mine:?} (loaded in {:.1}s; weights {})",
         listener.local_addr()?,
-        t.elapsed().as_secs_f64()
+        t.elapsed().as_secs_f64(),
+        model.weight_memory().describe()
     );
     serve_expert(Arc::new(model), dep, rank, listener, NetOptions::default())?;
     Ok(())
@@ -136,6 +154,8 @@ pub struct LaunchArgs {
     /// Seconds to wait for the workers to stop after Ctrl-C before killing them.
     #[arg(long, default_value_t = 10)]
     pub grace_s: u64,
+    #[command(flatten)]
+    pub weights: crate::models::WeightArgs,
 }
 
 struct Worker {
@@ -208,7 +228,9 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
     let file = a.deployment.display().to_string();
     // Resolving here writes the demo model once rather than racing in every child.
     let dir = crate::models::resolve(&a.model)?;
-    let model_args = ["--model".to_string(), dir.display().to_string()];
+    a.weights.linear_type()?;
+    let mut model_args = vec!["--model".to_string(), dir.display().to_string()];
+    model_args.extend(a.weights.to_args());
     let mut workers = Vec::new();
     for (role, n) in [
         ("expert", dep.expert_workers),

@@ -32,11 +32,14 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub shape: crate::generate::ShapeArgs,
     #[command(flatten)]
+    pub weights: crate::models::WeightArgs,
+    #[command(flatten)]
     pub role: crate::roles::RoleArgs,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
     let dir = crate::models::resolve(&a.model)?;
+    let ty = a.weights.linear_type()?;
     let mut deployment = a.shape.deployment()?;
     if a.role.role == Some(Role::Expert) {
         let listen = match (&a.host, a.port) {
@@ -47,7 +50,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 p.unwrap_or(0)
             )),
         };
-        return crate::roles::run_expert(&dir, &deployment, a.role.rank, listen);
+        return crate::roles::run_expert(&dir, &deployment, a.role.rank, listen, ty);
     }
     if a.shape.micro_batches.is_none() && a.shape.deployment.is_none() {
         // Serving keeps a batch in flight: ping-pong two micro-batches by default.
@@ -74,7 +77,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     }
     let host = a.host.clone().unwrap_or(host);
     let port = a.port.unwrap_or(port);
-    let (engine, tok) = crate::roles::start_engine(&dir, deployment.clone(), &a.role)?;
+    let (engine, tok) = crate::roles::start_engine(&dir, deployment.clone(), &a.role, ty)?;
     let state = AppState::new(
         Arc::new(engine),
         tok,

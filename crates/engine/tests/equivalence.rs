@@ -10,7 +10,8 @@ use std::sync::Arc;
 use tandem_core::{Deployment, ExpertPlacement};
 use tandem_engine::{Engine, EngineOptions, RequestHandle};
 use tandem_model::generate::greedy;
-use tandem_model::Model;
+use tandem_model::weights::LinearType;
+use tandem_model::{ExpertSelection, Model, WeightType};
 use tandem_sched::SamplingParams;
 
 #[derive(Deserialize)]
@@ -127,17 +128,25 @@ fn run_shape(
 }
 
 fn check_family(name: &str) {
+    check_family_as(name, LinearType::Auto);
+}
+
+/// Every shape against the colocated greedy loop on the same model (whose weights are held as
+/// `ty` says); with the checkpoint's own type that loop is also checked against transformers.
+fn check_family_as(name: &str, ty: LinearType) {
     let dir = fixture(name);
-    let model = Arc::new(Model::load(&dir).unwrap());
+    let model = Arc::new(Model::load_typed(&dir, &ExpertSelection::All, ty).unwrap());
     let (ps, exp) = prompts(&dir);
     let n = exp.greedy[0].len();
     let reference: Vec<Vec<u32>> = ps.iter().map(|p| greedy(&model, p, n).unwrap().0).collect();
-    // The colocated reference is transformers' greedy where transformers has an answer.
-    assert_eq!(
-        &reference[..exp.greedy.len()],
-        &exp.greedy[..],
-        "{name}: reference vs HF"
-    );
+    if ty == LinearType::Auto {
+        // The colocated reference is transformers' greedy where transformers has an answer.
+        assert_eq!(
+            &reference[..exp.greedy.len()],
+            &exp.greedy[..],
+            "{name}: reference vs HF"
+        );
+    }
     let e = model.cfg.num_experts as u32;
     // Expert 0 replicated on workers 0 and 1, the rest spread.
     let replicated = ExpertPlacement {
@@ -180,4 +189,19 @@ fn olmoe_all_shapes() {
 #[test]
 fn dbrx_all_shapes() {
     check_family("dbrx");
+}
+
+// Quantized weights: the engine's kernels are the colocated loop's, and each row's result does
+// not depend on which rows share its batch, so every shape must give the same tokens.
+#[test]
+fn mixtral_all_shapes_q8_0() {
+    check_family_as("mixtral", LinearType::Is(WeightType::Q8_0));
+}
+#[test]
+fn qwen2_moe_all_shapes_q4_0() {
+    check_family_as("qwen2_moe", LinearType::Is(WeightType::Q4_0));
+}
+#[test]
+fn olmoe_all_shapes_bf16() {
+    check_family_as("olmoe", LinearType::Is(WeightType::Bf16));
 }

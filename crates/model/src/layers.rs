@@ -3,7 +3,7 @@
 //! `[T, D]` (T tokens, row-major, f32); inner loops work on the raw slices.
 
 use crate::error::{ModelError, Result};
-use crate::packed::PackedWeights;
+use crate::packed::{PackedWeights, WeightType};
 use candle_core::{Device, Storage, Tensor};
 
 /// Runs `f` on the contiguous f32 data of `t`.
@@ -46,16 +46,32 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// From a `[out, in]` weight (packed here; the tensor is not kept).
+    /// From a `[out, in]` f32 weight (packed here; the tensor is not kept).
     pub fn new(w: Tensor, b: Option<Vec<f32>>) -> Result<Self> {
         let (out_dim, in_dim) = w.dims2()?;
         let w = with_slice(&w, |s| PackedWeights::pack(s, out_dim, in_dim))?;
-        Ok(Self {
+        Ok(Self::from_packed(w, b))
+    }
+
+    /// From a row-major `[out, in]` weight, held in `ty`.
+    pub fn from_f32(
+        w: &[f32],
+        out: usize,
+        inp: usize,
+        b: Option<Vec<f32>>,
+        ty: WeightType,
+    ) -> Self {
+        Self::from_packed(PackedWeights::pack_as(w, out, inp, ty), b)
+    }
+
+    pub fn from_packed(w: PackedWeights, b: Option<Vec<f32>>) -> Self {
+        let (out_dim, in_dim) = (w.n(), w.k());
+        Self {
             w,
             b,
             out_dim,
             in_dim,
-        })
+        }
     }
 
     /// Stacks the rows of several linears that read the same input (q, k, v; gate, up).
@@ -89,9 +105,18 @@ impl Linear {
         })
     }
 
-    /// Bytes of weights read by one forward pass (f32).
+    /// Bytes of weights read by one forward pass (in the weight's type).
     pub fn weight_bytes(&self) -> usize {
-        self.out_dim * self.in_dim * 4
+        self.w.weight_bytes()
+    }
+
+    /// Bytes the weight holds in memory (padded panels or groups).
+    pub fn resident_bytes(&self) -> usize {
+        self.w.resident_bytes()
+    }
+
+    pub fn weight_type(&self) -> WeightType {
+        self.w.weight_type()
     }
 
     /// x `[T, in]` -> `[T, out]`.

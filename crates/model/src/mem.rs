@@ -17,6 +17,9 @@ pub unsafe trait Zeroable: Copy {}
 // SAFETY: zero bits are 0.0.
 unsafe impl Zeroable for f32 {}
 
+// SAFETY: zero bits are 0.
+unsafe impl Zeroable for u8 {}
+
 /// A fixed-length, zero-initialised `[T]`.
 pub struct HugeBuf<T: Zeroable> {
     repr: Repr<T>,

@@ -7,9 +7,11 @@ use crate::error::{ModelError, Result};
 use crate::families::{self, FamilyWeights};
 use crate::kv::{BatchLayout, KvCache};
 use crate::layers::{from_vec, with_slice, Linear, Norm, Rope};
+use crate::packed::{PackedWeights, WeightType};
 use crate::stages::{Assignment, AttentionStage, ExpertStage};
-use crate::weights::Weights;
+use crate::weights::{LinearType, Role, Weights};
 use candle_core::Tensor;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -30,8 +32,8 @@ pub struct Layer {
 pub struct Model {
     pub cfg: ModelConfig,
     pub dir: PathBuf,
-    /// `[V, D]`
-    pub embed: Tensor,
+    /// `[V, D]`, in the linear layers' type (a row is converted when looked up).
+    pub embed: PackedWeights,
     pub layers: Vec<Layer>,
     pub final_norm: Norm,
     /// `[V, D]` (shares `embed` when tied).
@@ -44,8 +46,14 @@ impl Model {
     }
 
     pub fn load_with(dir: &Path, sel: &ExpertSelection) -> Result<Self> {
+        Self::load_typed(dir, sel, LinearType::Auto)
+    }
+
+    /// Loads the experts `sel` with every linear layer held as `ty` says.
+    pub fn load_typed(dir: &Path, sel: &ExpertSelection, ty: LinearType) -> Result<Self> {
         let cfg = ModelConfig::from_dir(dir)?;
-        let weights = Weights::open(dir)?;
+        let mut weights = Weights::open(dir)?;
+        weights.set_linear_type(ty);
         Self::from_weights(cfg, &weights, dir, sel)
     }
 
@@ -57,7 +65,7 @@ impl Model {
     ) -> Result<Self> {
         let names: Box<dyn FamilyWeights + Send + Sync> = families::for_family(cfg.family);
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
-        let embed = w.get(&names.embed(), &[v, d])?;
+        let embed = w.packed(&names.embed(), v, d, Role::Embedding)?;
         let rope = Arc::new(Rope::new(
             cfg.head_dim,
             cfg.rope_theta,
@@ -103,9 +111,9 @@ impl Model {
         let final_norm = families::norm(w, &cfg, &names.final_norm(), d)?;
         let lm_head =
             if cfg.tie_word_embeddings && !w.contains(&format!("{}.weight", names.lm_head())) {
-                Linear::new(embed.clone(), None)?
+                Linear::from_packed(embed.clone(), None)
             } else {
-                families::linear(w, &names.lm_head(), v, d)?
+                families::linear_as(w, &names.lm_head(), v, d, Role::LmHead)?
             };
         Ok(Self {
             cfg,
@@ -126,13 +134,10 @@ impl Model {
                 "token id {bad} is outside the vocabulary (size {v})"
             )));
         }
-        let out = with_slice(&self.embed, |e| {
-            let mut out = Vec::with_capacity(tokens.len() * d);
-            for &t in tokens {
-                out.extend_from_slice(&e[t as usize * d..(t as usize + 1) * d]);
-            }
-            out
-        })?;
+        let mut out = vec![0f32; tokens.len() * d];
+        for (&t, row) in tokens.iter().zip(out.chunks_exact_mut(d.max(1))) {
+            self.embed.row_into(t as usize, row);
+        }
         from_vec(out, tokens.len(), d)
     }
 
@@ -224,6 +229,108 @@ impl Model {
             }
         }
         b
+    }
+}
+
+/// Bytes of a model's weights by type, as held in memory.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct WeightMemory {
+    /// Bytes of the linear layers and the embedding by weight type, by the types' own
+    /// definitions (what the weights are).
+    pub by_type: BTreeMap<String, usize>,
+    /// The same weights as held: padded to whole panels / groups.
+    pub resident_bytes: usize,
+    /// Norms and biases (f32).
+    pub other_bytes: usize,
+}
+
+impl WeightMemory {
+    pub fn weight_bytes(&self) -> usize {
+        self.by_type.values().sum()
+    }
+
+    fn add(&mut self, w: &PackedWeights) {
+        *self
+            .by_type
+            .entry(w.weight_type().name().into())
+            .or_default() += w.weight_bytes();
+        self.resident_bytes += w.resident_bytes();
+    }
+
+    fn add_linear(&mut self, l: &Linear) {
+        self.add(&l.w);
+        self.other_bytes += l.b.as_ref().map_or(0, |b| b.len() * 4);
+    }
+
+    /// "q8_0 480.1 MB + f32 0.3 MB (resident 497.0 MB)".
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = self
+            .by_type
+            .iter()
+            .map(|(t, b)| format!("{t} {:.1} MB", *b as f64 / 1e6))
+            .collect();
+        format!(
+            "{} (resident {:.1} MB, norms and biases {:.1} MB)",
+            parts.join(" + "),
+            self.resident_bytes as f64 / 1e6,
+            self.other_bytes as f64 / 1e6
+        )
+    }
+}
+
+impl Model {
+    /// The weights' memory, by type (the embedding counted once when the LM head shares it).
+    pub fn weight_memory(&self) -> WeightMemory {
+        let mut m = WeightMemory::default();
+        m.add(&self.embed);
+        if !self.lm_head.w.shares(&self.embed) {
+            m.add_linear(&self.lm_head);
+        }
+        m.other_bytes += self.final_norm.dim() * 4;
+        for layer in &self.layers {
+            let a = &layer.attention.w;
+            for l in [Some(&a.qkv), Some(&a.o), a.router.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                m.add_linear(l);
+            }
+            for n in [
+                Some(&a.input_norm),
+                Some(&a.post_norm),
+                a.q_norm.as_ref(),
+                a.k_norm.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                m.other_bytes += n.dim() * 4;
+            }
+            let e = &layer.experts;
+            let mlps = e
+                .routed
+                .iter()
+                .flatten()
+                .map(|m| m.as_ref())
+                .chain(e.dense.as_ref())
+                .chain(e.shared.as_ref().map(|s| &s.mlp));
+            for mlp in mlps {
+                m.add_linear(&mlp.gate_up);
+                m.add_linear(&mlp.down);
+            }
+            if let Some(g) = e.shared.as_ref().and_then(|s| s.gate.as_ref()) {
+                m.add_linear(g);
+            }
+        }
+        m
+    }
+
+    /// The type of the linear layers (the first layer's attention projections; routers and,
+    /// under q4_0, the LM head differ: [`Model::weight_memory`] lists every type).
+    pub fn weight_type(&self) -> WeightType {
+        self.layers.first().map_or(self.lm_head.weight_type(), |l| {
+            l.attention.w.qkv.weight_type()
+        })
     }
 }
 

@@ -12,10 +12,81 @@
 //! Packing happens once, at load; the packed copy replaces the `[n, k]` one, so it costs no
 //! memory. The same code serves one token row (a memory-bound GEMV) and thousands (prefill),
 //! blocking rows by [`MC`] and `k` by [`KC`] so the operands of the inner loops stay in cache.
+//!
+//! A weight can be held in any [`WeightType`]: bf16 panels have the same layout with 2-byte
+//! values (a line is 32 bytes) and the same kernel, which widens a line to f32 in registers
+//! (a bf16 is the top half of an f32); q8_0 and q4_0 weights are packed in groups of block-
+//! quantized columns and multiplied by the kernels of [`crate::quant`]. Activations are f32
+//! for every type.
 
 use crate::mem::{HugeBuf, Zeroable};
+use crate::quant::{QuantFormat, QuantWeights};
 use rayon::prelude::*;
 use std::sync::Arc;
+
+/// The type a linear layer's weights are held in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightType {
+    F32,
+    Bf16,
+    Q8_0,
+    Q4_0,
+}
+
+impl WeightType {
+    pub const ALL: [WeightType; 4] = [
+        WeightType::F32,
+        WeightType::Bf16,
+        WeightType::Q8_0,
+        WeightType::Q4_0,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightType::F32 => "f32",
+            WeightType::Bf16 => "bf16",
+            WeightType::Q8_0 => "q8_0",
+            WeightType::Q4_0 => "q4_0",
+        }
+    }
+
+    /// `f32`, `bf16`, `q8_0` (also `q8`), `q4_0` (also `q4`), any case.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Some(WeightType::F32),
+            "bf16" | "bfloat16" => Some(WeightType::Bf16),
+            "q8_0" | "q8" => Some(WeightType::Q8_0),
+            "q4_0" | "q4" => Some(WeightType::Q4_0),
+            _ => None,
+        }
+    }
+
+    /// Bytes of an `[n, k]` weight in this type, by the format's definition (no padding).
+    pub fn bytes(self, n: usize, k: usize) -> usize {
+        match self {
+            WeightType::F32 => n * k * 4,
+            WeightType::Bf16 => n * k * 2,
+            WeightType::Q8_0 | WeightType::Q4_0 => {
+                let f = self.quant_format().expect("quantized");
+                n * k.div_ceil(crate::quant::QK) * f.gguf_block_bytes()
+            }
+        }
+    }
+
+    fn quant_format(self) -> Option<QuantFormat> {
+        match self {
+            WeightType::Q8_0 => Some(QuantFormat::Q8_0),
+            WeightType::Q4_0 => Some(QuantFormat::Q4_0),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for WeightType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Output columns per panel: two AVX2 registers.
 pub const NR: usize = 16;
@@ -35,31 +106,113 @@ struct Line([f32; NR]);
 // SAFETY: 16 f32s, no padding; zero bits are zeros.
 unsafe impl Zeroable for Line {}
 
-/// A `[n, k]` weight in panels (see the module doc). Cheap to clone (shared).
+/// A [`Line`] in bf16 (the bits of each value), its columns stored in the order
+/// [`BF16_SLOT`] gives so that widening to f32 is two interleaves with zero (see `load`).
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(32))]
+struct LineBf16([u16; NR]);
+
+/// Where column `c` of a bf16 line is stored: interleaving the line with zeros takes words
+/// 0-3 and 8-11 into the low result (`unpacklo` works per 128-bit lane) and words 4-7 and
+/// 12-15 into the high one, so columns 0-7 are stored at words 0-3 and 8-11, columns 8-15 at
+/// 4-7 and 12-15.
+const BF16_SLOT: [usize; NR] = [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15];
+
+// SAFETY: 16 u16s, no padding; zero bits are +0.0.
+unsafe impl Zeroable for LineBf16 {}
+
+/// What a panel line is made of.
+trait PanelLine: Zeroable + Send + Sync + 'static {
+    fn get(&self, c: usize) -> f32;
+    fn set(&mut self, c: usize, v: f32);
+    /// The line's 16 values as two vectors of 8 f32 (the caller enables AVX2).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load(p: *const Self) -> [std::arch::x86_64::__m256; 2];
+}
+
+impl PanelLine for Line {
+    fn get(&self, c: usize) -> f32 {
+        self.0[c]
+    }
+    fn set(&mut self, c: usize, v: f32) {
+        self.0[c] = v;
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load(p: *const Self) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        let f = p as *const f32;
+        [_mm256_load_ps(f), _mm256_load_ps(f.add(8))]
+    }
+}
+
+impl PanelLine for LineBf16 {
+    fn get(&self, c: usize) -> f32 {
+        f32::from_bits((self.0[BF16_SLOT[c]] as u32) << 16)
+    }
+    fn set(&mut self, c: usize, v: f32) {
+        self.0[BF16_SLOT[c]] = half::bf16::from_f32(v).to_bits();
+    }
+    /// A bf16 is the top 16 bits of the f32 it stands for: interleaving zeros below each
+    /// value widens it, and [`BF16_SLOT`] puts the results in column order.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load(p: *const Self) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        let v = _mm256_load_si256(p as *const __m256i);
+        let z = _mm256_setzero_si256();
+        [
+            _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v)),
+            _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v)),
+        ]
+    }
+}
+
+/// The panels of one weight, in f32 or bf16.
+#[derive(Clone)]
+struct Panels<L: PanelLine> {
+    lines: Arc<HugeBuf<L>>,
+    n: usize,
+    k: usize,
+}
+
+#[derive(Clone)]
+enum Store {
+    F32(Panels<Line>),
+    Bf16(Panels<LineBf16>),
+    Quant(QuantWeights),
+}
+
+/// A `[n, k]` weight in panels of its [`WeightType`] (see the module doc). Cheap to clone
+/// (shared).
 #[derive(Clone)]
 pub struct PackedWeights {
-    lines: Arc<HugeBuf<Line>>,
+    store: Store,
     n: usize,
     k: usize,
 }
 
 impl std::fmt::Debug for PackedWeights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackedWeights[{}, {}]", self.n, self.k)
+        write!(
+            f,
+            "PackedWeights<{}>[{}, {}]",
+            self.weight_type(),
+            self.n,
+            self.k
+        )
     }
 }
 
-impl PackedWeights {
-    /// Packs a row-major `[n, k]` weight.
-    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
-        assert_eq!(w.len(), n * k, "w must be [n, k]");
+impl<L: PanelLine> Panels<L> {
+    fn pack(w: &[f32], n: usize, k: usize) -> Self {
         let panels = n.div_ceil(NR);
-        let mut buf = HugeBuf::<Line>::zeroed(panels * k);
+        let mut buf = HugeBuf::<L>::zeroed(panels * k);
         for (p, panel) in buf.chunks_exact_mut(k.max(1)).enumerate().take(panels) {
             for c in 0..NR.min(n - p * NR) {
                 let row = &w[(p * NR + c) * k..(p * NR + c + 1) * k];
                 for (line, v) in panel.iter_mut().zip(row) {
-                    line.0[c] = *v;
+                    line.set(c, *v);
                 }
             }
         }
@@ -70,48 +223,188 @@ impl PackedWeights {
         }
     }
 
-    fn lines(&self) -> &[Line] {
-        &self.lines
+    fn row_into(&self, j: usize, out: &mut [f32]) {
+        let k = self.k;
+        let panel = &self.lines[(j / NR) * k..(j / NR + 1) * k];
+        for (v, line) in out.iter_mut().zip(panel) {
+            *v = line.get(j % NR);
+        }
     }
 
-    /// The weights of `parts` stacked along `n` (their outputs one after the other); all must
-    /// have the same `k`. Where every part but the last fills whole panels (`n` a multiple of
-    /// 16, as in practice) the panels are copied as they are; otherwise the parts are unpacked
-    /// and the stack packed again.
-    pub fn concat(parts: &[&PackedWeights]) -> Self {
-        let k = parts.first().map_or(0, |p| p.k);
-        assert!(parts.iter().all(|p| p.k == k), "stacked weights need one k");
-        let n: usize = parts.iter().map(|p| p.n).sum();
-        let aligned = parts.iter().rev().skip(1).all(|p| p.n % NR == 0);
-        if !aligned {
-            let w: Vec<f32> = parts.iter().flat_map(|p| p.unpack()).collect();
-            return Self::pack(&w, n, k);
+    fn unpack(&self) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        let mut w = vec![0f32; n * k];
+        for (r, row) in w.chunks_exact_mut(k.max(1)).enumerate().take(n) {
+            let panel = &self.lines[(r / NR) * k..(r / NR + 1) * k];
+            for (v, line) in row.iter_mut().zip(panel) {
+                *v = line.get(r % NR);
+            }
         }
-        let mut buf = HugeBuf::<Line>::zeroed(n.div_ceil(NR) * k);
+        w
+    }
+
+    /// `None` where a part but the last has a ragged last panel (the caller repacks).
+    fn concat(parts: &[&Panels<L>]) -> Option<Self> {
+        let k = parts.first().map_or(0, |p| p.k);
+        if !parts.iter().rev().skip(1).all(|p| p.n % NR == 0) {
+            return None;
+        }
+        let n: usize = parts.iter().map(|p| p.n).sum();
+        let mut buf = HugeBuf::<L>::zeroed(n.div_ceil(NR) * k);
         let mut at = 0;
         for p in parts {
-            let lines = p.lines();
-            buf[at..at + lines.len()].copy_from_slice(lines);
-            at += lines.len();
+            buf[at..at + p.lines.len()].copy_from_slice(&p.lines);
+            at += p.lines.len();
         }
-        Self {
+        Some(Self {
             lines: Arc::new(buf),
+            n,
+            k,
+        })
+    }
+}
+
+impl PackedWeights {
+    /// Packs a row-major `[n, k]` weight in f32.
+    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        Self::pack_as(w, n, k, WeightType::F32)
+    }
+
+    /// Packs (converts, quantizes) a row-major `[n, k]` f32 weight into `ty`.
+    pub fn pack_as(w: &[f32], n: usize, k: usize, ty: WeightType) -> Self {
+        assert_eq!(w.len(), n * k, "w must be [n, k]");
+        let store = match ty {
+            WeightType::F32 => Store::F32(Panels::pack(w, n, k)),
+            WeightType::Bf16 => Store::Bf16(Panels::pack(w, n, k)),
+            WeightType::Q8_0 | WeightType::Q4_0 => {
+                let f = ty.quant_format().expect("quantized");
+                Store::Quant(QuantWeights::quantize(w, n, k, f))
+            }
+        };
+        Self { store, n, k }
+    }
+
+    /// An already quantized weight.
+    pub fn from_quant(q: QuantWeights) -> Self {
+        let (n, k) = (q.n(), q.k());
+        Self {
+            store: Store::Quant(q),
             n,
             k,
         }
     }
 
-    /// The row-major `[n, k]` weight back.
-    pub fn unpack(&self) -> Vec<f32> {
-        let (n, k) = (self.n, self.k);
-        let mut w = vec![0f32; n * k];
-        for (r, row) in w.chunks_exact_mut(k.max(1)).enumerate().take(n) {
-            let panel = &self.lines()[(r / NR) * k..(r / NR + 1) * k];
-            for (v, line) in row.iter_mut().zip(panel) {
-                *v = line.0[r % NR];
-            }
+    pub fn weight_type(&self) -> WeightType {
+        match &self.store {
+            Store::F32(_) => WeightType::F32,
+            Store::Bf16(_) => WeightType::Bf16,
+            Store::Quant(q) => match q.format() {
+                QuantFormat::Q8_0 => WeightType::Q8_0,
+                QuantFormat::Q4_0 => WeightType::Q4_0,
+            },
         }
-        w
+    }
+
+    /// Bytes held in memory (panels padded to whole panels or groups).
+    pub fn resident_bytes(&self) -> usize {
+        match &self.store {
+            Store::F32(p) => p.lines.len() * std::mem::size_of::<Line>(),
+            Store::Bf16(p) => p.lines.len() * std::mem::size_of::<LineBf16>(),
+            Store::Quant(q) => q.resident_bytes(),
+        }
+    }
+
+    /// Bytes of the weight by its type's definition (what a pass reads, without padding).
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_type().bytes(self.n, self.k)
+    }
+
+    /// The weights of `parts` stacked along `n` (their outputs one after the other); all must
+    /// have the same `k` and weight type. Panels and blocks are copied as they are where they
+    /// line up (`n` of every part but the last a multiple of 16, as in practice); otherwise
+    /// f32/bf16 parts are unpacked and the stack packed again (exact for both).
+    pub fn concat(parts: &[&PackedWeights]) -> Self {
+        let k = parts.first().map_or(0, |p| p.k);
+        let ty = parts.first().map_or(WeightType::F32, |p| p.weight_type());
+        assert!(parts.iter().all(|p| p.k == k), "stacked weights need one k");
+        assert!(
+            parts.iter().all(|p| p.weight_type() == ty),
+            "stacked weights need one weight type"
+        );
+        let n: usize = parts.iter().map(|p| p.n).sum();
+        let repack = || {
+            let w: Vec<f32> = parts.iter().flat_map(|p| p.unpack()).collect();
+            Self::pack_as(&w, n, k, ty)
+        };
+        let store = match ty {
+            WeightType::F32 => {
+                let ps: Vec<_> = parts
+                    .iter()
+                    .map(|p| match &p.store {
+                        Store::F32(x) => x,
+                        _ => unreachable!("checked above"),
+                    })
+                    .collect();
+                match Panels::concat(&ps) {
+                    Some(p) => Store::F32(p),
+                    None => return repack(),
+                }
+            }
+            WeightType::Bf16 => {
+                let ps: Vec<_> = parts
+                    .iter()
+                    .map(|p| match &p.store {
+                        Store::Bf16(x) => x,
+                        _ => unreachable!("checked above"),
+                    })
+                    .collect();
+                match Panels::concat(&ps) {
+                    Some(p) => Store::Bf16(p),
+                    None => return repack(),
+                }
+            }
+            WeightType::Q8_0 | WeightType::Q4_0 => {
+                let qs: Vec<_> = parts
+                    .iter()
+                    .map(|p| match &p.store {
+                        Store::Quant(q) => q,
+                        _ => unreachable!("checked above"),
+                    })
+                    .collect();
+                Store::Quant(QuantWeights::concat(&qs))
+            }
+        };
+        Self { store, n, k }
+    }
+
+    /// Output row `j` of the weight (a row of the original `[n, k]`; an embedding lookup),
+    /// into `out` (`k` values).
+    pub fn row_into(&self, j: usize, out: &mut [f32]) {
+        assert!(j < self.n && out.len() == self.k, "row {j} of {:?}", self);
+        match &self.store {
+            Store::F32(p) => p.row_into(j, out),
+            Store::Bf16(p) => p.row_into(j, out),
+            Store::Quant(q) => q.row_into(j, out),
+        }
+    }
+
+    /// Whether `self` and `other` are the same buffer (a tied LM head and embedding).
+    pub fn shares(&self, other: &PackedWeights) -> bool {
+        match (&self.store, &other.store) {
+            (Store::F32(a), Store::F32(b)) => Arc::ptr_eq(&a.lines, &b.lines),
+            (Store::Bf16(a), Store::Bf16(b)) => Arc::ptr_eq(&a.lines, &b.lines),
+            (Store::Quant(a), Store::Quant(b)) => a.shares(b),
+            _ => false,
+        }
+    }
+
+    /// The row-major `[n, k]` weight back (dequantized for q8_0/q4_0).
+    pub fn unpack(&self) -> Vec<f32> {
+        match &self.store {
+            Store::F32(p) => p.unpack(),
+            Store::Bf16(p) => p.unpack(),
+            Store::Quant(q) => q.dequantize(),
+        }
     }
 
     /// Output columns (rows of the original weight).
@@ -159,6 +452,29 @@ impl PackedWeights {
             }
             return;
         }
+        match &self.store {
+            Store::F32(p) => p.matmul_cols(x, rows, cols, out),
+            Store::Bf16(p) => p.matmul_cols(x, rows, cols, out),
+            Store::Quant(q) => q.matmul_cols(x, rows, cols, out),
+        }
+    }
+
+    #[cfg(test)]
+    fn scalar_tile(&self, x: &[f32], tile: Tile, out: SyncPtr) {
+        // SAFETY: the tests pass one tile covering the whole output.
+        unsafe {
+            match &self.store {
+                Store::F32(p) => p.tile_scalar(x, tile, out),
+                Store::Bf16(p) => p.tile_scalar(x, tile, out),
+                Store::Quant(_) => unreachable!("quant has its own scalar path"),
+            }
+        }
+    }
+}
+
+impl<L: PanelLine> Panels<L> {
+    fn matmul_cols(&self, x: &[f32], rows: usize, cols: std::ops::Range<usize>, out: &mut [f32]) {
+        let k = self.k;
         let first = cols.start / NR;
         let panels = cols.end.div_ceil(NR) - first;
         let row_blocks = rows.div_ceil(MC);
@@ -197,24 +513,24 @@ impl PackedWeights {
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                return avx::tile(self, a, tile, out.0);
+                return avx::tile(&self.lines, self.n, self.k, a, tile, out.0);
             }
         }
         let _ = a;
         self.tile_scalar(x, tile, out)
     }
 
-    /// `tile` without SIMD: the path of CPUs without AVX2/FMA.
+    /// `tile` without SIMD: the oracle of the AVX2 path and the path of CPUs without AVX2/FMA.
     unsafe fn tile_scalar(&self, x: &[f32], tile: Tile, out: SyncPtr) {
         let (n, k) = (self.n, self.k);
         for p in tile.panels {
-            let panel = &self.lines()[p * k..(p + 1) * k];
+            let panel = &self.lines[p * k..(p + 1) * k];
             for t in tile.rows.clone() {
                 let xr = &x[t * k..(t + 1) * k];
                 let mut acc = [0f32; NR];
                 for (xv, line) in xr.iter().zip(panel) {
-                    for (a, w) in acc.iter_mut().zip(&line.0) {
-                        *a += xv * w;
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        *a += xv * line.get(c);
                     }
                 }
                 for (c, a) in acc.iter().enumerate().take(n - p * NR) {
@@ -256,16 +572,16 @@ unsafe impl Sync for SyncPtr {}
 
 #[cfg(target_arch = "x86_64")]
 mod avx {
-    use super::{Line, PackedWeights, Tile, KC, MR, NR};
+    use super::{PanelLine, Tile, KC, MR, NR};
     use std::arch::x86_64::*;
 
     /// Where a micro-tile reads, writes and prefetches.
     #[derive(Clone, Copy)]
-    struct Micro {
+    struct Micro<L> {
         /// The tile's inputs at the block's first `k`, `[kc][R]` (see `pack_rows`).
         a: *const f32,
         /// First line of the panel block.
-        b: *const Line,
+        b: *const L,
         kc: usize,
         /// First output of the tile's first row; rows are `ldc` apart.
         c: *mut f32,
@@ -275,7 +591,7 @@ mod avx {
         /// Add to `c` instead of overwriting it (every `k` block but the first).
         accumulate: bool,
         /// Prefetch `pf_lines` lines from `pf`, one every `pf_every` steps.
-        pf: *const Line,
+        pf: *const L,
         pf_lines: usize,
         pf_every: usize,
     }
@@ -284,15 +600,13 @@ mod avx {
     /// the FMA chains would wait on each other, so `k` is unrolled by `U` with separate
     /// accumulators, summed at the end.
     #[inline(always)]
-    unsafe fn micro<const R: usize, const U: usize>(m: Micro) {
+    unsafe fn micro<L: PanelLine, const R: usize, const U: usize>(m: Micro<L>) {
         let mut acc = [[[_mm256_setzero_ps(); 2]; R]; U];
         let (mut next_pf, mut pf_done) = (0usize, 0usize);
         let mut kk = 0;
         while kk + U <= m.kc {
             for (u, acc) in acc.iter_mut().enumerate() {
-                let line = m.b.add(kk + u) as *const f32;
-                let b0 = _mm256_load_ps(line);
-                let b1 = _mm256_load_ps(line.add(8));
+                let [b0, b1] = L::load(m.b.add(kk + u));
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let av = _mm256_broadcast_ss(&*m.a.add((kk + u) * R + r));
                     acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
@@ -307,9 +621,7 @@ mod avx {
             kk += U;
         }
         while kk < m.kc {
-            let line = m.b.add(kk) as *const f32;
-            let b0 = _mm256_load_ps(line);
-            let b1 = _mm256_load_ps(line.add(8));
+            let [b0, b1] = L::load(m.b.add(kk));
             for (r, acc) in acc[0].iter_mut().enumerate() {
                 let av = _mm256_broadcast_ss(&*m.a.add(kk * R + r));
                 acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
@@ -354,14 +666,14 @@ mod avx {
     }
 
     #[inline(always)]
-    unsafe fn micro_rows(rows: usize, m: Micro) {
+    unsafe fn micro_rows<L: PanelLine>(rows: usize, m: Micro<L>) {
         match rows {
-            1 => micro::<1, 4>(m),
-            2 => micro::<2, 2>(m),
-            3 => micro::<3, 1>(m),
-            4 => micro::<4, 1>(m),
-            5 => micro::<5, 1>(m),
-            _ => micro::<MR, 1>(m),
+            1 => micro::<L, 1, 4>(m),
+            2 => micro::<L, 2, 2>(m),
+            3 => micro::<L, 3, 1>(m),
+            4 => micro::<L, 4, 1>(m),
+            5 => micro::<L, 5, 1>(m),
+            _ => micro::<L, MR, 1>(m),
         }
     }
 
@@ -369,10 +681,10 @@ mod avx {
     /// memory reads in flight than one (the hardware prefetcher follows each), and `2P`
     /// independent FMA chains. Memory-bound; no software prefetch, no `k` blocking.
     #[inline(always)]
-    unsafe fn gemv<const P: usize>(
+    unsafe fn gemv<L: PanelLine, const P: usize>(
         a: *const f32,
         k: usize,
-        bs: [*const Line; P],
+        bs: [*const L; P],
         cs: [*mut f32; P],
         cols: [usize; P],
     ) {
@@ -380,9 +692,9 @@ mod avx {
         for kk in 0..k {
             let av = _mm256_broadcast_ss(&*a.add(kk));
             for p in 0..P {
-                let line = bs[p].add(kk) as *const f32;
-                acc[p][0] = _mm256_fmadd_ps(av, _mm256_load_ps(line), acc[p][0]);
-                acc[p][1] = _mm256_fmadd_ps(av, _mm256_load_ps(line.add(8)), acc[p][1]);
+                let [b0, b1] = L::load(bs[p].add(kk));
+                acc[p][0] = _mm256_fmadd_ps(av, b0, acc[p][0]);
+                acc[p][1] = _mm256_fmadd_ps(av, b1, acc[p][1]);
             }
         }
         for p in 0..P {
@@ -397,21 +709,27 @@ mod avx {
     /// block together prefetch the next block (the next `KC` lines: blocks and panels are
     /// contiguous), so the tile's weights stream from memory while it computes.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile(w: &PackedWeights, a: &[f32], tile: Tile, out: *mut f32) {
-        let (n, k) = (w.n, w.k);
+    pub unsafe fn tile<L: PanelLine>(
+        lines: &[L],
+        n: usize,
+        k: usize,
+        a: &[f32],
+        tile: Tile,
+        out: *mut f32,
+    ) {
         let rows = tile.rows.len();
         let micro_tiles = rows.div_ceil(MR);
-        let end = w.lines().as_ptr().add(tile.panels.end * k);
+        let end = lines.as_ptr().add(tile.panels.end * k);
         if rows == 1 {
             let row = tile.rows.start;
             let a = a.as_ptr().add(row * k);
             let c = out.add(row * n);
-            let lines = w.lines().as_ptr();
+            let lines = lines.as_ptr();
             let at = |p: usize| (lines.add(p * k), c.add(p * NR), NR.min(n - p * NR));
             let mut p = tile.panels.start;
             while p + 4 <= tile.panels.end {
                 let parts: [_; 4] = std::array::from_fn(|j| at(p + j));
-                gemv::<4>(
+                gemv::<L, 4>(
                     a,
                     k,
                     parts.map(|q| q.0),
@@ -422,7 +740,7 @@ mod avx {
             }
             while p < tile.panels.end {
                 let q = at(p);
-                gemv::<1>(a, k, [q.0], [q.1], [q.2]);
+                gemv::<L, 1>(a, k, [q.0], [q.1], [q.2]);
                 p += 1;
             }
             return;
@@ -432,7 +750,7 @@ mod avx {
             let mut k0 = 0;
             while k0 < k {
                 let kc = KC.min(k - k0);
-                let b = w.lines().as_ptr().add(p * k + k0);
+                let b = lines.as_ptr().add(p * k + k0);
                 let next = b.add(kc);
                 let ahead = (end.offset_from(next).max(0) as usize).min(KC);
                 let mut t = 0;
@@ -614,10 +932,102 @@ mod tests {
             rows: 0..t,
             panels: 0..n.div_ceil(NR),
         };
-        // SAFETY: one tile covering the whole output.
-        unsafe { p.tile_scalar(&x, tile, SyncPtr(o.as_mut_ptr())) };
+        p.scalar_tile(&x, tile, SyncPtr(o.as_mut_ptr()));
         for (a, b) in o.iter().zip(&r) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn bf16_holds_the_rounded_weights() {
+        let mut seed = 13u64;
+        let (n, k) = (21, 37);
+        let w = rnd_vec(&mut seed, n * k);
+        let p = PackedWeights::pack_as(&w, n, k, WeightType::Bf16);
+        let want: Vec<f32> = w
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_f32())
+            .collect();
+        assert_eq!(p.unpack(), want);
+        assert_eq!(p.weight_bytes(), n * k * 2);
+    }
+
+    /// f32 and bf16 against the f64 product of the weights they hold (exact for both), at the
+    /// row counts of decode and prefill, on odd shapes: only f32 summation error remains.
+    #[test]
+    fn f32_and_bf16_match_their_weights_in_f64() {
+        let mut seed = 21u64;
+        for ty in [WeightType::F32, WeightType::Bf16] {
+            for &t in &[1, 2, 7, 16, 33, 128] {
+                for &(k, n) in &[(37, 9), (300, 33), (KC + 3, 70)] {
+                    let x = rnd_vec(&mut seed, t * k);
+                    let w = rnd_vec(&mut seed, n * k);
+                    let p = PackedWeights::pack_as(&w, n, k, ty);
+                    let r = naive(&x, t, k, &p.unpack(), n);
+                    for threads in [1, 2] {
+                        let pool = rayon::ThreadPoolBuilder::new()
+                            .num_threads(threads)
+                            .build()
+                            .unwrap();
+                        let mut o = vec![f32::NAN; t * n];
+                        pool.install(|| p.matmul(&x, t, &mut o));
+                        for (a, b) in o.iter().zip(&r) {
+                            assert!(
+                                (a - b).abs() < 1e-5 * (k as f32).sqrt(),
+                                "{ty} {t}x{k}x{n}/{threads}: {a} vs {b}"
+                            );
+                        }
+                    }
+                    // The scalar path, the oracle of the SIMD one.
+                    let mut o = vec![f32::NAN; t * n];
+                    let tile = Tile {
+                        rows: 0..t,
+                        panels: 0..n.div_ceil(NR),
+                    };
+                    p.scalar_tile(&x, tile, SyncPtr(o.as_mut_ptr()));
+                    for (a, b) in o.iter().zip(&r) {
+                        assert!((a - b).abs() < 1e-5 * (k as f32).sqrt(), "{ty} scalar");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn concat_keeps_the_weight_type() {
+        let mut seed = 17u64;
+        let k = 40;
+        for ty in WeightType::ALL {
+            for ns in [[16usize, 32, 5], [5, 16, 3]] {
+                let parts: Vec<PackedWeights> = ns
+                    .iter()
+                    .map(|&n| PackedWeights::pack_as(&rnd_vec(&mut seed, n * k), n, k, ty))
+                    .collect();
+                let refs: Vec<&PackedWeights> = parts.iter().collect();
+                let c = PackedWeights::concat(&refs);
+                assert_eq!(c.weight_type(), ty);
+                let want: Vec<f32> = parts.iter().flat_map(|p| p.unpack()).collect();
+                assert_eq!(c.unpack(), want, "{ty} {ns:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn weight_types_parse_and_size() {
+        for ty in WeightType::ALL {
+            assert_eq!(WeightType::parse(ty.name()), Some(ty));
+        }
+        assert_eq!(WeightType::parse("Q8"), Some(WeightType::Q8_0));
+        assert_eq!(WeightType::parse("q5_k"), None);
+        // 64 weights a row: two blocks of 34 (q8_0) or 18 (q4_0) bytes.
+        assert_eq!(WeightType::Q8_0.bytes(3, 64), 3 * 2 * 34);
+        assert_eq!(WeightType::Q4_0.bytes(3, 64), 3 * 2 * 18);
+        // Resident bytes are within 5% of those for a layer-sized weight.
+        for ty in WeightType::ALL {
+            let (n, k) = (512, 1024);
+            let p = PackedWeights::pack_as(&vec![0.5; n * k], n, k, ty);
+            let (held, own) = (p.resident_bytes() as f64, p.weight_bytes() as f64);
+            assert!(held >= own && held <= own * 1.05, "{ty}: {held} vs {own}");
         }
     }
 

@@ -1,8 +1,10 @@
 //! Safetensors checkpoints, single file or sharded (`model.safetensors.index.json`), memory
-//! mapped. Tensors are converted to f32 when taken (bf16/f16/f32 on disk). Every error names the
-//! tensor and the file.
+//! mapped. Tensors are converted to f32 when taken (bf16/f16/f32 on disk); the weights of
+//! linear layers are then packed in the type [`LinearType`] says. Every error names the tensor
+//! and the file.
 
 use crate::error::{ModelError, Result};
+use crate::packed::{PackedWeights, WeightType};
 use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata, SafeTensors};
@@ -16,11 +18,70 @@ struct File {
     meta: Metadata,
 }
 
+/// What a weight matrix is for: quantization treats them differently (as llama.cpp does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Attention projections, experts, shared experts, dense MLPs.
+    Linear,
+    /// The embedding table.
+    Embedding,
+    /// The LM head.
+    LmHead,
+    /// A router or a shared-expert gate: a few rows whose small differences decide which
+    /// experts run. Never quantized: it stays in the checkpoint's type (f32 or bf16).
+    Router,
+}
+
+/// The type linear layers (and the embedding table) are held in after loading.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LinearType {
+    /// The checkpoint's own type: bf16 stays bf16, f32 stays f32; f16 becomes f32 (bf16 has
+    /// three fewer mantissa bits, so converting would round the weights).
+    #[default]
+    Auto,
+    /// Every linear layer in this type (converted or quantized at load); with a quantized
+    /// type, routers keep the checkpoint's type and, under q4_0, the LM head is q8_0 (llama.cpp
+    /// gives its 4-bit files' output matrix 6 bits for the same reason: it decides the token).
+    Is(WeightType),
+}
+
+impl LinearType {
+    /// From `--dtype auto|f32|bf16` and `--quantization q8_0|q4_0` (which wins when given).
+    pub fn from_flags(dtype: &str, quantization: Option<&str>) -> Result<Self, String> {
+        if let Some(q) = quantization {
+            return match WeightType::parse(q) {
+                Some(t @ (WeightType::Q8_0 | WeightType::Q4_0)) => Ok(LinearType::Is(t)),
+                _ => Err(format!(
+                    "unknown quantization {q:?} (supported: q8_0, q4_0)"
+                )),
+            };
+        }
+        match dtype.to_ascii_lowercase().as_str() {
+            "auto" => Ok(LinearType::Auto),
+            d => match WeightType::parse(d) {
+                Some(t @ (WeightType::F32 | WeightType::Bf16)) => Ok(LinearType::Is(t)),
+                _ => Err(format!(
+                    "unknown dtype {dtype:?} (supported: auto, f32, bf16; quantized types go \
+                     in --quantization)"
+                )),
+            },
+        }
+    }
+
+    pub fn describe(self) -> String {
+        match self {
+            LinearType::Auto => "auto".into(),
+            LinearType::Is(t) => t.name().into(),
+        }
+    }
+}
+
 /// All tensors of one checkpoint directory.
 pub struct Weights {
     files: Vec<File>,
     /// tensor name -> index in `files`
     index: HashMap<String, usize>,
+    linear_type: LinearType,
 }
 
 impl Weights {
@@ -116,7 +177,44 @@ impl Weights {
                 meta,
             });
         }
-        Ok(Self { files, index })
+        Ok(Self {
+            files,
+            index,
+            linear_type: LinearType::Auto,
+        })
+    }
+
+    /// Linear layers taken after this are packed as `t` says.
+    pub fn set_linear_type(&mut self, t: LinearType) {
+        self.linear_type = t;
+    }
+
+    /// The type the weight `name` with role `role` is held in.
+    pub fn type_for(&self, name: &str, role: Role) -> WeightType {
+        let own = match self.dtype_of(name).as_deref() {
+            Some("BF16") => WeightType::Bf16,
+            _ => WeightType::F32,
+        };
+        match (self.linear_type, role) {
+            (LinearType::Auto, _) => own,
+            (LinearType::Is(t @ (WeightType::Q8_0 | WeightType::Q4_0)), r) => match r {
+                Role::Router => own,
+                Role::LmHead if t == WeightType::Q4_0 => WeightType::Q8_0,
+                _ => t,
+            },
+            (LinearType::Is(t), _) => t,
+        }
+    }
+
+    /// The `[out, inp]` weight `name`, packed in its type (see [`Weights::type_for`]).
+    pub fn packed(&self, name: &str, out: usize, inp: usize, role: Role) -> Result<PackedWeights> {
+        let v = self.get_vec(name, &[out, inp])?;
+        Ok(PackedWeights::pack_as(
+            &v,
+            out,
+            inp,
+            self.type_for(name, role),
+        ))
     }
 
     pub fn contains(&self, name: &str) -> bool {

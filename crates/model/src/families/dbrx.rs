@@ -2,11 +2,11 @@
 //! stored stacked as `[E * ffn, d]` (`w1` gate, `v1` up, `w2` down stored un-transposed),
 //! router weights rescaled by their p-norm (`moe_normalize_expert_weights`).
 
-use super::{linear, norm, AttentionWeights, FamilyWeights};
+use super::{linear, linear_as, norm, AttentionWeights, FamilyWeights};
 use crate::config::{check_silu, Family, ModelConfig, NormKind, ParseCx, QkNorm, TopkNorm};
 use crate::error::{ModelError, Result};
-use crate::layers::{from_vec, GatedMlp, Linear};
-use crate::weights::Weights;
+use crate::layers::{GatedMlp, Linear};
+use crate::weights::{Role, Weights};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -126,11 +126,12 @@ impl FamilyWeights for Names {
             q_norm: None,
             k_norm: None,
             post_norm: norm(w, cfg, &format!("{na}.norm_2"), d)?,
-            router: Some(linear(
+            router: Some(linear_as(
                 w,
                 &format!("{p}.ffn.router.layer"),
                 cfg.num_experts,
                 d,
+                Role::Router,
             )?),
         })
     }
@@ -151,14 +152,15 @@ impl FamilyWeights for Names {
         let w1 = w.get_vec(&format!("{p}.w1"), &[ne * f, d])?;
         let v1 = w.get_vec(&format!("{p}.v1"), &[ne * f, d])?;
         let w2 = w.get_vec(&format!("{p}.w2"), &[ne * f, d])?;
+        let ty = |n: &str| w.type_for(&format!("{p}.{n}"), Role::Linear);
         let mut out = Vec::with_capacity(ids.len());
         for &e in ids {
             if e >= ne {
                 return Err(ModelError::Input(format!("expert {e} out of range {ne}")));
             }
             let rows = e * f * d..(e + 1) * f * d;
-            let gate = Linear::new(from_vec(w1[rows.clone()].to_vec(), f, d)?, None)?;
-            let up = Linear::new(from_vec(v1[rows.clone()].to_vec(), f, d)?, None)?;
+            let gate = Linear::from_f32(&w1[rows.clone()], f, d, None, ty("w1"));
+            let up = Linear::from_f32(&v1[rows.clone()], f, d, None, ty("v1"));
             // w2 holds down^T ([f, d]); the linear wants [d, f].
             let w2e = &w2[rows];
             let mut down_t = vec![0f32; d * f];
@@ -167,7 +169,7 @@ impl FamilyWeights for Names {
                     down_t[j * f + i] = w2e[i * d + j];
                 }
             }
-            let down = Linear::new(from_vec(down_t, d, f)?, None)?;
+            let down = Linear::from_f32(&down_t, d, f, None, ty("w2"));
             out.push(GatedMlp::new(gate, up, down)?);
         }
         Ok(out)

@@ -11,7 +11,7 @@ pub mod qwen3_moe;
 use crate::config::{Family, ModelConfig, NormKind};
 use crate::error::Result;
 use crate::layers::{GatedMlp, Linear, Norm};
-use crate::weights::Weights;
+use crate::weights::{Role, Weights};
 
 /// Weights of one layer's attention stage (everything that runs on an attention replica).
 #[derive(Clone)]
@@ -81,13 +81,25 @@ pub fn for_family(f: Family) -> Box<dyn FamilyWeights + Send + Sync> {
     }
 }
 
+/// `{name}.weight` `[out, inp]`, held in the type the loader was asked for.
 pub fn linear(w: &Weights, name: &str, out: usize, inp: usize) -> Result<Linear> {
-    Linear::new(w.get(&format!("{name}.weight"), &[out, inp])?, None)
+    linear_as(w, name, out, inp, Role::Linear)
+}
+
+/// [`linear`] for a weight with another [`Role`] (router, LM head).
+pub fn linear_as(w: &Weights, name: &str, out: usize, inp: usize, role: Role) -> Result<Linear> {
+    Ok(Linear::from_packed(
+        w.packed(&format!("{name}.weight"), out, inp, role)?,
+        None,
+    ))
 }
 
 pub fn linear_b(w: &Weights, name: &str, out: usize, inp: usize) -> Result<Linear> {
     let b = w.get_vec(&format!("{name}.bias"), &[out])?;
-    Linear::new(w.get(&format!("{name}.weight"), &[out, inp])?, Some(b))
+    Ok(Linear::from_packed(
+        w.packed(&format!("{name}.weight"), out, inp, Role::Linear)?,
+        Some(b),
+    ))
 }
 
 pub fn norm(w: &Weights, cfg: &ModelConfig, name: &str, dim: usize) -> Result<Norm> {
@@ -143,7 +155,7 @@ pub fn llama_attention(
         k_norm,
         post_norm: norm(w, cfg, &format!("{prefix}.post_attention_layernorm"), d)?,
         router: match router {
-            Some(r) => Some(linear(w, r, cfg.num_experts, d)?),
+            Some(r) => Some(linear_as(w, r, cfg.num_experts, d, Role::Router)?),
             None => None,
         },
     })

@@ -3,7 +3,7 @@
 //! `mlp_only_layers`), top-k weights renormalised only if `norm_topk_prob`.
 
 use super::{
-    gated, linear, llama_attention, qwen_dense_layers, AttentionWeights, FamilyWeights,
+    gated, linear_as, llama_attention, qwen_dense_layers, AttentionWeights, FamilyWeights,
     SharedExpert,
 };
 use crate::config::{check_silu, Family, ModelConfig, NormKind, ParseCx, QkNorm, TopkNorm};
@@ -136,11 +136,12 @@ impl FamilyWeights for Names {
                 cfg.hidden_size,
                 s,
             )?,
-            gate: Some(linear(
+            gate: Some(linear_as(
                 w,
                 &format!("{p}.shared_expert_gate"),
                 1,
                 cfg.hidden_size,
+                crate::weights::Role::Router,
             )?),
         }))
     }

@@ -1,0 +1,809 @@
+//! Block-quantized linear weights (q8_0, q4_0) packed for the CPU matmul, and the matmul that
+//! reads them.
+//!
+//! The formats are llama.cpp's, block for block, so a GGUF tensor can be repacked without
+//! requantizing: a block is 32 consecutive weights of one output row (`k` direction) and one
+//! f16 scale `d`.
+//! - **q8_0**: 32 signed bytes `q`, weight `= q * d`, `d = max|w| / 127`.
+//! - **q4_0**: 16 bytes of nibbles, weight `j` in the low nibble of byte `j` and weight
+//!   `j + 16` in its high nibble, weight `= (nibble - 8) * d`, `d = w_max / -8` where `w_max`
+//!   is the weight of largest magnitude (with its sign). Chosen over q4_K for now because its
+//!   blocks line up with the activation blocks below (one scale per 32 weights, no
+//!   super-block mins), which keeps the fused kernel a small variation of q8_0's; q4_K is
+//!   more accurate at the same size and is the natural next format.
+//!
+//! **Packing.** Outputs are cut into groups of [`G`] = 8 columns; a group stores, for each
+//! block index `b` along `k`, one record: the 8 columns' f16 scales, then the 8 columns'
+//! blocks (`[8][32]` bytes for q8_0, `[8][16]` for q4_0). A group's records are contiguous
+//! in `b`, groups one after the other, so a task streams its weights in one sequential pass,
+//! as the f32 panels do. `k` is padded to a multiple of 32 and `n` to a multiple of 8 with
+//! zero blocks, which contribute nothing.
+//!
+//! **The matmul** quantizes each input row to q8_0 blocks (f32 scales) once per call and takes
+//! integer dot products of 32 weights at a time (AVX2: `maddubs` + `madd`), scaled by the two
+//! blocks' scales into f32 accumulators, as llama.cpp does. The activation rounding is the
+//! one error beyond the weights' own: at most `d_x / 2` per input, so an output is off from
+//! the dequantized weights' exact product by at most `sum_b d_x[b] / 2 * sum |w|` over the
+//! blocks (the bound the tests check). The scalar path computes the same sums in the same
+//! order of blocks and is the oracle of the SIMD one.
+
+use crate::mem::HugeBuf;
+use half::f16;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Weights per block (along `k`).
+pub const QK: usize = 32;
+/// Output columns per group.
+pub const G: usize = 8;
+/// Row tile of the kernels (rows of the input sharing one pass over a group's weights).
+const MRQ: usize = 4;
+/// Rows per row block of the task split.
+const MCQ: usize = 64;
+
+/// A block-quantized format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QuantFormat {
+    Q8_0,
+    Q4_0,
+}
+
+impl QuantFormat {
+    /// Bytes of one block's weights (without its scale).
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            QuantFormat::Q8_0 => QK,
+            QuantFormat::Q4_0 => QK / 2,
+        }
+    }
+
+    /// Bytes of one group record: 8 f16 scales and 8 blocks.
+    pub const fn record_bytes(self) -> usize {
+        2 * G + G * self.block_bytes()
+    }
+
+    /// Bytes per block as stored in GGUF (scale + weights).
+    pub const fn gguf_block_bytes(self) -> usize {
+        2 + self.block_bytes()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantFormat::Q8_0 => "q8_0",
+            QuantFormat::Q4_0 => "q4_0",
+        }
+    }
+
+    /// Quantizes 32 weights into one block: the f16 scale and `block_bytes()` bytes.
+    pub fn quantize_block(self, x: &[f32; QK], q: &mut [u8]) -> f16 {
+        match self {
+            QuantFormat::Q8_0 => {
+                let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                for (o, v) in q.iter_mut().zip(x) {
+                    *o = (v * id).round() as i8 as u8;
+                }
+                f16::from_f32(d)
+            }
+            QuantFormat::Q4_0 => {
+                let (mut amax, mut max) = (0f32, 0f32);
+                for &v in x {
+                    if v.abs() > amax {
+                        amax = v.abs();
+                        max = v;
+                    }
+                }
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let nib = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
+                for j in 0..QK / 2 {
+                    q[j] = nib(x[j]) | (nib(x[j + QK / 2]) << 4);
+                }
+                f16::from_f32(d)
+            }
+        }
+    }
+
+    /// The 32 integer weights of a block (`q8_0`: the bytes; `q4_0`: nibble - 8).
+    pub fn block_ints(self, q: &[u8]) -> [i8; QK] {
+        let mut out = [0i8; QK];
+        match self {
+            QuantFormat::Q8_0 => {
+                for (o, b) in out.iter_mut().zip(q) {
+                    *o = *b as i8;
+                }
+            }
+            QuantFormat::Q4_0 => {
+                for j in 0..QK / 2 {
+                    out[j] = (q[j] & 0x0f) as i8 - 8;
+                    out[j + QK / 2] = (q[j] >> 4) as i8 - 8;
+                }
+            }
+        }
+        out
+    }
+
+    /// Dequantizes one block.
+    pub fn dequantize_block(self, d: f16, q: &[u8]) -> [f32; QK] {
+        let d = d.to_f32();
+        self.block_ints(q).map(|v| v as f32 * d)
+    }
+}
+
+/// A `[n, k]` weight in q8_0/q4_0 groups (see the module doc). Cheap to clone (shared).
+#[derive(Clone)]
+pub struct QuantWeights {
+    bytes: Arc<HugeBuf<u8>>,
+    format: QuantFormat,
+    n: usize,
+    k: usize,
+}
+
+impl std::fmt::Debug for QuantWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "QuantWeights<{}>[{}, {}]",
+            self.format.name(),
+            self.n,
+            self.k
+        )
+    }
+}
+
+impl QuantWeights {
+    /// Quantizes and packs a row-major `[n, k]` f32 weight.
+    pub fn quantize(w: &[f32], n: usize, k: usize, format: QuantFormat) -> Self {
+        assert_eq!(w.len(), n * k, "w must be [n, k]");
+        let mut out = Self::zeroed(n, k, format);
+        let kb = out.blocks_per_row();
+        let bb = format.block_bytes();
+        let mut q = vec![0u8; bb];
+        for j in 0..n {
+            let row = &w[j * k..(j + 1) * k];
+            for b in 0..kb {
+                let mut x = [0f32; QK];
+                let part = &row[b * QK..((b + 1) * QK).min(k)];
+                x[..part.len()].copy_from_slice(part);
+                let d = format.quantize_block(&x, &mut q);
+                out.set_block(j, b, d, &q);
+            }
+        }
+        out
+    }
+
+    /// From blocks as GGUF stores them: row-major `[n][k / 32]` blocks of `f16 d` followed by
+    /// the block's bytes. `k` must be a multiple of 32 (GGUF requires it).
+    pub fn from_gguf_blocks(raw: &[u8], n: usize, k: usize, format: QuantFormat) -> Self {
+        assert!(k.is_multiple_of(QK), "GGUF quantized rows are whole blocks");
+        let kb = k / QK;
+        let gb = format.gguf_block_bytes();
+        assert_eq!(raw.len(), n * kb * gb, "raw must be [n][k/32] blocks");
+        let mut out = Self::zeroed(n, k, format);
+        for j in 0..n {
+            for b in 0..kb {
+                let blk = &raw[(j * kb + b) * gb..(j * kb + b + 1) * gb];
+                let d = f16::from_le_bytes([blk[0], blk[1]]);
+                out.set_block(j, b, d, &blk[2..]);
+            }
+        }
+        out
+    }
+
+    fn zeroed(n: usize, k: usize, format: QuantFormat) -> Self {
+        let groups = n.div_ceil(G);
+        let kb = k.div_ceil(QK);
+        Self {
+            bytes: Arc::new(HugeBuf::zeroed(groups * kb * format.record_bytes())),
+            format,
+            n,
+            k,
+        }
+    }
+
+    fn blocks_per_row(&self) -> usize {
+        self.k.div_ceil(QK)
+    }
+
+    fn record_offset(&self, group: usize, b: usize) -> usize {
+        (group * self.blocks_per_row() + b) * self.format.record_bytes()
+    }
+
+    fn set_block(&mut self, j: usize, b: usize, d: f16, q: &[u8]) {
+        let (g, c) = (j / G, j % G);
+        let at = self.record_offset(g, b);
+        let bb = self.format.block_bytes();
+        let buf = Arc::get_mut(&mut self.bytes).expect("packing owns its buffer");
+        buf[at + 2 * c..at + 2 * c + 2].copy_from_slice(&d.to_le_bytes());
+        let q_at = at + 2 * G + c * bb;
+        buf[q_at..q_at + bb].copy_from_slice(&q[..bb]);
+    }
+
+    /// Block `b` of output row `j`: its scale and bytes.
+    fn block(&self, j: usize, b: usize) -> (f16, &[u8]) {
+        let (g, c) = (j / G, j % G);
+        let at = self.record_offset(g, b);
+        let bb = self.format.block_bytes();
+        let d = f16::from_le_bytes([self.bytes[at + 2 * c], self.bytes[at + 2 * c + 1]]);
+        let q_at = at + 2 * G + c * bb;
+        (d, &self.bytes[q_at..q_at + bb])
+    }
+
+    pub fn format(&self) -> QuantFormat {
+        self.format
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes held (the padded records).
+    pub fn resident_bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Output row `j`, dequantized, into `out` (`k` values).
+    pub fn row_into(&self, j: usize, out: &mut [f32]) {
+        for b in 0..self.blocks_per_row() {
+            let (d, q) = self.block(j, b);
+            let v = self.format.dequantize_block(d, q);
+            let end = ((b + 1) * QK).min(self.k);
+            out[b * QK..end].copy_from_slice(&v[..end - b * QK]);
+        }
+    }
+
+    pub fn shares(&self, other: &QuantWeights) -> bool {
+        Arc::ptr_eq(&self.bytes, &other.bytes)
+    }
+
+    /// The row-major `[n, k]` weight, dequantized.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        let mut w = vec![0f32; n * k];
+        for j in 0..n {
+            for b in 0..self.blocks_per_row() {
+                let (d, q) = self.block(j, b);
+                let v = self.format.dequantize_block(d, q);
+                let end = ((b + 1) * QK).min(k);
+                w[j * k + b * QK..j * k + end].copy_from_slice(&v[..end - b * QK]);
+            }
+        }
+        w
+    }
+
+    /// The weights of `parts` stacked along `n`; all must have the same `k` and format. Blocks
+    /// are moved as they are (no requantization).
+    pub fn concat(parts: &[&QuantWeights]) -> Self {
+        let first = parts.first().expect("at least one part");
+        let (k, format) = (first.k, first.format);
+        assert!(
+            parts.iter().all(|p| p.k == k && p.format == format),
+            "stacked weights need one k and one format"
+        );
+        let n = parts.iter().map(|p| p.n).sum();
+        let mut out = Self::zeroed(n, k, format);
+        let mut j0 = 0;
+        for p in parts {
+            for j in 0..p.n {
+                for b in 0..p.blocks_per_row() {
+                    let (d, q) = p.block(j, b);
+                    let q = q.to_vec();
+                    out.set_block(j0 + j, b, d, &q);
+                }
+            }
+            j0 += p.n;
+        }
+        out
+    }
+
+    /// `out[t, j] = sum_i x[t, i] * w[j, i]` for the columns `cols` (see
+    /// `PackedWeights::matmul_cols`; `cols.start` a multiple of 8). Runs on the current rayon
+    /// pool.
+    pub fn matmul_cols(
+        &self,
+        x: &[f32],
+        rows: usize,
+        cols: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let (n, k) = (self.n, self.k);
+        assert_eq!(x.len(), rows * k, "x must be [rows, k]");
+        assert_eq!(out.len(), rows * n, "out must be [rows, n]");
+        assert!(
+            cols.start.is_multiple_of(G) && cols.end <= n,
+            "columns {cols:?} do not start on a group of {G} (n = {n})"
+        );
+        if rows == 0 || cols.is_empty() {
+            return;
+        }
+        let xq = QuantRows::new(x, rows, k);
+        let first = cols.start / G;
+        let groups = cols.end.div_ceil(G) - first;
+        let row_blocks = rows.div_ceil(MCQ);
+        let threads = rayon::current_num_threads().max(1);
+        let per_task = (groups * row_blocks)
+            .div_ceil(threads * 4)
+            .clamp(2, 64)
+            .min(groups);
+        let chunks = groups.div_ceil(per_task);
+        let out_ptr = SyncPtr(out.as_mut_ptr());
+        let col_end = cols.end;
+        let run = |task: usize| {
+            let (rb, chunk) = (task / chunks, task % chunks);
+            let r0 = rb * MCQ;
+            let g0 = first + chunk * per_task;
+            let g1 = first + ((chunk + 1) * per_task).min(groups);
+            // SAFETY: tasks write disjoint (row block, group range) tiles of `out`.
+            unsafe {
+                self.tile(&xq, r0..(r0 + MCQ).min(rows), g0..g1, col_end, out_ptr);
+            }
+        };
+        let tasks = row_blocks * chunks;
+        if threads == 1 || tasks == 1 {
+            (0..tasks).for_each(run);
+        } else {
+            (0..tasks).into_par_iter().for_each(run);
+        }
+    }
+
+    /// Rows `rows` x groups `groups` of the product (columns below `col_end`).
+    unsafe fn tile(
+        &self,
+        xq: &QuantRows,
+        rows: std::ops::Range<usize>,
+        groups: std::ops::Range<usize>,
+        col_end: usize,
+        out: SyncPtr,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return avx::tile(self, xq, rows, groups, col_end, out.0);
+            }
+        }
+        self.tile_scalar(xq, rows, groups, col_end, out)
+    }
+
+    /// `tile` without SIMD: the oracle of the AVX2 path, and the path of CPUs without it.
+    unsafe fn tile_scalar(
+        &self,
+        xq: &QuantRows,
+        rows: std::ops::Range<usize>,
+        groups: std::ops::Range<usize>,
+        col_end: usize,
+        out: SyncPtr,
+    ) {
+        let kb = self.blocks_per_row();
+        for j in groups.start * G..(groups.end * G).min(col_end) {
+            for t in rows.clone() {
+                let mut acc = 0f32;
+                for b in 0..kb {
+                    let (d, q) = self.block(j, b);
+                    let w = self.format.block_ints(q);
+                    let xb = xq.block(t, b);
+                    let dot: i32 = w.iter().zip(xb).map(|(a, b)| *a as i32 * *b as i32).sum();
+                    acc += dot as f32 * (d.to_f32() * xq.scale(t, b));
+                }
+                *out.0.add(t * self.n + j) = acc;
+            }
+        }
+    }
+}
+
+/// Input rows quantized to q8_0 blocks with f32 scales: `q` `[rows][kb * 32]`, `d`
+/// `[rows][kb]`.
+pub struct QuantRows {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    kb: usize,
+}
+
+impl QuantRows {
+    pub fn new(x: &[f32], rows: usize, k: usize) -> Self {
+        let kb = k.div_ceil(QK);
+        let mut q = vec![0i8; rows * kb * QK];
+        let mut d = vec![0f32; rows * kb];
+        for t in 0..rows {
+            let row = &x[t * k..(t + 1) * k];
+            for b in 0..kb {
+                let part = &row[b * QK..((b + 1) * QK).min(k)];
+                let amax = part.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let s = amax / 127.0;
+                let id = if s != 0.0 { 1.0 / s } else { 0.0 };
+                let dst = &mut q[(t * kb + b) * QK..(t * kb + b) * QK + part.len()];
+                for (o, v) in dst.iter_mut().zip(part) {
+                    *o = (v * id).round() as i8;
+                }
+                d[t * kb + b] = s;
+            }
+        }
+        Self { q, d, kb }
+    }
+
+    fn block(&self, t: usize, b: usize) -> &[i8] {
+        let at = (t * self.kb + b) * QK;
+        &self.q[at..at + QK]
+    }
+
+    fn scale(&self, t: usize, b: usize) -> f32 {
+        self.d[t * self.kb + b]
+    }
+}
+
+#[derive(Copy, Clone)]
+struct SyncPtr(*mut f32);
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+#[cfg(target_arch = "x86_64")]
+mod avx {
+    use super::{QuantFormat, QuantRows, QuantWeights, G, MRQ, QK};
+    use std::arch::x86_64::*;
+
+    /// The 32 signed weights of a block at `p`.
+    #[inline(always)]
+    unsafe fn load_block(format: QuantFormat, p: *const u8) -> __m256i {
+        match format {
+            QuantFormat::Q8_0 => _mm256_loadu_si256(p as *const __m256i),
+            QuantFormat::Q4_0 => {
+                let b = _mm_loadu_si128(p as *const __m128i);
+                let m = _mm_set1_epi8(0x0f);
+                let lo = _mm_and_si128(b, m);
+                let hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+                _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8))
+            }
+        }
+    }
+
+    /// Eight i32 partial sums of the 32 products `w * x` (both signed bytes, |w| <= 127).
+    #[inline(always)]
+    unsafe fn dot(aw: __m256i, w: __m256i, x: __m256i) -> __m256 {
+        let p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w));
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// `R` rows x `C` columns (columns `c0..c0 + C` of group `g`) over every block: `R * C`
+    /// accumulators, each block's weights loaded once for the `R` rows.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn micro<const R: usize, const C: usize>(
+        w: &QuantWeights,
+        xq: &QuantRows,
+        row: usize,
+        g: usize,
+        c0: usize,
+        cols: usize,
+        out: *mut f32,
+    ) {
+        let format = w.format;
+        let bb = format.block_bytes();
+        let kb = w.blocks_per_row();
+        let base = w.bytes.as_ptr().add(w.record_offset(g, 0));
+        let rb = format.record_bytes();
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let xp: [*const i8; R] = std::array::from_fn(|r| xq.q.as_ptr().add((row + r) * xq.kb * QK));
+        let xd: [*const f32; R] = std::array::from_fn(|r| xq.d.as_ptr().add((row + r) * xq.kb));
+        for b in 0..kb {
+            let rec = base.add(b * rb);
+            let mut dw = [0f32; G];
+            _mm256_storeu_ps(
+                dw.as_mut_ptr(),
+                _mm256_cvtph_ps(_mm_loadu_si128(rec as *const __m128i)),
+            );
+            let xv: [__m256i; R] =
+                std::array::from_fn(|r| _mm256_loadu_si256(xp[r].add(b * QK) as *const __m256i));
+            let xs: [f32; R] = std::array::from_fn(|r| *xd[r].add(b));
+            for c in 0..C {
+                let wv = load_block(format, rec.add(2 * G + (c0 + c) * bb));
+                let aw = _mm256_sign_epi8(wv, wv);
+                for r in 0..R {
+                    let s = _mm256_set1_ps(dw[c0 + c] * xs[r]);
+                    acc[r][c] = _mm256_fmadd_ps(dot(aw, wv, xv[r]), s, acc[r][c]);
+                }
+            }
+        }
+        let valid = C.min(cols.saturating_sub(c0));
+        for (r, acc) in acc.iter().enumerate() {
+            for (c, a) in acc.iter().enumerate().take(valid) {
+                *out.add((row + r) * w.n + g * G + c0 + c) = hsum(*a);
+            }
+        }
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn group_rows(
+        w: &QuantWeights,
+        xq: &QuantRows,
+        row: usize,
+        rows: usize,
+        g: usize,
+        cols: usize,
+        out: *mut f32,
+    ) {
+        match rows {
+            1 => micro::<1, 8>(w, xq, row, g, 0, cols, out),
+            2 => {
+                for c0 in (0..G).step_by(4) {
+                    micro::<2, 4>(w, xq, row, g, c0, cols, out);
+                }
+            }
+            3 => {
+                for c0 in (0..G).step_by(2) {
+                    micro::<3, 2>(w, xq, row, g, c0, cols, out);
+                }
+            }
+            _ => {
+                for c0 in (0..G).step_by(2) {
+                    micro::<4, 2>(w, xq, row, g, c0, cols, out);
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile(
+        w: &QuantWeights,
+        xq: &QuantRows,
+        rows: std::ops::Range<usize>,
+        groups: std::ops::Range<usize>,
+        col_end: usize,
+        out: *mut f32,
+    ) {
+        for g in groups {
+            // Valid columns of this group (the last one may be partial).
+            let cols = (col_end - g * G).min(G);
+            let mut t = rows.start;
+            while t < rows.end {
+                let r = MRQ.min(rows.end - t);
+                group_rows(w, xq, t, r, g, cols, out);
+                t += r;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rnd_vec(seed: &mut u64, len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn q8_0_block_of_known_values() {
+        // max |w| = 12.7 -> d = 0.1; w = i * 0.1 for i in -16..16 -> q = i, exactly.
+        let x: [f32; QK] = std::array::from_fn(|i| (i as f32 - 16.0) * 0.1);
+        let mut xs = x;
+        xs[31] = 12.7;
+        let mut q = [0u8; QK];
+        let d = QuantFormat::Q8_0.quantize_block(&xs, &mut q);
+        assert_eq!(d, f16::from_f32(0.1));
+        let ints = QuantFormat::Q8_0.block_ints(&q);
+        for (i, q) in ints.iter().enumerate().take(31) {
+            assert_eq!(*q as i32, i as i32 - 16, "{i}");
+        }
+        assert_eq!(ints[31], 127);
+        let back = QuantFormat::Q8_0.dequantize_block(d, &q);
+        for (a, b) in back.iter().zip(&xs) {
+            assert!((a - b).abs() <= d.to_f32() * 0.5 + 1e-3, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn q4_0_block_of_known_values() {
+        // The largest-magnitude weight is -8: d = -8 / -8 = 1, nibbles = w + 8.
+        let x: [f32; QK] = std::array::from_fn(|i| (i % 16) as f32 - 8.0);
+        let mut q = [0u8; QK / 2];
+        let d = QuantFormat::Q4_0.quantize_block(&x, &mut q);
+        assert_eq!(d.to_f32(), 1.0);
+        // Byte j holds weight j (low) and weight j + 16 (high): both (j % 16).
+        for (j, b) in q.iter().enumerate() {
+            assert_eq!(*b, (j as u8) | ((j as u8) << 4), "{j}");
+        }
+        assert_eq!(QuantFormat::Q4_0.dequantize_block(d, &q), x);
+    }
+
+    #[test]
+    fn quantize_dequantize_error_is_half_a_step() {
+        let mut seed = 5;
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+            for &(n, k) in &[(1, 1), (9, 33), (16, 64), (17, 100)] {
+                let w = rnd_vec(&mut seed, n * k);
+                let p = QuantWeights::quantize(&w, n, k, format);
+                let back = p.dequantize();
+                for j in 0..n {
+                    for b in 0..k.div_ceil(QK) {
+                        let (d, _) = p.block(j, b);
+                        let step = d.to_f32().abs();
+                        for i in b * QK..((b + 1) * QK).min(k) {
+                            let (a, e) = (back[j * k + i], w[j * k + i]);
+                            // Half a step, plus the f16 rounding of d over up to 127 steps;
+                            // q4_0's range is -8..=7 steps with the largest weight at -8, so
+                            // weights of the other sign beyond 7.5 steps clamp to 7 (up to
+                            // one step off).
+                            let half = if format == QuantFormat::Q4_0 && e.abs() > 7.5 * step {
+                                e.abs() - 7.0 * step
+                            } else {
+                                step * 0.5
+                            };
+                            assert!(
+                                (a - e).abs() <= half + step * 127.0 * 1e-3,
+                                "{format:?} {n}x{k} [{j},{i}]: {a} vs {e}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gguf_blocks_round_trip() {
+        let mut seed = 9;
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+            let (n, k) = (11, 64);
+            let w = rnd_vec(&mut seed, n * k);
+            let p = QuantWeights::quantize(&w, n, k, format);
+            let mut raw = Vec::new();
+            for j in 0..n {
+                for b in 0..k / QK {
+                    let (d, q) = p.block(j, b);
+                    raw.extend_from_slice(&d.to_le_bytes());
+                    raw.extend_from_slice(q);
+                }
+            }
+            let r = QuantWeights::from_gguf_blocks(&raw, n, k, format);
+            assert_eq!(r.dequantize(), p.dequantize());
+        }
+    }
+
+    /// Checks `out` against the dequantized weights' product in f64, within the activation
+    /// rounding bound of the module doc.
+    fn check(p: &QuantWeights, x: &[f32], rows: usize, out: &[f32], what: &str) {
+        let (n, k) = (p.n(), p.k());
+        let w = p.dequantize();
+        let xq = QuantRows::new(x, rows, k);
+        for t in 0..rows {
+            for j in 0..n {
+                let (mut exact, mut bound) = (0f64, 0f64);
+                for i in 0..k {
+                    exact += x[t * k + i] as f64 * w[j * k + i] as f64;
+                }
+                for b in 0..k.div_ceil(QK) {
+                    let sum_w: f64 = (b * QK..((b + 1) * QK).min(k))
+                        .map(|i| (w[j * k + i] as f64).abs())
+                        .sum();
+                    bound += xq.scale(t, b) as f64 * 0.5 * sum_w;
+                }
+                let got = out[t * n + j] as f64;
+                let tol = bound * 1.001 + 1e-5 * (1.0 + exact.abs());
+                assert!(
+                    (got - exact).abs() <= tol,
+                    "{what}: [{t},{j}] {got} vs {exact} (bound {tol})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_matches_dequantized_reference() {
+        let mut seed = 1u64;
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+            for &rows in &[1, 2, 7, 16, 33, 128] {
+                for &(k, n) in &[(32, 8), (37, 9), (64, 70), (300, 33), (1024, 24)] {
+                    let x = rnd_vec(&mut seed, rows * k);
+                    let w = rnd_vec(&mut seed, n * k);
+                    let p = QuantWeights::quantize(&w, n, k, format);
+                    for threads in [1, 3] {
+                        let pool = rayon::ThreadPoolBuilder::new()
+                            .num_threads(threads)
+                            .build()
+                            .unwrap();
+                        let mut o = vec![f32::NAN; rows * n];
+                        pool.install(|| p.matmul_cols(&x, rows, 0..n, &mut o));
+                        check(
+                            &p,
+                            &x,
+                            rows,
+                            &o,
+                            &format!("{format:?} {rows}x{k}x{n}/{threads}"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_path_matches_scalar_path() {
+        let mut seed = 3u64;
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+            for &(rows, k, n) in &[(1, 96, 19), (3, 64, 16), (6, 33, 8), (9, 256, 40)] {
+                let x = rnd_vec(&mut seed, rows * k);
+                let w = rnd_vec(&mut seed, n * k);
+                let p = QuantWeights::quantize(&w, n, k, format);
+                let xq = QuantRows::new(&x, rows, k);
+                let mut a = vec![f32::NAN; rows * n];
+                let mut b = vec![f32::NAN; rows * n];
+                let groups = 0..n.div_ceil(G);
+                // SAFETY: one tile covering the whole output.
+                unsafe {
+                    p.tile(&xq, 0..rows, groups.clone(), n, SyncPtr(a.as_mut_ptr()));
+                    p.tile_scalar(&xq, 0..rows, groups, n, SyncPtr(b.as_mut_ptr()));
+                }
+                for (i, (u, v)) in a.iter().zip(&b).enumerate() {
+                    // Same integer dots and scales; only the f32 sums' order differs.
+                    assert!(
+                        (u - v).abs() <= 1e-5 * (1.0 + v.abs()),
+                        "{format:?} {rows}x{k}x{n} [{i}]: {u} vs {v}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn column_ranges_write_only_their_columns() {
+        let mut seed = 4u64;
+        let (rows, k, n) = (3, 64, 16 * 3 + 5);
+        let x = rnd_vec(&mut seed, rows * k);
+        let w = rnd_vec(&mut seed, n * k);
+        let p = QuantWeights::quantize(&w, n, k, QuantFormat::Q8_0);
+        let mut full = vec![0f32; rows * n];
+        p.matmul_cols(&x, rows, 0..n, &mut full);
+        for cols in [0..16, 16..48, 48..n] {
+            let mut o = vec![f32::NAN; rows * n];
+            p.matmul_cols(&x, rows, cols.clone(), &mut o);
+            for (i, (a, b)) in o.iter().zip(&full).enumerate() {
+                if cols.contains(&(i % n)) {
+                    assert_eq!(a, b, "{cols:?} {i}");
+                } else {
+                    assert!(a.is_nan(), "{cols:?}: column {} written", i % n);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn concat_moves_blocks() {
+        let mut seed = 8u64;
+        let k = 40;
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+            let ws: Vec<Vec<f32>> = [5usize, 16, 3]
+                .iter()
+                .map(|&n| rnd_vec(&mut seed, n * k))
+                .collect();
+            let parts: Vec<QuantWeights> = ws
+                .iter()
+                .map(|w| QuantWeights::quantize(w, w.len() / k, k, format))
+                .collect();
+            let refs: Vec<&QuantWeights> = parts.iter().collect();
+            let c = QuantWeights::concat(&refs);
+            let want: Vec<f32> = parts.iter().flat_map(|p| p.dequantize()).collect();
+            assert_eq!((c.n(), c.k()), (24, k));
+            assert_eq!(c.dequantize(), want);
+        }
+    }
+}
