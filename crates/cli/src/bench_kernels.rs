@@ -1,6 +1,8 @@
 //! `tandem bench kernels`: the two hot CPU kernels of decode, measured alone on a rayon pool of
-//! `--threads` threads: the matmul of every linear layer (`packed::PackedWeights::matmul`,
-//! against candle's GEMM on the same shapes) for the demo model's expert matrices, and paged attention decode
+//! `--threads` threads: the matmul of every linear layer (`packed::PackedWeights::matmul`, in
+//! each of `--weight-types`, against candle on the same shapes: its GEMM on the f32 weight for
+//! f32/bf16, its quantized matmul `QMatMul` in the same format for q8_0/q4_0) for the demo
+//! model's expert matrices, and paged attention decode
 //! (`kv::paged_attention`) for its attention shape; plus the memory read bandwidth they are
 //! bounded by. One JSON object on stdout, a progress line per measurement on stderr.
 
@@ -10,8 +12,8 @@ use serde_json::json;
 use std::time::Instant;
 use tandem_model::demo::DemoSpec;
 use tandem_model::kv::{paged_attention, AttnDims, LayerKv};
-use tandem_model::layers::{from_vec, Linear};
-use tandem_model::{BatchLayout, SeqSlot};
+use tandem_model::layers::Linear;
+use tandem_model::{BatchLayout, SeqSlot, WeightType};
 
 /// Distinct weight matrices per shape, cycled through so the weights come from memory rather
 /// than cache (like the 8 experts of one layer of the demo model).
@@ -49,6 +51,9 @@ pub struct KernelsArgs {
     /// Override the demo model's expert FFN size (matmul shapes); for quick runs.
     #[arg(long)]
     pub ffn: Option<usize>,
+    /// Weight types of the matmul measurements (f32, bf16, q8_0, q4_0).
+    #[arg(long, value_delimiter = ',', default_values_t = ["f32".to_string()])]
+    pub weight_types: Vec<String>,
 }
 
 pub fn run(a: KernelsArgs) -> Result<()> {
@@ -71,6 +76,14 @@ pub fn run(a: KernelsArgs) -> Result<()> {
         "--batches must be positive"
     );
     ensure!(a.context >= 1, "--context must be at least 1");
+    let types = a
+        .weight_types
+        .iter()
+        .map(|t| {
+            WeightType::parse(t)
+                .ok_or_else(|| anyhow::anyhow!("unknown weight type {t:?} (f32, bf16, q8_0, q4_0)"))
+        })
+        .collect::<Result<Vec<_>>>()?;
     ensure!(
         hidden.is_multiple_of(spec.heads),
         "--hidden must be a multiple of the {} attention heads",
@@ -111,8 +124,10 @@ pub fn run(a: KernelsArgs) -> Result<()> {
         );
         let mut matmul = Vec::new();
         // (n, k) of the expert's gate and up projections together, and of its down projection.
-        for (n, k) in [(2 * ffn, hidden), (hidden, ffn)] {
-            matmul.extend(matmul_shape(n, k, &a.rows, a.repeat)?);
+        for &ty in &types {
+            for (n, k) in [(2 * ffn, hidden), (hidden, ffn)] {
+                matmul.extend(matmul_shape(n, k, ty, &a.rows, a.repeat)?);
+            }
         }
         let attention = attention(dims, a.context, &a.batches, a.repeat)?;
         Ok((mem, matmul, attention))
@@ -125,6 +140,7 @@ pub fn run(a: KernelsArgs) -> Result<()> {
             "repeat": a.repeat,
             "rows": a.rows,
             "matrices_per_shape": MATRICES,
+            "weight_types": a.weight_types,
             "hidden": hidden,
             "ffn": ffn,
             "heads": dims.heads,
@@ -146,13 +162,53 @@ pub fn run(a: KernelsArgs) -> Result<()> {
     Ok(())
 }
 
-/// The packed matmul (`Linear::forward`, no bias) and candle's GEMM (`Linear::forward_gemm`
-/// on the unpacked weight) on `[rows, k] x [n, k]^T` for every row count, each pass cycling
-/// through `MATRICES` distinct weight matrices; the two are measured in alternating passes so
-/// drift on a shared machine hits both alike.
+/// candle's side of a comparison: its GEMM on the f32 weight, or its quantized matmul.
+enum Baseline {
+    Gemm(candle_core::Tensor),
+    Quant(candle_core::quantized::QMatMul),
+}
+
+impl Baseline {
+    fn new(l: &Linear, ty: WeightType) -> Result<Self> {
+        use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+        let w = l.weight_tensor()?;
+        let q = match ty {
+            WeightType::Q8_0 => GgmlDType::Q8_0,
+            WeightType::Q4_0 => GgmlDType::Q4_0,
+            WeightType::F32 | WeightType::Bf16 => return Ok(Baseline::Gemm(w)),
+        };
+        Ok(Baseline::Quant(QMatMul::from_qtensor(QTensor::quantize(
+            &w, q,
+        )?)?))
+    }
+
+    fn run(&self, l: &Linear, x: &[f32], rows: usize) -> Result<()> {
+        match self {
+            Baseline::Gemm(w) => {
+                std::hint::black_box(l.forward_gemm_with(w, x, rows)?);
+            }
+            Baseline::Quant(q) => {
+                use candle_core::Module;
+                let xt = candle_core::Tensor::from_slice(
+                    x,
+                    (rows, l.in_dim),
+                    &candle_core::Device::Cpu,
+                )?;
+                std::hint::black_box(q.forward(&xt)?);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The packed matmul (`Linear::forward`, no bias) in `ty` and candle's (see [`Baseline`]) on
+/// `[rows, k] x [n, k]^T` for every row count, each pass cycling through `MATRICES` distinct
+/// weight matrices; the two are measured in alternating passes so drift on a shared machine
+/// hits both alike.
 fn matmul_shape(
     n: usize,
     k: usize,
+    ty: WeightType,
     rows_list: &[usize],
     repeat: usize,
 ) -> Result<Vec<serde_json::Value>> {
@@ -161,12 +217,12 @@ fn matmul_shape(
             let w: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 7 + c) % 13) as f32 * 0.01 - 0.06)
                 .collect();
-            let l = Linear::new(from_vec(w, n, k)?, None)?;
-            let t = l.weight_tensor()?;
-            Ok((l, t))
+            let l = Linear::from_f32(&w, n, k, None, ty);
+            let b = Baseline::new(&l, ty)?;
+            Ok((l, b))
         })
         .collect::<Result<Vec<_>>>()?;
-    let weight_bytes = (n * k * 4) as f64;
+    let weight_bytes = ty.bytes(n, k) as f64;
     let mut rows_out = Vec::new();
     for &rows in rows_list {
         let x: Vec<f32> = (0..rows * k).map(|i| (i % 17) as f32 * 0.1 - 0.8).collect();
@@ -180,8 +236,8 @@ fn matmul_shape(
         };
         let gemm_pass = || -> Result<f64> {
             let t = Instant::now();
-            for (l, w) in &linears {
-                std::hint::black_box(l.forward_gemm_with(w, &x, rows)?);
+            for (l, b) in &linears {
+                b.run(l, &x, rows)?;
             }
             Ok(t.elapsed().as_secs_f64() / MATRICES as f64)
         };
@@ -194,8 +250,8 @@ fn matmul_shape(
         }
         let flops = 2.0 * (rows * n * k) as f64;
         eprintln!(
-            "bench kernels: matmul n={n} k={k} rows={rows}: {:.3} ms ({:.2} GB/s, {:.1} GFLOP/s), \
-             gemm {:.3} ms, {:.2}x",
+            "bench kernels: matmul {ty} n={n} k={k} rows={rows}: {:.3} ms ({:.2} GB/s, {:.1} GFLOP/s), \
+             candle {:.3} ms, {:.2}x",
             pk * 1e3,
             weight_bytes / pk / 1e9,
             flops / pk / 1e9,
@@ -203,6 +259,8 @@ fn matmul_shape(
             gemm / pk
         );
         rows_out.push(json!({
+            "weight_type": ty.name(),
+            "baseline": if matches!(ty, WeightType::Q8_0 | WeightType::Q4_0) { "candle QMatMul" } else { "candle GEMM (f32)" },
             "n": n,
             "k": k,
             "rows": rows,

@@ -36,8 +36,6 @@ use std::sync::Arc;
 pub const QK: usize = 32;
 /// Output columns per group.
 pub const G: usize = 8;
-/// Row tile of the kernels (rows of the input sharing one pass over a group's weights).
-const MRQ: usize = 4;
 /// Rows per row block of the task split.
 const MCQ: usize = 64;
 
@@ -362,7 +360,13 @@ impl QuantWeights {
     ) {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
+                if avx::has_vnni() {
+                    return avx::tile_vnni(self, xq, rows, groups, col_end, out.0);
+                }
                 return avx::tile(self, xq, rows, groups, col_end, out.0);
             }
         }
@@ -442,29 +446,36 @@ unsafe impl Sync for SyncPtr {}
 
 #[cfg(target_arch = "x86_64")]
 mod avx {
-    use super::{QuantFormat, QuantRows, QuantWeights, G, MRQ, QK};
+    use super::{QuantFormat, QuantRows, QuantWeights, G, QK};
     use std::arch::x86_64::*;
 
-    /// The 32 signed weights of a block at `p`.
+    /// The 32 signed weights of a block at `p` (`Q4`: q4_0 nibbles, else q8_0 bytes).
     #[inline(always)]
-    unsafe fn load_block(format: QuantFormat, p: *const u8) -> __m256i {
-        match format {
-            QuantFormat::Q8_0 => _mm256_loadu_si256(p as *const __m256i),
-            QuantFormat::Q4_0 => {
-                let b = _mm_loadu_si128(p as *const __m128i);
-                let m = _mm_set1_epi8(0x0f);
-                let lo = _mm_and_si128(b, m);
-                let hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
-                _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8))
-            }
+    unsafe fn load_block<const Q4: bool>(p: *const u8) -> __m256i {
+        if Q4 {
+            let b = _mm_loadu_si128(p as *const __m128i);
+            let m = _mm_set1_epi8(0x0f);
+            let lo = _mm_and_si128(b, m);
+            let hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+            _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8))
+        } else {
+            _mm256_loadu_si256(p as *const __m256i)
         }
     }
 
-    /// Eight i32 partial sums of the 32 products `w * x` (both signed bytes, |w| <= 127).
+    /// Eight i32 partial sums of the 32 products `w * x` (both signed bytes, |w| <= 127), as
+    /// f32: `|w| * (x with w's sign)` as unsigned x signed bytes, by `vpdpbusd` where the CPU
+    /// has AVX-VNNI (`VNNI`), else `maddubs` then `madd` (no pair of products exceeds i16:
+    /// 2 * 127 * 127 < 32767).
     #[inline(always)]
-    unsafe fn dot(aw: __m256i, w: __m256i, x: __m256i) -> __m256 {
-        let p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w));
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+    unsafe fn dot<const VNNI: bool>(aw: __m256i, w: __m256i, x: __m256i) -> __m256 {
+        let sx = _mm256_sign_epi8(x, w);
+        if VNNI {
+            _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), aw, sx))
+        } else {
+            let p16 = _mm256_maddubs_epi16(aw, sx);
+            _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+        }
     }
 
     #[inline(always)]
@@ -476,10 +487,13 @@ mod avx {
     }
 
     /// `R` rows x `C` columns (columns `c0..c0 + C` of group `g`) over every block: `R * C`
-    /// accumulators, each block's weights loaded once for the `R` rows.
+    /// accumulators (kept at most 8 so they stay in registers), each block's weights loaded
+    /// once for the `R` rows and each row's block once for the `C` columns.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn micro<const R: usize, const C: usize>(
+    // Row and column indices address several register arrays at once.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn micro<const Q4: bool, const VNNI: bool, const R: usize, const C: usize>(
         w: &QuantWeights,
         xq: &QuantRows,
         row: usize,
@@ -488,30 +502,38 @@ mod avx {
         cols: usize,
         out: *mut f32,
     ) {
-        let format = w.format;
-        let bb = format.block_bytes();
+        let bb = w.format.block_bytes();
         let kb = w.blocks_per_row();
+        let rb = w.format.record_bytes();
         let base = w.bytes.as_ptr().add(w.record_offset(g, 0));
-        let rb = format.record_bytes();
         let mut acc = [[_mm256_setzero_ps(); C]; R];
-        let xp: [*const i8; R] = std::array::from_fn(|r| xq.q.as_ptr().add((row + r) * xq.kb * QK));
-        let xd: [*const f32; R] = std::array::from_fn(|r| xq.d.as_ptr().add((row + r) * xq.kb));
+        // Plain loops, not closures: a closure does not take this function's target features.
+        let (mut xp, mut xd) = ([std::ptr::null::<i8>(); R], [std::ptr::null::<f32>(); R]);
+        for r in 0..R {
+            xp[r] = xq.q.as_ptr().add((row + r) * xq.kb * QK);
+            xd[r] = xq.d.as_ptr().add((row + r) * xq.kb);
+        }
         for b in 0..kb {
             let rec = base.add(b * rb);
-            let mut dw = [0f32; G];
-            _mm256_storeu_ps(
-                dw.as_mut_ptr(),
-                _mm256_cvtph_ps(_mm_loadu_si128(rec as *const __m128i)),
-            );
-            let xv: [__m256i; R] =
-                std::array::from_fn(|r| _mm256_loadu_si256(xp[r].add(b * QK) as *const __m256i));
-            let xs: [f32; R] = std::array::from_fn(|r| *xd[r].add(b));
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(rec as *const __m128i));
+            let mut xv = [_mm256_setzero_si256(); R];
+            let mut xs = [_mm256_setzero_ps(); R];
+            for r in 0..R {
+                xv[r] = _mm256_loadu_si256(xp[r].add(b * QK) as *const __m256i);
+                xs[r] = _mm256_broadcast_ss(&*xd[r].add(b));
+            }
+            // Every lane of `dw` scaled by each row's scale: lane c0 + c is column c's.
+            let mut sc = [_mm256_setzero_ps(); R];
+            for r in 0..R {
+                sc[r] = _mm256_mul_ps(dw, xs[r]);
+            }
             for c in 0..C {
-                let wv = load_block(format, rec.add(2 * G + (c0 + c) * bb));
+                let wv = load_block::<Q4>(rec.add(2 * G + (c0 + c) * bb));
                 let aw = _mm256_sign_epi8(wv, wv);
+                let idx = _mm256_set1_epi32((c0 + c) as i32);
                 for r in 0..R {
-                    let s = _mm256_set1_ps(dw[c0 + c] * xs[r]);
-                    acc[r][c] = _mm256_fmadd_ps(dot(aw, wv, xv[r]), s, acc[r][c]);
+                    let s = _mm256_permutevar8x32_ps(sc[r], idx);
+                    acc[r][c] = _mm256_fmadd_ps(dot::<VNNI>(aw, wv, xv[r]), s, acc[r][c]);
                 }
             }
         }
@@ -524,32 +546,25 @@ mod avx {
     }
 
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn group_rows(
+    unsafe fn tile_of<const Q4: bool, const VNNI: bool>(
         w: &QuantWeights,
         xq: &QuantRows,
-        row: usize,
-        rows: usize,
-        g: usize,
-        cols: usize,
+        rows: std::ops::Range<usize>,
+        groups: std::ops::Range<usize>,
+        col_end: usize,
         out: *mut f32,
     ) {
-        match rows {
-            1 => micro::<1, 8>(w, xq, row, g, 0, cols, out),
-            2 => {
-                for c0 in (0..G).step_by(4) {
-                    micro::<2, 4>(w, xq, row, g, c0, cols, out);
-                }
+        for g in groups {
+            // Valid columns of this group (the last one may be partial).
+            let cols = (col_end - g * G).min(G);
+            let mut t = rows.start;
+            while t + 2 <= rows.end {
+                micro::<Q4, VNNI, 2, 4>(w, xq, t, g, 0, cols, out);
+                micro::<Q4, VNNI, 2, 4>(w, xq, t, g, 4, cols, out);
+                t += 2;
             }
-            3 => {
-                for c0 in (0..G).step_by(2) {
-                    micro::<3, 2>(w, xq, row, g, c0, cols, out);
-                }
-            }
-            _ => {
-                for c0 in (0..G).step_by(2) {
-                    micro::<4, 2>(w, xq, row, g, c0, cols, out);
-                }
+            if t < rows.end {
+                micro::<Q4, VNNI, 1, 8>(w, xq, t, g, 0, cols, out);
             }
         }
     }
@@ -563,16 +578,30 @@ mod avx {
         col_end: usize,
         out: *mut f32,
     ) {
-        for g in groups {
-            // Valid columns of this group (the last one may be partial).
-            let cols = (col_end - g * G).min(G);
-            let mut t = rows.start;
-            while t < rows.end {
-                let r = MRQ.min(rows.end - t);
-                group_rows(w, xq, t, r, g, cols, out);
-                t += r;
-            }
+        match w.format {
+            QuantFormat::Q8_0 => tile_of::<false, false>(w, xq, rows, groups, col_end, out),
+            QuantFormat::Q4_0 => tile_of::<true, false>(w, xq, rows, groups, col_end, out),
         }
+    }
+
+    /// [`tile`] with AVX-VNNI's `vpdpbusd`.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub unsafe fn tile_vnni(
+        w: &QuantWeights,
+        xq: &QuantRows,
+        rows: std::ops::Range<usize>,
+        groups: std::ops::Range<usize>,
+        col_end: usize,
+        out: *mut f32,
+    ) {
+        match w.format {
+            QuantFormat::Q8_0 => tile_of::<false, true>(w, xq, rows, groups, col_end, out),
+            QuantFormat::Q4_0 => tile_of::<true, true>(w, xq, rows, groups, col_end, out),
+        }
+    }
+
+    pub fn has_vnni() -> bool {
+        std::is_x86_feature_detected!("avxvnni")
     }
 }
 
@@ -745,20 +774,45 @@ mod tests {
                 let w = rnd_vec(&mut seed, n * k);
                 let p = QuantWeights::quantize(&w, n, k, format);
                 let xq = QuantRows::new(&x, rows, k);
-                let mut a = vec![f32::NAN; rows * n];
-                let mut b = vec![f32::NAN; rows * n];
                 let groups = 0..n.div_ceil(G);
+                let mut b = vec![f32::NAN; rows * n];
                 // SAFETY: one tile covering the whole output.
+                unsafe { p.tile_scalar(&xq, 0..rows, groups.clone(), n, SyncPtr(b.as_mut_ptr())) };
+                // Every SIMD path this CPU has: the dispatching one, and the others directly.
+                let mut paths: Vec<(&str, Vec<f32>)> = vec![("dispatch", vec![f32::NAN; rows * n])];
+                // SAFETY: as above.
                 unsafe {
-                    p.tile(&xq, 0..rows, groups.clone(), n, SyncPtr(a.as_mut_ptr()));
-                    p.tile_scalar(&xq, 0..rows, groups, n, SyncPtr(b.as_mut_ptr()));
+                    p.tile(
+                        &xq,
+                        0..rows,
+                        groups.clone(),
+                        n,
+                        SyncPtr(paths[0].1.as_mut_ptr()),
+                    )
+                };
+                #[cfg(target_arch = "x86_64")]
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    let mut o = vec![f32::NAN; rows * n];
+                    // SAFETY: the CPU has AVX2/FMA/F16C (checked); one tile, whole output.
+                    unsafe { avx::tile(&p, &xq, 0..rows, groups.clone(), n, o.as_mut_ptr()) };
+                    paths.push(("avx2", o));
+                    if avx::has_vnni() {
+                        let mut o = vec![f32::NAN; rows * n];
+                        // SAFETY: as above, and the CPU has AVX-VNNI.
+                        unsafe {
+                            avx::tile_vnni(&p, &xq, 0..rows, groups.clone(), n, o.as_mut_ptr())
+                        };
+                        paths.push(("avx-vnni", o));
+                    }
                 }
-                for (i, (u, v)) in a.iter().zip(&b).enumerate() {
-                    // Same integer dots and scales; only the f32 sums' order differs.
-                    assert!(
-                        (u - v).abs() <= 1e-5 * (1.0 + v.abs()),
-                        "{format:?} {rows}x{k}x{n} [{i}]: {u} vs {v}"
-                    );
+                for (path, a) in &paths {
+                    for (i, (u, v)) in a.iter().zip(&b).enumerate() {
+                        // Same integer dots and scales; only the f32 sums' order differs.
+                        assert!(
+                            (u - v).abs() <= 1e-5 * (1.0 + v.abs()),
+                            "{path} {format:?} {rows}x{k}x{n} [{i}]: {u} vs {v}"
+                        );
+                    }
                 }
             }
         }
