@@ -73,6 +73,28 @@ pub struct ShapeArgs {
 }
 
 impl ShapeArgs {
+    /// Whether any shape flag or a deployment file was given.
+    pub fn is_explicit(&self) -> bool {
+        self.deployment.is_some()
+            || self.attention_replicas.is_some()
+            || self.expert_workers.is_some()
+            || self.micro_batches.is_some()
+            || self.threads_per_worker.is_some()
+            || self.pin_cores
+    }
+
+    /// The deployment the flags describe; with none at all (and no role), the default shape
+    /// for this host (`tandem_plan::default_shape`), logged with its reason.
+    pub fn deployment_or_default(&self, has_role: bool) -> Result<Deployment> {
+        if self.is_explicit() || has_role {
+            return self.deployment();
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let s = tandem_plan::default_shape::default_shape(cores);
+        tracing::info!("shape: {}", s.reason);
+        Ok(s.deployment)
+    }
+
     pub fn deployment(&self) -> Result<Deployment> {
         let mut d = match &self.deployment {
             Some(p) => Deployment::load(p)?,
@@ -148,7 +170,7 @@ pub fn run(a: GenerateArgs, m: &ArgMatches) -> Result<()> {
     let dir = crate::models::resolve(&a.model)?;
     let (engine, tok) = crate::roles::start_engine(
         &dir,
-        a.shape.deployment()?,
+        a.shape.deployment_or_default(a.role.role.is_some())?,
         &a.role,
         a.weights.linear_type()?,
     )?;

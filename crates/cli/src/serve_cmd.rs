@@ -40,7 +40,7 @@ pub struct ServeArgs {
 pub fn run(a: ServeArgs) -> Result<()> {
     let dir = crate::models::resolve(&a.model)?;
     let ty = a.weights.linear_type()?;
-    let mut deployment = a.shape.deployment()?;
+    let mut deployment = a.shape.deployment_or_default(a.role.role.is_some())?;
     if a.role.role == Some(Role::Expert) {
         let listen = match (&a.host, a.port) {
             (None, None) => None,
@@ -52,8 +52,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         };
         return crate::roles::run_expert(&dir, &deployment, a.role.rank, listen, ty);
     }
-    if a.shape.micro_batches.is_none() && a.shape.deployment.is_none() {
-        // Serving keeps a batch in flight: ping-pong two micro-batches by default.
+    if a.shape.micro_batches.is_none()
+        && a.shape.deployment.is_none()
+        && deployment.expert_workers > 0
+    {
+        // Disaggregated serving keeps a batch in flight: ping-pong two micro-batches.
         deployment.micro_batches = 2;
         deployment.validate_shape()?;
     }

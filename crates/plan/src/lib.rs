@@ -8,6 +8,7 @@
 //! - [`planner`]: Algorithm 1 and the colocated baseline.
 //! - [`sim`]: a discrete-event simulation of the ping-pong pipeline with load imbalance,
 //!   jitter and stragglers.
+//! - [`default_shape`]: the shape `serve` runs when none is given.
 //! - [`deploy`]: plans to deployment files; [`reproduce`]: the paper-reproduction report.
 //! - [`engine_model`]: decode throughput of tandem's own engine for an explicit shape, from a
 //!   measured profile (the calibration target).
@@ -15,6 +16,7 @@
 //! Units everywhere: seconds, bytes, FLOPs, tokens; names say so (`_s`, `_bytes`).
 
 pub mod closed_form;
+pub mod default_shape;
 pub mod deploy;
 pub mod engine_model;
 pub mod error;
