@@ -336,33 +336,27 @@ impl PackedWeights {
             let w: Vec<f32> = parts.iter().flat_map(|p| p.unpack()).collect();
             Self::pack_as(&w, n, k, ty)
         };
+        // The parts' panels of one line type, which `ty` (checked above) says they all have.
+        fn panels<'a, L: PanelLine>(
+            parts: &[&'a PackedWeights],
+            pick: impl Fn(&'a Store) -> Option<&'a Panels<L>>,
+        ) -> Vec<&'a Panels<L>> {
+            parts
+                .iter()
+                .map(|p| pick(&p.store).expect("checked above"))
+                .collect()
+        }
         let store = match ty {
-            WeightType::F32 => {
-                let ps: Vec<_> = parts
-                    .iter()
-                    .map(|p| match &p.store {
-                        Store::F32(x) => x,
-                        _ => unreachable!("checked above"),
-                    })
-                    .collect();
-                match Panels::concat(&ps) {
-                    Some(p) => Store::F32(p),
-                    None => return repack(),
-                }
-            }
-            WeightType::Bf16 => {
-                let ps: Vec<_> = parts
-                    .iter()
-                    .map(|p| match &p.store {
-                        Store::Bf16(x) => x,
-                        _ => unreachable!("checked above"),
-                    })
-                    .collect();
-                match Panels::concat(&ps) {
-                    Some(p) => Store::Bf16(p),
-                    None => return repack(),
-                }
-            }
+            WeightType::F32 => Panels::concat(&panels(parts, |s| match s {
+                Store::F32(x) => Some(x),
+                _ => None,
+            }))
+            .map(Store::F32),
+            WeightType::Bf16 => Panels::concat(&panels(parts, |s| match s {
+                Store::Bf16(x) => Some(x),
+                _ => None,
+            }))
+            .map(Store::Bf16),
             WeightType::Q8_0 | WeightType::Q4_0 => {
                 let qs: Vec<_> = parts
                     .iter()
@@ -371,8 +365,11 @@ impl PackedWeights {
                         _ => unreachable!("checked above"),
                     })
                     .collect();
-                Store::Quant(QuantWeights::concat(&qs))
+                Some(Store::Quant(QuantWeights::concat(&qs)))
             }
+        };
+        let Some(store) = store else {
+            return repack();
         };
         Self { store, n, k }
     }
@@ -783,7 +780,7 @@ mod avx {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn naive(x: &[f32], t: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
@@ -800,7 +797,8 @@ mod tests {
         o
     }
 
-    fn rnd_vec(seed: &mut u64, len: usize) -> Vec<f32> {
+    /// Reproducible values in [-0.5, 0.5) (an LCG), for the kernel tests here and in `quant`.
+    pub(crate) fn rnd_vec(seed: &mut u64, len: usize) -> Vec<f32> {
         (0..len)
             .map(|_| {
                 *seed = seed

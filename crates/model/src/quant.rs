@@ -608,17 +608,7 @@ mod avx {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rnd_vec(seed: &mut u64, len: usize) -> Vec<f32> {
-        (0..len)
-            .map(|_| {
-                *seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::packed::tests::rnd_vec;
 
     #[test]
     fn q8_0_block_of_known_values() {
