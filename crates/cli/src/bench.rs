@@ -41,7 +41,7 @@ pub enum BenchCmd {
 
 #[derive(Args)]
 pub struct EngineArgs {
-    /// Checkpoint directory; default: the embedded demo model.
+    /// Checkpoint directory or llama.cpp GGUF file; default: the embedded demo model.
     #[arg(long)]
     pub model: Option<PathBuf>,
     #[arg(long, default_value_t = 32)]
@@ -85,7 +85,7 @@ pub struct EngineArgs {
 
 #[derive(Args)]
 pub struct DecodeArgs {
-    /// Checkpoint directory; default: the embedded demo model.
+    /// Checkpoint directory or llama.cpp GGUF file; default: the embedded demo model.
     #[arg(long)]
     pub model: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]

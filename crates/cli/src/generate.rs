@@ -9,7 +9,8 @@ use tandem_sched::{FinishReason, SamplingParams};
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Checkpoint directory (Hugging Face layout). Default: the embedded demo model.
+    /// Checkpoint directory (Hugging Face layout) or llama.cpp GGUF file (`*.gguf`: weights,
+    /// config and tokenizer from the one file). Default: the embedded demo model.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// A text prompt (repeatable: a batch).
@@ -180,7 +181,7 @@ pub fn run(a: GenerateArgs, m: &ArgMatches) -> Result<()> {
             PromptArg::Ids(v) => v.clone(),
             PromptArg::Text(t) => match &tok {
                 Some(tk) => tk.encode(t, true)?,
-                None => bail!("{} has no tokenizer.json: use --prompt-ids", dir.display()),
+                None => bail!("{} has no tokenizer: use --prompt-ids", dir.display()),
             },
         });
         if ids.last().is_some_and(|v| v.is_empty()) {

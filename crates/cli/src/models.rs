@@ -1,4 +1,5 @@
-//! Where models come from: a checkpoint directory, or the embedded demo model.
+//! Where models come from: a checkpoint directory, a llama.cpp GGUF file, or the embedded demo
+//! model.
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -58,9 +59,17 @@ pub fn init_demo(a: InitDemoArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--model DIR`, or the default demo model (written on first use).
+/// `--model DIR` or `--model FILE.gguf`, or the default demo model (written on first use).
 pub fn resolve(model: &Option<PathBuf>) -> Result<PathBuf> {
     match model {
+        Some(p) if tandem_model::gguf::is_gguf(p) && !p.is_file() => {
+            anyhow::bail!("--model {}: no such GGUF file", p.display())
+        }
+        Some(p) if !tandem_model::gguf::is_gguf(p) && p.is_file() => anyhow::bail!(
+            "--model {}: a file, but not a GGUF one (*.gguf); pass a checkpoint directory or a \
+             .gguf file",
+            p.display()
+        ),
         Some(p) => Ok(p.clone()),
         None => {
             let dir = default_demo_dir();

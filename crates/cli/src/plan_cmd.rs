@@ -40,7 +40,8 @@ pub struct EnginePredictArgs {
     /// Profile written by `tandem profile`.
     #[arg(long)]
     pub profile: PathBuf,
-    /// Model: a config.json or its directory, or a catalog name; default: the profile's.
+    /// Model: a config.json or its directory, a GGUF file, or a catalog name; default: the
+    /// profile's.
     #[arg(long)]
     pub model: Option<String>,
     /// Deployment file; the flags below override it.
@@ -85,7 +86,8 @@ pub enum PriceArg {
 /// Search flags of `tandem plan`.
 #[derive(Debug, Args)]
 pub struct PlanSearchArgs {
-    /// Model: catalog name (see `tandem plan catalog`) or a config.json / its directory.
+    /// Model: catalog name (see `tandem plan catalog`), a config.json / its directory, or a GGUF
+    /// file.
     #[arg(long)]
     pub model: Option<String>,
     /// Attention hardware, comma-separated catalog names (default: every non-placeholder device).
@@ -197,7 +199,7 @@ pub struct SimulateArgs {
     /// Deployment file written by `tandem plan --out`.
     #[arg(long)]
     pub plan: PathBuf,
-    /// Model (catalog name or config.json); default: the plan's .meta.toml sidecar.
+    /// Model (catalog name, config.json or GGUF file); default: the plan's .meta.toml sidecar.
     #[arg(long)]
     pub model: Option<String>,
     /// Context per sequence, tokens; default: the sidecar's, else 730.
@@ -260,14 +262,28 @@ pub fn plan(args: PlanArgs) -> Result<()> {
     }
 }
 
+/// A catalog name, a `config.json` (or its directory), or a GGUF file (its metadata as the
+/// `config.json` it stands for).
+fn resolve_model(name_or_path: &str) -> Result<tandem_plan::ModelShape> {
+    let p = std::path::Path::new(name_or_path);
+    if tandem_model::gguf::is_gguf(p) && p.is_file() {
+        let g = tandem_model::gguf::GgufFile::open(p)?;
+        let cfg = g.config_json()?;
+        return Ok(tandem_plan::ModelShape::from_hf_config(
+            &cfg.to_string(),
+            name_or_path,
+        )?);
+    }
+    Ok(ModelCatalog::builtin()?.resolve(name_or_path)?)
+}
+
 fn search(a: PlanSearchArgs) -> Result<()> {
     let Some(model_ref) = a.model.clone() else {
         bail!("tandem plan needs --model (a catalog name or a config.json); see `tandem plan catalog`");
     };
     let cat = load_catalog(a.hw_catalog.as_ref())?;
-    let model = ModelCatalog::builtin()?
-        .resolve(&model_ref)
-        .with_context(|| format!("resolving model {model_ref}"))?;
+    let model =
+        resolve_model(&model_ref).with_context(|| format!("resolving model {model_ref}"))?;
     let all: Vec<String> = cat
         .devices
         .iter()
@@ -500,7 +516,7 @@ fn catalog(a: CatalogArgs) -> Result<()> {
 
 fn profile_template(a: ProfileTemplateArgs) -> Result<()> {
     let cat = load_catalog(a.hw_catalog.as_ref())?;
-    let model = ModelCatalog::builtin()?.resolve(&a.model)?;
+    let model = resolve_model(&a.model)?;
     let ha = cat.get(&a.attention_hw)?;
     let he = cat.get(&a.expert_hw)?;
     let roof = Roofline::new(&cat, &model, ha, he, a.context as f64);
@@ -532,9 +548,8 @@ fn engine_predict(a: EnginePredictArgs) -> Result<()> {
         .model
         .clone()
         .unwrap_or_else(|| profile.profile.model.clone());
-    let model = ModelCatalog::builtin()?
-        .resolve(&model_ref)
-        .with_context(|| format!("resolving model {model_ref}"))?;
+    let model =
+        resolve_model(&model_ref).with_context(|| format!("resolving model {model_ref}"))?;
     let mut d = match &a.deployment {
         Some(p) => tandem_core::Deployment::load(p)?,
         None => tandem_core::Deployment::default(),

@@ -38,7 +38,7 @@ use tandem_plan::ModelShape;
 
 #[derive(Args)]
 pub struct ProfileArgs {
-    /// Checkpoint directory; default: the embedded demo model.
+    /// Checkpoint directory or llama.cpp GGUF file; default: the embedded demo model.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Where to write the profile (TOML).

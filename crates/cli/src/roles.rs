@@ -60,7 +60,7 @@ pub fn start_engine(
     role: &RoleArgs,
     ty: LinearType,
 ) -> Result<(Engine, Option<Arc<Tokenizer>>)> {
-    let tok = if dir.join("tokenizer.json").exists() {
+    let tok = if Tokenizer::exists_at(dir) {
         Some(Arc::new(Tokenizer::load(dir)?))
     } else {
         None
@@ -145,7 +145,7 @@ pub fn run_expert(
 pub struct LaunchArgs {
     /// The deployment file; every worker in its `[addresses]` is started on this host.
     pub deployment: PathBuf,
-    /// Checkpoint directory. Default: the embedded demo model.
+    /// Checkpoint directory or llama.cpp GGUF file. Default: the embedded demo model.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Start a worker again when it exits (it rejoins the running deployment).

@@ -11,7 +11,8 @@ use tandem_server::{AppState, ServerOptions};
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// Checkpoint directory (Hugging Face layout). Default: the embedded demo model.
+    /// Checkpoint directory (Hugging Face layout) or llama.cpp GGUF file (`*.gguf`: weights,
+    /// config and tokenizer from the one file). Default: the embedded demo model.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Default 127.0.0.1, or the host of this replica's `[addresses] attention` entry.
@@ -20,7 +21,8 @@ pub struct ServeArgs {
     /// Default 8000, or the port of this replica's `[addresses] attention` entry.
     #[arg(long)]
     pub port: Option<u16>,
-    /// The name clients pass as `model`. Default: the checkpoint directory's name.
+    /// The name clients pass as `model`. Default: the checkpoint directory's name
+    /// (a GGUF file's name without `.gguf`).
     #[arg(long)]
     pub served_model_name: Option<String>,
     /// Most requests (sequences) in flight plus waiting; beyond it requests get 503.
@@ -61,8 +63,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
         deployment.validate_shape()?;
     }
     let name = a.served_model_name.clone().unwrap_or_else(|| {
-        dir.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
+        let n = if tandem_model::gguf::is_gguf(&dir) {
+            dir.file_stem()
+        } else {
+            dir.file_name()
+        };
+        n.map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "tandem".into())
     });
     // An attention replica of a multi-process deployment serves HTTP where the file says.

@@ -97,8 +97,11 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// Reads and parses `dir/config.json`.
+    /// Reads and parses `dir/config.json`, or the metadata of a GGUF file (`*.gguf`).
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        if crate::gguf::is_gguf(dir) {
+            return Self::from_gguf(&crate::gguf::GgufFile::open(dir)?);
+        }
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
             path: path.clone(),
@@ -107,11 +110,21 @@ impl ModelConfig {
         Self::from_json_str(&text, &path)
     }
 
+    /// The hub `config.json` a GGUF file's metadata stands for, through the same parser and
+    /// validation as a checkpoint directory's.
+    pub fn from_gguf(g: &crate::gguf::GgufFile) -> Result<Self> {
+        Self::from_value(g.config_json()?, &g.path)
+    }
+
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
         let v: Value = serde_json::from_str(text).map_err(|e| ModelError::Config {
             path: path.to_path_buf(),
             msg: e.to_string(),
         })?;
+        Self::from_value(v, path)
+    }
+
+    fn from_value(v: Value, path: &Path) -> Result<Self> {
         let model_type = v
             .get("model_type")
             .and_then(|t| t.as_str())

@@ -15,7 +15,7 @@ pub enum ModelError {
     UnknownFamily(String),
     #[error("unsupported option in {path}: {msg}")]
     Unsupported { path: PathBuf, msg: String },
-    #[error("corrupt safetensors file {path}: {msg}")]
+    #[error("corrupt checkpoint file {path}: {msg}")]
     CorruptFile { path: PathBuf, msg: String },
     #[error("missing tensor {name} (looked in {files})")]
     MissingTensor { name: String, files: String },

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod error;
 pub mod families;
 pub mod generate;
+pub mod gguf;
 pub mod kernels;
 pub mod kv;
 pub mod layers;

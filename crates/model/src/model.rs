@@ -49,10 +49,14 @@ impl Model {
         Self::load_typed(dir, sel, LinearType::Auto)
     }
 
-    /// Loads the experts `sel` with every linear layer held as `ty` says.
+    /// Loads the experts `sel` with every linear layer held as `ty` says. `dir` is a
+    /// checkpoint directory or a GGUF file (`*.gguf`).
     pub fn load_typed(dir: &Path, sel: &ExpertSelection, ty: LinearType) -> Result<Self> {
-        let cfg = ModelConfig::from_dir(dir)?;
         let mut weights = Weights::open(dir)?;
+        let cfg = match weights.gguf() {
+            Some(g) => ModelConfig::from_gguf(g)?,
+            None => ModelConfig::from_dir(dir)?,
+        };
         weights.set_linear_type(ty);
         Self::from_weights(cfg, &weights, dir, sel)
     }

@@ -29,7 +29,54 @@ fn token_str(v: Option<&Value>) -> Option<String> {
 }
 
 impl Tokenizer {
+    /// A tokenizer built from its parts: a `tokenizer.json` document, the BOS/EOS token texts
+    /// and the chat template (`path` is what errors name).
+    pub fn from_parts(
+        path: &Path,
+        tokenizer_json: &Value,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        chat_template: Option<String>,
+    ) -> Result<Self> {
+        let err = |e: &dyn std::fmt::Display| ModelError::Tokenizer {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        };
+        let text = serde_json::to_string(tokenizer_json).map_err(|e| err(&e))?;
+        let inner: tokenizers::Tokenizer = text.parse().map_err(|e| err(&e))?;
+        Ok(Self {
+            inner,
+            path: path.to_path_buf(),
+            bos_token,
+            eos_token,
+            chat_template,
+        })
+    }
+
+    /// The tokenizer of a GGUF file's metadata (see [`crate::gguf::GgufFile::tokenizer_parts`]).
+    pub fn from_gguf(g: &crate::gguf::GgufFile) -> Result<Self> {
+        let p = g.tokenizer_parts()?;
+        Self::from_parts(
+            &g.path,
+            &p.tokenizer_json,
+            p.bos_token,
+            p.eos_token,
+            p.chat_template,
+        )
+    }
+
+    /// True when `path` has a tokenizer [`Tokenizer::load`] can read: a GGUF file or a
+    /// directory with `tokenizer.json`.
+    pub fn exists_at(path: &Path) -> bool {
+        crate::gguf::is_gguf(path) || path.join("tokenizer.json").exists()
+    }
+
+    /// Loads `dir/tokenizer.json` (+ `tokenizer_config.json`), or the tokenizer in the
+    /// metadata of a GGUF file (`*.gguf`).
     pub fn load(dir: &Path) -> Result<Self> {
+        if crate::gguf::is_gguf(dir) {
+            return Self::from_gguf(&crate::gguf::GgufFile::open(dir)?);
+        }
         let path = dir.join("tokenizer.json");
         let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer {
             path: path.clone(),

@@ -1,10 +1,15 @@
-//! Safetensors checkpoints, single file or sharded (`model.safetensors.index.json`), memory
-//! mapped. Tensors are converted to f32 when taken (bf16/f16/f32 on disk); the weights of
-//! linear layers are then packed in the type [`LinearType`] says. Every error names the tensor
-//! and the file.
+//! Checkpoints: safetensors, single file or sharded (`model.safetensors.index.json`), or a
+//! llama.cpp GGUF file ([`crate::gguf`], its tensors under the hub names), memory mapped.
+//! Tensors are converted to f32 when taken (bf16/f16/f32 on disk, GGUF blocks dequantized);
+//! the weights of linear layers are then packed in the type [`LinearType`] says (a GGUF's
+//! q8_0/q4_0 blocks are taken as they are when that type is theirs). Every error names the
+//! tensor and the file.
 
 use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
 use crate::packed::{PackedWeights, WeightType};
+use crate::quant::{QuantFormat, QuantWeights};
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata, SafeTensors};
@@ -76,17 +81,31 @@ impl LinearType {
     }
 }
 
-/// All tensors of one checkpoint directory.
+/// All tensors of one checkpoint directory (or GGUF file).
 pub struct Weights {
-    files: Vec<File>,
-    /// tensor name -> index in `files`
-    index: HashMap<String, usize>,
+    source: Source,
     linear_type: LinearType,
 }
 
+enum Source {
+    Safetensors {
+        files: Vec<File>,
+        /// tensor name -> index in `files`
+        index: HashMap<String, usize>,
+    },
+    Gguf(GgufFile),
+}
+
 impl Weights {
-    /// Opens `dir/model.safetensors.index.json` if present, else every `*.safetensors` file.
+    /// Opens a GGUF file (`*.gguf`), or in a directory `model.safetensors.index.json` if
+    /// present, else every `*.safetensors` file.
     pub fn open(dir: &Path) -> Result<Self> {
+        if crate::gguf::is_gguf(dir) {
+            return Ok(Self {
+                source: Source::Gguf(GgufFile::open(dir)?),
+                linear_type: LinearType::Auto,
+            });
+        }
         let index_path = dir.join("model.safetensors.index.json");
         let mut names: Vec<PathBuf> = Vec::new();
         if index_path.exists() {
@@ -178,10 +197,17 @@ impl Weights {
             });
         }
         Ok(Self {
-            files,
-            index,
+            source: Source::Safetensors { files, index },
             linear_type: LinearType::Auto,
         })
+    }
+
+    /// The GGUF file behind these weights, if they come from one.
+    pub fn gguf(&self) -> Option<&GgufFile> {
+        match &self.source {
+            Source::Gguf(g) => Some(g),
+            Source::Safetensors { .. } => None,
+        }
     }
 
     /// Linear layers taken after this are packed as `t` says.
@@ -191,9 +217,12 @@ impl Weights {
 
     /// The type the weight `name` with role `role` is held in.
     pub fn type_for(&self, name: &str, role: Role) -> WeightType {
-        let own = match self.dtype_of(name).as_deref() {
-            Some("BF16") => WeightType::Bf16,
-            _ => WeightType::F32,
+        let own = match &self.source {
+            Source::Gguf(g) => g.own_type(name),
+            Source::Safetensors { .. } => match self.dtype_of(name).as_deref() {
+                Some("BF16") => WeightType::Bf16,
+                _ => WeightType::F32,
+            },
         };
         match (self.linear_type, role) {
             (LinearType::Auto, _) => own,
@@ -208,50 +237,76 @@ impl Weights {
 
     /// The `[out, inp]` weight `name`, packed in its type (see [`Weights::type_for`]).
     pub fn packed(&self, name: &str, out: usize, inp: usize, role: Role) -> Result<PackedWeights> {
+        let ty = self.type_for(name, role);
+        if let Source::Gguf(g) = &self.source {
+            // q8_0 / q4_0 blocks wanted in their own type: taken as they are.
+            let format = match ty {
+                WeightType::Q8_0 => Some((QuantFormat::Q8_0, GgmlDType::Q8_0)),
+                WeightType::Q4_0 => Some((QuantFormat::Q4_0, GgmlDType::Q4_0)),
+                _ => None,
+            };
+            if let Some((format, dtype)) = format {
+                if g.dtype_of(name).as_deref() == Some(format.name().to_ascii_uppercase().as_str())
+                {
+                    let raw = g.raw(name, &[out, inp])?;
+                    debug_assert_eq!(raw.dtype, dtype);
+                    return Ok(PackedWeights::from_quant(QuantWeights::from_gguf_blocks(
+                        &raw.bytes, out, inp, format,
+                    )));
+                }
+            }
+        }
         let v = self.get_vec(name, &[out, inp])?;
-        Ok(PackedWeights::pack_as(
-            &v,
-            out,
-            inp,
-            self.type_for(name, role),
-        ))
+        Ok(PackedWeights::pack_as(&v, out, inp, ty))
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        match &self.source {
+            Source::Safetensors { index, .. } => index.contains_key(name),
+            Source::Gguf(g) => g.contains(name),
+        }
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.index.keys().map(|s| s.as_str())
+    pub fn names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        match &self.source {
+            Source::Safetensors { index, .. } => Box::new(index.keys().map(|s| s.as_str())),
+            Source::Gguf(g) => Box::new(g.names()),
+        }
     }
 
-    fn files_list(&self) -> String {
-        self.files
+    fn files_list(files: &[File]) -> String {
+        files
             .iter()
             .map(|f| f.path.display().to_string())
             .collect::<Vec<_>>()
             .join(", ")
     }
 
-    /// The dtype a tensor is stored in ("F32", "BF16", ...).
+    /// The dtype a tensor is stored in ("F32", "BF16", ...; GGUF's type names for a GGUF).
     pub fn dtype_of(&self, name: &str) -> Option<String> {
-        let f = &self.files[*self.index.get(name)?];
-        f.meta.info(name).map(|i| format!("{:?}", i.dtype))
+        match &self.source {
+            Source::Safetensors { files, index } => {
+                let f = &files[*index.get(name)?];
+                f.meta.info(name).map(|i| format!("{:?}", i.dtype))
+            }
+            Source::Gguf(g) => g.dtype_of(name),
+        }
     }
 
     /// The tensor `name` as f32, checked to have `shape`.
     pub fn get_vec(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let fi = *self
-            .index
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                name: name.to_string(),
-                files: self.files_list(),
-            })?;
-        let f = &self.files[fi];
+        let (files, index) = match &self.source {
+            Source::Safetensors { files, index } => (files, index),
+            Source::Gguf(g) => return g.get_vec(name, shape),
+        };
+        let fi = *index.get(name).ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_string(),
+            files: Self::files_list(files),
+        })?;
+        let f = &files[fi];
         let info = f.meta.info(name).ok_or_else(|| ModelError::MissingTensor {
             name: name.to_string(),
-            files: self.files_list(),
+            files: Self::files_list(files),
         })?;
         if info.shape != shape {
             return Err(ModelError::WrongShape {
@@ -303,8 +358,13 @@ impl Weights {
 
     /// The shape recorded for `name`, if present.
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
-        let f = &self.files[*self.index.get(name)?];
-        f.meta.info(name).map(|i| i.shape.clone())
+        match &self.source {
+            Source::Safetensors { files, index } => {
+                let f = &files[*index.get(name)?];
+                f.meta.info(name).map(|i| i.shape.clone())
+            }
+            Source::Gguf(g) => g.shape_of(name),
+        }
     }
 }
 
