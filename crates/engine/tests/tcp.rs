@@ -13,7 +13,8 @@ use tandem_core::deployment::Addresses;
 use tandem_core::Deployment;
 use tandem_engine::net::{query_status, serve_expert, Identity, NetOptions, TcpReplicaLink};
 use tandem_engine::wire::{read_frame, write_frame, Frame, Header};
-use tandem_engine::{Engine, EngineOptions, RequestHandle};
+use tandem_engine::{Engine, EngineOptions, RequestHandle, RequestOutput};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tandem_model::generate::greedy;
 use tandem_model::{ExpertSelection, Model};
 use tandem_sched::{FinishReason, SamplingParams};
@@ -88,7 +89,10 @@ fn start_replica(model: &Arc<Model>, dep: &Deployment, rank: u32) -> Engine {
 }
 
 fn collect(h: RequestHandle) -> Result<Vec<u32>, String> {
-    let mut rx = h.rx;
+    collect_rx(h.rx)
+}
+
+fn collect_rx(mut rx: UnboundedReceiver<RequestOutput>) -> Result<Vec<u32>, String> {
     let mut toks = Vec::new();
     while let Some(o) = rx.blocking_recv() {
         toks.extend(o.token);
@@ -322,11 +326,15 @@ fn a_dead_worker_fails_requests_quickly_and_a_replacement_rejoins() {
             greedy_params(100_000.min(engine.max_model_len() - 4)),
         )
         .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // Wait for the first token, not for a fixed time: on a fast machine the whole request
+    // (a few hundred tokens of a tiny model) can finish within any sleep we would pick.
+    let mut rx = long.rx;
+    let first = rx.blocking_recv().expect("the request streams");
+    assert!(first.finish.is_none(), "{:?}", first.finish);
     // "Kill" worker 1: the relay cuts every connection and refuses new ones.
     relay.set_down(true);
     let t = Instant::now();
-    let e = collect(long).expect_err("the request must fail");
+    let e = collect_rx(rx).expect_err("the request must fail");
     assert!(
         t.elapsed() < Duration::from_secs(10),
         "failure took {:?}",
