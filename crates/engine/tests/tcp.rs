@@ -14,10 +14,10 @@ use tandem_core::Deployment;
 use tandem_engine::net::{query_status, serve_expert, Identity, NetOptions, TcpReplicaLink};
 use tandem_engine::wire::{read_frame, write_frame, Frame, Header};
 use tandem_engine::{Engine, EngineOptions, RequestHandle, RequestOutput};
-use tokio::sync::mpsc::UnboundedReceiver;
 use tandem_model::generate::greedy;
 use tandem_model::{ExpertSelection, Model};
 use tandem_sched::{FinishReason, SamplingParams};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

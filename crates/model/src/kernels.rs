@@ -1,5 +1,81 @@
-//! Small vectorised helpers of the decode path: a bandwidth probe and `exp` on 8 lanes. The
-//! matmul lives in `packed`.
+//! Small vectorised helpers of the decode path: a bandwidth probe and `exp` on 8 lanes, and
+//! the choice of instruction set the matmul kernels (`packed`, `quant`) run with. The matmul
+//! lives in `packed`.
+
+use std::sync::OnceLock;
+
+/// The widest vector instructions the matmul kernels use, chosen once per process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Simd {
+    /// Plain Rust: the oracle of the others, and the path of CPUs without AVX2.
+    Scalar,
+    /// AVX2 + FMA + F16C (AVX-VNNI for the quantized kernels where present).
+    Avx2,
+    /// AVX-512 F/BW/VL (512-bit VNNI for the quantized kernels where present).
+    Avx512,
+}
+
+impl Simd {
+    pub fn name(self) -> &'static str {
+        match self {
+            Simd::Scalar => "scalar",
+            Simd::Avx2 => "avx2",
+            Simd::Avx512 => "avx512",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "scalar" => Some(Simd::Scalar),
+            "avx2" => Some(Simd::Avx2),
+            "avx512" => Some(Simd::Avx512),
+            _ => None,
+        }
+    }
+}
+
+/// The widest level this CPU supports.
+pub fn detected_simd() -> Simd {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c");
+        let avx512 = std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl");
+        if avx2 && avx512 {
+            return Simd::Avx512;
+        }
+        if avx2 {
+            return Simd::Avx2;
+        }
+    }
+    Simd::Scalar
+}
+
+/// The level the kernels run with: [`detected_simd`], capped by the environment variable
+/// `TANDEM_SIMD` (`scalar`, `avx2` or `avx512`) so the paths can be compared on one machine.
+/// A value above what the CPU has, or one not understood, is ignored with a warning.
+pub fn simd() -> Simd {
+    static LEVEL: OnceLock<Simd> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let detected = detected_simd();
+        match std::env::var("TANDEM_SIMD") {
+            Err(_) => detected,
+            Ok(v) => match Simd::parse(&v) {
+                Some(cap) if cap <= detected => cap,
+                _ => {
+                    tracing::warn!(
+                        "TANDEM_SIMD={v:?} ignored: the CPU supports up to {}",
+                        detected.name()
+                    );
+                    detected
+                }
+            },
+        }
+    })
+}
 
 /// Sum of `x`, reading it at full memory speed (AVX2 where available): the bandwidth probe of
 /// `tandem bench decode`.

@@ -29,7 +29,6 @@
 
 use crate::mem::HugeBuf;
 use half::f16;
-use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Weights per block (along `k`).
@@ -299,54 +298,25 @@ impl QuantWeights {
         out
     }
 
-    /// `out[t, j] = sum_i x[t, i] * w[j, i]` for the columns `cols` (see
-    /// `PackedWeights::matmul_cols`; `cols.start` a multiple of 8). Runs on the current rayon
-    /// pool.
-    pub fn matmul_cols(
+    /// `out[t, j] = sum_i x[t, i] * w[j, i]` for the columns `cols` (`cols.start` a multiple
+    /// of 8; `PackedWeights::matmul_cols` checks its arguments and calls this). Runs on the
+    /// current rayon pool.
+    pub(crate) fn matmul_cols(
         &self,
         x: &[f32],
         rows: usize,
         cols: std::ops::Range<usize>,
         out: &mut [f32],
     ) {
-        let (n, k) = (self.n, self.k);
-        assert_eq!(x.len(), rows * k, "x must be [rows, k]");
-        assert_eq!(out.len(), rows * n, "out must be [rows, n]");
-        assert!(
-            cols.start.is_multiple_of(G) && cols.end <= n,
-            "columns {cols:?} do not start on a group of {G} (n = {n})"
-        );
-        if rows == 0 || cols.is_empty() {
-            return;
-        }
-        let xq = QuantRows::new(x, rows, k);
-        let first = cols.start / G;
-        let groups = cols.end.div_ceil(G) - first;
-        let row_blocks = rows.div_ceil(MCQ);
-        let threads = rayon::current_num_threads().max(1);
-        let per_task = (groups * row_blocks)
-            .div_ceil(threads * 4)
-            .clamp(2, 64)
-            .min(groups);
-        let chunks = groups.div_ceil(per_task);
+        debug_assert!(cols.start.is_multiple_of(G) && cols.end <= self.n);
+        let xq = QuantRows::new(x, rows, self.k);
         let out_ptr = SyncPtr(out.as_mut_ptr());
         let col_end = cols.end;
-        let run = |task: usize| {
-            let (rb, chunk) = (task / chunks, task % chunks);
-            let r0 = rb * MCQ;
-            let g0 = first + chunk * per_task;
-            let g1 = first + ((chunk + 1) * per_task).min(groups);
+        let groups = cols.start / G..cols.end.div_ceil(G);
+        crate::packed::for_each_tile(rows, MCQ, groups, 2, |rows, groups| {
             // SAFETY: tasks write disjoint (row block, group range) tiles of `out`.
-            unsafe {
-                self.tile(&xq, r0..(r0 + MCQ).min(rows), g0..g1, col_end, out_ptr);
-            }
-        };
-        let tasks = row_blocks * chunks;
-        if threads == 1 || tasks == 1 {
-            (0..tasks).for_each(run);
-        } else {
-            (0..tasks).into_par_iter().for_each(run);
-        }
+            unsafe { self.tile(&xq, rows, groups, col_end, out_ptr) };
+        });
     }
 
     /// Rows `rows` x groups `groups` of the product (columns below `col_end`).
@@ -360,10 +330,12 @@ impl QuantWeights {
     ) {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx2")
-                && std::is_x86_feature_detected!("fma")
-                && std::is_x86_feature_detected!("f16c")
-            {
+            use crate::kernels::Simd;
+            let simd = crate::kernels::simd();
+            if simd == Simd::Avx512 && avx512::has_vnni() {
+                return avx512::tile(self, xq, rows, groups, col_end, out.0);
+            }
+            if simd >= Simd::Avx2 {
                 if avx::has_vnni() {
                     return avx::tile_vnni(self, xq, rows, groups, col_end, out.0);
                 }
@@ -605,6 +577,188 @@ mod avx {
     }
 }
 
+/// AVX-512 with 512-bit VNNI: one `vpdpbusd` takes the blocks of two columns (64 bytes)
+/// against the row's block, twice AVX2's work per instruction. `vpdpbusd` multiplies
+/// unsigned by signed bytes; instead of moving signs per row (AVX2's `sign` trick), one side
+/// is offset to unsigned and the offset's contribution, computed once and shared, starts the
+/// accumulation:
+/// - q8_0: the inputs as `x + 128` (unsigned), and `-128 * sum(w)` per lane computed once per
+///   column pair and block, shared by every row;
+/// - q4_0: the nibbles as they are (0..=15, unsigned), and `-8 * sum(x)` per lane computed
+///   once per row and block, shared by every column.
+///
+/// The integer dot products are exact, so the results equal the scalar path's up to the
+/// order of the f32 sums.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{QuantFormat, QuantRows, QuantWeights, G, QK};
+    use std::arch::x86_64::*;
+
+    /// Column pairs per group.
+    const PAIRS: usize = G / 2;
+
+    /// The weights of columns `2p, 2p + 1` of a record (`p` the block of column `2p`).
+    /// q8_0: `[col 2p: 32 | col 2p+1: 32]` bytes. q4_0: the low nibbles of both columns, then
+    /// the high ones: `[lo 2p | lo 2p+1 | hi 2p | hi 2p+1]`, 16 each (weights 0-15, then
+    /// 16-31 of each column).
+    #[inline(always)]
+    unsafe fn load_pair<const Q4: bool>(p: *const u8) -> __m512i {
+        if Q4 {
+            let v = _mm256_loadu_si256(p as *const __m256i);
+            let m = _mm256_set1_epi8(0x0f);
+            let lo = _mm256_and_si256(v, m);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+        } else {
+            _mm512_loadu_si512(p as *const _)
+        }
+    }
+
+    /// A row's block of 32 inputs laid out against [`load_pair`]'s bytes: q8_0 `[x | x]` as
+    /// unsigned `x + 128`; q4_0 `[x0-15 | x0-15 | x16-31 | x16-31]`, signed.
+    #[inline(always)]
+    unsafe fn load_x<const Q4: bool>(p: *const i8) -> __m512i {
+        let b = _mm512_broadcast_i64x4(_mm256_loadu_si256(p as *const __m256i));
+        if Q4 {
+            _mm512_shuffle_i64x2::<0b01_01_00_00>(b, b)
+        } else {
+            _mm512_xor_si512(b, _mm512_set1_epi8(-128))
+        }
+    }
+
+    /// The 32-bit lanes that hold column `2p`'s partial sums (the others hold `2p + 1`'s).
+    const fn first_lanes<const Q4: bool>() -> __mmask16 {
+        if Q4 {
+            0x0F0F
+        } else {
+            0x00FF
+        }
+    }
+
+    /// `R` rows x the whole group `g`: `R * 4` accumulators of 16 lanes.
+    #[inline(always)]
+    // Row and pair indices address several register arrays at once.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn micro<const Q4: bool, const R: usize>(
+        w: &QuantWeights,
+        xq: &QuantRows,
+        row: usize,
+        g: usize,
+        cols: usize,
+        out: *mut f32,
+    ) {
+        let bb = w.format.block_bytes();
+        let kb = w.blocks_per_row();
+        let rb = w.format.record_bytes();
+        let base = w.bytes.as_ptr().add(w.record_offset(g, 0));
+        let first = first_lanes::<Q4>();
+        // Which scale each lane of pair p takes.
+        let mut idx = [_mm512_setzero_si512(); PAIRS];
+        for (p, idx) in idx.iter_mut().enumerate() {
+            let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
+            *idx = _mm512_mask_blend_epi32(first, _mm512_set1_epi32(b), _mm512_set1_epi32(a));
+        }
+        let mut acc = [[_mm512_setzero_ps(); PAIRS]; R];
+        let (mut xp, mut xd) = ([std::ptr::null::<i8>(); R], [std::ptr::null::<f32>(); R]);
+        for r in 0..R {
+            xp[r] = xq.q.as_ptr().add((row + r) * xq.kb * QK);
+            xd[r] = xq.d.as_ptr().add((row + r) * xq.kb);
+        }
+        let offset = _mm512_set1_epi8(if Q4 { 8 } else { -128 });
+        for b in 0..kb {
+            let rec = base.add(b * rb);
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(rec as *const __m128i));
+            let mut xv = [_mm512_setzero_si512(); R];
+            let mut sc = [_mm512_setzero_ps(); R];
+            // q4_0: -8 * sum(x) per lane, the start of every column's sum for the row.
+            let mut xstart = [_mm512_setzero_si512(); R];
+            for r in 0..R {
+                xv[r] = load_x::<Q4>(xp[r].add(b * QK));
+                sc[r] =
+                    _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_broadcast_ss(&*xd[r].add(b))));
+                if Q4 {
+                    let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, xv[r]);
+                    xstart[r] = _mm512_sub_epi32(_mm512_setzero_si512(), s);
+                }
+            }
+            for p in 0..PAIRS {
+                let wv = load_pair::<Q4>(rec.add(2 * G + 2 * p * bb));
+                // q8_0: -128 * sum(w) per lane, the start of every row's sum for the pair.
+                let wstart = if Q4 {
+                    _mm512_setzero_si512()
+                } else {
+                    let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, wv);
+                    _mm512_sub_epi32(_mm512_setzero_si512(), s)
+                };
+                for r in 0..R {
+                    let d = if Q4 {
+                        _mm512_dpbusd_epi32(xstart[r], wv, xv[r])
+                    } else {
+                        _mm512_dpbusd_epi32(wstart, xv[r], wv)
+                    };
+                    let s = _mm512_permutexvar_ps(idx[p], sc[r]);
+                    acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[r][p]);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (p, a) in acc.iter().enumerate() {
+                for (h, mask) in [first, !first].into_iter().enumerate() {
+                    let c = 2 * p + h;
+                    if c < cols {
+                        *out.add((row + r) * w.n + g * G + c) = _mm512_mask_reduce_add_ps(mask, *a);
+                    }
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tile_of<const Q4: bool>(
+        w: &QuantWeights,
+        xq: &QuantRows,
+        rows: std::ops::Range<usize>,
+        groups: std::ops::Range<usize>,
+        col_end: usize,
+        out: *mut f32,
+    ) {
+        for g in groups {
+            let cols = (col_end - g * G).min(G);
+            let mut t = rows.start;
+            while t + 4 <= rows.end {
+                micro::<Q4, 4>(w, xq, t, g, cols, out);
+                t += 4;
+            }
+            match rows.end - t {
+                3 => micro::<Q4, 3>(w, xq, t, g, cols, out),
+                2 => micro::<Q4, 2>(w, xq, t, g, cols, out),
+                1 => micro::<Q4, 1>(w, xq, t, g, cols, out),
+                _ => {}
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn tile(
+        w: &QuantWeights,
+        xq: &QuantRows,
+        rows: std::ops::Range<usize>,
+        groups: std::ops::Range<usize>,
+        col_end: usize,
+        out: *mut f32,
+    ) {
+        match w.format {
+            QuantFormat::Q8_0 => tile_of::<false>(w, xq, rows, groups, col_end, out),
+            QuantFormat::Q4_0 => tile_of::<true>(w, xq, rows, groups, col_end, out),
+        }
+    }
+
+    /// The CPU has the 512-bit VNNI this module needs (on top of [`crate::kernels::Simd::Avx512`]).
+    pub fn has_vnni() -> bool {
+        std::is_x86_feature_detected!("avx512vnni")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -759,7 +913,14 @@ mod tests {
     fn simd_path_matches_scalar_path() {
         let mut seed = 3u64;
         for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
-            for &(rows, k, n) in &[(1, 96, 19), (3, 64, 16), (6, 33, 8), (9, 256, 40)] {
+            for &(rows, k, n) in &[
+                (1, 96, 19),
+                (3, 64, 16),
+                (6, 33, 8),
+                (7, 64, 24),
+                (9, 256, 40),
+                (13, 1024, 13),
+            ] {
                 let x = rnd_vec(&mut seed, rows * k);
                 let w = rnd_vec(&mut seed, n * k);
                 let p = QuantWeights::quantize(&w, n, k, format);
@@ -795,6 +956,19 @@ mod tests {
                         paths.push(("avx-vnni", o));
                     }
                 }
+                #[cfg(target_arch = "x86_64")]
+                if crate::kernels::detected_simd() == crate::kernels::Simd::Avx512
+                    && avx512::has_vnni()
+                {
+                    let mut o = vec![f32::NAN; rows * n];
+                    // SAFETY: the CPU has AVX-512 F/BW/VL and VNNI (checked); one tile.
+                    unsafe { avx512::tile(&p, &xq, 0..rows, groups.clone(), n, o.as_mut_ptr()) };
+                    paths.push(("avx512-vnni", o));
+                }
+                eprintln!(
+                    "{format:?} {rows}x{k}x{n}: {:?}",
+                    paths.iter().map(|p| p.0).collect::<Vec<_>>()
+                );
                 for (path, a) in &paths {
                     for (i, (u, v)) in a.iter().zip(&b).enumerate() {
                         // Same integer dots and scales; only the f32 sums' order differs.

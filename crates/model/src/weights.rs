@@ -72,13 +72,6 @@ impl LinearType {
             },
         }
     }
-
-    pub fn describe(self) -> String {
-        match self {
-            LinearType::Auto => "auto".into(),
-            LinearType::Is(t) => t.name().into(),
-        }
-    }
 }
 
 /// All tensors of one checkpoint directory (or GGUF file).
