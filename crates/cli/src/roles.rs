@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_core::Deployment;
 use tandem_engine::net::{query_status, serve_expert, Identity, NetOptions, TcpReplicaLink};
+use tandem_engine::wire::WireDtype;
 use tandem_engine::{Engine, EngineOptions};
 use tandem_model::weights::LinearType;
 use tandem_model::{ExpertSelection, Model, Tokenizer};
@@ -35,6 +36,15 @@ pub struct RoleArgs {
     /// Seconds a replica waits for the expert workers before failing its requests.
     #[arg(long, default_value_t = 60)]
     pub peer_timeout_s: u64,
+    /// How an attention replica sends hidden states to the expert workers over TCP (they
+    /// answer in the same type): `f32` (exact) or `bf16` (half the bytes, each value rounded
+    /// to bf16).
+    #[arg(long, default_value = "f32", value_parser = parse_wire_dtype)]
+    pub wire_dtype: WireDtype,
+}
+
+fn parse_wire_dtype(s: &str) -> Result<WireDtype, String> {
+    WireDtype::parse(s).ok_or_else(|| format!("unknown wire dtype {s:?} (f32 or bf16)"))
 }
 
 fn check_addresses(dep: &Deployment) -> Result<()> {
@@ -84,6 +94,12 @@ pub fn start_engine(
     };
     match role.role {
         None => {
+            if role.wire_dtype != WireDtype::F32 {
+                bail!(
+                    "--wire-dtype applies to the TCP links of --role attention; in-process \
+                     workers pass hidden states in memory"
+                );
+            }
             let model = Arc::new(load(&ExpertSelection::All)?);
             Ok((Engine::start(model, tok.clone(), opts)?, tok))
         }
@@ -94,7 +110,10 @@ pub fn start_engine(
                 role.rank,
                 dep.addresses.expert.clone(),
                 Identity::new(&model, &dep)?,
-                NetOptions::default(),
+                NetOptions {
+                    wire_dtype: role.wire_dtype,
+                    ..NetOptions::default()
+                },
             );
             let probe = link.health_probe();
             let engine = Engine::start_remote(model, tok.clone(), opts, role.rank, Box::new(link))?;

@@ -17,7 +17,9 @@
 use crate::expert_worker::{ExpertWorker, WorkerStatus};
 use crate::stats::WorkerStats;
 use crate::transport::{ExpertLink, ReplicaLink, ToReplica, ToWorker, TransportError};
-use crate::wire::{fnv1a, read_frame, write_frame, Frame, WireError, WIRE_VERSION};
+use crate::wire::{
+    fnv1a, read_frame, write_frame, write_frame_as, Frame, WireDtype, WireError, WIRE_VERSION,
+};
 use crate::{DispatchMsg, EngineError};
 use serde::{Deserialize, Serialize};
 use std::io::{BufReader, Write};
@@ -64,6 +66,9 @@ struct Hello {
     role: String,
     rank: u32,
     identity: Option<Identity>,
+    /// How the replica sends hidden states, and wants them back (absent: f32).
+    #[serde(default)]
+    wire_dtype: WireDtype,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,6 +86,9 @@ pub struct NetOptions {
     pub handshake_timeout: Duration,
     /// Longest pause between reconnection attempts.
     pub max_backoff: Duration,
+    /// How a replica sends hidden states (and the workers answer it); ignored by workers,
+    /// which answer each replica in the type it announced.
+    pub wire_dtype: WireDtype,
 }
 
 impl Default for NetOptions {
@@ -89,6 +97,7 @@ impl Default for NetOptions {
             max_payload: 1 << 30,
             handshake_timeout: Duration::from_secs(10),
             max_backoff: Duration::from_secs(1),
+            wire_dtype: WireDtype::F32,
         }
     }
 }
@@ -107,11 +116,13 @@ struct Conn {
     gen: u64,
     /// Unbuffered: frames go out with vectored writes straight from tensor memory.
     w: TcpStream,
+    /// The type hidden states are sent in on this connection.
+    dtype: WireDtype,
 }
 
 impl Conn {
     fn send(&mut self, f: &Frame, hidden: usize) -> Result<(), WireError> {
-        write_frame(&mut self.w, f, hidden)?;
+        write_frame_as(&mut self.w, f, hidden, self.dtype)?;
         self.w.flush()?;
         Ok(())
     }
@@ -260,7 +271,11 @@ fn replica_conn_loop(s: &ReplicaShared, w: usize, tx: mpsc::Sender<ToReplica>) {
             continue;
         };
         if let Ok(mut g) = s.conns[w].lock() {
-            *g = Some(Conn { gen, w: wr });
+            *g = Some(Conn {
+                gen,
+                w: wr,
+                dtype: s.opts.wire_dtype,
+            });
         }
         tracing::info!(replica = s.rank, "connected to expert worker {w} at {addr}");
         let mut r = BufReader::with_capacity(1 << 16, &stream);
@@ -317,6 +332,7 @@ fn replica_handshake(s: &ReplicaShared, w: usize) -> Result<TcpStream, String> {
         role: "replica".into(),
         rank: s.rank,
         identity: Some(s.id.clone()),
+        wire_dtype: s.opts.wire_dtype,
     };
     let text = serde_json::to_string(&hello).map_err(|e| e.to_string())?;
     let mut wr = &stream;
@@ -554,7 +570,11 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
                 replica: rank as u32,
             });
         }
-        let mut c = Conn { gen, w: wr };
+        let mut c = Conn {
+            gen,
+            w: wr,
+            dtype: hello.wire_dtype,
+        };
         if c.send(
             &Frame::HelloAck(serde_json::to_string(&ack).unwrap_or_default()),
             0,
@@ -571,7 +591,8 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
     let _ = stream.set_read_timeout(None);
     tracing::info!(
         worker = s.worker,
-        "attention replica {rank} connected from {peer}"
+        "attention replica {rank} connected from {peer} (hidden states in {})",
+        hello.wire_dtype.name()
     );
     let mut r = BufReader::with_capacity(1 << 16, &stream);
     let why = loop {
@@ -653,6 +674,7 @@ pub fn query_status(addr: &str, timeout: Duration) -> Result<WorkerReport, Strin
         role: "status".into(),
         rank: 0,
         identity: None,
+        wire_dtype: WireDtype::F32,
     };
     let mut w = &stream;
     write_frame(

@@ -10,15 +10,17 @@
 //!  24    4 layer
 //!  28    4 micro_batch
 //!  32    4 sender       replica id (to a worker) or worker id (to a replica)
-//!  36    4 flags        bit 0: more (dispatch); bit 1: next_members present (combine)
+//!  36    4 flags        bit 0: more (dispatch); bit 1: next_members present (combine);
+//!                       bit 2: the matrix is bf16 (2 bytes a value) instead of f32
 //!  40    8 members      member mask (dispatch, welcome) or next members (combine)
-//!  48    4 rows         rows of the [rows, hidden] f32 matrix in the payload
+//!  48    4 rows         rows of the [rows, hidden] matrix in the payload
 //!  52    4 n_assign     assignments after the matrix (dispatch)
 //!  56    8 payload_len  bytes after the header
 //! ```
 //!
-//! Data payloads are the f32 matrix (written straight from tensor memory, read straight into
-//! the vector that becomes the tensor) followed, for a dispatch, by `n_assign` records of
+//! Data payloads are the matrix, f32 (written straight from tensor memory, read straight into
+//! the vector that becomes the tensor) or bf16 (rounded to nearest even when written, widened
+//! when read: half the bytes, [`WireDtype`]), followed, for a dispatch, by `n_assign` records of
 //! (row u32, expert u32, weight f32). Control payloads (hello, reject, reset, trouble) are
 //! UTF-8 text (JSON for the hello), at most [`MAX_CONTROL_PAYLOAD`] bytes.
 //!
@@ -165,6 +167,88 @@ impl Header {
 
 const FLAG_MORE: u32 = 1;
 const FLAG_NEXT: u32 = 2;
+const FLAG_BF16: u32 = 4;
+
+/// How the hidden states of dispatches and combines travel. Each frame says which it
+/// carries, so a reader takes either; a writer uses its connection's choice (the replica's
+/// option, announced in its hello, which the worker answers in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WireDtype {
+    /// Exact: the engine's own values.
+    #[default]
+    F32,
+    /// Half the bytes; each value rounded to bf16 (8 bits of mantissa) on the way.
+    Bf16,
+}
+
+impl WireDtype {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Some(WireDtype::F32),
+            "bf16" => Some(WireDtype::Bf16),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WireDtype::F32 => "f32",
+            WireDtype::Bf16 => "bf16",
+        }
+    }
+
+    /// Bytes of one value.
+    pub fn bytes(self) -> u64 {
+        match self {
+            WireDtype::F32 => 4,
+            WireDtype::Bf16 => 2,
+        }
+    }
+
+    fn flag(self) -> u32 {
+        match self {
+            WireDtype::F32 => 0,
+            WireDtype::Bf16 => FLAG_BF16,
+        }
+    }
+}
+
+/// Writes a matrix payload (`head`, the values in `dtype`, then `tail`).
+fn write_matrix(
+    w: &mut impl Write,
+    head: &[u8],
+    values: &[f32],
+    tail: &[u8],
+    dtype: WireDtype,
+) -> Result<(), WireError> {
+    match dtype {
+        WireDtype::F32 => write_parts(w, &[head, f32_bytes(values), tail]),
+        WireDtype::Bf16 => {
+            let mut b = Vec::with_capacity(values.len() * 2);
+            for v in values {
+                b.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
+            }
+            write_parts(w, &[head, &b, tail])
+        }
+    }
+}
+
+/// Reads `n` matrix values sent in `dtype`.
+fn read_matrix(r: &mut impl Read, n: usize, dtype: WireDtype) -> Result<Vec<f32>, WireError> {
+    let mut x = vec![0f32; n];
+    match dtype {
+        WireDtype::F32 => read_full(r, f32_bytes_mut(&mut x), false)?,
+        WireDtype::Bf16 => {
+            let mut b = vec![0u8; n * 2];
+            read_full(r, &mut b, false)?;
+            for (v, c) in x.iter_mut().zip(b.chunks_exact(2)) {
+                *v = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+    }
+    Ok(x)
+}
 
 /// Everything that travels on an M2N connection.
 pub enum Frame {
@@ -260,8 +344,18 @@ fn matrix_rows(t: &Tensor, hidden: usize) -> Result<u32, WireError> {
     Ok((n / hidden) as u32)
 }
 
-/// Writes one frame. The caller flushes (and should buffer small writes).
+/// Writes one frame, matrices in f32. The caller flushes (and should buffer small writes).
 pub fn write_frame(w: &mut impl Write, f: &Frame, hidden: usize) -> Result<(), WireError> {
+    write_frame_as(w, f, hidden, WireDtype::F32)
+}
+
+/// [`write_frame`] with the matrices of dispatches and combines in `dtype`.
+pub fn write_frame_as(
+    w: &mut impl Write,
+    f: &Frame,
+    hidden: usize,
+    dtype: WireDtype,
+) -> Result<(), WireError> {
     match f {
         Frame::Hello(t) => text_frame(w, Kind::Hello, Header::default(), t),
         Frame::HelloAck(t) => text_frame(w, Kind::HelloAck, Header::default(), t),
@@ -270,12 +364,12 @@ pub fn write_frame(w: &mut impl Write, f: &Frame, hidden: usize) -> Result<(), W
         Frame::ToWorker(ToWorker::Dispatch(m)) => {
             let rows = matrix_rows(&m.x, hidden)?;
             let mut h = slot_header(Kind::Dispatch, &m.header);
-            h.flags = if m.more { FLAG_MORE } else { 0 };
+            h.flags = if m.more { FLAG_MORE } else { 0 } | dtype.flag();
             h.members = m.members;
             h.rows = rows;
             h.n_assign = m.assignments.len() as u32;
-            h.payload_len =
-                rows as u64 * hidden as u64 * 4 + m.assignments.len() as u64 * ASSIGNMENT_LEN;
+            h.payload_len = rows as u64 * hidden as u64 * dtype.bytes()
+                + m.assignments.len() as u64 * ASSIGNMENT_LEN;
             let mut a = Vec::with_capacity(m.assignments.len() * ASSIGNMENT_LEN as usize);
             for x in &m.assignments {
                 a.extend_from_slice(&x.row.to_le_bytes());
@@ -283,7 +377,7 @@ pub fn write_frame(w: &mut impl Write, f: &Frame, hidden: usize) -> Result<(), W
                 a.extend_from_slice(&x.weight.to_le_bytes());
             }
             let head = h.encode();
-            with_slice(&m.x, |x| write_parts(w, &[&head, f32_bytes(x), &a]))??;
+            with_slice(&m.x, |x| write_matrix(w, &head, x, &a, dtype))??;
             Ok(())
         }
         Frame::ToWorker(ToWorker::Join { replica }) => {
@@ -318,10 +412,11 @@ pub fn write_frame(w: &mut impl Write, f: &Frame, hidden: usize) -> Result<(), W
                 h.flags = FLAG_NEXT;
                 h.members = k;
             }
+            h.flags |= dtype.flag();
             h.rows = rows;
-            h.payload_len = rows as u64 * hidden as u64 * 4;
+            h.payload_len = rows as u64 * hidden as u64 * dtype.bytes();
             let head = h.encode();
-            with_slice(&m.y, |y| write_parts(w, &[&head, f32_bytes(y)]))??;
+            with_slice(&m.y, |y| write_matrix(w, &head, y, &[], dtype))??;
             Ok(())
         }
         Frame::ToReplica(ToReplica::Welcome {
@@ -408,6 +503,11 @@ pub fn read_frame(r: &mut impl Read, hidden: usize, max_payload: u64) -> Result<
         micro_batch: h.micro_batch,
         sender: h.sender,
     };
+    let dtype = if h.flags & FLAG_BF16 != 0 {
+        WireDtype::Bf16
+    } else {
+        WireDtype::F32
+    };
     let matrix = |kind: Kind, extra: u64| -> Result<usize, WireError> {
         if hidden == 0 {
             return Err(WireError::Malformed {
@@ -416,7 +516,7 @@ pub fn read_frame(r: &mut impl Read, hidden: usize, max_payload: u64) -> Result<
             });
         }
         let want = (h.rows as u64)
-            .checked_mul(hidden as u64 * 4)
+            .checked_mul(hidden as u64 * dtype.bytes())
             .and_then(|m| m.checked_add(extra))
             .ok_or_else(|| WireError::Malformed {
                 kind,
@@ -447,8 +547,7 @@ pub fn read_frame(r: &mut impl Read, hidden: usize, max_payload: u64) -> Result<
         Kind::Status => Frame::Status(read_text(r, kind, h.payload_len)?),
         Kind::Dispatch => {
             let n = matrix(kind, h.n_assign as u64 * ASSIGNMENT_LEN)?;
-            let mut x = vec![0f32; n];
-            read_full(r, f32_bytes_mut(&mut x), false)?;
+            let x = read_matrix(r, n, dtype)?;
             let mut ab = vec![0u8; h.n_assign as usize * ASSIGNMENT_LEN as usize];
             read_full(r, &mut ab, false)?;
             let mut assignments = Vec::with_capacity(h.n_assign as usize);
@@ -485,8 +584,7 @@ pub fn read_frame(r: &mut impl Read, hidden: usize, max_payload: u64) -> Result<
                 });
             }
             let n = matrix(kind, 0)?;
-            let mut y = vec![0f32; n];
-            read_full(r, f32_bytes_mut(&mut y), false)?;
+            let y = read_matrix(r, n, dtype)?;
             Frame::ToReplica(ToReplica::Combine(CombineMsg {
                 header: slot,
                 y: from_vec(y, h.rows as usize, hidden)?,

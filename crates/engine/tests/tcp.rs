@@ -67,11 +67,15 @@ fn start_workers(dir: &Path, dep: &Deployment, ls: Vec<TcpListener>) {
 }
 
 fn start_replica(model: &Arc<Model>, dep: &Deployment, rank: u32) -> Engine {
+    start_replica_with(model, dep, rank, NetOptions::default())
+}
+
+fn start_replica_with(model: &Arc<Model>, dep: &Deployment, rank: u32, net: NetOptions) -> Engine {
     let link = TcpReplicaLink::connect(
         rank,
         dep.addresses.expert.clone(),
         Identity::new(model, dep).unwrap(),
-        NetOptions::default(),
+        net,
     );
     link.wait_ready(Duration::from_secs(20)).unwrap();
     Engine::start_remote(
@@ -184,6 +188,46 @@ fn tcp_olmoe() {
 #[test]
 fn tcp_dbrx() {
     tcp_equals_colocated("dbrx");
+}
+
+/// Replica 0 sends hidden states in bf16, replica 1 in f32, to the same workers (which
+/// answer each in its own type). On these fixtures and prompts the rounding (2^-9 relative,
+/// twice a layer) leaves every greedy token as the f32 reference's; a wire path that
+/// garbled values, misread a flag or answered in the wrong type would not.
+#[test]
+fn bf16_on_the_wire_keeps_the_greedy_tokens() {
+    for family in ["mixtral", "qwen2_moe"] {
+        let dir = fixture(family);
+        let (ls, addrs) = listeners(2);
+        let dep = deployment(2, 2, 2, addrs);
+        start_workers(&dir, &dep, ls);
+        let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
+        let reference = Model::load(&dir).unwrap();
+        let bf16 = NetOptions {
+            wire_dtype: tandem_engine::wire::WireDtype::Bf16,
+            ..NetOptions::default()
+        };
+        let engines = [
+            start_replica_with(&model, &dep, 0, bf16),
+            start_replica(&model, &dep, 1),
+        ];
+        let ps = prompts(model.cfg.vocab_size);
+        let n = 10;
+        let handles: Vec<_> = ps
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                engines[i % 2]
+                    .add_request(p.clone(), greedy_params(n))
+                    .unwrap()
+            })
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            let got = collect(h).unwrap_or_else(|e| panic!("{family} prompt {i}: {e}"));
+            let want = greedy(&reference, &ps[i], n).unwrap().0;
+            assert_eq!(got, want, "{family} prompt {i} (replica {})", i % 2);
+        }
+    }
 }
 
 #[test]

@@ -5,7 +5,9 @@
 use proptest::prelude::*;
 use std::io::Cursor;
 use tandem_engine::transport::{CombineMsg, DispatchMsg, SlotHeader, ToReplica, ToWorker};
-use tandem_engine::wire::{read_frame, write_frame, Frame, Header, WireError, HEADER_LEN, MAGIC};
+use tandem_engine::wire::{
+    read_frame, write_frame, write_frame_as, Frame, Header, WireDtype, WireError, HEADER_LEN, MAGIC,
+};
 use tandem_model::layers::{from_vec, with_slice};
 use tandem_model::Assignment;
 
@@ -105,6 +107,42 @@ proptest! {
         for (a, b) in d.assignments.iter().zip(&asg) {
             prop_assert_eq!((a.row, a.expert, a.weight.to_bits()), (b.row, b.expert, b.weight.to_bits()));
         }
+    }
+
+    /// bf16 on the wire: half the matrix bytes, each value rounded to nearest even bf16
+    /// (NaN stays NaN), everything else exact; the reader needs no option to tell.
+    #[test]
+    fn bf16_matrices_round_trip((hidden, header, members, more, x, asg) in dispatch(), next in proptest::option::of(any::<u64>())) {
+        let rows = x.len() / hidden;
+        let rounded: Vec<f32> = x.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect();
+        let same = |got: &[f32]| got.len() == rounded.len() && got.iter().zip(&rounded).all(|(a, b)| {
+            a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+        });
+        let msg = DispatchMsg {
+            header,
+            members,
+            more,
+            x: from_vec(x.clone(), rows, hidden).unwrap(),
+            assignments: asg.clone(),
+        };
+        let mut bytes = Vec::new();
+        write_frame_as(&mut bytes, &Frame::ToWorker(ToWorker::Dispatch(msg)), hidden, WireDtype::Bf16).unwrap();
+        prop_assert_eq!(bytes.len(), HEADER_LEN + x.len() * 2 + asg.len() * 12);
+        let Ok(Frame::ToWorker(ToWorker::Dispatch(d))) = decode(&bytes, hidden) else {
+            return Err(TestCaseError::fail("not a dispatch"));
+        };
+        prop_assert_eq!((d.header, d.members, d.more), (header, members, more));
+        prop_assert!(same(&values(&d.x)));
+        prop_assert_eq!(d.assignments.len(), asg.len());
+        let c = CombineMsg { header, y: from_vec(x.clone(), rows, hidden).unwrap(), next_members: next };
+        let mut bytes = Vec::new();
+        write_frame_as(&mut bytes, &Frame::ToReplica(ToReplica::Combine(c)), hidden, WireDtype::Bf16).unwrap();
+        prop_assert_eq!(bytes.len(), HEADER_LEN + x.len() * 2);
+        let Ok(Frame::ToReplica(ToReplica::Combine(d))) = decode(&bytes, hidden) else {
+            return Err(TestCaseError::fail("not a combine"));
+        };
+        prop_assert_eq!((d.header, d.next_members), (header, next));
+        prop_assert!(same(&values(&d.y)));
     }
 
     #[test]

@@ -132,9 +132,14 @@ trait PanelLine: Zeroable + Send + Sync + 'static {
     /// The line's 16 values as one vector, in column order (the caller enables AVX-512 F).
     #[cfg(target_arch = "x86_64")]
     unsafe fn load512(p: *const Self) -> std::arch::x86_64::__m512;
+    /// Whether the one-row (GEMV) path runs faster with AVX-512 than with AVX2. Measured by
+    /// `bench kernels`: yes for f32; for bf16 the 512-bit widening (a broadcast load and two
+    /// shuffles per line) made the GEMV 2-5% slower, so bf16 keeps AVX2 there.
+    const WIDE_GEMV: bool;
 }
 
 impl PanelLine for Line {
+    const WIDE_GEMV: bool = true;
     fn get(&self, c: usize) -> f32 {
         self.0[c]
     }
@@ -156,6 +161,7 @@ impl PanelLine for Line {
 }
 
 impl PanelLine for LineBf16 {
+    const WIDE_GEMV: bool = false;
     fn get(&self, c: usize) -> f32 {
         f32::from_bits((self.0[BF16_SLOT[c]] as u32) << 16)
     }
@@ -175,16 +181,17 @@ impl PanelLine for LineBf16 {
             _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v)),
         ]
     }
-    /// Widened as 32-bit lanes (zero-extend, shift into the top half) in storage order,
-    /// then put in column order by one permute ([`BF16_SLOT`] is its own index table).
+    /// The line loaded twice (`[v | v]`, a broadcast load), then interleaved with zeros per
+    /// 128-bit lane: the low words in lanes 0-1 (columns 0-7, see [`BF16_SLOT`]) and the
+    /// high words in lanes 2-3 (columns 8-15), already in column order.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load512(p: *const Self) -> std::arch::x86_64::__m512 {
         use std::arch::x86_64::*;
-        let v = _mm256_load_si256(p as *const __m256i);
-        let w = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v));
-        let idx = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15);
-        _mm512_castsi512_ps(_mm512_permutexvar_epi32(idx, w))
+        let v = _mm512_broadcast_i64x4(_mm256_load_si256(p as *const __m256i));
+        let z = _mm512_setzero_si512();
+        let lo = _mm512_unpacklo_epi16(z, v);
+        _mm512_castsi512_ps(_mm512_mask_unpackhi_epi16(lo, 0xFFFF_0000, z, v))
     }
 }
 
@@ -995,6 +1002,9 @@ mod avx512 {
         tile: Tile,
         out: *mut f32,
     ) {
+        if tile.rows.len() == 1 && !L::WIDE_GEMV {
+            return super::drive::<L, super::avx::Avx2>(lines, n, k, a, tile, out);
+        }
         super::drive::<L, Avx512>(lines, n, k, a, tile, out)
     }
 }
