@@ -153,7 +153,8 @@ pub struct BenchServeOpts {
     /// Do not call POST /tokenize to calibrate prompt lengths.
     #[arg(long)]
     pub no_tokenize: bool,
-    /// Bearer token (default: the OPENAI_API_KEY environment variable).
+    /// Bearer token (default: the TANDEM_API_KEY, else the OPENAI_API_KEY environment
+    /// variable).
     #[arg(long)]
     pub api_key: Option<String>,
 }
@@ -1311,6 +1312,17 @@ async fn wait_ready(
         }
         match rb.send().await {
             Ok(resp) => {
+                if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
+                    bail!(
+                        "GET {url} answered 401: the server needs an API key (--api-key or \
+                         TANDEM_API_KEY) and {}",
+                        if api_key.is_some() {
+                            "this one is wrong"
+                        } else {
+                            "none was given"
+                        }
+                    );
+                }
                 if !resp.status().is_success() {
                     return Ok(None);
                 }
@@ -1378,6 +1390,7 @@ async fn run_async(a: &BenchServeOpts) -> Result<Value> {
     let api_key = a
         .api_key
         .clone()
+        .or_else(|| std::env::var("TANDEM_API_KEY").ok())
         .or_else(|| std::env::var("OPENAI_API_KEY").ok())
         .filter(|k| !k.is_empty());
     let client = reqwest::Client::builder()

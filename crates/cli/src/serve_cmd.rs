@@ -7,7 +7,7 @@ use clap::Args;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tandem_server::{AppState, ServerOptions};
+use tandem_server::{ApiKey, AppState, ServerOptions};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -31,6 +31,31 @@ pub struct ServeArgs {
     /// Seconds a shutdown waits for in-flight requests.
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace_s: u64,
+    /// Require `Authorization: Bearer KEY` on every route but /health and /metrics (401
+    /// otherwise). Default: the TANDEM_API_KEY environment variable. A command line is
+    /// visible to other users of the host: prefer --api-key-file or the variable.
+    #[arg(long, conflicts_with = "api_key_file")]
+    pub api_key: Option<String>,
+    /// Read the API key from this file (a mounted secret; one trailing newline is dropped).
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, default_value_t = ServerOptions::default().max_body_bytes)]
+    pub max_body_bytes: usize,
+    /// Most tokens in one prompt (400 beyond; the model's context length applies as well).
+    #[arg(long, default_value_t = ServerOptions::default().max_prompt_tokens)]
+    pub max_prompt_tokens: usize,
+    /// Largest `max_tokens` / `max_completion_tokens` a request may ask for (400 beyond);
+    /// a chat request without one stops there.
+    #[arg(long, default_value_t = ServerOptions::default().max_tokens)]
+    pub max_tokens: usize,
+    /// Largest `n` (choices per prompt) a request may ask for (400 beyond).
+    #[arg(long, default_value_t = ServerOptions::default().max_n)]
+    pub max_n: usize,
+    /// Most requests in flight from one client IP address (429 + Retry-After beyond); 0 = no
+    /// limit (behind a proxy every request comes from the proxy's address).
+    #[arg(long, default_value_t = ServerOptions::default().max_concurrent_per_ip)]
+    pub max_concurrent_per_ip: usize,
     #[command(flatten)]
     pub shape: crate::generate::ShapeArgs,
     #[command(flatten)]
@@ -40,6 +65,24 @@ pub struct ServeArgs {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
+    // The key and the limits are checked before anything is loaded: a bad one stops here.
+    let opts = if a.role.role == Some(Role::Expert) {
+        ServerOptions::default()
+    } else {
+        let opts = ServerOptions {
+            max_queue: a.max_queue,
+            shutdown_grace: Duration::from_secs(a.shutdown_grace_s),
+            max_body_bytes: a.max_body_bytes,
+            api_key: api_key(&a)?,
+            max_prompt_tokens: a.max_prompt_tokens,
+            max_tokens: a.max_tokens,
+            max_n: a.max_n,
+            max_concurrent_per_ip: a.max_concurrent_per_ip,
+            ..ServerOptions::default()
+        };
+        opts.validate().context("checking the serve limits")?;
+        opts
+    };
     let dir = crate::models::resolve(&a.model)?;
     let ty = a.weights.linear_type()?;
     let mut deployment = a.shape.deployment_or_default(a.role.role.is_some())?;
@@ -86,17 +129,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
     }
     let host = a.host.clone().unwrap_or(host);
     let port = a.port.unwrap_or(port);
+    let opts = ServerOptions {
+        model_name: name.clone(),
+        ..opts
+    };
     let (engine, tok) = crate::roles::start_engine(&dir, deployment.clone(), &a.role, ty)?;
-    let state = AppState::new(
-        Arc::new(engine),
-        tok,
-        ServerOptions {
-            model_name: name.clone(),
-            max_queue: a.max_queue,
-            shutdown_grace: Duration::from_secs(a.shutdown_grace_s),
-            ..ServerOptions::default()
-        },
-    );
+    let state = AppState::new(Arc::new(engine), tok, opts.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -114,10 +152,48 @@ pub fn run(a: ServeArgs) -> Result<()> {
             deployment.micro_batches,
             state.engine().max_model_len()
         );
+        if opts.api_key.is_some() {
+            tracing::info!(
+                "an API key is required (Authorization: Bearer) on every route but /health and /metrics"
+            );
+        } else {
+            tracing::warn!(
+                "no API key is set (--api-key, --api-key-file, TANDEM_API_KEY): every route is open to anyone who can reach {local}"
+            );
+        }
+        tracing::info!(
+            "limits: body {} bytes, prompt {} tokens, max_tokens {}, n {}, in flight per client address {}",
+            opts.max_body_bytes,
+            opts.max_prompt_tokens,
+            opts.max_tokens,
+            opts.max_n,
+            match opts.max_concurrent_per_ip {
+                0 => "unlimited".to_string(),
+                n => n.to_string(),
+            }
+        );
         tandem_server::serve(listener, state, shutdown_signal()).await?;
         tracing::info!("server stopped");
         Ok(())
     })
+}
+
+/// The API key: --api-key, else --api-key-file, else TANDEM_API_KEY; none when none is
+/// given. An empty key or an unreadable file is an error, not an open server.
+fn api_key(a: &ServeArgs) -> Result<Option<ApiKey>> {
+    if let Some(k) = &a.api_key {
+        return Ok(Some(ApiKey::new(k, "--api-key")?));
+    }
+    if let Some(path) = &a.api_key_file {
+        return Ok(Some(ApiKey::from_file(path)?));
+    }
+    match std::env::var("TANDEM_API_KEY") {
+        Ok(k) => Ok(Some(ApiKey::new(&k, "TANDEM_API_KEY")?)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            anyhow::bail!("the TANDEM_API_KEY environment variable is not UTF-8")
+        }
+    }
 }
 
 /// Ctrl-C or SIGTERM.

@@ -69,6 +69,24 @@ impl ApiError {
         )
     }
 
+    /// 401 in OpenAI's shape: the bearer token is missing or wrong.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("invalid_api_key"),
+            ..Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)
+        }
+    }
+
+    /// 429 with `Retry-After` (OpenAI's rate-limit shape): one client has too many requests
+    /// in flight.
+    pub fn rate_limited(message: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(1),
+            code: Some("rate_limit_exceeded"),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "requests", message)
+        }
+    }
+
     /// 503 with `Retry-After`: admission control turned the request away.
     pub fn overloaded(message: impl Into<String>) -> Self {
         Self {
@@ -128,6 +146,10 @@ impl IntoResponse for ApiError {
         if let Some(s) = self.retry_after {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         r
     }

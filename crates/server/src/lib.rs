@@ -15,9 +15,17 @@
 //! requests live in a guard that aborts unfinished engine requests when it is dropped, so a
 //! client that disconnects (a dropped SSE body, or a cancelled non-streaming request) frees
 //! its KV blocks.
+//!
+//! Access and limits ([`auth`], [`limits`]): with an API key set, every route except
+//! `/health` and `/metrics` needs `Authorization: Bearer KEY` (401 otherwise); operator
+//! limits on the body size (413), prompt tokens, `max_tokens` and `n` (400) and requests in
+//! flight per client address (429 + `Retry-After`) are checked before a request reaches the
+//! engine.
 
+pub mod auth;
 pub mod error;
 mod generate;
+pub mod limits;
 pub mod metrics_export;
 pub mod protocol;
 mod routes;
@@ -25,6 +33,7 @@ mod routes;
 use axum::routing::{get, post};
 use axum::Router;
 use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +41,9 @@ use tandem_engine::Engine;
 use tandem_model::Tokenizer;
 use tokio::sync::Semaphore;
 
+pub use auth::{ApiKey, ApiKeyError};
 pub use error::ApiError;
+pub use limits::LimitError;
 pub use metrics_export::install_metrics;
 
 /// Server settings.
@@ -44,8 +55,45 @@ pub struct ServerOptions {
     pub max_queue: usize,
     /// How long a shutdown waits for in-flight requests before dropping them.
     pub shutdown_grace: Duration,
-    /// Largest request body accepted, in bytes.
+    /// Largest request body accepted, in bytes (413 beyond).
     pub max_body_bytes: usize,
+    /// When set, every route but `/health` and `/metrics` needs `Authorization: Bearer KEY`.
+    pub api_key: Option<ApiKey>,
+    /// Most prompt tokens of one prompt (400 beyond; the model's context is checked too).
+    pub max_prompt_tokens: usize,
+    /// Largest `max_tokens` / `max_completion_tokens` (400 beyond); also the cap of a chat
+    /// request that gives none.
+    pub max_tokens: usize,
+    /// Largest `n` (400 beyond).
+    pub max_n: usize,
+    /// Most requests in flight from one client IP address (429 beyond); 0 = no limit (for
+    /// a server behind a proxy, where every request comes from the proxy's address).
+    pub max_concurrent_per_ip: usize,
+}
+
+/// A [`ServerOptions`] value that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{option} must be at least 1")]
+pub struct OptionsError {
+    pub option: &'static str,
+}
+
+impl ServerOptions {
+    /// Checks the limits (all but `max_concurrent_per_ip` must be at least 1).
+    pub fn validate(&self) -> Result<(), OptionsError> {
+        for (option, v) in [
+            ("max_queue", self.max_queue),
+            ("max_body_bytes", self.max_body_bytes),
+            ("max_prompt_tokens", self.max_prompt_tokens),
+            ("max_tokens", self.max_tokens),
+            ("max_n", self.max_n),
+        ] {
+            if v == 0 {
+                return Err(OptionsError { option });
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for ServerOptions {
@@ -55,6 +103,11 @@ impl Default for ServerOptions {
             max_queue: 256,
             shutdown_grace: Duration::from_secs(30),
             max_body_bytes: 16 << 20,
+            api_key: None,
+            max_prompt_tokens: 32768,
+            max_tokens: 32768,
+            max_n: protocol::MAX_CHOICES,
+            max_concurrent_per_ip: 128,
         }
     }
 }
@@ -65,6 +118,7 @@ pub struct Shared {
     pub tokenizer: Option<Arc<Tokenizer>>,
     pub opts: ServerOptions,
     pub(crate) admission: Arc<Semaphore>,
+    pub(crate) per_ip: limits::PerIp,
     pub(crate) created: u64,
     pub(crate) next_id: AtomicU64,
     pub(crate) prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -86,6 +140,7 @@ impl AppState {
             engine,
             tokenizer,
             admission: Arc::new(Semaphore::new(max_queue)),
+            per_ip: limits::PerIp::default(),
             opts: ServerOptions { max_queue, ..opts },
             created: generate::unix_now(),
             next_id: AtomicU64::new(0),
@@ -98,7 +153,9 @@ impl AppState {
     }
 }
 
-/// The axum app.
+/// The axum app. Per-address limits need the peer address: serve it with
+/// `into_make_service_with_connect_info::<SocketAddr>()` (as [`serve`] does); without it,
+/// only the per-address limit is skipped.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/completions", post(routes::completions))
@@ -110,6 +167,10 @@ pub fn router(state: AppState) -> Router {
         .route("/detokenize", post(routes::detokenize))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            routes::gate,
+        ))
         .layer(axum::middleware::from_fn(routes::track))
         .with_state(state)
 }
@@ -132,6 +193,7 @@ pub async fn serve(
     let engine = state.0.engine.clone();
     let app = router(state);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         tracing::info!("shutting down: no new connections; draining in-flight requests");

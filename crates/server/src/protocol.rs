@@ -8,13 +8,15 @@
 //! and rejected with a 400 naming the field otherwise.
 
 use crate::error::ApiError;
+use crate::limits::LimitError;
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::HashMap;
 use tandem_model::tokenizer::ChatMessage;
 use tandem_sched::SamplingParams;
 
-/// Most choices one request may ask for (`n` times the number of prompts).
+/// The default of the largest `n` a request may ask for (`serve --max-n`,
+/// [`crate::ServerOptions::max_n`]).
 pub const MAX_CHOICES: usize = 128;
 
 /// `prompt`: a string, a list of strings, a list of token ids, or a list of such lists.
@@ -212,11 +214,12 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Api
 
 impl Sampling {
     /// The engine parameters (`n` is kept; the caller fans out), after the checks for fields
-    /// this server accepts only in their default form.
+    /// this server accepts only in their default form; `n` may be at most `max_n`.
     pub fn to_params(
         &self,
         max_tokens: Option<usize>,
         logprobs: Option<usize>,
+        max_n: usize,
     ) -> Result<SamplingParams, ApiError> {
         if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
             return Err(ApiError::bad_param(
@@ -233,11 +236,12 @@ impl Sampling {
                 ));
             }
         }
-        if n > MAX_CHOICES {
-            return Err(ApiError::bad_param(
-                "n",
-                format!("n must be at most {MAX_CHOICES}, got {n}"),
-            ));
+        if n > max_n {
+            return Err(LimitError::TooManyChoices {
+                requested: n,
+                limit: max_n,
+            }
+            .into());
         }
         let d = SamplingParams::default();
         let p = SamplingParams {

@@ -3,17 +3,19 @@
 
 use crate::error::ApiError;
 use crate::generate::{self, Api, Job};
+use crate::limits::{Held, LimitError};
 use crate::protocol::{
     chat_messages, parse_body, ChatRequest, CompletionRequest, DetokenizeRequest, Prompt,
     TokenizeRequest,
 };
 use crate::{AppState, Shared};
 use axum::body::Bytes;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 use tandem_model::Tokenizer;
@@ -36,16 +38,41 @@ fn respond(r: Result<Response, ApiError>) -> Response {
 
 async fn read_body(s: &Shared, req: Request) -> Result<Bytes, ApiError> {
     let limit = s.opts.max_body_bytes;
+    // A declared length over the limit is refused before anything is read.
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(LimitError::BodyTooLarge { limit }.into());
+    }
     axum::body::to_bytes(req.into_body(), limit)
         .await
         .map_err(|e| {
             // The only error besides the limit is a broken client connection.
-            if format!("{e:?}").contains("LengthLimit") {
-                ApiError::too_large(format!("the request body is larger than {limit} bytes"))
+            if is_length_limit(&e) {
+                LimitError::BodyTooLarge { limit }.into()
             } else {
                 ApiError::bad_request(format!("cannot read the request body: {e}"))
             }
         })
+}
+
+/// Whether reading a body failed on its length limit (http-body-util's typed error, found
+/// anywhere in the error's source chain).
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<http_body_util::LengthLimitError>()
+            .is_some()
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn check_model(s: &Shared, model: Option<&str>) -> Result<(), ApiError> {
@@ -80,23 +107,51 @@ fn render_chat(
     encode(s, &text, false)
 }
 
-/// Prompt and context checks before anything reaches the engine.
+/// The operator's cap on `max_tokens` (`param` names the field the client used).
+fn check_max_tokens(
+    s: &Shared,
+    param: &'static str,
+    requested: Option<usize>,
+) -> Result<(), ApiError> {
+    let limit = s.opts.max_tokens;
+    match requested {
+        Some(r) if r > limit => Err(LimitError::MaxTokens {
+            param,
+            requested: r,
+            limit,
+        }
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+/// Prompt and context checks before anything reaches the engine: the operator's prompt
+/// limit (`param` names the field the prompt came from), then the model's context.
 fn check_lengths(
     s: &Shared,
+    param: &'static str,
     prompts: &[Vec<u32>],
     max_tokens: Option<usize>,
 ) -> Result<(), ApiError> {
     let ctx = s.engine.max_model_len();
     if prompts.is_empty() {
-        return Err(ApiError::bad_param("prompt", "the prompt list is empty"));
+        return Err(ApiError::bad_param(param, "the prompt list is empty"));
     }
     for p in prompts {
         if p.is_empty() {
-            return Err(ApiError::bad_param("prompt", "the prompt is empty"));
+            return Err(ApiError::bad_param(param, "the prompt is empty"));
+        }
+        if p.len() > s.opts.max_prompt_tokens {
+            return Err(LimitError::PromptTooLong {
+                param,
+                tokens: p.len(),
+                limit: s.opts.max_prompt_tokens,
+            }
+            .into());
         }
         if p.len() >= ctx {
             return Err(ApiError::bad_param(
-                "prompt",
+                param,
                 format!(
                     "This model's maximum context length is {ctx} tokens. However, your prompt has {} tokens.",
                     p.len()
@@ -131,7 +186,8 @@ async fn completions_inner(s: &Arc<Shared>, req: Request) -> Result<Response, Ap
     r.check_unsupported()?;
     let sampling = r.sampling();
     // OpenAI's default for the legacy completions endpoint.
-    let params = sampling.to_params(Some(r.max_tokens.unwrap_or(16)), r.logprobs)?;
+    let max_tokens = r.max_tokens.unwrap_or(16).min(s.opts.max_tokens);
+    let params = sampling.to_params(Some(max_tokens), r.logprobs, s.opts.max_n)?;
     let prompts = match &r.prompt {
         Prompt::Text(t) => vec![encode(s, t, true)?],
         Prompt::Texts(v) => v
@@ -141,7 +197,9 @@ async fn completions_inner(s: &Arc<Shared>, req: Request) -> Result<Response, Ap
         Prompt::Ids(v) => vec![v.clone()],
         Prompt::IdLists(v) => v.clone(),
     };
-    check_lengths(s, &prompts, params.max_tokens)?;
+    // The model's context first (the more telling reason when both apply), then the cap.
+    check_lengths(s, "prompt", &prompts, params.max_tokens)?;
+    check_max_tokens(s, "max_tokens", r.max_tokens)?;
     let stream = r.stream.unwrap_or(false);
     let include_usage = stream_usage(stream, r.stream_options.as_ref())?;
     generate::run(
@@ -188,11 +246,21 @@ async fn chat_inner(s: &Arc<Shared>, req: Request) -> Result<Response, ApiError>
     } else {
         None
     };
-    let max_tokens = r.max_completion_tokens.or(r.max_tokens);
-    let params = r.sampling().to_params(max_tokens, logprobs)?;
+    let (param, max_tokens) = match (r.max_completion_tokens, r.max_tokens) {
+        (Some(m), _) => ("max_completion_tokens", Some(m)),
+        (None, m) => ("max_tokens", m),
+    };
+    let mut params = r.sampling().to_params(max_tokens, logprobs, s.opts.max_n)?;
     let prompt = render_chat(s, &r.messages, r.add_generation_prompt.unwrap_or(true))?;
+    // Without max_tokens a chat runs to the end of the context, or to the operator's cap
+    // when that comes first.
+    let room = s.engine.max_model_len().saturating_sub(prompt.len());
+    if params.max_tokens.is_none() && s.opts.max_tokens < room {
+        params.max_tokens = Some(s.opts.max_tokens);
+    }
     let prompts = vec![prompt];
-    check_lengths(s, &prompts, params.max_tokens)?;
+    check_lengths(s, "messages", &prompts, params.max_tokens)?;
+    check_max_tokens(s, param, max_tokens)?;
     let stream = r.stream.unwrap_or(false);
     let include_usage = stream_usage(stream, r.stream_options.as_ref())?;
     generate::run(
@@ -346,6 +414,44 @@ fn endpoint_label(path: &str) -> &'static str {
         "/tokenize" => "/tokenize",
         "/detokenize" => "/detokenize",
         _ => "other",
+    }
+}
+
+/// Routes open without a key and outside the per-address limit: probes and scrapers.
+fn is_open(path: &str) -> bool {
+    matches!(path, "/health" | "/metrics")
+}
+
+/// Access and per-address admission, before any handler: the API key (401), then a slot of
+/// the client address's in-flight requests (429 + `Retry-After`), held by the response body
+/// until it is finished or dropped.
+pub(crate) async fn gate(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    if is_open(req.uri().path()) {
+        return next.run(req).await;
+    }
+    let s = &st.0;
+    if let Some(key) = &s.opts.api_key {
+        if let Err(e) = key.check(req.headers()) {
+            metrics::counter!("tandem_requests_unauthorized_total").increment(1);
+            return e.into_response();
+        }
+    }
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let slot = match peer.map(|ip| s.per_ip.acquire(ip, s.opts.max_concurrent_per_ip)) {
+        None | Some(Ok(None)) => None,
+        Some(Ok(Some(slot))) => Some(slot),
+        Some(Err(e)) => {
+            metrics::counter!("tandem_requests_rejected_total").increment(1);
+            return ApiError::from(e).into_response();
+        }
+    };
+    let resp = next.run(req).await;
+    match slot {
+        None => resp,
+        Some(slot) => resp.map(|b| Held::wrap(b, slot)),
     }
 }
 

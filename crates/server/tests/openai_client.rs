@@ -41,6 +41,33 @@ except openai.BadRequestError as e:
 print("OPENAI CLIENT OK")
 "#;
 
+/// The client with `api_key` against a server that requires one: the right key is served,
+/// a wrong one raises `AuthenticationError` (a 401 in OpenAI's shape).
+const SCRIPT_KEY: &str = r#"
+import sys, openai
+base, model, key = sys.argv[1] + "/v1", sys.argv[2], sys.argv[3]
+c = openai.OpenAI(base_url=base, api_key=key, max_retries=0, timeout=60)
+assert [m.id for m in c.models.list().data] == [model]
+r = c.completions.create(model=model, prompt="hello", max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+assert r.usage.completion_tokens == 3, r
+text = ""
+for ch in c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                    temperature=0, stream=True, extra_body={"ignore_eos": True}):
+    for choice in ch.choices:
+        text += choice.delta.content or ""
+bad = openai.OpenAI(base_url=base, api_key=key + "x", max_retries=0, timeout=60)
+for call in (lambda: bad.models.list(),
+             lambda: bad.completions.create(model=model, prompt="x", max_tokens=1),
+             lambda: bad.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], stream=True)):
+    try:
+        call()
+        raise SystemExit("expected AuthenticationError")
+    except openai.AuthenticationError as e:
+        assert e.status_code == 401 and e.code == "invalid_api_key", e
+        assert key not in str(e), e
+print("OPENAI CLIENT KEY OK")
+"#;
+
 fn have_openai() -> bool {
     std::process::Command::new("python3")
         .args(["-c", "import openai"])
@@ -71,6 +98,40 @@ async fn official_openai_python_client() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             out.status.success() && stdout.contains("OPENAI CLIENT OK"),
+            "openai client failed:\n{stdout}\n{stderr}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_openai_python_client_with_api_key() {
+    if !have_openai() {
+        eprintln!(
+            "SKIPPED official_openai_python_client_with_api_key: python3 with the `openai` \
+             package is not available (pip install openai to run it)"
+        );
+        return;
+    }
+    bounded(async {
+        let key = "sk-tandem-test-key";
+        let s = TestServer::start_opts(tandem_server::ServerOptions {
+            api_key: Some(tandem_server::ApiKey::new(key, "test").expect("key")),
+            ..common::test_options()
+        })
+        .await;
+        let child = tokio::process::Command::new("python3")
+            .args(["-c", SCRIPT_KEY, &s.base, MODEL, key])
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(120), child)
+            .await
+            .expect("python finished in time")
+            .expect("python ran");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stdout.contains("OPENAI CLIENT KEY OK"),
             "openai client failed:\n{stdout}\n{stderr}"
         );
     })

@@ -21,6 +21,16 @@ pub fn fixture_dir() -> PathBuf {
 pub const MODEL: &str = "tiny-mixtral";
 
 pub fn state(max_queue: usize, grace: Duration) -> AppState {
+    state_with(ServerOptions {
+        model_name: MODEL.into(),
+        max_queue,
+        shutdown_grace: grace,
+        ..ServerOptions::default()
+    })
+}
+
+/// The fixture engine behind a server with these options.
+pub fn state_with(opts: ServerOptions) -> AppState {
     let dir = fixture_dir();
     let model = Model::load(&dir).expect("fixture model loads");
     let tok = Arc::new(Tokenizer::load(&dir).expect("fixture tokenizer loads"));
@@ -41,16 +51,17 @@ pub fn state(max_queue: usize, grace: Duration) -> AppState {
         },
     )
     .expect("engine starts");
-    AppState::new(
-        Arc::new(engine),
-        Some(tok),
-        ServerOptions {
-            model_name: MODEL.into(),
-            max_queue,
-            shutdown_grace: grace,
-            ..ServerOptions::default()
-        },
-    )
+    AppState::new(Arc::new(engine), Some(tok), opts)
+}
+
+/// Options as [`TestServer::start`] uses them, to change a field or two.
+pub fn test_options() -> ServerOptions {
+    ServerOptions {
+        model_name: MODEL.into(),
+        max_queue: 64,
+        shutdown_grace: Duration::from_secs(10),
+        ..ServerOptions::default()
+    }
 }
 
 pub struct TestServer {
@@ -66,7 +77,15 @@ impl TestServer {
     }
 
     pub async fn start_with(max_queue: usize, grace: Duration) -> Self {
-        let st = state(max_queue, grace);
+        Self::start_state(state(max_queue, grace)).await
+    }
+
+    /// A server with these options (see [`test_options`]).
+    pub async fn start_opts(opts: ServerOptions) -> Self {
+        Self::start_state(state_with(opts)).await
+    }
+
+    async fn start_state(st: AppState) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
