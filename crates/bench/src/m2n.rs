@@ -794,7 +794,7 @@ fn summarize(
         .collect();
     let lo = p50s.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = p50s.iter().copied().fold(0.0, f64::max);
-    let machine = crate::bench::machine_info();
+    let machine = crate::engine::machine_info();
     let cores = machine["cores"].as_u64().unwrap_or(1) as f64;
     Ok(json!({
         "bench": "m2n",
