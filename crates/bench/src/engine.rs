@@ -13,6 +13,9 @@ use tandem_model::generate::argmax;
 use tandem_model::weights::LinearType;
 use tandem_model::{BatchLayout, ExpertSelection, KvCache, Model, SeqSlot};
 
+use crate::stats::percentile;
+use crate::sysinfo::{load_average, machine_info, measure_bandwidth};
+
 /// The flags of `tandem bench engine` besides the model, the shape and the weight type.
 #[derive(Args)]
 pub struct EngineArgs {
@@ -67,47 +70,6 @@ pub struct DecodeArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-}
-
-/// Best-of-5 read bandwidth over a 1 GiB buffer in the current rayon pool, bytes/s.
-pub fn measure_bandwidth() -> f64 {
-    read_bandwidth(1 << 30, 5)
-}
-
-/// Best-of-`passes` read bandwidth of `kernels::sum` over a buffer of `bytes`, in the current
-/// rayon pool, bytes/s.
-pub fn read_bandwidth(bytes: usize, passes: usize) -> f64 {
-    use rayon::prelude::*;
-    let n = (bytes / 4).max(1);
-    let buf: Vec<f32> = (0..n).into_par_iter().map(|i| (i & 7) as f32).collect();
-    let mut best = 0f64;
-    for _ in 0..passes {
-        let t = Instant::now();
-        let s: f32 = buf
-            .par_chunks(1 << 16)
-            .map(tandem_model::kernels::sum)
-            .sum();
-        std::hint::black_box(s);
-        best = best.max((n * 4) as f64 / t.elapsed().as_secs_f64());
-    }
-    best
-}
-
-pub fn machine_info() -> serde_json::Value {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_default();
-    json!({
-        "cpu": cpu,
-        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "os": std::env::consts::OS,
-    })
 }
 
 /// Decode steps of the colocated model in `dir` (loaded with weights of type `ty`) at a fixed
@@ -262,12 +224,6 @@ fn phase_workers(
     (out, idle / n)
 }
 
-pub fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
 /// Median, min and max of `v` (empty: zeros).
 fn spread(mut v: Vec<f64>) -> serde_json::Value {
     v.sort_by(f64::total_cmp);
@@ -275,12 +231,7 @@ fn spread(mut v: Vec<f64>) -> serde_json::Value {
         return json!({"median": 0.0, "min": 0.0, "max": 0.0, "values": []});
     }
     let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    json!({"median": median, "min": v[0], "max": v[n - 1], "values": v})
+    json!({"median": percentile(&v, 50.0), "min": v[0], "max": v[n - 1], "values": v})
 }
 
 /// Per shape (runs are `rounds x n_shapes`, round-major): the spread of its throughputs and
@@ -388,9 +339,9 @@ pub fn engine(dir: &Path, ty: LinearType, mut base: Deployment, a: &EngineArgs) 
             "bench engine: round {}/{}: {label} ... (load {})",
             round + 1,
             a.rounds,
-            loadavg()
+            load_average()
         );
-        let load_before = loadavg();
+        let load_before = load_average();
         let engine = Engine::start(
             model.clone(),
             None,
@@ -595,7 +546,7 @@ pub fn engine(dir: &Path, ty: LinearType, mut base: Deployment, a: &EngineArgs) 
             "bubble_fraction": bubble,
             "decode": decode,
             "load_avg_before": load_before,
-            "load_avg_after": loadavg(),
+            "load_avg_after": load_average(),
             "round": round + 1,
         }));
     }

@@ -12,3 +12,5 @@ pub mod kernels;
 pub mod m2n;
 pub mod profile;
 pub mod serve;
+pub mod stats;
+pub mod sysinfo;

@@ -35,6 +35,8 @@ use tandem_plan::profile::{
 };
 use tandem_plan::ModelShape;
 
+use crate::sysinfo::{cpu_name, load_average, unix_secs, utc_date};
+
 /// The flags of `tandem profile` besides the model.
 #[derive(Args)]
 pub struct ProfileArgs {
@@ -247,24 +249,6 @@ fn max_rel_residual(xs: &[Vec<f64>], ys: &[f64], beta: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-fn cpu_name() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
 // ---------------------------------------------------------------------------------------
 // The measurements.
 
@@ -360,7 +344,8 @@ fn measure(
     } else {
         None
     };
-    let machine = format!("{}, {} cores", cpu_name(), cores);
+    let cpu = cpu_name().unwrap_or_else(|| "unknown CPU".into());
+    let machine = format!("{cpu}, {cores} cores");
     let settings = format!(
         "threads {:?}, batches {:?}, contexts {:?}, expert tokens {:?}, {} reps (fastest fitted), caches flushed, load average {} before / {} after, {:.0} s",
         threads,
@@ -378,7 +363,7 @@ fn measure(
             model: dir.display().to_string(),
             attention_hw: "cpu".into(),
             expert_hw: "cpu".into(),
-            source: format!("tandem profile, {}", unix_date()),
+            source: format!("tandem profile, {}", utc_date(unix_secs())),
             moe_layers: shape.moe_layers() as u32,
             machine,
             settings,
@@ -414,24 +399,6 @@ fn measure(
         "points": points,
     });
     Ok((profile, summary))
-}
-
-fn unix_date() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = (secs / 86400) as i64 + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!("{y:04}-{m:02}-{d:02}")
 }
 
 /// Attention of one layer over the batch x context grid; per context a line in `b`, and one
@@ -1065,12 +1032,9 @@ mod tests {
     }
 
     #[test]
-    fn stat_and_date_are_sane() {
+    fn stat_is_sane() {
         let s = Stat::of(vec![3.0, 1.0, 2.0]);
         assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
         assert!((s.spread() - 1.0).abs() < 1e-12);
-        let d = unix_date();
-        assert_eq!(d.len(), 10);
-        assert!(d.starts_with("20"), "{d}");
     }
 }
