@@ -17,7 +17,8 @@
 //! layer's weights and KV have left the cache by the time the layer comes round again. The
 //! fits use the fastest of the repetitions: on a shared machine other processes only ever add
 //! time, so the minimum is the best estimate of the stage's own cost (the median and the
-//! spread are printed and kept in the JSON).
+//! spread are printed and kept in the JSON). The least-squares fits are the profile format's
+//! own (`tandem_plan::profile::least_squares`, `NetworkFit::from_points`).
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -31,7 +32,8 @@ use tandem_model::stages::routed_ffn;
 use tandem_model::{Assignment, BatchLayout, Model, SeqSlot};
 use tandem_plan::engine_model::{predict_decode, EngineShape};
 use tandem_plan::profile::{
-    AttentionFit, ExpertFit, HeadFit, NetworkFit, Networks, Profile, ProfileHeader,
+    least_squares, max_rel_residual, AttentionFit, ExpertFit, HeadFit, NetworkFit, Networks,
+    Profile, ProfileHeader,
 };
 use tandem_plan::ModelShape;
 
@@ -201,54 +203,6 @@ fn activations(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Least squares `y = X beta` by the normal equations (Gaussian elimination with pivoting);
-/// `xs[i]` is row i of X.
-fn least_squares(xs: &[Vec<f64>], ys: &[f64]) -> Result<Vec<f64>> {
-    let k = xs.first().map_or(0, |r| r.len());
-    if k == 0 || xs.len() < k {
-        bail!("need at least {k} points to fit {k} coefficients");
-    }
-    let mut a = vec![vec![0.0; k + 1]; k];
-    for (row, y) in xs.iter().zip(ys) {
-        for i in 0..k {
-            for j in 0..k {
-                a[i][j] += row[i] * row[j];
-            }
-            a[i][k] += row[i] * y;
-        }
-    }
-    for c in 0..k {
-        let p = (c..k)
-            .max_by(|x, y| a[*x][c].abs().total_cmp(&a[*y][c].abs()))
-            .unwrap_or(c);
-        a.swap(c, p);
-        if a[c][c].abs() < 1e-300 {
-            bail!("the fit is degenerate (measure more distinct points)");
-        }
-        for r in 0..k {
-            if r != c {
-                let f = a[r][c] / a[c][c];
-                let pivot = a[c].clone();
-                for (x, p) in a[r][c..=k].iter_mut().zip(&pivot[c..=k]) {
-                    *x -= f * p;
-                }
-            }
-        }
-    }
-    Ok((0..k).map(|i| a[i][k] / a[i][i]).collect())
-}
-
-/// Largest relative residual of a fit.
-fn max_rel_residual(xs: &[Vec<f64>], ys: &[f64], beta: &[f64]) -> f64 {
-    xs.iter()
-        .zip(ys)
-        .map(|(r, y)| {
-            let p: f64 = r.iter().zip(beta).map(|(x, b)| x * b).sum();
-            ((p - y) / y).abs()
-        })
-        .fold(0.0, f64::max)
-}
-
 // ---------------------------------------------------------------------------------------
 // The measurements.
 
@@ -372,9 +326,9 @@ fn measure(
         head,
         expert,
         network: Networks {
-            attention: network_fit(&inproc),
-            expert: network_fit(&inproc),
-            loopback_tcp: tcp.as_deref().map(network_fit),
+            attention: NetworkFit::from_points(&inproc),
+            expert: NetworkFit::from_points(&inproc),
+            loopback_tcp: tcp.as_deref().map(NetworkFit::from_points),
         },
     };
     let summary = json!({
@@ -767,26 +721,6 @@ fn measure_tcp(sizes: &[usize], reps: usize) -> Result<Vec<(usize, f64)>> {
     Ok(out)
 }
 
-/// `(size, one-way seconds)` points as a link: the line rate is the best `size / time`
-/// measured and `Util(size)` the fraction of it each size reaches, so that
-/// `size / (rate Util(size))` gives back the measured times.
-fn network_fit(points: &[(usize, f64)]) -> NetworkFit {
-    let rate = points
-        .iter()
-        .map(|(s, t)| *s as f64 / t.max(1e-12))
-        .fold(0.0, f64::max);
-    NetworkFit {
-        bandwidth_gbit_s: rate * 8.0 / 1e9,
-        util: points
-            .iter()
-            .map(|(s, t)| {
-                let u = (*s as f64 / t.max(1e-12) / rate).clamp(1e-9, 1.0);
-                [*s as f64, u]
-            })
-            .collect(),
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Calibration: predicted vs measured decode throughput of the engine.
 
@@ -999,37 +933,6 @@ fn calibrate(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn least_squares_recovers_a_plane() {
-        // y = 2 + 3 a + 0.5 b, exactly.
-        let xs: Vec<Vec<f64>> = [(1.0, 1.0), (2.0, 5.0), (4.0, 2.0), (8.0, 8.0)]
-            .iter()
-            .map(|(a, b)| vec![1.0, *a, *b])
-            .collect();
-        let ys: Vec<f64> = xs.iter().map(|r| 2.0 + 3.0 * r[1] + 0.5 * r[2]).collect();
-        let beta = least_squares(&xs, &ys).unwrap();
-        for (got, want) in beta.iter().zip([2.0, 3.0, 0.5]) {
-            assert!((got - want).abs() < 1e-9, "{beta:?}");
-        }
-        assert!(max_rel_residual(&xs, &ys, &beta) < 1e-9);
-        assert!(least_squares(&xs[..2], &ys[..2]).is_err());
-        let same = vec![vec![1.0, 2.0]; 3];
-        assert!(least_squares(&same, &[1.0, 1.0, 1.0]).is_err());
-    }
-
-    #[test]
-    fn network_fit_gives_back_the_measured_times() {
-        let pts = [(4096usize, 20e-6), (65536, 30e-6), (1 << 20, 200e-6)];
-        let n = network_fit(&pts);
-        let w = n.bandwidth_gbit_s * 1e9 / 8.0;
-        for ((s, t), u) in pts.iter().zip(&n.util) {
-            assert_eq!(u[0], *s as f64);
-            assert!((*s as f64 / (w * u[1]) - t).abs() < 1e-12);
-        }
-        // The best rate is the largest message's here: utilisation 1 there.
-        assert!((n.util[2][1] - 1.0).abs() < 1e-12);
-    }
 
     #[test]
     fn stat_is_sane() {
