@@ -2,7 +2,6 @@
 //! library crates (see ARCHITECTURE.md).
 
 mod bench;
-mod bench_serve;
 mod generate;
 mod models;
 mod plan_cmd;

@@ -39,6 +39,9 @@ pub enum PlanError {
     Invalid(String),
     #[error("no feasible plan: {0}")]
     Infeasible(String),
+    /// A least-squares fit that cannot be made (too few or degenerate points).
+    #[error("{0}")]
+    Fit(String),
 }
 
 pub type Result<T, E = PlanError> = std::result::Result<T, E>;

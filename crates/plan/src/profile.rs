@@ -51,7 +51,8 @@
 //! experts that got tokens plus `worker_overhead_s`, so the paper's `T_e = k3 b_e + k4` is the
 //! one-expert-per-worker case. [`Profile::from_stage_model`] writes the same file from any
 //! stage model (e.g. the roofline), which is how the format is tested until real hardware
-//! fills it.
+//! fills it. [`least_squares`] and [`NetworkFit::from_points`] turn `tandem profile`'s
+//! measurements (`tandem_bench::profile`) into these fits.
 
 use crate::closed_form::{self, TableUtil};
 use crate::error::{read_file, PlanError, Result};
@@ -460,6 +461,83 @@ impl StageModel for ProfileModel {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Fitting measurements into the profile's lines (`tandem profile` measures, these fit).
+
+/// Least squares `y = X beta` by the normal equations (Gaussian elimination with pivoting);
+/// `xs[i]` is row i of X. Fails with fewer points than coefficients or a degenerate X.
+pub fn least_squares(xs: &[Vec<f64>], ys: &[f64]) -> Result<Vec<f64>> {
+    let k = xs.first().map_or(0, |r| r.len());
+    if k == 0 || xs.len() < k {
+        return Err(PlanError::Fit(format!(
+            "need at least {k} points to fit {k} coefficients"
+        )));
+    }
+    let mut a = vec![vec![0.0; k + 1]; k];
+    for (row, y) in xs.iter().zip(ys) {
+        for i in 0..k {
+            for j in 0..k {
+                a[i][j] += row[i] * row[j];
+            }
+            a[i][k] += row[i] * y;
+        }
+    }
+    for c in 0..k {
+        let p = (c..k)
+            .max_by(|x, y| a[*x][c].abs().total_cmp(&a[*y][c].abs()))
+            .unwrap_or(c);
+        a.swap(c, p);
+        if a[c][c].abs() < 1e-300 {
+            return Err(PlanError::Fit(
+                "the fit is degenerate (measure more distinct points)".into(),
+            ));
+        }
+        for r in 0..k {
+            if r != c {
+                let f = a[r][c] / a[c][c];
+                let pivot = a[c].clone();
+                for (x, p) in a[r][c..=k].iter_mut().zip(&pivot[c..=k]) {
+                    *x -= f * p;
+                }
+            }
+        }
+    }
+    Ok((0..k).map(|i| a[i][k] / a[i][i]).collect())
+}
+
+/// Largest relative residual `|X beta - y| / y` of a fit.
+pub fn max_rel_residual(xs: &[Vec<f64>], ys: &[f64], beta: &[f64]) -> f64 {
+    xs.iter()
+        .zip(ys)
+        .map(|(r, y)| {
+            let p: f64 = r.iter().zip(beta).map(|(x, b)| x * b).sum();
+            ((p - y) / y).abs()
+        })
+        .fold(0.0, f64::max)
+}
+
+impl NetworkFit {
+    /// `(size, one-way seconds)` points as a link: the line rate is the best `size / time`
+    /// measured and `Util(size)` the fraction of it each size reaches, so that
+    /// `size / (rate Util(size))` gives back the measured times.
+    pub fn from_points(points: &[(usize, f64)]) -> Self {
+        let rate = points
+            .iter()
+            .map(|(s, t)| *s as f64 / t.max(1e-12))
+            .fold(0.0, f64::max);
+        NetworkFit {
+            bandwidth_gbit_s: rate * 8.0 / 1e9,
+            util: points
+                .iter()
+                .map(|(s, t)| {
+                    let u = (*s as f64 / t.max(1e-12) / rate).clamp(1e-9, 1.0);
+                    [*s as f64, u]
+                })
+                .collect(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -595,5 +673,36 @@ util = [[4096.0, 0.05], [262144.0, 0.6], [4194304.0, 0.9]]
         let s = 1048576.0;
         let (x, y) = (pm.expert_link_s(s), r.expert_link_s(s));
         assert!((x - y).abs() / y < 1e-6, "{x} vs {y}");
+    }
+
+    #[test]
+    fn least_squares_recovers_a_plane() {
+        // y = 2 + 3 a + 0.5 b, exactly.
+        let xs: Vec<Vec<f64>> = [(1.0, 1.0), (2.0, 5.0), (4.0, 2.0), (8.0, 8.0)]
+            .iter()
+            .map(|(a, b)| vec![1.0, *a, *b])
+            .collect();
+        let ys: Vec<f64> = xs.iter().map(|r| 2.0 + 3.0 * r[1] + 0.5 * r[2]).collect();
+        let beta = least_squares(&xs, &ys).unwrap();
+        for (got, want) in beta.iter().zip([2.0, 3.0, 0.5]) {
+            assert!((got - want).abs() < 1e-9, "{beta:?}");
+        }
+        assert!(max_rel_residual(&xs, &ys, &beta) < 1e-9);
+        assert!(least_squares(&xs[..2], &ys[..2]).is_err());
+        let same = vec![vec![1.0, 2.0]; 3];
+        assert!(least_squares(&same, &[1.0, 1.0, 1.0]).is_err());
+    }
+
+    #[test]
+    fn network_fit_gives_back_the_measured_times() {
+        let pts = [(4096usize, 20e-6), (65536, 30e-6), (1 << 20, 200e-6)];
+        let n = NetworkFit::from_points(&pts);
+        let w = n.bandwidth_gbit_s * 1e9 / 8.0;
+        for ((s, t), u) in pts.iter().zip(&n.util) {
+            assert_eq!(u[0], *s as f64);
+            assert!((*s as f64 / (w * u[1]) - t).abs() < 1e-12);
+        }
+        // The best rate is the largest message's here: utilisation 1 there.
+        assert!((n.util[2][1] - 1.0).abs() < 1e-12);
     }
 }

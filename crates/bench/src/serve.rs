@@ -38,7 +38,10 @@ use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use crate::stats::percentile;
+use crate::sysinfo::{unix_secs, utc_stamp};
 
 /// The flags, boxed so that `BenchCmd` stays small.
 #[derive(Args, Debug, Clone)]
@@ -939,16 +942,6 @@ async fn build_custom(
 // ---------------------------------------------------------------------------------------
 // Metrics
 
-/// numpy's default (linear) percentile of sorted values; 0 when empty.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let idx = (p / 100.0).clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
-    let (lo, hi) = (idx.floor() as usize, idx.ceil() as usize);
-    sorted[lo] + (sorted[hi] - sorted[lo]) * (idx - lo as f64)
-}
-
 #[derive(Debug, Clone, PartialEq)]
 struct Stats {
     mean: f64,
@@ -1150,28 +1143,6 @@ fn format_summary(
     out.push_str(&"=".repeat(50));
     out.push('\n');
     out
-}
-
-/// UTC "YYYYmmdd-HHMMSS" (vLLM's `date` format; no timezone database here).
-fn utc_stamp(secs: u64) -> String {
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mth = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mth <= 2);
-    format!(
-        "{y:04}{mth:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1524,10 +1495,7 @@ async fn run_async(a: &BenchServeOpts) -> Result<Value> {
         "{}",
         format_summary(&m, duration, a.max_concurrency, &selected, &ps)
     );
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = unix_secs();
     result_json(
         a,
         &model_id,
@@ -1873,13 +1841,6 @@ mod tests {
         assert_eq!(b["messages"][0]["content"], "p");
         assert_eq!(b["max_completion_tokens"], 9);
         assert!(b.get("ignore_eos").is_none() && b.get("prompt").is_none());
-    }
-
-    #[test]
-    fn utc_dates() {
-        assert_eq!(utc_stamp(0), "19700101-000000");
-        assert_eq!(utc_stamp(1_700_000_000), "20231114-221320");
-        assert_eq!(utc_stamp(951_782_400), "20000229-000000");
     }
 
     // ------------------------------------------------------------------------------

@@ -114,9 +114,9 @@ pub fn run(a: KernelsArgs) -> Result<()> {
             }
         })
         .build()?;
-    let load_before = super::loadavg();
+    let load_before = crate::sysinfo::load_average();
     let (mem, matmul, attention) = pool.install(|| -> Result<_> {
-        let mem = super::read_bandwidth(a.mem_mib << 20, 3);
+        let mem = crate::sysinfo::read_bandwidth(a.mem_mib << 20, 3);
         eprintln!(
             "bench kernels: memory read {:.2} GB/s ({} MiB)",
             mem / 1e9,
@@ -155,8 +155,8 @@ pub fn run(a: KernelsArgs) -> Result<()> {
         "matmul": matmul,
         "attention": attention,
         "load_avg_before": load_before,
-        "load_avg_after": super::loadavg(),
-        "machine": super::machine_info(),
+        "load_avg_after": crate::sysinfo::load_average(),
+        "machine": crate::sysinfo::machine_info(),
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())

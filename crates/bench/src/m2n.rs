@@ -12,7 +12,9 @@
 //! - `--bytes S` is the size of one message: what one sender dispatches to one receiver, and
 //!   what one receiver sends back to one sender, per round (the paper's "256 KB messages").
 //! - A sender's round runs from the start of its first dispatch to the arrival of its last
-//!   combine. Latencies are those of every sender's timed rounds (warmup excluded).
+//!   combine. Latencies are those of every sender's timed rounds (warmup excluded); their
+//!   percentiles interpolate between closest ranks (`crate::stats::percentile`, as in every
+//!   report).
 //! - Throughput: bytes moved by the timed rounds (2*M*N*S per round, both directions) over
 //!   the span from the earliest sender's first timed round to the latest sender's last.
 
@@ -22,7 +24,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use crate::stats::percentile;
+use crate::sysinfo::unix_ns;
 
 /// Prefix of the line a peer prints on stdout with its raw measurements.
 const RESULT_PREFIX: &str = "M2N_RESULT ";
@@ -137,13 +142,6 @@ pub struct SenderReport {
     pub end_unix_ns: u64,
     /// Every timed round, ns.
     pub round_ns: Vec<u64>,
-}
-
-fn unix_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 fn check_shape(m: usize, n: usize, bytes: usize, hidden: usize, iters: usize) -> Result<usize> {
@@ -736,15 +734,6 @@ pub fn mpi_rank(a: M2nMpiRankArgs) -> Result<()> {
     Ok(())
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    // Nearest rank.
-    let k = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[k.clamp(1, sorted.len()) - 1]
-}
-
 fn stats(v: &[u64]) -> serde_json::Value {
     let mut us: Vec<f64> = v.iter().map(|&x| x as f64 / 1e3).collect();
     us.sort_by(|a, b| a.total_cmp(b));
@@ -794,7 +783,7 @@ fn summarize(
         .collect();
     let lo = p50s.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = p50s.iter().copied().fold(0.0, f64::max);
-    let machine = crate::bench::machine_info();
+    let machine = crate::sysinfo::machine_info();
     let cores = machine["cores"].as_u64().unwrap_or(1) as f64;
     Ok(json!({
         "bench": "m2n",

@@ -1,0 +1,16 @@
+//! tandem's measurement harnesses, each printing one JSON report: the OpenAI serving load
+//! generator (`serve`), the colocated decode and engine throughput benches (`engine`), the
+//! M2N exchange between processes (`m2n`), the CPU kernels alone (`kernels`) and the hardware
+//! profiler behind `tandem profile` (`profile`). The `tandem` binary resolves models and
+//! deployment shapes and calls them; each harness owns the flags of its own.
+//!
+//! `m2n` starts child processes of the running binary (`bench m2n-peer`, `bench m2n-mpi-rank`
+//! under mpirun), so it is only usable from the `tandem` binary.
+
+pub mod engine;
+pub mod kernels;
+pub mod m2n;
+pub mod profile;
+pub mod serve;
+pub mod stats;
+pub mod sysinfo;
