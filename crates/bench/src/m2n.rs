@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use crate::stats::percentile;
 use crate::sysinfo::unix_ns;
+use tandem_engine::wire::WireDtype;
 
 /// Prefix of the line a peer prints on stdout with its raw measurements.
 const RESULT_PREFIX: &str = "M2N_RESULT ";
@@ -85,6 +86,14 @@ pub struct M2nArgs {
     /// Give up (and stop every child) after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
+    /// How the senders put the hidden states on the wire (ours only): `f32`, or `bf16` (half
+    /// the wire bytes of each message; `--bytes` stays the f32 size of the activations).
+    #[arg(long, default_value = "f32", value_parser = parse_wire_dtype)]
+    pub wire_dtype: WireDtype,
+}
+
+fn parse_wire_dtype(s: &str) -> Result<WireDtype, String> {
+    WireDtype::parse(s).ok_or_else(|| format!("unknown wire dtype {s:?} (f32 or bf16)"))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -115,6 +124,8 @@ pub struct M2nPeerArgs {
     /// Senders: the receivers' addresses, in receiver order.
     #[arg(long, value_delimiter = ',')]
     pub connect: Vec<String>,
+    #[arg(long, default_value = "f32", value_parser = parse_wire_dtype)]
+    pub wire_dtype: WireDtype,
 }
 
 /// One MPI rank of `tandem bench m2n --baseline mpi` (started by mpirun, not for direct use).
@@ -170,6 +181,9 @@ fn check_shape(m: usize, n: usize, bytes: usize, hidden: usize, iters: usize) ->
 }
 
 pub fn run(a: M2nArgs) -> Result<()> {
+    if a.baseline.is_some() && a.wire_dtype != WireDtype::F32 {
+        bail!("--wire-dtype is tandem's option; the MPI baseline moves bytes as they are");
+    }
     let hidden = if a.baseline.is_some() { 1 } else { a.hidden };
     let rows = check_shape(a.senders, a.receivers, a.bytes, hidden, a.iters)?;
     let started = Instant::now();
@@ -258,6 +272,8 @@ fn run_ours(a: &M2nArgs) -> Result<Vec<SenderReport>> {
             a.warmup.to_string(),
             "--hidden".into(),
             a.hidden.to_string(),
+            "--wire-dtype".into(),
+            a.wire_dtype.name().into(),
         ]
     };
     eprintln!(
@@ -343,7 +359,10 @@ pub fn peer(a: M2nPeerArgs) -> Result<()> {
         deployment_hash: format!("m2n-{}x{}", a.senders, a.receivers),
         hidden_size: a.hidden,
     };
-    let opts = NetOptions::default();
+    let opts = NetOptions {
+        wire_dtype: a.wire_dtype,
+        ..NetOptions::default()
+    };
     let total = a.warmup + a.iters;
     let m = a.senders;
     let members = if m == 64 { u64::MAX } else { (1u64 << m) - 1 };
@@ -791,6 +810,8 @@ fn summarize(
             "senders": m,
             "receivers": n,
             "bytes_per_message": s,
+            "wire_dtype": a.wire_dtype.name(),
+            "wire_bytes_per_message": s as u64 / 4 * a.wire_dtype.bytes(),
             "hidden": if a.baseline.is_some() { serde_json::Value::Null } else { json!(a.hidden) },
             "rows_per_message": if a.baseline.is_some() { serde_json::Value::Null } else { json!(rows) },
             "iters": a.iters,

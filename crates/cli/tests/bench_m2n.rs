@@ -65,6 +65,18 @@ fn m2n_over_tandem_tcp() {
 }
 
 #[test]
+fn m2n_with_bf16_on_the_wire() {
+    let v = report(&bench(&["--wire-dtype", "bf16"]));
+    check(&v, "none (tandem M2N)");
+    assert_eq!(v["config"]["wire_dtype"], "bf16");
+    let (s, w) = (
+        v["config"]["bytes_per_message"].as_u64().unwrap(),
+        v["config"]["wire_bytes_per_message"].as_u64().unwrap(),
+    );
+    assert_eq!(w * 2, s);
+}
+
+#[test]
 fn bad_sizes_are_refused() {
     // Not a whole number of rows.
     let out = tandem(&["bench", "m2n", "--bytes", "1000", "--hidden", "256"]);

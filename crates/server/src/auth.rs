@@ -22,7 +22,7 @@ pub enum ApiKeyError {
          token cannot carry them)"
     )]
     BadCharacter { source_name: String },
-    #[error("cannot read the API key file {}: {source}", path.display())]
+    #[error("cannot read the API key file {}", path.display())]
     Unreadable {
         path: PathBuf,
         #[source]
