@@ -225,12 +225,26 @@ fn write_matrix(
     match dtype {
         WireDtype::F32 => write_parts(w, &[head, f32_bytes(values), tail]),
         WireDtype::Bf16 => {
-            let mut b = Vec::with_capacity(values.len() * 2);
-            for v in values {
-                b.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
+            let mut b = vec![0u8; values.len() * 2];
+            for (o, v) in b.chunks_exact_mut(2).zip(values) {
+                o.copy_from_slice(&bf16_bits(*v).to_le_bytes());
             }
             write_parts(w, &[head, &b, tail])
         }
+    }
+}
+
+/// The bf16 bits of `v`, rounded to nearest even (a NaN stays a quiet NaN): the value
+/// `half::bf16::from_f32` gives, without its branches, so the loops over a matrix vectorize.
+#[inline]
+fn bf16_bits(v: f32) -> u16 {
+    let x = v.to_bits();
+    let rounded = (x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16) as u16;
+    let nan = ((x >> 16) | 0x40) as u16;
+    if x & 0x7FFF_FFFF > 0x7F80_0000 {
+        nan
+    } else {
+        rounded
     }
 }
 
@@ -243,7 +257,7 @@ fn read_matrix(r: &mut impl Read, n: usize, dtype: WireDtype) -> Result<Vec<f32>
             let mut b = vec![0u8; n * 2];
             read_full(r, &mut b, false)?;
             for (v, c) in x.iter_mut().zip(b.chunks_exact(2)) {
-                *v = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                *v = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
             }
         }
     }
@@ -623,4 +637,41 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bf16_bits;
+
+    #[test]
+    fn bf16_rounding_is_half_crates() {
+        let mut specials = vec![
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7F80_0001), // signalling NaN
+            f32::from_bits(0x0000_0001), // smallest subnormal
+            f32::from_bits(0x3F80_8000), // a tie: rounds to even (down)
+            f32::from_bits(0x3F81_8000), // a tie: rounds to even (up)
+            f32::from_bits(0x7F7F_FFFF), // rounds up to infinity
+        ];
+        let mut x = 0x1234_5678u32;
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            specials.push(f32::from_bits(x));
+        }
+        for v in specials {
+            let want = half::bf16::from_f32(v).to_bits();
+            assert_eq!(bf16_bits(v), want, "{v} ({:#x})", v.to_bits());
+        }
+    }
 }
