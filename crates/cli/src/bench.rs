@@ -9,10 +9,10 @@ use tandem_bench::{kernels, m2n};
 pub enum BenchCmd {
     /// Decode steps of the colocated model at a fixed batch: tokens/s, ms/step and the
     /// fraction of the memory-bandwidth roofline reached.
-    Decode(DecodeArgs),
+    Decode(DecodeCmdArgs),
     /// Offline throughput of the engine: N requests through one or more deployment shapes,
     /// measured one after another in the same run.
-    Engine(EngineArgs),
+    Engine(EngineCmdArgs),
     /// Load generator for any OpenAI-compatible server, compatible with `vllm bench serve`.
     Serve(tandem_bench::serve::BenchServeArgs),
     /// M2N exchange between M sender and N receiver processes (one dispatch and one combine
@@ -30,7 +30,9 @@ pub enum BenchCmd {
 }
 
 #[derive(Args)]
-pub struct EngineArgs {
+// Named apart from `tandem_bench::engine::EngineArgs`: clap names an argument group after
+// its struct, and two groups of one name in a command fail its debug assertions.
+pub struct EngineCmdArgs {
     /// Checkpoint directory or llama.cpp GGUF file; default: the embedded demo model.
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -43,7 +45,7 @@ pub struct EngineArgs {
 }
 
 #[derive(Args)]
-pub struct DecodeArgs {
+pub struct DecodeCmdArgs {
     /// Checkpoint directory or llama.cpp GGUF file; default: the embedded demo model.
     #[arg(long)]
     pub model: Option<PathBuf>,

@@ -45,7 +45,7 @@ enum Cmd {
     Status(roles::StatusArgs),
     /// Measure this machine's stage and transport times into a profile for the planner
     /// (--calibrate: then predict and measure three engine shapes).
-    Profile(profile_cmd::ProfileArgs),
+    Profile(profile_cmd::ProfileCmdArgs),
 }
 
 fn main() {
@@ -80,5 +80,18 @@ fn run() -> Result<()> {
         Cmd::Launch(a) => roles::launch(a),
         Cmd::Status(a) => roles::status(a),
         Cmd::Profile(a) => profile_cmd::run(a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own consistency checks over every subcommand (unique argument and group names,
+    /// valid defaults): they run only in debug builds and only for the subcommand parsed, so
+    /// a clash in a rarely used command would otherwise surface as a panic on a user's first
+    /// `--help`.
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

@@ -5,7 +5,9 @@ use clap::Args;
 use std::path::PathBuf;
 
 #[derive(Args)]
-pub struct ProfileArgs {
+// Named apart from `tandem_bench::profile::ProfileArgs`: clap names an argument group after
+// its struct, and two groups of one name in a command fail its debug assertions.
+pub struct ProfileCmdArgs {
     /// Checkpoint directory or llama.cpp GGUF file; default: the embedded demo model.
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -13,7 +15,7 @@ pub struct ProfileArgs {
     pub profile: tandem_bench::profile::ProfileArgs,
 }
 
-pub fn run(a: ProfileArgs) -> Result<()> {
+pub fn run(a: ProfileCmdArgs) -> Result<()> {
     let dir = crate::models::resolve(&a.model)?;
     tandem_bench::profile::run(&dir, &a.profile)
 }
