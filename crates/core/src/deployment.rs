@@ -78,6 +78,10 @@ pub struct PlanInfo {
     pub predicted_tbt_ms: Option<f64>,
 }
 
+/// The most attention replicas one deployment can have: the M2N protocol carries the
+/// members of an iteration as a 64-bit set.
+pub const MAX_ATTENTION_REPLICAS: u32 = 64;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Deployment {
@@ -178,6 +182,13 @@ impl Deployment {
         if self.attention_replicas == 0 {
             return bad("attention_replicas must be at least 1");
         }
+        if self.attention_replicas > MAX_ATTENTION_REPLICAS {
+            return Err(DeploymentError::Invalid(format!(
+                "attention_replicas = {}: at most {MAX_ATTENTION_REPLICAS} are supported (the \
+                 M2N protocol keeps the members of an iteration in a 64-bit set)",
+                self.attention_replicas
+            )));
+        }
         if self.micro_batches == 0 {
             return bad("micro_batches must be at least 1");
         }
@@ -224,6 +235,18 @@ impl Deployment {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn more_replicas_than_the_member_set_holds_are_refused() {
+        let mut d = Deployment {
+            attention_replicas: MAX_ATTENTION_REPLICAS,
+            ..Deployment::default()
+        };
+        d.validate_shape().unwrap();
+        d.attention_replicas = MAX_ATTENTION_REPLICAS + 1;
+        let e = d.validate_shape().unwrap_err().to_string();
+        assert!(e.contains("at most 64"), "{e}");
+    }
 
     #[test]
     fn round_trip_and_defaults() {
