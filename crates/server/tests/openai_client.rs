@@ -102,6 +102,25 @@ fn client_python(test: &str) -> Option<String> {
     None
 }
 
+/// Runs `script` with `args` under `python` (bounded) and checks it printed `done`.
+async fn run_client(python: &str, script: &str, args: &[&str], done: &str) {
+    let child = tokio::process::Command::new(python)
+        .args(["-c", script])
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), child)
+        .await
+        .expect("python finished in time")
+        .expect("python ran");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains(done),
+        "openai client failed:\n{stdout}\n{stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_openai_python_client() {
     let Some(python) = client_python("official_openai_python_client") else {
@@ -109,20 +128,7 @@ async fn official_openai_python_client() {
     };
     bounded(async {
         let s = TestServer::start(64).await;
-        let child = tokio::process::Command::new(&python)
-            .args(["-c", SCRIPT, &s.base, MODEL])
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(Duration::from_secs(120), child)
-            .await
-            .expect("python finished in time")
-            .expect("python ran");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success() && stdout.contains("OPENAI CLIENT OK"),
-            "openai client failed:\n{stdout}\n{stderr}"
-        );
+        run_client(&python, SCRIPT, &[&s.base, MODEL], "OPENAI CLIENT OK").await;
     })
     .await;
 }
@@ -139,20 +145,13 @@ async fn official_openai_python_client_with_api_key() {
             ..common::test_options()
         })
         .await;
-        let child = tokio::process::Command::new(&python)
-            .args(["-c", SCRIPT_KEY, &s.base, MODEL, key])
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(Duration::from_secs(120), child)
-            .await
-            .expect("python finished in time")
-            .expect("python ran");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success() && stdout.contains("OPENAI CLIENT KEY OK"),
-            "openai client failed:\n{stdout}\n{stderr}"
-        );
+        run_client(
+            &python,
+            SCRIPT_KEY,
+            &[&s.base, MODEL, key],
+            "OPENAI CLIENT KEY OK",
+        )
+        .await;
     })
     .await;
 }
