@@ -349,6 +349,7 @@ fn run_ours(a: &M2nArgs) -> Result<Vec<SenderReport>> {
 /// Entry point of the child processes.
 pub fn peer(a: M2nPeerArgs) -> Result<()> {
     use std::sync::{Arc, Mutex};
+    use tandem_core::{Members, Slot};
     use tandem_engine::net::{Identity, NetOptions, TcpExpertLink, TcpReplicaLink};
     use tandem_engine::transport::{
         CombineMsg, DispatchMsg, ExpertLink, ReplicaLink, SlotHeader, ToReplica, ToWorker,
@@ -365,12 +366,10 @@ pub fn peer(a: M2nPeerArgs) -> Result<()> {
     };
     let total = a.warmup + a.iters;
     let m = a.senders;
-    let members = if m == 64 { u64::MAX } else { (1u64 << m) - 1 };
+    let members = Members::first(m);
     let slot = |iteration: u64, sender: u32| SlotHeader {
         epoch: 1,
-        iteration,
-        layer: 0,
-        micro_batch: 0,
+        slot: Slot::new(iteration, 0, 0),
         sender,
     };
     // Non-zero, non-uniform contents so that no page is shared or skipped.
@@ -400,7 +399,7 @@ pub fn peer(a: M2nPeerArgs) -> Result<()> {
                     .ok_or_else(|| anyhow!("receiver {}: link closed", a.rank))?;
                 match msg {
                     ToWorker::Dispatch(d) => {
-                        let it = d.header.iteration;
+                        let it = d.header.slot.iteration;
                         if d.header.sender as usize >= m || it as usize >= total {
                             bail!("receiver {}: unexpected dispatch {:?}", a.rank, d.header);
                         }
@@ -476,7 +475,7 @@ pub fn peer(a: M2nPeerArgs) -> Result<()> {
                     match link.recv(Duration::from_secs(60))? {
                         ToReplica::Combine(c) => {
                             let w = c.header.sender as usize;
-                            if c.header.iteration != it as u64 || w >= n || seen[w] {
+                            if c.header.slot.iteration != it as u64 || w >= n || seen[w] {
                                 bail!("sender {}: unexpected combine {:?}", a.rank, c.header);
                             }
                             seen[w] = true;

@@ -598,6 +598,7 @@ fn pin(i: usize) {
 /// One-way time (half the round trip, fastest) of the engine's in-process M2N link: a
 /// dispatch of `[n, hidden]` to a worker thread on core 1 that sends it back as a combine.
 fn measure_in_process(hidden: usize, sizes: &[usize], reps: usize) -> Result<Vec<(usize, f64)>> {
+    use tandem_core::{Members, Slot};
     use tandem_engine::transport::{
         in_process, CombineMsg, DispatchMsg, SlotHeader, ToReplica, ToWorker,
     };
@@ -633,9 +634,7 @@ fn measure_in_process(hidden: usize, sizes: &[usize], reps: usize) -> Result<Vec
             let x = from_vec(activations(rows * hidden, it), rows, hidden)?;
             let header = SlotHeader {
                 epoch: 0,
-                iteration: it,
-                layer: 0,
-                micro_batch: 0,
+                slot: Slot::new(it, 0, 0),
                 sender: 0,
             };
             it += 1;
@@ -644,7 +643,7 @@ fn measure_in_process(hidden: usize, sizes: &[usize], reps: usize) -> Result<Vec
                 0,
                 DispatchMsg {
                     header,
-                    members: 1,
+                    members: Members::one(0),
                     more: false,
                     x,
                     assignments: Vec::new(),

@@ -79,8 +79,8 @@ pub struct PlanInfo {
 }
 
 /// The most attention replicas one deployment can have: the M2N protocol carries the
-/// members of an iteration as a 64-bit set.
-pub const MAX_ATTENTION_REPLICAS: u32 = 64;
+/// members of an iteration as a [`crate::Members`] set.
+pub const MAX_ATTENTION_REPLICAS: u32 = crate::Members::CAPACITY as u32;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

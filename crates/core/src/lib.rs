@@ -1,10 +1,13 @@
-//! Types shared by every tandem crate: id newtypes and the deployment shape.
+//! Types shared by every tandem crate: request ids, pipeline slots and member sets, and the
+//! deployment shape.
 //!
 //! This crate has no tensor code and no I/O beyond reading/writing a deployment file, so the
 //! planner (`tandem-plan`), the engine and the CLI can all depend on it.
 
 pub mod deployment;
 pub mod ids;
+pub mod slot;
 
 pub use deployment::{Deployment, DeploymentError, ExpertPlacement};
-pub use ids::{ExpertId, LayerId, MicroBatchId, ReplicaId, RequestId, WorkerId};
+pub use ids::RequestId;
+pub use slot::{Members, Slot};

@@ -11,7 +11,7 @@
 
 use crate::expert_worker::ExpertWorker;
 use crate::output::{RequestOutput, RequestState};
-use crate::replica::{record_preemptions, Experts, Replica};
+use crate::replica::{Experts, Replica};
 use crate::stats::{EngineStats, StatsSnapshot};
 use crate::transport::{in_process, ReplicaLink};
 use crate::EngineError;
@@ -104,12 +104,7 @@ fn pool_for(
 
 /// A replica's thread: take commands, and run iterations while there is work or the
 /// membership protocol needs this replica; sleep on the command channel otherwise.
-fn replica_loop(
-    rep: &mut Replica,
-    rx: mpsc::Receiver<ReplicaCmd>,
-    stats: &EngineStats,
-    local: usize,
-) {
+fn replica_loop(rep: &mut Replica, rx: mpsc::Receiver<ReplicaCmd>) {
     loop {
         let mut cmds = Vec::new();
         if !rep.wants_to_step() {
@@ -127,7 +122,7 @@ fn replica_loop(
                 ReplicaCmd::Abort(id) => rep.abort(id),
                 ReplicaCmd::Shutdown => {
                     rep.fail_all("the engine is shutting down");
-                    rep.leave(&stats.replicas[local]);
+                    rep.leave();
                     return;
                 }
             }
@@ -135,23 +130,7 @@ fn replica_loop(
         if !rep.wants_to_step() {
             continue;
         }
-        let before = rep.stats_preemptions();
-        let gen_before = rep.generated;
-        let overlapped_before = rep.overlapped;
-        let interleaved_before = rep.interleaved;
-        let res = rep.tick(&stats.replicas[local]);
-        stats
-            .overlapped_steps
-            .fetch_add(rep.overlapped - overlapped_before, Ordering::Relaxed);
-        stats
-            .interleaved_layers
-            .fetch_add(rep.interleaved - interleaved_before, Ordering::Relaxed);
-        record_preemptions(stats, before, rep.stats_preemptions());
-        stats
-            .generated_tokens
-            .fetch_add(rep.generated - gen_before, Ordering::Relaxed);
-        stats.iterations.fetch_max(rep.steps, Ordering::Relaxed);
-        match res {
+        match rep.tick() {
             Ok(()) => {}
             Err(EngineError::Stopped(_)) => {
                 rep.fail_all("the engine is shutting down");
@@ -304,11 +283,7 @@ impl Engine {
                 max_model_len: Some(cfg.max_position_embeddings),
             })?;
             let experts = match link {
-                Some(link) => Experts::Remote {
-                    link,
-                    placement: placement.clone(),
-                    timeout: opts.peer_timeout,
-                },
+                Some(link) => Experts::remote(id, link, placement.clone(), opts.peer_timeout),
                 None => Experts::Local,
             };
             let kv = KvCache::new(cfg, bs, num_blocks);
@@ -321,16 +296,16 @@ impl Engine {
                 Sampler::new(eos.clone()),
                 experts,
                 dep.micro_batches as usize,
+                (stats.clone(), local),
             )
             .with_stop(stop.clone());
             let (tx, rx) = mpsc::channel::<ReplicaCmd>();
             rep_txs.push(tx);
             let pool = pool_for(&cores, dep, local, format!("attn{id}"))?;
-            let stats = stats.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("attn{id}"))
-                    .spawn(move || pool.install(move || replica_loop(&mut rep, rx, &stats, local)))
+                    .spawn(move || pool.install(move || replica_loop(&mut rep, rx)))
                     .map_err(|e| EngineError::Spawn(e.to_string()))?,
             );
         }

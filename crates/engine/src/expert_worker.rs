@@ -13,6 +13,7 @@ use crate::transport::{CombineMsg, DispatchMsg, ExpertLink, SlotHeader, ToReplic
 use crate::EngineError;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use tandem_core::{Members, Slot};
 use tandem_model::layers::{from_vec, with_slice};
 use tandem_model::stages::routed_ffn;
 use tandem_model::{Assignment, Model};
@@ -38,10 +39,10 @@ pub struct ExpertWorker {
 pub struct WorkerStatus {
     pub worker: u32,
     pub epoch: u64,
-    /// The slot the worker waits for: (iteration, layer, micro-batch).
-    pub waiting_for: Option<(u64, u32, u32)>,
-    /// Members of that slot's iteration, when known.
-    pub members: Option<u64>,
+    /// The slot the worker waits for.
+    pub waiting_for: Option<Slot>,
+    /// Members of that slot's iteration (replica ids), when known.
+    pub members: Option<Vec<u32>>,
     pub slots_done: u64,
     pub epochs_started: u64,
     pub protocol_errors: u64,
@@ -57,7 +58,7 @@ struct State {
     /// Members of every iteration in progress (worker 0 decides them; the others read them
     /// from the dispatches). Worker 0 also keeps its newest decided iteration here, even with
     /// no members (the deployment is idle).
-    members: BTreeMap<u64, u64>,
+    members: BTreeMap<u64, Members>,
     /// Slots processed, per iteration in progress.
     done: HashMap<u64, HashSet<(u32, u32)>>,
     /// The latest [`RECENT`] iterations that completed (every slot processed): a dispatch for
@@ -66,12 +67,12 @@ struct State {
     /// replicas can complete out of order, e.g. a replica welcomed into `i + 1` while the
     /// dispatches of another replica's `i` are still on their way to this worker.)
     completed: BTreeSet<u64>,
-    pending: HashMap<(u64, u32, u32), Vec<DispatchMsg>>,
+    pending: HashMap<Slot, Vec<DispatchMsg>>,
     /// Worker 0: its newest decided iteration (the next one is decided on this one's
     /// decision slot).
     head: u64,
     /// Worker 0: replicas waiting to join at the next iteration.
-    joins: u64,
+    joins: Members,
 }
 
 impl State {
@@ -83,7 +84,7 @@ impl State {
             completed: BTreeSet::new(),
             pending: HashMap::new(),
             head: 0,
-            joins: 0,
+            joins: Members::NONE,
         }
     }
 
@@ -112,14 +113,14 @@ impl State {
     }
 
     /// The smallest slot not yet processed of the oldest iteration with members (for status).
-    fn waiting_for(&self, moe_layers: &[u32], m: u32) -> Option<(u64, u32, u32)> {
-        let (&it, _) = self.members.iter().find(|(_, v)| **v != 0)?;
+    fn waiting_for(&self, moe_layers: &[u32], m: u32) -> Option<Slot> {
+        let (&it, _) = self.members.iter().find(|(_, v)| !v.is_empty())?;
         let done = self.done.get(&it);
         moe_layers
             .iter()
             .flat_map(|&l| (0..m).map(move |mb| (l, mb)))
             .find(|s| done.is_none_or(|d| !d.contains(s)))
-            .map(|(l, mb)| (it, l, mb))
+            .map(|(l, mb)| Slot::new(it, l, mb))
     }
 }
 
@@ -129,12 +130,8 @@ const RECENT: usize = 64;
 /// The slot on which worker 0 decides the next iteration's members: the first micro-batch of
 /// the last MoE layer. Its combine is the one lane 0 of a replica waits for before it samples
 /// and starts the next iteration; the replica's other lanes start it after lane 0.
-fn decides(slot: (u64, u32, u32), moe_layers: &[u32]) -> bool {
-    slot.2 == 0 && moe_layers.last() == Some(&slot.1)
-}
-
-fn bit(r: u32) -> u64 {
-    1u64 << r
+fn decides(slot: Slot, moe_layers: &[u32]) -> bool {
+    slot.micro_batch == 0 && moe_layers.last() == Some(&slot.layer)
 }
 
 impl ExpertWorker {
@@ -150,15 +147,16 @@ impl ExpertWorker {
             return Ok(());
         }
         let n_a = self.link.num_replicas();
-        if n_a > 64 {
+        if n_a > Members::CAPACITY {
             return Err(EngineError::Deployment(format!(
-                "{n_a} attention replicas; at most 64 are supported"
+                "{n_a} attention replicas; at most {} are supported",
+                Members::CAPACITY
             )));
         }
         let mut st = State::new(if self.id == 0 { self.initial_epoch } else { 0 });
         if self.id == 0 {
             // Idle: iteration 0 has nobody yet.
-            st.members.insert(0, 0);
+            st.members.insert(0, Members::NONE);
         }
         let mut clock = Clock::new(stats, "expert", self.id as usize);
         self.publish(&st, &moe_layers, |_| {});
@@ -189,8 +187,8 @@ impl ExpertWorker {
                 }
                 ToWorker::Gone { replica } => {
                     if self.id == 0 {
-                        st.joins &= !bit(replica);
-                        if st.members.values().any(|m| m & bit(replica) != 0) {
+                        st.joins.remove(replica);
+                        if st.members.values().any(|m| m.contains(replica)) {
                             self.new_epoch(
                                 &mut st,
                                 &format!("attention replica {replica} went away"),
@@ -222,20 +220,23 @@ impl ExpertWorker {
             s.worker = self.id;
             s.epoch = st.epoch;
             s.waiting_for = st.waiting_for(moe_layers, self.micro_batches);
-            s.members = s.waiting_for.and_then(|w| st.members.get(&w.0).copied());
+            s.members = s
+                .waiting_for
+                .and_then(|w| st.members.get(&w.iteration))
+                .map(|m| m.iter().collect());
             f(&mut s);
         }
     }
 
     /// The smallest slot whose every member's dispatch is here, if any.
-    fn ready(&self, st: &State) -> Option<(u64, u32, u32)> {
+    fn ready(&self, st: &State) -> Option<Slot> {
         st.pending
             .iter()
             .filter(|(slot, got)| {
-                let mask = got.iter().fold(0u64, |a, m| a | bit(m.header.sender));
+                let here: Members = got.iter().map(|m| m.header.sender).collect();
                 st.members
-                    .get(&slot.0)
-                    .is_some_and(|&members| members != 0 && mask == members)
+                    .get(&slot.iteration)
+                    .is_some_and(|&members| !members.is_empty() && here == members)
             })
             .map(|(slot, _)| *slot)
             .min()
@@ -269,50 +270,50 @@ impl ExpertWorker {
             st.reset();
             self.publish(st, moe_layers, |s| s.epochs_started += 1);
         }
-        if h.sender as usize >= n_a || m.members & bit(h.sender) == 0 {
+        if h.sender as usize >= n_a || !m.members.contains(h.sender) {
             return Err(EngineError::Protocol(format!(
-                "expert worker {}: dispatch from replica {} which is not in its member mask {:#x}",
+                "expert worker {}: dispatch from replica {} which is not in its members {:?}",
                 self.id, h.sender, m.members
             )));
         }
-        let slot = h.slot();
+        let slot = h.slot;
         let processed = st
             .done
-            .get(&h.iteration)
-            .is_some_and(|d| d.contains(&(h.layer, h.micro_batch)));
-        if st.is_past(h.iteration)
+            .get(&slot.iteration)
+            .is_some_and(|d| d.contains(&(slot.layer, slot.micro_batch)));
+        if st.is_past(slot.iteration)
             || processed
-            || !moe_layers.contains(&h.layer)
-            || h.micro_batch >= self.micro_batches
+            || !moe_layers.contains(&slot.layer)
+            || slot.micro_batch >= self.micro_batches
         {
             return Err(EngineError::Protocol(format!(
-                "expert worker {}: dispatch for slot {slot:?} from replica {}, which is over or not a slot",
+                "expert worker {}: dispatch for slot {slot} from replica {}, which is over or not a slot",
                 self.id, h.sender
             )));
         }
-        match st.members.get(&h.iteration) {
+        match st.members.get(&slot.iteration) {
             Some(&k) if k == m.members => {}
             Some(&k) => {
                 return Err(EngineError::Protocol(format!(
-                    "expert worker {}: replica {} says iteration {} has members {:#x}, expected {k:#x}",
-                    self.id, h.sender, h.iteration, m.members
+                    "expert worker {}: replica {} says iteration {} has members {:?}, expected {k:?}",
+                    self.id, h.sender, slot.iteration, m.members
                 )))
             }
             // Worker 0 decides every iteration before anyone may send for it.
             None if self.id == 0 => {
                 return Err(EngineError::Protocol(format!(
                     "expert worker 0: dispatch from replica {} for iteration {}, which it did not start",
-                    h.sender, h.iteration
+                    h.sender, slot.iteration
                 )))
             }
             None => {
-                st.members.insert(h.iteration, m.members);
+                st.members.insert(slot.iteration, m.members);
             }
         }
         let v = st.pending.entry(slot).or_default();
         if v.iter().any(|x| x.header.sender == h.sender) {
             return Err(EngineError::Protocol(format!(
-                "expert worker {}: two dispatches from replica {} for slot {slot:?}",
+                "expert worker {}: two dispatches from replica {} for slot {slot}",
                 self.id, h.sender
             )));
         }
@@ -328,27 +329,25 @@ impl ExpertWorker {
             )));
         }
         match st.members.get_mut(&st.head) {
-            Some(m) if *m == 0 => {
+            Some(m) if m.is_empty() => {
                 // Nobody takes part in the newest iteration: it starts now, with this replica.
-                *m = bit(replica);
-                self.welcome(st.epoch, st.head, bit(replica), bit(replica));
+                *m = Members::one(replica);
+                self.welcome(st.epoch, st.head, *m, *m);
             }
-            _ => st.joins |= bit(replica),
+            _ => st.joins.insert(replica),
         }
         Ok(())
     }
 
-    fn welcome(&self, epoch: u64, iteration: u64, members: u64, to: u64) {
-        for r in 0..64u32 {
-            if to & bit(r) != 0 {
-                let msg = ToReplica::Welcome {
-                    epoch,
-                    iteration,
-                    members,
-                };
-                if let Err(e) = self.link.send(r, msg) {
-                    tracing::debug!(worker = self.id, "welcome to replica {r}: {e}");
-                }
+    fn welcome(&self, epoch: u64, iteration: u64, members: Members, to: Members) {
+        for r in to.iter() {
+            let msg = ToReplica::Welcome {
+                epoch,
+                iteration,
+                members,
+            };
+            if let Err(e) = self.link.send(r, msg) {
+                tracing::debug!(worker = self.id, "welcome to replica {r}: {e}");
             }
         }
     }
@@ -359,7 +358,7 @@ impl ExpertWorker {
         let newest = st.members.keys().next_back().copied().unwrap_or(st.head);
         st.head = newest.max(st.head) + 1;
         st.reset();
-        st.members.insert(st.head, 0);
+        st.members.insert(st.head, Members::NONE);
         tracing::warn!(worker = self.id, epoch = st.epoch, "new epoch: {why}");
         if let Ok(mut s) = self.status.lock() {
             s.epochs_started += 1;
@@ -371,22 +370,22 @@ impl ExpertWorker {
             };
             let _ = self.link.send(r, msg);
         }
-        if st.joins != 0 {
+        if !st.joins.is_empty() {
             st.members.insert(st.head, st.joins);
             self.welcome(st.epoch, st.head, st.joins, st.joins);
-            st.joins = 0;
+            st.joins = Members::NONE;
         }
     }
 
     fn process(
         &self,
         st: &mut State,
-        slot: (u64, u32, u32),
+        slot: Slot,
         mut msgs: Vec<DispatchMsg>,
         moe_layers: &[u32],
     ) -> Result<(), EngineError> {
         let d = self.model.cfg.hidden_size;
-        let layer = &self.model.layers[slot.1 as usize];
+        let layer = &self.model.layers[slot.layer as usize];
         msgs.sort_by_key(|m| m.header.sender);
         // Concatenate every replica's rows: [sum n_r, D].
         let mut x = Vec::new();
@@ -418,7 +417,7 @@ impl ExpertWorker {
             vec![0f32; total * d]
         } else {
             for a in &assignments {
-                metrics::counter!("tandem_expert_tokens_total", "layer" => slot.1.to_string(), "expert" => a.expert.to_string())
+                metrics::counter!("tandem_expert_tokens_total", "layer" => slot.layer.to_string(), "expert" => a.expert.to_string())
                     .increment(1);
             }
             routed_ffn(&x, total, d, &assignments, |e| {
@@ -433,16 +432,14 @@ impl ExpertWorker {
         let next_members = (self.id == 0 && decides(slot, moe_layers)).then(|| {
             msgs.iter()
                 .filter(|m| m.more)
-                .fold(st.joins, |a, m| a | bit(m.header.sender))
+                .fold(st.joins, |a, m| a.with(m.header.sender))
         });
         for (m, (off, n)) in msgs.iter().zip(offsets) {
             let y_r = y[off * d..(off + n) * d].to_vec();
             let msg = ToReplica::Combine(CombineMsg {
                 header: SlotHeader {
                     epoch: st.epoch,
-                    iteration: slot.0,
-                    layer: slot.1,
-                    micro_batch: slot.2,
+                    slot,
                     sender: self.id,
                 },
                 y: from_vec(y_r, n, d)?,
@@ -460,18 +457,18 @@ impl ExpertWorker {
         if let Some(k) = next_members {
             // The newest iteration's members were decided before any of its dispatches, so the
             // decision slot's iteration is the newest one.
-            let next = slot.0 + 1;
+            let next = slot.iteration + 1;
             st.head = next;
             st.members.insert(next, k);
-            if st.joins != 0 {
+            if !st.joins.is_empty() {
                 self.welcome(st.epoch, next, k, st.joins);
-                st.joins = 0;
+                st.joins = Members::NONE;
             }
         }
-        let done = st.done.entry(slot.0).or_default();
-        done.insert((slot.1, slot.2));
+        let done = st.done.entry(slot.iteration).or_default();
+        done.insert((slot.layer, slot.micro_batch));
         if done.len() == moe_layers.len() * self.micro_batches as usize {
-            st.complete(slot.0);
+            st.complete(slot.iteration);
         }
         Ok(())
     }
@@ -480,6 +477,7 @@ impl ExpertWorker {
 #[cfg(test)]
 mod tests {
     use super::{State, RECENT};
+    use tandem_core::{Members, Slot};
 
     fn state() -> State {
         State::new(0)
@@ -489,7 +487,7 @@ mod tests {
     fn an_iteration_is_past_once_it_completed() {
         let mut st = state();
         assert!(!st.is_past(0));
-        st.members.insert(4, 0b1);
+        st.members.insert(4, Members::one(0));
         st.complete(4);
         assert!(st.members.is_empty() && st.is_past(4));
         // Iteration 3 of another replica may still arrive after 4 completed.
@@ -507,17 +505,17 @@ mod tests {
     fn status_names_the_first_missing_slot_of_the_oldest_iteration_with_members() {
         let moe = [1, 3];
         let mut st = state();
-        st.members.insert(2, 0);
+        st.members.insert(2, Members::NONE);
         assert_eq!(st.waiting_for(&moe, 2), None, "idle: nothing to wait for");
-        st.members.insert(5, 0b11);
-        st.members.insert(6, 0b01);
+        st.members.insert(5, Members::first(2));
+        st.members.insert(6, Members::one(0));
         st.done
             .entry(5)
             .or_default()
             .extend([(1, 0), (1, 1), (3, 0)]);
-        assert_eq!(st.waiting_for(&moe, 2), Some((5, 3, 1)));
+        assert_eq!(st.waiting_for(&moe, 2), Some(Slot::new(5, 3, 1)));
         st.done.entry(5).or_default().insert((3, 1));
         st.members.remove(&5);
-        assert_eq!(st.waiting_for(&moe, 2), Some((6, 1, 0)));
+        assert_eq!(st.waiting_for(&moe, 2), Some(Slot::new(6, 1, 0)));
     }
 }

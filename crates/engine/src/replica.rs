@@ -1,63 +1,128 @@
 //! An attention replica: owns its requests (scheduler), its paged KV cache, the attention
-//! weights, router, lm_head and sampler. [`Replica::round`] is where the ping-pong lives.
+//! weights, router, lm_head and sampler, and its lanes. [`Replica::tick`] is where the
+//! ping-pong lives.
 //!
 //! The replica's sequences are split into `m` lanes (one per micro-batch, see
 //! [`tandem_sched::Scheduler::set_lanes`]). Lane `k`'s step is schedule -> the layers, with
-//! its MoE layers on the expert workers as micro-batch `k` -> LM head -> sample -> update
-//! (STYLE item 4).
+//! its MoE layers on the expert workers as micro-batch `k` -> LM head -> sample -> update.
 //!
-//! With remote experts the lanes are independent chains that share this thread: whenever a
-//! lane's combine is here, its next layer runs (attention, then the dispatch that gives the
-//! expert workers their next slot); a lane done with its layers is finished (LM head,
-//! sampling, update) and starts its next step. While one lane's LM head runs, in vocabulary
-//! chunks, the other lanes' layers run between the chunks as their combines arrive, so the
-//! expert workers are not left waiting for a whole LM head. Lanes therefore drift apart by
-//! a few layers and across iterations; the expert workers take slots in the order their
-//! dispatches complete. Colocated, a round runs layer by layer and lane by lane.
+//! With remote experts the lanes are independent chains that share this thread; which lane
+//! does what next is decided by `lanes.rs` (the policy, with its state diagram), the
+//! protocol side is `m2n_client.rs`, and this file holds the lanes' data ([`LaneState`]) and
+//! runs the model. Colocated, a round runs every lane's step layer by layer and lane by lane.
 
+use crate::lanes::{self, Action, Progress, LM_HEAD_PARTS, SAMPLE_PARTS};
+use crate::m2n_client::{M2nClient, Received};
 use crate::output::{RequestOutput, RequestState};
-use crate::stats::{Clock, WorkerStats};
-use crate::transport::{CombineMsg, DispatchMsg, ReplicaLink, SlotHeader, ToReplica, ToWorker};
+use crate::stats::{Clock, EngineStats};
+use crate::transport::{CombineMsg, ReplicaLink};
 use crate::EngineError;
 use candle_core::Tensor;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tandem_core::{ExpertPlacement, RequestId};
+use tandem_core::{ExpertPlacement, Members, RequestId, Slot};
 use tandem_model::layers::{from_vec, with_slice};
-use tandem_model::model::{add_into, assignments_of};
-use tandem_model::{Assignment, BatchLayout, KvCache, Model, SeqSlot, Tokenizer};
+use tandem_model::model::add_into;
+use tandem_model::{BatchLayout, KvCache, Model, SeqSlot, Tokenizer};
 use tandem_sched::{FinishReason, FinishedSeq, Sampler, Scheduler, SchedulerOutput, Sequence};
-
-/// One lane's step between its schedule and its sampling.
-struct Lane {
-    out: SchedulerOutput,
-    layout: BatchLayout,
-    /// `[T, D]` hidden state after the last layer finished on this replica.
-    h: Tensor,
-    /// The MoE layer dispatched and not yet combined.
-    pending: Option<(u32, InFlight)>,
-    iteration: u64,
-    /// The next layer to run; the number of layers once all have run.
-    next_layer: usize,
-    /// Members of the lane's iteration (sent with its dispatches).
-    members: u64,
-}
 
 /// Where a replica's routed experts run.
 pub enum Experts {
     /// In this thread, on the replica's own copy (the colocated deployment).
     Local,
     /// On the expert workers, through M2N.
-    Remote {
+    Remote(Box<M2nClient>),
+}
+
+impl Experts {
+    /// Remote experts for replica `replica` behind `link`.
+    pub fn remote(
+        replica: u32,
         link: Box<dyn ReplicaLink>,
         placement: ExpertPlacement,
         timeout: Duration,
-    },
+    ) -> Self {
+        Experts::Remote(Box::new(M2nClient::new(replica, link, placement, timeout)))
+    }
 }
 
-/// Per micro-batch state of one layer between dispatch and combine.
+/// One lane's step between its schedule and its sampling.
+struct Step {
+    out: SchedulerOutput,
+    layout: BatchLayout,
+    /// `[T, D]` hidden state after the last layer settled on this replica.
+    h: Tensor,
+    iteration: u64,
+    /// Members of the step's iteration (sent with its dispatches).
+    members: Members,
+}
+
+/// Per lane: where its step stands (see the diagram in `lanes.rs`).
+enum LaneState {
+    /// No step; the next one runs `next_iteration`.
+    Idle { next_iteration: u64 },
+    /// The hidden state is here; layer `next_layer` runs next.
+    Running { step: Step, next_layer: usize },
+    /// MoE layer `slot.layer` is with the expert workers: what stays here, and the workers'
+    /// combines received so far.
+    Waiting {
+        step: Step,
+        slot: Slot,
+        flight: InFlight,
+        combines: Vec<CombineMsg>,
+    },
+    /// Every layer ran: the LM head, sampling and the scheduler's update are next.
+    Done { step: Step },
+}
+
+impl LaneState {
+    fn progress(&self, workers: usize, layers: usize) -> Progress {
+        let busy = |step: &Step, next_layer, input_here| Progress::Busy {
+            iteration: step.iteration,
+            next_layer,
+            input_here,
+        };
+        match self {
+            LaneState::Idle { next_iteration } => Progress::Idle {
+                next_iteration: *next_iteration,
+            },
+            LaneState::Running { step, next_layer } => busy(step, *next_layer, true),
+            LaneState::Waiting {
+                step,
+                slot,
+                combines,
+                ..
+            } => busy(step, slot.layer as usize + 1, combines.len() >= workers),
+            LaneState::Done { step } => busy(step, layers, true),
+        }
+    }
+
+    fn step(&self) -> Option<&Step> {
+        match self {
+            LaneState::Idle { .. } => None,
+            LaneState::Running { step, .. }
+            | LaneState::Waiting { step, .. }
+            | LaneState::Done { step } => Some(step),
+        }
+    }
+
+    fn next_iteration(&self) -> u64 {
+        match self {
+            LaneState::Idle { next_iteration } => *next_iteration,
+            _ => self.step().map_or(0, |s| s.iteration + 1),
+        }
+    }
+
+    /// Moves the state out, leaving the lane idle (on its next iteration).
+    fn take(&mut self) -> LaneState {
+        let next_iteration = self.next_iteration();
+        std::mem::replace(self, LaneState::Idle { next_iteration })
+    }
+}
+
+/// What stays on the replica while a layer's routed experts run remotely.
 struct InFlight {
     /// `[T, D]` residual after attention (+ shared expert once computed).
     residual: Vec<f32>,
@@ -74,37 +139,18 @@ pub struct Replica {
     pub sampler: Sampler,
     pub experts: Experts,
     pub requests: HashMap<RequestId, RequestState>,
-    /// One per micro-batch: the step in flight, if any.
-    lanes: Vec<Option<Lane>>,
-    combines: HashMap<(u64, u32, u32), Vec<CombineMsg>>,
-    /// Tokens sampled so far (read into the engine stats after each step).
-    pub generated: u64,
-    /// Iterations run.
-    pub steps: u64,
-    /// Lane steps started while another lane's previous step was still with the experts.
-    pub overlapped: u64,
-    /// Layers run between the LM head parts or sampling of another lane.
-    pub interleaved: u64,
-    /// Time spent in those layers (kept out of the LM head and sampling times).
+    /// One per micro-batch.
+    lanes: Vec<LaneState>,
+    /// Iterations started.
+    steps: u64,
+    /// Time spent in other lanes' layers while a lane was being finished (kept out of the
+    /// LM head and sampling times).
     served: Duration,
-    /// Where this replica stands in the M2N protocol (see `transport.rs`).
-    m2n: Membership,
-    /// Set when the engine stops: waits for peers end early.
-    stop: Arc<AtomicBool>,
-}
-
-/// A replica's view of the membership protocol.
-#[derive(Debug, Default)]
-struct Membership {
-    member: bool,
-    epoch: u64,
-    join_outstanding: bool,
-    /// Members of the iterations this replica knows of: the one it was welcomed to, then
-    /// each next one from worker 0's combine of the decision slot (the first micro-batch of
-    /// the last MoE layer).
-    decided: BTreeMap<u64, u64>,
-    /// Per lane: the iteration its next step runs (meaningful while a member).
-    next: Vec<u64>,
+    /// Counters shared with the engine; `local` is this replica's index in its workers.
+    stats: Arc<EngineStats>,
+    local: usize,
+    /// Whether the model has MoE layers (else remote experts are never used).
+    has_moe: bool,
 }
 
 impl Replica {
@@ -118,8 +164,10 @@ impl Replica {
         sampler: Sampler,
         experts: Experts,
         micro_batches: usize,
+        (stats, local): (Arc<EngineStats>, usize),
     ) -> Self {
         let m = micro_batches.max(1);
+        let has_moe = (0..model.cfg.num_layers).any(|l| model.cfg.is_moe_layer(l));
         // A fresh scheduler has no step in flight: this cannot fail.
         let lanes = sched.set_lanes(m);
         debug_assert!(lanes.is_ok());
@@ -132,148 +180,118 @@ impl Replica {
             sampler,
             experts,
             requests: HashMap::new(),
-            lanes: (0..m).map(|_| None).collect(),
-            combines: HashMap::new(),
-            generated: 0,
+            lanes: (0..m)
+                .map(|_| LaneState::Idle { next_iteration: 0 })
+                .collect(),
             steps: 0,
-            overlapped: 0,
-            interleaved: 0,
             served: Duration::ZERO,
-            m2n: Membership::default(),
-            stop: Arc::new(AtomicBool::new(false)),
+            stats,
+            local,
+            has_moe,
         }
     }
 
-    /// Shares the engine's stop flag.
+    /// Shares the engine's stop flag (waits for peers end early once it is set).
     pub fn with_stop(mut self, stop: Arc<AtomicBool>) -> Self {
-        self.stop = stop;
+        if let Experts::Remote(client) = &mut self.experts {
+            client.set_stop(stop);
+        }
         self
     }
 
-    /// Whether this replica must take part in the membership protocol: its routed experts
-    /// are remote and the model has MoE layers.
-    fn uses_protocol(&self) -> bool {
-        matches!(self.experts, Experts::Remote { .. })
-            && (0..self.model.cfg.num_layers).any(|l| self.model.cfg.is_moe_layer(l))
+    /// The M2N client, when this replica takes part in the membership protocol: its routed
+    /// experts are remote and the model has MoE layers.
+    fn protocol(&self) -> Option<&M2nClient> {
+        match &self.experts {
+            Experts::Remote(c) if self.has_moe => Some(c),
+            _ => None,
+        }
+    }
+
+    fn protocol_mut(&mut self) -> Option<&mut M2nClient> {
+        match &mut self.experts {
+            Experts::Remote(c) if self.has_moe => Some(c),
+            _ => None,
+        }
+    }
+
+    fn is_member(&self) -> bool {
+        self.protocol().is_some_and(M2nClient::is_member)
     }
 
     /// Whether the replica's loop should call [`Replica::tick`] now rather than wait for a
     /// command: it has requests, a step in flight, or it is a member of the next iteration
     /// (and must send its dispatches even if it has nothing to run).
     pub fn wants_to_step(&self) -> bool {
-        self.m2n.member || self.in_flight() || self.has_work()
+        self.is_member() || self.in_flight() || self.has_work()
     }
 
     /// Whether a lane holds a step that is not sampled yet.
     fn in_flight(&self) -> bool {
-        self.lanes.iter().any(Option::is_some)
+        self.lanes.iter().any(|l| l.step().is_some())
+    }
+
+    /// The lanes as the policy sees them.
+    fn progress(&self) -> Vec<Progress> {
+        let workers = self.protocol().map_or(0, M2nClient::workers);
+        let layers = self.model.cfg.num_layers;
+        self.lanes
+            .iter()
+            .map(|l| l.progress(workers, layers))
+            .collect()
     }
 
     /// One turn of the replica's loop: join the next iteration if needed, then run a round.
     /// On an error the requests of the interrupted steps have already been failed; the
     /// replica can go on.
-    pub fn tick(&mut self, stats: &WorkerStats) -> Result<(), EngineError> {
-        if self.uses_protocol() && !self.m2n.member && !self.in_flight() {
-            if !self.has_work() {
-                return Ok(());
-            }
-            if let Err(e) = self.join() {
-                let msg = format!("attention replica {}: {e}", self.id);
-                self.fail_all(&msg);
-                return Err(e);
-            }
-        }
-        self.round(stats)
+    pub fn tick(&mut self) -> Result<(), EngineError> {
+        let preempted = self.sched.num_preemptions();
+        let res = self.join_and_round();
+        self.stats.preemptions.fetch_add(
+            self.sched.num_preemptions().saturating_sub(preempted),
+            Ordering::Relaxed,
+        );
+        self.stats
+            .iterations
+            .fetch_max(self.steps, Ordering::Relaxed);
+        res
     }
 
-    /// Asks worker 0 for a place in the next iteration and waits for it.
-    fn join(&mut self) -> Result<(), EngineError> {
-        let Experts::Remote { link, timeout, .. } = &self.experts else {
-            return Ok(());
-        };
-        // A worker being restarted gets a few seconds to come back, not the whole timeout.
-        let deadline = Instant::now() + (*timeout).min(CONNECT_WAIT);
-        while let Err(why) = link.ready() {
-            if Instant::now() >= deadline {
-                return Err(EngineError::Transport(
-                    crate::transport::TransportError::Disconnected(why),
-                ));
-            }
-            self.check_stop()?;
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let deadline = Instant::now() + *timeout;
-        if !self.m2n.join_outstanding {
-            // Whatever is queued is from before (a stale loss notice or reset).
-            while let Ok(ev) = link.recv(Duration::ZERO) {
-                if let ToReplica::Reset { epoch, .. } = ev {
-                    self.m2n.epoch = self.m2n.epoch.max(epoch);
-                }
-            }
-            link.control(ToWorker::Join { replica: self.id })?;
-            self.m2n.join_outstanding = true;
-        }
-        loop {
-            let ev = match link.recv(POLL.min(*timeout)) {
-                Ok(ev) => ev,
-                Err(crate::transport::TransportError::Timeout { .. })
-                    if Instant::now() < deadline =>
-                {
-                    self.check_stop()?;
-                    continue;
-                }
-                Err(e) => {
-                    self.m2n.join_outstanding = false;
-                    return Err(e.into());
-                }
-            };
-            match ev {
-                ToReplica::Welcome {
-                    epoch,
-                    iteration,
-                    members,
-                } => {
-                    self.m2n = Membership {
-                        member: true,
-                        epoch,
-                        join_outstanding: false,
-                        decided: BTreeMap::from([(iteration, members)]),
-                        next: vec![iteration; self.lanes.len()],
-                    };
-                    self.combines.clear();
+    fn join_and_round(&mut self) -> Result<(), EngineError> {
+        if !self.is_member() && !self.in_flight() {
+            let has_work = self.has_work();
+            if let Some(client) = self.protocol_mut() {
+                if !has_work {
                     return Ok(());
                 }
-                // Worker 0 keeps pending joins across epochs: keep waiting.
-                ToReplica::Reset { epoch, .. } => self.m2n.epoch = self.m2n.epoch.max(epoch),
-                ToReplica::Combine(_) => {}
-                ToReplica::Lost { worker, why } => {
-                    if worker == 0 {
-                        self.m2n.join_outstanding = false;
-                        return Err(EngineError::Transport(
-                            crate::transport::TransportError::Disconnected(why),
-                        ));
+                match client.join() {
+                    Ok(iteration) => {
+                        for lane in &mut self.lanes {
+                            *lane = LaneState::Idle {
+                                next_iteration: iteration,
+                            };
+                        }
+                    }
+                    Err(e) => {
+                        let msg = format!("attention replica {}: {e}", self.id);
+                        self.fail_all(&msg);
+                        return Err(e);
                     }
                 }
             }
         }
+        self.round()
     }
 
     /// Before the replica stops: run (empty) iterations until worker 0 no longer counts it
     /// as a member, so that its departure interrupts nobody.
-    pub fn leave(&mut self, stats: &WorkerStats) {
+    pub fn leave(&mut self) {
         // A round ends after one lane's step: a few iterations of every lane.
         for _ in 0..8 * self.lanes.len() {
-            if !(self.m2n.member || self.in_flight()) || self.round(stats).is_err() {
+            if !(self.is_member() || self.in_flight()) || self.round().is_err() {
                 break;
             }
         }
-    }
-
-    fn check_stop(&self) -> Result<(), EngineError> {
-        if self.stop.load(Ordering::Relaxed) {
-            return Err(EngineError::Stopped("shutting down".into()));
-        }
-        Ok(())
     }
 
     pub fn has_work(&self) -> bool {
@@ -298,14 +316,15 @@ impl Replica {
         self.publish_gauges();
     }
 
-    /// One round. With remote experts: lanes advance as their combines arrive (see the module
-    /// docs) until one lane has finished a step (its tokens are out) or nothing can go on.
-    /// With the membership protocol the replica runs the M2N protocol even with nothing
-    /// scheduled (an idle lane sends empty dispatches so that the expert workers can complete
-    /// every slot). Colocated: every lane runs a whole step, layer by layer and lane by lane.
-    fn round(&mut self, stats: &WorkerStats) -> Result<(), EngineError> {
-        let mut clock = Clock::new(stats, "attention", self.id as usize);
-        let res = if self.uses_protocol() {
+    /// One round. With the membership protocol: lanes advance as the policy says (see
+    /// `lanes.rs`) until one lane has finished a step (its tokens are out) or the replica
+    /// leaves; an idle lane of a member sends empty dispatches so that the expert workers
+    /// can complete every slot. Colocated: every lane runs a whole step, layer by layer and
+    /// lane by lane.
+    fn round(&mut self) -> Result<(), EngineError> {
+        let stats = self.stats.clone();
+        let mut clock = Clock::new(&stats.replicas[self.local], "attention", self.id as usize);
+        let res = if self.protocol().is_some() {
             self.run_lanes(&mut clock)
         } else {
             self.run_round(&mut clock)
@@ -324,11 +343,11 @@ impl Replica {
         self.steps += 1;
         let lanes = self.lanes.len();
         for k in 0..lanes {
-            self.start_lane(k, iteration, 0)?;
+            self.start_lane(k, iteration, Members::NONE)?;
         }
-        for l in 0..self.model.cfg.num_layers {
+        for _ in 0..self.model.cfg.num_layers {
             for k in 0..lanes {
-                self.lane_layer(l, k)?;
+                self.run_layer(k)?;
             }
         }
         for k in 0..lanes {
@@ -337,106 +356,54 @@ impl Replica {
         Ok(())
     }
 
-    /// Remote experts: runs whatever lane can go on, most urgent first, until one lane has
-    /// finished a step or nothing can go on.
+    /// With the membership protocol: does what the lane policy says until one lane has
+    /// finished a step or the replica is out of the membership.
     fn run_lanes(&mut self, clock: &mut Clock) -> Result<(), EngineError> {
+        let layers = self.model.cfg.num_layers;
         loop {
             self.poll_combines()?;
-            // A lane whose combine is here: its next layer feeds the expert workers.
-            if let Some(k) = self.ready_lane(None, false) {
-                let l = self.lanes[k].as_ref().map_or(0, |x| x.next_layer);
-                self.lane_layer(l, k)?;
-                continue;
-            }
-            // An idle lane whose next iteration is decided: start it (its first layer next).
-            if let Some(k) = self.startable() {
-                self.start_next(k)?;
-                continue;
-            }
-            // A lane done with its layers: LM head (other lanes' layers between its chunks),
-            // sampling, tokens out.
-            if let Some(k) = self.ready_lane(None, true) {
-                self.finish_lane(k, clock)?;
+            let Some(client) = self.protocol() else {
                 return Ok(());
+            };
+            match lanes::next_action(&self.progress(), layers, client.view()) {
+                Action::RunLayer(k) => self.run_layer(k)?,
+                Action::Start { lane, iteration } => self.start_next(lane, iteration)?,
+                Action::Finish(k) => return self.finish_lane(k, clock),
+                Action::Wait => self.wait_combine(clock)?,
+                Action::Leave => {
+                    if let Some(client) = self.protocol_mut() {
+                        client.leave();
+                    }
+                    return Ok(());
+                }
             }
-            if self.lanes.iter().flatten().any(|l| l.pending.is_some()) {
-                self.wait_combine(clock)?;
-                continue;
-            }
-            // Nothing in flight and no lane may start: this replica is out of the next
-            // iteration (worker 0 left it out), so it is no longer a member.
-            self.m2n.member = false;
-            self.m2n.decided.clear();
-            return Ok(());
         }
     }
 
-    /// Starts lane `k` on its next iteration (decided, with this replica a member).
-    fn start_next(&mut self, k: usize) -> Result<(), EngineError> {
-        let it = self.m2n.next[k];
-        let members = self.m2n.decided.get(&it).copied().unwrap_or(0);
+    /// Starts lane `k` on `iteration` (decided, with this replica a member).
+    fn start_next(&mut self, k: usize, iteration: u64) -> Result<(), EngineError> {
+        let members = self
+            .protocol()
+            .map_or(Members::NONE, |c| c.members_of(iteration));
         // The first lane to start an iteration counts it.
-        if self.m2n.next.iter().all(|n| *n <= it) {
+        if self.lanes.iter().all(|l| l.next_iteration() <= iteration) {
             self.steps += 1;
         }
-        self.m2n.next[k] = it + 1;
-        // Forget iterations no lane will start again.
-        let oldest = self.m2n.next.iter().copied().min().unwrap_or(it);
-        self.m2n.decided.retain(|i, _| *i >= oldest);
-        self.start_lane(k, it, members)
-    }
-
-    /// Whether the combines of lane `k`'s pending slot, if any, are all here.
-    fn combined(&self, k: usize, lane: &Lane) -> bool {
-        let Some((pl, _)) = &lane.pending else {
-            return true;
-        };
-        let n = match &self.experts {
-            Experts::Remote { link, .. } => link.num_workers(),
-            Experts::Local => 0,
-        };
-        self.combines
-            .get(&(lane.iteration, *pl, k as u32))
-            .map_or(0, Vec::len)
-            >= n
-    }
-
-    /// A lane (other than `except`) whose input is here, with layers left (`finished`:
-    /// done with its layers); the one furthest behind first.
-    fn ready_lane(&self, except: Option<usize>, finished: bool) -> Option<usize> {
-        let layers = self.model.cfg.num_layers;
-        (0..self.lanes.len())
-            .filter(|k| Some(*k) != except)
-            .filter_map(|k| self.lanes[k].as_ref().map(|l| (k, l)))
-            .filter(|(k, l)| (l.next_layer >= layers) == finished && self.combined(*k, l))
-            .min_by_key(|(k, l)| (l.iteration, l.next_layer, *k))
-            .map(|(k, _)| k)
-    }
-
-    /// An idle lane whose next iteration is decided and includes this replica, and that every
-    /// other lane has reached: a lane starts iteration `i` only once all the others have
-    /// started `i - 1`, so lanes stay within an iteration of each other (a lane with nothing
-    /// to run would otherwise race ahead through empty iterations).
-    fn startable(&self) -> Option<usize> {
-        if !self.m2n.member || self.m2n.next.len() != self.lanes.len() {
-            return None;
+        let res = self.start_lane(k, iteration, members);
+        let oldest = self.lanes.iter().map(LaneState::next_iteration).min();
+        if let (Some(client), Some(oldest)) = (self.protocol_mut(), oldest) {
+            client.forget_before(oldest);
         }
-        let me = 1u64 << self.id;
-        let next = &self.m2n.next;
-        (0..self.lanes.len())
-            .filter(|k| self.lanes[*k].is_none())
-            .filter(|k| next.iter().all(|n| *n >= next[*k]))
-            .filter(|k| {
-                self.m2n
-                    .decided
-                    .get(&self.m2n.next[*k])
-                    .is_some_and(|m| m & me != 0)
-            })
-            .min_by_key(|k| (self.m2n.next[*k], *k))
+        res
     }
 
     /// Schedules lane `k`'s next step and embeds its tokens.
-    fn start_lane(&mut self, k: usize, iteration: u64, members: u64) -> Result<(), EngineError> {
+    fn start_lane(
+        &mut self,
+        k: usize,
+        iteration: u64,
+        members: Members,
+    ) -> Result<(), EngineError> {
         let out = self.sched.schedule_lane(k)?;
         for id in &out.preempted {
             tracing::debug!(replica = self.id, request = id.0, "preempted (recompute)");
@@ -459,117 +426,174 @@ impl Replica {
             .flat_map(|s| s.token_ids.iter().copied())
             .collect();
         let h = self.model.embed(&toks)?;
-        let behind = self.lanes.iter().flatten().any(|l| l.iteration < iteration);
+        let behind = self
+            .lanes
+            .iter()
+            .filter_map(LaneState::step)
+            .any(|s| s.iteration < iteration);
         if behind && !out.seqs.is_empty() {
-            self.overlapped += 1;
+            self.stats.overlapped_steps.fetch_add(1, Ordering::Relaxed);
         }
-        self.lanes[k] = Some(Lane {
+        let step = Step {
             out,
             layout,
             h,
-            pending: None,
             iteration,
-            next_layer: 0,
             members,
-        });
+        };
+        self.lanes[k] = if self.model.cfg.num_layers == 0 {
+            LaneState::Done { step }
+        } else {
+            LaneState::Running {
+                step,
+                next_layer: 0,
+            }
+        };
         Ok(())
     }
 
-    /// Lane `k`'s part of layer `l`: the previous MoE layer's combine if one is pending,
-    /// attention, then the experts (dispatched, or here for a dense layer or colocated).
-    fn lane_layer(&mut self, l: usize, k: usize) -> Result<(), EngineError> {
-        let mut lane = self.lanes[k]
-            .take()
-            .ok_or_else(|| EngineError::Protocol(format!("lane {k} runs no step")))?;
-        let res = self.lane_layer_inner(l, k, &mut lane);
-        self.lanes[k] = Some(lane);
-        res
+    /// Lane `k`'s next layer: its pending combine first, if any, then attention, then the
+    /// experts (dispatched, or here for a dense layer or colocated).
+    fn run_layer(&mut self, k: usize) -> Result<(), EngineError> {
+        self.settle(k)?;
+        let (mut step, l) = match self.lanes[k].take() {
+            LaneState::Running { step, next_layer } => (step, next_layer),
+            other => {
+                self.lanes[k] = other;
+                return Err(EngineError::Protocol(format!(
+                    "lane {k} has no layer to run"
+                )));
+            }
+        };
+        match self.layer(k, &mut step, l) {
+            Ok(Some((slot, flight))) => {
+                self.lanes[k] = LaneState::Waiting {
+                    step,
+                    slot,
+                    flight,
+                    combines: Vec::new(),
+                };
+                Ok(())
+            }
+            Ok(None) => {
+                self.lanes[k] = if l + 1 >= self.model.cfg.num_layers {
+                    LaneState::Done { step }
+                } else {
+                    LaneState::Running {
+                        step,
+                        next_layer: l + 1,
+                    }
+                };
+                Ok(())
+            }
+            Err(e) => {
+                // `abandon` fails its sequences.
+                self.lanes[k] = LaneState::Running {
+                    step,
+                    next_layer: l,
+                };
+                Err(e)
+            }
+        }
     }
 
-    fn lane_layer_inner(&mut self, l: usize, k: usize, lane: &mut Lane) -> Result<(), EngineError> {
-        self.settle(k, lane)?;
+    /// Layer `l` of lane `k`'s step: attention, then the routed experts dispatched (the
+    /// slot and what stays here are returned) or run here.
+    fn layer(
+        &mut self,
+        k: usize,
+        step: &mut Step,
+        l: usize,
+    ) -> Result<Option<(Slot, InFlight)>, EngineError> {
         let model = self.model.clone();
         let layer = &model.layers[l];
         let a = layer.attention.forward(
-            &lane.h,
-            &lane.layout,
+            &step.h,
+            &step.layout,
             &mut self.kv.layers[l],
             self.kv.block_size,
         )?;
-        match (&a.routing, &self.experts) {
-            (
-                Some(routing),
-                Experts::Remote {
-                    link, placement, ..
-                },
-            ) => {
-                let rows = dispatch(
-                    link.as_ref(),
-                    placement,
-                    // Worker 0 reads `more` on the decision slot: keep this replica a member?
-                    // Asked now, after the latest samples, not when the step started.
-                    (lane.members, self.has_work()),
-                    SlotHeader {
-                        epoch: self.m2n.epoch,
-                        iteration: lane.iteration,
-                        layer: l as u32,
-                        micro_batch: k as u32,
-                        sender: self.id,
-                    },
-                    &a.normed,
-                    routing,
-                    model.cfg.hidden_size,
-                )?;
-                // The shared expert runs here while the workers run the routed ones.
-                let mut residual = with_slice(&a.residual, |s| s.to_vec())?;
-                if let Some(y) = layer.experts.forward_shared(&a.normed)? {
-                    with_slice(&y, |y| add_into(&mut residual, y))?;
-                }
-                lane.pending = Some((l as u32, InFlight { residual, rows }));
-            }
+        let (Some(routing), Some(client)) = (&a.routing, self.protocol()) else {
             // Dense layer, or colocated: finish the layer here.
-            _ => lane.h = model.finish_layer(layer, a)?,
+            step.h = model.finish_layer(layer, a)?;
+            return Ok(None);
+        };
+        let slot = Slot::new(step.iteration, l as u32, k as u32);
+        let rows = client.dispatch(
+            slot,
+            step.members,
+            // Worker 0 reads `more` on the decision slot: keep this replica a member? Asked
+            // now, after the latest samples, not when the step started.
+            self.has_work(),
+            &a.normed,
+            routing,
+            model.cfg.hidden_size,
+        )?;
+        // The shared expert runs here while the workers run the routed ones.
+        let mut residual = with_slice(&a.residual, |s| s.to_vec())?;
+        if let Some(y) = layer.experts.forward_shared(&a.normed)? {
+            with_slice(&y, |y| add_into(&mut residual, y))?;
         }
-        lane.next_layer = l + 1;
-        Ok(())
+        Ok(Some((slot, InFlight { residual, rows })))
     }
 
-    /// Applies lane `k`'s pending combine, if any (every worker's is here), as the lane's
-    /// hidden state.
-    fn settle(&mut self, k: usize, lane: &mut Lane) -> Result<(), EngineError> {
-        if let Some((pl, f)) = lane.pending.take() {
-            lane.h = self.combine(lane.iteration, pl, k as u32, f)?;
-        }
-        Ok(())
+    /// If lane `k` waits on a slot (every worker's combine is here): its combine becomes the
+    /// lane's hidden state.
+    fn settle(&mut self, k: usize) -> Result<(), EngineError> {
+        let (mut step, slot, flight, combines) = match self.lanes[k].take() {
+            LaneState::Waiting {
+                step,
+                slot,
+                flight,
+                combines,
+            } => (step, slot, flight, combines),
+            other => {
+                self.lanes[k] = other;
+                return Ok(());
+            }
+        };
+        let next_layer = slot.layer as usize + 1;
+        let res = self.combine(slot, flight, combines).map(|h| step.h = h);
+        self.lanes[k] = if next_layer >= self.model.cfg.num_layers {
+            LaneState::Done { step }
+        } else {
+            LaneState::Running { step, next_layer }
+        };
+        res
     }
 
     /// Ends lane `k`'s step, if it has one: its last combine, the LM head over the rows that
     /// sample (sequences aborted meanwhile skipped), sampling, the scheduler's update, and
     /// the tokens to the clients.
     fn finish_lane(&mut self, k: usize, clock: &mut Clock) -> Result<(), EngineError> {
-        let Some(mut lane) = self.lanes[k].take() else {
-            return Ok(());
+        self.settle(k)?;
+        let step = match self.lanes[k].take() {
+            LaneState::Done { step } => step,
+            LaneState::Idle { next_iteration } => {
+                self.lanes[k] = LaneState::Idle { next_iteration };
+                return Ok(());
+            }
+            other => {
+                self.lanes[k] = other;
+                return Err(EngineError::Protocol(format!(
+                    "lane {k} is finished before its last layer"
+                )));
+            }
         };
-        let res = self.finish_lane_inner(k, &mut lane, clock);
+        let res = self.sample_step(k, &step, clock);
         if res.is_err() {
             // `abandon` fails its sequences.
-            self.lanes[k] = Some(lane);
+            self.lanes[k] = LaneState::Done { step };
         }
         res
     }
 
-    fn finish_lane_inner(
-        &mut self,
-        k: usize,
-        lane: &mut Lane,
-        clock: &mut Clock,
-    ) -> Result<(), EngineError> {
-        self.settle(k, lane)?;
+    fn sample_step(&mut self, k: usize, step: &Step, clock: &mut Clock) -> Result<(), EngineError> {
         // Rows that sample: the last token of each live sequence whose prompt is complete.
         let mut rows = Vec::new();
         let mut ids = Vec::new();
         let mut r = 0;
-        for s in &lane.out.seqs {
+        for s in &step.out.seqs {
             r += s.token_ids.len();
             if s.samples && self.sched.sequence(s.id).is_some() {
                 rows.push(r - 1);
@@ -579,10 +603,10 @@ impl Replica {
         let logits = if rows.is_empty() {
             Vec::new()
         } else if self.interleaves() {
-            self.logits_serving(k, &lane.h, &rows, clock)?
+            self.logits_serving(k, &step.h, &rows, clock)?
         } else {
             let t = Instant::now();
-            let logits = self.model.logits(&lane.h, &rows)?;
+            let logits = self.model.logits(&step.h, &rows)?;
             clock.lm_head(t.elapsed());
             logits
         };
@@ -623,20 +647,22 @@ impl Replica {
     }
 
     /// Whether other lanes' layers run between the parts of a lane's LM head and sampling
-    /// (remote experts and more than one lane).
+    /// (the membership protocol and more than one lane).
     fn interleaves(&self) -> bool {
-        self.uses_protocol() && self.lanes.len() > 1
+        self.protocol().is_some() && self.lanes.len() > 1
     }
 
     /// While lane `busy` is being finished: runs the next layer of every other lane whose
     /// combine has arrived, so the expert workers get their next dispatch now.
     fn serve_others(&mut self, busy: usize) -> Result<(), EngineError> {
         let t = Instant::now();
+        let layers = self.model.cfg.num_layers;
         self.poll_combines()?;
-        while let Some(j) = self.ready_lane(Some(busy), false) {
-            let l = self.lanes[j].as_ref().map_or(0, |x| x.next_layer);
-            self.lane_layer(l, j)?;
-            self.interleaved += 1;
+        while let Some(j) = lanes::interleave(&self.progress(), layers, busy) {
+            self.run_layer(j)?;
+            self.stats
+                .interleaved_layers
+                .fetch_add(1, Ordering::Relaxed);
             self.poll_combines()?;
         }
         self.served += t.elapsed();
@@ -649,8 +675,8 @@ impl Replica {
     fn abandon(&mut self, e: &EngineError) {
         let msg = format!("attention replica {}: {e}", self.id);
         for k in 0..self.lanes.len() {
-            if let Some(lane) = self.lanes[k].take() {
-                for s in &lane.out.seqs {
+            if let Some(step) = self.lanes[k].take().step() {
+                for s in &step.out.seqs {
                     let _ = self.sched.abort(s.id);
                     if let Some(st) = self.requests.remove(&s.id) {
                         st.finish_error(s.id, msg.clone());
@@ -660,19 +686,8 @@ impl Replica {
             // Every sequence of the step is gone: this closes it.
             let _ = self.sched.update_lane(k, &[]);
         }
-        self.combines.clear();
-        if self.uses_protocol() {
-            self.m2n.member = false;
-            self.m2n.decided.clear();
-            if !matches!(e, EngineError::Interrupted(_) | EngineError::Stopped(_)) {
-                if let Experts::Remote { link, .. } = &self.experts {
-                    let _ = link.control(ToWorker::Trouble {
-                        replica: self.id,
-                        epoch: self.m2n.epoch,
-                        why: e.to_string(),
-                    });
-                }
-            }
+        if let Some(client) = self.protocol_mut() {
+            client.abandon(e);
         }
     }
 
@@ -689,128 +704,82 @@ impl Replica {
 
     /// Takes every message from the expert workers that is already here.
     fn poll_combines(&mut self) -> Result<(), EngineError> {
-        while self.recv_one(Duration::ZERO)? {}
-        Ok(())
+        loop {
+            let got = match self.protocol_mut() {
+                Some(client) => client.recv(Duration::ZERO)?,
+                None => return Ok(()),
+            };
+            if matches!(got, Received::Nothing) {
+                return Ok(());
+            }
+            self.accept(got)?;
+        }
     }
 
     /// Waits for the next message from the expert workers (some lane waits for a combine).
     fn wait_combine(&mut self, clock: &mut Clock) -> Result<(), EngineError> {
-        let Experts::Remote { timeout, .. } = &self.experts else {
+        let waiting: Vec<Slot> = self
+            .lanes
+            .iter()
+            .filter_map(|l| match l {
+                LaneState::Waiting { slot, .. } => Some(*slot),
+                _ => None,
+            })
+            .collect();
+        let Some(client) = self.protocol_mut() else {
             return Err(EngineError::Protocol(
                 "waiting for a combine without expert workers".into(),
             ));
         };
-        let timeout = *timeout;
         clock.busy();
-        let deadline = Instant::now() + timeout;
-        while !self.recv_one(POLL.min(timeout))? {
-            if Instant::now() >= deadline {
-                let waiting: Vec<(u64, u32, usize)> = (0..self.lanes.len())
-                    .filter_map(|k| {
-                        let l = self.lanes[k].as_ref()?;
-                        l.pending.as_ref().map(|(pl, _)| (l.iteration, *pl, k))
-                    })
-                    .collect();
-                return Err(EngineError::Transport(
-                    crate::transport::TransportError::Timeout {
-                        what: format!("the expert workers for slots {waiting:?}"),
-                        secs: timeout.as_secs_f64(),
-                    },
-                ));
-            }
-            self.check_stop()?;
-        }
+        let got = client.wait(|| {
+            let slots: Vec<String> = waiting.iter().map(Slot::to_string).collect();
+            format!("the expert workers for slots {}", slots.join(", "))
+        })?;
         clock.idle();
-        Ok(())
+        self.accept(got)
     }
 
-    /// Receives one message from the expert workers, waiting up to `wait`; `false` if none
-    /// came. A combine is kept for its lane; worker 0's decision about the next iteration is
-    /// noted; a reset or a lost worker ends the round with an error.
-    fn recv_one(&mut self, wait: Duration) -> Result<bool, EngineError> {
-        let Experts::Remote { link, .. } = &self.experts else {
-            return Ok(false);
+    /// Keeps a combine for the lane waiting on its slot; a combine no lane waits for (or a
+    /// second one from the same worker) is a protocol error.
+    fn accept(&mut self, got: Received) -> Result<(), EngineError> {
+        let Received::Combine(msg) = got else {
+            return Ok(());
         };
-        let ev = match link.recv(wait) {
-            Ok(ev) => ev,
-            Err(crate::transport::TransportError::Timeout { .. }) => return Ok(false),
-            Err(e) => return Err(e.into()),
-        };
-        let msg = match ev {
-            ToReplica::Combine(msg) => msg,
-            ToReplica::Reset { epoch, why } => {
-                if epoch > self.m2n.epoch {
-                    self.m2n.epoch = epoch;
-                    return Err(EngineError::Interrupted(why));
-                }
-                return Ok(true);
+        let slot = msg.header.slot;
+        let sender = msg.header.sender;
+        match self.lanes.get_mut(slot.micro_batch as usize) {
+            Some(LaneState::Waiting {
+                slot: s, combines, ..
+            }) if *s == slot && !combines.iter().any(|c| c.header.sender == sender) => {
+                combines.push(msg);
+                Ok(())
             }
-            ToReplica::Lost { why, .. } => {
-                return Err(EngineError::Transport(
-                    crate::transport::TransportError::Disconnected(why),
-                ))
-            }
-            ToReplica::Welcome { .. } => {
-                return Err(EngineError::Protocol(format!(
-                    "replica {}: a welcome while taking part in the pipeline",
-                    self.id
-                )))
-            }
-        };
-        if msg.header.epoch != self.m2n.epoch {
-            return Ok(true); // from an interrupted epoch
+            _ => Err(EngineError::Protocol(format!(
+                "replica {}: a combine from worker {sender} for slot {slot}, which none of its lanes waits for",
+                self.id
+            ))),
         }
-        let s = msg.header.slot();
-        let awaited = self
-            .lanes
-            .get(s.2 as usize)
-            .and_then(Option::as_ref)
-            .is_some_and(|l| {
-                l.iteration == s.0 && l.pending.as_ref().is_some_and(|(pl, _)| *pl == s.1)
-            });
-        let got = self.combines.entry(s).or_default();
-        if !awaited || got.iter().any(|m| m.header.sender == msg.header.sender) {
-            return Err(EngineError::Protocol(format!(
-                "replica {}: a combine from worker {} for slot {s:?}, which none of its lanes waits for",
-                self.id, msg.header.sender
-            )));
-        }
-        if msg.header.sender == 0 {
-            if let Some(k) = msg.next_members {
-                self.m2n.decided.insert(s.0 + 1, k);
-            }
-        }
-        got.push(msg);
-        Ok(true)
     }
 
-    /// Finishes lane `mb`'s layer from every worker's combine of its slot (all here):
-    /// residual (+ shared) + sum of the workers' weighted expert outputs.
+    /// A layer's output from every worker's combine of its slot (all here): residual
+    /// (+ shared) + the sum of the workers' weighted expert outputs.
     fn combine(
-        &mut self,
-        iteration: u64,
-        layer: u32,
-        mb: u32,
+        &self,
+        slot: Slot,
         f: InFlight,
+        mut msgs: Vec<CombineMsg>,
     ) -> Result<Tensor, EngineError> {
-        let Experts::Remote { link, .. } = &self.experts else {
-            return Err(EngineError::Protocol(
-                "combine without expert workers".into(),
-            ));
-        };
-        let n = link.num_workers();
-        let want = (iteration, layer, mb);
-        if self.combines.get(&want).map_or(0, Vec::len) < n {
+        let n = self.protocol().map_or(0, M2nClient::workers);
+        if msgs.len() < n {
             return Err(EngineError::Protocol(format!(
-                "replica {}: slot {want:?} settled before every worker's combine arrived",
+                "replica {}: slot {slot} settled before every worker's combine arrived",
                 self.id
             )));
         }
-        let msgs = self.combines.remove(&want).unwrap_or_default();
         let d = self.model.cfg.hidden_size;
         let mut out = f.residual;
         let t = out.len() / d;
-        let mut msgs = msgs;
         msgs.sort_by_key(|m| m.header.sender);
         for m in msgs {
             let w = m.header.sender as usize;
@@ -861,7 +830,9 @@ impl Replica {
                 self.serve_others(lane)?;
             }
         }
-        self.generated += sampled.len() as u64;
+        self.stats
+            .generated_tokens
+            .fetch_add(sampled.len() as u64, Ordering::Relaxed);
         let finished = self.sched.update_lane(lane, &sampled)?;
         let mut finished: HashMap<RequestId, FinishedSeq> =
             finished.into_iter().map(|f| (f.id, f)).collect();
@@ -917,82 +888,4 @@ impl Replica {
         }
         self.publish_gauges();
     }
-
-    pub fn stats_preemptions(&self) -> u64 {
-        self.sched.num_preemptions()
-    }
-}
-
-/// Splits one micro-batch's routed tokens by worker and sends a dispatch to every worker
-/// (empty where none of its experts was chosen). Returns, per worker, the token rows sent.
-fn dispatch(
-    link: &dyn ReplicaLink,
-    placement: &ExpertPlacement,
-    (members, more): (u64, bool),
-    header: SlotHeader,
-    normed: &Tensor,
-    routing: &tandem_model::Routing,
-    d: usize,
-) -> Result<Vec<Vec<usize>>, EngineError> {
-    let n = link.num_workers();
-    let mut rows: Vec<Vec<usize>> = vec![Vec::new(); n];
-    let mut asg: Vec<Vec<Assignment>> = vec![Vec::new(); n];
-    // Local row of token t on worker w, if already sent.
-    let mut local: Vec<HashMap<usize, u32>> = vec![HashMap::new(); n];
-    for a in assignments_of(routing) {
-        let t = a.row as usize;
-        let holders = placement
-            .workers
-            .get(a.expert as usize)
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| {
-                EngineError::Protocol(format!("expert {} is placed nowhere", a.expert))
-            })?;
-        // A replicated expert's tokens are split between its copies by token index.
-        let w = holders[t % holders.len()] as usize;
-        let r = *local[w].entry(t).or_insert_with(|| {
-            rows[w].push(t);
-            (rows[w].len() - 1) as u32
-        });
-        asg[w].push(Assignment { row: r, ..a });
-    }
-    with_slice(normed, |x| -> Result<(), EngineError> {
-        for w in 0..n {
-            let mut xb = Vec::with_capacity(rows[w].len() * d);
-            for &t in &rows[w] {
-                xb.extend_from_slice(&x[t * d..(t + 1) * d]);
-            }
-            let msg = DispatchMsg {
-                header,
-                members,
-                more,
-                x: from_vec(xb, rows[w].len(), d)?,
-                assignments: std::mem::take(&mut asg[w]),
-            };
-            link.dispatch(w as u32, msg)?;
-        }
-        Ok(())
-    })??;
-    Ok(rows)
-}
-
-/// Parts of an LM head computed between chances for the other lanes to run (see
-/// [`Replica::logits_serving`]); on the demo model's 32k vocabulary and 64 rows, about 4 ms
-/// each.
-const LM_HEAD_PARTS: usize = 16;
-
-/// Parts of a lane's sampling between chances for the other lanes to run.
-const SAMPLE_PARTS: usize = 4;
-
-/// How often waits for peers check the stop flag.
-const POLL: Duration = Duration::from_millis(100);
-
-/// How long a replica with work waits for an unreachable expert worker to come back.
-const CONNECT_WAIT: Duration = Duration::from_secs(5);
-
-/// Records a replica's preemption count into the shared stats.
-pub fn record_preemptions(stats: &crate::stats::EngineStats, before: u64, after: u64) {
-    stats
-        .preemptions
-        .fetch_add(after.saturating_sub(before), Ordering::Relaxed);
 }

@@ -8,7 +8,7 @@
 //!
 //! ## Membership
 //! An expert worker must know, for every slot, which replicas will send it a dispatch. The
-//! replicas taking part in an iteration are its *members* (a bit mask). Expert worker 0 is
+//! replicas taking part in an iteration are its *members* (a [`Members`] set). Expert worker 0 is
 //! the authority: a replica with work and no membership sends [`ToWorker::Join`]; worker 0
 //! answers [`ToReplica::Welcome`] (epoch, iteration, members) at once when no iteration is
 //! running, else on the current one's *decision slot*: the first micro-batch of the last MoE
@@ -33,31 +33,23 @@
 use candle_core::Tensor;
 use std::sync::mpsc;
 use std::time::Duration;
+use tandem_core::{Members, Slot};
 use tandem_model::Assignment;
 
-/// Which pipeline slot a message belongs to.
+/// Which pipeline slot a message belongs to, in which epoch, from whom.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SlotHeader {
     pub epoch: u64,
-    pub iteration: u64,
-    pub layer: u32,
-    pub micro_batch: u32,
+    pub slot: Slot,
     /// Replica id for a dispatch, worker id for a combine.
     pub sender: u32,
-}
-
-impl SlotHeader {
-    /// The slot without the epoch and the sender.
-    pub fn slot(&self) -> (u64, u32, u32) {
-        (self.iteration, self.layer, self.micro_batch)
-    }
 }
 
 /// Attention -> expert: the rows routed to this worker and what to do with each.
 pub struct DispatchMsg {
     pub header: SlotHeader,
-    /// The replicas taking part in this iteration (bit i = replica i).
-    pub members: u64,
+    /// The replicas taking part in this iteration.
+    pub members: Members,
     /// The sender has work beyond this iteration (read by worker 0 on the decision slot).
     pub more: bool,
     /// `[n, D]` post-attention-normed hidden states.
@@ -72,7 +64,7 @@ pub struct CombineMsg {
     pub header: SlotHeader,
     pub y: Tensor,
     /// Set by worker 0 on the decision slot of an iteration: the next iteration's members.
-    pub next_members: Option<u64>,
+    pub next_members: Option<Members>,
 }
 
 /// Everything a worker receives.
@@ -102,7 +94,7 @@ pub enum ToReplica {
     Welcome {
         epoch: u64,
         iteration: u64,
-        members: u64,
+        members: Members,
     },
     /// From worker 0: `epoch` starts; every membership is forgotten.
     Reset {

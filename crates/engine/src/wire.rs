@@ -31,6 +31,7 @@
 use crate::transport::{CombineMsg, DispatchMsg, SlotHeader, ToReplica, ToWorker};
 use candle_core::Tensor;
 use std::io::{Read, Write};
+use tandem_core::{Members, Slot};
 use tandem_model::layers::{from_vec, with_slice};
 use tandem_model::Assignment;
 
@@ -339,9 +340,9 @@ fn slot_header(kind: Kind, s: &SlotHeader) -> Header {
     Header {
         kind: kind as u16,
         epoch: s.epoch,
-        iteration: s.iteration,
-        layer: s.layer,
-        micro_batch: s.micro_batch,
+        iteration: s.slot.iteration,
+        layer: s.slot.layer,
+        micro_batch: s.slot.micro_batch,
         sender: s.sender,
         ..Default::default()
     }
@@ -379,7 +380,7 @@ pub fn write_frame_as(
             let rows = matrix_rows(&m.x, hidden)?;
             let mut h = slot_header(Kind::Dispatch, &m.header);
             h.flags = if m.more { FLAG_MORE } else { 0 } | dtype.flag();
-            h.members = m.members;
+            h.members = m.members.bits();
             h.rows = rows;
             h.n_assign = m.assignments.len() as u32;
             h.payload_len = rows as u64 * hidden as u64 * dtype.bytes()
@@ -424,7 +425,7 @@ pub fn write_frame_as(
             let mut h = slot_header(Kind::Combine, &m.header);
             if let Some(k) = m.next_members {
                 h.flags = FLAG_NEXT;
-                h.members = k;
+                h.members = k.bits();
             }
             h.flags |= dtype.flag();
             h.rows = rows;
@@ -442,7 +443,7 @@ pub fn write_frame_as(
                 kind: Kind::Welcome as u16,
                 epoch: *epoch,
                 iteration: *iteration,
-                members: *members,
+                members: members.bits(),
                 ..Default::default()
             };
             w.write_all(&h.encode())?;
@@ -512,9 +513,7 @@ pub fn read_frame(r: &mut impl Read, hidden: usize, max_payload: u64) -> Result<
     let kind = Kind::from_u16(h.kind).ok_or(WireError::UnknownKind(h.kind))?;
     let slot = SlotHeader {
         epoch: h.epoch,
-        iteration: h.iteration,
-        layer: h.layer,
-        micro_batch: h.micro_batch,
+        slot: Slot::new(h.iteration, h.layer, h.micro_batch),
         sender: h.sender,
     };
     let dtype = if h.flags & FLAG_BF16 != 0 {
@@ -584,7 +583,7 @@ pub fn read_frame(r: &mut impl Read, hidden: usize, max_payload: u64) -> Result<
             }
             Frame::ToWorker(ToWorker::Dispatch(DispatchMsg {
                 header: slot,
-                members: h.members,
+                members: Members::from_bits(h.members),
                 more: h.flags & FLAG_MORE != 0,
                 x: from_vec(x, h.rows as usize, hidden)?,
                 assignments,
@@ -602,7 +601,7 @@ pub fn read_frame(r: &mut impl Read, hidden: usize, max_payload: u64) -> Result<
             Frame::ToReplica(ToReplica::Combine(CombineMsg {
                 header: slot,
                 y: from_vec(y, h.rows as usize, hidden)?,
-                next_members: (h.flags & FLAG_NEXT != 0).then_some(h.members),
+                next_members: (h.flags & FLAG_NEXT != 0).then_some(Members::from_bits(h.members)),
             }))
         }
         Kind::Join => {
@@ -614,7 +613,7 @@ pub fn read_frame(r: &mut impl Read, hidden: usize, max_payload: u64) -> Result<
             Frame::ToReplica(ToReplica::Welcome {
                 epoch: h.epoch,
                 iteration: h.iteration,
-                members: h.members,
+                members: Members::from_bits(h.members),
             })
         }
         Kind::Reset => Frame::ToReplica(ToReplica::Reset {

@@ -4,6 +4,7 @@
 
 use proptest::prelude::*;
 use std::io::Cursor;
+use tandem_core::{Members, Slot};
 use tandem_engine::transport::{CombineMsg, DispatchMsg, SlotHeader, ToReplica, ToWorker};
 use tandem_engine::wire::{
     read_frame, write_frame, write_frame_as, Frame, Header, WireDtype, WireError, HEADER_LEN, MAGIC,
@@ -38,16 +39,20 @@ fn slot() -> impl Strategy<Value = SlotHeader> {
         .prop_map(
             |(epoch, iteration, layer, micro_batch, sender)| SlotHeader {
                 epoch,
-                iteration,
-                layer,
-                micro_batch,
+                slot: Slot::new(iteration, layer, micro_batch),
                 sender,
             },
         )
 }
 
+/// Any set of replicas, as the wire's 64 bits.
+fn members() -> impl Strategy<Value = Members> {
+    any::<u64>().prop_map(Members::from_bits)
+}
+
 /// A dispatch with `rows` rows of `hidden` values and assignments pointing at them.
-fn dispatch() -> impl Strategy<Value = (usize, SlotHeader, u64, bool, Vec<f32>, Vec<Assignment>)> {
+fn dispatch() -> impl Strategy<Value = (usize, SlotHeader, Members, bool, Vec<f32>, Vec<Assignment>)>
+{
     (1usize..9, 0usize..6).prop_flat_map(|(hidden, rows)| {
         let n = hidden * rows;
         let asg = if rows == 0 {
@@ -68,7 +73,7 @@ fn dispatch() -> impl Strategy<Value = (usize, SlotHeader, u64, bool, Vec<f32>, 
         (
             Just(hidden),
             slot(),
-            any::<u64>(),
+            members(),
             any::<bool>(),
             prop::collection::vec(any::<f32>(), n..=n),
             asg,
@@ -112,7 +117,7 @@ proptest! {
     /// bf16 on the wire: half the matrix bytes, each value rounded to nearest even bf16
     /// (NaN stays NaN), everything else exact; the reader needs no option to tell.
     #[test]
-    fn bf16_matrices_round_trip((hidden, header, members, more, x, asg) in dispatch(), next in proptest::option::of(any::<u64>())) {
+    fn bf16_matrices_round_trip((hidden, header, members, more, x, asg) in dispatch(), next in proptest::option::of(members())) {
         let rows = x.len() / hidden;
         let rounded: Vec<f32> = x.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect();
         let same = |got: &[f32]| got.len() == rounded.len() && got.iter().zip(&rounded).all(|(a, b)| {
@@ -150,10 +155,10 @@ proptest! {
         header in slot(),
         hidden in 1usize..9,
         rows in 0usize..5,
-        next in proptest::option::of(any::<u64>()),
+        next in proptest::option::of(members()),
         epoch in any::<u64>(),
         iteration in any::<u64>(),
-        members in any::<u64>(),
+        members in members(),
         replica in any::<u32>(),
         why in ".{0,40}",
     ) {
@@ -292,12 +297,10 @@ fn data_before_the_handshake_and_bad_assignments_are_refused() {
     let msg = DispatchMsg {
         header: SlotHeader {
             epoch: 1,
-            iteration: 0,
-            layer: 0,
-            micro_batch: 0,
+            slot: Slot::new(0, 0, 0),
             sender: 0,
         },
-        members: 1,
+        members: Members::one(0),
         more: false,
         x,
         assignments: vec![Assignment {

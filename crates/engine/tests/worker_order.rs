@@ -7,6 +7,7 @@ use candle_core::{Device, Tensor};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use tandem_core::{Members, Slot};
 use tandem_engine::expert_worker::ExpertWorker;
 use tandem_engine::stats::WorkerStats;
 use tandem_engine::transport::{in_process, ReplicaLink, SlotHeader, ToReplica, ToWorker};
@@ -45,7 +46,7 @@ fn join(link: &dyn ReplicaLink) -> (u64, u64) {
             iteration,
             members,
         } => {
-            assert_eq!(members, 1);
+            assert_eq!(members, Members::one(0));
             (epoch, iteration)
         }
         _ => panic!("expected a welcome"),
@@ -53,18 +54,16 @@ fn join(link: &dyn ReplicaLink) -> (u64, u64) {
 }
 
 /// One row routed to expert 0.
-fn dispatch(model: &Model, epoch: u64, slot: (u64, u32, u32)) -> DispatchMsg {
+fn dispatch(model: &Model, epoch: u64, slot: Slot) -> DispatchMsg {
     let d = model.cfg.hidden_size;
     let x = Tensor::from_vec(vec![0.5f32; d], (1, d), &Device::Cpu).unwrap();
     DispatchMsg {
         header: SlotHeader {
             epoch,
-            iteration: slot.0,
-            layer: slot.1,
-            micro_batch: slot.2,
+            slot,
             sender: 0,
         },
-        members: 1,
+        members: Members::one(0),
         more: true,
         x,
         assignments: vec![Assignment {
@@ -75,11 +74,11 @@ fn dispatch(model: &Model, epoch: u64, slot: (u64, u32, u32)) -> DispatchMsg {
     }
 }
 
-fn combine_slot(link: &dyn ReplicaLink) -> (u64, u32, u32) {
+fn combine_slot(link: &dyn ReplicaLink) -> Slot {
     match link.recv(WAIT).unwrap() {
         ToReplica::Combine(c) => {
             assert_eq!(c.y.dims(), &[1, c.y.dims()[1]]);
-            c.header.slot()
+            c.header.slot
         }
         _ => panic!("expected a combine"),
     }
@@ -99,22 +98,22 @@ fn a_lane_ahead_is_not_held_back_by_a_lane_behind() {
     assert!(moe.len() >= 2, "the fixture needs two MoE layers");
     let (epoch, it) = join(link.as_ref());
     // Lane 0 runs two layers while lane 1 has sent nothing yet.
-    link.dispatch(0, dispatch(&model, epoch, (it, moe[0], 0)))
+    link.dispatch(0, dispatch(&model, epoch, Slot::new(it, moe[0], 0)))
         .unwrap();
-    assert_eq!(combine_slot(link.as_ref()), (it, moe[0], 0));
-    link.dispatch(0, dispatch(&model, epoch, (it, moe[1], 0)))
+    assert_eq!(combine_slot(link.as_ref()), Slot::new(it, moe[0], 0));
+    link.dispatch(0, dispatch(&model, epoch, Slot::new(it, moe[1], 0)))
         .unwrap();
     assert_eq!(
         combine_slot(link.as_ref()),
-        (it, moe[1], 0),
+        Slot::new(it, moe[1], 0),
         "the later slot of lane 0 waited for lane 1"
     );
     // Lane 1 catches up.
-    link.dispatch(0, dispatch(&model, epoch, (it, moe[0], 1)))
+    link.dispatch(0, dispatch(&model, epoch, Slot::new(it, moe[0], 1)))
         .unwrap();
-    assert_eq!(combine_slot(link.as_ref()), (it, moe[0], 1));
+    assert_eq!(combine_slot(link.as_ref()), Slot::new(it, moe[0], 1));
     // Sending a processed slot again is a protocol error that stops the (in-process) worker.
-    link.dispatch(0, dispatch(&model, epoch, (it, moe[0], 1)))
+    link.dispatch(0, dispatch(&model, epoch, Slot::new(it, moe[0], 1)))
         .unwrap();
     let err = worker.join().unwrap().unwrap_err().to_string();
     assert!(err.contains("over or not a slot"), "{err}");
@@ -125,7 +124,7 @@ fn a_dispatch_for_an_iteration_worker_0_did_not_start_is_refused() {
     let (model, link, worker) = start(2);
     let moe = moe_layers(&model);
     let (epoch, it) = join(link.as_ref());
-    link.dispatch(0, dispatch(&model, epoch, (it + 1, moe[0], 0)))
+    link.dispatch(0, dispatch(&model, epoch, Slot::new(it + 1, moe[0], 0)))
         .unwrap();
     let err = worker.join().unwrap().unwrap_err().to_string();
     assert!(err.contains("did not start"), "{err}");
