@@ -7,10 +7,11 @@
 //! 1. **Iteration boundaries.** This model prices every decode step from an empty pipeline
 //!    and ends it with the head work (final norm, LM head, sampling) of each micro-batch on
 //!    the replica while the expert workers idle: Eq. 5's fill-and-drain plus that tail, not
-//!    Eq. 4's period. The engine now pipelines across iterations (`Replica::round`: micro-batch
-//!    0 starts its next iteration while the others finish), but each micro-batch's head work
-//!    still stalls the workers at its boundary; on the demo model the two cost about the same
-//!    per iteration (docs/pingpong.md). Calibration was not re-run after that change.
+//!    Eq. 4's period. The engine does better than that: its micro-batches are independent
+//!    lanes (`tandem-engine`'s `lanes.rs`) that start their next iteration while others
+//!    finish, and other lanes' layers run between the parts of a lane's LM head; this model
+//!    does not price that overlap, so it is pessimistic for m >= 2 by up to the head work
+//!    per iteration (docs/pingpong.md measures it).
 //! 2. **Weights re-read per micro-batch.** Each micro-batch runs every expert it hits on its
 //!    own, so the per-expert cost `k4` (mostly reading the expert's weights) is paid once per
 //!    hit expert per micro-batch, and the LM head once per micro-batch.
@@ -18,10 +19,12 @@
 //!    routing hits an expert with probability `1 - (1 - K/E)^t`; the expected cost of a worker
 //!    holding `c` experts is `c (k3 t K / E + P(hit) k4) + overhead`.
 //!
-//! The replica's order is the engine's (`Replica::round`): for each layer, for each micro-batch,
-//! wait for that micro-batch's combine of the previous layer, run attention, dispatch. An
-//! expert worker serves the slots in the same order. Dense (non-MoE) layers are priced as
-//! attention only (no dense-MLP fit in the profile). Units: seconds, sequences, tokens.
+//! The order priced here is a fixed one: for each layer, for each micro-batch, wait for that
+//! micro-batch's combine of the previous layer, run attention, dispatch, and an expert worker
+//! serves the slots in the same order. (The engine takes whichever lane's combine arrives
+//! first and workers take slots as they complete; with equal micro-batches the two orders
+//! coincide.) Dense (non-MoE) layers are priced as attention only (no dense-MLP fit in the
+//! profile). Units: seconds, sequences, tokens.
 
 use crate::error::{PlanError, Result};
 use crate::model::ModelShape;

@@ -7,7 +7,7 @@
 //! * [`stop`]: stop strings over streamed text.
 //!
 //! An engine step is `schedule()` -> run the model -> sample each sequence with
-//! `samples == true` -> `update()` (STYLE item 4, nano-vllm's `LLMEngine.step`).
+//! `samples == true` -> `update()` (the shape of nano-vllm's `LLMEngine.step`).
 //!
 //! Layout of a sequence in the KV cache: the token at position `p` lives in block
 //! `block_table[p / block_size]` at offset `p % block_size`.

@@ -1,5 +1,6 @@
 //! Test harness for the scheduler: request factories, a fake model over a fake paged KV
-//! cache, a reference generator and a driver loop. No tensors, no real model (STYLE 5).
+//! cache, a reference generator and a driver loop. No tensors, no real model: the scheduler
+//! is tested alone.
 //!
 //! The fake model writes each scheduled token into its KV slot (tagged with its position)
 //! and computes the next token as a hash of the context it *reads back through the block
