@@ -160,6 +160,11 @@ pub struct PlanSearchArgs {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also write the best plan as Kubernetes manifests into DIR (`kubectl apply -k DIR`).
+    #[arg(long, value_name = "DIR", requires = "model_path")]
+    pub k8s: Option<PathBuf>,
+    #[command(flatten)]
+    pub k8s_args: crate::k8s_cmd::K8sArgs,
 }
 
 #[derive(Debug, Args)]
@@ -242,7 +247,7 @@ pub struct SimulateArgs {
     pub json: bool,
 }
 
-fn load_catalog(extra: Option<&PathBuf>) -> Result<HardwareCatalog> {
+pub(crate) fn load_catalog(extra: Option<&PathBuf>) -> Result<HardwareCatalog> {
     let mut c = HardwareCatalog::builtin().context("loading the built-in hardware catalog")?;
     if let Some(p) = extra {
         c.merge_file(p)
@@ -355,6 +360,10 @@ fn search(a: PlanSearchArgs) -> Result<()> {
         let side = deploy::write_plan(best, &model_ref, out)
             .with_context(|| format!("writing {}", out.display()))?;
         eprintln!("wrote {} (and {})", out.display(), side.display());
+    }
+    if let Some(dir) = &a.k8s {
+        let best = report.best().context("no disaggregated plan to deploy")?;
+        a.k8s_args.write(&deploy::to_deployment(best), &cat, dir)?;
     }
     Ok(())
 }
