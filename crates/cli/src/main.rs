@@ -24,6 +24,9 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start-up: the size of the largest variant (plan's flags, with the
+// manifests' flags of --k8s) costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Start the OpenAI-compatible server (default: the embedded demo model, disaggregated

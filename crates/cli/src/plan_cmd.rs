@@ -751,6 +751,7 @@ mod tests {
         cmd: Cmd,
     }
 
+    #[allow(clippy::large_enum_variant)]
     #[derive(Debug, Subcommand)]
     enum Cmd {
         Plan(PlanArgs),
@@ -849,11 +850,25 @@ mod tests {
             "8",
             "--out",
             &out_s,
+            "--k8s",
+            &dir.join("k8s").display().to_string(),
+            "--model-path",
+            "/models/mixtral",
         ]) else {
             panic!("not plan")
         };
         plan(p).unwrap();
         assert!(out.exists());
+        // The manifests hold the same deployment as the plan file, addresses aside.
+        let planned = tandem_core::Deployment::load(&out).unwrap();
+        let yaml =
+            std::fs::read_to_string(dir.join("k8s/configmap-tandem-deployment.yaml")).unwrap();
+        assert!(yaml.contains(&format!(
+            "attention_replicas = {}",
+            planned.attention_replicas
+        )));
+        assert!(dir.join("k8s/kustomization.yaml").exists());
+        assert!(Cli::try_parse_from(["tandem", "plan", "--model", "m", "--k8s", "d"]).is_err());
         let Cmd::Simulate(s) = parse(&["simulate", "--plan", &out_s, "--steps", "2"]) else {
             panic!("not simulate")
         };
