@@ -32,7 +32,11 @@ pub struct RoleArgs {
     pub role: Option<Role>,
     /// The worker's index among its role (default: from --rank-from-hostname, else the
     /// TANDEM_RANK environment variable, else 0).
-    #[arg(long = "rank", conflicts_with = "rank_from_hostname")]
+    #[arg(
+        long = "rank",
+        value_name = "RANK",
+        conflicts_with = "rank_from_hostname"
+    )]
     pub rank_flag: Option<u32>,
     /// Take the rank from the trailing `-N` of the host name (a StatefulSet pod's ordinal;
     /// checked against TANDEM_RANK when that is set).
