@@ -151,7 +151,7 @@ fn ordered_prompts(a: &GenerateArgs, m: &ArgMatches) -> Result<Vec<PromptArg>> {
     Ok(v.into_iter().map(|(_, p)| p).collect())
 }
 
-pub fn run(a: GenerateArgs, m: &ArgMatches) -> Result<()> {
+pub fn run(mut a: GenerateArgs, m: &ArgMatches) -> Result<()> {
     let prompts = ordered_prompts(&a, m)?;
     if prompts.is_empty() {
         bail!("give at least one --prompt or --prompt-ids");
@@ -169,12 +169,9 @@ pub fn run(a: GenerateArgs, m: &ArgMatches) -> Result<()> {
     };
     params.validate()?;
     let dir = crate::models::resolve(&a.model)?;
-    let (engine, tok) = crate::roles::start_engine(
-        &dir,
-        a.shape.deployment_or_default(a.role.role.is_some())?,
-        &a.role,
-        a.weights.linear_type()?,
-    )?;
+    let mut dep = a.shape.deployment_or_default(a.role.role.is_some())?;
+    a.role.resolve(&mut dep)?;
+    let (engine, tok) = crate::roles::start_engine(&dir, dep, &a.role, a.weights.linear_type()?)?;
     let mut ids = Vec::new();
     for p in &prompts {
         ids.push(match p {

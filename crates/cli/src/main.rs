@@ -3,6 +3,7 @@
 
 mod bench;
 mod generate;
+mod k8s_cmd;
 mod models;
 mod plan_cmd;
 mod profile_cmd;
@@ -23,6 +24,9 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start-up: the size of the largest variant (plan's flags, with the
+// manifests' flags of --k8s) costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Start the OpenAI-compatible server (default: the embedded demo model, disaggregated
@@ -43,6 +47,9 @@ enum Cmd {
     Launch(roles::LaunchArgs),
     /// Show whether every worker of a multi-process deployment is up (JSON).
     Status(roles::StatusArgs),
+    /// Write Kubernetes manifests (StatefulSets per role, Services, ConfigMap, PDBs) for a
+    /// deployment file: `kubectl apply -k OUT`.
+    K8s(k8s_cmd::K8sCmdArgs),
     /// Measure this machine's stage and transport times into a profile for the planner
     /// (--calibrate: then predict and measure three engine shapes).
     Profile(profile_cmd::ProfileCmdArgs),
@@ -80,6 +87,7 @@ fn run() -> Result<()> {
         Cmd::Launch(a) => roles::launch(a),
         Cmd::Status(a) => roles::status(a),
         Cmd::Profile(a) => profile_cmd::run(a),
+        Cmd::K8s(a) => k8s_cmd::run(a),
     }
 }
 

@@ -160,6 +160,11 @@ pub struct PlanSearchArgs {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also write the best plan as Kubernetes manifests into DIR (`kubectl apply -k DIR`).
+    #[arg(long, value_name = "DIR", requires = "model_path")]
+    pub k8s: Option<PathBuf>,
+    #[command(flatten)]
+    pub k8s_args: crate::k8s_cmd::K8sArgs,
 }
 
 #[derive(Debug, Args)]
@@ -242,7 +247,7 @@ pub struct SimulateArgs {
     pub json: bool,
 }
 
-fn load_catalog(extra: Option<&PathBuf>) -> Result<HardwareCatalog> {
+pub(crate) fn load_catalog(extra: Option<&PathBuf>) -> Result<HardwareCatalog> {
     let mut c = HardwareCatalog::builtin().context("loading the built-in hardware catalog")?;
     if let Some(p) = extra {
         c.merge_file(p)
@@ -355,6 +360,10 @@ fn search(a: PlanSearchArgs) -> Result<()> {
         let side = deploy::write_plan(best, &model_ref, out)
             .with_context(|| format!("writing {}", out.display()))?;
         eprintln!("wrote {} (and {})", out.display(), side.display());
+    }
+    if let Some(dir) = &a.k8s {
+        let best = report.best().context("no disaggregated plan to deploy")?;
+        a.k8s_args.write(&deploy::to_deployment(best), &cat, dir)?;
     }
     Ok(())
 }
@@ -742,6 +751,7 @@ mod tests {
         cmd: Cmd,
     }
 
+    #[allow(clippy::large_enum_variant)]
     #[derive(Debug, Subcommand)]
     enum Cmd {
         Plan(PlanArgs),
@@ -840,11 +850,25 @@ mod tests {
             "8",
             "--out",
             &out_s,
+            "--k8s",
+            &dir.join("k8s").display().to_string(),
+            "--model-path",
+            "/models/mixtral",
         ]) else {
             panic!("not plan")
         };
         plan(p).unwrap();
         assert!(out.exists());
+        // The manifests hold the same deployment as the plan file, addresses aside.
+        let planned = tandem_core::Deployment::load(&out).unwrap();
+        let yaml =
+            std::fs::read_to_string(dir.join("k8s/configmap-tandem-deployment.yaml")).unwrap();
+        assert!(yaml.contains(&format!(
+            "attention_replicas = {}",
+            planned.attention_replicas
+        )));
+        assert!(dir.join("k8s/kustomization.yaml").exists());
+        assert!(Cli::try_parse_from(["tandem", "plan", "--model", "m", "--k8s", "d"]).is_err());
         let Cmd::Simulate(s) = parse(&["simulate", "--plan", &out_s, "--steps", "2"]) else {
             panic!("not simulate")
         };

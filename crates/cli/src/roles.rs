@@ -30,8 +30,24 @@ pub struct RoleArgs {
     /// instead of the whole deployment in this process.
     #[arg(long, value_enum, requires = "deployment")]
     pub role: Option<Role>,
-    /// The worker's index among its role.
-    #[arg(long, default_value_t = 0)]
+    /// The worker's index among its role (default: from --rank-from-hostname, else the
+    /// TANDEM_RANK environment variable, else 0).
+    #[arg(
+        long = "rank",
+        value_name = "RANK",
+        conflicts_with = "rank_from_hostname"
+    )]
+    pub rank_flag: Option<u32>,
+    /// Take the rank from the trailing `-N` of the host name (a StatefulSet pod's ordinal;
+    /// checked against TANDEM_RANK when that is set).
+    #[arg(long, requires = "role")]
+    pub rank_from_hostname: bool,
+    /// Use TO wherever the deployment file lists the address FROM (HOST:PORT each;
+    /// repeatable): run a Kubernetes deployment file's pods elsewhere, e.g. on loopback.
+    #[arg(long, value_name = "FROM=TO", value_parser = parse_address_pair)]
+    pub address_map: Vec<(String, String)>,
+    /// The rank, set by [`RoleArgs::resolve`].
+    #[arg(skip)]
     pub rank: u32,
     /// Seconds a replica waits for the expert workers before failing its requests.
     #[arg(long, default_value_t = 60)]
@@ -41,6 +57,36 @@ pub struct RoleArgs {
     /// to bf16).
     #[arg(long, default_value = "f32", value_parser = parse_wire_dtype)]
     pub wire_dtype: WireDtype,
+}
+
+fn parse_address_pair(s: &str) -> Result<(String, String), String> {
+    tandem_core::deployment::parse_address_pair(s).map_err(|e| e.to_string())
+}
+
+impl RoleArgs {
+    /// Resolves the rank (`--rank`, `--rank-from-hostname`, `TANDEM_RANK`) and applies
+    /// `--address-map` to the deployment; every FROM must be one of its addresses.
+    pub fn resolve(&mut self, dep: &mut Deployment) -> Result<()> {
+        let a = &dep.addresses;
+        if let Some((from, _)) = self
+            .address_map
+            .iter()
+            .find(|(f, _)| !a.attention.iter().chain(&a.expert).any(|x| x == f))
+        {
+            bail!("--address-map {from}: the deployment lists no such address");
+        }
+        dep.addresses.remap(&self.address_map);
+        if self.role.is_some() {
+            let host = self
+                .rank_from_hostname
+                .then(tandem_k8s::rank::hostname)
+                .flatten();
+            let env = std::env::var(tandem_k8s::rank::RANK_ENV).ok();
+            self.rank =
+                tandem_k8s::rank::resolve_rank(self.rank_flag, self.rank_from_hostname, host, env)?;
+        }
+        Ok(())
+    }
 }
 
 fn parse_wire_dtype(s: &str) -> Result<WireDtype, String> {

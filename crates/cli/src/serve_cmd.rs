@@ -64,7 +64,7 @@ pub struct ServeArgs {
     pub role: crate::roles::RoleArgs,
 }
 
-pub fn run(a: ServeArgs) -> Result<()> {
+pub fn run(mut a: ServeArgs) -> Result<()> {
     // The key and the limits are checked before anything is loaded: a bad one stops here.
     let opts = if a.role.role == Some(Role::Expert) {
         ServerOptions::default()
@@ -86,13 +86,22 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let dir = crate::models::resolve(&a.model)?;
     let ty = a.weights.linear_type()?;
     let mut deployment = a.shape.deployment_or_default(a.role.role.is_some())?;
+    a.role.resolve(&mut deployment)?;
     if a.role.role == Some(Role::Expert) {
+        // --host alone keeps the port of the worker's own address (a pod listens on every
+        // interface, on the port its DNS name carries).
+        let own_port = deployment
+            .addresses
+            .expert
+            .get(a.role.rank as usize)
+            .and_then(|x| x.rsplit_once(':'))
+            .and_then(|(_, p)| p.parse::<u16>().ok());
         let listen = match (&a.host, a.port) {
             (None, None) => None,
             (h, p) => Some(format!(
                 "{}:{}",
                 h.as_deref().unwrap_or("0.0.0.0"),
-                p.unwrap_or(0)
+                p.or(own_port).unwrap_or(0)
             )),
         };
         return crate::roles::run_expert(&dir, &deployment, a.role.rank, listen, ty);

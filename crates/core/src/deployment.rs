@@ -59,6 +59,36 @@ pub struct Addresses {
     pub expert: Vec<String>,
 }
 
+impl Addresses {
+    /// Replaces every address equal to the `FROM` of a pair by its `TO` (`--address-map`:
+    /// the names a Kubernetes deployment file lists, run elsewhere, e.g. on loopback in a
+    /// test); returns how many addresses changed.
+    pub fn remap(&mut self, map: &[(String, String)]) -> usize {
+        let mut n = 0;
+        for a in self.attention.iter_mut().chain(self.expert.iter_mut()) {
+            if let Some((_, to)) = map.iter().find(|(from, _)| from == a) {
+                *a = to.clone();
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// `FROM=TO`, two `HOST:PORT` addresses (`--address-map`).
+pub fn parse_address_pair(s: &str) -> Result<(String, String), DeploymentError> {
+    let bad =
+        || DeploymentError::Invalid(format!("address map {s:?} is not FROM=TO, two HOST:PORT"));
+    let (from, to) = s.split_once('=').ok_or_else(bad)?;
+    for a in [from, to] {
+        match a.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {}
+            _ => return Err(bad()),
+        }
+    }
+    Ok((from.to_string(), to.to_string()))
+}
+
 /// Free-form provenance written by the planner (hardware, TP degrees, predicted numbers).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct PlanInfo {
@@ -76,6 +106,13 @@ pub struct PlanInfo {
     pub predicted_tokens_per_s: Option<f64>,
     #[serde(default)]
     pub predicted_tbt_ms: Option<f64>,
+    /// Planned bytes in use per attention device (weights + KV), which sizes the pods'
+    /// memory on Kubernetes.
+    #[serde(default)]
+    pub attention_mem_bytes: Option<f64>,
+    /// Planned bytes in use per expert device.
+    #[serde(default)]
+    pub expert_mem_bytes: Option<f64>,
 }
 
 /// The most attention replicas one deployment can have: the M2N protocol carries the
@@ -269,6 +306,27 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("worker 2"), "{e}");
+    }
+
+    #[test]
+    fn address_maps_replace_whole_addresses() {
+        let mut a = Addresses {
+            attention: vec!["t-attention-0.t-attention:8000".into()],
+            expert: vec![
+                "t-expert-0.t-expert:9000".into(),
+                "t-expert-1.t-expert:9000".into(),
+            ],
+        };
+        let map = vec![
+            parse_address_pair("t-expert-1.t-expert:9000=127.0.0.1:4001").unwrap(),
+            parse_address_pair("t-attention-0.t-attention:8000=127.0.0.1:4002").unwrap(),
+        ];
+        assert_eq!(a.remap(&map), 2);
+        assert_eq!(a.attention, vec!["127.0.0.1:4002"]);
+        assert_eq!(a.expert, vec!["t-expert-0.t-expert:9000", "127.0.0.1:4001"]);
+        for bad in ["a:1", "a:1=b", "=b:2", "a:x=b:2", "a:1=:2"] {
+            assert!(parse_address_pair(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub fn to_deployment(plan: &Plan) -> Deployment {
             global_batch: Some(plan.global_batch),
             predicted_tokens_per_s: Some(plan.tokens_per_s),
             predicted_tbt_ms: Some(plan.tbt_s * 1e3),
+            attention_mem_bytes: Some(plan.attention_mem_used_bytes),
+            expert_mem_bytes: (!colocated).then_some(plan.expert_mem_used_bytes),
         },
         ..d
     }

@@ -5,6 +5,7 @@
 
 use crate::error::{read_file, PlanError, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 const BUILTIN: &str = include_str!("../catalog/hardware.toml");
@@ -135,6 +136,23 @@ pub struct Hardware {
     pub spec_source: String,
     #[serde(default)]
     pub efficiency: Option<EfficiencyOverride>,
+    /// Where pods of this device run on Kubernetes (`tandem k8s`); none: any node, CPU only.
+    #[serde(default)]
+    pub k8s: Option<K8sPlacement>,
+}
+
+/// How a device is asked for on Kubernetes: the extended resource one device is counted in
+/// and the node labels of the pool that has it (matched with `In`, so several accepted
+/// values, e.g. the product names of two SKUs, may be listed).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sPlacement {
+    /// Extended resource one device is (e.g. `nvidia.com/gpu`); none: a CPU device.
+    #[serde(default)]
+    pub resource: Option<String>,
+    /// Node label -> accepted values (e.g. `nvidia.com/gpu.product` -> `["NVIDIA-H20"]`).
+    #[serde(default)]
+    pub node_labels: BTreeMap<String, Vec<String>>,
 }
 
 /// Which price ranks plans.
@@ -318,6 +336,30 @@ mod tests {
         assert_eq!(h20.price_norm, Some(1.85));
         assert_eq!(h20.mem_bw_gb_s, 4096.0);
         assert!((h20.nic_bytes_s() - 25e9).abs() < 1.0);
+    }
+
+    #[test]
+    fn gpu_devices_name_their_kubernetes_pool() {
+        let c = HardwareCatalog::builtin().unwrap();
+        let pool = |n: &str| c.get(n).unwrap().k8s.clone().unwrap();
+        let (h20, l40s) = (pool("H20"), pool("L40S"));
+        assert_eq!(h20.resource.as_deref(), Some("nvidia.com/gpu"));
+        assert_eq!(
+            h20.node_labels["nvidia.com/gpu.product"],
+            vec!["NVIDIA-H20".to_string()]
+        );
+        assert_eq!(
+            l40s.node_labels["nvidia.com/gpu.product"],
+            vec!["NVIDIA-L40S".to_string()]
+        );
+        for d in c.devices.iter().filter(|d| !d.placeholder) {
+            assert!(
+                d.k8s.as_ref().is_some_and(|k| !k.node_labels.is_empty()),
+                "{}",
+                d.name
+            );
+        }
+        assert_eq!(c.get("cpu").unwrap().k8s, None);
     }
 
     #[test]
