@@ -132,6 +132,28 @@ pub enum SamplingParamsError {
     TooManyLogprobs { requested: usize, max: usize },
 }
 
+impl SamplingParamsError {
+    /// The request field (OpenAI / vLLM name, as in [`SamplingParams`]) this error concerns,
+    /// for an API error's `param`.
+    pub fn param(&self) -> &'static str {
+        match self {
+            Self::ZeroN => "n",
+            Self::Temperature(_) => "temperature",
+            Self::TopP(_) => "top_p",
+            Self::TopK(_) => "top_k",
+            Self::MinP(_) => "min_p",
+            Self::RepetitionPenalty(_) => "repetition_penalty",
+            Self::PresencePenalty(_) => "presence_penalty",
+            Self::FrequencyPenalty(_) => "frequency_penalty",
+            Self::ZeroMaxTokens => "max_tokens",
+            // The bound that is too large is the one to change.
+            Self::MinTokensAboveMax { .. } => "min_tokens",
+            Self::EmptyStop => "stop",
+            Self::TooManyLogprobs { .. } => "logprobs",
+        }
+    }
+}
+
 impl SamplingParams {
     /// Greedy decoding with otherwise default parameters.
     pub fn greedy() -> Self {
@@ -721,6 +743,57 @@ mod tests {
         }
         .validate()
         .is_err());
+    }
+
+    #[test]
+    fn each_error_names_its_request_field() {
+        use SamplingParamsError as E;
+        // The names clients send (OpenAI / vLLM request fields).
+        let cases = [
+            (E::ZeroN, "n"),
+            (E::Temperature(-1.0), "temperature"),
+            (E::TopP(2.0), "top_p"),
+            (E::TopK(-2), "top_k"),
+            (E::MinP(2.0), "min_p"),
+            (E::RepetitionPenalty(0.0), "repetition_penalty"),
+            (E::PresencePenalty(3.0), "presence_penalty"),
+            (E::FrequencyPenalty(3.0), "frequency_penalty"),
+            (E::ZeroMaxTokens, "max_tokens"),
+            (
+                E::MinTokensAboveMax {
+                    min_tokens: 3,
+                    max_tokens: 2,
+                },
+                "min_tokens",
+            ),
+            (E::EmptyStop, "stop"),
+            (
+                E::TooManyLogprobs {
+                    requested: 21,
+                    max: MAX_LOGPROBS,
+                },
+                "logprobs",
+            ),
+        ];
+        for (e, want) in &cases {
+            assert_eq!(e.param(), *want, "{e:?}");
+            // No wildcard: a new variant does not compile here until it is added to `cases`.
+            match e {
+                E::ZeroN
+                | E::Temperature(_)
+                | E::TopP(_)
+                | E::TopK(_)
+                | E::MinP(_)
+                | E::RepetitionPenalty(_)
+                | E::PresencePenalty(_)
+                | E::FrequencyPenalty(_)
+                | E::ZeroMaxTokens
+                | E::MinTokensAboveMax { .. }
+                | E::EmptyStop
+                | E::TooManyLogprobs { .. } => {}
+            }
+        }
+        assert_eq!(cases.len(), 12, "one case per variant");
     }
 
     #[test]

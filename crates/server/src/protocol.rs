@@ -30,14 +30,14 @@ pub enum Prompt {
 }
 
 /// `stop`: a string or a list of strings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
@@ -45,68 +45,97 @@ pub struct StreamOptions {
     pub continuous_usage_stats: Option<bool>,
 }
 
-/// Sampling fields shared by both endpoints.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct Sampling {
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<i32>,
-    pub min_p: Option<f32>,
-    pub seed: Option<u64>,
-    pub stop: Option<Stop>,
-    pub n: Option<usize>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-    pub repetition_penalty: Option<f32>,
-    pub ignore_eos: Option<bool>,
-    pub min_tokens: Option<usize>,
-    pub stop_token_ids: Option<Vec<u32>>,
-    pub include_stop_str_in_output: Option<bool>,
-    pub stream: Option<bool>,
-    pub stream_options: Option<StreamOptions>,
-    // Accepted and ignored, or rejected unless they ask for the default (see module docs).
-    pub user: Option<String>,
-    pub logit_bias: Option<HashMap<String, f32>>,
-    pub metadata: Option<Value>,
-    pub store: Option<bool>,
-    pub service_tier: Option<Value>,
-    pub best_of: Option<usize>,
+/// The fields both generation endpoints accept, listed once: `sampling_fields!(m! { .. })`
+/// expands to `m! { .. { name: Type, .. } }`. [`Sampling`], [`CompletionRequest`] and
+/// [`ChatRequest`] (and their `sampling()`) are built from this list, so a new option is one
+/// line here plus its use in [`Sampling::to_params`]. (A request struct cannot embed
+/// `Sampling` with serde's `flatten`: that does not combine with `deny_unknown_fields`.)
+macro_rules! sampling_fields {
+    ($then:ident ! { $($args:tt)* }) => {
+        $then! { $($args)* {
+            temperature: Option<f32>,
+            top_p: Option<f32>,
+            top_k: Option<i32>,
+            min_p: Option<f32>,
+            seed: Option<u64>,
+            stop: Option<Stop>,
+            n: Option<usize>,
+            presence_penalty: Option<f32>,
+            frequency_penalty: Option<f32>,
+            repetition_penalty: Option<f32>,
+            ignore_eos: Option<bool>,
+            min_tokens: Option<usize>,
+            stop_token_ids: Option<Vec<u32>>,
+            include_stop_str_in_output: Option<bool>,
+            stream: Option<bool>,
+            stream_options: Option<StreamOptions>,
+            // Accepted and ignored, or rejected unless they ask for the default (see module
+            // docs).
+            user: Option<String>,
+            logit_bias: Option<HashMap<String, f32>>,
+            metadata: Option<Value>,
+            store: Option<bool>,
+            service_tier: Option<Value>,
+        } }
+    };
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CompletionRequest {
-    pub model: Option<String>,
-    pub prompt: Prompt,
-    pub max_tokens: Option<usize>,
-    /// Completions: the number of top logprobs per token (0 = only the chosen token's).
-    pub logprobs: Option<usize>,
-    pub echo: Option<bool>,
-    pub suffix: Option<String>,
-    // Flattened by hand (serde's `flatten` does not combine with `deny_unknown_fields`).
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<i32>,
-    pub min_p: Option<f32>,
-    pub seed: Option<u64>,
-    pub stop: Option<Stop>,
-    pub n: Option<usize>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-    pub repetition_penalty: Option<f32>,
-    pub ignore_eos: Option<bool>,
-    pub min_tokens: Option<usize>,
-    pub stop_token_ids: Option<Vec<u32>>,
-    pub include_stop_str_in_output: Option<bool>,
-    pub stream: Option<bool>,
-    pub stream_options: Option<StreamOptions>,
-    pub user: Option<String>,
-    pub logit_bias: Option<HashMap<String, f32>>,
-    pub metadata: Option<Value>,
-    pub store: Option<bool>,
-    pub service_tier: Option<Value>,
-    pub best_of: Option<usize>,
+/// Declares [`Sampling`] from the shared list.
+macro_rules! sampling_struct {
+    ({ $( $field:ident : $ty:ty, )* }) => {
+        /// Sampling fields shared by both endpoints (declared by `sampling_fields!`).
+        #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+        pub struct Sampling {
+            $( pub $field: $ty, )*
+        }
+    };
 }
+
+sampling_fields!(sampling_struct! {});
+
+/// Declares a request body: its own fields, then the shared ones, unknown fields refused;
+/// and its `sampling()`.
+macro_rules! request_struct {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[$fmeta:meta])* pub $field:ident : $ty:ty, )*
+        }
+        { $( $shared:ident : $sty:ty, )* }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $( $(#[$fmeta])* pub $field: $ty, )*
+            $( pub $shared: $sty, )*
+        }
+
+        impl $name {
+            /// The shared fields, as [`Sampling`].
+            pub fn sampling(&self) -> Sampling {
+                Sampling {
+                    $( $shared: self.$shared.clone(), )*
+                }
+            }
+        }
+    };
+}
+
+sampling_fields!(request_struct! {
+    /// `POST /v1/completions`.
+    pub struct CompletionRequest {
+        pub model: Option<String>,
+        pub prompt: Prompt,
+        pub max_tokens: Option<usize>,
+        /// Completions: the number of top logprobs per token (0 = only the chosen token's).
+        pub logprobs: Option<usize>,
+        pub echo: Option<bool>,
+        pub suffix: Option<String>,
+        /// Completions only; accepted when equal to `n`.
+        pub best_of: Option<usize>,
+    }
+});
 
 /// `content`: a string, or a list of parts of which only `{"type": "text"}` is supported.
 #[derive(Debug, Clone, Deserialize)]
@@ -132,43 +161,23 @@ pub struct InMessage {
     pub name: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChatRequest {
-    pub model: Option<String>,
-    pub messages: Vec<InMessage>,
-    pub max_tokens: Option<usize>,
-    pub max_completion_tokens: Option<usize>,
-    /// Chat: whether to return logprobs; `top_logprobs` says how many alternatives.
-    pub logprobs: Option<bool>,
-    pub top_logprobs: Option<usize>,
-    pub add_generation_prompt: Option<bool>,
-    pub response_format: Option<Value>,
-    pub tools: Option<Vec<Value>>,
-    pub tool_choice: Option<Value>,
-    pub parallel_tool_calls: Option<bool>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<i32>,
-    pub min_p: Option<f32>,
-    pub seed: Option<u64>,
-    pub stop: Option<Stop>,
-    pub n: Option<usize>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-    pub repetition_penalty: Option<f32>,
-    pub ignore_eos: Option<bool>,
-    pub min_tokens: Option<usize>,
-    pub stop_token_ids: Option<Vec<u32>>,
-    pub include_stop_str_in_output: Option<bool>,
-    pub stream: Option<bool>,
-    pub stream_options: Option<StreamOptions>,
-    pub user: Option<String>,
-    pub logit_bias: Option<HashMap<String, f32>>,
-    pub metadata: Option<Value>,
-    pub store: Option<bool>,
-    pub service_tier: Option<Value>,
-}
+sampling_fields!(request_struct! {
+    /// `POST /v1/chat/completions`.
+    pub struct ChatRequest {
+        pub model: Option<String>,
+        pub messages: Vec<InMessage>,
+        pub max_tokens: Option<usize>,
+        pub max_completion_tokens: Option<usize>,
+        /// Chat: whether to return logprobs; `top_logprobs` says how many alternatives.
+        pub logprobs: Option<bool>,
+        pub top_logprobs: Option<usize>,
+        pub add_generation_prompt: Option<bool>,
+        pub response_format: Option<Value>,
+        pub tools: Option<Vec<Value>>,
+        pub tool_choice: Option<Value>,
+        pub parallel_tool_calls: Option<bool>,
+    }
+});
 
 /// `/tokenize`: a prompt or a conversation.
 #[derive(Debug, Clone, Deserialize)]
@@ -214,11 +223,13 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Api
 
 impl Sampling {
     /// The engine parameters (`n` is kept; the caller fans out), after the checks for fields
-    /// this server accepts only in their default form; `n` may be at most `max_n`.
+    /// this server accepts only in their default form (`best_of`: completions only, `None`
+    /// for chat); `n` may be at most `max_n`.
     pub fn to_params(
         &self,
         max_tokens: Option<usize>,
         logprobs: Option<usize>,
+        best_of: Option<usize>,
         max_n: usize,
     ) -> Result<SamplingParams, ApiError> {
         if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
@@ -228,7 +239,7 @@ impl Sampling {
             ));
         }
         let n = self.n.unwrap_or(1);
-        if let Some(b) = self.best_of {
+        if let Some(b) = best_of {
             if b != n {
                 return Err(ApiError::bad_param(
                     "best_of",
@@ -266,45 +277,13 @@ impl Sampling {
             logprobs,
             include_stop_str_in_output: self.include_stop_str_in_output.unwrap_or(false),
         };
-        p.validate().map_err(|e| {
-            let msg = e.to_string();
-            let param = msg.split_whitespace().next().map(String::from);
-            let mut err = ApiError::bad_request(msg);
-            err.param = param;
-            err
-        })?;
+        p.validate()
+            .map_err(|e| ApiError::bad_param(e.param(), e.to_string()))?;
         Ok(p)
     }
 }
 
 impl CompletionRequest {
-    pub fn sampling(&self) -> Sampling {
-        Sampling {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            min_p: self.min_p,
-            seed: self.seed,
-            stop: self.stop.clone(),
-            n: self.n,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            repetition_penalty: self.repetition_penalty,
-            ignore_eos: self.ignore_eos,
-            min_tokens: self.min_tokens,
-            stop_token_ids: self.stop_token_ids.clone(),
-            include_stop_str_in_output: self.include_stop_str_in_output,
-            stream: self.stream,
-            stream_options: self.stream_options.clone(),
-            user: self.user.clone(),
-            logit_bias: self.logit_bias.clone(),
-            metadata: self.metadata.clone(),
-            store: self.store,
-            service_tier: self.service_tier.clone(),
-            best_of: self.best_of,
-        }
-    }
-
     /// Rejects the OpenAI fields this server does not implement, unless they are the default.
     pub fn check_unsupported(&self) -> Result<(), ApiError> {
         if self.echo == Some(true) {
@@ -318,33 +297,6 @@ impl CompletionRequest {
 }
 
 impl ChatRequest {
-    pub fn sampling(&self) -> Sampling {
-        Sampling {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            min_p: self.min_p,
-            seed: self.seed,
-            stop: self.stop.clone(),
-            n: self.n,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            repetition_penalty: self.repetition_penalty,
-            ignore_eos: self.ignore_eos,
-            min_tokens: self.min_tokens,
-            stop_token_ids: self.stop_token_ids.clone(),
-            include_stop_str_in_output: self.include_stop_str_in_output,
-            stream: self.stream,
-            stream_options: self.stream_options.clone(),
-            user: self.user.clone(),
-            logit_bias: self.logit_bias.clone(),
-            metadata: self.metadata.clone(),
-            store: self.store,
-            service_tier: self.service_tier.clone(),
-            best_of: None,
-        }
-    }
-
     pub fn check_unsupported(&self) -> Result<(), ApiError> {
         if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
             return Err(ApiError::bad_param("tools", "tools are not supported"));
@@ -431,4 +383,138 @@ pub fn chat_messages(msgs: &[InMessage]) -> Result<Vec<ChatMessage>, ApiError> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Every shared field, each with a value other than its default.
+    fn shared_fields() -> Vec<(&'static str, Value)> {
+        vec![
+            ("temperature", json!(0.5)),
+            ("top_p", json!(0.9)),
+            ("top_k", json!(5)),
+            ("min_p", json!(0.1)),
+            ("seed", json!(7)),
+            ("stop", json!(["x"])),
+            ("n", json!(2)),
+            ("presence_penalty", json!(0.5)),
+            ("frequency_penalty", json!(-0.5)),
+            ("repetition_penalty", json!(1.1)),
+            ("ignore_eos", json!(true)),
+            ("min_tokens", json!(1)),
+            ("stop_token_ids", json!([3])),
+            ("include_stop_str_in_output", json!(true)),
+            ("stream", json!(true)),
+            (
+                "stream_options",
+                json!({"include_usage": true, "continuous_usage_stats": false}),
+            ),
+            ("user", json!("u")),
+            ("logit_bias", json!({})),
+            ("metadata", json!({"k": "v"})),
+            ("store", json!(false)),
+            ("service_tier", json!("auto")),
+        ]
+    }
+
+    fn completion_body() -> Value {
+        json!({"prompt": "x"})
+    }
+
+    fn chat_body() -> Value {
+        json!({"messages": [{"role": "user", "content": "x"}]})
+    }
+
+    fn with(mut body: Value, field: &str, value: Value) -> Vec<u8> {
+        body[field] = value;
+        body.to_string().into_bytes()
+    }
+
+    #[test]
+    fn every_shared_field_is_accepted_by_both_endpoints() {
+        let mut all = serde_json::Map::new();
+        for (field, value) in shared_fields() {
+            // The name is a field of `Sampling` (which ignores unknown keys) and the value is
+            // not its default, so it must show up.
+            let alone: Sampling = serde_json::from_value(json!({ field: value.clone() }))
+                .unwrap_or_else(|e| panic!("{field}: {e}"));
+            assert_ne!(alone, Sampling::default(), "{field}");
+            let c: CompletionRequest =
+                parse_body(&with(completion_body(), field, value.clone())).expect(field);
+            assert_eq!(c.sampling(), alone, "{field} via /v1/completions");
+            let ch: ChatRequest =
+                parse_body(&with(chat_body(), field, value.clone())).expect(field);
+            assert_eq!(ch.sampling(), alone, "{field} via /v1/chat/completions");
+            all.insert(field.to_string(), value);
+        }
+        // The list above covers `Sampling`: with all of them set, no field is left `None`.
+        let full: Sampling = serde_json::from_value(Value::Object(all)).expect("all fields");
+        assert!(!format!("{full:?}").contains("None"), "{full:?}");
+    }
+
+    #[test]
+    fn unknown_and_other_endpoint_fields_are_refused_naming_them() {
+        fn refused<T: serde::de::DeserializeOwned + std::fmt::Debug>(body: Vec<u8>, field: &str) {
+            let e = parse_body::<T>(&body).expect_err(field);
+            assert_eq!(e.status, 400, "{field}");
+            assert_eq!(e.param.as_deref(), Some(field), "{e:?}");
+            assert!(e.message.contains("unknown field"), "{e:?}");
+        }
+        refused::<CompletionRequest>(with(completion_body(), "bogus", json!(1)), "bogus");
+        refused::<ChatRequest>(with(chat_body(), "bogus", json!(1)), "bogus");
+        for field in [
+            "messages",
+            "max_completion_tokens",
+            "top_logprobs",
+            "add_generation_prompt",
+            "response_format",
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
+        ] {
+            refused::<CompletionRequest>(with(completion_body(), field, json!(null)), field);
+        }
+        for field in ["prompt", "echo", "suffix", "best_of"] {
+            refused::<ChatRequest>(with(chat_body(), field, json!(null)), field);
+        }
+        // best_of is a completions field.
+        let c: CompletionRequest =
+            parse_body(&with(completion_body(), "best_of", json!(2))).expect("best_of");
+        assert_eq!(c.best_of, Some(2));
+    }
+
+    #[test]
+    fn to_params_names_the_field_of_each_refusal() {
+        let cases = [
+            (json!({"temperature": -1}), None, None, "temperature"),
+            (json!({"top_k": -2}), None, None, "top_k"),
+            (json!({"n": 0}), None, None, "n"),
+            (json!({"stop": ""}), None, None, "stop"),
+            (json!({"min_tokens": 3}), Some(2), None, "min_tokens"),
+            (json!({}), Some(0), None, "max_tokens"),
+            (json!({"n": 2}), None, Some(3), "best_of"),
+            (json!({"n": 200}), None, None, "n"),
+            (json!({"logit_bias": {"5": 1.0}}), None, None, "logit_bias"),
+        ];
+        for (body, max_tokens, best_of, field) in cases {
+            let s: Sampling = serde_json::from_value(body.clone()).expect("parses");
+            let e = s
+                .to_params(max_tokens, None, best_of, MAX_CHOICES)
+                .expect_err(field);
+            assert_eq!(e.status, 400, "{body}");
+            assert_eq!(e.param.as_deref(), Some(field), "{body}: {e:?}");
+        }
+        let s: Sampling = serde_json::from_value(json!({})).expect("parses");
+        let e = s
+            .to_params(None, Some(21), None, MAX_CHOICES)
+            .expect_err("logprobs");
+        assert_eq!(e.param.as_deref(), Some("logprobs"));
+        let p = s
+            .to_params(Some(4), Some(2), Some(1), MAX_CHOICES)
+            .expect("valid");
+        assert_eq!((p.max_tokens, p.logprobs, p.n), (Some(4), Some(2), 1));
+    }
 }

@@ -187,7 +187,7 @@ async fn completions_inner(s: &Arc<Shared>, req: Request) -> Result<Response, Ap
     let sampling = r.sampling();
     // OpenAI's default for the legacy completions endpoint.
     let max_tokens = r.max_tokens.unwrap_or(16).min(s.opts.max_tokens);
-    let params = sampling.to_params(Some(max_tokens), r.logprobs, s.opts.max_n)?;
+    let params = sampling.to_params(Some(max_tokens), r.logprobs, r.best_of, s.opts.max_n)?;
     let prompts = match &r.prompt {
         Prompt::Text(t) => vec![encode(s, t, true)?],
         Prompt::Texts(v) => v
@@ -250,7 +250,9 @@ async fn chat_inner(s: &Arc<Shared>, req: Request) -> Result<Response, ApiError>
         (Some(m), _) => ("max_completion_tokens", Some(m)),
         (None, m) => ("max_tokens", m),
     };
-    let mut params = r.sampling().to_params(max_tokens, logprobs, s.opts.max_n)?;
+    let mut params = r
+        .sampling()
+        .to_params(max_tokens, logprobs, None, s.opts.max_n)?;
     let prompt = render_chat(s, &r.messages, r.add_generation_prompt.unwrap_or(true))?;
     // Without max_tokens a chat runs to the end of the context, or to the operator's cap
     // when that comes first.

@@ -418,12 +418,37 @@ async fn client_errors_are_openai_shaped() {
                 "{path} {body}: message {msg:?} lacks {needle:?}"
             );
         }
+        // `param` names the field the client sent: unknown ones, one endpoint's fields sent to
+        // the other, and each out-of-range sampling value.
+        let user = json!([{"role": "user", "content": "x"}]);
+        let params: Vec<(&str, Value, &str)> = vec![
+            (c, json!({"prompt": "x", "bogus": 1}), "bogus"),
+            (ch, json!({"messages": user, "bogus": 1}), "bogus"),
+            (ch, json!({"messages": user, "best_of": 1}), "best_of"),
+            (c, json!({"prompt": "x", "top_logprobs": 1}), "top_logprobs"),
+            (c, json!({"prompt": "x", "temperature": -1}), "temperature"),
+            (ch, json!({"messages": user, "temperature": -1}), "temperature"),
+            (ch, json!({"messages": user, "top_k": -2}), "top_k"),
+            (c, json!({"prompt": "x", "repetition_penalty": 0}), "repetition_penalty"),
+            (c, json!({"prompt": "x", "min_tokens": 5, "max_tokens": 2}), "min_tokens"),
+            (c, json!({"prompt": "x", "max_tokens": 0}), "max_tokens"),
+            (c, json!({"prompt": "x", "stop": ""}), "stop"),
+            (c, json!({"prompt": "x", "n": 0}), "n"),
+            (c, json!({"prompt": "x", "logprobs": 21}), "logprobs"),
+            (c, json!({"prompt": "x", "n": 2, "best_of": 3}), "best_of"),
+        ];
+        for (path, body, param) in params {
+            let (st, v) = s.post(path, &body).await;
+            assert_eq!(st, 400, "{path} {body}: {v}");
+            assert_eq!(v["error"]["param"], json!(param), "{path} {body}: {v}");
+        }
         // Known OpenAI fields asking for the default are accepted.
         let (st, v) = s
             .post(
                 c,
                 &json!({"prompt": "x", "max_tokens": 1, "user": "u", "logit_bias": {},
-                        "echo": false, "best_of": 1, "stream": false, "model": MODEL}),
+                        "echo": false, "best_of": 1, "stream": false, "model": MODEL,
+                        "top_k": 5, "min_p": 0.05, "repetition_penalty": 1.1, "seed": 3}),
             )
             .await;
         assert_eq!(st, 200, "{v}");
@@ -432,7 +457,8 @@ async fn client_errors_are_openai_shaped() {
                 ch,
                 &json!({"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": null}],
                         "max_tokens": 1, "tool_choice": "none",
-                        "response_format": {"type": "text"}, "parallel_tool_calls": false}),
+                        "response_format": {"type": "text"}, "parallel_tool_calls": false,
+                        "top_k": 5, "min_p": 0.05, "repetition_penalty": 1.1, "seed": 3}),
             )
             .await;
         assert_eq!(st, 200, "{v}");
