@@ -3,6 +3,7 @@
 //! keep each other busy with a ping-pong pipeline of micro-batches (see `replica.rs`).
 //! [`Engine`] is the API: `add_request` returns a stream of outputs; `abort` cancels.
 
+pub mod auth;
 pub mod engine;
 pub mod expert_worker;
 pub mod net;
