@@ -706,11 +706,15 @@ impl TcpExpertLink {
                             let _ = stream.shutdown(Shutdown::Both);
                             continue;
                         }
-                        let shared = shared.clone();
+                        let mine = shared.clone();
                         let tx = tx.clone();
-                        let _ = std::thread::Builder::new()
+                        let spawned = std::thread::Builder::new()
                             .name("m2n-conn".into())
-                            .spawn(move || worker_conn(&shared, stream, tx));
+                            .spawn(move || worker_conn(&mine, stream, tx));
+                        if spawned.is_err() {
+                            // The connection is dropped with the closure; so is its count.
+                            shared.pending.fetch_sub(1, Ordering::Relaxed);
+                        }
                     }
                 });
         }
