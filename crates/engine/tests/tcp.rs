@@ -826,3 +826,37 @@ fn a_replica_refuses_a_worker_that_cannot_prove_the_secret() {
     let e = link.wait_ready(Duration::from_secs(3)).unwrap_err();
     assert!(e.contains("did not prove the cluster secret"), "{e}");
 }
+
+/// A version-1 peer (the handshake before the cluster secret) is refused with a reason that
+/// names both versions, in a frame whose header says version 2, which a version-1 decoder
+/// reports as "peer speaks wire version 2, this build speaks 1".
+#[test]
+fn an_old_peer_is_refused_naming_both_versions() {
+    logs();
+    let dir = fixture("mixtral");
+    let (ls, addrs) = listeners(1);
+    let dep = deployment(1, 1, 2, addrs.clone());
+    start_workers(&dir, &dep, ls);
+    let mut s = TcpStream::connect(&addrs[0]).unwrap();
+    let me = s.local_addr().unwrap().to_string();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let hello = r#"{"wire_version": 1, "tandem_version": "0.0.1", "role": "replica", "rank": 0}"#;
+    let mut h = Header {
+        kind: 1,
+        payload_len: hello.len() as u64,
+        ..Header::default()
+    }
+    .encode();
+    h[4..6].copy_from_slice(&1u16.to_le_bytes());
+    s.write_all(&h).unwrap();
+    s.write_all(hello.as_bytes()).unwrap();
+    let mut reply = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut reply);
+    assert!(reply.len() > 64, "no rejection frame");
+    assert_eq!(u16::from_le_bytes([reply[4], reply[5]]), 2);
+    match read_frame(&mut &reply[..], 0, 0) {
+        Ok(Frame::Reject(why)) => assert!(why.contains("wire version 1"), "{why}"),
+        _ => panic!("not a rejection"),
+    }
+    logged(&[&format!("refusing {me}:"), "wire version 1"]);
+}
