@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_core::Deployment;
+use tandem_engine::auth::{ClusterSecret, SECRET_ENV};
 use tandem_engine::net::{query_status, serve_expert, Identity, NetOptions, TcpReplicaLink};
 use tandem_engine::wire::WireDtype;
 use tandem_engine::{Engine, EngineOptions};
@@ -57,6 +58,37 @@ pub struct RoleArgs {
     /// to bf16).
     #[arg(long, default_value = "f32", value_parser = parse_wire_dtype)]
     pub wire_dtype: WireDtype,
+    /// A file holding the deployment's cluster secret, which every process proves in the M2N
+    /// handshake (one trailing newline is dropped). Default: the TANDEM_CLUSTER_SECRET
+    /// environment variable (the secret itself), else `[security] cluster_secret_file` of
+    /// the deployment file. Without one, M2N is unauthenticated and an expert worker
+    /// listens on 127.0.0.1 unless given `--host` or a non-loopback address in the file.
+    #[arg(long, requires = "role")]
+    pub cluster_secret_file: Option<PathBuf>,
+}
+
+/// The cluster secret of this process: `flag` (`--cluster-secret-file`), else
+/// `TANDEM_CLUSTER_SECRET`, else the deployment file's `[security] cluster_secret_file`.
+/// Logs where it came from (never the secret).
+pub fn cluster_secret(flag: Option<&Path>, dep: &Deployment) -> Result<Option<ClusterSecret>> {
+    let env = match std::env::var(SECRET_ENV) {
+        Ok(v) => Some(v),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => bail!("{SECRET_ENV} is not UTF-8"),
+    };
+    match ClusterSecret::resolve(flag, env, dep.security.cluster_secret_file.as_deref())? {
+        Some((secret, source)) => {
+            tracing::info!("M2N: peers authenticate with the cluster secret from {source}");
+            Ok(Some(secret))
+        }
+        None => {
+            tracing::info!(
+                "M2N: no cluster secret (--cluster-secret-file, {SECRET_ENV} or [security] \
+                 cluster_secret_file): peers are not authenticated"
+            );
+            Ok(None)
+        }
+    }
 }
 
 fn parse_address_pair(s: &str) -> Result<(String, String), String> {
@@ -151,6 +183,7 @@ pub fn start_engine(
         }
         Some(Role::Attention) => {
             check_addresses(&dep)?;
+            let secret = cluster_secret(role.cluster_secret_file.as_deref(), &dep)?;
             let model = Arc::new(load(&ExpertSelection::None)?);
             let link = TcpReplicaLink::connect(
                 role.rank,
@@ -158,6 +191,7 @@ pub fn start_engine(
                 Identity::new(&model, &dep)?,
                 NetOptions {
                     wire_dtype: role.wire_dtype,
+                    cluster_secret: secret,
                     ..NetOptions::default()
                 },
             );
@@ -170,12 +204,14 @@ pub fn start_engine(
     }
 }
 
-/// Runs expert worker `rank` of `dep` until the process is stopped.
+/// Runs expert worker `rank` of `dep` until the process is stopped, on `listen` (default:
+/// its `[addresses] expert` entry), proving `secret` to its peers if one is given.
 pub fn run_expert(
     dir: &Path,
     dep: &Deployment,
     rank: u32,
     listen: Option<String>,
+    secret: Option<ClusterSecret>,
     ty: LinearType,
 ) -> Result<()> {
     check_addresses(dep)?;
@@ -198,7 +234,11 @@ pub fn run_expert(
         t.elapsed().as_secs_f64(),
         model.weight_memory().describe()
     );
-    serve_expert(Arc::new(model), dep, rank, listener, NetOptions::default())?;
+    let opts = NetOptions {
+        cluster_secret: secret,
+        ..NetOptions::default()
+    };
+    serve_expert(Arc::new(model), dep, rank, listener, opts)?;
     Ok(())
 }
 
@@ -219,6 +259,10 @@ pub struct LaunchArgs {
     /// Seconds to wait for the workers to stop after Ctrl-C before killing them.
     #[arg(long, default_value_t = 10)]
     pub grace_s: u64,
+    /// The cluster secret file, passed to every worker (see `serve --cluster-secret-file`;
+    /// TANDEM_CLUSTER_SECRET and `[security]` reach them without it).
+    #[arg(long)]
+    pub cluster_secret_file: Option<PathBuf>,
     #[command(flatten)]
     pub weights: crate::models::WeightArgs,
 }
@@ -291,6 +335,18 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
         );
     }
     let file = a.deployment.display().to_string();
+    // A bad secret stops here, not in every child; the children read it again themselves.
+    cluster_secret(a.cluster_secret_file.as_deref(), &dep)?;
+    let secret_args = match &a.cluster_secret_file {
+        Some(p) => vec![
+            "--cluster-secret-file".to_string(),
+            std::path::absolute(p)
+                .with_context(|| format!("locating {}", p.display()))?
+                .display()
+                .to_string(),
+        ],
+        None => vec![],
+    };
     // Resolving here writes the demo model once rather than racing in every child.
     let dir = crate::models::resolve(&a.model)?;
     a.weights.linear_type()?;
@@ -312,6 +368,7 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
                 r.to_string(),
             ];
             args.extend(model_args.iter().cloned());
+            args.extend(secret_args.iter().cloned());
             workers.push(Worker {
                 name: format!("{role}{r}"),
                 args,
@@ -405,16 +462,21 @@ pub struct StatusArgs {
     /// Seconds to wait for each worker.
     #[arg(long, default_value_t = 3)]
     pub timeout_s: u64,
+    /// The cluster secret file (default: TANDEM_CLUSTER_SECRET, else the deployment's
+    /// `[security]`): workers with a secret answer only queries that prove it.
+    #[arg(long)]
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 /// Prints every worker's state as JSON; fails when one is unreachable or unhealthy.
 pub fn status(a: StatusArgs) -> Result<()> {
     let dep = Deployment::load(&a.deployment)?;
+    let secret = cluster_secret(a.cluster_secret_file.as_deref(), &dep)?;
     let timeout = Duration::from_secs(a.timeout_s.max(1));
     let mut healthy = true;
     let mut experts = Vec::new();
     for (w, addr) in dep.addresses.expert.iter().enumerate() {
-        experts.push(match query_status(addr, timeout) {
+        experts.push(match query_status(addr, timeout, secret.as_ref()) {
             Ok(r) => {
                 let connected = r.replicas.iter().filter(|p| p.is_some()).count();
                 serde_json::json!({"worker": w, "address": addr, "up": true,

@@ -64,6 +64,35 @@ pub struct ServeArgs {
     pub role: crate::roles::RoleArgs,
 }
 
+/// Where an expert worker listens. Neither `--host` nor `--port`: its `[addresses] expert`
+/// entry as written (`None` here). Otherwise `--host` (default: 0.0.0.0 with a cluster
+/// secret, 127.0.0.1 without: an unauthenticated worker is not exposed unless asked for) on
+/// `--port` (default: the port of its `[addresses]` entry, else any free port).
+fn expert_listen_address(
+    host: Option<&str>,
+    port: Option<u16>,
+    entry: Option<&String>,
+    has_secret: bool,
+) -> Result<Option<String>> {
+    if host.is_none() && port.is_none() {
+        return Ok(None);
+    }
+    let host = host.unwrap_or(if has_secret { "0.0.0.0" } else { "127.0.0.1" });
+    let port = match (port, entry) {
+        (Some(p), _) => p,
+        (None, Some(e)) => e
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .with_context(|| format!("expert address {e:?} is not HOST:PORT"))?,
+        (None, None) => 0,
+    };
+    Ok(Some(if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }))
+}
+
 pub fn run(mut a: ServeArgs) -> Result<()> {
     // The key and the limits are checked before anything is loaded: a bad one stops here.
     let opts = if a.role.role == Some(Role::Expert) {
@@ -88,23 +117,15 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
     let mut deployment = a.shape.deployment_or_default(a.role.role.is_some())?;
     a.role.resolve(&mut deployment)?;
     if a.role.role == Some(Role::Expert) {
-        // --host alone keeps the port of the worker's own address (a pod listens on every
-        // interface, on the port its DNS name carries).
-        let own_port = deployment
-            .addresses
-            .expert
-            .get(a.role.rank as usize)
-            .and_then(|x| x.rsplit_once(':'))
-            .and_then(|(_, p)| p.parse::<u16>().ok());
-        let listen = match (&a.host, a.port) {
-            (None, None) => None,
-            (h, p) => Some(format!(
-                "{}:{}",
-                h.as_deref().unwrap_or("0.0.0.0"),
-                p.or(own_port).unwrap_or(0)
-            )),
-        };
-        return crate::roles::run_expert(&dir, &deployment, a.role.rank, listen, ty);
+        let secret =
+            crate::roles::cluster_secret(a.role.cluster_secret_file.as_deref(), &deployment)?;
+        let listen = expert_listen_address(
+            a.host.as_deref(),
+            a.port,
+            deployment.addresses.expert.get(a.role.rank as usize),
+            secret.is_some(),
+        )?;
+        return crate::roles::run_expert(&dir, &deployment, a.role.rank, listen, secret, ty);
     }
     if a.shape.micro_batches.is_none()
         && a.shape.deployment.is_none()
@@ -226,5 +247,40 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expert_listen_address;
+
+    #[test]
+    fn expert_listen_address_rule() {
+        let entry = "10.0.0.3:9000".to_string();
+        // Nothing given: the deployment's entry as written.
+        assert_eq!(
+            expert_listen_address(None, None, Some(&entry), false).unwrap(),
+            None
+        );
+        // A port alone: loopback without a secret, every interface with one.
+        assert_eq!(
+            expert_listen_address(None, Some(7000), Some(&entry), false).unwrap(),
+            Some("127.0.0.1:7000".into())
+        );
+        assert_eq!(
+            expert_listen_address(None, Some(7000), Some(&entry), true).unwrap(),
+            Some("0.0.0.0:7000".into())
+        );
+        // A host alone keeps the deployment's port.
+        assert_eq!(
+            expert_listen_address(Some("0.0.0.0"), None, Some(&entry), false).unwrap(),
+            Some("0.0.0.0:9000".into())
+        );
+        assert_eq!(
+            expert_listen_address(Some("::1"), None, None, false).unwrap(),
+            Some("[::1]:0".into())
+        );
+        let bad = "nowhere".to_string();
+        assert!(expert_listen_address(Some("127.0.0.1"), None, Some(&bad), false).is_err());
     }
 }

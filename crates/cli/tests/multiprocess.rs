@@ -302,3 +302,111 @@ fn a_killed_worker_fails_requests_and_a_restarted_one_rejoins() {
     ));
     assert_eq!(got, reference);
 }
+
+/// Issue #17 with real processes: the worker takes its secret from the deployment's
+/// `[security]` table (a path relative to the file), `tandem status` and replicas prove it;
+/// `TANDEM_CLUSTER_SECRET` and `--cluster-secret-file` take precedence over the file, so a
+/// wrong one there is refused even though the file's is right; the right one is served.
+#[test]
+fn a_cluster_secret_keeps_other_peers_out() {
+    let model = fixture("mixtral");
+    let tmp = tempdir("secret");
+    let dep = write_deployment(&tmp, 1, 1, 2);
+    let text = std::fs::read_to_string(&dep).unwrap();
+    let text = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("attention = ") {
+                "attention = []"
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(
+        &dep,
+        format!("{text}\n[security]\ncluster_secret_file = \"cluster.secret\"\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        tmp.join("cluster.secret"),
+        "the-right-secret-0123456789abcdef\n",
+    )
+    .unwrap();
+    let wrong = tmp.join("wrong.secret");
+    std::fs::write(&wrong, "a-wrong-secret-0123456789abcdef\n").unwrap();
+    let _procs = Procs(vec![expert(&model, &dep, 0)]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !status_ok(&dep).0 {
+        assert!(Instant::now() < deadline, "the worker never came up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The environment beats the file: a wrong secret there is refused.
+    let out = Command::new(BIN)
+        .arg("status")
+        .arg(&dep)
+        .env("RUST_LOG", "warn")
+        .env("TANDEM_CLUSTER_SECRET", "not-the-secret-0123456789abcdef")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let e = v["expert_workers"][0]["error"].as_str().unwrap_or_default();
+    assert!(e.contains("authentication failed"), "{v}");
+    // So does the flag, for a replica: it never gets in, and says why.
+    let ps = prompts(90, 2, 3);
+    let out = wait_bounded(
+        generate_cmd(&model, &ps, 4)
+            .arg("--deployment")
+            .arg(&dep)
+            .args([
+                "--role",
+                "attention",
+                "--rank",
+                "0",
+                "--peer-timeout-s",
+                "3",
+            ])
+            .arg("--cluster-secret-file")
+            .arg(&wrong)
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(60),
+    );
+    assert!(
+        !out.status.success(),
+        "a replica with the wrong secret was served"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("authentication failed"), "{err}");
+    // An unreadable secret file stops a process at start-up, naming the file.
+    let out = generate_cmd(&model, &ps, 4)
+        .arg("--deployment")
+        .arg(&dep)
+        .args(["--role", "attention", "--rank", "0"])
+        .arg("--cluster-secret-file")
+        .arg(tmp.join("missing.secret"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing.secret"), "{err}");
+    // The right secret (from the deployment file): served, tokens as in-process.
+    let reference = token_ids(
+        &generate_cmd(&model, &ps, 4)
+            .args(["--attention-replicas", "1", "--expert-workers", "0"])
+            .output()
+            .unwrap(),
+    );
+    let got = token_ids(&wait_bounded(
+        generate_cmd(&model, &ps, 4)
+            .arg("--deployment")
+            .arg(&dep)
+            .args(["--role", "attention", "--rank", "0"])
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(60),
+    ));
+    assert_eq!(got, reference);
+}

@@ -3,7 +3,7 @@
 //! planner writes it, the engine and the launcher read it.
 
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeploymentError {
@@ -115,6 +115,24 @@ pub struct PlanInfo {
     pub expert_mem_bytes: Option<f64>,
 }
 
+/// `[security]`: how the deployment's processes authenticate each other on M2N.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Security {
+    /// A file holding the cluster secret every process proves in the M2N handshake (one
+    /// trailing newline is dropped). Relative paths are relative to the deployment file's
+    /// directory ([`Deployment::load`] makes them absolute). `--cluster-secret-file` and
+    /// `TANDEM_CLUSTER_SECRET` take precedence over it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_secret_file: Option<PathBuf>,
+}
+
+impl Security {
+    fn is_empty(&self) -> bool {
+        self.cluster_secret_file.is_none()
+    }
+}
+
 /// The most attention replicas one deployment can have: the M2N protocol carries the
 /// members of an iteration as a [`crate::Members`] set.
 pub const MAX_ATTENTION_REPLICAS: u32 = crate::Members::CAPACITY as u32;
@@ -156,6 +174,8 @@ pub struct Deployment {
     pub addresses: Addresses,
     #[serde(default)]
     pub plan: PlanInfo,
+    #[serde(default, skip_serializing_if = "Security::is_empty")]
+    pub security: Security,
 }
 
 fn one() -> u32 {
@@ -186,6 +206,7 @@ impl Default for Deployment {
             pin_cores: false,
             addresses: Addresses::default(),
             plan: PlanInfo::default(),
+            security: Security::default(),
         }
     }
 }
@@ -200,12 +221,21 @@ impl Deployment {
         Ok(d)
     }
 
+    /// Reads and checks a deployment file; a relative `[security] cluster_secret_file` is
+    /// made relative to the file's directory.
     pub fn load(path: &Path) -> Result<Self, DeploymentError> {
         let s = std::fs::read_to_string(path).map_err(|source| DeploymentError::Io {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_toml_str(&s, &path.display().to_string())
+        let mut d = Self::from_toml_str(&s, &path.display().to_string())?;
+        if let Some(f) = &d.security.cluster_secret_file {
+            if f.is_relative() {
+                let dir = path.parent().unwrap_or(Path::new(""));
+                d.security.cluster_secret_file = Some(dir.join(f));
+            }
+        }
+        Ok(d)
     }
 
     pub fn to_toml_string(&self) -> String {
@@ -327,6 +357,36 @@ mod tests {
         for bad in ["a:1", "a:1=b", "=b:2", "a:x=b:2", "a:1=:2"] {
             assert!(parse_address_pair(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn security_table_paths_are_relative_to_the_file() {
+        let dir = std::env::temp_dir().join(format!("tandem-dep-sec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("dep.toml");
+        std::fs::write(&p, "[security]\ncluster_secret_file = \"keys/secret\"\n").unwrap();
+        let d = Deployment::load(&p).unwrap();
+        assert_eq!(
+            d.security.cluster_secret_file,
+            Some(dir.join("keys/secret"))
+        );
+        std::fs::write(
+            &p,
+            "[security]\ncluster_secret_file = \"/etc/tandem/secret\"\n",
+        )
+        .unwrap();
+        let d = Deployment::load(&p).unwrap();
+        assert_eq!(
+            d.security.cluster_secret_file,
+            Some(PathBuf::from("/etc/tandem/secret"))
+        );
+        // Unknown keys in the table are refused like everywhere else in the file.
+        let e = Deployment::from_toml_str("[security]\ncluster_secret = \"x\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("cluster_secret"), "{e}");
+        // Without the table nothing is written back.
+        assert!(!Deployment::default().to_toml_string().contains("security"));
+        let back = Deployment::from_toml_str(&d.to_toml_string(), "t").unwrap();
+        assert_eq!(back, d);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! side of the protocol and `expert_worker.rs` the other side.
 //! [`Engine`] is the API: `add_request` returns a stream of outputs; `abort` cancels.
 
+pub mod auth;
 pub mod engine;
 pub mod expert_worker;
 pub mod lanes;

@@ -2,11 +2,22 @@
 //!
 //! Each attention replica keeps one connection to every expert worker, set up once (and set
 //! up again after a failure), with `TCP_NODELAY`. A connection starts with a versioned
-//! handshake: the replica's hello names its rank and the hashes of the model configuration and
-//! of the deployment shape; the worker refuses (with a reason, then closes) a peer that
-//! disagrees. Frames are [`crate::wire`]'s: tensors are written from and read into the
-//! memory that becomes the tensor. Back-pressure is TCP's: a writer blocks when the peer's
-//! socket buffers are full.
+//! handshake of four messages (see `docs/m2n.md`):
+//!
+//! 1. hello (connecting side): wire version, role, rank, the hashes of the model configuration
+//!    and of the deployment shape, the wire dtype, a fresh nonce, whether it holds a secret;
+//! 2. challenge (worker): its own fresh nonce and whether it holds a secret;
+//! 3. proof (connecting side): with a cluster secret, HMAC-SHA256 over both nonces and what
+//!    the hello claimed ([`crate::auth`]);
+//! 4. hello ack (worker): its epoch and, with a secret, its own proof over the same transcript.
+//!
+//! The worker refuses (with a reason, logged with the peer's address, then closes) a peer
+//! whose version, secret, model or deployment disagrees; nothing but the handshake is read
+//! before the proof is checked, and a connection that has not completed the handshake within
+//! [`NetOptions::handshake_timeout`] is closed. The replica refuses a worker that does not
+//! prove the secret it holds. Frames are [`crate::wire`]'s: tensors are written from and
+//! read into the memory that becomes the tensor. Back-pressure is TCP's: a writer blocks when
+//! the peer's socket buffers are full.
 //!
 //! Failures: a connection that breaks or carries a malformed frame is dropped (never the
 //! process), logged, and reported to the local side as [`ToReplica::Lost`] /
@@ -14,6 +25,9 @@
 //! the interrupted iteration and a new epoch. Replicas reconnect by themselves, so a
 //! restarted worker rejoins without restarting anything else.
 
+use crate::auth::{
+    from_hex, nonce, to_hex, ClusterSecret, Transcript, NONCE_LEN, TAG_PEER, TAG_WORKER,
+};
 use crate::expert_worker::{ExpertWorker, WorkerStatus};
 use crate::stats::WorkerStats;
 use crate::transport::{ExpertLink, ReplicaLink, ToReplica, ToWorker, TransportError};
@@ -22,9 +36,9 @@ use crate::wire::{
 };
 use crate::{DispatchMsg, EngineError};
 use serde::{Deserialize, Serialize};
-use std::io::{BufReader, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use tandem_core::Deployment;
@@ -58,6 +72,7 @@ impl Identity {
     }
 }
 
+/// Step 1 of the handshake, from the connecting side.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Hello {
     wire_version: u16,
@@ -69,37 +84,233 @@ struct Hello {
     /// How the replica sends hidden states, and wants them back (absent: f32).
     #[serde(default)]
     wire_dtype: WireDtype,
+    /// A fresh random nonce (hex), part of both proofs.
+    nonce: String,
+    /// Whether this side holds a cluster secret (and will prove it).
+    authenticated: bool,
 }
 
+/// Step 2, from the worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Challenge {
+    worker: u32,
+    /// A fresh random nonce (hex): a proof made for another connection never matches it.
+    nonce: String,
+    /// Whether the worker holds a cluster secret.
+    authenticated: bool,
+}
+
+/// Step 3, from the connecting side.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Proof {
+    /// HMAC-SHA256(secret, peer tag, transcript), hex; absent without a secret.
+    proof: Option<String>,
+}
+
+/// Step 4, from the worker: the peer is accepted.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct HelloAck {
     worker: u32,
     epoch: u64,
+    /// HMAC-SHA256(secret, worker tag, transcript), hex; absent without a secret.
+    proof: Option<String>,
 }
+
+/// What both proofs of a connection cover: both nonces and everything the hello claims, so
+/// a proof neither travels to another connection nor vouches for other claims.
+fn transcript(hello: &Hello, worker: u32, worker_nonce: &[u8], peer_nonce: &[u8]) -> Transcript {
+    let id = hello.identity.as_ref();
+    Transcript::default()
+        .field(&WIRE_VERSION.to_le_bytes())
+        .field(worker_nonce)
+        .field(peer_nonce)
+        .field(hello.role.as_bytes())
+        .field(&hello.rank.to_le_bytes())
+        .field(id.map_or(&b""[..], |i| i.model_hash.as_bytes()))
+        .field(id.map_or(&b""[..], |i| i.deployment_hash.as_bytes()))
+        .field(&id.map_or(0u64, |i| i.hidden_size as u64).to_le_bytes())
+        .field(hello.wire_dtype.name().as_bytes())
+        .field(&worker.to_le_bytes())
+}
+
+fn parse_nonce(hex: &str) -> Result<Vec<u8>, String> {
+    from_hex(hex)
+        .filter(|n| n.len() == NONCE_LEN)
+        .ok_or_else(|| format!("the nonce is not {NONCE_LEN} bytes of hex"))
+}
+
+/// Where to put the secret (for messages).
+const SECRET_HOWTO: &str =
+    "--cluster-secret-file, TANDEM_CLUSTER_SECRET or [security] cluster_secret_file";
 
 /// Limits and timeouts of a TCP link.
 #[derive(Debug, Clone)]
 pub struct NetOptions {
     /// Largest data payload a peer may announce (bytes).
     pub max_payload: u64,
-    /// How long a handshake may take.
+    /// How long a handshake may take, all of it: from the connection's start to the ack.
+    /// A worker closes a connection that has not completed it by then, so a peer cannot hold
+    /// connections open without proving the secret.
     pub handshake_timeout: Duration,
+    /// Most connections a worker keeps in the handshake at once; it closes new ones beyond.
+    pub max_pending_handshakes: usize,
     /// Longest pause between reconnection attempts.
     pub max_backoff: Duration,
     /// How a replica sends hidden states (and the workers answer it); ignored by workers,
     /// which answer each replica in the type it announced.
     pub wire_dtype: WireDtype,
+    /// The deployment's shared secret. With one, every peer must prove it (and a worker
+    /// proves it back); without, a peer that has one is refused, and so is one that
+    /// has none by a worker that has one.
+    pub cluster_secret: Option<ClusterSecret>,
 }
 
 impl Default for NetOptions {
     fn default() -> Self {
         Self {
             max_payload: 1 << 30,
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
+            max_pending_handshakes: 64,
             max_backoff: Duration::from_secs(1),
             wire_dtype: WireDtype::F32,
+            cluster_secret: None,
         }
     }
+}
+
+/// Reads from a socket until a deadline, whatever the number of reads: a peer trickling
+/// bytes cannot stretch the handshake.
+struct Deadline<'a> {
+    s: &'a TcpStream,
+    until: Instant,
+    limit: Duration,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let timed_out = || {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the handshake did not complete within {:.1}s",
+                    self.limit.as_secs_f64()
+                ),
+            )
+        };
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        self.s.set_read_timeout(Some(left))?;
+        let mut s = self.s;
+        match s.read(buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(timed_out())
+            }
+            r => r,
+        }
+    }
+}
+
+fn send_text(stream: &TcpStream, f: &Frame) -> Result<(), String> {
+    let mut w = stream;
+    write_frame(&mut w, f, 0).map_err(|e| e.to_string())?;
+    w.flush().map_err(|e| e.to_string())
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    // Plain structs of strings and numbers always serialise.
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+/// The connecting side of the handshake (a replica, or a status query): sends `hello` with a
+/// fresh nonce, answers the challenge and checks the worker's proof. `expect_worker`: the
+/// worker index this address has in the deployment, checked against the worker's own.
+fn client_handshake(
+    stream: &TcpStream,
+    mut hello: Hello,
+    secret: Option<&ClusterSecret>,
+    expect_worker: Option<u32>,
+    limit: Duration,
+) -> Result<HelloAck, String> {
+    let mut rd = Deadline {
+        s: stream,
+        until: Instant::now() + limit,
+        limit,
+    };
+    stream
+        .set_write_timeout(Some(limit))
+        .map_err(|e| e.to_string())?;
+    let peer_nonce = nonce()?;
+    hello.nonce = to_hex(&peer_nonce);
+    hello.authenticated = secret.is_some();
+    send_text(stream, &Frame::Hello(json(&hello)))?;
+    let ch: Challenge = match read_frame(&mut rd, 0, 0) {
+        Ok(Frame::Challenge(t)) => {
+            serde_json::from_str(&t).map_err(|e| format!("unreadable challenge: {e}"))?
+        }
+        Ok(Frame::Reject(why)) => return Err(format!("refused: {why}")),
+        Ok(_) => return Err("unexpected answer to the hello".into()),
+        Err(e) => return Err(format!("handshake: {e}")),
+    };
+    if let Some(w) = expect_worker {
+        if ch.worker != w {
+            return Err(format!(
+                "this address answers as expert worker {}, but the deployment lists it as worker {w}",
+                ch.worker
+            ));
+        }
+    }
+    match (secret.is_some(), ch.authenticated) {
+        (true, false) => {
+            return Err(format!(
+                "the worker has no cluster secret but this side has one: refusing an \
+                 unauthenticated worker (give every process the same secret: {SECRET_HOWTO})"
+            ))
+        }
+        (false, true) => {
+            return Err(format!(
+                "the worker requires a cluster secret and this side has none ({SECRET_HOWTO})"
+            ))
+        }
+        _ => {}
+    }
+    let worker_nonce = parse_nonce(&ch.nonce).map_err(|e| format!("bad challenge: {e}"))?;
+    let t = transcript(&hello, ch.worker, &worker_nonce, &peer_nonce);
+    let proof = Proof {
+        proof: secret.map(|s| to_hex(&s.prove(TAG_PEER, t.bytes()))),
+    };
+    send_text(stream, &Frame::Proof(json(&proof)))?;
+    let ack: HelloAck = match read_frame(&mut rd, 0, 0) {
+        Ok(Frame::HelloAck(t)) => {
+            serde_json::from_str(&t).map_err(|e| format!("unreadable hello ack: {e}"))?
+        }
+        Ok(Frame::Reject(why)) => return Err(format!("refused: {why}")),
+        Ok(_) => return Err("unexpected answer to the proof".into()),
+        Err(e) => return Err(format!("handshake: {e}")),
+    };
+    if let Some(s) = secret {
+        let ok = ack.worker == ch.worker
+            && ack
+                .proof
+                .as_deref()
+                .and_then(from_hex)
+                .is_some_and(|p| s.verify(TAG_WORKER, t.bytes(), &p));
+        if !ok {
+            return Err(
+                "the worker did not prove the cluster secret (another secret, or not this \
+                 deployment's worker): refusing it"
+                    .into(),
+            );
+        }
+    }
+    stream.set_write_timeout(None).map_err(|e| e.to_string())?;
+    Ok(ack)
 }
 
 fn resolve(addr: &str) -> std::io::Result<std::net::SocketAddr> {
@@ -323,9 +534,6 @@ fn replica_handshake(s: &ReplicaShared, w: usize) -> Result<TcpStream, String> {
     let stream = TcpStream::connect_timeout(&sa, s.opts.handshake_timeout)
         .map_err(|e| format!("cannot connect: {e}"))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(s.opts.handshake_timeout))
-        .map_err(|e| e.to_string())?;
     let hello = Hello {
         wire_version: WIRE_VERSION,
         tandem_version: env!("CARGO_PKG_VERSION").into(),
@@ -333,17 +541,16 @@ fn replica_handshake(s: &ReplicaShared, w: usize) -> Result<TcpStream, String> {
         rank: s.rank,
         identity: Some(s.id.clone()),
         wire_dtype: s.opts.wire_dtype,
+        nonce: String::new(),
+        authenticated: false,
     };
-    let text = serde_json::to_string(&hello).map_err(|e| e.to_string())?;
-    let mut wr = &stream;
-    write_frame(&mut wr, &Frame::Hello(text), 0).map_err(|e| e.to_string())?;
-    let mut rd = &stream;
-    match read_frame(&mut rd, 0, 0) {
-        Ok(Frame::HelloAck(_)) => {}
-        Ok(Frame::Reject(why)) => return Err(format!("refused: {why}")),
-        Ok(_) => return Err("unexpected answer to the handshake".into()),
-        Err(e) => return Err(format!("handshake: {e}")),
-    }
+    client_handshake(
+        &stream,
+        hello,
+        s.opts.cluster_secret.as_ref(),
+        Some(w as u32),
+        s.opts.handshake_timeout,
+    )?;
     stream.set_read_timeout(None).map_err(|e| e.to_string())?;
     Ok(stream)
 }
@@ -418,6 +625,17 @@ struct WorkerShared {
     peers: Vec<Mutex<Option<String>>>,
     gen: AtomicU64,
     status: Arc<Mutex<WorkerStatus>>,
+    /// Connections accepted and not yet through the handshake.
+    pending: AtomicUsize,
+}
+
+/// Counts a connection in [`WorkerShared::pending`] until dropped.
+struct PendingGuard<'a>(&'a AtomicUsize);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Expert worker `worker`'s end: accepts the replicas' connections on a listener.
@@ -454,7 +672,18 @@ impl TcpExpertLink {
             peers: (0..n_replicas).map(|_| Mutex::new(None)).collect(),
             gen: AtomicU64::new(1),
             status,
+            pending: AtomicUsize::new(0),
         });
+        if let Ok(a) = listener.local_addr() {
+            if shared.opts.cluster_secret.is_none() && !a.ip().is_loopback() {
+                tracing::warn!(
+                    worker,
+                    "expert worker {worker} listens on {a} without a cluster secret: anyone \
+                     who can reach this port can join as an attention replica. Set one \
+                     ({SECRET_HOWTO}) or listen on 127.0.0.1"
+                );
+            }
+        }
         let (tx, rx) = mpsc::channel();
         {
             let shared = shared.clone();
@@ -463,11 +692,29 @@ impl TcpExpertLink {
                 .spawn(move || {
                     for stream in listener.incoming() {
                         let Ok(stream) = stream else { continue };
-                        let shared = shared.clone();
+                        let max = shared.opts.max_pending_handshakes.max(1);
+                        if shared.pending.fetch_add(1, Ordering::Relaxed) >= max {
+                            shared.pending.fetch_sub(1, Ordering::Relaxed);
+                            let peer = stream
+                                .peer_addr()
+                                .map(|a| a.to_string())
+                                .unwrap_or_else(|_| "?".into());
+                            tracing::warn!(
+                                worker,
+                                "refusing {peer}: {max} connections are already in the handshake"
+                            );
+                            let _ = stream.shutdown(Shutdown::Both);
+                            continue;
+                        }
+                        let mine = shared.clone();
                         let tx = tx.clone();
-                        let _ = std::thread::Builder::new()
+                        let spawned = std::thread::Builder::new()
                             .name("m2n-conn".into())
-                            .spawn(move || worker_conn(&shared, stream, tx));
+                            .spawn(move || worker_conn(&mine, stream, tx));
+                        if spawned.is_err() {
+                            // The connection is dropped with the closure; so is its count.
+                            shared.pending.fetch_sub(1, Ordering::Relaxed);
+                        }
                     }
                 });
         }
@@ -475,36 +722,111 @@ impl TcpExpertLink {
     }
 }
 
-fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) {
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "?".into());
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(s.opts.handshake_timeout));
-    let reject = |why: String| {
-        tracing::warn!(worker = s.worker, "refusing {peer}: {why}");
-        let mut w = &stream;
-        let _ = write_frame(&mut w, &Frame::Reject(why), 0);
-        let _ = stream.shutdown(Shutdown::Both);
+/// The worker's side of the handshake, up to a checked proof: the hello and the worker's
+/// own proof (with a secret) for the ack. `Err`: the reason the peer is refused.
+fn worker_handshake(
+    s: &WorkerShared,
+    stream: &TcpStream,
+) -> Result<(Hello, Option<String>), String> {
+    let limit = s.opts.handshake_timeout;
+    let mut rd = Deadline {
+        s: stream,
+        until: Instant::now() + limit,
+        limit,
     };
-    let mut rd = &stream;
+    stream
+        .set_write_timeout(Some(limit))
+        .map_err(|e| e.to_string())?;
     let hello = match read_frame(&mut rd, 0, 0) {
-        Ok(Frame::Hello(t)) => match serde_json::from_str::<Hello>(&t) {
-            Ok(h) => h,
-            Err(e) => return reject(format!("unreadable hello: {e}")),
-        },
-        Ok(_) => return reject("the first message must be a hello".into()),
-        Err(e) => return reject(format!("handshake: {e}")),
+        Ok(Frame::Hello(t)) => {
+            serde_json::from_str::<Hello>(&t).map_err(|e| format!("unreadable hello: {e}"))?
+        }
+        Ok(_) => return Err("the first message must be a hello".into()),
+        Err(e) => return Err(format!("handshake: {e}")),
     };
     if hello.wire_version != WIRE_VERSION {
-        return reject(format!(
+        return Err(format!(
             "wire version {} (tandem {}), this worker speaks {WIRE_VERSION} (tandem {})",
             hello.wire_version,
             hello.tandem_version,
             env!("CARGO_PKG_VERSION")
         ));
     }
+    let secret = s.opts.cluster_secret.as_ref();
+    match (secret.is_some(), hello.authenticated) {
+        (true, false) => {
+            return Err(format!(
+                "this worker requires the cluster secret and the peer has none ({SECRET_HOWTO})"
+            ))
+        }
+        (false, true) => {
+            return Err(
+                "the peer holds a cluster secret but this worker has none: give every process \
+                 of the deployment the same secret"
+                    .into(),
+            )
+        }
+        _ => {}
+    }
+    let peer_nonce = parse_nonce(&hello.nonce).map_err(|e| format!("bad hello: {e}"))?;
+    let worker_nonce = nonce()?;
+    let ch = Challenge {
+        worker: s.worker,
+        nonce: to_hex(&worker_nonce),
+        authenticated: secret.is_some(),
+    };
+    send_text(stream, &Frame::Challenge(json(&ch)))?;
+    let proof = match read_frame(&mut rd, 0, 0) {
+        Ok(Frame::Proof(t)) => {
+            serde_json::from_str::<Proof>(&t).map_err(|e| format!("unreadable proof: {e}"))?
+        }
+        Ok(_) => return Err("the answer to the challenge must be a proof".into()),
+        Err(e) => return Err(format!("handshake: {e}")),
+    };
+    let Some(secret) = secret else {
+        return Ok((hello, None));
+    };
+    let t = transcript(&hello, s.worker, &worker_nonce, &peer_nonce);
+    let ok = proof
+        .proof
+        .as_deref()
+        .and_then(from_hex)
+        .is_some_and(|p| secret.verify(TAG_PEER, t.bytes(), &p));
+    if !ok {
+        return Err(
+            "authentication failed: the proof does not match this connection (another cluster \
+             secret, or a replayed handshake)"
+                .into(),
+        );
+    }
+    Ok((hello, Some(to_hex(&secret.prove(TAG_WORKER, t.bytes())))))
+}
+
+fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) {
+    let pending = PendingGuard(&s.pending);
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let _ = stream.set_nodelay(true);
+    let reject = |why: String| {
+        tracing::warn!(worker = s.worker, "refusing {peer}: {why}");
+        let mut w = &stream;
+        let _ = write_frame(&mut w, &Frame::Reject(why), 0);
+        let _ = stream.shutdown(Shutdown::Both);
+    };
+    let (hello, proof) = match worker_handshake(s, &stream) {
+        Ok(h) => h,
+        Err(why) => return reject(why),
+    };
+    drop(pending);
+    let ack = |epoch: u64| {
+        Frame::HelloAck(json(&HelloAck {
+            worker: s.worker,
+            epoch,
+            proof: proof.clone(),
+        }))
+    };
     if hello.role == "status" {
         let report = WorkerReport {
             worker: s.worker,
@@ -521,9 +843,9 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
                 .and_then(|g| serde_json::to_value(&*g).ok())
                 .unwrap_or_default(),
         };
-        let text = serde_json::to_string(&report).unwrap_or_default();
         let mut w = &stream;
-        let _ = write_frame(&mut w, &Frame::Status(text), 0);
+        let _ = write_frame(&mut w, &ack(0), 0);
+        let _ = write_frame(&mut w, &Frame::Status(json(&report)), 0);
         let _ = stream.shutdown(Shutdown::Both);
         return;
     }
@@ -553,10 +875,7 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
             s.conns.len()
         ));
     }
-    let ack = HelloAck {
-        worker: s.worker,
-        epoch: s.status.lock().map(|g| g.epoch).unwrap_or(0),
-    };
+    let epoch = s.status.lock().map(|g| g.epoch).unwrap_or(0);
     let Ok(wr) = stream.try_clone() else { return };
     let gen = s.gen.fetch_add(1, Ordering::Relaxed);
     {
@@ -575,12 +894,7 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
             w: wr,
             dtype: hello.wire_dtype,
         };
-        if c.send(
-            &Frame::HelloAck(serde_json::to_string(&ack).unwrap_or_default()),
-            0,
-        )
-        .is_err()
-        {
+        if c.send(&ack(epoch), 0).is_err() {
             return;
         }
         *g = Some(c);
@@ -589,10 +903,16 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
         *p = Some(peer.clone());
     }
     let _ = stream.set_read_timeout(None);
+    let _ = stream.set_write_timeout(None);
     tracing::info!(
         worker = s.worker,
-        "attention replica {rank} connected from {peer} (hidden states in {})",
-        hello.wire_dtype.name()
+        "attention replica {rank} connected from {peer} (hidden states in {}, {})",
+        hello.wire_dtype.name(),
+        if proof.is_some() {
+            "authenticated"
+        } else {
+            "no cluster secret"
+        }
     );
     let mut r = BufReader::with_capacity(1 << 16, &stream);
     let why = loop {
@@ -661,13 +981,16 @@ impl ExpertLink for TcpExpertLink {
     }
 }
 
-/// Asks the worker at `addr` for its status (JSON).
-pub fn query_status(addr: &str, timeout: Duration) -> Result<WorkerReport, String> {
+/// Asks the worker at `addr` for its status (JSON). With a `secret`, the query proves it and
+/// checks the worker's proof like a replica does; a worker with a secret answers no query
+/// without it.
+pub fn query_status(
+    addr: &str,
+    timeout: Duration,
+    secret: Option<&ClusterSecret>,
+) -> Result<WorkerReport, String> {
     let sa = resolve(addr).map_err(|e| e.to_string())?;
     let stream = TcpStream::connect_timeout(&sa, timeout).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
     let hello = Hello {
         wire_version: WIRE_VERSION,
         tandem_version: env!("CARGO_PKG_VERSION").into(),
@@ -675,14 +998,13 @@ pub fn query_status(addr: &str, timeout: Duration) -> Result<WorkerReport, Strin
         rank: 0,
         identity: None,
         wire_dtype: WireDtype::F32,
+        nonce: String::new(),
+        authenticated: false,
     };
-    let mut w = &stream;
-    write_frame(
-        &mut w,
-        &Frame::Hello(serde_json::to_string(&hello).map_err(|e| e.to_string())?),
-        0,
-    )
-    .map_err(|e| e.to_string())?;
+    client_handshake(&stream, hello, secret, None, timeout)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
     let mut r = &stream;
     match read_frame(&mut r, 0, 0) {
         Ok(Frame::Status(t)) => serde_json::from_str(&t).map_err(|e| e.to_string()),

@@ -21,8 +21,9 @@
 //! Data payloads are the matrix, f32 (written straight from tensor memory, read straight into
 //! the vector that becomes the tensor) or bf16 (rounded to nearest even when written, widened
 //! when read: half the bytes, [`WireDtype`]), followed, for a dispatch, by `n_assign` records of
-//! (row u32, expert u32, weight f32). Control payloads (hello, reject, reset, trouble) are
-//! UTF-8 text (JSON for the hello), at most [`MAX_CONTROL_PAYLOAD`] bytes.
+//! (row u32, expert u32, weight f32). Control payloads (hello, challenge, proof, hello ack,
+//! reject, reset, trouble, status) are UTF-8 text (JSON for the handshake's), at most
+//! [`MAX_CONTROL_PAYLOAD`] bytes.
 //!
 //! The decoder never trusts a length: the payload length must equal what `rows`, `n_assign`
 //! and the hidden size imply, and it must be under the connection's limit, before anything
@@ -36,7 +37,9 @@ use tandem_model::layers::{from_vec, with_slice};
 use tandem_model::Assignment;
 
 pub const MAGIC: u32 = 0x4D44_4E54;
-pub const WIRE_VERSION: u16 = 1;
+/// 2: the handshake has a challenge and a proof (nonces, optional cluster-secret HMACs);
+/// a version-1 peer is refused by the header check, which names both versions.
+pub const WIRE_VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 64;
 pub const MAX_CONTROL_PAYLOAD: u64 = 64 * 1024;
 const ASSIGNMENT_LEN: u64 = 12;
@@ -59,6 +62,8 @@ pub enum Kind {
     Reset = 8,
     Trouble = 9,
     Status = 10,
+    Challenge = 11,
+    Proof = 12,
 }
 
 impl Kind {
@@ -75,6 +80,8 @@ impl Kind {
             8 => Reset,
             9 => Trouble,
             10 => Status,
+            11 => Challenge,
+            12 => Proof,
             _ => return None,
         })
     }
@@ -277,6 +284,10 @@ pub enum Frame {
     ToReplica(ToReplica),
     /// A status report (JSON), answer to a status hello.
     Status(String),
+    /// The listener's answer to a hello: its fresh nonce and whether it authenticates (JSON).
+    Challenge(String),
+    /// The connecting side's answer to the challenge: its proof of the secret, if any (JSON).
+    Proof(String),
 }
 
 fn f32_bytes(s: &[f32]) -> &[u8] {
@@ -376,6 +387,8 @@ pub fn write_frame_as(
         Frame::HelloAck(t) => text_frame(w, Kind::HelloAck, Header::default(), t),
         Frame::Reject(t) => text_frame(w, Kind::Reject, Header::default(), t),
         Frame::Status(t) => text_frame(w, Kind::Status, Header::default(), t),
+        Frame::Challenge(t) => text_frame(w, Kind::Challenge, Header::default(), t),
+        Frame::Proof(t) => text_frame(w, Kind::Proof, Header::default(), t),
         Frame::ToWorker(ToWorker::Dispatch(m)) => {
             let rows = matrix_rows(&m.x, hidden)?;
             let mut h = slot_header(Kind::Dispatch, &m.header);
@@ -558,6 +571,8 @@ pub fn read_frame(r: &mut impl Read, hidden: usize, max_payload: u64) -> Result<
         Kind::HelloAck => Frame::HelloAck(read_text(r, kind, h.payload_len)?),
         Kind::Reject => Frame::Reject(read_text(r, kind, h.payload_len)?),
         Kind::Status => Frame::Status(read_text(r, kind, h.payload_len)?),
+        Kind::Challenge => Frame::Challenge(read_text(r, kind, h.payload_len)?),
+        Kind::Proof => Frame::Proof(read_text(r, kind, h.payload_len)?),
         Kind::Dispatch => {
             let n = matrix(kind, h.n_assign as u64 * ASSIGNMENT_LEN)?;
             let x = read_matrix(r, n, dtype)?;

@@ -1,8 +1,12 @@
 //! M2N over TCP on loopback, in one test process: expert workers served by `serve_expert` on
 //! their own listeners, attention replicas started with `Engine::start_remote` — the same code
 //! the multi-process roles run. Greedy tokens must equal the colocated reference for every
-//! fixture family; a peer with another model or deployment is refused with a reason; a
-//! malformed frame drops the connection, not the worker.
+//! fixture family (with a cluster secret, and once without); a peer with another model or
+//! deployment is refused with a reason; a malformed frame drops the connection, not the
+//! worker. Authentication (issue #17): a peer without the secret, with another one, or
+//! replaying a recorded handshake is refused and logged with its address, a connection that
+//! does not complete the handshake is closed in bounded time, a replica refuses a worker that
+//! cannot prove the secret, and the deployment keeps serving a keyed replica throughout.
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -11,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_core::deployment::Addresses;
 use tandem_core::Deployment;
+use tandem_engine::auth::ClusterSecret;
 use tandem_engine::net::{query_status, serve_expert, Identity, NetOptions, TcpReplicaLink};
 use tandem_engine::wire::{read_frame, write_frame, Frame, Header};
 use tandem_engine::{Engine, EngineOptions, RequestHandle, RequestOutput};
@@ -52,22 +57,40 @@ fn deployment(n_a: u32, n_e: u32, m: u32, expert: Vec<String>) -> Deployment {
     }
 }
 
-/// Starts every expert worker of `dep` on its listener (each loading only its experts).
+fn secret() -> ClusterSecret {
+    ClusterSecret::new("tcp-test-cluster-secret-0123456789", "test").unwrap()
+}
+
+/// The options every test uses unless it says otherwise: the suite runs with a secret.
+fn keyed() -> NetOptions {
+    NetOptions {
+        cluster_secret: Some(secret()),
+        ..NetOptions::default()
+    }
+}
+
+/// Starts every expert worker of `dep` on its listener (each loading only its experts),
+/// with the cluster secret.
 fn start_workers(dir: &Path, dep: &Deployment, ls: Vec<TcpListener>) {
+    start_workers_with(dir, dep, ls, keyed())
+}
+
+fn start_workers_with(dir: &Path, dep: &Deployment, ls: Vec<TcpListener>, opts: NetOptions) {
     let cfg = tandem_model::ModelConfig::from_dir(dir).unwrap();
     let placement = dep.placement_for(cfg.num_experts).unwrap();
     for (w, l) in ls.into_iter().enumerate() {
         let sel = ExpertSelection::Only(placement.experts_of(w as u32));
         let model = Arc::new(Model::load_with(dir, &sel).unwrap());
         let dep = dep.clone();
+        let opts = opts.clone();
         std::thread::spawn(move || {
-            let _ = serve_expert(model, &dep, w as u32, l, NetOptions::default());
+            let _ = serve_expert(model, &dep, w as u32, l, opts);
         });
     }
 }
 
 fn start_replica(model: &Arc<Model>, dep: &Deployment, rank: u32) -> Engine {
-    start_replica_with(model, dep, rank, NetOptions::default())
+    start_replica_with(model, dep, rank, keyed())
 }
 
 fn start_replica_with(model: &Arc<Model>, dep: &Deployment, rank: u32, net: NetOptions) -> Engine {
@@ -130,14 +153,20 @@ fn prompts(vocab: usize) -> Vec<Vec<u32>> {
 }
 
 fn tcp_equals_colocated(family: &str) {
+    tcp_equals_colocated_with(family, keyed())
+}
+
+fn tcp_equals_colocated_with(family: &str, opts: NetOptions) {
     let dir = fixture(family);
     let (ls, addrs) = listeners(2);
     let dep = deployment(2, 2, 2, addrs);
-    start_workers(&dir, &dep, ls);
+    start_workers_with(&dir, &dep, ls, opts.clone());
     // Replicas hold no routed experts: everything routed goes over TCP.
     let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
     let reference = Model::load(&dir).unwrap();
-    let engines: Vec<Engine> = (0..2).map(|r| start_replica(&model, &dep, r)).collect();
+    let engines: Vec<Engine> = (0..2)
+        .map(|r| start_replica_with(&model, &dep, r, opts.clone()))
+        .collect();
     let ps = prompts(model.cfg.vocab_size);
     let n = 10;
     let handles: Vec<(usize, RequestHandle)> = ps
@@ -189,6 +218,11 @@ fn tcp_olmoe() {
 fn tcp_dbrx() {
     tcp_equals_colocated("dbrx");
 }
+/// The same without a cluster secret on either side (a loopback deployment's default).
+#[test]
+fn tcp_mixtral_without_a_secret() {
+    tcp_equals_colocated_with("mixtral", NetOptions::default());
+}
 
 /// Replica 0 sends hidden states in bf16, replica 1 in f32, to the same workers (which
 /// answer each in its own type). On these fixtures and prompts the rounding (2^-9 relative,
@@ -205,7 +239,7 @@ fn bf16_on_the_wire_keeps_the_greedy_tokens() {
         let reference = Model::load(&dir).unwrap();
         let bf16 = NetOptions {
             wire_dtype: tandem_engine::wire::WireDtype::Bf16,
-            ..NetOptions::default()
+            ..keyed()
         };
         let engines = [
             start_replica_with(&model, &dep, 0, bf16),
@@ -242,7 +276,7 @@ fn a_peer_with_another_model_or_deployment_is_refused_with_a_reason() {
         0,
         addrs.clone(),
         Identity::new(&other, &dep).unwrap(),
-        NetOptions::default(),
+        keyed(),
     );
     let e = link.wait_ready(Duration::from_secs(3)).unwrap_err();
     assert!(e.contains("model mismatch"), "{e}");
@@ -251,7 +285,7 @@ fn a_peer_with_another_model_or_deployment_is_refused_with_a_reason() {
         0,
         addrs.clone(),
         Identity::new(&model, &other_dep).unwrap(),
-        NetOptions::default(),
+        keyed(),
     );
     let e = link.wait_ready(Duration::from_secs(3)).unwrap_err();
     assert!(e.contains("deployment mismatch"), "{e}");
@@ -260,7 +294,7 @@ fn a_peer_with_another_model_or_deployment_is_refused_with_a_reason() {
         5,
         addrs.clone(),
         Identity::new(&model, &dep).unwrap(),
-        NetOptions::default(),
+        keyed(),
     );
     let e = link.wait_ready(Duration::from_secs(3)).unwrap_err();
     assert!(e.contains("rank 5"), "{e}");
@@ -279,7 +313,8 @@ fn garbage_drops_the_connection_not_the_worker() {
     let dir = fixture("mixtral");
     let (ls, addrs) = listeners(1);
     let dep = deployment(1, 1, 1, addrs.clone());
-    start_workers(&dir, &dep, ls);
+    // No secret: the test speaks the handshake itself.
+    start_workers_with(&dir, &dep, ls, NetOptions::default());
     // Garbage instead of a hello, then a truncated hello header.
     for junk in [
         &b"GET / HTTP/1.1\r\n\r\n"[..],
@@ -293,7 +328,7 @@ fn garbage_drops_the_connection_not_the_worker() {
         let mut buf = Vec::new();
         let _ = std::io::Read::read_to_end(&mut s, &mut buf);
     }
-    let status = query_status(&addrs[0], Duration::from_secs(5)).unwrap();
+    let status = query_status(&addrs[0], Duration::from_secs(5), None).unwrap();
     assert_eq!(status.worker, 0);
     // A peer that handshakes properly and then sends a dispatch whose length field lies is
     // dropped (we read EOF); the worker serves a real replica afterwards.
@@ -301,9 +336,14 @@ fn garbage_drops_the_connection_not_the_worker() {
     let id = Identity::new(&model, &dep).unwrap();
     let mut s = TcpStream::connect(&addrs[0]).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    let hello = serde_json::json!({"wire_version": 1, "tandem_version": "test", "role": "replica",
-        "rank": 0, "identity": id});
+    let hello = serde_json::json!({"wire_version": 2, "tandem_version": "test", "role": "replica",
+        "rank": 0, "identity": id, "nonce": "ab".repeat(32), "authenticated": false});
     write_frame(&mut s, &Frame::Hello(hello.to_string()), 0).unwrap();
+    assert!(matches!(
+        read_frame(&mut s, 0, 0).unwrap(),
+        Frame::Challenge(_)
+    ));
+    write_frame(&mut s, &Frame::Proof(r#"{"proof": null}"#.into()), 0).unwrap();
     assert!(matches!(
         read_frame(&mut s, 0, 0).unwrap(),
         Frame::HelloAck(_)
@@ -319,7 +359,7 @@ fn garbage_drops_the_connection_not_the_worker() {
     let mut buf = Vec::new();
     let n = std::io::Read::read_to_end(&mut s, &mut buf).unwrap_or(0);
     assert_eq!(n, 0, "the worker must close, not answer");
-    let engine = start_replica(&model, &dep, 0);
+    let engine = start_replica_with(&model, &dep, 0, NetOptions::default());
     let reference = Model::load(&dir).unwrap();
     let h = engine.add_request(vec![7, 8, 9], greedy_params(5)).unwrap();
     assert_eq!(
@@ -327,9 +367,9 @@ fn garbage_drops_the_connection_not_the_worker() {
         greedy(&reference, &[7, 8, 9], 5).unwrap().0
     );
     drop(engine);
-    let status = query_status(&addrs[0], Duration::from_secs(5)).unwrap();
+    let status = query_status(&addrs[0], Duration::from_secs(5), None).unwrap();
     assert_eq!(status.worker, 0);
-    let engine = start_replica(&model, &dep, 0);
+    let engine = start_replica_with(&model, &dep, 0, NetOptions::default());
     let h = engine.add_request(vec![7, 8, 9], greedy_params(5)).unwrap();
     assert_eq!(
         collect(h).unwrap(),
@@ -357,7 +397,7 @@ fn a_dead_worker_fails_requests_quickly_and_a_replacement_rejoins() {
         let w1 = w1.clone();
         let l = inner.into_iter().next().unwrap();
         std::thread::spawn(move || {
-            let _ = serve_expert(w1, &dep, 1, l, NetOptions::default());
+            let _ = serve_expert(w1, &dep, 1, l, keyed());
         });
     }
     let relay = Relay::start(l1, inner_addr[0].clone());
@@ -467,4 +507,356 @@ impl Relay {
     fn set_down(&self, v: bool) {
         self.down.store(v, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Authentication (issue #17)
+// ---------------------------------------------------------------------------------------
+
+/// Everything this test process logs at INFO and above (every test's workers log here).
+fn logs() -> &'static std::sync::Mutex<Vec<u8>> {
+    static LOGS: std::sync::OnceLock<&'static std::sync::Mutex<Vec<u8>>> =
+        std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf: &'static std::sync::Mutex<Vec<u8>> =
+            Box::leak(Box::new(std::sync::Mutex::new(Vec::new())));
+        struct W(&'static std::sync::Mutex<Vec<u8>>);
+        impl Write for W {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || W(buf))
+            .try_init();
+        buf
+    })
+}
+
+/// Waits (bounded) until the log has a line containing every one of `parts`.
+fn logged(parts: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = String::from_utf8_lossy(&logs().lock().unwrap()).into_owned();
+        if let Some(l) = text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+            return l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {parts:?}; the log:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn other_secret() -> ClusterSecret {
+    ClusterSecret::new("another-cluster-secret-0123456789", "test").unwrap()
+}
+
+/// Greedy tokens of a keyed replica equal the colocated reference's.
+fn keyed_replica_is_served(dir: &Path, model: &Arc<Model>, dep: &Deployment) {
+    let engine = start_replica(model, dep, 0);
+    let reference = Model::load(dir).unwrap();
+    let h = engine.add_request(vec![3, 4, 5], greedy_params(6)).unwrap();
+    assert_eq!(
+        collect(h).unwrap(),
+        greedy(&reference, &[3, 4, 5], 6).unwrap().0
+    );
+}
+
+#[test]
+fn peers_without_the_secret_or_with_another_are_refused_and_logged() {
+    logs();
+    let dir = fixture("mixtral");
+    let (ls, addrs) = listeners(1);
+    let dep = deployment(1, 1, 2, addrs.clone());
+    start_workers(&dir, &dep, ls);
+    let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
+    let id = Identity::new(&model, &dep).unwrap();
+    // No secret: refused, with the reason on both sides.
+    let link = TcpReplicaLink::connect(0, addrs.clone(), id.clone(), NetOptions::default());
+    let e = link.wait_ready(Duration::from_secs(3)).unwrap_err();
+    assert!(
+        e.contains("refused") && e.contains("requires the cluster secret"),
+        "{e}"
+    );
+    drop(link);
+    logged(&[
+        "refusing 127.0.0.1:",
+        "requires the cluster secret and the peer has none",
+    ]);
+    // Another secret: refused when its proof does not verify.
+    let wrong = NetOptions {
+        cluster_secret: Some(other_secret()),
+        ..NetOptions::default()
+    };
+    let link = TcpReplicaLink::connect(0, addrs.clone(), id.clone(), wrong);
+    let e = link.wait_ready(Duration::from_secs(3)).unwrap_err();
+    assert!(e.contains("authentication failed"), "{e}");
+    drop(link);
+    logged(&["refusing 127.0.0.1:", "authentication failed"]);
+    // Status queries too: none without the secret, another's refused, the right one answered.
+    let e = query_status(&addrs[0], Duration::from_secs(5), None).unwrap_err();
+    assert!(e.contains("requires the cluster secret"), "{e}");
+    let e = query_status(&addrs[0], Duration::from_secs(5), Some(&other_secret())).unwrap_err();
+    assert!(e.contains("authentication failed"), "{e}");
+    assert_eq!(
+        query_status(&addrs[0], Duration::from_secs(5), Some(&secret()))
+            .unwrap()
+            .worker,
+        0
+    );
+    // The deployment kept serving: a keyed replica gets the reference's tokens.
+    keyed_replica_is_served(&dir, &model, &dep);
+}
+
+#[test]
+fn a_worker_without_a_secret_refuses_a_peer_with_one() {
+    logs();
+    let dir = fixture("mixtral");
+    let (ls, addrs) = listeners(1);
+    let dep = deployment(1, 1, 2, addrs.clone());
+    start_workers_with(&dir, &dep, ls, NetOptions::default());
+    let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
+    let link = TcpReplicaLink::connect(
+        0,
+        addrs.clone(),
+        Identity::new(&model, &dep).unwrap(),
+        keyed(),
+    );
+    let e = link.wait_ready(Duration::from_secs(3)).unwrap_err();
+    assert!(e.contains("this worker has none"), "{e}");
+    logged(&[
+        "refusing 127.0.0.1:",
+        "holds a cluster secret but this worker has none",
+    ]);
+}
+
+/// A relay that records what the connecting side sends on each connection.
+fn recording_relay(target: String) -> (String, Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    let (mut ls, addrs) = listeners(1);
+    let l = ls.pop().unwrap();
+    let recorded = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let rec = recorded.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let Ok(s) = TcpStream::connect(&target) else {
+                continue;
+            };
+            let i = {
+                let mut g = rec.lock().unwrap();
+                g.push(Vec::new());
+                g.len() - 1
+            };
+            let (mut s_in, mut c_out) = (s.try_clone().unwrap(), c.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s_in, &mut c_out);
+                let _ = c_out.shutdown(std::net::Shutdown::Both);
+            });
+            let rec = rec.clone();
+            let mut s_out = s;
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                loop {
+                    match std::io::Read::read(&mut c, &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            rec.lock().unwrap()[i].extend_from_slice(&buf[..n]);
+                            if s_out.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = s_out.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (addrs[0].clone(), recorded)
+}
+
+#[test]
+fn a_replayed_handshake_is_refused() {
+    logs();
+    let dir = fixture("mixtral");
+    let (ls, addrs) = listeners(1);
+    let dep = deployment(1, 1, 2, addrs.clone());
+    start_workers(&dir, &dep, ls);
+    let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
+    // A real keyed replica connects through a relay that records its bytes.
+    let (relay, recorded) = recording_relay(addrs[0].clone());
+    let link = TcpReplicaLink::connect(
+        0,
+        vec![relay],
+        Identity::new(&model, &dep).unwrap(),
+        keyed(),
+    );
+    link.wait_ready(Duration::from_secs(10)).unwrap();
+    drop(link);
+    let bytes = recorded.lock().unwrap()[0].clone();
+    // What it sent is the handshake: a hello, then a proof.
+    let mut r = &bytes[..];
+    assert!(matches!(read_frame(&mut r, 0, 0).unwrap(), Frame::Hello(_)));
+    assert!(matches!(read_frame(&mut r, 0, 0).unwrap(), Frame::Proof(p) if p.contains("proof")));
+    // Replayed on a new connection: the worker's nonce is new, so the proof is refused.
+    let mut s = TcpStream::connect(&addrs[0]).unwrap();
+    let me = s.local_addr().unwrap().to_string();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&bytes).unwrap();
+    assert!(matches!(
+        read_frame(&mut s, 0, 0).unwrap(),
+        Frame::Challenge(_)
+    ));
+    match read_frame(&mut s, 0, 0) {
+        Ok(Frame::Reject(why)) => assert!(why.contains("authentication failed"), "{why}"),
+        Ok(_) => panic!("the replay was not refused"),
+        Err(e) => panic!("no rejection: {e}"),
+    }
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut rest);
+    assert!(rest.is_empty(), "nothing after the rejection");
+    logged(&[&format!("refusing {me}: authentication failed"), "replayed"]);
+    keyed_replica_is_served(&dir, &model, &dep);
+}
+
+#[test]
+fn an_incomplete_handshake_is_closed_in_bounded_time() {
+    logs();
+    let dir = fixture("mixtral");
+    let (ls, addrs) = listeners(1);
+    let dep = deployment(1, 1, 2, addrs.clone());
+    let opts = NetOptions {
+        handshake_timeout: Duration::from_millis(800),
+        max_pending_handshakes: 4,
+        ..keyed()
+    };
+    start_workers_with(&dir, &dep, ls, opts);
+    // One connection trickling a byte at a time, then silent ones, more than the pending
+    // limit: each is closed within the handshake timeout (plus scheduling slack), never
+    // held open; those beyond the limit at once.
+    let t = Instant::now();
+    let mut trickle = TcpStream::connect(&addrs[0]).unwrap();
+    let me = trickle.local_addr().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(50));
+    let silent: Vec<TcpStream> = (0..6)
+        .map(|_| {
+            let s = TcpStream::connect(&addrs[0]).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        })
+        .collect();
+    let hello = Header {
+        kind: 1,
+        payload_len: 10,
+        ..Header::default()
+    }
+    .encode();
+    let mut closed = false;
+    for b in hello.iter().take(40) {
+        if trickle.write_all(&[*b]).is_err() {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(closed, "a trickling peer held the connection for 4 s");
+    for mut s in silent {
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut buf);
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "connections were held for {:?}",
+        t.elapsed()
+    );
+    logged(&[&format!("refusing {me}:"), "did not complete within 0.8s"]);
+    logged(&["connections are already in the handshake"]);
+    // The worker still serves a keyed replica (its handshake completes in time).
+    let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
+    keyed_replica_is_served(&dir, &model, &dep);
+}
+
+/// A fake worker that answers the hello with a challenge saying `authenticated`, then (if it
+/// gets a proof) an ack with a made-up proof.
+fn fake_worker(authenticated: bool) -> String {
+    let (mut ls, addrs) = listeners(1);
+    let l = ls.pop().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                if !matches!(read_frame(&mut c, 0, 0), Ok(Frame::Hello(_))) {
+                    return;
+                }
+                let ch = serde_json::json!({"worker": 0, "nonce": "cd".repeat(32),
+                    "authenticated": authenticated});
+                let _ = write_frame(&mut c, &Frame::Challenge(ch.to_string()), 0);
+                if !matches!(read_frame(&mut c, 0, 0), Ok(Frame::Proof(_))) {
+                    return;
+                }
+                let ack = serde_json::json!({"worker": 0, "epoch": 1, "proof": "00".repeat(32)});
+                let _ = write_frame(&mut c, &Frame::HelloAck(ack.to_string()), 0);
+                let mut buf = Vec::new();
+                let _ = std::io::Read::read_to_end(&mut c, &mut buf);
+            });
+        }
+    });
+    addrs[0].clone()
+}
+
+#[test]
+fn a_replica_refuses_a_worker_that_cannot_prove_the_secret() {
+    let dir = fixture("mixtral");
+    let dep = deployment(1, 1, 2, vec![]);
+    let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
+    let id = Identity::new(&model, &dep).unwrap();
+    // A worker that does not authenticate at all.
+    let link = TcpReplicaLink::connect(0, vec![fake_worker(false)], id.clone(), keyed());
+    let e = link.wait_ready(Duration::from_secs(3)).unwrap_err();
+    assert!(e.contains("refusing an unauthenticated worker"), "{e}");
+    // One that claims to but cannot prove it.
+    let link = TcpReplicaLink::connect(0, vec![fake_worker(true)], id, keyed());
+    let e = link.wait_ready(Duration::from_secs(3)).unwrap_err();
+    assert!(e.contains("did not prove the cluster secret"), "{e}");
+}
+
+/// A version-1 peer (the handshake before the cluster secret) is refused with a reason that
+/// names both versions, in a frame whose header says version 2, which a version-1 decoder
+/// reports as "peer speaks wire version 2, this build speaks 1".
+#[test]
+fn an_old_peer_is_refused_naming_both_versions() {
+    logs();
+    let dir = fixture("mixtral");
+    let (ls, addrs) = listeners(1);
+    let dep = deployment(1, 1, 2, addrs.clone());
+    start_workers(&dir, &dep, ls);
+    let mut s = TcpStream::connect(&addrs[0]).unwrap();
+    let me = s.local_addr().unwrap().to_string();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let hello = r#"{"wire_version": 1, "tandem_version": "0.0.1", "role": "replica", "rank": 0}"#;
+    let mut h = Header {
+        kind: 1,
+        payload_len: hello.len() as u64,
+        ..Header::default()
+    }
+    .encode();
+    h[4..6].copy_from_slice(&1u16.to_le_bytes());
+    s.write_all(&h).unwrap();
+    s.write_all(hello.as_bytes()).unwrap();
+    let mut reply = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut reply);
+    assert!(reply.len() > 64, "no rejection frame");
+    assert_eq!(u16::from_le_bytes([reply[4], reply[5]]), 2);
+    match read_frame(&mut &reply[..], 0, 0) {
+        Ok(Frame::Reject(why)) => assert!(why.contains("wire version 1"), "{why}"),
+        _ => panic!("not a rejection"),
+    }
+    logged(&[&format!("refusing {me}:"), "wire version 1"]);
 }
