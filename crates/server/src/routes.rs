@@ -252,7 +252,16 @@ async fn chat_inner(s: &Arc<Shared>, req: Request) -> Result<Response, ApiError>
     };
     let mut params = r
         .sampling()
-        .to_params(max_tokens, logprobs, None, s.opts.max_n)?;
+        .to_params(max_tokens, logprobs, None, s.opts.max_n)
+        .map_err(|mut e| {
+            // `to_params` names completions' fields; name the one this chat request sent.
+            e.param = match e.param.as_deref() {
+                Some("max_tokens") => Some(param.to_string()),
+                Some("logprobs") => Some("top_logprobs".to_string()),
+                other => other.map(str::to_string),
+            };
+            e
+        })?;
     let prompt = render_chat(s, &r.messages, r.add_generation_prompt.unwrap_or(true))?;
     // Without max_tokens a chat runs to the end of the context, or to the operator's cap
     // when that comes first.

@@ -435,6 +435,9 @@ async fn client_errors_are_openai_shaped() {
             (c, json!({"prompt": "x", "stop": ""}), "stop"),
             (c, json!({"prompt": "x", "n": 0}), "n"),
             (c, json!({"prompt": "x", "logprobs": 21}), "logprobs"),
+            (ch, json!({"messages": user, "max_tokens": 0}), "max_tokens"),
+            (ch, json!({"messages": user, "max_completion_tokens": 0}), "max_completion_tokens"),
+            (ch, json!({"messages": user, "logprobs": true, "top_logprobs": 21}), "top_logprobs"),
             (c, json!({"prompt": "x", "n": 2, "best_of": 3}), "best_of"),
         ];
         for (path, body, param) in params {
