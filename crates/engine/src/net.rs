@@ -223,6 +223,24 @@ fn send_text(stream: &TcpStream, f: &Frame) -> Result<(), String> {
     w.flush().map_err(|e| e.to_string())
 }
 
+/// The worker's answer to what this side sent (`after`): the JSON of the frame `pick`
+/// accepts; a refusal, another frame or a broken read is the reason the handshake failed.
+fn read_answer<T: serde::de::DeserializeOwned>(
+    rd: &mut Deadline<'_>,
+    after: &str,
+    pick: impl FnOnce(Frame) -> Option<String>,
+) -> Result<T, String> {
+    match read_frame(rd, 0, 0) {
+        Ok(Frame::Reject(why)) => Err(format!("refused: {why}")),
+        Ok(f) => {
+            let text = pick(f).ok_or_else(|| format!("unexpected answer to the {after}"))?;
+            serde_json::from_str(&text)
+                .map_err(|e| format!("unreadable answer to the {after}: {e}"))
+        }
+        Err(e) => Err(format!("handshake: {e}")),
+    }
+}
+
 fn json<T: Serialize>(v: &T) -> String {
     // Plain structs of strings and numbers always serialise.
     serde_json::to_string(v).unwrap_or_default()
@@ -250,14 +268,10 @@ fn client_handshake(
     hello.nonce = to_hex(&peer_nonce);
     hello.authenticated = secret.is_some();
     send_text(stream, &Frame::Hello(json(&hello)))?;
-    let ch: Challenge = match read_frame(&mut rd, 0, 0) {
-        Ok(Frame::Challenge(t)) => {
-            serde_json::from_str(&t).map_err(|e| format!("unreadable challenge: {e}"))?
-        }
-        Ok(Frame::Reject(why)) => return Err(format!("refused: {why}")),
-        Ok(_) => return Err("unexpected answer to the hello".into()),
-        Err(e) => return Err(format!("handshake: {e}")),
-    };
+    let ch: Challenge = read_answer(&mut rd, "hello", |f| match f {
+        Frame::Challenge(t) => Some(t),
+        _ => None,
+    })?;
     if let Some(w) = expect_worker {
         if ch.worker != w {
             return Err(format!(
@@ -286,14 +300,10 @@ fn client_handshake(
         proof: secret.map(|s| to_hex(&s.prove(TAG_PEER, t.bytes()))),
     };
     send_text(stream, &Frame::Proof(json(&proof)))?;
-    let ack: HelloAck = match read_frame(&mut rd, 0, 0) {
-        Ok(Frame::HelloAck(t)) => {
-            serde_json::from_str(&t).map_err(|e| format!("unreadable hello ack: {e}"))?
-        }
-        Ok(Frame::Reject(why)) => return Err(format!("refused: {why}")),
-        Ok(_) => return Err("unexpected answer to the proof".into()),
-        Err(e) => return Err(format!("handshake: {e}")),
-    };
+    let ack: HelloAck = read_answer(&mut rd, "proof", |f| match f {
+        Frame::HelloAck(t) => Some(t),
+        _ => None,
+    })?;
     if let Some(s) = secret {
         let ok = ack.worker == ch.worker
             && ack

@@ -299,13 +299,7 @@ fn a_peer_with_another_model_or_deployment_is_refused_with_a_reason() {
     let e = link.wait_ready(Duration::from_secs(3)).unwrap_err();
     assert!(e.contains("rank 5"), "{e}");
     // The right one still gets in and is served.
-    let engine = start_replica(&model, &dep, 0);
-    let reference = Model::load(&dir).unwrap();
-    let h = engine.add_request(vec![3, 4, 5], greedy_params(6)).unwrap();
-    assert_eq!(
-        collect(h).unwrap(),
-        greedy(&reference, &[3, 4, 5], 6).unwrap().0
-    );
+    keyed_replica_is_served(&dir, &model, &dep);
 }
 
 #[test]
@@ -361,20 +355,12 @@ fn garbage_drops_the_connection_not_the_worker() {
     assert_eq!(n, 0, "the worker must close, not answer");
     let engine = start_replica_with(&model, &dep, 0, NetOptions::default());
     let reference = Model::load(&dir).unwrap();
-    let h = engine.add_request(vec![7, 8, 9], greedy_params(5)).unwrap();
-    assert_eq!(
-        collect(h).unwrap(),
-        greedy(&reference, &[7, 8, 9], 5).unwrap().0
-    );
+    assert_greedy(&engine, &reference, &[7, 8, 9], 5);
     drop(engine);
     let status = query_status(&addrs[0], Duration::from_secs(5), None).unwrap();
     assert_eq!(status.worker, 0);
     let engine = start_replica_with(&model, &dep, 0, NetOptions::default());
-    let h = engine.add_request(vec![7, 8, 9], greedy_params(5)).unwrap();
-    assert_eq!(
-        collect(h).unwrap(),
-        greedy(&reference, &[7, 8, 9], 5).unwrap().0
-    );
+    assert_greedy(&engine, &reference, &[7, 8, 9], 5);
 }
 
 #[test]
@@ -559,15 +545,20 @@ fn other_secret() -> ClusterSecret {
     ClusterSecret::new("another-cluster-secret-0123456789", "test").unwrap()
 }
 
-/// Greedy tokens of a keyed replica equal the colocated reference's.
+/// The engine's greedy tokens for `prompt` equal the colocated reference's.
+fn assert_greedy(engine: &Engine, reference: &Model, prompt: &[u32], n: usize) {
+    let h = engine
+        .add_request(prompt.to_vec(), greedy_params(n))
+        .unwrap();
+    assert_eq!(collect(h).unwrap(), greedy(reference, prompt, n).unwrap().0);
+}
+
+/// Greedy tokens of replica 0 (keyed like the workers, if they are) equal the colocated
+/// reference's.
 fn keyed_replica_is_served(dir: &Path, model: &Arc<Model>, dep: &Deployment) {
     let engine = start_replica(model, dep, 0);
     let reference = Model::load(dir).unwrap();
-    let h = engine.add_request(vec![3, 4, 5], greedy_params(6)).unwrap();
-    assert_eq!(
-        collect(h).unwrap(),
-        greedy(&reference, &[3, 4, 5], 6).unwrap().0
-    );
+    assert_greedy(&engine, &reference, &[3, 4, 5], 6);
 }
 
 #[test]
