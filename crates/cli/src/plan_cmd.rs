@@ -1,15 +1,15 @@
-//! `tandem plan`, `tandem plan reproduce`, `tandem plan catalog`, `tandem plan profile-template`
-//! and `tandem simulate`: flag parsing and printing only; the logic is in `tandem-plan`.
+//! `tandem plan`, `tandem plan reproduce`, `tandem plan catalog`, `tandem plan profile-template`,
+//! `tandem plan engine` and `tandem simulate`: flags to the library's inputs, and printing
+//! what it returns; the logic and the reports' text are in `tandem-plan`.
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use tandem_plan::deploy::{self, SimulateOptions};
-use tandem_plan::planner::{
-    Layout, Objective, PerfSource, Plan, PlanReport, PlanRequest, ReplicaSearch,
-};
+use tandem_plan::engine_model::{predict_decode, EngineShape};
+use tandem_plan::planner::{Objective, PerfSource, PlanRequest, ReplicaSearch};
 use tandem_plan::sim::{Imbalance, RoutingTrace};
-use tandem_plan::{svg, HardwareCatalog, ModelCatalog, PriceUnit, Profile, Roofline};
+use tandem_plan::{report, HardwareCatalog, ModelCatalog, PriceUnit, Profile};
 
 /// `tandem plan`: search deployment plans, or one of the subcommands.
 #[derive(Debug, Args)]
@@ -282,6 +282,11 @@ fn resolve_model(name_or_path: &str) -> Result<tandem_plan::ModelShape> {
     Ok(ModelCatalog::builtin()?.resolve(name_or_path)?)
 }
 
+fn load_profile(path: Option<&PathBuf>) -> Result<Option<Profile>> {
+    path.map(|p| Profile::load(p).with_context(|| format!("loading profile {}", p.display())))
+        .transpose()
+}
+
 fn search(a: PlanSearchArgs) -> Result<()> {
     let Some(model_ref) = a.model.clone() else {
         bail!("tandem plan needs --model (a catalog name or a config.json); see `tandem plan catalog`");
@@ -289,30 +294,14 @@ fn search(a: PlanSearchArgs) -> Result<()> {
     let cat = load_catalog(a.hw_catalog.as_ref())?;
     let model =
         resolve_model(&model_ref).with_context(|| format!("resolving model {model_ref}"))?;
-    let all: Vec<String> = cat
-        .devices
-        .iter()
-        .filter(|d| !d.placeholder)
-        .map(|d| d.name.clone())
-        .collect();
-    let (attention, expert) = match &a.hw {
+    let mut req = PlanRequest::new(model, "", "");
+    (req.attention_hw, req.expert_hw) = match &a.hw {
         Some(h) => (vec![h.clone()], vec![h.clone()]),
         None => (
-            if a.attention_hw.is_empty() {
-                all.clone()
-            } else {
-                a.attention_hw.clone()
-            },
-            if a.expert_hw.is_empty() {
-                all
-            } else {
-                a.expert_hw.clone()
-            },
+            cat.or_measured(&a.attention_hw),
+            cat.or_measured(&a.expert_hw),
         ),
     };
-    let mut req = PlanRequest::new(model, "", "");
-    req.attention_hw = attention;
-    req.expert_hw = expert;
     req.tbt_slo_s = a.tbt_slo_ms / 1e3;
     req.context_tokens = a.context as f64;
     req.min_micro_batches = a.min_micro_batches;
@@ -339,21 +328,15 @@ fn search(a: PlanSearchArgs) -> Result<()> {
         ReplicaSearch::Exhaustive
     };
     req.keep = a.top.max(1);
-    let profile = match &a.profile {
-        Some(p) => {
-            Some(Profile::load(p).with_context(|| format!("loading profile {}", p.display()))?)
-        }
-        None => None,
-    };
-    let source = match &profile {
-        Some(p) => PerfSource::Profile(p),
-        None => PerfSource::Roofline,
-    };
+    let profile = load_profile(a.profile.as_ref())?;
+    let source = profile
+        .as_ref()
+        .map_or(PerfSource::Roofline, PerfSource::Profile);
     let report = tandem_plan::plan(&req, &cat, source).context("planning")?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_report(&req, &report);
+        print!("{}", report::plan_report(&req, &report));
     }
     if let Some(out) = &a.out {
         let best = report.best().context("no plan to write")?;
@@ -368,256 +351,49 @@ fn search(a: PlanSearchArgs) -> Result<()> {
     Ok(())
 }
 
-fn plan_label(p: &Plan) -> (String, String) {
-    match p.layout {
-        Layout::Disaggregated => (
-            format!("{} tp{} x{}", p.attention_hw, p.tp_a, p.n_a),
-            format!("{} tp{} x{}", p.expert_hw, p.tp_e, p.expert_workers),
-        ),
-        Layout::Colocated => (
-            format!("{} tp{} pp{}", p.attention_hw, p.tp_a, p.pp),
-            "(colocated)".into(),
-        ),
-    }
-}
-
-fn fmt_opt(v: Option<f64>, prec: usize) -> String {
-    v.map_or("-".into(), |x| format!("{x:.prec$}"))
-}
-
-fn print_report(req: &PlanRequest, r: &PlanReport) {
-    println!(
-        "model {} | SLO {:.1} ms between tokens | context {} tokens | ranked by tokens/s per {}",
-        req.model.name,
-        req.tbt_slo_s * 1e3,
-        req.context_tokens,
-        match r.objective {
-            Objective::PerCost => match req.price_unit {
-                PriceUnit::Norm => "cost (L20-normalised price)",
-                PriceUnit::Usd => "USD/hour",
-            },
-            Objective::PerGpu => "GPU",
-        }
-    );
-    println!(
-        "{:>3}  {:<18} {:<18} {:>2} {:>5} {:>6} {:>7} {:>9} {:>9} {:>9} {:>5} {:>7} {:>8}",
-        "#",
-        "attention",
-        "experts",
-        "m",
-        "b_a",
-        "B",
-        "TBT ms",
-        "tok/s",
-        "tok/s/GPU",
-        "tok/s/$",
-        "GPUs",
-        "binds",
-        "vs coloc"
-    );
-    let row = |i: String, p: &Plan, ratio: Option<f64>| {
-        let (a, e) = plan_label(p);
-        println!(
-            "{:>3}  {:<18} {:<18} {:>2} {:>5} {:>6} {:>7.1} {:>9.0} {:>9.1} {:>9} {:>5} {:>7} {:>8}",
-            i,
-            a,
-            e,
-            p.micro_batches,
-            p.micro_batch_seqs,
-            p.global_batch,
-            p.tbt_s * 1e3,
-            p.tokens_per_s,
-            p.tokens_per_s_per_gpu,
-            fmt_opt(p.tokens_per_s_per_cost, 1),
-            p.gpus(),
-            format!("{:?}", p.binding).to_lowercase(),
-            ratio.map_or("-".into(), |x| format!("{x:.2}x"))
-        );
-    };
-    for (i, p) in r.ranked.iter().enumerate() {
-        row(format!("{}", i + 1), p, r.ratio(p));
-    }
-    if !r.colocated.is_empty() {
-        println!("colocated baselines (one replica, TP in a node x PP across nodes):");
-        for p in &r.colocated {
-            row("c".into(), p, None);
-        }
-    }
-    if let Some(b) = r.best() {
-        println!(
-            "best: T_a {:.3} ms, T_e {:.3} ms, T_c {:.3} ms per layer; m >= {:.2} keeps the pipeline fed; BALANCE n_a = {:.2}; Eq. 5 step {:.1} ms",
-            b.times.t_a_s * 1e3,
-            b.times.t_e_s * 1e3,
-            b.times.t_c_s * 1e3,
-            b.min_micro_batches,
-            b.n_a_balance,
-            b.eq5_step_s * 1e3
-        );
-        println!("stage times from: {}", b.source);
-    }
-    for n in &r.notes {
-        println!("note: {n}");
-    }
-}
-
 fn reproduce(a: ReproduceArgs) -> Result<()> {
     let s = tandem_plan::reproduce::reproduce(&a.out)
         .with_context(|| format!("writing the reproduction report to {}", a.out.display()))?;
-    for h in &s.headlines {
-        println!("{h}");
-    }
-    println!(
-        "wrote {} and {} plots",
-        s.markdown.display(),
-        s.images.len()
-    );
+    print!("{}", report::reproduction(&s));
     Ok(())
 }
 
 fn catalog(a: CatalogArgs) -> Result<()> {
     let cat = load_catalog(a.hw_catalog.as_ref())?;
-    println!(
-        "{:<22} {:>5} {:>8} {:>8} {:>6} {:>8} {:>7} {:>6} {:>8}  note",
-        "hardware", "dtype", "TFLOPS", "GB/s", "GB", "link GB/s", "NIC Gb", "price", "USD/h"
-    );
-    for d in &cat.devices {
-        println!(
-            "{:<22} {:>5} {:>8.1} {:>8.0} {:>6.0} {:>8.0} {:>7.0} {:>6} {:>8}  {}",
-            d.name,
-            format!("{:?}", d.dtype).to_lowercase(),
-            d.tflops,
-            d.mem_bw_gb_s,
-            d.memory_gb,
-            d.intra_link_gb_s,
-            d.nic_gbit_s,
-            fmt_opt(d.price_norm, 2),
-            fmt_opt(d.usd_per_hour, 2),
-            if d.placeholder {
-                "PLACEHOLDER, not measured"
-            } else if d.price_norm_estimated {
-                "price_norm estimated"
-            } else {
-                ""
-            }
-        );
-    }
-    println!();
-    println!(
-        "{:<18} {:>8} {:>7} {:>7} {:>6} {:>4} {:>3} {:>7}  family",
-        "model", "params B", "active", "layers", "hidden", "E", "K", "h'"
-    );
-    for m in &ModelCatalog::builtin()?.models {
-        println!(
-            "{:<18} {:>8.1} {:>7.1} {:>7} {:>6} {:>4} {:>3} {:>7}  {}",
-            m.name,
-            m.total_params() / 1e9,
-            m.active_params() / 1e9,
-            m.num_layers,
-            m.hidden_size,
-            m.num_experts,
-            m.top_k,
-            m.expert_intermediate,
-            m.family
-        );
-    }
+    print!("{}", report::catalog(&cat, &ModelCatalog::builtin()?));
     Ok(())
 }
 
 fn profile_template(a: ProfileTemplateArgs) -> Result<()> {
     let cat = load_catalog(a.hw_catalog.as_ref())?;
     let model = resolve_model(&a.model)?;
-    let ha = cat.get(&a.attention_hw)?;
-    let he = cat.get(&a.expert_hw)?;
-    let roof = Roofline::new(&cat, &model, ha, he, a.context as f64);
-    let tps = |max: u32| -> Vec<u32> { [1, 2, 4, 8].into_iter().filter(|t| *t <= max).collect() };
-    let p = Profile::from_stage_model(
-        &roof,
-        &model.name,
-        &ha.name,
-        &he.name,
-        &tps(ha.gpus_per_node),
-        &tps(he.gpus_per_node),
-        a.context as f64,
-        512.0,
-    )?;
-    let text = format!(
-        "# Performance profile fitted to the ROOFLINE (not measured). `tandem profile` will write\n# the same format from measurements on real hardware.\n{}",
-        p.to_toml_string()?
-    );
+    let ctx = a.context as f64;
+    let text = Profile::roofline_template(&cat, &model, &a.attention_hw, &a.expert_hw, ctx)?;
     std::fs::write(&a.out, text).with_context(|| format!("writing {}", a.out.display()))?;
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }
 
 fn engine_predict(a: EnginePredictArgs) -> Result<()> {
-    use tandem_plan::engine_model::{predict_decode, EngineShape};
     let profile = Profile::load(&a.profile)
         .with_context(|| format!("loading profile {}", a.profile.display()))?;
-    let model_ref = a
-        .model
-        .clone()
-        .unwrap_or_else(|| profile.profile.model.clone());
+    let model_ref = a.model.unwrap_or_else(|| profile.profile.model.clone());
     let model =
         resolve_model(&model_ref).with_context(|| format!("resolving model {model_ref}"))?;
     let mut d = match &a.deployment {
         Some(p) => tandem_core::Deployment::load(p)?,
         None => tandem_core::Deployment::default(),
     };
-    if let Some(v) = a.attention_replicas {
-        d.attention_replicas = v;
-    }
-    if let Some(v) = a.expert_workers {
-        d.expert_workers = v;
-    }
-    if let Some(v) = a.micro_batches {
-        d.micro_batches = v;
-    }
-    if let Some(v) = a.threads_per_worker {
-        d.threads_per_worker = v;
-    }
-    let shape = EngineShape {
-        attention_replicas: d.attention_replicas,
-        expert_workers: d.expert_workers,
-        micro_batches: d.micro_batches,
-        threads_per_worker: d.threads_per_worker,
-        batch: a.batch,
-        context_tokens: a.context,
-    };
+    d.attention_replicas = a.attention_replicas.unwrap_or(d.attention_replicas);
+    d.expert_workers = a.expert_workers.unwrap_or(d.expert_workers);
+    d.micro_batches = a.micro_batches.unwrap_or(d.micro_batches);
+    d.threads_per_worker = a.threads_per_worker.unwrap_or(d.threads_per_worker);
+    let shape = EngineShape::from_deployment(&d, a.batch, a.context);
     let p = predict_decode(&profile, &model, &shape).context("predicting the engine")?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&p)?);
     } else {
-        let what = if shape.expert_workers == 0 {
-            format!(
-                "colocated, {} replica(s) x {} threads",
-                shape.attention_replicas, shape.threads_per_worker
-            )
-        } else {
-            format!(
-                "{} replica(s) + {} expert worker(s), m={}, {} thread(s) each",
-                shape.attention_replicas,
-                shape.expert_workers,
-                shape.micro_batches,
-                shape.threads_per_worker
-            )
-        };
-        println!(
-            "{what}, batch {} at context {:.0}: {:.1} tokens/s, {:.1} ms per step",
-            shape.batch,
-            shape.context_tokens,
-            p.tokens_per_s,
-            p.step_s * 1e3
-        );
-        println!(
-            "per layer (largest micro-batch): T_a {:.2} ms, T_e {:.2} ms ({:.1} experts hit), T_c {:.3} ms; layers done at {:.1} ms, head {:.1} ms; busiest expert worker {:.0}% busy",
-            p.t_a_s * 1e3,
-            p.t_e_s * 1e3,
-            p.experts_hit,
-            p.t_c_s * 1e3,
-            p.layers_s * 1e3,
-            p.head_s * 1e3,
-            p.expert_utilisation * 100.0
-        );
+        print!("{}", report::engine_prediction(&p));
     }
     Ok(())
 }
@@ -625,12 +401,7 @@ fn engine_predict(a: EnginePredictArgs) -> Result<()> {
 /// Runs `tandem simulate`.
 pub fn simulate(a: SimulateArgs) -> Result<()> {
     let cat = load_catalog(a.hw_catalog.as_ref())?;
-    let profile = match &a.profile {
-        Some(p) => {
-            Some(Profile::load(p).with_context(|| format!("loading profile {}", p.display()))?)
-        }
-        None => None,
-    };
+    let profile = load_profile(a.profile.as_ref())?;
     let imbalance = match (&a.routing_trace, a.skew) {
         (Some(p), _) => Imbalance::Trace(
             RoutingTrace::load(p)
@@ -653,87 +424,13 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
     };
     let s = deploy::simulate_plan_file(&a.plan, &opts, &cat, profile.as_ref())
         .with_context(|| format!("simulating {}", a.plan.display()))?;
-    let r = &s.report;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(r)?);
+        println!("{}", serde_json::to_string_pretty(&s.report)?);
     } else {
-        let p = &s.shape;
-        println!(
-            "{}: attention {} tp{} x{}, experts {} tp{} ({} per worker), m={}, b_a={:.0}, B={:.0}, context {} | {}",
-            s.model.name,
-            s.attention_hw,
-            p.tp_a,
-            p.n_a,
-            s.expert_hw,
-            p.tp_e,
-            p.experts_per_worker,
-            p.m,
-            p.b_a,
-            r.global_batch,
-            s.context_tokens,
-            s.source
-        );
-        println!(
-            "closed form: T_a {:.3} ms, T_e {:.3} ms, T_c {:.3} ms per layer",
-            r.closed.t_a_s * 1e3,
-            r.closed.t_e_s * 1e3,
-            r.closed.t_c_s * 1e3
-        );
-        println!(
-            "throughput: {:.0} tokens/s simulated vs {:.0} closed form ({:+.1}%)",
-            r.tokens_per_s,
-            r.closed_tokens_per_s,
-            (r.tokens_per_s / r.closed_tokens_per_s - 1.0) * 100.0
-        );
-        println!(
-            "time between tokens: mean {:.2} ms, p99 {:.2} ms (closed form {:.2} ms)",
-            r.tbt_mean_s * 1e3,
-            r.tbt_p99_s * 1e3,
-            r.closed_tbt_s * 1e3
-        );
-        println!(
-            "one step from empty: {:.2} ms simulated vs Eq. 5 {:.2} ms ({:+.2}%)",
-            r.first_step_s * 1e3,
-            r.eq5_step_s * 1e3,
-            r.eq5_rel_err * 100.0
-        );
-        let summary = |us: &[tandem_plan::sim::NodeUtil]| {
-            let v: Vec<f64> = us.iter().map(|u| u.utilisation).collect();
-            let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
-            let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
-            let max = v.iter().cloned().fold(0.0, f64::max);
-            format!(
-                "mean {:.1}%, min {:.1}%, max {:.1}% over {} nodes",
-                mean * 100.0,
-                min * 100.0,
-                max * 100.0,
-                v.len()
-            )
-        };
-        println!(
-            "busiest expert worker / mean load: {:.2} (size plans for it: tandem plan --expert-load-factor {:.2})",
-            r.worker_load_max_over_mean, r.worker_load_max_over_mean
-        );
-        println!(
-            "utilisation: attention {}; experts {}",
-            summary(&r.attention_util),
-            summary(&r.expert_util)
-        );
-        println!("where the closed form and the simulation differ:");
-        for f in &r.findings {
-            println!("  - {f}");
-        }
+        print!("{}", report::simulation(&s));
     }
     if let Some(path) = &a.timeline {
-        let text = svg::timeline(
-            &format!(
-                "{}: one steady decode step (first {} layers)",
-                s.model.name, a.timeline_layers
-            ),
-            &r.timeline_rows,
-            &r.timeline,
-            Some(a.timeline_layers),
-        );
+        let text = report::simulation_timeline_svg(&s, a.timeline_layers);
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }

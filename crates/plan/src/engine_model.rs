@@ -50,6 +50,21 @@ pub struct EngineShape {
     pub context_tokens: f64,
 }
 
+impl EngineShape {
+    /// The shape of deployment `d` running `batch` sequences per replica at a mean context
+    /// of `context_tokens`.
+    pub fn from_deployment(d: &tandem_core::Deployment, batch: u32, context_tokens: f64) -> Self {
+        Self {
+            attention_replicas: d.attention_replicas,
+            expert_workers: d.expert_workers,
+            micro_batches: d.micro_batches,
+            threads_per_worker: d.threads_per_worker,
+            batch,
+            context_tokens,
+        }
+    }
+}
+
 /// What [`predict_decode`] found.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EnginePrediction {

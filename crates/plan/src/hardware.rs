@@ -306,6 +306,19 @@ impl HardwareCatalog {
         self.devices.iter().map(|d| d.name.clone()).collect()
     }
 
+    /// `chosen` if it names any device, else every measured (non-placeholder) device: the
+    /// hardware a plan search covers when none is given.
+    pub fn or_measured(&self, chosen: &[String]) -> Vec<String> {
+        if !chosen.is_empty() {
+            return chosen.to_vec();
+        }
+        self.devices
+            .iter()
+            .filter(|d| !d.placeholder)
+            .map(|d| d.name.clone())
+            .collect()
+    }
+
     /// The efficiency factors that apply to `hw`.
     pub fn efficiency(&self, hw: &Hardware) -> Efficiency {
         match &hw.efficiency {
@@ -410,5 +423,16 @@ nic_gbit_s = 400.0
             .unwrap_err();
         assert!(e.to_string().contains("tflops"), "{e}");
         assert!(c.merge_str("[[device]]\nname = 3\n", "t").is_err());
+    }
+
+    #[test]
+    fn or_measured_keeps_a_choice_else_takes_every_measured_device() {
+        let c = HardwareCatalog::builtin().unwrap();
+        assert_eq!(c.or_measured(&["H20".into()]), vec!["H20".to_string()]);
+        let all = c.or_measured(&[]);
+        let measured: Vec<&Hardware> = c.devices.iter().filter(|d| !d.placeholder).collect();
+        assert!(!measured.is_empty());
+        assert_eq!(all.len(), measured.len());
+        assert!(measured.iter().zip(&all).all(|(d, n)| &d.name == n));
     }
 }

@@ -10,6 +10,8 @@
 //!   jitter and stragglers.
 //! - [`default_shape`]: the shape `serve` runs when none is given.
 //! - [`deploy`]: plans to deployment files; [`reproduce`]: the paper-reproduction report.
+//! - [`report`]: the text reports the CLI prints (plan table, catalogs, engine prediction,
+//!   simulation).
 //! - [`engine_model`]: decode throughput of tandem's own engine for an explicit shape, from a
 //!   measured profile (the calibration target).
 //!
@@ -25,6 +27,7 @@ pub mod model;
 pub mod perf;
 pub mod planner;
 pub mod profile;
+pub mod report;
 pub mod reproduce;
 mod rng;
 pub mod sim;

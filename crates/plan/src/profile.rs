@@ -56,7 +56,9 @@
 
 use crate::closed_form::{self, TableUtil};
 use crate::error::{read_file, PlanError, Result};
-use crate::perf::{fit_linear, StageModel};
+use crate::hardware::HardwareCatalog;
+use crate::model::ModelShape;
+use crate::perf::{fit_linear, Roofline, StageModel};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -244,6 +246,37 @@ impl Profile {
             }
         }
         Ok(())
+    }
+
+    /// `tandem plan profile-template`: the roofline of `model` on `attention_hw` and
+    /// `expert_hw` at `context_tokens`, fitted at TP 1, 2, 4 and 8 (up to a node), as the TOML
+    /// text of a profile file under a comment saying it is not measured.
+    pub fn roofline_template(
+        catalog: &HardwareCatalog,
+        model: &ModelShape,
+        attention_hw: &str,
+        expert_hw: &str,
+        context_tokens: f64,
+    ) -> Result<String> {
+        let ha = catalog.get(attention_hw)?;
+        let he = catalog.get(expert_hw)?;
+        let roof = Roofline::new(catalog, model, ha, he, context_tokens);
+        let tps =
+            |max: u32| -> Vec<u32> { [1, 2, 4, 8].into_iter().filter(|t| *t <= max).collect() };
+        let p = Self::from_stage_model(
+            &roof,
+            &model.name,
+            &ha.name,
+            &he.name,
+            &tps(ha.gpus_per_node),
+            &tps(he.gpus_per_node),
+            context_tokens,
+            512.0,
+        )?;
+        Ok(format!(
+            "# Performance profile fitted to the ROOFLINE (not measured). `tandem profile` will write\n# the same format from measurements on real hardware.\n{}",
+            p.to_toml_string()?
+        ))
     }
 
     /// Fits a profile to another stage model (e.g. the roofline) at the given TP degrees:
@@ -704,5 +737,23 @@ util = [[4096.0, 0.05], [262144.0, 0.6], [4194304.0, 0.9]]
         }
         // The best rate is the largest message's here: utilisation 1 there.
         assert!((n.util[2][1] - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn roofline_template_is_a_profile_of_the_pair_marked_as_not_measured() {
+        let c = HardwareCatalog::builtin().unwrap();
+        let m = ModelCatalog::builtin().unwrap().resolve("mixtral").unwrap();
+        let text = Profile::roofline_template(&c, &m, "H20", "L40S", 730.0).unwrap();
+        assert!(text.starts_with("# Performance profile fitted to the ROOFLINE (not measured)."));
+        let p = Profile::from_toml_str(&text, "template").unwrap();
+        assert_eq!(p.profile.model, m.name);
+        assert_eq!(p.profile.attention_hw, c.get("H20").unwrap().name);
+        assert_eq!(p.profile.expert_hw, c.get("L40S").unwrap().name);
+        let node = c.get("H20").unwrap().gpus_per_node;
+        let tps: Vec<u32> = p.attention.iter().map(|f| f.tp).collect();
+        let want: Vec<u32> = [1, 2, 4, 8].into_iter().filter(|t| *t <= node).collect();
+        assert_eq!(tps, want);
+        assert!(p.attention.iter().all(|f| f.context_tokens == 730.0));
+        assert!(Profile::roofline_template(&c, &m, "no-such-gpu", "L40S", 730.0).is_err());
     }
 }
