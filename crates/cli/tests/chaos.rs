@@ -246,7 +246,10 @@ fn http(port: u16, method: &str, path: &str, body: &str) -> Result<(u16, Vec<u8>
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     let mut body = raw[end + 4..].to_vec();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         body = dechunk(&body).ok_or_else(|| Outcome::Error("truncated chunked body".into()))?;
     }
     Ok((status, body))
@@ -383,11 +386,7 @@ impl Tally {
             Outcome::Error(e) => {
                 self.errored.fetch_add(1, Ordering::Relaxed);
                 // Group by the start of the message (without numbers) for the report.
-                let key: String = e
-                    .chars()
-                    .take(60)
-                    .filter(|c| !c.is_ascii_digit())
-                    .collect();
+                let key: String = e.chars().take(60).filter(|c| !c.is_ascii_digit()).collect();
                 *self.errors.lock().unwrap().entry(key).or_default() += 1;
             }
             Outcome::Hang(h) => self.hangs.lock().unwrap().push(format!("{what}: {h}")),
@@ -419,7 +418,11 @@ fn load(
                     let k = i % ps.len();
                     let o = complete(port, &ps[k]);
                     let failed = !matches!(o, Outcome::Completed(_));
-                    tally.record(o, &want[k], format!("client {c} replica :{port} prompt {k}"));
+                    tally.record(
+                        o,
+                        &want[k],
+                        format!("client {c} replica :{port} prompt {k}"),
+                    );
                     if failed {
                         // A down replica answers at once: do not spin.
                         std::thread::sleep(Duration::from_millis(200));
@@ -557,7 +560,10 @@ fn chaos_under_load() {
         wait_healthy(&cluster.http, Duration::from_secs(30));
         std::thread::sleep(rng.millis(300, 3000));
     }
-    println!("chaos: faults over after {:.1}s", t0.elapsed().as_secs_f64());
+    println!(
+        "chaos: faults over after {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
     assert!(
         wait_healthy(&http_ports, Duration::from_secs(60)),
         "a replica did not come back healthy"
@@ -654,11 +660,15 @@ fn chaos_under_load() {
     assert!(f_hangs.is_empty(), "final wave hangs: {f_hangs:#?}");
     assert!(f_wrong.is_empty(), "final wave wrong tokens: {f_wrong:#?}");
     assert_eq!(
-        f_done, CLIENTS as u64,
+        f_done,
+        CLIENTS as u64,
         "the final wave must complete: {:?}",
         final_tally.errors.lock().unwrap()
     );
-    assert!(tally.completed.load(Ordering::Relaxed) > 0, "nothing completed");
+    assert!(
+        tally.completed.load(Ordering::Relaxed) > 0,
+        "nothing completed"
+    );
     assert_eq!(blocks, 0.0, "KV blocks leaked");
     assert_eq!(queue, 0.0, "requests left in the queue");
     if let Some((before, after)) = rss {
