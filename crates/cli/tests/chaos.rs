@@ -88,8 +88,19 @@ impl Cluster {
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(self.log(slot))
             .spawn()
+            .unwrap()
+    }
+
+    /// Each process's stderr (warnings and errors), appended across restarts, in the
+    /// deployment's directory: printed with the test's path when it fails.
+    fn log(&self, slot: usize) -> std::fs::File {
+        let name = ["expert0", "expert1", "replica0", "replica1"][slot];
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dep.with_file_name(format!("{name}.log")))
             .unwrap()
     }
 
@@ -386,7 +397,11 @@ impl Tally {
             Outcome::Error(e) => {
                 self.errored.fetch_add(1, Ordering::Relaxed);
                 // Group by the start of the message (without numbers) for the report.
-                let key: String = e.chars().take(60).filter(|c| !c.is_ascii_digit()).collect();
+                let key: String = e
+                    .chars()
+                    .take(200)
+                    .filter(|c| !c.is_ascii_digit())
+                    .collect();
                 *self.errors.lock().unwrap().entry(key).or_default() += 1;
             }
             Outcome::Hang(h) => self.hangs.lock().unwrap().push(format!("{what}: {h}")),
@@ -643,6 +658,7 @@ fn chaos_under_load() {
         f_hangs.len(),
         f_wrong.len()
     );
+    println!("process logs: {}", tmp.display());
     println!("afterwards: tandem_kv_blocks_used {blocks}, tandem_queue_running+waiting {queue}");
     println!("errors by kind:");
     for (k, n) in tally.errors.lock().unwrap().iter() {
