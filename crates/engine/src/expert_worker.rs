@@ -328,6 +328,36 @@ impl ExpertWorker {
                 self.id
             )));
         }
+        if let Some(&k) = st.members.get(&st.head).filter(|k| k.contains(replica)) {
+            // Worker 0 counts this replica in its newest iteration, but the replica asks for a
+            // place: it never saw its welcome (its join had timed out when the welcome came,
+            // and it dropped it). Nothing of it has arrived for that iteration, so the welcome
+            // is sent again; otherwise it has lost its place mid-iteration and everybody starts
+            // over.
+            let started = st.done.get(&st.head).is_some_and(|d| !d.is_empty())
+                || st.pending.iter().any(|(s, v)| {
+                    s.iteration == st.head && v.iter().any(|m| m.header.sender == replica)
+                });
+            if started {
+                st.joins.insert(replica);
+                self.new_epoch(
+                    st,
+                    &format!(
+                        "replica {replica} asked to join while taking part in iteration {}",
+                        st.head
+                    ),
+                    n_a,
+                );
+            } else {
+                tracing::info!(
+                    worker = self.id,
+                    "replica {replica} asked to join iteration {} again (its welcome was lost)",
+                    st.head
+                );
+                self.welcome(st.epoch, st.head, k, Members::one(replica));
+            }
+            return Ok(());
+        }
         match st.members.get_mut(&st.head) {
             Some(m) if m.is_empty() => {
                 // Nobody takes part in the newest iteration: it starts now, with this replica.

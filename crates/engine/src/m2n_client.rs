@@ -138,8 +138,22 @@ impl M2nClient {
                     self.check_stop()?;
                     continue;
                 }
-                Err(e) => {
+                Err(mut e) => {
                     self.join_outstanding = false;
+                    if let TransportError::Timeout { what, secs } = &mut e {
+                        // The poll's own wait is not what the error is about.
+                        *what = "expert worker 0 (a welcome after asking to join)".into();
+                        *secs = self.timeout.as_secs_f64();
+                        // Worker 0 may have welcomed this replica after all, too late: it
+                        // would wait for its dispatches forever (the welcome is dropped with
+                        // the rest of the queue at the next join). Telling it makes it start
+                        // over without this replica's place.
+                        let _ = self.link.control(ToWorker::Trouble {
+                            replica: self.replica,
+                            epoch: self.epoch,
+                            why: e.to_string(),
+                        });
+                    }
                     return Err(e.into());
                 }
             };

@@ -129,3 +129,50 @@ fn a_dispatch_for_an_iteration_worker_0_did_not_start_is_refused() {
     let err = worker.join().unwrap().unwrap_err().to_string();
     assert!(err.contains("did not start"), "{err}");
 }
+
+/// A replica whose join timed out drops the welcome that came too late and asks again: worker
+/// 0 counts it in the iteration it welcomed it to, so it must answer with that welcome again
+/// (it once queued the join behind an iteration nobody would run, and every request of the
+/// deployment failed from then on while `/health` said 200).
+#[test]
+fn a_lost_welcome_is_sent_again() {
+    let (model, link, _worker) = start(2);
+    let moe = moe_layers(&model);
+    let (epoch, it) = join(link.as_ref());
+    assert_eq!(join(link.as_ref()), (epoch, it), "the welcome sent again");
+    // The replica can run the iteration it was welcomed to.
+    link.dispatch(0, dispatch(&model, epoch, Slot::new(it, moe[0], 0)))
+        .unwrap();
+    assert_eq!(combine_slot(link.as_ref()), Slot::new(it, moe[0], 0));
+}
+
+/// A replica asking to join an iteration it has already sent dispatches for has lost its place
+/// in the middle of it: worker 0 starts a new epoch (telling it so) and welcomes it there.
+#[test]
+fn a_join_in_the_middle_of_an_iteration_starts_a_new_epoch() {
+    let (model, link, _worker) = start(2);
+    let moe = moe_layers(&model);
+    let (epoch, it) = join(link.as_ref());
+    link.dispatch(0, dispatch(&model, epoch, Slot::new(it, moe[0], 0)))
+        .unwrap();
+    assert_eq!(combine_slot(link.as_ref()), Slot::new(it, moe[0], 0));
+    link.control(ToWorker::Join { replica: 0 }).unwrap();
+    match link.recv(WAIT).unwrap() {
+        ToReplica::Reset { epoch: e, why } => {
+            assert_eq!(e, epoch + 1);
+            assert!(why.contains("asked to join"), "{why}");
+        }
+        _ => panic!("expected a reset"),
+    }
+    match link.recv(WAIT).unwrap() {
+        ToReplica::Welcome {
+            epoch: e,
+            iteration,
+            members,
+        } => {
+            assert_eq!((e, members), (epoch + 1, Members::one(0)));
+            assert!(iteration > it, "welcomed to {iteration}, not after {it}");
+        }
+        _ => panic!("expected a welcome"),
+    }
+}
