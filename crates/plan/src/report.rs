@@ -223,7 +223,7 @@ pub fn engine_prediction(p: &EnginePrediction) -> String {
     );
     emit!(
         out,
-        "per layer (largest micro-batch): T_a {:.2} ms, T_e {:.2} ms ({:.1} experts hit), T_c {:.3} ms; layers done at {:.1} ms, head {:.1} ms; busiest expert worker {:.0}% busy",
+        "per layer (largest micro-batch): T_a {:.2} ms, T_e {:.2} ms ({:.1} experts hit), T_c {:.3} ms; a micro-batch's layers {:.1} ms, head {:.1} ms; busiest expert worker {:.0}% busy",
         p.t_a_s * 1e3,
         p.t_e_s * 1e3,
         p.experts_hit,
