@@ -37,7 +37,7 @@ use tandem_plan::profile::{
 };
 use tandem_plan::ModelShape;
 
-use crate::sysinfo::{cpu_name, load_average, unix_secs, utc_date};
+use crate::sysinfo::{load_average, unix_secs, utc_date};
 
 /// The flags of `tandem profile` besides the model.
 #[derive(Args)]
@@ -108,8 +108,25 @@ pub fn run(dir: &Path, a: &ProfileArgs) -> Result<()> {
                 p.profile.machine,
                 p.to_toml_string()?
             );
-            std::fs::write(&a.out, text).with_context(|| format!("writing {}", a.out.display()))?;
+            std::fs::write(&a.out, &text)
+                .with_context(|| format!("writing {}", a.out.display()))?;
             eprintln!("profile: wrote {}", a.out.display());
+            // The cached copy is what `serve` and `generate` choose their default shape from.
+            let cached = tandem_plan::default_shape::profile_cache_path(
+                &tandem_model::demo::cache_root(),
+                dir,
+            );
+            let wrote = cached
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::write(&cached, &text));
+            match wrote {
+                Ok(()) => eprintln!(
+                    "profile: cached as {} (serve and generate pick their default shape from it)",
+                    cached.display()
+                ),
+                Err(e) => eprintln!("profile: could not cache it as {}: {e}", cached.display()),
+            }
             (p, s)
         }
     };
@@ -298,8 +315,7 @@ fn measure(
     } else {
         None
     };
-    let cpu = cpu_name().unwrap_or_else(|| "unknown CPU".into());
-    let machine = format!("{cpu}, {cores} cores");
+    let machine = crate::sysinfo::machine_line(cores);
     let settings = format!(
         "threads {:?}, batches {:?}, contexts {:?}, expert tokens {:?}, {} reps (fastest fitted), caches flushed, load average {} before / {} after, {:.0} s",
         threads,

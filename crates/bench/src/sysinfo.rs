@@ -14,6 +14,13 @@ pub fn cpu_name() -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
+/// The machine as a profile names it ("CPU name, N cores"): `serve` uses a cached profile only
+/// if its machine is this one.
+pub fn machine_line(cores: usize) -> String {
+    let cpu = cpu_name().unwrap_or_else(|| "unknown CPU".into());
+    format!("{cpu}, {cores} cores")
+}
+
 /// The 1, 5 and 15 minute load averages from /proc/loadavg, space-separated ("" where there
 /// are none).
 pub fn load_average() -> String {

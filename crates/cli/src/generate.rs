@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{ArgMatches, Args};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tandem_core::Deployment;
 use tandem_engine::Engine;
 use tandem_sched::{FinishReason, SamplingParams};
@@ -85,13 +85,34 @@ impl ShapeArgs {
     }
 
     /// The deployment the flags describe; with none at all (and no role), the default shape
-    /// for this host (`tandem_plan::default_shape`), logged with its reason.
-    pub fn deployment_or_default(&self, has_role: bool) -> Result<Deployment> {
+    /// for this host and the model at `model` (`tandem_plan::default_shape`: from this
+    /// machine's cached `tandem profile` of the model if there is one, else the one-host
+    /// rule), logged with its reason.
+    pub fn deployment_or_default(&self, has_role: bool, model: &Path) -> Result<Deployment> {
+        use tandem_plan::default_shape as ds;
         if self.is_explicit() || has_role {
             return self.deployment();
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let s = tandem_plan::default_shape::default_shape(cores);
+        let cached = ds::profile_cache_path(&tandem_model::demo::cache_root(), model);
+        let from_profile = || -> Result<ds::DefaultShape, String> {
+            let profile = tandem_plan::Profile::load(&cached).map_err(|e| e.to_string())?;
+            let shape =
+                tandem_plan::model::ModelShape::from_path(model).map_err(|e| e.to_string())?;
+            let machine = tandem_bench::sysinfo::machine_line(cores);
+            ds::from_profile(&profile, &shape, cores, &machine)
+        };
+        let s = if cached.exists() {
+            match from_profile() {
+                Ok(s) => s,
+                Err(why) => {
+                    tracing::warn!("not using the profile {}: {why}", cached.display());
+                    ds::default_shape(cores)
+                }
+            }
+        } else {
+            ds::default_shape(cores)
+        };
         tracing::info!("shape: {}", s.reason);
         Ok(s.deployment)
     }
@@ -169,7 +190,7 @@ pub fn run(mut a: GenerateArgs, m: &ArgMatches) -> Result<()> {
     };
     params.validate()?;
     let dir = crate::models::resolve(&a.model)?;
-    let mut dep = a.shape.deployment_or_default(a.role.role.is_some())?;
+    let mut dep = a.shape.deployment_or_default(a.role.role.is_some(), &dir)?;
     a.role.resolve(&mut dep)?;
     let (engine, tok) = crate::roles::start_engine(&dir, dep, &a.role, a.weights.linear_type()?)?;
     let mut ids = Vec::new();

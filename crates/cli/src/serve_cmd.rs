@@ -114,7 +114,7 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
     };
     let dir = crate::models::resolve(&a.model)?;
     let ty = a.weights.linear_type()?;
-    let mut deployment = a.shape.deployment_or_default(a.role.role.is_some())?;
+    let mut deployment = a.shape.deployment_or_default(a.role.role.is_some(), &dir)?;
     a.role.resolve(&mut deployment)?;
     if a.role.role == Some(Role::Expert) {
         let secret =
@@ -127,7 +127,8 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
         )?;
         return crate::roles::run_expert(&dir, &deployment, a.role.rank, listen, secret, ty);
     }
-    if a.shape.micro_batches.is_none()
+    if a.shape.is_explicit()
+        && a.shape.micro_batches.is_none()
         && a.shape.deployment.is_none()
         && deployment.expert_workers > 0
     {

@@ -256,13 +256,18 @@ pub fn write_demo(dir: &Path, spec: &DemoSpec) -> Result<()> {
     Ok(())
 }
 
-/// The directory of the default demo model: `$TANDEM_HOME/demo` or `~/.cache/tandem/demo`.
-pub fn default_demo_dir() -> PathBuf {
+/// tandem's cache directory: `$TANDEM_HOME` or `~/.cache/tandem` (the demo model, profiles).
+pub fn cache_root() -> PathBuf {
     if let Ok(h) = std::env::var("TANDEM_HOME") {
-        return PathBuf::from(h).join("demo");
+        return PathBuf::from(h);
     }
     let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
-    PathBuf::from(home).join(".cache/tandem/demo")
+    PathBuf::from(home).join(".cache/tandem")
+}
+
+/// The directory of the default demo model: `$TANDEM_HOME/demo` or `~/.cache/tandem/demo`.
+pub fn default_demo_dir() -> PathBuf {
+    cache_root().join("demo")
 }
 
 /// Writes the default demo model unless a complete one is already there.
