@@ -10,7 +10,8 @@
 //! TLS: the same greedy tokens over TLS (and mutual TLS); a replica with another CA, a
 //! certificate for another name, a plaintext peer of a TLS worker (and the reverse), and a
 //! replica without the client certificate a worker requires are refused with the reason on
-//! both sides; unusable PEM files are named in the error.
+//! both sides; a TLS handshake that does not complete is closed within the deadline; unusable
+//! PEM files are named in the error.
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -1137,4 +1138,46 @@ fn unusable_tls_files_are_named_in_the_error() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("missing-ca.pem"), "{e}");
+}
+
+/// A TLS worker closes a silent peer, and one that starts a TLS record and stops, within
+/// the handshake deadline, which the TLS handshake counts in.
+#[test]
+fn an_incomplete_tls_handshake_is_closed_in_bounded_time() {
+    logs();
+    let pki = Pki::new("slow");
+    let dir = fixture("mixtral");
+    let (ls, addrs) = listeners(1);
+    let dep = deployment(1, 1, 2, addrs.clone());
+    let opts = NetOptions {
+        handshake_timeout: Duration::from_millis(800),
+        ..pki.keyed(false)
+    };
+    start_workers_with(&dir, &dep, ls, opts);
+    let t = Instant::now();
+    let silent = TcpStream::connect(&addrs[0]).unwrap();
+    let mut started = TcpStream::connect(&addrs[0]).unwrap();
+    let me = started.local_addr().unwrap().to_string();
+    // A record header of a TLS handshake message that never comes.
+    started.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).unwrap();
+    for mut s in [silent, started] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut buf);
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "connections were held for {:?}",
+        t.elapsed()
+    );
+    logged(&[
+        &format!("refusing {me}:"),
+        "TLS handshake failed",
+        "did not complete within 0.8s",
+    ]);
+    // A TLS replica still gets in.
+    let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
+    let engine = start_replica_with(&model, &dep, 0, pki.keyed(false));
+    let reference = Model::load(&dir).unwrap();
+    assert_greedy(&engine, &reference, &[3, 4, 5], 6);
 }
