@@ -695,3 +695,73 @@ pub fn status(a: StatusArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::TlsArgs;
+    use std::path::PathBuf;
+    use tandem_core::Deployment;
+
+    fn dep(cert: Option<&str>, key: Option<&str>, ca: Option<&str>) -> Deployment {
+        let mut d = Deployment::default();
+        d.security.tls_cert = cert.map(PathBuf::from);
+        d.security.tls_key = key.map(PathBuf::from);
+        d.security.tls_ca = ca.map(PathBuf::from);
+        d
+    }
+
+    /// A flag beats the deployment file, file by file (the environment variables sit
+    /// between them; this test leaves the process environment alone).
+    #[test]
+    fn tls_files_come_from_the_flag_else_the_deployment_file() {
+        let a = TlsArgs {
+            tls_ca: Some("/flag/ca.pem".into()),
+            ..TlsArgs::default()
+        };
+        let (cert, key, ca) = a.files(&dep(Some("/dep/w.pem"), Some("/dep/w.key"), None));
+        if std::env::var_os(super::CERT_ENV).is_none() {
+            assert_eq!(cert, Some(PathBuf::from("/dep/w.pem")));
+        }
+        if std::env::var_os(super::KEY_ENV).is_none() {
+            assert_eq!(key, Some(PathBuf::from("/dep/w.key")));
+        }
+        assert_eq!(ca, Some(PathBuf::from("/flag/ca.pem")));
+    }
+
+    #[test]
+    fn half_a_tls_set_up_is_refused_with_what_is_missing() {
+        if [super::CERT_ENV, super::KEY_ENV, super::CA_ENV]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some())
+        {
+            return; // the environment would fill in what this test leaves out
+        }
+        let none = TlsArgs::default();
+        let e = none
+            .server(&dep(Some("/x/w.pem"), None, None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/x/w.pem") && e.contains("no key"), "{e}");
+        let e = none
+            .server(&dep(None, None, Some("/x/ca.pem")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/x/ca.pem") && e.contains("no certificate"),
+            "{e}"
+        );
+        let e = none
+            .client(&dep(Some("/x/w.pem"), Some("/x/w.key"), None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no CA bundle"), "{e}");
+        let e = none
+            .client(&dep(None, None, Some("/x/missing-ca.pem")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/x/missing-ca.pem"), "{e}");
+        // Nothing configured: plaintext on both sides.
+        assert!(none.server(&dep(None, None, None)).unwrap().is_none());
+        assert!(none.client(&dep(None, None, None)).unwrap().is_none());
+    }
+}
