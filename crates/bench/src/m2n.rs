@@ -17,6 +17,10 @@
 //!   report).
 //! - Throughput: bytes moved by the timed rounds (2*M*N*S per round, both directions) over
 //!   the span from the earliest sender's first timed round to the latest sender's last.
+//!
+//! `--tls` runs ours over TLS (rustls, `tandem_engine::tls`): the harness makes a throwaway
+//! CA and a certificate for 127.0.0.1 with rcgen, the receivers present it and the senders
+//! check it, as a deployment with `--tls-cert/--tls-key/--tls-ca` would.
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -90,6 +94,9 @@ pub struct M2nArgs {
     /// the wire bytes of each message; `--bytes` stays the f32 size of the activations).
     #[arg(long, default_value = "f32", value_parser = parse_wire_dtype)]
     pub wire_dtype: WireDtype,
+    /// Ours over TLS (a throwaway certificate made by the harness), to measure its cost.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 fn parse_wire_dtype(s: &str) -> Result<WireDtype, String> {
@@ -126,6 +133,47 @@ pub struct M2nPeerArgs {
     pub connect: Vec<String>,
     #[arg(long, default_value = "f32", value_parser = parse_wire_dtype)]
     pub wire_dtype: WireDtype,
+    /// TLS: the directory with the harness's `ca.pem`, `cert.pem` and `key.pem`.
+    #[arg(long)]
+    pub tls_dir: Option<std::path::PathBuf>,
+}
+
+/// A throwaway PKI for `--tls`: a CA and a certificate for 127.0.0.1 signed by it, in a
+/// temporary directory removed on drop.
+struct BenchPki {
+    dir: std::path::PathBuf,
+}
+
+impl BenchPki {
+    fn new() -> Result<Self> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let dir = std::env::temp_dir().join(format!("tandem-bench-m2n-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "tandem bench m2n CA");
+        let ca = ca.self_signed(&ca_key)?;
+        let key = KeyPair::generate()?;
+        let cert =
+            CertificateParams::new(vec!["127.0.0.1".to_string()])?.signed_by(&key, &ca, &ca_key)?;
+        for (name, text) in [
+            ("ca.pem", ca.pem()),
+            ("cert.pem", cert.pem()),
+            ("key.pem", key.serialize_pem()),
+        ] {
+            std::fs::write(dir.join(name), text)
+                .with_context(|| format!("writing {}", dir.join(name).display()))?;
+        }
+        Ok(Self { dir })
+    }
+}
+
+impl Drop for BenchPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// One MPI rank of `tandem bench m2n --baseline mpi` (started by mpirun, not for direct use).
@@ -184,13 +232,20 @@ pub fn run(a: M2nArgs) -> Result<()> {
     if a.baseline.is_some() && a.wire_dtype != WireDtype::F32 {
         bail!("--wire-dtype is tandem's option; the MPI baseline moves bytes as they are");
     }
+    if a.baseline.is_some() && a.tls {
+        bail!("--tls is tandem's option; the MPI baseline has no TLS");
+    }
     let hidden = if a.baseline.is_some() { 1 } else { a.hidden };
     let rows = check_shape(a.senders, a.receivers, a.bytes, hidden, a.iters)?;
     let started = Instant::now();
     let (reports, extra) = match a.baseline {
         None => (
             run_ours(&a)?,
-            json!({"transport": "tandem M2N over TCP loopback (tandem_engine::net)"}),
+            json!({"transport": if a.tls {
+                "tandem M2N over TLS (rustls, ring) over TCP loopback (tandem_engine::net)"
+            } else {
+                "tandem M2N over TCP loopback (tandem_engine::net)"
+            }}),
         ),
         Some(Baseline::Mpi) => run_mpi(&a)?,
     };
@@ -254,7 +309,11 @@ fn read_lines(child: &mut Child, name: String) -> std::sync::mpsc::Receiver<Stri
 fn run_ours(a: &M2nArgs) -> Result<Vec<SenderReport>> {
     let exe = std::env::current_exe().context("finding this binary")?;
     let deadline = Instant::now() + Duration::from_secs(a.timeout_s);
+    let pki = a.tls.then(BenchPki::new).transpose()?;
     let common = |role: &str, rank: usize| -> Vec<String> {
+        let tls = pki
+            .iter()
+            .flat_map(|p| ["--tls-dir".to_string(), p.dir.display().to_string()]);
         vec![
             "--role".into(),
             role.into(),
@@ -275,10 +334,19 @@ fn run_ours(a: &M2nArgs) -> Result<Vec<SenderReport>> {
             "--wire-dtype".into(),
             a.wire_dtype.name().into(),
         ]
+        .into_iter()
+        .chain(tls)
+        .collect()
     };
     eprintln!(
-        "bench m2n: M={} N={} {} B/message, {} rounds (+{} warmup), tandem TCP; starting {} receivers",
-        a.senders, a.receivers, a.bytes, a.iters, a.warmup, a.receivers
+        "bench m2n: M={} N={} {} B/message, {} rounds (+{} warmup), tandem {}; starting {} receivers",
+        a.senders,
+        a.receivers,
+        a.bytes,
+        a.iters,
+        a.warmup,
+        if a.tls { "TLS over TCP" } else { "TCP" },
+        a.receivers
     );
     let mut kids = Children { procs: Vec::new() };
     let mut addrs = Vec::new();
@@ -360,10 +428,27 @@ pub fn peer(a: M2nPeerArgs) -> Result<()> {
         deployment_hash: format!("m2n-{}x{}", a.senders, a.receivers),
         hidden_size: a.hidden,
     };
-    let opts = NetOptions {
+    let mut opts = NetOptions {
         wire_dtype: a.wire_dtype,
         ..NetOptions::default()
     };
+    if let Some(d) = &a.tls_dir {
+        match a.role {
+            Role::Receiver => {
+                opts.tls_server = Some(tandem_engine::tls::TlsServer::from_pem_files(
+                    &d.join("cert.pem"),
+                    &d.join("key.pem"),
+                    None,
+                )?)
+            }
+            Role::Sender => {
+                opts.tls_client = Some(tandem_engine::tls::TlsClient::from_pem_files(
+                    &d.join("ca.pem"),
+                    None,
+                )?)
+            }
+        }
+    }
     let total = a.warmup + a.iters;
     let m = a.senders;
     let members = Members::first(m);
@@ -810,6 +895,7 @@ fn summarize(
             "receivers": n,
             "bytes_per_message": s,
             "wire_dtype": a.wire_dtype.name(),
+            "tls": a.tls,
             "wire_bytes_per_message": s as u64 / 4 * a.wire_dtype.bytes(),
             "hidden": if a.baseline.is_some() { serde_json::Value::Null } else { json!(a.hidden) },
             "rows_per_message": if a.baseline.is_some() { serde_json::Value::Null } else { json!(rows) },

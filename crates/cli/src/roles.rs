@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_core::Deployment;
 use tandem_engine::auth::{ClusterSecret, SECRET_ENV};
-use tandem_engine::net::{query_status, serve_expert, Identity, NetOptions, TcpReplicaLink};
+use tandem_engine::net::{query_status_with, serve_expert, Identity, NetOptions, TcpReplicaLink};
+use tandem_engine::tls::{TlsClient, TlsServer, CA_ENV, CERT_ENV, KEY_ENV};
 use tandem_engine::wire::WireDtype;
 use tandem_engine::{Engine, EngineOptions};
 use tandem_model::weights::LinearType;
@@ -65,6 +66,144 @@ pub struct RoleArgs {
     /// listens on 127.0.0.1 unless given `--host` or a non-loopback address in the file.
     #[arg(long, requires = "role")]
     pub cluster_secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS on the M2N links (see docs/security.md "TLS"). Each file is taken from its flag, else
+/// its environment variable, else `[security]` of the deployment file.
+#[derive(Args, Clone, Debug, Default)]
+pub struct TlsArgs {
+    /// PEM certificate chain (leaf first). An expert worker with `--tls-cert` and `--tls-key`
+    /// accepts only TLS; on an attention replica (or `status`) they are its client certificate
+    /// for workers that require one. Default: TANDEM_TLS_CERT, else `[security] tls_cert`.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`. Default: TANDEM_TLS_KEY, else `[security] tls_key`.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle. An attention replica (or `status`) with one connects only with TLS and
+    /// checks each worker's certificate against it, for the host of the worker's address; an
+    /// expert worker with one requires client certificates signed by it (mutual TLS).
+    /// Default: TANDEM_TLS_CA, else `[security] tls_ca`.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// One TLS file: the flag, else the environment variable `env`, else the deployment file's.
+fn tls_file(flag: &Option<PathBuf>, env: &str, file: &Option<PathBuf>) -> Option<PathBuf> {
+    flag.clone()
+        .or_else(|| {
+            std::env::var_os(env)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .or_else(|| file.clone())
+}
+
+impl TlsArgs {
+    /// The three files in force (flag > environment > deployment file).
+    fn files(&self, dep: &Deployment) -> (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>) {
+        let sec = &dep.security;
+        (
+            tls_file(&self.tls_cert, CERT_ENV, &sec.tls_cert),
+            tls_file(&self.tls_key, KEY_ENV, &sec.tls_key),
+            tls_file(&self.tls_ca, CA_ENV, &sec.tls_ca),
+        )
+    }
+
+    /// The certificate and key, both or neither.
+    fn identity(cert: Option<PathBuf>, key: Option<PathBuf>) -> Result<Option<(PathBuf, PathBuf)>> {
+        match (cert, key) {
+            (Some(c), Some(k)) => Ok(Some((c, k))),
+            (Some(c), None) => bail!(
+                "TLS: a certificate ({}) but no key (--tls-key, {KEY_ENV} or [security] tls_key)",
+                c.display()
+            ),
+            (None, Some(k)) => bail!(
+                "TLS: a key ({}) but no certificate (--tls-cert, {CERT_ENV} or [security] \
+                 tls_cert)",
+                k.display()
+            ),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// An expert worker's TLS: `None` without a certificate. Logs what is in force.
+    pub fn server(&self, dep: &Deployment) -> Result<Option<TlsServer>> {
+        let (cert, key, ca) = self.files(dep);
+        let Some((cert, key)) = Self::identity(cert, key)? else {
+            if let Some(ca) = ca {
+                bail!(
+                    "TLS: a CA bundle ({}) but no certificate: an expert worker needs \
+                     --tls-cert and --tls-key for TLS (the CA bundle then makes it require \
+                     client certificates)",
+                    ca.display()
+                );
+            }
+            tracing::info!("M2N: no TLS (plaintext TCP)");
+            return Ok(None);
+        };
+        let t = TlsServer::from_pem_files(&cert, &key, ca.as_deref())?;
+        match &ca {
+            Some(ca) => tracing::info!(
+                "M2N: TLS only, certificate {}, client certificates required (CA {})",
+                cert.display(),
+                ca.display()
+            ),
+            None => tracing::info!("M2N: TLS only, certificate {}", cert.display()),
+        }
+        Ok(Some(t))
+    }
+
+    /// A replica's (or status query's) TLS: `None` without a CA bundle. Logs what is in force.
+    pub fn client(&self, dep: &Deployment) -> Result<Option<TlsClient>> {
+        let (cert, key, ca) = self.files(dep);
+        let id = Self::identity(cert, key)?;
+        let Some(ca) = ca else {
+            if let Some((c, _)) = id {
+                bail!(
+                    "TLS: a client certificate ({}) but no CA bundle to check the expert \
+                     workers with (--tls-ca, {CA_ENV} or [security] tls_ca)",
+                    c.display()
+                );
+            }
+            tracing::info!("M2N: no TLS (plaintext TCP)");
+            return Ok(None);
+        };
+        let t =
+            TlsClient::from_pem_files(&ca, id.as_ref().map(|(c, k)| (c.as_path(), k.as_path())))?;
+        tracing::info!(
+            "M2N: TLS only, expert workers checked against CA {}{}",
+            ca.display(),
+            match &id {
+                Some((c, _)) => format!(", client certificate {}", c.display()),
+                None => String::new(),
+            }
+        );
+        Ok(Some(t))
+    }
+
+    /// The flags again, absolute, for child processes.
+    fn to_args(&self) -> Result<Vec<String>> {
+        let mut v = Vec::new();
+        for (flag, p) in [
+            ("--tls-cert", &self.tls_cert),
+            ("--tls-key", &self.tls_key),
+            ("--tls-ca", &self.tls_ca),
+        ] {
+            if let Some(p) = p {
+                v.push(flag.to_string());
+                v.push(
+                    std::path::absolute(p)
+                        .with_context(|| format!("locating {}", p.display()))?
+                        .display()
+                        .to_string(),
+                );
+            }
+        }
+        Ok(v)
+    }
 }
 
 /// The cluster secret of this process: `flag` (`--cluster-secret-file`), else
@@ -178,12 +317,20 @@ pub fn start_engine(
                      workers pass hidden states in memory"
                 );
             }
+            let t = &role.tls;
+            if t.tls_cert.is_some() || t.tls_key.is_some() || t.tls_ca.is_some() {
+                bail!(
+                    "--tls-cert, --tls-key and --tls-ca apply to the TCP links of a \
+                     multi-process deployment (--role); in-process workers use none"
+                );
+            }
             let model = Arc::new(load(&ExpertSelection::All)?);
             Ok((Engine::start(model, tok.clone(), opts)?, tok))
         }
         Some(Role::Attention) => {
             check_addresses(&dep)?;
             let secret = cluster_secret(role.cluster_secret_file.as_deref(), &dep)?;
+            let tls = role.tls.client(&dep)?;
             let model = Arc::new(load(&ExpertSelection::None)?);
             let link = TcpReplicaLink::connect(
                 role.rank,
@@ -192,6 +339,7 @@ pub fn start_engine(
                 NetOptions {
                     wire_dtype: role.wire_dtype,
                     cluster_secret: secret,
+                    tls_client: tls,
                     ..NetOptions::default()
                 },
             );
@@ -205,13 +353,15 @@ pub fn start_engine(
 }
 
 /// Runs expert worker `rank` of `dep` until the process is stopped, on `listen` (default:
-/// its `[addresses] expert` entry), proving `secret` to its peers if one is given.
+/// its `[addresses] expert` entry), proving `secret` to its peers if one is given, and
+/// accepting only TLS with `tls`.
 pub fn run_expert(
     dir: &Path,
     dep: &Deployment,
     rank: u32,
     listen: Option<String>,
     secret: Option<ClusterSecret>,
+    tls: Option<TlsServer>,
     ty: LinearType,
 ) -> Result<()> {
     check_addresses(dep)?;
@@ -236,6 +386,7 @@ pub fn run_expert(
     );
     let opts = NetOptions {
         cluster_secret: secret,
+        tls_server: tls,
         ..NetOptions::default()
     };
     serve_expert(Arc::new(model), dep, rank, listener, opts)?;
@@ -263,6 +414,10 @@ pub struct LaunchArgs {
     /// TANDEM_CLUSTER_SECRET and `[security]` reach them without it).
     #[arg(long)]
     pub cluster_secret_file: Option<PathBuf>,
+    /// TLS files, passed to every worker (see `serve --tls-cert`; the TANDEM_TLS_*
+    /// variables and `[security]` reach them without these).
+    #[command(flatten)]
+    pub tls: TlsArgs,
     #[command(flatten)]
     pub weights: crate::models::WeightArgs,
 }
@@ -347,6 +502,10 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
         ],
         None => vec![],
     };
+    // Bad TLS files stop here too (both sides' checks).
+    a.tls.server(&dep)?;
+    a.tls.client(&dep)?;
+    let tls_args = a.tls.to_args()?;
     // Resolving here writes the demo model once rather than racing in every child.
     let dir = crate::models::resolve(&a.model)?;
     a.weights.linear_type()?;
@@ -369,6 +528,7 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
             ];
             args.extend(model_args.iter().cloned());
             args.extend(secret_args.iter().cloned());
+            args.extend(tls_args.iter().cloned());
             workers.push(Worker {
                 name: format!("{role}{r}"),
                 args,
@@ -466,27 +626,34 @@ pub struct StatusArgs {
     /// `[security]`): workers with a secret answer only queries that prove it.
     #[arg(long)]
     pub cluster_secret_file: Option<PathBuf>,
+    /// TLS: `--tls-ca` to query workers that have a certificate (`--tls-cert`/`--tls-key`:
+    /// a client certificate for workers that require one).
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// Prints every worker's state as JSON; fails when one is unreachable or unhealthy.
 pub fn status(a: StatusArgs) -> Result<()> {
     let dep = Deployment::load(&a.deployment)?;
     let secret = cluster_secret(a.cluster_secret_file.as_deref(), &dep)?;
+    let tls = a.tls.client(&dep)?;
     let timeout = Duration::from_secs(a.timeout_s.max(1));
     let mut healthy = true;
     let mut experts = Vec::new();
     for (w, addr) in dep.addresses.expert.iter().enumerate() {
-        experts.push(match query_status(addr, timeout, secret.as_ref()) {
-            Ok(r) => {
-                let connected = r.replicas.iter().filter(|p| p.is_some()).count();
-                serde_json::json!({"worker": w, "address": addr, "up": true,
+        experts.push(
+            match query_status_with(addr, timeout, secret.as_ref(), tls.as_ref()) {
+                Ok(r) => {
+                    let connected = r.replicas.iter().filter(|p| p.is_some()).count();
+                    serde_json::json!({"worker": w, "address": addr, "up": true,
                     "replicas_connected": connected, "report": r})
-            }
-            Err(e) => {
-                healthy = false;
-                serde_json::json!({"worker": w, "address": addr, "up": false, "error": e})
-            }
-        });
+                }
+                Err(e) => {
+                    healthy = false;
+                    serde_json::json!({"worker": w, "address": addr, "up": false, "error": e})
+                }
+            },
+        );
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -527,4 +694,74 @@ pub fn status(a: StatusArgs) -> Result<()> {
         bail!("some workers are down or unhealthy");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TlsArgs;
+    use std::path::PathBuf;
+    use tandem_core::Deployment;
+
+    fn dep(cert: Option<&str>, key: Option<&str>, ca: Option<&str>) -> Deployment {
+        let mut d = Deployment::default();
+        d.security.tls_cert = cert.map(PathBuf::from);
+        d.security.tls_key = key.map(PathBuf::from);
+        d.security.tls_ca = ca.map(PathBuf::from);
+        d
+    }
+
+    /// A flag beats the deployment file, file by file (the environment variables sit
+    /// between them; this test leaves the process environment alone).
+    #[test]
+    fn tls_files_come_from_the_flag_else_the_deployment_file() {
+        let a = TlsArgs {
+            tls_ca: Some("/flag/ca.pem".into()),
+            ..TlsArgs::default()
+        };
+        let (cert, key, ca) = a.files(&dep(Some("/dep/w.pem"), Some("/dep/w.key"), None));
+        if std::env::var_os(super::CERT_ENV).is_none() {
+            assert_eq!(cert, Some(PathBuf::from("/dep/w.pem")));
+        }
+        if std::env::var_os(super::KEY_ENV).is_none() {
+            assert_eq!(key, Some(PathBuf::from("/dep/w.key")));
+        }
+        assert_eq!(ca, Some(PathBuf::from("/flag/ca.pem")));
+    }
+
+    #[test]
+    fn half_a_tls_set_up_is_refused_with_what_is_missing() {
+        if [super::CERT_ENV, super::KEY_ENV, super::CA_ENV]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some())
+        {
+            return; // the environment would fill in what this test leaves out
+        }
+        let none = TlsArgs::default();
+        let e = none
+            .server(&dep(Some("/x/w.pem"), None, None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/x/w.pem") && e.contains("no key"), "{e}");
+        let e = none
+            .server(&dep(None, None, Some("/x/ca.pem")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/x/ca.pem") && e.contains("no certificate"),
+            "{e}"
+        );
+        let e = none
+            .client(&dep(Some("/x/w.pem"), Some("/x/w.key"), None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no CA bundle"), "{e}");
+        let e = none
+            .client(&dep(None, None, Some("/x/missing-ca.pem")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/x/missing-ca.pem"), "{e}");
+        // Nothing configured: plaintext on both sides.
+        assert!(none.server(&dep(None, None, None)).unwrap().is_none());
+        assert!(none.client(&dep(None, None, None)).unwrap().is_none());
+    }
 }

@@ -125,7 +125,8 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
             deployment.addresses.expert.get(a.role.rank as usize),
             secret.is_some(),
         )?;
-        return crate::roles::run_expert(&dir, &deployment, a.role.rank, listen, secret, ty);
+        let tls = a.role.tls.server(&deployment)?;
+        return crate::roles::run_expert(&dir, &deployment, a.role.rank, listen, secret, tls, ty);
     }
     if a.shape.is_explicit()
         && a.shape.micro_batches.is_none()

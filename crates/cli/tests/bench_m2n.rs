@@ -76,6 +76,19 @@ fn m2n_with_bf16_on_the_wire() {
     assert_eq!(w * 2, s);
 }
 
+/// Over TLS: every round arrives (the receivers present the harness's certificate, the
+/// senders check it; a failed handshake would fail the run).
+#[test]
+fn m2n_over_tls() {
+    let v = report(&bench(&["--tls"]));
+    check(&v, "none (tandem M2N)");
+    assert_eq!(v["config"]["tls"], true);
+    assert!(v["config"]["transport"]["transport"]
+        .as_str()
+        .unwrap()
+        .contains("TLS"));
+}
+
 #[test]
 fn bad_sizes_are_refused() {
     // Not a whole number of rows.

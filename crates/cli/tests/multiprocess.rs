@@ -2,7 +2,8 @@
 //! `tandem serve --role expert` processes, attention replicas as
 //! `tandem generate --role attention` processes. Greedy tokens must equal the in-process
 //! engine's for every fixture family; a killed worker turns into an error (not a hang) and a
-//! restarted one serves again; `tandem status` reports both states.
+//! restarted one serves again; `tandem status` reports both states. TLS: a worker with its
+//! certificate in the deployment's `[security]` table, replicas and status with the CA.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -404,6 +405,104 @@ fn a_cluster_secret_keeps_other_peers_out() {
             .arg("--deployment")
             .arg(&dep)
             .args(["--role", "attention", "--rank", "0"])
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(60),
+    ));
+    assert_eq!(got, reference);
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, written to `dir` as `ca.pem`,
+/// `worker.pem` and `worker.key`.
+fn write_pki(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("worker.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("worker.key"), key.serialize_pem()).unwrap();
+}
+
+/// TLS with real processes: the worker takes its certificate from `[security]` (paths
+/// relative to the deployment file, no CA there, so no client certificates); `tandem status`
+/// needs the CA (`TANDEM_TLS_CA`): without it, it stops before connecting and says so (the
+/// file's certificate and key are there, a CA bundle is not); a replica with `--tls-ca` gets
+/// the in-process tokens; a missing CA file stops a replica at start-up, naming the file.
+#[test]
+fn tls_between_processes() {
+    let model = fixture("mixtral");
+    let tmp = tempdir("tls");
+    write_pki(&tmp);
+    let dep = write_deployment(&tmp, 1, 1, 2);
+    let text = std::fs::read_to_string(&dep).unwrap();
+    let text = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("attention = ") {
+                "attention = []"
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(
+        &dep,
+        format!("{text}\n[security]\ntls_cert = \"worker.pem\"\ntls_key = \"worker.key\"\n"),
+    )
+    .unwrap();
+    let _procs = Procs(vec![expert(&model, &dep, 0)]);
+    let status = |ca: Option<&Path>| {
+        let mut c = Command::new(BIN);
+        c.arg("status").arg(&dep).env("RUST_LOG", "warn");
+        if let Some(ca) = ca {
+            c.env("TANDEM_TLS_CA", ca);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let ca = tmp.join("ca.pem");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !status(Some(&ca)).0 {
+        assert!(Instant::now() < deadline, "the worker never came up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ok, err) = status(None);
+    assert!(!ok);
+    assert!(err.contains("no CA bundle"), "{err}");
+    let ps = prompts(90, 2, 5);
+    let out = generate_cmd(&model, &ps, 4)
+        .arg("--deployment")
+        .arg(&dep)
+        .args(["--role", "attention", "--rank", "0", "--tls-ca"])
+        .arg(tmp.join("missing-ca.pem"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing-ca.pem"), "{err}");
+    let reference = token_ids(
+        &generate_cmd(&model, &ps, 4)
+            .args(["--attention-replicas", "1", "--expert-workers", "0"])
+            .output()
+            .unwrap(),
+    );
+    let got = token_ids(&wait_bounded(
+        generate_cmd(&model, &ps, 4)
+            .arg("--deployment")
+            .arg(&dep)
+            .args(["--role", "attention", "--rank", "0", "--tls-ca"])
+            .arg(&ca)
             .spawn()
             .unwrap(),
         Duration::from_secs(60),

@@ -125,11 +125,27 @@ pub struct Security {
     /// `TANDEM_CLUSTER_SECRET` take precedence over it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_secret_file: Option<PathBuf>,
+    /// TLS on M2N (expert workers): the PEM certificate chain (leaf first) a worker presents.
+    /// With `tls_key`, the worker accepts only TLS. `--tls-cert` and `TANDEM_TLS_CERT` take
+    /// precedence. Relative to the deployment file like `cluster_secret_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `tls_cert` (`--tls-key`, `TANDEM_TLS_KEY` take precedence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// The PEM CA bundle that workers' certificates are checked against: with it, replicas
+    /// and `tandem status` connect only with TLS; on an expert worker, it requires client
+    /// certificates signed by it (mutual TLS). `--tls-ca`, `TANDEM_TLS_CA` take precedence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Security {
     fn is_empty(&self) -> bool {
         self.cluster_secret_file.is_none()
+            && self.tls_cert.is_none()
+            && self.tls_key.is_none()
+            && self.tls_ca.is_none()
     }
 }
 
@@ -221,18 +237,27 @@ impl Deployment {
         Ok(d)
     }
 
-    /// Reads and checks a deployment file; a relative `[security] cluster_secret_file` is
-    /// made relative to the file's directory.
+    /// Reads and checks a deployment file; the relative paths of `[security]` are made
+    /// relative to the file's directory.
     pub fn load(path: &Path) -> Result<Self, DeploymentError> {
         let s = std::fs::read_to_string(path).map_err(|source| DeploymentError::Io {
             path: path.display().to_string(),
             source,
         })?;
         let mut d = Self::from_toml_str(&s, &path.display().to_string())?;
-        if let Some(f) = &d.security.cluster_secret_file {
+        let dir = path.parent().unwrap_or(Path::new(""));
+        let sec = &mut d.security;
+        for f in [
+            &mut sec.cluster_secret_file,
+            &mut sec.tls_cert,
+            &mut sec.tls_key,
+            &mut sec.tls_ca,
+        ]
+        .into_iter()
+        .flatten()
+        {
             if f.is_relative() {
-                let dir = path.parent().unwrap_or(Path::new(""));
-                d.security.cluster_secret_file = Some(dir.join(f));
+                *f = dir.join(&*f);
             }
         }
         Ok(d)
@@ -364,12 +389,20 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tandem-dep-sec-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("dep.toml");
-        std::fs::write(&p, "[security]\ncluster_secret_file = \"keys/secret\"\n").unwrap();
+        std::fs::write(
+            &p,
+            "[security]\ncluster_secret_file = \"keys/secret\"\ntls_cert = \"tls/w.pem\"\n\
+             tls_key = \"/etc/tls/w.key\"\ntls_ca = \"ca.pem\"\n",
+        )
+        .unwrap();
         let d = Deployment::load(&p).unwrap();
         assert_eq!(
             d.security.cluster_secret_file,
             Some(dir.join("keys/secret"))
         );
+        assert_eq!(d.security.tls_cert, Some(dir.join("tls/w.pem")));
+        assert_eq!(d.security.tls_key, Some(PathBuf::from("/etc/tls/w.key")));
+        assert_eq!(d.security.tls_ca, Some(dir.join("ca.pem")));
         std::fs::write(
             &p,
             "[security]\ncluster_secret_file = \"/etc/tandem/secret\"\n",

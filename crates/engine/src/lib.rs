@@ -14,6 +14,7 @@ pub mod net;
 pub mod output;
 pub mod replica;
 pub mod stats;
+pub mod tls;
 pub mod transport;
 pub mod wire;
 

@@ -30,13 +30,14 @@ use crate::auth::{
 };
 use crate::expert_worker::{ExpertWorker, WorkerStatus};
 use crate::stats::WorkerStats;
+use crate::tls::{self, ReadHalf, TlsClient, TlsServer, WriteHalf};
 use crate::transport::{ExpertLink, ReplicaLink, ToReplica, ToWorker, TransportError};
 use crate::wire::{
     fnv1a, read_frame, write_frame, write_frame_as, Frame, WireDtype, WireError, WIRE_VERSION,
 };
 use crate::{DispatchMsg, EngineError};
 use serde::{Deserialize, Serialize};
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -163,6 +164,12 @@ pub struct NetOptions {
     /// proves it back); without, a peer that has one is refused, and so is one that
     /// has none by a worker that has one.
     pub cluster_secret: Option<ClusterSecret>,
+    /// A worker's TLS certificate: with one, the worker accepts only TLS connections
+    /// (ignored by replicas).
+    pub tls_server: Option<TlsServer>,
+    /// The CA bundle a replica (or status query) checks workers' certificates against: with
+    /// one, it connects only with TLS (ignored by workers).
+    pub tls_client: Option<TlsClient>,
 }
 
 impl Default for NetOptions {
@@ -174,59 +181,21 @@ impl Default for NetOptions {
             max_backoff: Duration::from_secs(1),
             wire_dtype: WireDtype::F32,
             cluster_secret: None,
+            tls_server: None,
+            tls_client: None,
         }
     }
 }
 
-/// Reads from a socket until a deadline, whatever the number of reads: a peer trickling
-/// bytes cannot stretch the handshake.
-struct Deadline<'a> {
-    s: &'a TcpStream,
-    until: Instant,
-    limit: Duration,
-}
-
-impl Read for Deadline<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let timed_out = || {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "the handshake did not complete within {:.1}s",
-                    self.limit.as_secs_f64()
-                ),
-            )
-        };
-        let left = self.until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(timed_out());
-        }
-        self.s.set_read_timeout(Some(left))?;
-        let mut s = self.s;
-        match s.read(buf) {
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                Err(timed_out())
-            }
-            r => r,
-        }
-    }
-}
-
-fn send_text(stream: &TcpStream, f: &Frame) -> Result<(), String> {
-    let mut w = stream;
-    write_frame(&mut w, f, 0).map_err(|e| e.to_string())?;
+fn send_text(w: &mut WriteHalf, f: &Frame) -> Result<(), String> {
+    write_frame(w, f, 0).map_err(|e| e.to_string())?;
     w.flush().map_err(|e| e.to_string())
 }
 
 /// The worker's answer to what this side sent (`after`): the JSON of the frame `pick`
 /// accepts; a refusal, another frame or a broken read is the reason the handshake failed.
 fn read_answer<T: serde::de::DeserializeOwned>(
-    rd: &mut Deadline<'_>,
+    rd: &mut ReadHalf,
     after: &str,
     pick: impl FnOnce(Frame) -> Option<String>,
 ) -> Result<T, String> {
@@ -248,27 +217,20 @@ fn json<T: Serialize>(v: &T) -> String {
 
 /// The connecting side of the handshake (a replica, or a status query): sends `hello` with a
 /// fresh nonce, answers the challenge and checks the worker's proof. `expect_worker`: the
-/// worker index this address has in the deployment, checked against the worker's own.
+/// worker index this address has in the deployment, checked against the worker's own. The
+/// caller has set the deadlines ([`open_client`]).
 fn client_handshake(
-    stream: &TcpStream,
+    rd: &mut ReadHalf,
+    wr: &mut WriteHalf,
     mut hello: Hello,
     secret: Option<&ClusterSecret>,
     expect_worker: Option<u32>,
-    limit: Duration,
 ) -> Result<HelloAck, String> {
-    let mut rd = Deadline {
-        s: stream,
-        until: Instant::now() + limit,
-        limit,
-    };
-    stream
-        .set_write_timeout(Some(limit))
-        .map_err(|e| e.to_string())?;
     let peer_nonce = nonce()?;
     hello.nonce = to_hex(&peer_nonce);
     hello.authenticated = secret.is_some();
-    send_text(stream, &Frame::Hello(json(&hello)))?;
-    let ch: Challenge = read_answer(&mut rd, "hello", |f| match f {
+    send_text(wr, &Frame::Hello(json(&hello)))?;
+    let ch: Challenge = read_answer(rd, "hello", |f| match f {
         Frame::Challenge(t) => Some(t),
         _ => None,
     })?;
@@ -299,8 +261,8 @@ fn client_handshake(
     let proof = Proof {
         proof: secret.map(|s| to_hex(&s.prove(TAG_PEER, t.bytes()))),
     };
-    send_text(stream, &Frame::Proof(json(&proof)))?;
-    let ack: HelloAck = read_answer(&mut rd, "proof", |f| match f {
+    send_text(wr, &Frame::Proof(json(&proof)))?;
+    let ack: HelloAck = read_answer(rd, "proof", |f| match f {
         Frame::HelloAck(t) => Some(t),
         _ => None,
     })?;
@@ -319,8 +281,31 @@ fn client_handshake(
             );
         }
     }
-    stream.set_write_timeout(None).map_err(|e| e.to_string())?;
     Ok(ack)
+}
+
+/// Starts a connection to the worker at `addr` on `stream`: with a CA bundle, the TLS
+/// handshake first. Reads and writes keep `limit` (counted from now, the whole handshake)
+/// until [`end_handshake`].
+fn open_client(
+    stream: &TcpStream,
+    tls: Option<&TlsClient>,
+    addr: &str,
+    limit: Duration,
+) -> Result<(ReadHalf, WriteHalf), String> {
+    stream
+        .set_write_timeout(Some(limit))
+        .map_err(|e| e.to_string())?;
+    match tls {
+        Some(t) => tls::connect(stream, t, addr, limit),
+        None => tls::plain(stream, limit).map_err(|e| e.to_string()),
+    }
+}
+
+/// The handshake is over: no more deadlines on the connection.
+fn end_handshake(stream: &TcpStream, rd: &mut ReadHalf) -> Result<(), String> {
+    rd.end_handshake().map_err(|e| e.to_string())?;
+    stream.set_write_timeout(None).map_err(|e| e.to_string())
 }
 
 fn resolve(addr: &str) -> std::io::Result<std::net::SocketAddr> {
@@ -335,8 +320,9 @@ fn resolve(addr: &str) -> std::io::Result<std::net::SocketAddr> {
 /// A writable connection and the generation that tells it from its successors.
 struct Conn {
     gen: u64,
-    /// Unbuffered: frames go out with vectored writes straight from tensor memory.
-    w: TcpStream,
+    /// Unbuffered: frames go out with vectored writes straight from tensor memory (through
+    /// TLS on a TLS connection).
+    w: WriteHalf,
     /// The type hidden states are sent in on this connection.
     dtype: WireDtype,
 }
@@ -348,7 +334,7 @@ impl Conn {
         Ok(())
     }
     fn close(&self) {
-        let _ = self.w.shutdown(Shutdown::Both);
+        self.w.shutdown();
     }
 }
 
@@ -471,7 +457,7 @@ fn replica_conn_loop(s: &ReplicaShared, w: usize, tx: mpsc::Sender<ToReplica>) {
     let mut backoff = Duration::from_millis(50);
     let mut logged = false;
     while !s.stop.load(Ordering::Relaxed) {
-        let stream = match replica_handshake(s, w) {
+        let (stream, mut rd, wr) = match replica_handshake(s, w) {
             Ok(st) => st,
             Err(why) => {
                 let why = format!("expert worker {w} at {addr}: {why}");
@@ -488,9 +474,6 @@ fn replica_conn_loop(s: &ReplicaShared, w: usize, tx: mpsc::Sender<ToReplica>) {
         backoff = Duration::from_millis(50);
         logged = false;
         let gen = s.gen.fetch_add(1, Ordering::Relaxed);
-        let Ok(wr) = stream.try_clone() else {
-            continue;
-        };
         if let Ok(mut g) = s.conns[w].lock() {
             *g = Some(Conn {
                 gen,
@@ -498,8 +481,16 @@ fn replica_conn_loop(s: &ReplicaShared, w: usize, tx: mpsc::Sender<ToReplica>) {
                 dtype: s.opts.wire_dtype,
             });
         }
-        tracing::info!(replica = s.rank, "connected to expert worker {w} at {addr}");
-        let mut r = BufReader::with_capacity(1 << 16, &stream);
+        tracing::info!(
+            replica = s.rank,
+            "connected to expert worker {w} at {addr}{}",
+            if s.opts.tls_client.is_some() {
+                " (TLS)"
+            } else {
+                ""
+            }
+        );
+        let mut r = BufReader::with_capacity(1 << 16, &mut rd);
         let why = loop {
             match read_frame(&mut r, s.id.hidden_size, s.opts.max_payload) {
                 Ok(Frame::ToReplica(m)) => {
@@ -539,11 +530,20 @@ fn replica_conn_loop(s: &ReplicaShared, w: usize, tx: mpsc::Sender<ToReplica>) {
     }
 }
 
-fn replica_handshake(s: &ReplicaShared, w: usize) -> Result<TcpStream, String> {
+fn replica_handshake(
+    s: &ReplicaShared,
+    w: usize,
+) -> Result<(TcpStream, ReadHalf, WriteHalf), String> {
     let sa = resolve(&s.addrs[w]).map_err(|e| e.to_string())?;
     let stream = TcpStream::connect_timeout(&sa, s.opts.handshake_timeout)
         .map_err(|e| format!("cannot connect: {e}"))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (mut rd, mut wr) = open_client(
+        &stream,
+        s.opts.tls_client.as_ref(),
+        &s.addrs[w],
+        s.opts.handshake_timeout,
+    )?;
     let hello = Hello {
         wire_version: WIRE_VERSION,
         tandem_version: env!("CARGO_PKG_VERSION").into(),
@@ -555,14 +555,14 @@ fn replica_handshake(s: &ReplicaShared, w: usize) -> Result<TcpStream, String> {
         authenticated: false,
     };
     client_handshake(
-        &stream,
+        &mut rd,
+        &mut wr,
         hello,
         s.opts.cluster_secret.as_ref(),
         Some(w as u32),
-        s.opts.handshake_timeout,
     )?;
-    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
-    Ok(stream)
+    end_handshake(&stream, &mut rd)?;
+    Ok((stream, rd, wr))
 }
 
 impl ReplicaLink for TcpReplicaLink {
@@ -736,22 +736,22 @@ impl TcpExpertLink {
 /// own proof (with a secret) for the ack. `Err`: the reason the peer is refused.
 fn worker_handshake(
     s: &WorkerShared,
-    stream: &TcpStream,
+    rd: &mut ReadHalf,
+    wr: &mut WriteHalf,
 ) -> Result<(Hello, Option<String>), String> {
-    let limit = s.opts.handshake_timeout;
-    let mut rd = Deadline {
-        s: stream,
-        until: Instant::now() + limit,
-        limit,
-    };
-    stream
-        .set_write_timeout(Some(limit))
-        .map_err(|e| e.to_string())?;
-    let hello = match read_frame(&mut rd, 0, 0) {
+    let hello = match read_frame(rd, 0, 0) {
         Ok(Frame::Hello(t)) => {
             serde_json::from_str::<Hello>(&t).map_err(|e| format!("unreadable hello: {e}"))?
         }
         Ok(_) => return Err("the first message must be a hello".into()),
+        // A TLS record (type handshake, version 3.x) where a frame's magic should be.
+        Err(WireError::BadMagic(m)) if m & 0xffff == 0x0316 => {
+            return Err(format!(
+                "the peer speaks TLS but this worker has no TLS certificate ({}): give \
+                 every expert worker one, or the peer no CA bundle",
+                tls::SERVER_HOWTO
+            ))
+        }
         Err(e) => return Err(format!("handshake: {e}")),
     };
     if hello.wire_version != WIRE_VERSION {
@@ -785,8 +785,8 @@ fn worker_handshake(
         nonce: to_hex(&worker_nonce),
         authenticated: secret.is_some(),
     };
-    send_text(stream, &Frame::Challenge(json(&ch)))?;
-    let proof = match read_frame(&mut rd, 0, 0) {
+    send_text(wr, &Frame::Challenge(json(&ch)))?;
+    let proof = match read_frame(rd, 0, 0) {
         Ok(Frame::Proof(t)) => {
             serde_json::from_str::<Proof>(&t).map_err(|e| format!("unreadable proof: {e}"))?
         }
@@ -819,15 +819,29 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
     let _ = stream.set_nodelay(true);
-    let reject = |why: String| {
-        tracing::warn!(worker = s.worker, "refusing {peer}: {why}");
-        let mut w = &stream;
-        let _ = write_frame(&mut w, &Frame::Reject(why), 0);
-        let _ = stream.shutdown(Shutdown::Both);
+    let limit = s.opts.handshake_timeout;
+    let _ = stream.set_write_timeout(Some(limit));
+    let opened = match &s.opts.tls_server {
+        Some(t) => tls::accept(&stream, t, limit),
+        None => tls::plain(&stream, limit).map_err(|e| e.to_string()),
     };
-    let (hello, proof) = match worker_handshake(s, &stream) {
+    let (mut rd, mut wr) = match opened {
         Ok(h) => h,
-        Err(why) => return reject(why),
+        Err(why) => {
+            tracing::warn!(worker = s.worker, "refusing {peer}: {why}");
+            let _ = stream.shutdown(Shutdown::Both);
+            return;
+        }
+    };
+    let reject = |wr: &mut WriteHalf, why: String| {
+        tracing::warn!(worker = s.worker, "refusing {peer}: {why}");
+        let _ = write_frame(wr, &Frame::Reject(why), 0);
+        let _ = wr.flush();
+        wr.shutdown();
+    };
+    let (hello, proof) = match worker_handshake(s, &mut rd, &mut wr) {
+        Ok(h) => h,
+        Err(why) => return reject(&mut wr, why),
     };
     drop(pending);
     let ack = |epoch: u64| {
@@ -853,40 +867,45 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
                 .and_then(|g| serde_json::to_value(&*g).ok())
                 .unwrap_or_default(),
         };
-        let mut w = &stream;
-        let _ = write_frame(&mut w, &ack(0), 0);
-        let _ = write_frame(&mut w, &Frame::Status(json(&report)), 0);
-        let _ = stream.shutdown(Shutdown::Both);
+        let _ = write_frame(&mut wr, &ack(0), 0);
+        let _ = write_frame(&mut wr, &Frame::Status(json(&report)), 0);
+        let _ = wr.flush();
+        wr.shutdown();
         return;
     }
     if hello.role != "replica" {
-        return reject(format!("unknown role {:?}", hello.role));
+        return reject(&mut wr, format!("unknown role {:?}", hello.role));
     }
     match &hello.identity {
         Some(id) if *id == s.id => {}
         Some(id) if id.model_hash != s.id.model_hash || id.hidden_size != s.id.hidden_size => {
-            return reject(format!(
+            return reject(
+                &mut wr,
+                format!(
                 "model mismatch: the replica serves model {} (hidden {}), this worker {} (hidden {})",
                 id.model_hash, id.hidden_size, s.id.model_hash, s.id.hidden_size
-            ))
+            ),
+            )
         }
         Some(id) => {
-            return reject(format!(
+            return reject(&mut wr, format!(
                 "deployment mismatch: the replica's deployment hash is {}, this worker's {}",
                 id.deployment_hash, s.id.deployment_hash
             ))
         }
-        None => return reject("the hello names no model".into()),
+        None => return reject(&mut wr, "the hello names no model".into()),
     }
     let rank = hello.rank as usize;
     if rank >= s.conns.len() {
-        return reject(format!(
-            "replica rank {rank}, but the deployment has {} replicas",
-            s.conns.len()
-        ));
+        return reject(
+            &mut wr,
+            format!(
+                "replica rank {rank}, but the deployment has {} replicas",
+                s.conns.len()
+            ),
+        );
     }
     let epoch = s.status.lock().map(|g| g.epoch).unwrap_or(0);
-    let Ok(wr) = stream.try_clone() else { return };
     let gen = s.gen.fetch_add(1, Ordering::Relaxed);
     {
         let Ok(mut g) = s.conns[rank].lock() else {
@@ -912,19 +931,25 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
     if let Ok(mut p) = s.peers[rank].lock() {
         *p = Some(peer.clone());
     }
-    let _ = stream.set_read_timeout(None);
-    let _ = stream.set_write_timeout(None);
+    if end_handshake(&stream, &mut rd).is_err() {
+        return;
+    }
     tracing::info!(
         worker = s.worker,
-        "attention replica {rank} connected from {peer} (hidden states in {}, {})",
+        "attention replica {rank} connected from {peer} (hidden states in {}, {}{})",
         hello.wire_dtype.name(),
         if proof.is_some() {
             "authenticated"
         } else {
             "no cluster secret"
+        },
+        if s.opts.tls_server.is_some() {
+            ", TLS"
+        } else {
+            ""
         }
     );
-    let mut r = BufReader::with_capacity(1 << 16, &stream);
+    let mut r = BufReader::with_capacity(1 << 16, &mut rd);
     let why = loop {
         match read_frame(&mut r, s.id.hidden_size, s.opts.max_payload) {
             Ok(Frame::ToWorker(m)) => {
@@ -999,8 +1024,20 @@ pub fn query_status(
     timeout: Duration,
     secret: Option<&ClusterSecret>,
 ) -> Result<WorkerReport, String> {
+    query_status_with(addr, timeout, secret, None)
+}
+
+/// [`query_status`], over TLS when `tls` is given (a worker with a certificate answers only
+/// over TLS).
+pub fn query_status_with(
+    addr: &str,
+    timeout: Duration,
+    secret: Option<&ClusterSecret>,
+    tls: Option<&TlsClient>,
+) -> Result<WorkerReport, String> {
     let sa = resolve(addr).map_err(|e| e.to_string())?;
     let stream = TcpStream::connect_timeout(&sa, timeout).map_err(|e| e.to_string())?;
+    let (mut rd, mut wr) = open_client(&stream, tls, addr, timeout)?;
     let hello = Hello {
         wire_version: WIRE_VERSION,
         tandem_version: env!("CARGO_PKG_VERSION").into(),
@@ -1011,12 +1048,9 @@ pub fn query_status(
         nonce: String::new(),
         authenticated: false,
     };
-    client_handshake(&stream, hello, secret, None, timeout)?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    let mut r = &stream;
-    match read_frame(&mut r, 0, 0) {
+    client_handshake(&mut rd, &mut wr, hello, secret, None)?;
+    // The report follows the ack, within the same deadline.
+    match read_frame(&mut rd, 0, 0) {
         Ok(Frame::Status(t)) => serde_json::from_str(&t).map_err(|e| e.to_string()),
         Ok(Frame::Reject(why)) => Err(why),
         Ok(_) => Err("unexpected answer".into()),

@@ -7,6 +7,11 @@
 //! replaying a recorded handshake is refused and logged with its address, a connection that
 //! does not complete the handshake is closed in bounded time, a replica refuses a worker that
 //! cannot prove the secret, and the deployment keeps serving a keyed replica throughout.
+//! TLS: the same greedy tokens over TLS (and mutual TLS); a replica with another CA, a
+//! certificate for another name, a plaintext peer of a TLS worker (and the reverse), and a
+//! replica without the client certificate a worker requires are refused with the reason on
+//! both sides; a TLS handshake that does not complete is closed within the deadline; unusable
+//! PEM files are named in the error.
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -16,7 +21,10 @@ use std::time::{Duration, Instant};
 use tandem_core::deployment::Addresses;
 use tandem_core::Deployment;
 use tandem_engine::auth::ClusterSecret;
-use tandem_engine::net::{query_status, serve_expert, Identity, NetOptions, TcpReplicaLink};
+use tandem_engine::net::{
+    query_status, query_status_with, serve_expert, Identity, NetOptions, TcpReplicaLink,
+};
+use tandem_engine::tls::{TlsClient, TlsServer};
 use tandem_engine::wire::{read_frame, write_frame, Frame, Header};
 use tandem_engine::{Engine, EngineOptions, RequestHandle, RequestOutput};
 use tandem_model::generate::greedy;
@@ -850,4 +858,326 @@ fn an_old_peer_is_refused_naming_both_versions() {
         _ => panic!("not a rejection"),
     }
     logged(&[&format!("refusing {me}:"), "wire version 1"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS
+// ---------------------------------------------------------------------------------------
+
+/// A throwaway PKI made with rcgen in a temporary directory: `ca.pem`; `worker.pem`/`.key`
+/// for 127.0.0.1 and `client.pem`/`.key`, both signed by it; `misnamed.pem`/`.key` signed by
+/// it for another host name; `other-ca.pem`, a CA that signed nothing here.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(tag: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let dir = std::env::temp_dir().join(format!("tandem-tls-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = |cn: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, cn);
+            (p.self_signed(&key).unwrap(), key)
+        };
+        let (ca_cert, ca_key) = ca("tandem test CA");
+        let (other, _) = ca("another CA");
+        let write = |name: &str, text: String| std::fs::write(dir.join(name), text).unwrap();
+        write("ca.pem", ca_cert.pem());
+        write("other-ca.pem", other.pem());
+        for (name, sans) in [
+            ("worker", vec!["127.0.0.1".to_string()]),
+            ("client", vec!["replica.tandem.invalid".to_string()]),
+            ("misnamed", vec!["elsewhere.tandem.invalid".to_string()]),
+        ] {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(sans).unwrap();
+            p.distinguished_name.push(DnType::CommonName, name);
+            let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
+            write(&format!("{name}.pem"), cert.pem());
+            write(&format!("{name}.key"), key.serialize_pem());
+        }
+        Self { dir }
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// A worker presenting `name`.pem; `mutual`: requiring client certificates.
+    fn server(&self, name: &str, mutual: bool) -> TlsServer {
+        let ca = self.path("ca.pem");
+        TlsServer::from_pem_files(
+            &self.path(&format!("{name}.pem")),
+            &self.path(&format!("{name}.key")),
+            mutual.then_some(ca.as_path()),
+        )
+        .unwrap()
+    }
+
+    /// A replica trusting `ca`; `with_cert`: presenting the client certificate.
+    fn client(&self, ca: &str, with_cert: bool) -> TlsClient {
+        let (c, k) = (self.path("client.pem"), self.path("client.key"));
+        TlsClient::from_pem_files(
+            &self.path(ca),
+            with_cert.then_some((c.as_path(), k.as_path())),
+        )
+        .unwrap()
+    }
+
+    /// Both sides' TLS (each side uses its own half), with the cluster secret.
+    fn keyed(&self, mutual: bool) -> NetOptions {
+        NetOptions {
+            tls_server: Some(self.server("worker", mutual)),
+            tls_client: Some(self.client("ca.pem", mutual)),
+            ..keyed()
+        }
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The TCP equivalence test with TLS on (and the cluster secret inside it).
+#[test]
+fn tcp_mixtral_over_tls() {
+    let pki = Pki::new("eq");
+    tcp_equals_colocated_with("mixtral", pki.keyed(false));
+}
+
+#[test]
+fn tcp_qwen2_moe_over_tls() {
+    let pki = Pki::new("eq2");
+    tcp_equals_colocated_with("qwen2_moe", pki.keyed(false));
+}
+
+/// With mutual TLS: a replica without the client certificate is refused (the worker logs
+/// why), one with it gets the reference's tokens.
+#[test]
+fn mutual_tls_requires_the_client_certificate() {
+    logs();
+    let pki = Pki::new("mutual");
+    let dir = fixture("mixtral");
+    let (ls, addrs) = listeners(1);
+    let dep = deployment(1, 1, 2, addrs.clone());
+    start_workers_with(&dir, &dep, ls, pki.keyed(true));
+    let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
+    let id = Identity::new(&model, &dep).unwrap();
+    let no_cert = NetOptions {
+        tls_client: Some(pki.client("ca.pem", false)),
+        ..keyed()
+    };
+    let link = TcpReplicaLink::connect(0, addrs.clone(), id, no_cert);
+    let e = link.wait_ready(Duration::from_secs(3)).unwrap_err();
+    assert!(e.contains("TLS"), "{e}");
+    drop(link);
+    logged(&[
+        "refusing 127.0.0.1:",
+        "TLS handshake failed",
+        "no certificates",
+    ]);
+    let engine = start_replica_with(&model, &dep, 0, pki.keyed(true));
+    let reference = Model::load(&dir).unwrap();
+    assert_greedy(&engine, &reference, &[3, 4, 5], 6);
+}
+
+#[test]
+fn tls_peers_that_do_not_fit_are_refused_and_logged() {
+    logs();
+    let pki = Pki::new("refuse");
+    let dir = fixture("mixtral");
+    let (ls, addrs) = listeners(1);
+    let dep = deployment(1, 1, 2, addrs.clone());
+    let tls = pki.keyed(false);
+    start_workers_with(&dir, &dep, ls, tls.clone());
+    let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
+    let id = Identity::new(&model, &dep).unwrap();
+    // A replica trusting another CA: the certificate problem is named on both sides.
+    let other_ca = NetOptions {
+        tls_client: Some(pki.client("other-ca.pem", false)),
+        ..keyed()
+    };
+    let link = TcpReplicaLink::connect(0, addrs.clone(), id.clone(), other_ca);
+    let e = link.wait_ready(Duration::from_secs(3)).unwrap_err();
+    assert!(
+        e.contains("TLS handshake failed")
+            && e.contains("invalid peer certificate")
+            && e.contains("UnknownIssuer"),
+        "{e}"
+    );
+    drop(link);
+    logged(&["refusing 127.0.0.1:", "TLS handshake failed", "UnknownCA"]);
+    // A plaintext replica: told that the worker expects TLS, which logs the same.
+    let link = TcpReplicaLink::connect(0, addrs.clone(), id.clone(), keyed());
+    let e = link.wait_ready(Duration::from_secs(3)).unwrap_err();
+    assert!(e.contains("refused") && e.contains("expects TLS"), "{e}");
+    drop(link);
+    logged(&[
+        "refusing 127.0.0.1:",
+        "expects TLS and the peer speaks plaintext M2N",
+    ]);
+    // Status queries: plaintext refused, over TLS answered.
+    let e = query_status(&addrs[0], Duration::from_secs(5), Some(&secret())).unwrap_err();
+    assert!(e.contains("expects TLS"), "{e}");
+    let report = query_status_with(
+        &addrs[0],
+        Duration::from_secs(5),
+        Some(&secret()),
+        tls.tls_client.as_ref(),
+    )
+    .unwrap();
+    assert_eq!(report.worker, 0);
+    // The deployment kept serving a TLS replica.
+    let engine = start_replica_with(&model, &dep, 0, tls);
+    let reference = Model::load(&dir).unwrap();
+    assert_greedy(&engine, &reference, &[3, 4, 5], 6);
+}
+
+/// A worker whose certificate (signed by the right CA) names another host is refused.
+#[test]
+fn a_worker_certificate_for_another_name_is_refused() {
+    let pki = Pki::new("name");
+    let dir = fixture("mixtral");
+    let (ls, addrs) = listeners(1);
+    let dep = deployment(1, 1, 2, addrs.clone());
+    let worker = NetOptions {
+        tls_server: Some(pki.server("misnamed", false)),
+        ..keyed()
+    };
+    start_workers_with(&dir, &dep, ls, worker);
+    let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
+    let link = TcpReplicaLink::connect(
+        0,
+        addrs,
+        Identity::new(&model, &dep).unwrap(),
+        pki.keyed(false),
+    );
+    let e = link.wait_ready(Duration::from_secs(3)).unwrap_err();
+    assert!(
+        e.contains("invalid peer certificate")
+            && e.contains("not valid for name \"127.0.0.1\"")
+            && e.contains("elsewhere.tandem.invalid"),
+        "{e}"
+    );
+}
+
+/// A TLS replica and a plaintext worker: the worker says the peer speaks TLS, the replica
+/// that the worker answered in plaintext (with the worker's reason).
+#[test]
+fn a_tls_replica_and_a_plaintext_worker_refuse_each_other() {
+    logs();
+    let pki = Pki::new("plainworker");
+    let dir = fixture("mixtral");
+    let (ls, addrs) = listeners(1);
+    let dep = deployment(1, 1, 2, addrs.clone());
+    start_workers(&dir, &dep, ls);
+    let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
+    let link = TcpReplicaLink::connect(
+        0,
+        addrs,
+        Identity::new(&model, &dep).unwrap(),
+        pki.keyed(false),
+    );
+    let e = link.wait_ready(Duration::from_secs(3)).unwrap_err();
+    assert!(
+        e.contains("TLS handshake failed")
+            && e.contains("answered in plaintext M2N")
+            && e.contains("no TLS certificate"),
+        "{e}"
+    );
+    logged(&[
+        "refusing 127.0.0.1:",
+        "the peer speaks TLS but this worker has no TLS certificate",
+    ]);
+}
+
+#[test]
+fn unusable_tls_files_are_named_in_the_error() {
+    let pki = Pki::new("files");
+    let p = |f: &str| pki.path(f);
+    let server = |c: &str, k: &str| {
+        TlsServer::from_pem_files(&p(c), &p(k), None)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = server("missing.pem", "worker.key");
+    assert!(
+        e.contains("certificate file") && e.contains("missing.pem"),
+        "{e}"
+    );
+    let e = server("worker.key", "worker.key");
+    assert!(
+        e.contains("worker.key") && e.contains("no PEM CERTIFICATE"),
+        "{e}"
+    );
+    let e = server("worker.pem", "worker.pem");
+    assert!(
+        e.contains("worker.pem") && e.contains("no PEM private key"),
+        "{e}"
+    );
+    let e = server("worker.pem", "client.key");
+    assert!(
+        e.contains("worker.pem") && e.contains("client.key") && e.contains("do not make"),
+        "{e}"
+    );
+    std::fs::write(p("garbage.pem"), "-----BEGIN CERTIFICATE-----\n!!!!\n").unwrap();
+    let e = TlsClient::from_pem_files(&p("garbage.pem"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("CA bundle file") && e.contains("garbage.pem"),
+        "{e}"
+    );
+    let e = TlsClient::from_pem_files(&p("missing-ca.pem"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing-ca.pem"), "{e}");
+}
+
+/// A TLS worker closes a silent peer, and one that starts a TLS record and stops, within
+/// the handshake deadline, which the TLS handshake counts in.
+#[test]
+fn an_incomplete_tls_handshake_is_closed_in_bounded_time() {
+    logs();
+    let pki = Pki::new("slow");
+    let dir = fixture("mixtral");
+    let (ls, addrs) = listeners(1);
+    let dep = deployment(1, 1, 2, addrs.clone());
+    let opts = NetOptions {
+        handshake_timeout: Duration::from_millis(800),
+        ..pki.keyed(false)
+    };
+    start_workers_with(&dir, &dep, ls, opts);
+    let t = Instant::now();
+    let silent = TcpStream::connect(&addrs[0]).unwrap();
+    let mut started = TcpStream::connect(&addrs[0]).unwrap();
+    let me = started.local_addr().unwrap().to_string();
+    // A record header of a TLS handshake message that never comes.
+    started.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).unwrap();
+    for mut s in [silent, started] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut buf);
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "connections were held for {:?}",
+        t.elapsed()
+    );
+    logged(&[
+        &format!("refusing {me}:"),
+        "TLS handshake failed",
+        "did not complete within 0.8s",
+    ]);
+    // A TLS replica still gets in.
+    let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
+    let engine = start_replica_with(&model, &dep, 0, pki.keyed(false));
+    let reference = Model::load(&dir).unwrap();
+    assert_greedy(&engine, &reference, &[3, 4, 5], 6);
 }
