@@ -40,7 +40,9 @@ impl WeightArgs {
 pub struct InitDemoArgs {
     /// Directory to write the checkpoint to.
     pub dir: PathBuf,
-    /// `default` (~490M parameters, the benchmark model) or `tiny` (for tests).
+    /// `default` (~490M parameters, 8 layers: the benchmark model), `deep` (~460M in 32
+    /// narrower layers: ping-pong where the step boundary does not dominate) or `tiny` (for
+    /// tests).
     #[arg(long, default_value = "default")]
     pub preset: String,
 }

@@ -53,14 +53,37 @@ impl DemoSpec {
         seed: 7,
     };
 
+    /// About as many parameters as the default (~460M) in 32 layers of half the width: the
+    /// LM head and sampling (the step boundary) weigh a quarter as much against the layers,
+    /// for measuring ping-pong where the boundary does not dominate (docs/pingpong.md).
+    pub const DEEP: DemoSpec = DemoSpec {
+        hidden: 512,
+        layers: 32,
+        heads: 8,
+        kv_heads: 4,
+        ffn: 1024,
+        ..Self::DEFAULT
+    };
+
+    /// The presets by name, for `tandem init-demo --preset`.
+    pub const PRESETS: [(&'static str, DemoSpec); 3] = [
+        ("default", Self::DEFAULT),
+        ("tiny", Self::TINY),
+        ("deep", Self::DEEP),
+    ];
+
     pub fn preset(name: &str) -> Result<Self> {
-        match name {
-            "default" => Ok(Self::DEFAULT),
-            "tiny" => Ok(Self::TINY),
-            other => Err(ModelError::Input(format!(
-                "unknown demo preset {other:?} (default, tiny)"
-            ))),
-        }
+        Self::PRESETS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| *s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::PRESETS.iter().map(|(n, _)| *n).collect();
+                ModelError::Input(format!(
+                    "unknown demo preset {name:?} ({})",
+                    names.join(", ")
+                ))
+            })
     }
 
     fn tensors(&self) -> Vec<(String, Vec<usize>, Init)> {
@@ -418,4 +441,24 @@ fn corpus(words: usize, seed: u64) -> Vec<String> {
         }
     }
     lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DemoSpec;
+
+    #[test]
+    fn presets_by_name() {
+        assert_eq!(DemoSpec::preset("default").unwrap(), DemoSpec::DEFAULT);
+        assert_eq!(DemoSpec::preset("tiny").unwrap(), DemoSpec::TINY);
+        let deep = DemoSpec::preset("deep").unwrap();
+        assert_eq!((deep.layers, deep.hidden), (32, 512));
+        assert_eq!(deep.hidden % deep.heads, 0);
+        assert_eq!(deep.heads % deep.kv_heads, 0);
+        let e = DemoSpec::preset("huge").unwrap_err().to_string();
+        assert!(
+            e.contains("\"huge\"") && e.contains("default, tiny, deep"),
+            "{e}"
+        );
+    }
 }
