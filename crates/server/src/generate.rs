@@ -2,6 +2,7 @@
 //! the abort-on-drop guard, and OpenAI's response and SSE chunk shapes.
 
 use crate::error::ApiError;
+use crate::metrics_export::record_seconds;
 use crate::Shared;
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -106,10 +107,14 @@ impl Choice {
         let mut lps = Vec::new();
         if let Some(t) = o.token {
             match self.last_token {
-                None => metrics::histogram!("tandem_time_to_first_token_seconds")
-                    .record(now.duration_since(arrival).as_secs_f64()),
-                Some(prev) => metrics::histogram!("tandem_inter_token_latency_seconds")
-                    .record(now.duration_since(prev).as_secs_f64()),
+                None => record_seconds(
+                    "tandem_time_to_first_token_seconds",
+                    now.duration_since(arrival).as_secs_f64(),
+                ),
+                Some(prev) => record_seconds(
+                    "tandem_inter_token_latency_seconds",
+                    now.duration_since(prev).as_secs_f64(),
+                ),
             }
             self.last_token = Some(now);
             lps.push(TokLp {
@@ -121,8 +126,10 @@ impl Choice {
         self.text.push_str(&o.text);
         self.logprobs.extend(lps.iter().cloned());
         let finish = o.finish.map(|f| {
-            metrics::histogram!("tandem_e2e_request_latency_seconds")
-                .record(now.duration_since(arrival).as_secs_f64());
+            record_seconds(
+                "tandem_e2e_request_latency_seconds",
+                now.duration_since(arrival).as_secs_f64(),
+            );
             metrics::counter!("tandem_generation_tokens_total")
                 .increment(f.completion_tokens as u64);
             self.completion_tokens = f.completion_tokens;

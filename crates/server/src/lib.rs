@@ -44,7 +44,7 @@ use tokio::sync::Semaphore;
 pub use auth::{ApiKey, ApiKeyError};
 pub use error::ApiError;
 pub use limits::LimitError;
-pub use metrics_export::install_metrics;
+pub use metrics_export::{install_metrics, pending_histogram_samples, upkeeps_run, UPKEEP_EVERY};
 
 /// Server settings.
 #[derive(Debug, Clone)]

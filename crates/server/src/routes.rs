@@ -372,7 +372,7 @@ pub(crate) async fn metrics(State(st): State<AppState>) -> Response {
             metrics::gauge!("tandem_worker_busy_fraction", "role" => w.role, "id" => w.id.to_string())
                 .set(w.busy_fraction);
         }
-        h.run_upkeep();
+        crate::metrics_export::run_upkeep(h);
         text = h.render();
     } else {
         // Another recorder owns the process: render what the server knows itself.
