@@ -43,7 +43,10 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DbrxConfig,
+    DeepseekV2Config,
+    DeepseekV3Config,
     GenerationConfig,
+    Glm4MoeConfig,
     MixtralConfig,
     OlmoeConfig,
     PreTrainedTokenizerFast,
@@ -310,6 +313,110 @@ def make_config(family: str):
             bos_token_id=BOS_ID,
             eos_token_id=EOS_ID,
         )
+    if family == "glm4_moe":
+        return Glm4MoeConfig(
+            **common,
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,  # != hidden_size / num_attention_heads (16)
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            n_group=4,  # two experts per group, the best 2 groups compete
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            first_k_dense_replace=1,  # layer 0 is dense
+            attention_bias=True,
+            use_qk_norm=True,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+            pad_token_id=None,
+        )
+    if family == "deepseek_v2":
+        return DeepseekV2Config(
+            **common,
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            q_lora_rank=None,  # q LoRA off
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=12,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=2,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=1.5,
+            first_k_dense_replace=1,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-6,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 128,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 0.8,
+            },
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+            pad_token_id=None,
+        )
+    if family == "deepseek_v3":
+        return DeepseekV3Config(
+            **common,
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            q_lora_rank=24,  # q LoRA on
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=12,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            first_k_dense_replace=1,
+            rope_interleave=True,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-6,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "original_max_position_embeddings": 64,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            },
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+            pad_token_id=None,
+        )
     raise ValueError(family)
 
 
@@ -428,7 +535,25 @@ FAMILIES = {
     "qwen3_moe": ("v5", torch.float32, "300KB", False),
     "olmoe": ("v5", torch.float32, None, False),
     "dbrx": ("v4", torch.float32, None, False),
+    "glm4_moe": ("v5", torch.float32, None, False),
+    "deepseek_v2": ("v5", torch.float32, None, False),
+    "deepseek_v3": ("v5", torch.float32, None, False),
 }
+
+_DEEPSEEK_STYLE_MLP = [
+    r"model\.layers\.\d+\.mlp\.gate\.weight",
+    r"model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight",
+    r"model\.layers\.\d+\.mlp\.shared_experts\.(gate|up|down)_proj\.weight",
+    r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.weight",  # dense first layers
+]
+_MLA = [
+    r"model\.embed_tokens\.weight",
+    r"model\.norm\.weight",
+    r"lm_head\.weight",
+    r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)\.weight",
+    r"model\.layers\.\d+\.self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)\.weight",
+    r"model\.layers\.\d+\.self_attn\.(q_a_layernorm|kv_a_layernorm)\.weight",
+]
 
 # Hub (per-expert / DBRX-stacked) tensor name patterns each family must be stored in.
 HUB_PATTERNS = {
@@ -483,6 +608,19 @@ HUB_PATTERNS = {
         r"transformer\.blocks\.\d+\.ffn\.router\.layer\.weight",
         r"transformer\.blocks\.\d+\.ffn\.experts\.mlp\.(w1|v1|w2)",
     ],
+    "glm4_moe": [
+        r"model\.embed_tokens\.weight",
+        r"model\.norm\.weight",
+        r"lm_head\.weight",
+        r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)\.weight",
+        r"model\.layers\.\d+\.self_attn\.[qkv]_proj\.(weight|bias)",
+        r"model\.layers\.\d+\.self_attn\.o_proj\.weight",
+        r"model\.layers\.\d+\.self_attn\.[qk]_norm\.weight",
+        r"model\.layers\.\d+\.mlp\.gate\.e_score_correction_bias",
+        *_DEEPSEEK_STYLE_MLP,
+    ],
+    "deepseek_v2": [*_MLA, *_DEEPSEEK_STYLE_MLP],
+    "deepseek_v3": [*_MLA, *_DEEPSEEK_STYLE_MLP, r"model\.layers\.\d+\.mlp\.gate\.e_score_correction_bias"],
 }
 
 
@@ -514,6 +652,10 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                     gain = 2.0
                 val = torch.randn(p.shape, generator=g) * (gain / math.sqrt(fan_in))
             p.copy_(val.to(p.dtype))
+        # noaux_tc routers: the selection-only bias is a buffer, not a parameter
+        for name, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
 
 
 def fused_to_hub(family: str, sd: dict) -> dict:
@@ -566,6 +708,8 @@ class RouterProbe:
             cls = type(mod).__name__
             if cls.endswith("TopKRouter"):
                 self.handles.append(mod.register_forward_hook(self._hook(mod.top_k, 0)))
+            elif cls.endswith("TopkRouter"):  # DeepSeek-V2/V3, GLM-4.5: grouped choice
+                self.handles.append(mod.register_forward_hook(self._grouped_hook))
             elif cls == "DbrxRouter":
                 self.handles.append(mod.register_forward_hook(self._hook(model.config.ffn_config.moe_top_k, None)))
 
@@ -577,6 +721,34 @@ class RouterProbe:
             self.min_gap = min(self.min_gap, float((top[:, k - 1] - top[:, k]).min()))
 
         return fn
+
+    def _grouped_hook(self, mod, inp, out):
+        """The gaps that decide a grouped router's choice: between the last kept and the first
+        dropped group, and between the k-th and (k+1)-th allowed expert."""
+        h = inp[0].reshape(-1, mod.hidden_dim).float()
+        logits = torch.nn.functional.linear(h, mod.weight.float())
+        if hasattr(mod, "e_score_correction_bias"):
+            choice, best_of = logits.sigmoid() + mod.e_score_correction_bias, 2
+        else:
+            choice, best_of = logits.softmax(dim=-1), 1
+        n_exp = choice.shape[-1]
+        ng, tg = mod.num_group or 1, mod.topk_group or 1
+        if getattr(mod, "topk_method", "noaux_tc") == "greedy":
+            ng, tg = 1, 1
+        gs = choice.view(-1, ng, n_exp // ng).topk(best_of, dim=-1)[0].sum(-1)
+        if tg < ng:
+            top = torch.topk(gs, tg + 1, dim=-1).values
+            self.min_gap = min(self.min_gap, float((top[:, tg - 1] - top[:, tg]).min()))
+        keep = torch.topk(gs, tg, dim=-1)[1]
+        mask = torch.zeros_like(gs).scatter_(1, keep, 1).bool()
+        mask = mask.unsqueeze(-1).expand(-1, ng, n_exp // ng).reshape(-1, n_exp)
+        masked = choice.masked_fill(~mask, float("-inf"))
+        k = mod.top_k
+        top = torch.topk(masked, k + 1, dim=-1).values
+        gap = top[:, k - 1] - top[:, k]
+        gap = gap[torch.isfinite(gap)]
+        if gap.numel():
+            self.min_gap = min(self.min_gap, float(gap.min()))
 
     def remove(self):
         for h in self.handles:

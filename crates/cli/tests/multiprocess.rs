@@ -196,6 +196,14 @@ fn multi_process_olmoe() {
     multi_process_equals_in_process("olmoe");
 }
 #[test]
+fn multi_process_deepseek_v3() {
+    multi_process_equals_in_process("deepseek_v3");
+}
+#[test]
+fn multi_process_glm4_moe() {
+    multi_process_equals_in_process("glm4_moe");
+}
+#[test]
 fn multi_process_dbrx() {
     multi_process_equals_in_process("dbrx");
 }

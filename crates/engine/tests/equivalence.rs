@@ -205,3 +205,19 @@ fn qwen2_moe_all_shapes_q4_0() {
 fn olmoe_all_shapes_bf16() {
     check_family_as("olmoe", LinearType::Is(WeightType::Bf16));
 }
+#[test]
+fn glm4_moe_all_shapes() {
+    check_family("glm4_moe");
+}
+#[test]
+fn deepseek_v2_all_shapes() {
+    check_family("deepseek_v2");
+}
+#[test]
+fn deepseek_v3_all_shapes() {
+    check_family("deepseek_v3");
+}
+#[test]
+fn deepseek_v3_all_shapes_q8_0() {
+    check_family_as("deepseek_v3", LinearType::Is(WeightType::Q8_0));
+}

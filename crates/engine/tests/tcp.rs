@@ -226,6 +226,18 @@ fn tcp_olmoe() {
 fn tcp_dbrx() {
     tcp_equals_colocated("dbrx");
 }
+#[test]
+fn tcp_glm4_moe() {
+    tcp_equals_colocated("glm4_moe");
+}
+#[test]
+fn tcp_deepseek_v2() {
+    tcp_equals_colocated("deepseek_v2");
+}
+#[test]
+fn tcp_deepseek_v3() {
+    tcp_equals_colocated("deepseek_v3");
+}
 /// The same without a cluster secret on either side (a loopback deployment's default).
 #[test]
 fn tcp_mixtral_without_a_secret() {

@@ -15,6 +15,9 @@ pub enum Family {
     Qwen3Moe,
     Olmoe,
     Dbrx,
+    Glm4Moe,
+    DeepseekV2,
+    DeepseekV3,
 }
 
 impl Family {
@@ -25,6 +28,9 @@ impl Family {
             "qwen3_moe" => Family::Qwen3Moe,
             "olmoe" => Family::Olmoe,
             "dbrx" => Family::Dbrx,
+            "glm4_moe" => Family::Glm4Moe,
+            "deepseek_v2" => Family::DeepseekV2,
+            "deepseek_v3" | "kimi_k2" => Family::DeepseekV3,
             other => return Err(ModelError::UnknownFamily(other.to_string())),
         })
     }
@@ -35,6 +41,9 @@ impl Family {
             Family::Qwen3Moe => "qwen3_moe",
             Family::Olmoe => "olmoe",
             Family::Dbrx => "dbrx",
+            Family::Glm4Moe => "glm4_moe",
+            Family::DeepseekV2 => "deepseek_v2",
+            Family::DeepseekV3 => "deepseek_v3",
         }
     }
 }
@@ -53,6 +62,82 @@ pub enum QkNorm {
     PerHead,
     /// RMSNorm over the whole q / k projection (OLMoE).
     Full,
+}
+
+/// How a router turns its logits into the top-k experts of a token.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum RouterKind {
+    /// Softmax over every expert, then the top k (Mixtral, Qwen, OLMoE, DBRX, DeepSeek-V2's
+    /// `greedy`).
+    Softmax,
+    /// DeepSeek-V2's `group_limited_greedy`: softmax; the experts split into `n_group` equal
+    /// groups ranked by their best probability; only the top `topk_group` groups compete.
+    SoftmaxGroupLimited { n_group: usize, topk_group: usize },
+    /// DeepSeek-V3's and GLM-4.5's `noaux_tc`: sigmoid scores; experts are *chosen* by score
+    /// plus the per-expert `e_score_correction_bias`, groups ranked by the sum of their two
+    /// best biased scores; the weights are the unbiased scores.
+    SigmoidNoauxTc { n_group: usize, topk_group: usize },
+}
+
+/// YaRN rope scaling (`rope_type: "yarn"`): interpolated low frequencies, extrapolated high
+/// ones, a linear ramp between, and cos/sin scaled by an attention factor.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Yarn {
+    pub factor: f64,
+    pub original_max_position_embeddings: usize,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    pub mscale: Option<f64>,
+    pub mscale_all_dim: Option<f64>,
+    pub attention_factor: Option<f64>,
+    pub truncate: bool,
+}
+
+/// YaRN's magnitude correction `0.1 * m * ln(scale) + 1` (1 when not stretching).
+pub fn yarn_mscale(scale: f64, m: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * m * scale.ln() + 1.0
+    }
+}
+
+impl Yarn {
+    /// The factor cos and sin are multiplied by.
+    pub fn cos_sin_factor(&self) -> f64 {
+        if let Some(a) = self.attention_factor {
+            return a;
+        }
+        match (self.mscale, self.mscale_all_dim) {
+            (Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => {
+                yarn_mscale(self.factor, m) / yarn_mscale(self.factor, ma)
+            }
+            _ => yarn_mscale(self.factor, 1.0),
+        }
+    }
+}
+
+/// Multi-head latent attention (DeepSeek-V2/V3): queries through an optional low-rank
+/// bottleneck, keys and values compressed to one `kv_lora_rank` latent per token plus a
+/// decoupled rotary key of `qk_rope_head_dim` shared by all heads. The KV cache holds only
+/// the latent and the rotary key.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Mla {
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+}
+
+impl Mla {
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+    /// Floats one token occupies in one layer's cache.
+    pub fn latent_dim(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
 }
 
 /// How the top-k router weights are rescaled after softmax + top-k.
@@ -85,6 +170,18 @@ pub struct ModelConfig {
     pub top_k: usize,
     pub moe_intermediate_size: usize,
     pub topk_norm: TopkNorm,
+    pub router: RouterKind,
+    /// The routed experts' weights are multiplied by this after normalisation (DeepSeek,
+    /// GLM-4.5); 1 elsewhere.
+    pub routed_scaling_factor: f32,
+    /// Leading dimensions of each head that rotary embeddings rotate (`head_dim` unless the
+    /// family has `partial_rotary_factor`).
+    pub rotary_dim: usize,
+    /// Rotary pairs are adjacent `(x0, x1), (x2, x3)` (DeepSeek) rather than the two halves.
+    pub rope_interleaved: bool,
+    pub yarn: Option<Yarn>,
+    /// Multi-head latent attention instead of grouped-query attention.
+    pub mla: Option<Mla>,
     /// Qwen2-MoE's always-on shared expert (with a sigmoid gate), its FFN width.
     pub shared_expert_intermediate_size: Option<usize>,
     /// FFN width of dense (non-MoE) layers.
@@ -143,6 +240,10 @@ impl ModelConfig {
             Family::Qwen3Moe => crate::families::qwen3_moe::parse(&v, &cx)?,
             Family::Olmoe => crate::families::olmoe::parse(&v, &cx)?,
             Family::Dbrx => crate::families::dbrx::parse(&v, &cx)?,
+            Family::Glm4Moe => crate::families::glm4_moe::parse(&v, &cx)?,
+            Family::DeepseekV2 | Family::DeepseekV3 => {
+                crate::families::deepseek::parse(&v, &cx, family)?
+            }
         };
         cfg.validate(&cx)?;
         Ok(cfg)
@@ -176,8 +277,48 @@ impl ModelConfig {
                 self.top_k, self.num_experts
             )));
         }
-        if !self.head_dim.is_multiple_of(2) {
-            return Err(cx.err("head_dim must be even for rotary embeddings".into()));
+        if !self.rotary_dim.is_multiple_of(2) || self.rotary_dim > self.head_dim {
+            return Err(cx.err(format!(
+                "the rotary dimensions ({}) must be even and at most head_dim ({})",
+                self.rotary_dim, self.head_dim
+            )));
+        }
+        match self.router {
+            RouterKind::Softmax => {}
+            RouterKind::SoftmaxGroupLimited {
+                n_group,
+                topk_group,
+            }
+            | RouterKind::SigmoidNoauxTc {
+                n_group,
+                topk_group,
+            } => {
+                if n_group == 0 || !self.num_experts.is_multiple_of(n_group) {
+                    return Err(cx.err(format!(
+                        "n_group ({n_group}) must divide the number of experts ({})",
+                        self.num_experts
+                    )));
+                }
+                if topk_group == 0 || topk_group > n_group {
+                    return Err(cx.err(format!(
+                        "topk_group ({topk_group}) must be between 1 and n_group ({n_group})"
+                    )));
+                }
+                let per_group = self.num_experts / n_group;
+                if matches!(self.router, RouterKind::SigmoidNoauxTc { .. }) && per_group < 2 {
+                    return Err(cx.err(format!(
+                        "noaux_tc routing ranks groups by their two best experts: n_group \
+                         ({n_group}) leaves {per_group} expert per group"
+                    )));
+                }
+                if topk_group * per_group < self.top_k {
+                    return Err(cx.err(format!(
+                        "topk_group ({topk_group}) groups of {per_group} experts cannot hold \
+                         num_experts_per_tok ({})",
+                        self.top_k
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -193,10 +334,32 @@ impl ModelConfig {
         self.num_kv_heads * self.head_dim
     }
 
+    /// Floats one token takes in one layer's key and value caches: `kv_dim` each, or the
+    /// latent plus the rotary key (and no separate values) under MLA.
+    pub fn kv_cache_widths(&self) -> (usize, usize) {
+        match &self.mla {
+            Some(m) => (m.latent_dim(), 0),
+            None => (self.kv_dim(), self.kv_dim()),
+        }
+    }
+
     /// Total parameters (counting every expert).
     pub fn num_params(&self) -> usize {
         let d = self.hidden_size;
-        let attn = d * (self.q_dim() + 2 * self.kv_dim()) + self.q_dim() * d;
+        let attn = match &self.mla {
+            Some(m) => {
+                let h = self.num_heads;
+                let q = match m.q_lora_rank {
+                    Some(r) => d * r + r + r * h * m.qk_head_dim(),
+                    None => d * h * m.qk_head_dim(),
+                };
+                q + d * m.latent_dim()
+                    + m.kv_lora_rank
+                    + m.kv_lora_rank * h * (m.qk_nope_head_dim + m.v_head_dim)
+                    + h * m.v_head_dim * d
+            }
+            None => d * (self.q_dim() + 2 * self.kv_dim()) + self.q_dim() * d,
+        };
         let mut total = self.vocab_size * d * if self.tie_word_embeddings { 1 } else { 2 };
         for l in 0..self.num_layers {
             total += attn + d * 2;
@@ -211,6 +374,14 @@ impl ModelConfig {
         }
         total
     }
+}
+
+/// What [`ParseCx::rope_with_yarn`] reads.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeParams {
+    pub theta: f64,
+    pub yarn: Option<Yarn>,
+    pub partial_rotary_factor: f64,
 }
 
 /// Context for parse errors (the config path).
@@ -276,6 +447,83 @@ impl ParseCx {
             }
         }
         Ok(legacy_theta.unwrap_or(default_theta))
+    }
+
+    /// The rope base, YaRN scaling and `partial_rotary_factor` of the families that have
+    /// them, from either layout (`rope_parameters`, or top-level `rope_theta` +
+    /// `rope_scaling`). Rope types other than "default" and "yarn" are refused.
+    pub fn rope_with_yarn(
+        &self,
+        v: &Value,
+        legacy_theta: Option<f64>,
+        default_theta: f64,
+        max_position_embeddings: usize,
+    ) -> Result<RopeParams> {
+        let params = v
+            .get("rope_parameters")
+            .filter(|p| !p.is_null())
+            .map(|p| ("rope_parameters", p))
+            .or_else(|| {
+                v.get("rope_scaling")
+                    .filter(|s| !s.is_null())
+                    .map(|s| ("rope_scaling", s))
+            });
+        let num = |obj: &Value, k: &str| obj.get(k).and_then(|x| x.as_f64());
+        let mut out = RopeParams {
+            theta: legacy_theta.unwrap_or(default_theta),
+            yarn: None,
+            partial_rotary_factor: num(v, "partial_rotary_factor").unwrap_or(1.0),
+        };
+        let Some((key, p)) = params else {
+            return Ok(out);
+        };
+        if let Some(t) = num(p, "rope_theta") {
+            out.theta = t;
+        }
+        if let Some(f) = num(p, "partial_rotary_factor") {
+            out.partial_rotary_factor = f;
+        }
+        let t = p
+            .get("rope_type")
+            .or_else(|| p.get("type"))
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        match t {
+            "default" => {}
+            "yarn" => {
+                let factor = num(p, "factor")
+                    .ok_or_else(|| self.err(format!("{key}.factor: YaRN needs a factor")))?;
+                let orig = match p
+                    .get("original_max_position_embeddings")
+                    .and_then(|x| x.as_u64())
+                {
+                    Some(o) => o as usize,
+                    None => max_position_embeddings,
+                };
+                out.yarn = Some(Yarn {
+                    factor,
+                    original_max_position_embeddings: orig,
+                    beta_fast: num(p, "beta_fast").unwrap_or(32.0),
+                    beta_slow: num(p, "beta_slow").unwrap_or(1.0),
+                    mscale: num(p, "mscale"),
+                    mscale_all_dim: num(p, "mscale_all_dim"),
+                    attention_factor: num(p, "attention_factor"),
+                    truncate: p.get("truncate").and_then(|x| x.as_bool()).unwrap_or(true),
+                });
+            }
+            other => {
+                return Err(self.unsupported(format!(
+                    "{key}: rope type {other:?} is not implemented (only \"default\" and \"yarn\")"
+                )))
+            }
+        }
+        if !(out.partial_rotary_factor > 0.0 && out.partial_rotary_factor <= 1.0) {
+            return Err(self.err(format!(
+                "partial_rotary_factor = {} must be in (0, 1]",
+                out.partial_rotary_factor
+            )));
+        }
+        Ok(out)
     }
 
     /// `eos_token_id` may be a number or a list.

@@ -11,7 +11,10 @@ pub enum ModelError {
     },
     #[error("invalid config {path}: {msg}")]
     Config { path: PathBuf, msg: String },
-    #[error("unknown model_type {0:?} (supported: mixtral, qwen2_moe, qwen3_moe, olmoe, dbrx)")]
+    #[error(
+        "unknown model_type {0:?} (supported: mixtral, qwen2_moe, qwen3_moe, olmoe, dbrx, \
+         glm4_moe, deepseek_v2, deepseek_v3)"
+    )]
     UnknownFamily(String),
     #[error("unsupported option in {path}: {msg}")]
     Unsupported { path: PathBuf, msg: String },

@@ -16,18 +16,20 @@ pub struct LayerKv {
 pub struct KvCache {
     pub block_size: usize,
     pub num_blocks: usize,
+    /// Floats per slot of the key cache (the latent + rotary key under MLA).
     pub kv_dim: usize,
     pub layers: Vec<LayerKv>,
 }
 
 impl KvCache {
     pub fn new(cfg: &ModelConfig, block_size: usize, num_blocks: usize) -> Self {
-        let kv_dim = cfg.kv_dim();
-        let n = num_blocks * block_size * kv_dim;
+        let (kw, vw) = cfg.kv_cache_widths();
+        let kv_dim = kw;
+        let slots = num_blocks * block_size;
         let layers = (0..cfg.num_layers)
             .map(|_| LayerKv {
-                k: HugeBuf::zeroed(n),
-                v: HugeBuf::zeroed(n),
+                k: HugeBuf::zeroed(slots * kw),
+                v: HugeBuf::zeroed(slots * vw),
             })
             .collect();
         Self {
@@ -38,9 +40,11 @@ impl KvCache {
         }
     }
 
-    /// Bytes of one token's keys and values over all layers (f32).
+    /// Bytes of one token's keys and values over all layers (f32): `2 * kv_dim` floats per
+    /// layer, or the latent plus the rotary key under MLA.
     pub fn bytes_per_token(cfg: &ModelConfig) -> usize {
-        2 * cfg.kv_dim() * cfg.num_layers * 4
+        let (kw, vw) = cfg.kv_cache_widths();
+        (kw + vw) * cfg.num_layers * 4
     }
 
     /// How many blocks fit in `bytes`.

@@ -222,37 +222,119 @@ impl Norm {
     }
 }
 
-/// Rotary position embedding, the "rotate half" (GPT-NeoX) layout that all supported families
-/// use. Angles are computed in f32 the way transformers computes them.
+/// Rotary position embedding. Each head of `head_dim` values has its first `rot` dimensions
+/// rotated (all of them unless the family has a partial rotary factor), either as the two
+/// halves of those dimensions (GPT-NeoX "rotate half", most families) or as adjacent pairs
+/// (DeepSeek). Angles are computed in f32 the way transformers computes them, with YaRN's
+/// frequencies and cos/sin factor where configured.
 #[derive(Clone)]
 pub struct Rope {
     inv_freq: Vec<f32>,
     head_dim: usize,
-    /// cos/sin for positions below `table_len`, `[pos, head_dim/2]`.
+    rot: usize,
+    interleaved: bool,
+    /// cos/sin are multiplied by this (YaRN's attention factor; 1 otherwise).
+    scale: f32,
+    /// cos/sin for positions below `table_len`, `[pos, rot/2]`.
     cos: Vec<f32>,
     sin: Vec<f32>,
     table_len: usize,
 }
 
+/// The shape of a [`Rope`]: see there.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeSpec<'a> {
+    pub head_dim: usize,
+    pub rot: usize,
+    pub theta: f64,
+    pub yarn: Option<&'a crate::config::Yarn>,
+    pub interleaved: bool,
+    pub max_pos: usize,
+}
+
+/// transformers' YaRN frequencies: interpolated by `factor` below the correction range,
+/// extrapolated above it, a linear ramp in between.
+fn yarn_inv_freq(y: &crate::config::Yarn, rot: usize, theta: f64) -> Vec<f32> {
+    let dim = rot as f64;
+    let corr = |rotations: f64| {
+        dim * (y.original_max_position_embeddings as f64 / (rotations * 2.0 * std::f64::consts::PI))
+            .ln()
+            / (2.0 * theta.ln())
+    };
+    let (mut low, mut high) = (corr(y.beta_fast), corr(y.beta_slow));
+    if y.truncate {
+        low = low.floor();
+        high = high.ceil();
+    }
+    let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+    if low == high {
+        high += 0.001;
+    }
+    (0..rot / 2)
+        .map(|i| {
+            let pos_freq = (theta as f32).powf((2 * i) as f32 / rot as f32);
+            let extra = 1.0 / pos_freq;
+            let inter = 1.0 / (y.factor as f32 * pos_freq);
+            let ramp = ((i as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
+            let extra_w = 1.0 - ramp;
+            inter * (1.0 - extra_w) + extra * extra_w
+        })
+        .collect()
+}
+
 impl Rope {
+    /// Full rotation of every head, rotate-half layout, no scaling.
     pub fn new(head_dim: usize, theta: f64, max_pos: usize) -> Self {
-        let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-            .collect();
-        let table_len = max_pos.min(16384);
+        Self::with(RopeSpec {
+            head_dim,
+            rot: head_dim,
+            theta,
+            yarn: None,
+            interleaved: false,
+            max_pos,
+        })
+    }
+
+    /// The rope of a standard (non-MLA) attention layer of `cfg`.
+    pub fn for_config(cfg: &crate::config::ModelConfig) -> Self {
+        Self::with(RopeSpec {
+            head_dim: cfg.head_dim,
+            rot: cfg.rotary_dim,
+            theta: cfg.rope_theta,
+            yarn: cfg.yarn.as_ref(),
+            interleaved: cfg.rope_interleaved,
+            max_pos: cfg.max_position_embeddings,
+        })
+    }
+
+    pub fn with(spec: RopeSpec) -> Self {
+        let rot = spec.rot.min(spec.head_dim);
+        let half = rot / 2;
+        let (inv_freq, scale) = match spec.yarn {
+            Some(y) => (yarn_inv_freq(y, rot, spec.theta), y.cos_sin_factor() as f32),
+            None => (
+                (0..half)
+                    .map(|i| 1.0 / (spec.theta as f32).powf((2 * i) as f32 / rot as f32))
+                    .collect(),
+                1.0,
+            ),
+        };
+        let table_len = spec.max_pos.min(16384);
         let mut cos = Vec::with_capacity(table_len * half);
         let mut sin = Vec::with_capacity(table_len * half);
         for p in 0..table_len {
             for f in &inv_freq {
                 let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+                cos.push(a.cos() * scale);
+                sin.push(a.sin() * scale);
             }
         }
         Self {
             inv_freq,
-            head_dim,
+            head_dim: spec.head_dim,
+            rot,
+            interleaved: spec.interleaved,
+            scale,
             cos,
             sin,
             table_len,
@@ -261,7 +343,7 @@ impl Rope {
 
     /// Rotates every head of one token's `[heads * head_dim]` vector at position `pos`.
     pub fn apply(&self, x: &mut [f32], pos: usize) {
-        let half = self.head_dim / 2;
+        let half = self.rot / 2;
         let mut cs_buf;
         let (cos, sin): (&[f32], &[f32]) = if pos < self.table_len {
             (
@@ -272,17 +354,25 @@ impl Rope {
             cs_buf = (Vec::with_capacity(half), Vec::with_capacity(half));
             for f in &self.inv_freq {
                 let a = pos as f32 * f;
-                cs_buf.0.push(a.cos());
-                cs_buf.1.push(a.sin());
+                cs_buf.0.push(a.cos() * self.scale);
+                cs_buf.1.push(a.sin() * self.scale);
             }
             (&cs_buf.0, &cs_buf.1)
         };
         for head in x.chunks_exact_mut(self.head_dim) {
-            let (a, b) = head.split_at_mut(half);
-            for i in 0..half {
-                let (x1, x2) = (a[i], b[i]);
-                a[i] = x1 * cos[i] - x2 * sin[i];
-                b[i] = x2 * cos[i] + x1 * sin[i];
+            if self.interleaved {
+                for (i, pair) in head[..self.rot].chunks_exact_mut(2).enumerate() {
+                    let (x1, x2) = (pair[0], pair[1]);
+                    pair[0] = x1 * cos[i] - x2 * sin[i];
+                    pair[1] = x2 * cos[i] + x1 * sin[i];
+                }
+            } else {
+                let (a, b) = head[..self.rot].split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2) = (a[i], b[i]);
+                    a[i] = x1 * cos[i] - x2 * sin[i];
+                    b[i] = x2 * cos[i] + x1 * sin[i];
+                }
             }
         }
     }

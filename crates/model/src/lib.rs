@@ -1,4 +1,5 @@
-//! tandem-model: Hugging Face MoE checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DBRX)
+//! tandem-model: Hugging Face MoE checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DBRX,
+//! GLM-4.5, DeepSeek-V2/V3)
 //! loaded into an attention stage and an expert stage per layer, the seam the disaggregated
 //! runtime cuts at. See ARCHITECTURE.md at the repository root.
 
@@ -12,6 +13,7 @@ pub mod kernels;
 pub mod kv;
 pub mod layers;
 pub mod mem;
+pub mod mla;
 pub mod model;
 pub mod packed;
 pub mod quant;

@@ -70,11 +70,7 @@ impl Model {
         let names: Box<dyn FamilyWeights + Send + Sync> = families::for_family(cfg.family);
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
         let embed = w.packed(&names.embed(), v, d, Role::Embedding)?;
-        let rope = Arc::new(Rope::new(
-            cfg.head_dim,
-            cfg.rope_theta,
-            cfg.max_position_embeddings,
-        ));
+        let rope = Arc::new(Rope::for_config(&cfg));
         let wanted: Vec<usize> = match sel {
             ExpertSelection::All => (0..cfg.num_experts).collect(),
             ExpertSelection::None => vec![],

@@ -3,11 +3,12 @@
 //! experts' FFNs, plus the shared expert or dense MLP where the family has one). The runtime
 //! decides where each stage runs; this file only computes.
 
-use crate::config::{ModelConfig, QkNorm, TopkNorm};
+use crate::config::{ModelConfig, QkNorm, RouterKind, TopkNorm};
 use crate::error::{ModelError, Result};
 use crate::families::{AttentionWeights, SharedExpert};
 use crate::kv::{paged_attention, AttnDims, BatchLayout, LayerKv};
 use crate::layers::{from_vec, sigmoid, with_slice, GatedMlp, Rope};
+use crate::mla::{mla_attention, MlaPath, MlaWeights};
 use candle_core::Tensor;
 use std::sync::Arc;
 
@@ -47,6 +48,8 @@ pub struct AttentionStage {
     qk_norm: QkNorm,
     top_k: usize,
     topk_norm: TopkNorm,
+    router: RouterKind,
+    routed_scaling_factor: f32,
     rope: Arc<Rope>,
 }
 
@@ -63,6 +66,8 @@ impl AttentionStage {
             qk_norm: cfg.qk_norm,
             top_k: cfg.top_k,
             topk_norm: cfg.topk_norm,
+            router: cfg.router,
+            routed_scaling_factor: cfg.routed_scaling_factor,
             rope,
         }
     }
@@ -71,6 +76,7 @@ impl AttentionStage {
     pub fn weight_bytes(&self) -> usize {
         self.w.qkv.weight_bytes()
             + self.w.o.weight_bytes()
+            + self.w.mla.as_ref().map_or(0, |m| m.weight_bytes())
             + self.w.router.as_ref().map_or(0, |r| r.weight_bytes())
     }
 
@@ -94,9 +100,40 @@ impl AttentionStage {
             )));
         }
         let x = self.w.input_norm.apply(&h);
+        let attn = match &self.w.mla {
+            Some(m) => self.attend_mla(m, &x, layout, kv, block_size)?,
+            None => self.attend_gqa(&x, layout, kv, block_size)?,
+        };
+        let o = self.w.o.forward(&attn, t)?; // [T, D]
+        let mut residual = h;
+        for (r, a) in residual.iter_mut().zip(&o) {
+            *r += a;
+        }
+        let normed = self.w.post_norm.apply(&residual);
+        let routing = match &self.w.router {
+            Some(r) => Some(self.route(&r.forward(&normed, t)?, t)),
+            None => None,
+        };
+        Ok(AttentionOutput {
+            residual: from_vec(residual, t, d)?,
+            normed: from_vec(normed, t, d)?,
+            routing,
+        })
+    }
+
+    /// Grouped-query attention of the normed rows `x`: q/k/v, norms, clipping, rope, the new
+    /// keys and values into the cache, then paged attention. `[T, H * Dh]`.
+    fn attend_gqa(
+        &self,
+        x: &[f32],
+        layout: &BatchLayout,
+        kv: &mut LayerKv,
+        block_size: usize,
+    ) -> Result<Vec<f32>> {
+        let t = layout.num_tokens();
         let (hq, hk, dh) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let (qd, kd) = (hq * dh, hk * dh);
-        let qkv = self.w.qkv.forward(&x, t)?; // [T, qd + 2 kd]
+        let qkv = self.w.qkv.forward(x, t)?; // [T, qd + 2 kd]
         let mut q = Vec::with_capacity(t * qd); // [T, H * Dh]
         let mut k = Vec::with_capacity(t * kd); // [T, KV * Dh]
         let mut v = Vec::with_capacity(t * kd);
@@ -137,22 +174,37 @@ impl AttentionStage {
             kv.k[dst..dst + kd].copy_from_slice(&k[i * kd..(i + 1) * kd]);
             kv.v[dst..dst + kd].copy_from_slice(&v[i * kd..(i + 1) * kd]);
         }
-        let attn = self.attend(&q, layout, kv, block_size)?; // [T, H * Dh]
-        let o = self.w.o.forward(&attn, t)?; // [T, D]
-        let mut residual = h;
-        for (r, a) in residual.iter_mut().zip(&o) {
-            *r += a;
+        self.attend(&q, layout, kv, block_size)
+    }
+
+    /// Multi-head latent attention (`mla`): the latent and rotary key of each new row into
+    /// the cache, then absorbed (decode) or expanded (prefill) attention. `[T, H * v_dim]`.
+    fn attend_mla(
+        &self,
+        m: &MlaWeights,
+        x: &[f32],
+        layout: &BatchLayout,
+        kv: &mut LayerKv,
+        block_size: usize,
+    ) -> Result<Vec<f32>> {
+        let t = layout.num_tokens();
+        let first = self.w.qkv.forward(x, t)?;
+        let (mut q, mut rows) = m.split(&first, t)?;
+        let positions: Vec<(usize, usize)> = layout.row_positions();
+        let pos: Vec<usize> = positions.iter().map(|p| p.1).collect();
+        m.apply_rope(&self.rope, &mut q, &mut rows, &pos);
+        let lat = m.dims.latent_dim();
+        for (i, &(si, p)) in positions.iter().enumerate() {
+            let slot = slot_of(&layout.seqs[si].block_table, p, block_size)?;
+            let dst = slot * lat;
+            if dst + lat > kv.k.len() {
+                return Err(ModelError::Input(format!(
+                    "KV slot {slot} is outside the cache"
+                )));
+            }
+            kv.k[dst..dst + lat].copy_from_slice(&rows[i * lat..(i + 1) * lat]);
         }
-        let normed = self.w.post_norm.apply(&residual);
-        let routing = match &self.w.router {
-            Some(r) => Some(self.route(&r.forward(&normed, t)?, t)),
-            None => None,
-        };
-        Ok(AttentionOutput {
-            residual: from_vec(residual, t, d)?,
-            normed: from_vec(normed, t, d)?,
-            routing,
-        })
+        mla_attention(m, &q, layout, kv, block_size, MlaPath::Auto)
     }
 
     /// Causal attention of every row over its sequence's cached positions `0..=pos`
@@ -171,48 +223,120 @@ impl AttentionStage {
         )
     }
 
-    /// Softmax over experts, top-k, then the family's rescaling.
+    /// The router's choice for every token: see [`route`].
     fn route(&self, logits: &[f32], t: usize) -> Routing {
-        let k = self.top_k;
-        if t == 0 {
-            return Routing {
-                top_k: k,
-                ids: vec![],
-                weights: vec![],
-            };
-        }
-        let e = logits.len() / t;
-        let mut ids = Vec::with_capacity(t * k);
-        let mut weights = Vec::with_capacity(t * k);
-        for row in logits.chunks_exact(e) {
-            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let exps: Vec<f32> = row.iter().map(|x| (x - max).exp()).collect();
-            let sum: f32 = exps.iter().sum();
-            let probs: Vec<f32> = exps.iter().map(|x| x / sum).collect();
-            let mut order: Vec<usize> = (0..e).collect();
-            // Descending probability, lower index first on ties.
-            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
-            let top = &order[..k];
-            let mut w: Vec<f32> = top.iter().map(|&i| probs[i]).collect();
-            match self.topk_norm {
-                TopkNorm::None => {}
-                TopkNorm::Sum => {
-                    let s: f32 = w.iter().sum();
-                    w.iter_mut().for_each(|x| *x /= s);
-                }
-                TopkNorm::PNorm(p) => {
-                    let n: f32 = w.iter().map(|x| x.abs().powf(p)).sum::<f32>().powf(1.0 / p);
-                    w.iter_mut().for_each(|x| *x /= n);
-                }
-            }
-            ids.extend(top.iter().map(|&i| i as u32));
-            weights.extend(w);
-        }
-        Routing {
+        route(
+            logits,
+            t,
+            RouterSpec {
+                kind: self.router,
+                top_k: self.top_k,
+                topk_norm: self.topk_norm,
+                scaling: self.routed_scaling_factor,
+                correction_bias: self.w.router_bias.as_deref(),
+            },
+        )
+    }
+}
+
+/// How one layer's router picks and weighs experts.
+#[derive(Debug, Clone, Copy)]
+pub struct RouterSpec<'a> {
+    pub kind: RouterKind,
+    pub top_k: usize,
+    pub topk_norm: TopkNorm,
+    pub scaling: f32,
+    /// `e_score_correction_bias` (noaux_tc routing only).
+    pub correction_bias: Option<&'a [f32]>,
+}
+
+/// Routes `t` tokens from their router logits (`[t, E]`): scores (softmax or sigmoid), the
+/// allowed groups, the top k by (biased) score, then the family's normalisation and scaling.
+/// Experts come out by descending selection score, lower index first on ties.
+pub fn route(logits: &[f32], t: usize, spec: RouterSpec) -> Routing {
+    let k = spec.top_k;
+    if t == 0 {
+        return Routing {
             top_k: k,
-            ids,
-            weights,
+            ids: vec![],
+            weights: vec![],
+        };
+    }
+    let e = logits.len() / t;
+    let mut ids = Vec::with_capacity(t * k);
+    let mut weights = Vec::with_capacity(t * k);
+    for row in logits.chunks_exact(e) {
+        // `scores` weigh the chosen experts, `choice` chooses them.
+        let (scores, mut choice): (Vec<f32>, Vec<f32>) = match spec.kind {
+            RouterKind::Softmax | RouterKind::SoftmaxGroupLimited { .. } => {
+                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let exps: Vec<f32> = row.iter().map(|x| (x - max).exp()).collect();
+                let sum: f32 = exps.iter().sum();
+                let probs: Vec<f32> = exps.iter().map(|x| x / sum).collect();
+                (probs.clone(), probs)
+            }
+            RouterKind::SigmoidNoauxTc { .. } => {
+                let s: Vec<f32> = row.iter().map(|x| sigmoid(*x)).collect();
+                let c = match spec.correction_bias {
+                    Some(b) => s.iter().zip(b).map(|(x, b)| x + b).collect(),
+                    None => s.clone(),
+                };
+                (s, c)
+            }
+        };
+        let groups = match spec.kind {
+            RouterKind::Softmax => None,
+            RouterKind::SoftmaxGroupLimited {
+                n_group,
+                topk_group,
+            } => Some((n_group, topk_group, 1)),
+            RouterKind::SigmoidNoauxTc {
+                n_group,
+                topk_group,
+            } => Some((n_group, topk_group, 2)),
+        };
+        if let Some((n_group, topk_group, best_of)) = groups {
+            // A group's rank: the sum of its `best_of` best choice scores.
+            let per = e / n_group.max(1);
+            let mut group_score: Vec<(usize, f32)> = choice
+                .chunks_exact(per.max(1))
+                .map(|g| {
+                    let mut v = g.to_vec();
+                    v.sort_by(|a, b| b.total_cmp(a));
+                    v.iter().take(best_of).sum::<f32>()
+                })
+                .enumerate()
+                .collect();
+            group_score.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            for &(g, _) in &group_score[topk_group.min(n_group)..] {
+                choice[g * per..(g + 1) * per].fill(f32::NEG_INFINITY);
+            }
         }
+        let mut order: Vec<usize> = (0..e).collect();
+        order.sort_by(|&a, &b| choice[b].total_cmp(&choice[a]).then(a.cmp(&b)));
+        let top = &order[..k];
+        let mut w: Vec<f32> = top.iter().map(|&i| scores[i]).collect();
+        match spec.topk_norm {
+            TopkNorm::None => {}
+            TopkNorm::Sum => {
+                let s: f32 = w.iter().sum();
+                w.iter_mut().for_each(|x| *x /= s);
+            }
+            TopkNorm::PNorm(p) => {
+                let n: f32 = w.iter().map(|x| x.abs().powf(p)).sum::<f32>().powf(1.0 / p);
+                w.iter_mut().for_each(|x| *x /= n);
+            }
+        }
+        if spec.scaling != 1.0 {
+            w.iter_mut().for_each(|x| *x *= spec.scaling);
+        }
+        ids.extend(top.iter().map(|&i| i as u32));
+        weights.extend(w);
+    }
+    Routing {
+        top_k: k,
+        ids,
+        weights,
     }
 }
 

@@ -1028,3 +1028,125 @@ fn unknown_dtype_string() {
     let file = tmp.path().join("model.safetensors");
     expect_corrupt(tmp.path(), &file, &["Q4_K"]);
 }
+
+// =============================================================================================
+// DeepSeek and GLM-4.5
+
+#[test]
+fn deepseek_unknown_topk_method_is_named() {
+    let tmp = with_config("deepseek_v2", |c| {
+        c.insert("topk_method".into(), json!("noaux_tc"));
+    });
+    expect_unsupported(
+        tmp.path(),
+        &["topk_method", "noaux_tc", "group_limited_greedy"],
+    );
+    let tmp = with_config("deepseek_v3", |c| {
+        c.insert("topk_method".into(), json!("greedy_v9"));
+    });
+    expect_unsupported(tmp.path(), &["topk_method", "greedy_v9", "noaux_tc"]);
+    let tmp = with_config("deepseek_v3", |c| {
+        c.insert("scoring_func".into(), json!("softmax"));
+    });
+    expect_unsupported(tmp.path(), &["scoring_func", "softmax"]);
+}
+
+#[test]
+fn grouped_routing_settings_are_checked() {
+    // 8 experts do not split into 3 groups.
+    let tmp = with_config("deepseek_v3", |c| {
+        c.insert("n_group".into(), json!(3));
+    });
+    expect_config_error(tmp.path(), &["n_group (3)", "8"]);
+    let tmp = with_config("glm4_moe", |c| {
+        c.insert("topk_group".into(), json!(5));
+    });
+    expect_config_error(tmp.path(), &["topk_group (5)"]);
+    // noaux_tc ranks groups by their two best experts.
+    let tmp = with_config("deepseek_v3", |c| {
+        c.insert("n_group".into(), json!(8));
+        c.insert("topk_group".into(), json!(4));
+    });
+    expect_config_error(tmp.path(), &["n_group (8)", "two best"]);
+    let tmp = with_config("deepseek_v2", |c| {
+        c.remove("n_group");
+    });
+    expect_config_error(tmp.path(), &["group_limited_greedy", "n_group"]);
+}
+
+#[test]
+fn deepseek_missing_mla_key_is_named() {
+    let tmp = with_config("deepseek_v3", |c| {
+        c.remove("kv_lora_rank");
+    });
+    expect_config_error(tmp.path(), &["kv_lora_rank"]);
+}
+
+#[test]
+fn rope_types_other_than_yarn_are_refused_for_deepseek() {
+    let tmp = with_config("deepseek_v2", |c| {
+        c.insert(
+            "rope_parameters".into(),
+            json!({"rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0}),
+        );
+    });
+    expect_unsupported(tmp.path(), &["longrope", "rope_parameters"]);
+}
+
+#[test]
+fn missing_tensor_in_new_families() {
+    for (family, name) in [
+        (
+            "glm4_moe",
+            "model.layers.1.mlp.gate.e_score_correction_bias",
+        ),
+        (
+            "glm4_moe",
+            "model.layers.2.mlp.shared_experts.up_proj.weight",
+        ),
+        ("deepseek_v2", "model.layers.0.self_attn.kv_b_proj.weight"),
+        (
+            "deepseek_v3",
+            "model.layers.1.self_attn.q_a_layernorm.weight",
+        ),
+        (
+            "deepseek_v3",
+            "model.layers.2.mlp.gate.e_score_correction_bias",
+        ),
+    ] {
+        let tmp = copy_fixture(family);
+        edit_safetensors(tmp.path(), "model.safetensors", |f| {
+            f.remove(name);
+        });
+        let err = load_err(tmp.path());
+        assert!(
+            matches!(&err, ModelError::MissingTensor { name: n, .. } if n == name),
+            "{family}/{name}: {err:?}"
+        );
+        assert_mentions(&err, &[name]);
+    }
+}
+
+/// MLA's cache holds the latent and the rotary key per token and layer, nothing else.
+#[test]
+fn mla_cache_holds_only_the_latent() {
+    for name in ["deepseek_v2", "deepseek_v3"] {
+        let cfg = ModelConfig::from_dir(&fixture(name)).unwrap();
+        let m = cfg.mla.expect("MLA");
+        assert_eq!((m.kv_lora_rank, m.qk_rope_head_dim), (32, 8));
+        assert_eq!(cfg.kv_cache_widths(), (32 + 8, 0));
+        assert_eq!(
+            tandem_model::KvCache::bytes_per_token(&cfg),
+            (32 + 8) * cfg.num_layers * 4
+        );
+        let kv = tandem_model::KvCache::new(&cfg, 4, 3);
+        for l in &kv.layers {
+            assert_eq!(l.k.len(), 3 * 4 * (32 + 8));
+            assert_eq!(l.v.len(), 0);
+        }
+        // The same heads with full keys and values would take (nope + rope + v) * heads per
+        // side: 4 * (16 + 8) + 4 * 12 = 144 floats, against 40.
+        let full = cfg.num_heads * (m.qk_head_dim() + m.v_head_dim);
+        assert_eq!(full, 144);
+    }
+}

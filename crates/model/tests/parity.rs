@@ -104,3 +104,15 @@ fn olmoe_matches_transformers() {
 fn dbrx_matches_transformers() {
     check_family("dbrx");
 }
+#[test]
+fn glm4_moe_matches_transformers() {
+    check_family("glm4_moe");
+}
+#[test]
+fn deepseek_v2_mla_group_limited_yarn_matches_transformers() {
+    check_family("deepseek_v2");
+}
+#[test]
+fn deepseek_v3_mla_q_lora_noaux_tc_matches_transformers() {
+    check_family("deepseek_v3");
+}

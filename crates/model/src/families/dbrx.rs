@@ -3,7 +3,9 @@
 //! router weights rescaled by their p-norm (`moe_normalize_expert_weights`).
 
 use super::{linear, linear_as, norm, AttentionWeights, FamilyWeights};
-use crate::config::{check_silu, Family, ModelConfig, NormKind, ParseCx, QkNorm, TopkNorm};
+use crate::config::{
+    check_silu, Family, ModelConfig, NormKind, ParseCx, QkNorm, RouterKind, TopkNorm,
+};
 use crate::error::{ModelError, Result};
 use crate::layers::{GatedMlp, Linear};
 use crate::weights::{Role, Weights};
@@ -68,12 +70,18 @@ pub fn parse(v: &Value, cx: &ParseCx) -> Result<ModelConfig> {
     let theta = cx.rope_theta(&attn_v, c.attn_config.rope_theta, 10000.0)?;
     let theta = cx.rope_theta(v, Some(theta), theta)?;
     Ok(ModelConfig {
+        router: RouterKind::Softmax,
+        routed_scaling_factor: 1.0,
+        rope_interleaved: false,
+        yarn: None,
+        mla: None,
         family: Family::Dbrx,
         hidden_size: c.d_model,
         num_layers: c.n_layers,
         num_heads: c.n_heads,
         num_kv_heads: c.attn_config.kv_n_heads,
         head_dim: c.d_model / c.n_heads.max(1),
+        rotary_dim: c.d_model / c.n_heads.max(1),
         vocab_size: c.vocab_size,
         max_position_embeddings: c.max_seq_len,
         norm: NormKind::LayerNoBias,
@@ -133,6 +141,8 @@ impl FamilyWeights for Names {
                 d,
                 Role::Router,
             )?),
+            router_bias: None,
+            mla: None,
         })
     }
     fn expert(&self, w: &Weights, cfg: &ModelConfig, l: usize, e: usize) -> Result<GatedMlp> {

@@ -3,6 +3,8 @@
 //! loaders below turn names into the building blocks of `layers`.
 
 pub mod dbrx;
+pub mod deepseek;
+pub mod glm4_moe;
 pub mod mixtral;
 pub mod olmoe;
 pub mod qwen2_moe;
@@ -26,6 +28,10 @@ pub struct AttentionWeights {
     pub post_norm: Norm,
     /// Router `[E, D]`; `None` on dense layers.
     pub router: Option<Linear>,
+    /// `e_score_correction_bias` `[E]` of noaux_tc routers (added for the choice only).
+    pub router_bias: Option<Vec<f32>>,
+    /// Multi-head latent attention; `qkv` then holds its fused first projection.
+    pub mla: Option<crate::mla::MlaWeights>,
 }
 
 /// Qwen2-MoE's shared expert: an always-on FFN scaled by `sigmoid(gate(x))`.
@@ -78,6 +84,8 @@ pub fn for_family(f: Family) -> Box<dyn FamilyWeights + Send + Sync> {
         Family::Qwen3Moe => Box::new(qwen3_moe::Names),
         Family::Olmoe => Box::new(olmoe::Names),
         Family::Dbrx => Box::new(dbrx::Names),
+        Family::Glm4Moe => Box::new(glm4_moe::Names),
+        Family::DeepseekV2 | Family::DeepseekV3 => Box::new(deepseek::Names),
     }
 }
 
@@ -114,6 +122,31 @@ pub fn norm(w: &Weights, cfg: &ModelConfig, name: &str, dim: usize) -> Result<No
             eps: cfg.norm_eps,
         },
     })
+}
+
+/// An RMSNorm with its own epsilon (DeepSeek's latent norms use 1e-6 whatever the config).
+pub fn norm_eps(w: &Weights, name: &str, dim: usize, eps: f32) -> Result<Norm> {
+    Ok(Norm::Rms {
+        w: w.get_vec(&format!("{name}.weight"), &[dim])?,
+        eps,
+    })
+}
+
+/// `model.layers.{l}.mlp.shared_experts.{gate,up,down}_proj`: DeepSeek's and GLM-4.5's
+/// always-on shared experts (one MLP of `n_shared_experts` times the expert width, no gate).
+pub fn deepseek_style_shared(
+    w: &Weights,
+    cfg: &ModelConfig,
+    l: usize,
+) -> Result<Option<SharedExpert>> {
+    let Some(s) = cfg.shared_expert_intermediate_size else {
+        return Ok(None);
+    };
+    let p = format!("model.layers.{l}.mlp.shared_experts");
+    Ok(Some(SharedExpert {
+        mlp: gated(w, &p, GUD, cfg.hidden_size, s)?,
+        gate: None,
+    }))
 }
 
 /// Separate q/k/v/o projections under `{prefix}.self_attn.` (Llama layout) with the norms
@@ -158,6 +191,8 @@ pub fn llama_attention(
             Some(r) => Some(linear_as(w, r, cfg.num_experts, d, Role::Router)?),
             None => None,
         },
+        router_bias: None,
+        mla: None,
     })
 }
 

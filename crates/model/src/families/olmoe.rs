@@ -2,7 +2,9 @@
 //! split and rotary), optional `clip_qkv`, top-k weights renormalised only if `norm_topk_prob`.
 
 use super::{llama_attention, AttentionWeights, FamilyWeights};
-use crate::config::{check_silu, Family, ModelConfig, NormKind, ParseCx, QkNorm, TopkNorm};
+use crate::config::{
+    check_silu, Family, ModelConfig, NormKind, ParseCx, QkNorm, RouterKind, TopkNorm,
+};
 use crate::error::Result;
 use crate::layers::GatedMlp;
 use crate::weights::Weights;
@@ -53,12 +55,18 @@ pub fn parse(v: &Value, cx: &ParseCx) -> Result<ModelConfig> {
         .or(c.num_local_experts)
         .ok_or_else(|| cx.err("neither num_experts nor num_local_experts is set".into()))?;
     Ok(ModelConfig {
+        router: RouterKind::Softmax,
+        routed_scaling_factor: 1.0,
+        rope_interleaved: false,
+        yarn: None,
+        mla: None,
         family: Family::Olmoe,
         hidden_size: c.hidden_size,
         num_layers: c.num_hidden_layers,
         num_heads: heads,
         num_kv_heads: c.num_key_value_heads.unwrap_or(heads),
         head_dim: c.hidden_size / heads.max(1),
+        rotary_dim: c.hidden_size / heads.max(1),
         vocab_size: c.vocab_size,
         max_position_embeddings: c.max_position_embeddings,
         norm: NormKind::Rms,

@@ -2,7 +2,9 @@
 //! `head_dim`, `norm_topk_prob`, dense layers by `decoder_sparse_step` / `mlp_only_layers`.
 
 use super::{llama_attention, qwen_dense_layers, AttentionWeights, FamilyWeights};
-use crate::config::{check_silu, Family, ModelConfig, NormKind, ParseCx, QkNorm, TopkNorm};
+use crate::config::{
+    check_silu, Family, ModelConfig, NormKind, ParseCx, QkNorm, RouterKind, TopkNorm,
+};
 use crate::error::Result;
 use crate::layers::GatedMlp;
 use crate::weights::Weights;
@@ -68,12 +70,18 @@ pub fn parse(v: &Value, cx: &ParseCx) -> Result<ModelConfig> {
         .or(c.num_local_experts)
         .ok_or_else(|| cx.err("neither num_experts nor num_local_experts is set".into()))?;
     Ok(ModelConfig {
+        router: RouterKind::Softmax,
+        routed_scaling_factor: 1.0,
+        rope_interleaved: false,
+        yarn: None,
+        mla: None,
         family: Family::Qwen3Moe,
         hidden_size: c.hidden_size,
         num_layers: c.num_hidden_layers,
         num_heads: heads,
         num_kv_heads: c.num_key_value_heads.unwrap_or(heads),
         head_dim: c.head_dim.unwrap_or(c.hidden_size / heads.max(1)),
+        rotary_dim: c.head_dim.unwrap_or(c.hidden_size / heads.max(1)),
         vocab_size: c.vocab_size,
         max_position_embeddings: c.max_position_embeddings,
         norm: NormKind::Rms,
