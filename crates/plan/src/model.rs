@@ -296,6 +296,7 @@ fn parse_hf(v: &Value, path: &str) -> Result<ModelShape> {
         "dbrx",
         "deepseek_v3",
         "deepseek_v2",
+        "glm4_moe",
     ];
     if !known.contains(&family.as_str()) {
         return Err(bad(format!(
@@ -317,20 +318,24 @@ fn parse_hf(v: &Value, path: &str) -> Result<ModelShape> {
     ])?;
     let top_k = need(&["num_experts_per_tok", "ffn_config.moe_top_k"])?;
     let is_ds = family.starts_with("deepseek");
+    // GLM-4.5 lays out its experts, shared experts and dense first layers like DeepSeek.
+    let ds_layout = is_ds || family == "glm4_moe";
     let expert_inter = match family.as_str() {
         "mixtral" | "olmoe" => need(&["intermediate_size"])?,
         "dbrx" => need(&["ffn_config.ffn_hidden_size"])?,
         _ => need(&["moe_intermediate_size"])?,
     };
-    let shared = if is_ds {
-        get_u64(v, &["n_shared_experts"]).unwrap_or(0) * expert_inter
+    let shared = if ds_layout {
+        let default_shared = if is_ds { 0 } else { 1 };
+        get_u64(v, &["n_shared_experts"]).unwrap_or(default_shared) * expert_inter
     } else {
         get_u64(v, &["shared_expert_intermediate_size"]).unwrap_or(0)
     };
     let mut dense_layers = 0;
     let mut dense_inter = 0;
-    if is_ds {
-        dense_layers = get_u64(v, &["first_k_dense_replace"]).unwrap_or(0);
+    if ds_layout {
+        let default_dense = if is_ds { 0 } else { 1 };
+        dense_layers = get_u64(v, &["first_k_dense_replace"]).unwrap_or(default_dense);
         dense_inter = get_u64(v, &["intermediate_size"]).unwrap_or(0);
     } else if family.starts_with("qwen") {
         let only = v
@@ -456,12 +461,29 @@ mod tests {
             ("qwen3-235b-a22b", 235.0),
             ("mixtral-8x7b", 46.7),
             ("olmoe-1b-7b", 6.9),
+            ("deepseek-v2", 236.0),
+            ("deepseek-v2-lite", 15.7),
+            ("glm-4.5", 355.0),
+            ("glm-4.5-air", 106.0),
         ] {
             let m = c.resolve(name).unwrap();
             let got = m.total_params() / 1e9;
             assert!(
                 (got - billions).abs() / billions < 0.015,
                 "{name}: {got:.1}B vs {billions}B"
+            );
+        }
+        // Active parameters of the newer families (their model cards: 21B, 2.4B, 32B, 12B).
+        for (name, billions) in [
+            ("deepseek-v2", 21.0),
+            ("deepseek-v2-lite", 2.4),
+            ("glm-4.5", 32.0),
+            ("glm-4.5-air", 12.0),
+        ] {
+            let got = c.resolve(name).unwrap().active_params() / 1e9;
+            assert!(
+                (got - billions).abs() / billions < 0.08,
+                "{name}: {got:.2}B active vs {billions}B"
             );
         }
         let ds = c.resolve("DeepSeek-V3").unwrap();
