@@ -388,7 +388,8 @@ fn measure_attention(
     let stage = &model.layers[layer].attention;
     let d = cfg.hidden_size;
     let bs = 16usize;
-    let kv_dim = cfg.kv_dim();
+    // keys and values per slot (MLA: the latent + rotary key, no separate values)
+    let (kw, vw) = cfg.kv_cache_widths();
     let b_max = *batches.iter().max().unwrap_or(&1) as usize;
     let mut all_x = Vec::new();
     let mut all_y = Vec::new();
@@ -397,11 +398,11 @@ fn measure_attention(
     for &c in contexts {
         let c = c as usize;
         let per_seq = (c + 1).div_ceil(bs);
-        let n = b_max * per_seq * bs * kv_dim;
+        let slots = b_max * per_seq * bs;
         // Non-zero so that every page is touched before timing.
         let mut kv = tandem_model::kv::LayerKv {
-            k: std::iter::repeat_n(1e-3, n).collect(),
-            v: std::iter::repeat_n(-1e-3, n).collect(),
+            k: std::iter::repeat_n(1e-3, slots * kw).collect(),
+            v: std::iter::repeat_n(-1e-3, slots * vw).collect(),
         };
         let mut xs = Vec::new();
         let mut ys = Vec::new();

@@ -297,10 +297,11 @@ pub fn start_engine(
         let model = Model::load_typed(dir, sel, ty)
             .with_context(|| format!("loading {}", dir.display()))?;
         tracing::info!(
-            "loaded {} in {:.1}s: weights {}",
+            "loaded {} in {:.1}s: weights {}; {}",
             dir.display(),
             t.elapsed().as_secs_f64(),
-            model.weight_memory().describe()
+            model.weight_memory().describe(),
+            tandem_model::KvCache::describe_per_token(&model.cfg)
         );
         anyhow::Ok(model)
     };

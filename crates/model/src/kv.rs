@@ -47,6 +47,21 @@ impl KvCache {
         (kw + vw) * cfg.num_layers * 4
     }
 
+    /// One token's cache in words, for the start-up log.
+    pub fn describe_per_token(cfg: &ModelConfig) -> String {
+        let b = Self::bytes_per_token(cfg);
+        match &cfg.mla {
+            Some(m) => format!(
+                "KV cache {b} B per token (MLA: a {} + {} float latent per layer; full keys and \
+                 values would take {} B)",
+                m.kv_lora_rank,
+                m.qk_rope_head_dim,
+                cfg.num_heads * (m.qk_head_dim() + m.v_head_dim) * cfg.num_layers * 4
+            ),
+            None => format!("KV cache {b} B per token"),
+        }
+    }
+
     /// How many blocks fit in `bytes`.
     pub fn blocks_for_bytes(cfg: &ModelConfig, block_size: usize, bytes: usize) -> usize {
         bytes / (Self::bytes_per_token(cfg) * block_size).max(1)

@@ -1150,3 +1150,31 @@ fn mla_cache_holds_only_the_latent() {
         assert_eq!(full, 144);
     }
 }
+
+/// A DeepSeek-V3 checkpoint with its multi-token-prediction layer (stored as the layer after
+/// the last, `model.layers.{num_hidden_layers}.*`) loads and computes what the checkpoint
+/// without it computes: the extra tensors are not read.
+#[test]
+fn deepseek_mtp_layer_tensors_are_skipped() {
+    let tmp = copy_fixture("deepseek_v3");
+    edit_safetensors(tmp.path(), "model.safetensors", |f| {
+        for name in [
+            "model.layers.3.eh_proj.weight",
+            "model.layers.3.enorm.weight",
+            "model.layers.3.self_attn.kv_b_proj.weight",
+        ] {
+            f.tensors.push(Entry {
+                name: name.into(),
+                dtype: "F32".into(),
+                shape: vec![2, 2],
+                data: vec![0; 16],
+            });
+        }
+    });
+    let with_mtp = Model::load(tmp.path()).expect("loads with the MTP tensors present");
+    let plain = Model::load(&fixture("deepseek_v3")).unwrap();
+    let ids = [5u32, 17, 300];
+    let a = tandem_model::generate::greedy(&with_mtp, &ids, 4).unwrap();
+    let b = tandem_model::generate::greedy(&plain, &ids, 4).unwrap();
+    assert_eq!(a, b);
+}
