@@ -517,3 +517,57 @@ fn tls_between_processes() {
     ));
     assert_eq!(got, reference);
 }
+
+/// `tandem generate` gives transformers' greedy tokens (fixtures/*/expected.json) for the
+/// newer families, colocated and disaggregated in one process (1 replica x 2 expert workers,
+/// 2 micro-batches).
+fn generate_equals_transformers(family: &str) {
+    let model = fixture(family);
+    let exp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("expected.json")).unwrap())
+            .unwrap();
+    let prompts: Vec<String> = exp["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            p["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect();
+    let want: Vec<Vec<u64>> = serde_json::from_value(exp["greedy"].clone()).unwrap();
+    let n = want[0].len();
+    for shape in [
+        &["--expert-workers", "0"][..],
+        &["--expert-workers", "2", "--micro-batches", "2"][..],
+    ] {
+        let got = token_ids(
+            &generate_cmd(&model, &prompts, n)
+                .args(shape)
+                .output()
+                .unwrap(),
+        );
+        assert_eq!(
+            got, want,
+            "{family} {shape:?}: tandem generate vs transformers"
+        );
+    }
+}
+
+#[test]
+fn generate_glm4_moe_equals_transformers() {
+    generate_equals_transformers("glm4_moe");
+}
+#[test]
+fn generate_deepseek_v2_equals_transformers() {
+    generate_equals_transformers("deepseek_v2");
+}
+#[test]
+fn generate_deepseek_v3_equals_transformers() {
+    generate_equals_transformers("deepseek_v3");
+}
