@@ -386,13 +386,26 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// A gated FFN (SwiGLU): `down(silu(gate(x)) * up(x))`, gate and up stacked as one
-/// `[2F, D]` matrix so the input is read once.
+/// GPT-OSS's clamped SwiGLU, element by element: `gate` clamped above at `limit`, `up` to
+/// `[-limit, limit]`, then `(up + 1) * (gate * sigmoid(alpha * gate))` (transformers'
+/// `GptOssExperts._apply_gate`, in its order of operations).
+pub fn clamped_swiglu(gate: &[f32], up: &[f32], out: &mut [f32], alpha: f32, limit: f32) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        let g = g.min(limit);
+        let u = u.clamp(-limit, limit);
+        *o = (u + 1.0) * (g * sigmoid(g * alpha));
+    }
+}
+
+/// A gated FFN (SwiGLU): `down(act(gate(x), up(x)))` with `act` = `silu(gate) * up` unless
+/// the family says otherwise ([`ExpertAct`](crate::config::ExpertAct)), gate and up stacked
+/// as one `[2F, D]` matrix so the input is read once.
 #[derive(Clone)]
 pub struct GatedMlp {
     pub gate_up: Linear,
     pub down: Linear,
     pub inter: usize,
+    pub act: crate::config::ExpertAct,
 }
 
 impl GatedMlp {
@@ -402,7 +415,14 @@ impl GatedMlp {
             gate_up: Linear::concat(&[gate, up])?,
             down,
             inter,
+            act: Default::default(),
         })
+    }
+
+    /// The same FFN with the activation `act`.
+    pub fn with_act(mut self, act: crate::config::ExpertAct) -> Self {
+        self.act = act;
+        self
     }
 
     /// x `[T, D]` -> `[T, D]`.
@@ -412,7 +432,12 @@ impl GatedMlp {
         let mut act = vec![0f32; rows * f];
         for (row, a) in gu.chunks_exact(2 * f).zip(act.chunks_exact_mut(f.max(1))) {
             let (g, u) = row.split_at(f);
-            crate::kernels::silu_mul(g, u, a);
+            match self.act {
+                crate::config::ExpertAct::Silu => crate::kernels::silu_mul(g, u, a),
+                crate::config::ExpertAct::ClampedSwiglu { alpha, limit } => {
+                    clamped_swiglu(g, u, a, alpha, limit)
+                }
+            }
         }
         self.down.forward(&act, rows)
     }

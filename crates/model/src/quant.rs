@@ -759,6 +759,32 @@ mod avx512 {
     }
 }
 
+/// The 16 values of an MXFP4 (OCP microscaling) element: FP4 e2m1, sign in bit 3.
+pub const FP4_E2M1: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
+
+/// MXFP4 to f32 (GPT-OSS's expert weights): `rows` rows of `cols` values stored as
+/// `blocks` `[rows, cols / 32, 16]` bytes, two e2m1 values per byte (the even column in the
+/// low nibble), and `scales` `[rows, cols / 32]`, one e8m0 exponent (bias 127) per 32 values:
+/// `value = FP4_E2M1[nibble] * 2^(scale - 127)`. Returns `[rows, cols]` row-major.
+pub fn dequantize_mxfp4(blocks: &[u8], scales: &[u8], rows: usize, cols: usize) -> Vec<f32> {
+    let groups = cols / 32;
+    assert_eq!(cols % 32, 0, "MXFP4 rows are whole blocks of 32");
+    assert_eq!(blocks.len(), rows * groups * 16, "MXFP4 blocks");
+    assert_eq!(scales.len(), rows * groups, "MXFP4 scales");
+    let mut out = Vec::with_capacity(rows * cols);
+    for (block, &e) in blocks.chunks_exact(16).zip(scales) {
+        // 2^(e - 127) exactly (f64 holds every power of two an e8m0 scale names).
+        let scale = 2f64.powi(e as i32 - 127);
+        for &b in block {
+            out.push((FP4_E2M1[(b & 0x0f) as usize] as f64 * scale) as f32);
+            out.push((FP4_E2M1[(b >> 4) as usize] as f64 * scale) as f32);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
