@@ -474,6 +474,51 @@ mod tests {
     }
 
     #[test]
+    fn clamped_swiglu_by_hand() {
+        // alpha 1.702, limit 7 (GPT-OSS): (up + 1) * gate * sigmoid(alpha * gate), the gate
+        // clamped above at 7, up to [-7, 7].
+        let gate = [0.5f32, 10.0, -3.0, 2.0, -20.0];
+        let up = [1.0f32, 0.25, 9.0, -8.0, 0.0];
+        let mut out = [0f32; 5];
+        clamped_swiglu(&gate, &up, &mut out, 1.702, 7.0);
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let want = [
+            2.0 * 0.5 * sig(0.851),         // no clamp: 0.7006...
+            1.25 * 7.0 * sig(1.702 * 7.0),  // gate clamped to 7
+            8.0 * -3.0 * sig(-5.106),       // up clamped to 7
+            -6.0 * 2.0 * sig(3.404),        // up clamped to -7
+            1.0 * -20.0 * sig(-34.04),      // the gate is not clamped below
+        ];
+        for (i, (a, b)) in out.iter().zip(want).enumerate() {
+            assert!((*a as f64 - b).abs() < 1e-6 * b.abs().max(1.0), "{i}: {a} vs {b}");
+        }
+        assert!((out[0] - 0.700_777).abs() < 1e-5, "{}", out[0]);
+        assert!((out[1] - 8.75).abs() < 1e-4, "{}", out[1]);
+        // Through a GatedMlp with identity projections, the activation is what comes out.
+        let eye = |n: usize| -> Vec<f32> {
+            (0..n * n).map(|k| if k % (n + 1) == 0 { 1.0 } else { 0.0 }).collect()
+        };
+        let ty = WeightType::F32;
+        let mlp = GatedMlp::new(
+            Linear::from_f32(&eye(5), 5, 5, None, ty),
+            Linear::from_f32(&eye(5), 5, 5, Some(vec![0.0, 0.0, 9.0, -8.0, 0.0]), ty),
+            Linear::from_f32(&eye(5), 5, 5, None, ty),
+        )
+        .unwrap()
+        .with_act(crate::config::ExpertAct::ClampedSwiglu {
+            alpha: 1.702,
+            limit: 7.0,
+        });
+        let y = mlp.forward(&[0.5, 10.0, -3.0, 2.0, -20.0], 1).unwrap();
+        // gate = x, up = x + bias
+        let mut want = [0f32; 5];
+        clamped_swiglu(&gate, &[0.5, 10.0, 6.0, -6.0, -20.0], &mut want, 1.702, 7.0);
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{y:?} vs {want:?}");
+        }
+    }
+
+    #[test]
     fn rope_table_and_direct_agree() {
         let r = Rope::new(8, 10000.0, 4);
         let mut a = vec![1.0f32; 16];
