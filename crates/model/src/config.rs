@@ -155,7 +155,11 @@ pub struct SlidingWindow {
 impl SlidingWindow {
     /// The window of layer `l`, if it has one.
     pub fn of_layer(&self, l: usize) -> Option<usize> {
-        self.layers.get(l).copied().unwrap_or(false).then_some(self.window)
+        self.layers
+            .get(l)
+            .copied()
+            .unwrap_or(false)
+            .then_some(self.window)
     }
 }
 

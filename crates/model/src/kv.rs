@@ -646,8 +646,7 @@ mod avx {
         let mut p = ps;
         while p < npos {
             let n = (npos - p).min(8);
-            let kp: [*const f32; 8] =
-                std::array::from_fn(|j| kb.add(offs[p - ps + j.min(n - 1)]));
+            let kp: [*const f32; 8] = std::array::from_fn(|j| kb.add(offs[p - ps + j.min(n - 1)]));
             for &off in offs.iter().skip(p - ps + AHEAD).take(8) {
                 prefetch_row(kb.add(off), run);
             }

@@ -483,20 +483,25 @@ mod tests {
         clamped_swiglu(&gate, &up, &mut out, 1.702, 7.0);
         let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
         let want = [
-            2.0 * 0.5 * sig(0.851),         // no clamp: 0.7006...
-            1.25 * 7.0 * sig(1.702 * 7.0),  // gate clamped to 7
-            8.0 * -3.0 * sig(-5.106),       // up clamped to 7
-            -6.0 * 2.0 * sig(3.404),        // up clamped to -7
-            1.0 * -20.0 * sig(-34.04),      // the gate is not clamped below
+            2.0 * 0.5 * sig(0.851),        // no clamp: 0.70078
+            1.25 * 7.0 * sig(1.702 * 7.0), // gate clamped to 7
+            8.0 * -3.0 * sig(-5.106),      // up clamped to 7
+            -6.0 * 2.0 * sig(3.404),       // up clamped to -7
+            1.0 * -20.0 * sig(-34.04),     // the gate is not clamped below
         ];
         for (i, (a, b)) in out.iter().zip(want).enumerate() {
-            assert!((*a as f64 - b).abs() < 1e-6 * b.abs().max(1.0), "{i}: {a} vs {b}");
+            assert!(
+                (*a as f64 - b).abs() < 1e-6 * b.abs().max(1.0),
+                "{i}: {a} vs {b}"
+            );
         }
         assert!((out[0] - 0.700_777).abs() < 1e-5, "{}", out[0]);
         assert!((out[1] - 8.75).abs() < 1e-4, "{}", out[1]);
         // Through a GatedMlp with identity projections, the activation is what comes out.
         let eye = |n: usize| -> Vec<f32> {
-            (0..n * n).map(|k| if k % (n + 1) == 0 { 1.0 } else { 0.0 }).collect()
+            (0..n * n)
+                .map(|k| if k % (n + 1) == 0 { 1.0 } else { 0.0 })
+                .collect()
         };
         let ty = WeightType::F32;
         let mlp = GatedMlp::new(

@@ -204,7 +204,15 @@ fn sliding_window_and_sinks_match_the_reference() {
     ];
     for &(heads, kv_heads, head_dim) in &dims {
         for bs in [1, 3, 16] {
-            for window in [None, Some(1), Some(4), Some(6), Some(9), Some(128), Some(500)] {
+            for window in [
+                None,
+                Some(1),
+                Some(4),
+                Some(6),
+                Some(9),
+                Some(128),
+                Some(500),
+            ] {
                 for with_sinks in [false, true] {
                     let d = AttnDims {
                         heads,

@@ -1239,7 +1239,12 @@ fn gpt_oss_config_errors_name_the_field() {
     let tmp = with_config("gpt_oss", |c| {
         c.insert(
             "layer_types".into(),
-            json!(["sliding_attention", "full_attention", "chunked_attention", "full_attention"]),
+            json!([
+                "sliding_attention",
+                "full_attention",
+                "chunked_attention",
+                "full_attention"
+            ]),
         );
     });
     expect_unsupported(tmp.path(), &["layer_types[2]", "chunked_attention"]);
@@ -1269,7 +1274,15 @@ fn gpt_oss_config_errors_name_the_field() {
     expect_config_error(tmp.path(), &["num_experts_per_tok", "experts_per_token"]);
     // Every layer full: no window needed.
     let tmp = with_config("gpt_oss", |c| {
-        c.insert("layer_types".into(), json!(["full_attention", "full_attention", "full_attention", "full_attention"]));
+        c.insert(
+            "layer_types".into(),
+            json!([
+                "full_attention",
+                "full_attention",
+                "full_attention",
+                "full_attention"
+            ]),
+        );
         c.insert("sliding_window".into(), Value::Null);
     });
     let cfg = ModelConfig::from_dir(tmp.path()).unwrap();

@@ -155,24 +155,23 @@ pub fn parse(v: &Value, cx: &ParseCx) -> Result<ModelConfig> {
             }
         });
     }
-    let sliding_window = if sliding.iter().any(|s| *s) {
-        match c.sliding_window {
-            Some(w) if w > 0 => Some(SlidingWindow {
-                window: w,
-                layers: sliding,
-            }),
-            _ => {
-                return Err(cx.err(
+    let sliding_window =
+        if sliding.iter().any(|s| *s) {
+            match c.sliding_window {
+                Some(w) if w > 0 => Some(SlidingWindow {
+                    window: w,
+                    layers: sliding,
+                }),
+                _ => return Err(cx.err(
                     "sliding_window must be a positive number: layer_types has sliding_attention \
                      layers"
                         .into(),
-                ))
+                )),
             }
-        }
-    } else {
-        None
-    };
-    if !(c.swiglu_limit > 0.0) {
+        } else {
+            None
+        };
+    if c.swiglu_limit.is_nan() || c.swiglu_limit <= 0.0 {
         return Err(cx.err(format!(
             "swiglu_limit = {} must be positive",
             c.swiglu_limit
@@ -298,7 +297,10 @@ impl FamilyWeights for Names {
             // [E, D, 2F] and [E, F, D] (x @ W): transpose each expert to [out, in].
             let gu = w.get_vec(&format!("{p}.gate_up_proj"), &[ne, d, 2 * f])?;
             let dn = w.get_vec(&format!("{p}.down_proj"), &[ne, f, d])?;
-            (transpose_each(&gu, ne, d, 2 * f), transpose_each(&dn, ne, f, d))
+            (
+                transpose_each(&gu, ne, d, 2 * f),
+                transpose_each(&dn, ne, f, d),
+            )
         };
         let mut out = Vec::with_capacity(ids.len());
         for &e in ids {
