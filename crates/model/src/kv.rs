@@ -414,7 +414,9 @@ unsafe fn group_impl<O: Ops>(t: &Task) -> Vec<f32> {
     let npos = pos0 + rows;
     let plo = (pos0 + 1).saturating_sub(t.window);
     let qs = t.scaled_queries();
-    let mut scores = vec![0f32; nq * npos];
+    // Scores of the positions `plo..npos` (`w` per query).
+    let w = npos - plo;
+    let mut scores = vec![0f32; nq * w];
     let kv_row = |slot: usize| slot * kd + t.g * dh;
     let blocks = t.table[..npos.div_ceil(t.bs)].iter().enumerate();
     for (b, &blk) in blocks.clone().skip(plo / t.bs) {
@@ -423,7 +425,7 @@ unsafe fn group_impl<O: Ops>(t: &Task) -> Vec<f32> {
             let at = kv_row(blk as usize * t.bs + p - p0);
             let k = &t.kv.k[at..at + dh];
             for i in p.saturating_sub(pos0) * group..nq {
-                scores[i * npos + p] = O::dot(&qs[i * dh..(i + 1) * dh], k);
+                scores[i * w + p - plo] = O::dot(&qs[i * dh..(i + 1) * dh], k);
             }
         }
     }
@@ -431,11 +433,11 @@ unsafe fn group_impl<O: Ops>(t: &Task) -> Vec<f32> {
     for (i, inv) in inv.iter_mut().enumerate() {
         let len = pos0 + i / group + 1;
         let lo = len.saturating_sub(t.window);
-        let row = &mut scores[i * npos..i * npos + len];
+        let row = &mut scores[i * w..i * w + len - plo];
         // Positions an earlier row of the tile saw but this one does not: weight 0.
-        row[plo..lo].fill(0.0);
+        row[..lo - plo].fill(0.0);
         let sink = t.sinks.map(|s| s[t.g * group + i % group]);
-        *inv = 1.0 / softmax_in_place::<O>(&mut row[lo..], sink);
+        *inv = 1.0 / softmax_in_place::<O>(&mut row[lo - plo..], sink);
     }
     let mut out = vec![0f32; nq * dh];
     for (b, &blk) in blocks.skip(plo / t.bs) {
@@ -444,7 +446,7 @@ unsafe fn group_impl<O: Ops>(t: &Task) -> Vec<f32> {
             let at = kv_row(blk as usize * t.bs + p - p0);
             let v = &t.kv.v[at..at + dh];
             for i in p.saturating_sub(pos0) * group..nq {
-                O::axpy(&mut out[i * dh..(i + 1) * dh], scores[i * npos + p], v);
+                O::axpy(&mut out[i * dh..(i + 1) * dh], scores[i * w + p - plo], v);
             }
         }
     }
@@ -640,8 +642,8 @@ mod avx {
         }
         let run = (t.g1 - t.g) * dh; // contiguous floats per position
         let (kb, vb) = (t.kv.k.as_ptr(), t.kv.v.as_ptr());
-        // Scores per query, padded to whole vectors.
-        let npad = npos.next_multiple_of(8);
+        // Scores per query of the positions from `ps` on (`p - ps`), padded to whole vectors.
+        let npad = (npos - ps).next_multiple_of(8);
         let mut scores = vec![0f32; nq * npad];
         let mut p = ps;
         while p < npos {
@@ -666,7 +668,7 @@ mod avx {
                     }
                     c += 8;
                 }
-                _mm256_storeu_ps(scores.as_mut_ptr().add(i * npad + p), reduce8(&acc));
+                _mm256_storeu_ps(scores.as_mut_ptr().add(i * npad + p - ps), reduce8(&acc));
             }
             p += 8;
         }
@@ -676,10 +678,10 @@ mod avx {
             let lo = seen.saturating_sub(t.window);
             let row = &mut scores[i * npad..(i + 1) * npad];
             // Positions of the first chunk before this row's window: weight 0.
-            row[ps..lo].iter_mut().for_each(|v| *v = 0.0);
+            row[..lo - ps].iter_mut().for_each(|v| *v = 0.0);
             let sink = t.sinks.map(|s| s[t.g * group + i % heads]);
-            *inv = 1.0 / softmax_in_place::<Avx>(&mut row[lo..seen], sink);
-            row[seen..].iter_mut().for_each(|v| *v = 0.0);
+            *inv = 1.0 / softmax_in_place::<Avx>(&mut row[lo - ps..seen - ps], sink);
+            row[seen - ps..].iter_mut().for_each(|v| *v = 0.0);
         }
         let mut out = vec![0f32; nq * dh];
         let mut p = ps;
@@ -691,7 +693,7 @@ mod avx {
             let o = &offs[p - ps..p - ps + n];
             let first_row = p.saturating_sub(pos0);
             for i in first_row * heads..nq {
-                let s = scores.as_ptr().add(i * npad + p);
+                let s = scores.as_ptr().add(i * npad + p - ps);
                 let vo = vb.add(((i % heads) / group) * dh);
                 let mut c0 = 0;
                 while c0 < dh {
