@@ -279,35 +279,66 @@ impl FamilyWeights for Names {
             };
             w.type_for(&name, Role::Linear)
         };
-        // Every expert's [2F, D] (gate and up rows interleaved) and [D, F], row-major.
-        let (gate_up, down): (Vec<f32>, Vec<f32>) = if mxfp4 {
-            let mx = |n: &str, rows: usize, cols: usize| -> Result<Vec<f32>> {
+        // The source of every expert's [2F, D] (gate and up rows interleaved) and [D, F],
+        // row-major: MXFP4 bytes read in place and dequantized one expert at a time (a layer
+        // of gpt-oss-120b's experts is 12.7 GB in f32), or the stacked tensors.
+        enum Source<'a> {
+            Mxfp4 {
+                gate_up: (&'a [u8], &'a [u8]),
+                down: (&'a [u8], &'a [u8]),
+            },
+            /// [E, D, 2F] and [E, F, D] (x @ W), transposed per expert.
+            Stacked { gate_up: Vec<f32>, down: Vec<f32> },
+        }
+        let src = if mxfp4 {
+            let mx = |n: &str, rows: usize, cols: usize| -> Result<(&[u8], &[u8])> {
                 if !cols.is_multiple_of(32) {
                     return Err(ModelError::Input(format!(
                         "{p}.{n}_blocks: rows of {cols} values are not whole MXFP4 blocks of 32"
                     )));
                 }
                 let g = cols / 32;
-                let blocks = w.get_u8(&format!("{p}.{n}_blocks"), &[ne, rows, g, 16])?;
-                let scales = w.get_u8(&format!("{p}.{n}_scales"), &[ne, rows, g])?;
-                Ok(dequantize_mxfp4(blocks, scales, ne * rows, cols))
+                Ok((
+                    w.get_u8(&format!("{p}.{n}_blocks"), &[ne, rows, g, 16])?,
+                    w.get_u8(&format!("{p}.{n}_scales"), &[ne, rows, g])?,
+                ))
             };
-            (mx("gate_up_proj", 2 * f, d)?, mx("down_proj", d, f)?)
+            Source::Mxfp4 {
+                gate_up: mx("gate_up_proj", 2 * f, d)?,
+                down: mx("down_proj", d, f)?,
+            }
         } else {
-            // [E, D, 2F] and [E, F, D] (x @ W): transpose each expert to [out, in].
-            let gu = w.get_vec(&format!("{p}.gate_up_proj"), &[ne, d, 2 * f])?;
-            let dn = w.get_vec(&format!("{p}.down_proj"), &[ne, f, d])?;
-            (
-                transpose_each(&gu, ne, d, 2 * f),
-                transpose_each(&dn, ne, f, d),
-            )
+            Source::Stacked {
+                gate_up: w.get_vec(&format!("{p}.gate_up_proj"), &[ne, d, 2 * f])?,
+                down: w.get_vec(&format!("{p}.down_proj"), &[ne, f, d])?,
+            }
+        };
+        // Expert e's `[rows, cols]` matrix (`[out, in]`).
+        let matrix = |e: usize, which: usize, rows: usize, cols: usize| -> Vec<f32> {
+            let n = rows * cols;
+            match &src {
+                Source::Mxfp4 { gate_up, down } => {
+                    let (b, s) = if which == 0 { gate_up } else { down };
+                    let (nb, ns) = (n / 2, n / 32);
+                    dequantize_mxfp4(
+                        &b[e * nb..(e + 1) * nb],
+                        &s[e * ns..(e + 1) * ns],
+                        rows,
+                        cols,
+                    )
+                }
+                Source::Stacked { gate_up, down } => {
+                    let x = if which == 0 { gate_up } else { down };
+                    transpose(&x[e * n..(e + 1) * n], cols, rows)
+                }
+            }
         };
         let mut out = Vec::with_capacity(ids.len());
         for &e in ids {
             if e >= ne {
                 return Err(ModelError::Input(format!("expert {e} out of range {ne}")));
             }
-            let gu = &gate_up[e * 2 * f * d..(e + 1) * 2 * f * d];
+            let gu = matrix(e, 0, 2 * f, d);
             let gub = &gu_bias[e * 2 * f..(e + 1) * 2 * f];
             // Even rows gate, odd rows up.
             let (mut gw, mut uw) = (Vec::with_capacity(f * d), Vec::with_capacity(f * d));
@@ -323,7 +354,7 @@ impl FamilyWeights for Names {
                 lin(&gw, f, d, gb, "gate_up_proj"),
                 lin(&uw, f, d, ub, "gate_up_proj"),
                 lin(
-                    &down[e * d * f..(e + 1) * d * f],
+                    &matrix(e, 1, d, f),
                     d,
                     f,
                     down_bias[e * d..(e + 1) * d].to_vec(),
@@ -341,15 +372,12 @@ impl FamilyWeights for Names {
     }
 }
 
-/// `n` matrices `[r, c]` one after the other -> each transposed to `[c, r]`.
-fn transpose_each(x: &[f32], n: usize, r: usize, c: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n * r * c];
-    for m in 0..n {
-        let (src, dst) = (&x[m * r * c..(m + 1) * r * c], m * r * c);
-        for i in 0..r {
-            for j in 0..c {
-                out[dst + j * r + i] = src[i * c + j];
-            }
+/// `[r, c]` -> `[c, r]`.
+fn transpose(x: &[f32], r: usize, c: usize) -> Vec<f32> {
+    let mut out = vec![0f32; r * c];
+    for i in 0..r {
+        for j in 0..c {
+            out[j * r + i] = x[i * c + j];
         }
     }
     out
