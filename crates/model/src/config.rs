@@ -219,7 +219,8 @@ pub struct ModelConfig {
     /// Sliding-window attention on some layers (GPT-OSS's `layer_types`); `None`: every layer
     /// attends to all earlier positions.
     pub sliding_window: Option<SlidingWindow>,
-    /// The gated activation of the experts (and dense / shared MLPs).
+    /// The gated activation of the routed experts (`GatedMlp::act`, set by the family file
+    /// where it builds them; dense and shared MLPs stay SiLU).
     pub expert_act: ExpertAct,
     /// Qwen2-MoE's always-on shared expert (with a sigmoid gate), its FFN width.
     pub shared_expert_intermediate_size: Option<usize>,
