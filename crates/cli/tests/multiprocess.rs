@@ -207,6 +207,10 @@ fn multi_process_glm4_moe() {
 fn multi_process_dbrx() {
     multi_process_equals_in_process("dbrx");
 }
+#[test]
+fn multi_process_gpt_oss_mxfp4() {
+    multi_process_equals_in_process("gpt_oss_mxfp4");
+}
 
 fn status_ok(dep: &Path) -> (bool, serde_json::Value) {
     let out = Command::new(BIN)

@@ -221,3 +221,11 @@ fn deepseek_v3_all_shapes() {
 fn deepseek_v3_all_shapes_q8_0() {
     check_family_as("deepseek_v3", LinearType::Is(WeightType::Q8_0));
 }
+#[test]
+fn gpt_oss_all_shapes() {
+    check_family("gpt_oss");
+}
+#[test]
+fn gpt_oss_mxfp4_all_shapes() {
+    check_family("gpt_oss_mxfp4");
+}

@@ -1193,3 +1193,11 @@ fn an_incomplete_tls_handshake_is_closed_in_bounded_time() {
     let reference = Model::load(&dir).unwrap();
     assert_greedy(&engine, &reference, &[3, 4, 5], 6);
 }
+#[test]
+fn tcp_gpt_oss() {
+    tcp_equals_colocated("gpt_oss");
+}
+#[test]
+fn tcp_gpt_oss_mxfp4() {
+    tcp_equals_colocated("gpt_oss_mxfp4");
+}

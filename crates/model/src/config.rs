@@ -18,6 +18,7 @@ pub enum Family {
     Glm4Moe,
     DeepseekV2,
     DeepseekV3,
+    GptOss,
 }
 
 impl Family {
@@ -31,6 +32,7 @@ impl Family {
             "glm4_moe" => Family::Glm4Moe,
             "deepseek_v2" => Family::DeepseekV2,
             "deepseek_v3" | "kimi_k2" => Family::DeepseekV3,
+            "gpt_oss" => Family::GptOss,
             other => return Err(ModelError::UnknownFamily(other.to_string())),
         })
     }
@@ -44,6 +46,7 @@ impl Family {
             Family::Glm4Moe => "glm4_moe",
             Family::DeepseekV2 => "deepseek_v2",
             Family::DeepseekV3 => "deepseek_v3",
+            Family::GptOss => "gpt_oss",
         }
     }
 }
@@ -140,6 +143,37 @@ impl Mla {
     }
 }
 
+/// Sliding-window attention: a query at position `p` of a layer with `layers[l]` set sees the
+/// positions `p + 1 - window ..= p` only (transformers' `kv_idx > q_idx - sliding_window`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SlidingWindow {
+    pub window: usize,
+    /// `layers[l]`: layer `l` uses the window (`"sliding_attention"`), else full attention.
+    pub layers: Vec<bool>,
+}
+
+impl SlidingWindow {
+    /// The window of layer `l`, if it has one.
+    pub fn of_layer(&self, l: usize) -> Option<usize> {
+        self.layers
+            .get(l)
+            .copied()
+            .unwrap_or(false)
+            .then_some(self.window)
+    }
+}
+
+/// The gated activation `act(gate, up)` of an FFN.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub enum ExpertAct {
+    /// `silu(gate) * up` (every family but GPT-OSS).
+    #[default]
+    Silu,
+    /// GPT-OSS: `gate` clamped above at `limit`, `up` to `[-limit, limit]`, then
+    /// `(up + 1) * gate * sigmoid(alpha * gate)`.
+    ClampedSwiglu { alpha: f32, limit: f32 },
+}
+
 /// How the top-k router weights are rescaled after softmax + top-k.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub enum TopkNorm {
@@ -182,6 +216,12 @@ pub struct ModelConfig {
     pub yarn: Option<Yarn>,
     /// Multi-head latent attention instead of grouped-query attention.
     pub mla: Option<Mla>,
+    /// Sliding-window attention on some layers (GPT-OSS's `layer_types`); `None`: every layer
+    /// attends to all earlier positions.
+    pub sliding_window: Option<SlidingWindow>,
+    /// The gated activation of the routed experts (`GatedMlp::act`, set by the family file
+    /// where it builds them; dense and shared MLPs stay SiLU).
+    pub expert_act: ExpertAct,
     /// Qwen2-MoE's always-on shared expert (with a sigmoid gate), its FFN width.
     pub shared_expert_intermediate_size: Option<usize>,
     /// FFN width of dense (non-MoE) layers.
@@ -244,6 +284,7 @@ impl ModelConfig {
             Family::DeepseekV2 | Family::DeepseekV3 => {
                 crate::families::deepseek::parse(&v, &cx, family)?
             }
+            Family::GptOss => crate::families::gpt_oss::parse(&v, &cx)?,
         };
         cfg.validate(&cx)?;
         Ok(cfg)

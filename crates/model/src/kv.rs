@@ -123,6 +123,19 @@ pub struct AttnDims {
     pub head_dim: usize,
 }
 
+/// What [`paged_attention_ext`] adds to plain causal attention (GPT-OSS); the default is
+/// neither.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AttnExtras<'a> {
+    /// Sliding window: a row at position `p` sees the positions `p + 1 - window ..= p` only.
+    /// The cache keeps every position (the block tables still cover the whole sequence): keys
+    /// older than the window are masked here, their blocks are not freed.
+    pub window: Option<usize>,
+    /// Attention sinks, `[heads]`: head `h`'s softmax has `exp(sinks[h])` added to its
+    /// denominator (a learned logit of a position that contributes no value).
+    pub sinks: Option<&'a [f32]>,
+}
+
 /// Query rows of one sequence that one parallel task attends together: every row in the tile
 /// reads each key and value row once for all the query heads of its KV group.
 const ROW_TILE: usize = 8;
@@ -140,16 +153,28 @@ pub fn paged_attention(
     bs: usize,
     dims: AttnDims,
 ) -> Result<Vec<f32>> {
+    paged_attention_ext(q, layout, kv, bs, dims, AttnExtras::default())
+}
+
+/// [`paged_attention`] with a sliding window and/or attention sinks.
+pub fn paged_attention_ext(
+    q: &[f32],
+    layout: &BatchLayout,
+    kv: &LayerKv,
+    bs: usize,
+    dims: AttnDims,
+    extras: AttnExtras,
+) -> Result<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return attention_with(q, layout, kv, bs, dims, |t| {
+            return attention_with(q, layout, kv, bs, dims, extras, |t| {
                 // SAFETY: the features were just detected.
                 unsafe { avx::task(t) }
             });
         }
     }
-    paged_attention_scalar(q, layout, kv, bs, dims)
+    paged_attention_scalar_ext(q, layout, kv, bs, dims, extras)
 }
 
 /// The same computation without SIMD (the fallback, and the fast path's test oracle).
@@ -160,7 +185,19 @@ pub fn paged_attention_scalar(
     bs: usize,
     dims: AttnDims,
 ) -> Result<Vec<f32>> {
-    attention_with(q, layout, kv, bs, dims, |t| {
+    paged_attention_scalar_ext(q, layout, kv, bs, dims, AttnExtras::default())
+}
+
+/// [`paged_attention_ext`] without SIMD.
+pub fn paged_attention_scalar_ext(
+    q: &[f32],
+    layout: &BatchLayout,
+    kv: &LayerKv,
+    bs: usize,
+    dims: AttnDims,
+    extras: AttnExtras,
+) -> Result<Vec<f32>> {
+    attention_with(q, layout, kv, bs, dims, extras, |t| {
         // SAFETY: Scalar needs no CPU feature.
         unsafe { task_impl::<Scalar>(t) }
     })
@@ -183,6 +220,10 @@ struct Task<'a> {
     /// contiguously; prefill tiles take one).
     g: usize,
     g1: usize,
+    /// Sliding window (`usize::MAX`: none).
+    window: usize,
+    /// Attention sinks of every query head.
+    sinks: Option<&'a [f32]>,
 }
 
 impl Task<'_> {
@@ -211,6 +252,7 @@ fn attention_with(
     kv: &LayerKv,
     bs: usize,
     dims: AttnDims,
+    extras: AttnExtras,
     run: impl Fn(&Task) -> Vec<f32> + Sync,
 ) -> Result<Vec<f32>> {
     let AttnDims {
@@ -221,6 +263,15 @@ fn attention_with(
     if hk == 0 || hq % hk != 0 || bs == 0 {
         return Err(ModelError::Input(format!(
             "attention with {hq} heads, {hk} KV heads, block size {bs}"
+        )));
+    }
+    if extras.window == Some(0) {
+        return Err(ModelError::Input("a sliding window of 0 positions".into()));
+    }
+    if let Some(s) = extras.sinks.filter(|s| s.len() != hq) {
+        return Err(ModelError::Input(format!(
+            "{} attention sinks for {hq} heads",
+            s.len()
         )));
     }
     let t = layout.num_tokens();
@@ -274,6 +325,8 @@ fn attention_with(
                     j1: (j0 + tile).min(s.num_tokens),
                     g,
                     g1: (g + per_task).min(hk),
+                    window: extras.window.unwrap_or(usize::MAX),
+                    sinks: extras.sinks,
                 });
             }
         }
@@ -370,37 +423,45 @@ unsafe fn group_impl<O: Ops>(t: &Task) -> Vec<f32> {
     let kd = hk * dh;
     let rows = t.j1 - t.j0;
     let nq = rows * group;
-    // Position of the tile's first row; row r sees positions 0..=pos0 + r.
+    // Position of the tile's first row; row r sees positions 0..=pos0 + r (the last `window`
+    // of them with a sliding window, so no row sees a position before `plo`).
     let pos0 = t.start_pos + t.j0;
     let npos = pos0 + rows;
+    let plo = (pos0 + 1).saturating_sub(t.window);
     let qs = t.scaled_queries();
-    let mut scores = vec![0f32; nq * npos];
+    // Scores of the positions `plo..npos` (`w` per query).
+    let w = npos - plo;
+    let mut scores = vec![0f32; nq * w];
     let kv_row = |slot: usize| slot * kd + t.g * dh;
-    for (b, &blk) in t.table[..npos.div_ceil(t.bs)].iter().enumerate() {
+    let blocks = t.table[..npos.div_ceil(t.bs)].iter().enumerate();
+    for (b, &blk) in blocks.clone().skip(plo / t.bs) {
         let p0 = b * t.bs;
-        for p in p0..(p0 + t.bs).min(npos) {
+        for p in p0.max(plo)..(p0 + t.bs).min(npos) {
             let at = kv_row(blk as usize * t.bs + p - p0);
             let k = &t.kv.k[at..at + dh];
             for i in p.saturating_sub(pos0) * group..nq {
-                scores[i * npos + p] = O::dot(&qs[i * dh..(i + 1) * dh], k);
+                scores[i * w + p - plo] = O::dot(&qs[i * dh..(i + 1) * dh], k);
             }
         }
     }
     let mut inv = vec![0f32; nq];
     for (i, inv) in inv.iter_mut().enumerate() {
         let len = pos0 + i / group + 1;
-        let s = &mut scores[i * npos..i * npos + len];
-        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        *inv = 1.0 / O::exp_sum(s, max);
+        let lo = len.saturating_sub(t.window);
+        let row = &mut scores[i * w..i * w + len - plo];
+        // Positions an earlier row of the tile saw but this one does not: weight 0.
+        row[..lo - plo].fill(0.0);
+        let sink = t.sinks.map(|s| s[t.g * group + i % group]);
+        *inv = 1.0 / softmax_in_place::<O>(&mut row[lo - plo..], sink);
     }
     let mut out = vec![0f32; nq * dh];
-    for (b, &blk) in t.table[..npos.div_ceil(t.bs)].iter().enumerate() {
+    for (b, &blk) in blocks.skip(plo / t.bs) {
         let p0 = b * t.bs;
-        for p in p0..(p0 + t.bs).min(npos) {
+        for p in p0.max(plo)..(p0 + t.bs).min(npos) {
             let at = kv_row(blk as usize * t.bs + p - p0);
             let v = &t.kv.v[at..at + dh];
             for i in p.saturating_sub(pos0) * group..nq {
-                O::axpy(&mut out[i * dh..(i + 1) * dh], scores[i * npos + p], v);
+                O::axpy(&mut out[i * dh..(i + 1) * dh], scores[i * w + p - plo], v);
             }
         }
     }
@@ -410,9 +471,24 @@ unsafe fn group_impl<O: Ops>(t: &Task) -> Vec<f32> {
     out
 }
 
+/// `s[i] = exp(s[i] - m)` with `m` the largest of the scores and the sink; returns the
+/// softmax's denominator (the sink's `exp(sink - m)` included).
+#[inline(always)]
+unsafe fn softmax_in_place<O: Ops>(s: &mut [f32], sink: Option<f32>) -> f32 {
+    let mut max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if let Some(k) = sink {
+        max = max.max(k);
+    }
+    let sum = O::exp_sum(s, max);
+    match sink {
+        Some(k) => sum + (k - max).exp(),
+        None => sum,
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx {
-    use super::{task_impl, AttnDims, Ops, Task};
+    use super::{softmax_in_place, task_impl, AttnDims, Ops, Task};
     use crate::kernels::avx_exp;
     use std::arch::x86_64::*;
 
@@ -560,26 +636,35 @@ mod avx {
         let nq = nrows * heads; // queries, row-major: query i is row i / heads
         let pos0 = t.start_pos + t.j0;
         let npos = pos0 + nrows;
+        // With a sliding window no row sees a position before `plo`: the chunks of eight
+        // positions start at `ps`, the chunk holding it.
+        let plo = (pos0 + 1).saturating_sub(t.window);
+        let ps = plo / 8 * 8;
         let qs = t.scaled_queries();
-        // Offset of every position's first key of head g (block table resolved once; the
-        // caller checked that it covers npos and stays inside the cache).
-        let mut offs = Vec::with_capacity(npos);
-        for (b, &blk) in t.table[..npos.div_ceil(t.bs)].iter().enumerate() {
+        // Offset of the first key of head g of every position from `ps` on (`offs[p - ps]`;
+        // block table resolved once; the caller checked that it covers npos and stays inside
+        // the cache).
+        let mut offs = Vec::with_capacity(npos - ps);
+        for (b, &blk) in t.table[..npos.div_ceil(t.bs)]
+            .iter()
+            .enumerate()
+            .skip(ps / t.bs)
+        {
             let first = blk as usize * t.bs;
-            for i in 0..t.bs.min(npos - b * t.bs) {
+            for i in ps.max(b * t.bs) - b * t.bs..t.bs.min(npos - b * t.bs) {
                 offs.push((first + i) * kd + t.g * dh);
             }
         }
         let run = (t.g1 - t.g) * dh; // contiguous floats per position
         let (kb, vb) = (t.kv.k.as_ptr(), t.kv.v.as_ptr());
-        // Scores per query, padded to whole vectors.
-        let npad = npos.next_multiple_of(8);
+        // Scores per query of the positions from `ps` on (`p - ps`), padded to whole vectors.
+        let npad = (npos - ps).next_multiple_of(8);
         let mut scores = vec![0f32; nq * npad];
-        let mut p = 0;
+        let mut p = ps;
         while p < npos {
             let n = (npos - p).min(8);
-            let kp: [*const f32; 8] = std::array::from_fn(|j| kb.add(offs[p + j.min(n - 1)]));
-            for &off in offs.iter().skip(p + AHEAD).take(8) {
+            let kp: [*const f32; 8] = std::array::from_fn(|j| kb.add(offs[p - ps + j.min(n - 1)]));
+            for &off in offs.iter().skip(p - ps + AHEAD).take(8) {
                 prefetch_row(kb.add(off), run);
             }
             // Rows that see none of these positions skip them.
@@ -598,30 +683,32 @@ mod avx {
                     }
                     c += 8;
                 }
-                _mm256_storeu_ps(scores.as_mut_ptr().add(i * npad + p), reduce8(&acc));
+                _mm256_storeu_ps(scores.as_mut_ptr().add(i * npad + p - ps), reduce8(&acc));
             }
             p += 8;
         }
         let mut inv = vec![0f32; nq];
         for (i, inv) in inv.iter_mut().enumerate() {
             let seen = pos0 + i / heads + 1;
+            let lo = seen.saturating_sub(t.window);
             let row = &mut scores[i * npad..(i + 1) * npad];
-            let s = &mut row[..seen];
-            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            *inv = 1.0 / Avx::exp_sum(s, max);
-            row[seen..].iter_mut().for_each(|v| *v = 0.0);
+            // Positions of the first chunk before this row's window: weight 0.
+            row[..lo - ps].iter_mut().for_each(|v| *v = 0.0);
+            let sink = t.sinks.map(|s| s[t.g * group + i % heads]);
+            *inv = 1.0 / softmax_in_place::<Avx>(&mut row[lo - ps..seen - ps], sink);
+            row[seen - ps..].iter_mut().for_each(|v| *v = 0.0);
         }
         let mut out = vec![0f32; nq * dh];
-        let mut p = 0;
+        let mut p = ps;
         while p < npos {
             let n = (npos - p).min(8);
-            for &off in offs.iter().skip(p + AHEAD).take(8) {
+            for &off in offs.iter().skip(p - ps + AHEAD).take(8) {
                 prefetch_row(vb.add(off), run);
             }
-            let o = &offs[p..p + n];
+            let o = &offs[p - ps..p - ps + n];
             let first_row = p.saturating_sub(pos0);
             for i in first_row * heads..nq {
-                let s = scores.as_ptr().add(i * npad + p);
+                let s = scores.as_ptr().add(i * npad + p - ps);
                 let vo = vb.add(((i % heads) / group) * dh);
                 let mut c0 = 0;
                 while c0 < dh {

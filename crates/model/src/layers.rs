@@ -386,13 +386,26 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// A gated FFN (SwiGLU): `down(silu(gate(x)) * up(x))`, gate and up stacked as one
-/// `[2F, D]` matrix so the input is read once.
+/// GPT-OSS's clamped SwiGLU, element by element: `gate` clamped above at `limit`, `up` to
+/// `[-limit, limit]`, then `(up + 1) * (gate * sigmoid(alpha * gate))` (transformers'
+/// `GptOssExperts._apply_gate`, in its order of operations).
+pub fn clamped_swiglu(gate: &[f32], up: &[f32], out: &mut [f32], alpha: f32, limit: f32) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        let g = g.min(limit);
+        let u = u.clamp(-limit, limit);
+        *o = (u + 1.0) * (g * sigmoid(g * alpha));
+    }
+}
+
+/// A gated FFN (SwiGLU): `down(act(gate(x), up(x)))` with `act` = `silu(gate) * up` unless
+/// the family says otherwise ([`ExpertAct`](crate::config::ExpertAct)), gate and up stacked
+/// as one `[2F, D]` matrix so the input is read once.
 #[derive(Clone)]
 pub struct GatedMlp {
     pub gate_up: Linear,
     pub down: Linear,
     pub inter: usize,
+    pub act: crate::config::ExpertAct,
 }
 
 impl GatedMlp {
@@ -402,7 +415,14 @@ impl GatedMlp {
             gate_up: Linear::concat(&[gate, up])?,
             down,
             inter,
+            act: Default::default(),
         })
+    }
+
+    /// The same FFN with the activation `act`.
+    pub fn with_act(mut self, act: crate::config::ExpertAct) -> Self {
+        self.act = act;
+        self
     }
 
     /// x `[T, D]` -> `[T, D]`.
@@ -412,7 +432,12 @@ impl GatedMlp {
         let mut act = vec![0f32; rows * f];
         for (row, a) in gu.chunks_exact(2 * f).zip(act.chunks_exact_mut(f.max(1))) {
             let (g, u) = row.split_at(f);
-            crate::kernels::silu_mul(g, u, a);
+            match self.act {
+                crate::config::ExpertAct::Silu => crate::kernels::silu_mul(g, u, a),
+                crate::config::ExpertAct::ClampedSwiglu { alpha, limit } => {
+                    clamped_swiglu(g, u, a, alpha, limit)
+                }
+            }
         }
         self.down.forward(&act, rows)
     }
@@ -445,6 +470,56 @@ mod tests {
             for (p, q) in a.iter().zip(&b) {
                 assert!((p - q).abs() < 1e-4);
             }
+        }
+    }
+
+    #[test]
+    fn clamped_swiglu_by_hand() {
+        // alpha 1.702, limit 7 (GPT-OSS): (up + 1) * gate * sigmoid(alpha * gate), the gate
+        // clamped above at 7, up to [-7, 7].
+        let gate = [0.5f32, 10.0, -3.0, 2.0, -20.0];
+        let up = [1.0f32, 0.25, 9.0, -8.0, 0.0];
+        let mut out = [0f32; 5];
+        clamped_swiglu(&gate, &up, &mut out, 1.702, 7.0);
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let want = [
+            2.0 * 0.5 * sig(0.851),        // no clamp: 0.70078
+            1.25 * 7.0 * sig(1.702 * 7.0), // gate clamped to 7
+            8.0 * -3.0 * sig(-5.106),      // up clamped to 7
+            -6.0 * 2.0 * sig(3.404),       // up clamped to -7
+            1.0 * -20.0 * sig(-34.04),     // the gate is not clamped below
+        ];
+        for (i, (a, b)) in out.iter().zip(want).enumerate() {
+            assert!(
+                (*a as f64 - b).abs() < 1e-6 * b.abs().max(1.0),
+                "{i}: {a} vs {b}"
+            );
+        }
+        assert!((out[0] - 0.700_777).abs() < 1e-5, "{}", out[0]);
+        assert!((out[1] - 8.75).abs() < 1e-4, "{}", out[1]);
+        // Through a GatedMlp with identity projections, the activation is what comes out.
+        let eye = |n: usize| -> Vec<f32> {
+            (0..n * n)
+                .map(|k| if k % (n + 1) == 0 { 1.0 } else { 0.0 })
+                .collect()
+        };
+        let ty = WeightType::F32;
+        let mlp = GatedMlp::new(
+            Linear::from_f32(&eye(5), 5, 5, None, ty),
+            Linear::from_f32(&eye(5), 5, 5, Some(vec![0.0, 0.0, 9.0, -8.0, 0.0]), ty),
+            Linear::from_f32(&eye(5), 5, 5, None, ty),
+        )
+        .unwrap()
+        .with_act(crate::config::ExpertAct::ClampedSwiglu {
+            alpha: 1.702,
+            limit: 7.0,
+        });
+        let y = mlp.forward(&[0.5, 10.0, -3.0, 2.0, -20.0], 1).unwrap();
+        // gate = x, up = x + bias
+        let mut want = [0f32; 5];
+        clamped_swiglu(&gate, &[0.5, 10.0, 6.0, -6.0, -20.0], &mut want, 1.702, 7.0);
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{y:?} vs {want:?}");
         }
     }
 

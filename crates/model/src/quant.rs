@@ -759,9 +759,68 @@ mod avx512 {
     }
 }
 
+/// The 16 values of an MXFP4 (OCP microscaling) element: FP4 e2m1, sign in bit 3.
+pub const FP4_E2M1: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
+
+/// MXFP4 to f32 (GPT-OSS's expert weights): `rows` rows of `cols` values stored as
+/// `blocks` `[rows, cols / 32, 16]` bytes, two e2m1 values per byte (the even column in the
+/// low nibble), and `scales` `[rows, cols / 32]`, one e8m0 exponent (bias 127) per 32 values:
+/// `value = FP4_E2M1[nibble] * 2^(scale - 127)`. Returns `[rows, cols]` row-major.
+pub fn dequantize_mxfp4(blocks: &[u8], scales: &[u8], rows: usize, cols: usize) -> Vec<f32> {
+    let groups = cols / 32;
+    assert_eq!(cols % 32, 0, "MXFP4 rows are whole blocks of 32");
+    assert_eq!(blocks.len(), rows * groups * 16, "MXFP4 blocks");
+    assert_eq!(scales.len(), rows * groups, "MXFP4 scales");
+    let mut out = Vec::with_capacity(rows * cols);
+    for (block, &e) in blocks.chunks_exact(16).zip(scales) {
+        // 2^(e - 127) exactly (f64 holds every power of two an e8m0 scale names).
+        let scale = 2f64.powi(e as i32 - 127);
+        for &b in block {
+            out.push((FP4_E2M1[(b & 0x0f) as usize] as f64 * scale) as f32);
+            out.push((FP4_E2M1[(b >> 4) as usize] as f64 * scale) as f32);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mxfp4_known_block() {
+        // One row of 64 values = two blocks. Block 0, scale 2^(128 - 127) = 2: byte k holds
+        // nibble k % 16 low (the even column) and 15 - k % 16 high (the odd column).
+        // Block 1, scale 2^(125 - 127) = 1/4: every byte 0x7f (low 0xf = -6, high 0x7 = 6).
+        let mut blocks: Vec<u8> = (0..16u8).map(|k| k | ((15 - k) << 4)).collect();
+        blocks.extend([0x7fu8; 16]);
+        let scales = [128u8, 125];
+        let out = dequantize_mxfp4(&blocks, &scales, 1, 64);
+        let lut = [
+            0.0f32, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0,
+            -6.0,
+        ];
+        for k in 0..16 {
+            assert_eq!(out[2 * k], lut[k] * 2.0, "column {}", 2 * k);
+            assert_eq!(out[2 * k + 1], lut[15 - k] * 2.0, "column {}", 2 * k + 1);
+        }
+        for k in 0..16 {
+            assert_eq!(out[32 + 2 * k], -1.5);
+            assert_eq!(out[32 + 2 * k + 1], 1.5);
+        }
+        // Extreme exponents stay exact: 2^-127 (subnormal in f32) and 2^127.
+        let out = dequantize_mxfp4(&[0x02u8; 16], &[0], 1, 32);
+        assert_eq!(out[0], 2f32.powi(-127));
+        assert_eq!(out[1], 0.0);
+        let out = dequantize_mxfp4(&[0x0eu8; 16], &[254], 1, 32);
+        assert_eq!(out[0], -4.0 * 2f32.powi(127));
+        // Two rows: the second row's blocks and scale follow the first's.
+        let out = dequantize_mxfp4(&[[0x22u8; 16], [0x44u8; 16]].concat(), &[127, 126], 2, 32);
+        assert!(out[..32].iter().all(|x| *x == 1.0));
+        assert!(out[32..].iter().all(|x| *x == 1.0));
+    }
     use crate::packed::tests::rnd_vec;
 
     #[test]

@@ -6,7 +6,7 @@
 use crate::config::{ModelConfig, QkNorm, RouterKind, TopkNorm};
 use crate::error::{ModelError, Result};
 use crate::families::{AttentionWeights, SharedExpert};
-use crate::kv::{paged_attention, AttnDims, BatchLayout, LayerKv};
+use crate::kv::{paged_attention_ext, AttnDims, AttnExtras, BatchLayout, LayerKv};
 use crate::layers::{from_vec, sigmoid, with_slice, GatedMlp, Rope};
 use crate::mla::{mla_attention, MlaPath, MlaWeights};
 use candle_core::Tensor;
@@ -51,6 +51,8 @@ pub struct AttentionStage {
     router: RouterKind,
     routed_scaling_factor: f32,
     rope: Arc<Rope>,
+    /// This layer's sliding window, if it has one (GPT-OSS).
+    window: Option<usize>,
 }
 
 impl AttentionStage {
@@ -69,6 +71,7 @@ impl AttentionStage {
             router: cfg.router,
             routed_scaling_factor: cfg.routed_scaling_factor,
             rope,
+            window: cfg.sliding_window.as_ref().and_then(|s| s.of_layer(layer)),
         }
     }
 
@@ -207,10 +210,12 @@ impl AttentionStage {
         mla_attention(m, &q, layout, kv, block_size, MlaPath::Auto)
     }
 
-    /// Causal attention of every row over its sequence's cached positions `0..=pos`
-    /// (`kv::paged_attention`: parallel over sequences x KV heads, SIMD inner loops).
+    /// Causal attention of every row over its sequence's cached positions `0..=pos` (the
+    /// last `window` of them on a sliding-window layer), with the layer's attention sinks if
+    /// it has them (`kv::paged_attention_ext`: parallel over sequences x KV heads, SIMD inner
+    /// loops).
     fn attend(&self, q: &[f32], layout: &BatchLayout, kv: &LayerKv, bs: usize) -> Result<Vec<f32>> {
-        paged_attention(
+        paged_attention_ext(
             q,
             layout,
             kv,
@@ -219,6 +224,10 @@ impl AttentionStage {
                 heads: self.num_heads,
                 kv_heads: self.num_kv_heads,
                 head_dim: self.head_dim,
+            },
+            AttnExtras {
+                window: self.window,
+                sinks: self.w.sinks.as_deref(),
             },
         )
     }

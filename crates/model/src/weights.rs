@@ -343,6 +343,52 @@ impl Weights {
         Ok(out)
     }
 
+    /// The bytes of the `U8` tensor `name` (MXFP4 blocks and scales), checked to have `shape`,
+    /// read in place from the mapped file.
+    pub fn get_u8(&self, name: &str, shape: &[usize]) -> Result<&[u8]> {
+        let (files, index) = match &self.source {
+            Source::Safetensors { files, index } => (files, index),
+            Source::Gguf(g) => {
+                return Err(ModelError::WrongDtype {
+                    name: name.to_string(),
+                    path: g.path.clone(),
+                    dtype: "a GGUF tensor (MXFP4 blocks are read from safetensors only)".into(),
+                })
+            }
+        };
+        let missing = || ModelError::MissingTensor {
+            name: name.to_string(),
+            files: Self::files_list(files),
+        };
+        let f = &files[*index.get(name).ok_or_else(missing)?];
+        let info = f.meta.info(name).ok_or_else(missing)?;
+        if info.dtype != Dtype::U8 {
+            return Err(ModelError::WrongDtype {
+                name: name.to_string(),
+                path: f.path.clone(),
+                dtype: format!("{:?} (expected U8)", info.dtype),
+            });
+        }
+        if info.shape != shape {
+            return Err(ModelError::WrongShape {
+                name: name.to_string(),
+                path: f.path.clone(),
+                found: info.shape.clone(),
+                expected: shape.to_vec(),
+            });
+        }
+        let (s, e) = info.data_offsets;
+        let base = 8 + f.header_len;
+        let bytes = &f.mmap[base + s..base + e];
+        if bytes.len() != shape.iter().product::<usize>() {
+            return Err(ModelError::CorruptFile {
+                path: f.path.clone(),
+                msg: format!("tensor {name}: byte size does not match shape {shape:?}"),
+            });
+        }
+        Ok(bytes)
+    }
+
     /// The tensor `name` as an f32 candle tensor of `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let v = self.get_vec(name, shape)?;

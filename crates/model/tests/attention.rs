@@ -2,7 +2,10 @@
 //! naive f64 reference: MHA and GQA, odd head dims, block sizes 1..16, decode rows, whole and
 //! chunked prefills, partial last blocks, scattered block tables.
 
-use tandem_model::kv::{paged_attention, paged_attention_scalar, AttnDims, LayerKv};
+use tandem_model::kv::{
+    paged_attention, paged_attention_ext, paged_attention_scalar, paged_attention_scalar_ext,
+    AttnDims, AttnExtras, LayerKv,
+};
 use tandem_model::{BatchLayout, SeqSlot};
 
 struct Rng(u64);
@@ -21,6 +24,19 @@ impl Rng {
 
 /// softmax(q k^T / sqrt(dh)) v per row and head, in f64, position by position.
 fn reference(q: &[f32], layout: &BatchLayout, kv: &LayerKv, bs: usize, d: AttnDims) -> Vec<f32> {
+    reference_ext(q, layout, kv, bs, d, AttnExtras::default())
+}
+
+/// [`reference`] over the positions `pos + 1 - window ..= pos` only, with `exp(sinks[h])`
+/// added to head h's softmax denominator.
+fn reference_ext(
+    q: &[f32],
+    layout: &BatchLayout,
+    kv: &LayerKv,
+    bs: usize,
+    d: AttnDims,
+    ex: AttnExtras,
+) -> Vec<f32> {
     let (qd, kd, group) = (
         d.heads * d.head_dim,
         d.kv_heads * d.head_dim,
@@ -36,7 +52,8 @@ fn reference(q: &[f32], layout: &BatchLayout, kv: &LayerKv, bs: usize, d: AttnDi
                 let g = h / group;
                 let qh = &q[row * qd + h * dh..row * qd + (h + 1) * dh];
                 let at = |p: usize| (s.block_table[p / bs] as usize * bs + p % bs) * kd + g * dh;
-                let scores: Vec<f64> = (0..=pos)
+                let lo = (pos + 1).saturating_sub(ex.window.unwrap_or(usize::MAX));
+                let scores: Vec<f64> = (lo..=pos)
                     .map(|p| {
                         let k = &kv.k[at(p)..at(p) + dh];
                         qh.iter()
@@ -46,11 +63,18 @@ fn reference(q: &[f32], layout: &BatchLayout, kv: &LayerKv, bs: usize, d: AttnDi
                             / (dh as f64).sqrt()
                     })
                     .collect();
-                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sink = ex.sinks.map(|s| s[h] as f64);
+                let max = scores
+                    .iter()
+                    .cloned()
+                    .chain(sink)
+                    .fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                let sum: f64 = e.iter().sum();
+                let sum: f64 = e.iter().sum::<f64>() + sink.map_or(0.0, |k| (k - max).exp());
                 for x in 0..dh {
-                    let v: f64 = (0..=pos).map(|p| e[p] / sum * kv.v[at(p) + x] as f64).sum();
+                    let v: f64 = (lo..=pos)
+                        .map(|p| e[p - lo] / sum * kv.v[at(p) + x] as f64)
+                        .sum();
                     out[row * qd + h * dh + x] = v as f32;
                 }
             }
@@ -159,6 +183,125 @@ fn fast_and_scalar_paths_match_the_reference() {
             }
         }
     }
+}
+
+#[test]
+fn sliding_window_and_sinks_match_the_reference() {
+    // GPT-OSS: windows shorter than, equal to and longer than the sequences, not multiples of
+    // the block size or of the kernel's chunk of 8 positions; sinks large enough to take most
+    // of the weight of some heads; decode rows, prefills longer than the window and chunks.
+    let mut rng = Rng(23);
+    let dims = [(4, 2, 32), (8, 2, 13), (4, 4, 64), (2, 1, 5), (8, 2, 128)];
+    let seqs = [
+        (37, 1),
+        (0, 19),
+        (5, 10),
+        (0, 1),
+        (70, 1),
+        (16, 3),
+        (7, 1),
+        (130, 12),
+    ];
+    for &(heads, kv_heads, head_dim) in &dims {
+        for bs in [1, 3, 16] {
+            for window in [
+                None,
+                Some(1),
+                Some(4),
+                Some(6),
+                Some(9),
+                Some(128),
+                Some(500),
+            ] {
+                for with_sinks in [false, true] {
+                    let d = AttnDims {
+                        heads,
+                        kv_heads,
+                        head_dim,
+                    };
+                    let (q, layout, kv) = setup(&mut rng, d, bs, &seqs);
+                    let sinks: Vec<f32> = (0..heads).map(|_| rng.f() * 4.0).collect();
+                    let ex = AttnExtras {
+                        window,
+                        sinks: with_sinks.then_some(&sinks[..]),
+                    };
+                    let want = reference_ext(&q, &layout, &kv, bs, d, ex);
+                    let name =
+                        format!("{heads}/{kv_heads}x{head_dim} bs {bs} window {window:?} sinks {with_sinks}");
+                    for threads in [1, 3] {
+                        let pool = rayon::ThreadPoolBuilder::new()
+                            .num_threads(threads)
+                            .build()
+                            .unwrap();
+                        let (fast, scalar) = pool.install(|| {
+                            (
+                                paged_attention_ext(&q, &layout, &kv, bs, d, ex).unwrap(),
+                                paged_attention_scalar_ext(&q, &layout, &kv, bs, d, ex).unwrap(),
+                            )
+                        });
+                        check(&format!("{name} fast x{threads}"), &fast, &want);
+                        check(&format!("{name} scalar x{threads}"), &scalar, &want);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_window_of_one_is_the_value_itself_and_sinks_take_weight() {
+    let mut rng = Rng(5);
+    let d = AttnDims {
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 8,
+    };
+    let (q, layout, kv) = setup(&mut rng, d, 4, &[(0, 9)]);
+    let one = AttnExtras {
+        window: Some(1),
+        sinks: None,
+    };
+    let got = paged_attention_ext(&q, &layout, &kv, 4, d, one).unwrap();
+    // Each row sees only itself: the output of every head is that position's value.
+    for (r, row) in got.chunks_exact(16).enumerate() {
+        let b = layout.seqs[0].block_table[r / 4] as usize;
+        let v = &kv.v[(b * 4 + r % 4) * 8..][..8];
+        for h in 0..2 {
+            for (a, b) in row[h * 8..(h + 1) * 8].iter().zip(v) {
+                assert!((a - b).abs() < 1e-6, "row {r} head {h}");
+            }
+        }
+    }
+    // A sink far above every score leaves almost nothing to the values.
+    let sinks = [60.0f32, 60.0];
+    let sunk = AttnExtras {
+        window: None,
+        sinks: Some(&sinks),
+    };
+    let got = paged_attention_ext(&q, &layout, &kv, 4, d, sunk).unwrap();
+    assert!(got.iter().all(|x| x.abs() < 1e-6), "{got:?}");
+}
+
+#[test]
+fn bad_extras_are_errors() {
+    let mut rng = Rng(9);
+    let d = AttnDims {
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+    };
+    let (q, layout, kv) = setup(&mut rng, d, 4, &[(0, 6)]);
+    let zero = AttnExtras {
+        window: Some(0),
+        sinks: None,
+    };
+    assert!(paged_attention_ext(&q, &layout, &kv, 4, d, zero).is_err());
+    let three = [0.0f32; 3];
+    let short = AttnExtras {
+        window: None,
+        sinks: Some(&three),
+    };
+    assert!(paged_attention_ext(&q, &layout, &kv, 4, d, short).is_err());
 }
 
 #[test]

@@ -857,6 +857,144 @@ fn unsupported_dtype_is_named() {
     );
 }
 
+// =============================================================================================
+// GPT-OSS
+
+#[test]
+fn gpt_oss_fixtures_load() {
+    for name in ["gpt_oss", "gpt_oss_mxfp4"] {
+        let cfg = ModelConfig::from_dir(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(cfg.family.name(), "gpt_oss");
+        let w = cfg.sliding_window.as_ref().expect("sliding layers");
+        assert_eq!(w.window, 6);
+        assert_eq!(w.layers, [true, false, true, false]);
+        assert!(cfg.yarn.is_some(), "{name}: yarn");
+        Model::load(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
+
+#[test]
+fn gpt_oss_missing_mxfp4_scales_name_the_tensor() {
+    for name in [
+        "model.layers.1.mlp.experts.down_proj_scales",
+        "model.layers.0.mlp.experts.gate_up_proj_scales",
+        "model.layers.3.mlp.experts.down_proj_blocks",
+    ] {
+        let tmp = copy_fixture("gpt_oss_mxfp4");
+        edit_safetensors(tmp.path(), "model.safetensors", |f| {
+            f.remove(name);
+        });
+        let err = load_err(tmp.path());
+        assert!(
+            matches!(&err, ModelError::MissingTensor { name: n, .. } if n == name),
+            "{name}: {err:?}"
+        );
+        assert_mentions(&err, &[name]);
+    }
+}
+
+#[test]
+fn gpt_oss_mxfp4_blocks_of_the_wrong_dtype_or_shape_are_named() {
+    let name = "model.layers.2.mlp.experts.gate_up_proj_scales";
+    let tmp = copy_fixture("gpt_oss_mxfp4");
+    edit_safetensors(tmp.path(), "model.safetensors", |f| {
+        f.entry(name).dtype = "I8".into();
+    });
+    let err = load_err(tmp.path());
+    assert!(
+        matches!(&err, ModelError::WrongDtype { name: n, .. } if n == name),
+        "{err:?}"
+    );
+    assert_mentions(&err, &[name, "U8"]);
+    // [8, 128, 2, 16] blocks read as [8, 128, 4, 8]: same bytes, wrong shape.
+    let name = "model.layers.0.mlp.experts.gate_up_proj_blocks";
+    let tmp = copy_fixture("gpt_oss_mxfp4");
+    edit_safetensors(tmp.path(), "model.safetensors", |f| {
+        f.entry(name).shape = vec![8, 128, 4, 8];
+    });
+    let err = load_err(tmp.path());
+    assert!(
+        matches!(&err, ModelError::WrongShape { name: n, .. } if n == name),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn gpt_oss_missing_sinks_and_biases_are_named() {
+    for name in [
+        "model.layers.0.self_attn.sinks",
+        "model.layers.1.self_attn.o_proj.bias",
+        "model.layers.2.mlp.router.bias",
+        "model.layers.3.mlp.experts.gate_up_proj_bias",
+        "model.layers.0.mlp.experts.down_proj",
+    ] {
+        let tmp = copy_fixture("gpt_oss");
+        edit_safetensors(tmp.path(), "model.safetensors", |f| {
+            f.remove(name);
+        });
+        let err = load_err(tmp.path());
+        assert!(
+            matches!(&err, ModelError::MissingTensor { name: n, .. } if n == name),
+            "{name}: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn gpt_oss_config_errors_name_the_field() {
+    let tmp = with_config("gpt_oss", |c| {
+        c.insert(
+            "layer_types".into(),
+            json!([
+                "sliding_attention",
+                "full_attention",
+                "chunked_attention",
+                "full_attention"
+            ]),
+        );
+    });
+    expect_unsupported(tmp.path(), &["layer_types[2]", "chunked_attention"]);
+    let tmp = with_config("gpt_oss", |c| {
+        c.insert("layer_types".into(), json!(["full_attention"]));
+    });
+    expect_config_error(tmp.path(), &["layer_types", "1 entries for 4 layers"]);
+    let tmp = with_config("gpt_oss", |c| {
+        c.insert("sliding_window".into(), Value::Null);
+    });
+    expect_config_error(tmp.path(), &["sliding_window"]);
+    let tmp = with_config("gpt_oss", |c| {
+        c.insert("sliding_window".into(), json!(0));
+    });
+    expect_config_error(tmp.path(), &["sliding_window"]);
+    let tmp = with_config("gpt_oss", |c| {
+        c.insert("swiglu_limit".into(), json!("seven"));
+    });
+    expect_config_error(tmp.path(), &["swiglu_limit"]);
+    let tmp = with_config("gpt_oss_mxfp4", |c| {
+        c.insert("quantization_config".into(), json!({"quant_method": "fp8"}));
+    });
+    expect_unsupported(tmp.path(), &["quant_method", "fp8", "mxfp4"]);
+    let tmp = with_config("gpt_oss", |c| {
+        c.remove("num_experts_per_tok");
+    });
+    expect_config_error(tmp.path(), &["num_experts_per_tok", "experts_per_token"]);
+    // Every layer full: no window needed.
+    let tmp = with_config("gpt_oss", |c| {
+        c.insert(
+            "layer_types".into(),
+            json!([
+                "full_attention",
+                "full_attention",
+                "full_attention",
+                "full_attention"
+            ]),
+        );
+        c.insert("sliding_window".into(), Value::Null);
+    });
+    let cfg = ModelConfig::from_dir(tmp.path()).unwrap();
+    assert!(cfg.sliding_window.is_none());
+}
+
 #[test]
 fn truncated_file() {
     for cut in [1usize, 100, 40_000] {

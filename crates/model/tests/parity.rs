@@ -116,3 +116,11 @@ fn deepseek_v2_mla_group_limited_yarn_matches_transformers() {
 fn deepseek_v3_mla_q_lora_noaux_tc_matches_transformers() {
     check_family("deepseek_v3");
 }
+#[test]
+fn gpt_oss_sinks_sliding_window_yarn_matches_transformers() {
+    check_family("gpt_oss");
+}
+#[test]
+fn gpt_oss_mxfp4_experts_match_transformers() {
+    check_family("gpt_oss_mxfp4");
+}

@@ -297,6 +297,7 @@ fn parse_hf(v: &Value, path: &str) -> Result<ModelShape> {
         "deepseek_v3",
         "deepseek_v2",
         "glm4_moe",
+        "gpt_oss",
     ];
     if !known.contains(&family.as_str()) {
         return Err(bad(format!(
@@ -316,12 +317,16 @@ fn parse_hf(v: &Value, path: &str) -> Result<ModelShape> {
         "n_routed_experts",
         "ffn_config.moe_num_experts",
     ])?;
-    let top_k = need(&["num_experts_per_tok", "ffn_config.moe_top_k"])?;
+    let top_k = need(&[
+        "num_experts_per_tok",
+        "ffn_config.moe_top_k",
+        "experts_per_token",
+    ])?;
     let is_ds = family.starts_with("deepseek");
     // GLM-4.5 lays out its experts, shared experts and dense first layers like DeepSeek.
     let ds_layout = is_ds || family == "glm4_moe";
     let expert_inter = match family.as_str() {
-        "mixtral" | "olmoe" => need(&["intermediate_size"])?,
+        "mixtral" | "olmoe" | "gpt_oss" => need(&["intermediate_size"])?,
         "dbrx" => need(&["ffn_config.ffn_hidden_size"])?,
         _ => need(&["moe_intermediate_size"])?,
     };
@@ -465,6 +470,8 @@ mod tests {
             ("deepseek-v2-lite", 15.7),
             ("glm-4.5", 355.0),
             ("glm-4.5-air", 106.0),
+            ("gpt-oss-120b", 116.8),
+            ("gpt-oss-20b", 20.9),
         ] {
             let m = c.resolve(name).unwrap();
             let got = m.total_params() / 1e9;

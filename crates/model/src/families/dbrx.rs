@@ -75,6 +75,8 @@ pub fn parse(v: &Value, cx: &ParseCx) -> Result<ModelConfig> {
         rope_interleaved: false,
         yarn: None,
         mla: None,
+        sliding_window: None,
+        expert_act: Default::default(),
         family: Family::Dbrx,
         hidden_size: c.d_model,
         num_layers: c.n_layers,
@@ -143,6 +145,7 @@ impl FamilyWeights for Names {
             )?),
             router_bias: None,
             mla: None,
+            sinks: None,
         })
     }
     fn expert(&self, w: &Weights, cfg: &ModelConfig, l: usize, e: usize) -> Result<GatedMlp> {

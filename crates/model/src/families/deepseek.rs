@@ -211,6 +211,8 @@ pub fn parse(v: &Value, cx: &ParseCx, family: Family) -> Result<ModelConfig> {
         rope_interleaved: !v3 || c.rope_interleave.unwrap_or(true),
         yarn: rope.yarn,
         mla: Some(mla),
+        sliding_window: None,
+        expert_act: Default::default(),
         qkv_bias: c.attention_bias,
         clip_qkv: None,
         qk_norm: QkNorm::None,
@@ -316,6 +318,7 @@ impl FamilyWeights for Names {
                 kv_b_rows,
                 scale: mla_scale(cfg, &m),
             }),
+            sinks: None,
         })
     }
     fn expert(&self, w: &Weights, cfg: &ModelConfig, l: usize, e: usize) -> Result<GatedMlp> {

@@ -108,6 +108,8 @@ pub fn parse(v: &Value, cx: &ParseCx) -> Result<ModelConfig> {
         rope_interleaved: false,
         yarn: rope.yarn,
         mla: None,
+        sliding_window: None,
+        expert_act: Default::default(),
         qkv_bias: c.attention_bias,
         clip_qkv: None,
         qk_norm: if c.use_qk_norm {

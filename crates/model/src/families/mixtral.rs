@@ -62,6 +62,8 @@ pub fn parse(v: &Value, cx: &ParseCx) -> Result<ModelConfig> {
         rope_interleaved: false,
         yarn: None,
         mla: None,
+        sliding_window: None,
+        expert_act: Default::default(),
         family: crate::config::Family::Mixtral,
         hidden_size: c.hidden_size,
         num_layers: c.num_hidden_layers,

@@ -5,6 +5,7 @@
 pub mod dbrx;
 pub mod deepseek;
 pub mod glm4_moe;
+pub mod gpt_oss;
 pub mod mixtral;
 pub mod olmoe;
 pub mod qwen2_moe;
@@ -32,6 +33,9 @@ pub struct AttentionWeights {
     pub router_bias: Option<Vec<f32>>,
     /// Multi-head latent attention; `qkv` then holds its fused first projection.
     pub mla: Option<crate::mla::MlaWeights>,
+    /// Attention sinks `[H]` (GPT-OSS): one learned logit per query head in the softmax's
+    /// denominator.
+    pub sinks: Option<Vec<f32>>,
 }
 
 /// Qwen2-MoE's shared expert: an always-on FFN scaled by `sigmoid(gate(x))`.
@@ -86,6 +90,7 @@ pub fn for_family(f: Family) -> Box<dyn FamilyWeights + Send + Sync> {
         Family::Dbrx => Box::new(dbrx::Names),
         Family::Glm4Moe => Box::new(glm4_moe::Names),
         Family::DeepseekV2 | Family::DeepseekV3 => Box::new(deepseek::Names),
+        Family::GptOss => Box::new(gpt_oss::Names),
     }
 }
 
@@ -193,6 +198,7 @@ pub fn llama_attention(
         },
         router_bias: None,
         mla: None,
+        sinks: None,
     })
 }
 
