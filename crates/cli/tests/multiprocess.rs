@@ -575,3 +575,11 @@ fn generate_deepseek_v2_equals_transformers() {
 fn generate_deepseek_v3_equals_transformers() {
     generate_equals_transformers("deepseek_v3");
 }
+#[test]
+fn generate_gpt_oss_equals_transformers() {
+    generate_equals_transformers("gpt_oss");
+}
+#[test]
+fn generate_gpt_oss_mxfp4_equals_transformers() {
+    generate_equals_transformers("gpt_oss_mxfp4");
+}
