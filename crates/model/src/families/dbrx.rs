@@ -30,7 +30,7 @@ pub struct DbrxConfig {
 #[derive(Deserialize)]
 pub struct DbrxAttnConfig {
     pub clip_qkv: Option<f64>,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     pub kv_n_heads: usize,
     pub rope_theta: Option<f64>,
 }
@@ -39,7 +39,7 @@ pub struct DbrxAttnConfig {
 pub struct DbrxFfnConfig {
     pub ffn_hidden_size: usize,
     pub moe_num_experts: usize,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     pub moe_top_k: usize,
     #[serde(default = "default_pnorm")]
     pub moe_normalize_expert_weights: Option<f64>,
@@ -48,9 +48,6 @@ pub struct DbrxFfnConfig {
 
 fn default_max_seq() -> usize {
     2048
-}
-fn one() -> usize {
-    1
 }
 fn default_pnorm() -> Option<f64> {
     Some(1.0)

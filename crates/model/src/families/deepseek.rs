@@ -47,12 +47,12 @@ pub struct DeepseekConfig {
     pub topk_group: Option<usize>,
     pub topk_method: Option<String>,
     pub scoring_func: Option<String>,
-    #[serde(default = "one_f")]
+    #[serde(default = "super::one_f")]
     pub routed_scaling_factor: f64,
     pub norm_topk_prob: Option<bool>,
     #[serde(default)]
     pub first_k_dense_replace: usize,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     pub moe_layer_freq: usize,
     pub q_lora_rank: Option<usize>,
     pub kv_lora_rank: usize,
@@ -76,12 +76,6 @@ fn default_max_pos() -> usize {
 }
 fn default_eps() -> f64 {
     1e-6
-}
-fn one() -> usize {
-    1
-}
-fn one_f() -> f64 {
-    1.0
 }
 
 pub fn parse(v: &Value, cx: &ParseCx, family: Family) -> Result<ModelConfig> {

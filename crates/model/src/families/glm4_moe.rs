@@ -36,17 +36,17 @@ pub struct Glm4MoeConfig {
     /// transformers 5 may write this name.
     pub num_local_experts: Option<usize>,
     pub num_experts_per_tok: usize,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     pub n_shared_experts: usize,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     pub n_group: usize,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     pub topk_group: usize,
-    #[serde(default = "one_f")]
+    #[serde(default = "super::one_f")]
     pub routed_scaling_factor: f64,
-    #[serde(default = "yes")]
+    #[serde(default = "super::yes")]
     pub norm_topk_prob: bool,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     pub first_k_dense_replace: usize,
     #[serde(default)]
     pub attention_bias: bool,
@@ -63,15 +63,6 @@ fn default_max_pos() -> usize {
 }
 fn default_eps() -> f64 {
     1e-5
-}
-fn one() -> usize {
-    1
-}
-fn one_f() -> f64 {
-    1.0
-}
-fn yes() -> bool {
-    true
 }
 
 pub fn parse(v: &Value, cx: &ParseCx) -> Result<ModelConfig> {

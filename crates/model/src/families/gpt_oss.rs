@@ -44,7 +44,7 @@ pub struct GptOssConfig {
     pub swiglu_alpha: f64,
     #[serde(default = "default_limit")]
     pub swiglu_limit: f64,
-    #[serde(default = "yes")]
+    #[serde(default = "super::yes")]
     pub attention_bias: bool,
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -69,9 +69,6 @@ fn default_alpha() -> f64 {
 }
 fn default_limit() -> f64 {
     7.0
-}
-fn yes() -> bool {
-    true
 }
 
 /// transformers' rope when a GPT-OSS config names none: YaRN, factor 32 over 4096 positions.

@@ -81,6 +81,17 @@ pub trait FamilyWeights {
     fn dense_mlp(&self, w: &Weights, cfg: &ModelConfig, layer: usize) -> Result<GatedMlp>;
 }
 
+// serde defaults the family config structs share.
+pub(crate) fn one() -> usize {
+    1
+}
+pub(crate) fn one_f() -> f64 {
+    1.0
+}
+pub(crate) fn yes() -> bool {
+    true
+}
+
 pub fn for_family(f: Family) -> Box<dyn FamilyWeights + Send + Sync> {
     match f {
         Family::Mixtral => Box::new(mixtral::Names),

@@ -36,7 +36,7 @@ pub struct Qwen2MoeConfig {
     pub num_experts_per_tok: usize,
     #[serde(default)]
     pub norm_topk_prob: bool,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     pub decoder_sparse_step: usize,
     #[serde(default)]
     pub mlp_only_layers: Vec<usize>,
@@ -54,9 +54,6 @@ fn default_max_pos() -> usize {
 }
 fn default_eps() -> f64 {
     1e-6
-}
-fn one() -> usize {
-    1
 }
 
 pub fn parse(v: &Value, cx: &ParseCx) -> Result<ModelConfig> {
