@@ -54,6 +54,17 @@ pub enum MpiTransport {
     Shm,
 }
 
+/// How ours moves the messages between processes of this host.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OurTransport {
+    /// What a deployment does: shared-memory rings between processes of one host, TCP
+    /// otherwise (and with TLS).
+    Auto,
+    /// TCP loopback only (the shared-memory offer is never made).
+    Tcp,
+}
+
 #[derive(Args, Clone)]
 pub struct M2nArgs {
     /// M: sender processes (the attention side).
@@ -97,6 +108,10 @@ pub struct M2nArgs {
     /// Ours over TLS (a throwaway certificate made by the harness), to measure its cost.
     #[arg(long)]
     pub tls: bool,
+    /// Ours: `auto` (shared memory between these processes, as a deployment on one host
+    /// does) or `tcp` (loopback sockets only).
+    #[arg(long, value_enum, default_value_t = OurTransport::Auto)]
+    pub transport: OurTransport,
 }
 
 fn parse_wire_dtype(s: &str) -> Result<WireDtype, String> {
@@ -136,6 +151,8 @@ pub struct M2nPeerArgs {
     /// TLS: the directory with the harness's `ca.pem`, `cert.pem` and `key.pem`.
     #[arg(long)]
     pub tls_dir: Option<std::path::PathBuf>,
+    #[arg(long, value_enum, default_value_t = OurTransport::Auto)]
+    pub transport: OurTransport,
 }
 
 /// A throwaway PKI for `--tls`: a CA and a certificate for 127.0.0.1 signed by it, in a
@@ -201,6 +218,9 @@ pub struct SenderReport {
     pub end_unix_ns: u64,
     /// Every timed round, ns.
     pub round_ns: Vec<u64>,
+    /// Ours: how each of this sender's links carried the messages ("tcp", "tls", "shm").
+    #[serde(default)]
+    pub transports: Vec<String>,
 }
 
 fn check_shape(m: usize, n: usize, bytes: usize, hidden: usize, iters: usize) -> Result<usize> {
@@ -235,17 +255,20 @@ pub fn run(a: M2nArgs) -> Result<()> {
     if a.baseline.is_some() && a.tls {
         bail!("--tls is tandem's option; the MPI baseline has no TLS");
     }
+    if a.baseline.is_some() && a.transport != OurTransport::Auto {
+        bail!("--transport is tandem's option; use --mpi-transport for the MPI baseline");
+    }
     let hidden = if a.baseline.is_some() { 1 } else { a.hidden };
     let rows = check_shape(a.senders, a.receivers, a.bytes, hidden, a.iters)?;
     let started = Instant::now();
     let (reports, extra) = match a.baseline {
         None => (
             run_ours(&a)?,
-            json!({"transport": if a.tls {
-                "tandem M2N over TLS (rustls, ring) over TCP loopback (tandem_engine::net)"
-            } else {
-                "tandem M2N over TCP loopback (tandem_engine::net)"
-            }}),
+            json!({"transport": match (a.tls, a.transport) {
+                (true, _) => "tandem M2N over TLS (rustls, ring) over TCP loopback (tandem_engine::net)",
+                (false, OurTransport::Tcp) => "tandem M2N over TCP loopback (tandem_engine::net)",
+                (false, OurTransport::Auto) => "tandem M2N, auto: shared-memory rings between processes of this host, the TCP loopback socket kept for liveness (tandem_engine::net, tandem_engine::shm)",
+            }, "our_transport": a.transport}),
         ),
         Some(Baseline::Mpi) => run_mpi(&a)?,
     };
@@ -333,6 +356,12 @@ fn run_ours(a: &M2nArgs) -> Result<Vec<SenderReport>> {
             a.hidden.to_string(),
             "--wire-dtype".into(),
             a.wire_dtype.name().into(),
+            "--transport".into(),
+            match a.transport {
+                OurTransport::Auto => "auto",
+                OurTransport::Tcp => "tcp",
+            }
+            .into(),
         ]
         .into_iter()
         .chain(tls)
@@ -430,6 +459,7 @@ pub fn peer(a: M2nPeerArgs) -> Result<()> {
     };
     let mut opts = NetOptions {
         wire_dtype: a.wire_dtype,
+        shared_memory: a.transport == OurTransport::Auto,
         ..NetOptions::default()
     };
     if let Some(d) = &a.tls_dir {
@@ -533,6 +563,11 @@ pub fn peer(a: M2nPeerArgs) -> Result<()> {
             let link = TcpReplicaLink::connect(a.rank, a.connect.clone(), id, opts);
             link.wait_ready(Duration::from_secs(60))
                 .map_err(|e| anyhow!("sender {}: {e}", a.rank))?;
+            let transports = link
+                .transports()
+                .iter()
+                .map(|t| t.unwrap_or("down").to_string())
+                .collect();
             let x = payload(a.rank)?;
             let mut round_ns = Vec::with_capacity(a.iters);
             let mut start_unix_ns = 0;
@@ -586,6 +621,7 @@ pub fn peer(a: M2nPeerArgs) -> Result<()> {
                 start_unix_ns,
                 end_unix_ns: unix_ns(),
                 round_ns,
+                transports,
             };
             println!("{RESULT_PREFIX}{}", serde_json::to_string(&rep)?);
             Ok(())
@@ -818,6 +854,7 @@ pub fn mpi_rank(a: M2nMpiRankArgs) -> Result<()> {
                 start_unix_ns: c[0],
                 end_unix_ns: c[1],
                 round_ns: c[2..].to_vec(),
+                transports: Vec::new(),
             })
             .collect();
         let (maj, min) = mpi::environment::version();
@@ -888,6 +925,11 @@ fn summarize(
     let hi = p50s.iter().copied().fold(0.0, f64::max);
     let machine = crate::sysinfo::machine_info();
     let cores = machine["cores"].as_u64().unwrap_or(1) as f64;
+    // Ours: how many sender-receiver links each transport carried (checked, not assumed).
+    let mut links = std::collections::BTreeMap::<String, usize>::new();
+    for t in reports.iter().flat_map(|r| r.transports.iter()) {
+        *links.entry(t.clone()).or_default() += 1;
+    }
     Ok(json!({
         "bench": "m2n",
         "config": {
@@ -903,6 +945,7 @@ fn summarize(
             "warmup": a.warmup,
             "baseline": match a.baseline { None => "none (tandem M2N)", Some(Baseline::Mpi) => "mpi" },
             "transport": transport,
+            "links_by_transport": links,
             "processes": m + n,
             "processes_per_core": (m + n) as f64 / cores,
             "machine": machine,

@@ -68,6 +68,20 @@ pub struct RoleArgs {
     pub cluster_secret_file: Option<PathBuf>,
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// How an attention replica and an expert worker on the same host move hidden states:
+    /// `auto` (shared-memory rings, the M2N socket kept to tell that the peer is alive; TCP
+    /// between hosts and with TLS) or `tcp` (always the socket). A link uses shared memory
+    /// only when both ends allow it.
+    #[arg(long, value_enum, default_value_t = M2nTransport::Auto)]
+    pub m2n_transport: M2nTransport,
+}
+
+/// `--m2n-transport`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum M2nTransport {
+    #[default]
+    Auto,
+    Tcp,
 }
 
 /// TLS on the M2N links (see docs/security.md "TLS"). Each file is taken from its flag, else
@@ -341,6 +355,7 @@ pub fn start_engine(
                     wire_dtype: role.wire_dtype,
                     cluster_secret: secret,
                     tls_client: tls,
+                    shared_memory: role.m2n_transport == M2nTransport::Auto,
                     ..NetOptions::default()
                 },
             );
@@ -354,15 +369,14 @@ pub fn start_engine(
 }
 
 /// Runs expert worker `rank` of `dep` until the process is stopped, on `listen` (default:
-/// its `[addresses] expert` entry), proving `secret` to its peers if one is given, and
-/// accepting only TLS with `tls`.
+/// its `[addresses] expert` entry), with `opts` (the cluster secret it proves, TLS, whether
+/// it takes shared-memory offers).
 pub fn run_expert(
     dir: &Path,
     dep: &Deployment,
     rank: u32,
     listen: Option<String>,
-    secret: Option<ClusterSecret>,
-    tls: Option<TlsServer>,
+    opts: NetOptions,
     ty: LinearType,
 ) -> Result<()> {
     check_addresses(dep)?;
@@ -385,11 +399,6 @@ pub fn run_expert(
         t.elapsed().as_secs_f64(),
         model.weight_memory().describe()
     );
-    let opts = NetOptions {
-        cluster_secret: secret,
-        tls_server: tls,
-        ..NetOptions::default()
-    };
     serve_expert(Arc::new(model), dep, rank, listener, opts)?;
     Ok(())
 }

@@ -125,8 +125,13 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
             deployment.addresses.expert.get(a.role.rank as usize),
             secret.is_some(),
         )?;
-        let tls = a.role.tls.server(&deployment)?;
-        return crate::roles::run_expert(&dir, &deployment, a.role.rank, listen, secret, tls, ty);
+        let opts = tandem_engine::net::NetOptions {
+            cluster_secret: secret,
+            tls_server: a.role.tls.server(&deployment)?,
+            shared_memory: a.role.m2n_transport == crate::roles::M2nTransport::Auto,
+            ..Default::default()
+        };
+        return crate::roles::run_expert(&dir, &deployment, a.role.rank, listen, opts, ty);
     }
     if a.shape.is_explicit()
         && a.shape.micro_batches.is_none()

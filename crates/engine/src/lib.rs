@@ -13,6 +13,11 @@ pub mod m2n_client;
 pub mod net;
 pub mod output;
 pub mod replica;
+#[cfg(target_os = "linux")]
+pub mod shm;
+#[cfg(not(target_os = "linux"))]
+#[path = "shm_none.rs"]
+pub mod shm;
 pub mod stats;
 pub mod tls;
 pub mod transport;

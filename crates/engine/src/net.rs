@@ -89,6 +89,16 @@ struct Hello {
     nonce: String,
     /// Whether this side holds a cluster secret (and will prove it).
     authenticated: bool,
+    /// A replica on the worker's host offers shared-memory rings ([`crate::shm`]).
+    #[serde(default)]
+    shm: Option<ShmOffer>,
+}
+
+/// Where the rings are and the token their header holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ShmOffer {
+    path: String,
+    token: String,
 }
 
 /// Step 2, from the worker.
@@ -115,6 +125,10 @@ struct HelloAck {
     epoch: u64,
     /// HMAC-SHA256(secret, worker tag, transcript), hex; absent without a secret.
     proof: Option<String>,
+    /// The worker took the shared-memory offer: everything after this ack goes through the
+    /// rings, and the socket only tells that the peer is alive.
+    #[serde(default)]
+    shm: bool,
 }
 
 /// What both proofs of a connection cover: both nonces and everything the hello claims, so
@@ -131,6 +145,8 @@ fn transcript(hello: &Hello, worker: u32, worker_nonce: &[u8], peer_nonce: &[u8]
         .field(id.map_or(&b""[..], |i| i.deployment_hash.as_bytes()))
         .field(&id.map_or(0u64, |i| i.hidden_size as u64).to_le_bytes())
         .field(hello.wire_dtype.name().as_bytes())
+        .field(hello.shm.as_ref().map_or(&b""[..], |o| o.path.as_bytes()))
+        .field(hello.shm.as_ref().map_or(&b""[..], |o| o.token.as_bytes()))
         .field(&worker.to_le_bytes())
 }
 
@@ -170,6 +186,12 @@ pub struct NetOptions {
     /// The CA bundle a replica (or status query) checks workers' certificates against: with
     /// one, it connects only with TLS (ignored by workers).
     pub tls_client: Option<TlsClient>,
+    /// Whether a replica and a worker on one host move frames through shared memory
+    /// ([`crate::shm`]) instead of the socket (never with TLS). A replica with `false` offers
+    /// nothing; a worker with `false` declines every offer.
+    pub shared_memory: bool,
+    /// Bytes of each shared-memory ring (one per direction and connection).
+    pub shm_ring_bytes: usize,
 }
 
 impl Default for NetOptions {
@@ -183,6 +205,8 @@ impl Default for NetOptions {
             cluster_secret: None,
             tls_server: None,
             tls_client: None,
+            shared_memory: true,
+            shm_ring_bytes: crate::shm::DEFAULT_RING_BYTES,
         }
     }
 }
@@ -308,6 +332,16 @@ fn end_handshake(stream: &TcpStream, rd: &mut ReadHalf) -> Result<(), String> {
     stream.set_write_timeout(None).map_err(|e| e.to_string())
 }
 
+/// How a connection carries frames (for logs and status reports).
+fn transport_name(rd: &ReadHalf) -> &'static str {
+    match rd {
+        ReadHalf::Plain(_) => "tcp",
+        ReadHalf::Tls(_) => "tls",
+        #[cfg(target_os = "linux")]
+        ReadHalf::Shm(_) => "shm",
+    }
+}
+
 fn resolve(addr: &str) -> std::io::Result<std::net::SocketAddr> {
     addr.to_socket_addrs()?.next().ok_or_else(|| {
         std::io::Error::new(
@@ -325,6 +359,8 @@ struct Conn {
     w: WriteHalf,
     /// The type hidden states are sent in on this connection.
     dtype: WireDtype,
+    /// How frames travel: "tcp", "tls" or "shm".
+    transport: &'static str,
 }
 
 impl Conn {
@@ -425,6 +461,15 @@ impl TcpReplicaLink {
         }
     }
 
+    /// Per worker: how frames travel ("tcp", "tls" or "shm"), `None` while not connected.
+    pub fn transports(&self) -> Vec<Option<&'static str>> {
+        self.shared
+            .conns
+            .iter()
+            .map(|c| c.lock().ok().and_then(|g| g.as_ref().map(|c| c.transport)))
+            .collect()
+    }
+
     /// A probe that reports whether every worker is connected (for health checks).
     pub fn health_probe(&self) -> impl Fn() -> Result<(), String> + Send + Sync + 'static {
         let shared = self.shared.clone();
@@ -479,16 +524,13 @@ fn replica_conn_loop(s: &ReplicaShared, w: usize, tx: mpsc::Sender<ToReplica>) {
                 gen,
                 w: wr,
                 dtype: s.opts.wire_dtype,
+                transport: transport_name(&rd),
             });
         }
         tracing::info!(
             replica = s.rank,
-            "connected to expert worker {w} at {addr}{}",
-            if s.opts.tls_client.is_some() {
-                " (TLS)"
-            } else {
-                ""
-            }
+            "connected to expert worker {w} at {addr} ({})",
+            transport_name(&rd)
         );
         let mut r = BufReader::with_capacity(1 << 16, &mut rd);
         let why = loop {
@@ -544,6 +586,11 @@ fn replica_handshake(
         &s.addrs[w],
         s.opts.handshake_timeout,
     )?;
+    let offer = if s.opts.shared_memory && s.opts.tls_client.is_none() {
+        crate::shm::offer(&stream, s.opts.shm_ring_bytes)
+    } else {
+        None
+    };
     let hello = Hello {
         wire_version: WIRE_VERSION,
         tandem_version: env!("CARGO_PKG_VERSION").into(),
@@ -553,8 +600,12 @@ fn replica_handshake(
         wire_dtype: s.opts.wire_dtype,
         nonce: String::new(),
         authenticated: false,
+        shm: offer.as_ref().map(|o| ShmOffer {
+            path: o.path().into(),
+            token: o.token().into(),
+        }),
     };
-    client_handshake(
+    let ack = client_handshake(
         &mut rd,
         &mut wr,
         hello,
@@ -562,7 +613,16 @@ fn replica_handshake(
         Some(w as u32),
     )?;
     end_handshake(&stream, &mut rd)?;
-    Ok((stream, rd, wr))
+    match (ack.shm, offer) {
+        (false, _) => Ok((stream, rd, wr)),
+        (true, Some(o)) => {
+            let (rd, wr) = o
+                .into_halves(&stream)
+                .map_err(|e| format!("shared memory: {e}"))?;
+            Ok((stream, rd, wr))
+        }
+        (true, None) => Err("the worker switched to shared memory that was not offered".into()),
+    }
 }
 
 impl ReplicaLink for TcpReplicaLink {
@@ -632,7 +692,8 @@ struct WorkerShared {
     id: Identity,
     opts: NetOptions,
     conns: Vec<Mutex<Option<Conn>>>,
-    peers: Vec<Mutex<Option<String>>>,
+    /// Per replica rank: the peer's address and the transport, while connected.
+    peers: Vec<Mutex<Option<(String, &'static str)>>>,
     gen: AtomicU64,
     status: Arc<Mutex<WorkerStatus>>,
     /// Connections accepted and not yet through the handshake.
@@ -661,6 +722,9 @@ pub struct WorkerReport {
     pub tandem_version: String,
     /// Per replica rank: the peer address when connected.
     pub replicas: Vec<Option<String>>,
+    /// Per replica rank: how frames travel ("tcp", "tls" or "shm") when connected.
+    #[serde(default)]
+    pub transports: Vec<Option<String>>,
     pub status: serde_json::Value,
 }
 
@@ -844,11 +908,12 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
         Err(why) => return reject(&mut wr, why),
     };
     drop(pending);
-    let ack = |epoch: u64| {
+    let ack = |epoch: u64, shm: bool| {
         Frame::HelloAck(json(&HelloAck {
             worker: s.worker,
             epoch,
             proof: proof.clone(),
+            shm,
         }))
     };
     if hello.role == "status" {
@@ -858,7 +923,20 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
             replicas: s
                 .peers
                 .iter()
-                .map(|p| p.lock().ok().and_then(|g| g.clone()))
+                .map(|p| {
+                    p.lock()
+                        .ok()
+                        .and_then(|g| g.as_ref().map(|(a, _)| a.clone()))
+                })
+                .collect(),
+            transports: s
+                .peers
+                .iter()
+                .map(|p| {
+                    p.lock()
+                        .ok()
+                        .and_then(|g| g.as_ref().map(|(_, t)| t.to_string()))
+                })
                 .collect(),
             status: s
                 .status
@@ -867,7 +945,7 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
                 .and_then(|g| serde_json::to_value(&*g).ok())
                 .unwrap_or_default(),
         };
-        let _ = write_frame(&mut wr, &ack(0), 0);
+        let _ = write_frame(&mut wr, &ack(0, false), 0);
         let _ = write_frame(&mut wr, &Frame::Status(json(&report)), 0);
         let _ = wr.flush();
         wr.shutdown();
@@ -905,6 +983,23 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
             ),
         );
     }
+    // A replica on this host may offer shared memory; a refusal (logged) keeps TCP.
+    let shm = match &hello.shm {
+        Some(o) if s.opts.shared_memory && s.opts.tls_server.is_none() => {
+            match crate::shm::accept(&o.path, &o.token, &stream) {
+                Ok(h) => Some(h),
+                Err(why) => {
+                    tracing::info!(
+                        worker = s.worker,
+                        "replica {} ({peer}) stays on TCP: {why}",
+                        hello.rank
+                    );
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let epoch = s.status.lock().map(|g| g.epoch).unwrap_or(0);
     let gen = s.gen.fetch_add(1, Ordering::Relaxed);
     {
@@ -922,32 +1017,35 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
             gen,
             w: wr,
             dtype: hello.wire_dtype,
+            transport: "",
         };
-        if c.send(&ack(epoch), 0).is_err() {
+        if c.send(&ack(epoch, shm.is_some()), 0).is_err() {
             return;
         }
+        // The ack went over the socket; from here on frames take the rings.
+        if let Some((r, w)) = shm {
+            rd = r;
+            c.w = w;
+        }
+        c.transport = transport_name(&rd);
         *g = Some(c);
-    }
-    if let Ok(mut p) = s.peers[rank].lock() {
-        *p = Some(peer.clone());
     }
     if end_handshake(&stream, &mut rd).is_err() {
         return;
     }
+    let transport = transport_name(&rd);
+    if let Ok(mut p) = s.peers[rank].lock() {
+        *p = Some((peer.clone(), transport));
+    }
     tracing::info!(
         worker = s.worker,
-        "attention replica {rank} connected from {peer} (hidden states in {}, {}{})",
+        "attention replica {rank} connected from {peer} (hidden states in {}, {}, {transport})",
         hello.wire_dtype.name(),
         if proof.is_some() {
             "authenticated"
         } else {
             "no cluster secret"
         },
-        if s.opts.tls_server.is_some() {
-            ", TLS"
-        } else {
-            ""
-        }
     );
     let mut r = BufReader::with_capacity(1 << 16, &mut rd);
     let why = loop {
@@ -1047,6 +1145,7 @@ pub fn query_status_with(
         wire_dtype: WireDtype::F32,
         nonce: String::new(),
         authenticated: false,
+        shm: None,
     };
     client_handshake(&mut rd, &mut wr, hello, secret, None)?;
     // The report follows the ack, within the same deadline.

@@ -20,8 +20,8 @@
 //!   writes the records to the socket while holding only the `order` lock, which keeps the
 //!   records of different writers in the order their sequence numbers were given.
 //!
-//! The plaintext path is the socket itself: [`ReadHalf`] and [`WriteHalf`] are enums chosen
-//! once per connection.
+//! The plaintext path is the socket itself, and the shared-memory path ([`crate::shm`]) a
+//! pair of rings: [`ReadHalf`] and [`WriteHalf`] are enums chosen once per connection.
 
 use crate::wire::{read_frame, Frame, MAGIC};
 use rustls::client::Resumption;
@@ -401,12 +401,16 @@ fn lock<T>(m: &Mutex<T>) -> io::Result<MutexGuard<'_, T>> {
 pub(crate) enum ReadHalf {
     Plain(SockReader),
     Tls(TlsReader),
+    #[cfg(target_os = "linux")]
+    Shm(crate::shm::ShmReader),
 }
 
 /// The write half of a connection (unbuffered: frames go out with vectored writes).
 pub(crate) enum WriteHalf {
     Plain(TcpStream),
     Tls(TlsWriter),
+    #[cfg(target_os = "linux")]
+    Shm(crate::shm::ShmWriter),
 }
 
 impl ReadHalf {
@@ -415,6 +419,8 @@ impl ReadHalf {
         match self {
             ReadHalf::Plain(r) => r.end_handshake(),
             ReadHalf::Tls(r) => r.raw.end_handshake(),
+            #[cfg(target_os = "linux")]
+            ReadHalf::Shm(_) => Ok(()),
         }
     }
 }
@@ -424,6 +430,8 @@ impl Read for ReadHalf {
         match self {
             ReadHalf::Plain(r) => r.read(buf),
             ReadHalf::Tls(r) => r.read(buf),
+            #[cfg(target_os = "linux")]
+            ReadHalf::Shm(r) => r.read(buf),
         }
     }
 }
@@ -434,6 +442,8 @@ impl WriteHalf {
         let s = match self {
             WriteHalf::Plain(s) => s,
             WriteHalf::Tls(t) => &t.sock,
+            #[cfg(target_os = "linux")]
+            WriteHalf::Shm(w) => return w.shutdown(),
         };
         let _ = s.shutdown(Shutdown::Both);
     }
@@ -444,18 +454,24 @@ impl Write for WriteHalf {
         match self {
             WriteHalf::Plain(s) => s.write(buf),
             WriteHalf::Tls(t) => t.write(buf),
+            #[cfg(target_os = "linux")]
+            WriteHalf::Shm(w) => w.write(buf),
         }
     }
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             WriteHalf::Plain(s) => s.write_vectored(bufs),
             WriteHalf::Tls(t) => t.write_vectored(bufs),
+            #[cfg(target_os = "linux")]
+            WriteHalf::Shm(w) => w.write_vectored(bufs),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             WriteHalf::Plain(s) => s.flush(),
             WriteHalf::Tls(_) => Ok(()),
+            #[cfg(target_os = "linux")]
+            WriteHalf::Shm(w) => w.flush(),
         }
     }
 }

@@ -160,8 +160,37 @@ fn prompts(vocab: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// The suite of one family over both same-host transports: shared memory (the default
+/// between processes of one host) and plain TCP.
 fn tcp_equals_colocated(family: &str) {
-    tcp_equals_colocated_with(family, keyed())
+    tcp_equals_colocated_with(family, keyed());
+    tcp_equals_colocated_with(
+        family,
+        NetOptions {
+            shared_memory: false,
+            ..keyed()
+        },
+    );
+}
+
+/// Every replica of `dep` is connected to every worker over `want` ("shm", "tcp", "tls"),
+/// as the workers report it.
+fn assert_transport(dep: &Deployment, opts: &NetOptions, want: &str) {
+    for (w, a) in dep.addresses.expert.iter().enumerate() {
+        let r = query_status_with(
+            a,
+            Duration::from_secs(5),
+            opts.cluster_secret.as_ref(),
+            opts.tls_client.as_ref(),
+        )
+        .unwrap();
+        let n = dep.attention_replicas as usize;
+        assert_eq!(
+            r.transports,
+            vec![Some(want.to_string()); n],
+            "worker {w}: {r:?}"
+        );
+    }
 }
 
 fn tcp_equals_colocated_with(family: &str, opts: NetOptions) {
@@ -175,6 +204,12 @@ fn tcp_equals_colocated_with(family: &str, opts: NetOptions) {
     let engines: Vec<Engine> = (0..2)
         .map(|r| start_replica_with(&model, &dep, r, opts.clone()))
         .collect();
+    let want = match (&opts.tls_client, opts.shared_memory) {
+        (Some(_), _) => "tls",
+        (None, true) => "shm",
+        (None, false) => "tcp",
+    };
+    assert_transport(&dep, &opts, want);
     let ps = prompts(model.cfg.vocab_size);
     let n = 10;
     let handles: Vec<(usize, RequestHandle)> = ps
@@ -385,13 +420,27 @@ fn garbage_drops_the_connection_not_the_worker() {
 
 #[test]
 fn a_dead_worker_fails_requests_quickly_and_a_replacement_rejoins() {
+    dead_worker_case(keyed());
+}
+
+/// The same with the links on plain TCP (the relay cuts the data path itself there; over
+/// shared memory it cuts only the socket, which ends the link all the same).
+#[test]
+fn a_dead_worker_fails_requests_quickly_over_tcp_too() {
+    dead_worker_case(NetOptions {
+        shared_memory: false,
+        ..keyed()
+    });
+}
+
+fn dead_worker_case(opts: NetOptions) {
     let dir = fixture("mixtral");
     let (mut ls, addrs) = listeners(2);
     let dep = deployment(1, 2, 2, addrs.clone());
     // Worker 0 is served directly; worker 1 sits behind a TCP relay that can play dead (a
     // killed process looks the same from the replica: connections reset, connects refused).
     let l1 = ls.pop().unwrap();
-    start_workers(&dir, &dep, ls);
+    start_workers_with(&dir, &dep, ls, opts.clone());
     // The real worker 1 listens on a private port; the deployment's address is a relay.
     let (inner, inner_addr) = listeners(1);
     let cfg = tandem_model::ModelConfig::from_dir(&dir).unwrap();
@@ -402,13 +451,16 @@ fn a_dead_worker_fails_requests_quickly_and_a_replacement_rejoins() {
         let dep = dep.clone();
         let w1 = w1.clone();
         let l = inner.into_iter().next().unwrap();
+        let opts = opts.clone();
         std::thread::spawn(move || {
-            let _ = serve_expert(w1, &dep, 1, l, keyed());
+            let _ = serve_expert(w1, &dep, 1, l, opts);
         });
     }
     let relay = Relay::start(l1, inner_addr[0].clone());
     let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
-    let engine = start_replica(&model, &dep, 0);
+    let engine = start_replica_with(&model, &dep, 0, opts.clone());
+    let want = if opts.shared_memory { "shm" } else { "tcp" };
+    assert_transport(&dep, &opts, want);
     let reference = Model::load(&dir).unwrap();
     let long = engine
         .add_request(
