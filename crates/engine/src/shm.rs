@@ -398,9 +398,26 @@ impl Link {
         }
     }
 
-    /// Sleeps until `seq` moves past `seen`, [`LIVENESS`] passes, or a wake-up.
-    fn sleep(&self, seq: usize, seen: u32) {
-        futex_wait(self.region.u32_at(seq), seen, LIVENESS);
+    /// Announces a waiter in the word at `waiting` and sleeps on the word at `seq` (for at
+    /// most [`LIVENESS`]) unless `blocked`, checked after the announcement, says the wait is
+    /// over: the other side either sees the announcement or bumped `seq` first.
+    fn park(&self, waiting: usize, seq: usize, blocked: impl Fn() -> bool) {
+        let w = self.region.u32_at(waiting);
+        w.store(1, Ordering::SeqCst);
+        let seen = self.region.u32_at(seq).load(Ordering::SeqCst);
+        if blocked() {
+            futex_wait(self.region.u32_at(seq), seen, LIVENESS);
+        }
+        w.store(0, Ordering::SeqCst);
+    }
+
+    /// Bumps the word at `seq` after a position was published, and wakes the other side if it
+    /// announced that it waits (the only system call of a busy link).
+    fn notify(&self, seq: usize, waiting: usize) {
+        self.region.u32_at(seq).fetch_add(1, Ordering::SeqCst);
+        if self.region.u32_at(waiting).load(Ordering::SeqCst) != 0 {
+            futex_wake(self.region.u32_at(seq));
+        }
     }
 
     fn shutdown(&self) {
@@ -520,10 +537,7 @@ impl Read for ShmReader {
                 }
                 self.tail = self.tail.wrapping_add(n as u64);
                 reg.u64_at(r.ctl + TAIL).store(self.tail, Ordering::SeqCst);
-                reg.u32_at(r.ctl + SPACE_SEQ).fetch_add(1, Ordering::SeqCst);
-                if reg.u32_at(r.ctl + WRITER_WAITING).load(Ordering::SeqCst) != 0 {
-                    futex_wake(reg.u32_at(r.ctl + SPACE_SEQ));
-                }
+                l.notify(r.ctl + SPACE_SEQ, r.ctl + WRITER_WAITING);
                 return Ok(n);
             }
             if l.closed(r) {
@@ -534,13 +548,10 @@ impl Read for ShmReader {
                 std::hint::spin_loop();
                 continue;
             }
-            let waiting = reg.u32_at(r.ctl + READER_WAITING);
-            waiting.store(1, Ordering::SeqCst);
-            let seen = reg.u32_at(r.ctl + DATA_SEQ).load(Ordering::SeqCst);
-            if head_w.load(Ordering::SeqCst) == self.tail && !l.closed(r) {
-                l.sleep(r.ctl + DATA_SEQ, seen);
-            }
-            waiting.store(0, Ordering::SeqCst);
+            let tail = self.tail;
+            l.park(r.ctl + READER_WAITING, r.ctl + DATA_SEQ, || {
+                head_w.load(Ordering::SeqCst) == tail && !l.closed(r)
+            });
         }
     }
 }
@@ -552,13 +563,8 @@ impl ShmWriter {
             return;
         }
         self.unsignalled = false;
-        let l = &*self.link;
-        let reg = &*l.region;
-        let t = l.tx;
-        reg.u32_at(t.ctl + DATA_SEQ).fetch_add(1, Ordering::SeqCst);
-        if reg.u32_at(t.ctl + READER_WAITING).load(Ordering::SeqCst) != 0 {
-            futex_wake(reg.u32_at(t.ctl + DATA_SEQ));
-        }
+        let t = self.link.tx;
+        self.link.notify(t.ctl + DATA_SEQ, t.ctl + READER_WAITING);
     }
 
     /// Free bytes in the ring, waiting until there are some.
@@ -594,13 +600,10 @@ impl ShmWriter {
                 std::hint::spin_loop();
                 continue;
             }
-            let waiting = reg.u32_at(t.ctl + WRITER_WAITING);
-            waiting.store(1, Ordering::SeqCst);
-            let seen = reg.u32_at(t.ctl + SPACE_SEQ).load(Ordering::SeqCst);
-            if self.head.wrapping_sub(tail_w.load(Ordering::SeqCst)) >= cap && !l.closed(t) {
-                l.sleep(t.ctl + SPACE_SEQ, seen);
-            }
-            waiting.store(0, Ordering::SeqCst);
+            let head = self.head;
+            l.park(t.ctl + WRITER_WAITING, t.ctl + SPACE_SEQ, || {
+                head.wrapping_sub(tail_w.load(Ordering::SeqCst)) >= cap && !l.closed(t)
+            });
         }
     }
 
