@@ -917,27 +917,21 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
         }))
     };
     if hello.role == "status" {
+        // One look at each replica's entry: its address and transport agree.
+        let (replicas, transports) = s
+            .peers
+            .iter()
+            .map(|p| {
+                let entry = p.lock().ok().and_then(|g| g.clone());
+                let transport = entry.as_ref().map(|(_, t)| t.to_string());
+                (entry.map(|(a, _)| a), transport)
+            })
+            .unzip();
         let report = WorkerReport {
             worker: s.worker,
             tandem_version: env!("CARGO_PKG_VERSION").into(),
-            replicas: s
-                .peers
-                .iter()
-                .map(|p| {
-                    p.lock()
-                        .ok()
-                        .and_then(|g| g.as_ref().map(|(a, _)| a.clone()))
-                })
-                .collect(),
-            transports: s
-                .peers
-                .iter()
-                .map(|p| {
-                    p.lock()
-                        .ok()
-                        .and_then(|g| g.as_ref().map(|(_, t)| t.to_string()))
-                })
-                .collect(),
+            replicas,
+            transports,
             status: s
                 .status
                 .lock()
@@ -1013,22 +1007,20 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
                 replica: rank as u32,
             });
         }
-        let mut c = Conn {
-            gen,
-            w: wr,
-            dtype: hello.wire_dtype,
-            transport: "",
-        };
-        if c.send(&ack(epoch, shm.is_some()), 0).is_err() {
+        if send_text(&mut wr, &ack(epoch, shm.is_some())).is_err() {
             return;
         }
         // The ack went over the socket; from here on frames take the rings.
         if let Some((r, w)) = shm {
             rd = r;
-            c.w = w;
+            wr = w;
         }
-        c.transport = transport_name(&rd);
-        *g = Some(c);
+        *g = Some(Conn {
+            gen,
+            w: wr,
+            dtype: hello.wire_dtype,
+            transport: transport_name(&rd),
+        });
     }
     if end_handshake(&stream, &mut rd).is_err() {
         return;
