@@ -192,6 +192,10 @@ pub struct NetOptions {
     pub shared_memory: bool,
     /// Bytes of each shared-memory ring (one per direction and connection).
     pub shm_ring_bytes: usize,
+    /// Over shared memory, f32 matrices of at least this many bytes are lent: the peer
+    /// copies them once, straight from this process ([`crate::shm`]), instead of through
+    /// the ring. `usize::MAX`: never.
+    pub shm_lend_min: usize,
 }
 
 impl Default for NetOptions {
@@ -207,6 +211,7 @@ impl Default for NetOptions {
             tls_client: None,
             shared_memory: true,
             shm_ring_bytes: crate::shm::DEFAULT_RING_BYTES,
+            shm_lend_min: crate::shm::DEFAULT_LEND_MIN,
         }
     }
 }
@@ -365,7 +370,11 @@ struct Conn {
 
 impl Conn {
     fn send(&mut self, f: &Frame, hidden: usize) -> Result<(), WireError> {
-        write_frame_as(&mut self.w, f, hidden, self.dtype)?;
+        match &mut self.w {
+            #[cfg(target_os = "linux")]
+            WriteHalf::Shm(w) => crate::shm::send(w, f, hidden, self.dtype)?,
+            w => write_frame_as(w, f, hidden, self.dtype)?,
+        }
         self.w.flush()?;
         Ok(())
     }
@@ -617,7 +626,7 @@ fn replica_handshake(
         (false, _) => Ok((stream, rd, wr)),
         (true, Some(o)) => {
             let (rd, wr) = o
-                .into_halves(&stream)
+                .into_halves(&stream, s.opts.shm_lend_min)
                 .map_err(|e| format!("shared memory: {e}"))?;
             Ok((stream, rd, wr))
         }
@@ -980,7 +989,7 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
     // A replica on this host may offer shared memory; a refusal (logged) keeps TCP.
     let shm = match &hello.shm {
         Some(o) if s.opts.shared_memory && s.opts.tls_server.is_none() => {
-            match crate::shm::accept(&o.path, &o.token, &stream) {
+            match crate::shm::accept(&o.path, &o.token, &stream, s.opts.shm_lend_min) {
                 Ok(h) => Some(h),
                 Err(why) => {
                     tracing::info!(

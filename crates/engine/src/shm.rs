@@ -25,12 +25,31 @@
 //! sealed against shrinking before it is offered, so the peer cannot truncate it under our
 //! mapping (which would fault on access).
 //!
+//! The rings carry records, each at a position aligned to 8: bytes (a length word, the
+//! bytes, padding), or a loan (a length word and an address in the writer's memory). A loan
+//! is how a large matrix crosses with one copy, as MPI's shared-memory path moves it with
+//! CMA: the writer publishes where the tensor lies and keeps the tensor alive; the reader
+//! copies it with `process_vm_readv` straight into the frame's buffer and counts the loan
+//! as repaid, and the writer drops what was repaid at its next write. Nobody waits for a
+//! loan but a writer owing more than [`MAX_LENT_BYTES`] or closing the link (for at most
+//! [`LEND_GRACE`]). A writer lends only after its reader proved that it can read this
+//! process (it read a known word at an address the writer published, see [`ShmReader`]);
+//! otherwise, as between users or under a seccomp policy that forbids the call, matrices
+//! are copied through the ring. A loan is read only into a frame being decoded, bounded
+//! like any other input; a writer that closes with loans unread sets the closed flag before
+//! it frees them, and a reader checks the flag after every copy, so a copy that raced with
+//! the free is dropped, never delivered.
+//!
 //! Waiting: the reader (or a writer facing a full ring) announces that it waits, re-checks,
 //! and sleeps on a futex word that the other side bumps after publishing a position (a
 //! cross-process futex: the mapping is shared, not private). The other side calls the
 //! kernel only when a waiter is announced, so a busy pipeline makes no system calls.
 
 use crate::tls::{ReadHalf, WriteHalf};
+use crate::wire::{
+    f32_bytes, matrix_of, with_matrix_frame, write_frame_as, Frame, WireDtype, WireError,
+};
+use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -52,6 +71,37 @@ const MIN_RING_BYTES: usize = 64 << 10;
 /// How often a wait looks at the socket (and the closed flag) at the latest.
 pub const LIVENESS: Duration = Duration::from_millis(50);
 
+/// Matrices at least this long are lent (copied once, by the reader) rather than copied into
+/// the ring and out: below it the two copies are cheaper than the loan's bookkeeping.
+pub const DEFAULT_LEND_MIN: usize = 64 << 10;
+/// Bytes lent and not yet repaid after which a writer waits for its reader.
+const MAX_LENT_BYTES: usize = 64 << 20;
+/// How long a writer that closes (or is dropped) waits for its loans to be repaid.
+const LEND_GRACE: Duration = Duration::from_millis(500);
+/// The longest loan a reader accepts (the length is the peer's word).
+const MAX_LOAN: u64 = 1 << 40;
+/// A record's length word: the kind in the top byte, the length below.
+const WORD: u64 = 8;
+const REC_BYTES: u64 = 1;
+const REC_LOAN: u64 = 2;
+const LEN_BITS: u64 = (1 << 48) - 1;
+/// What a writer's reader must read at the writer's published probe address before the
+/// writer lends anything.
+static PROBE: u64 = u64::from_le_bytes(*b"TDMLEND1");
+
+/// Loans this process published and loans it read whole, over every link (for tests and
+/// diagnostics: whether matrices cross with one copy).
+static LOANS_MADE: AtomicU64 = AtomicU64::new(0);
+static LOANS_READ: AtomicU64 = AtomicU64::new(0);
+
+/// (loans published, loans read whole) by this process so far.
+pub fn loans() -> (u64, u64) {
+    (
+        LOANS_MADE.load(Ordering::Relaxed),
+        LOANS_READ.load(Ordering::Relaxed),
+    )
+}
+
 const PAGE: usize = 4096;
 /// Page 0: magic, token, ring size; page 1: the replica-to-worker ring's control; page 2:
 /// the other's. The data areas follow.
@@ -64,9 +114,16 @@ const TOKEN_LEN: usize = 16;
 const HEAD: usize = 0;
 const DATA_SEQ: usize = 8;
 const WRITER_WAITING: usize = 12;
+/// The writer's process id and the address of its [`PROBE`] word.
+const WRITER_PID: usize = 16;
+const PROBE_ADDR: usize = 24;
 const TAIL: usize = 128;
 const SPACE_SEQ: usize = 136;
 const READER_WAITING: usize = 140;
+/// Loans repaid (read whole), ever.
+const REPAID: usize = 144;
+/// Set by the reader once it read the writer's probe: the writer may lend.
+const CAN_LEND: usize = 152;
 const CLOSED: usize = 256;
 
 /// A shared mapping, unmapped when the last half is dropped.
@@ -190,9 +247,14 @@ impl Offer {
         self.region
     }
 
-    /// The replica's halves once the worker accepted the offer.
-    pub(crate) fn into_halves(self, sock: &TcpStream) -> io::Result<(ReadHalf, WriteHalf)> {
-        let (r, w) = halves(self.accepted(), Side::Replica, sock)?;
+    /// The replica's halves once the worker accepted the offer (lending matrices of at least
+    /// `lend_min` bytes).
+    pub(crate) fn into_halves(
+        self,
+        sock: &TcpStream,
+        lend_min: usize,
+    ) -> io::Result<(ReadHalf, WriteHalf)> {
+        let (r, w) = halves(self.accepted(), Side::Replica, sock, lend_min)?;
         Ok((ReadHalf::Shm(r), WriteHalf::Shm(w)))
     }
 }
@@ -214,17 +276,19 @@ pub(crate) fn offer(sock: &TcpStream, ring_bytes: usize) -> Option<Offer> {
         .ok()
 }
 
-/// A worker's answer to an offer on `sock`: its halves, or why the link stays on TCP.
+/// A worker's answer to an offer on `sock`: its halves (lending matrices of at least
+/// `lend_min` bytes), or why the link stays on TCP.
 pub(crate) fn accept(
     path: &str,
     token: &str,
     sock: &TcpStream,
+    lend_min: usize,
 ) -> Result<(ReadHalf, WriteHalf), String> {
     if !same_host(sock) {
         return Err("the peer is on another host".into());
     }
     let region = open(path, token)?;
-    let (r, w) = halves(region, Side::Worker, sock).map_err(|e| e.to_string())?;
+    let (r, w) = halves(region, Side::Worker, sock, lend_min).map_err(|e| e.to_string())?;
     Ok((ReadHalf::Shm(r), WriteHalf::Shm(w)))
 }
 
@@ -235,7 +299,7 @@ fn os_err(what: &str) -> io::Error {
 
 /// Creates a sealed memfd with two rings of `ring_bytes` each and its offer.
 pub(crate) fn create(ring_bytes: usize) -> io::Result<Offer> {
-    let cap = ring_bytes.clamp(MIN_RING_BYTES, MAX_RING_BYTES);
+    let cap = ring_bytes.clamp(MIN_RING_BYTES, MAX_RING_BYTES) & !(PAGE - 1);
     let len = HEADER + 2 * cap;
     // SAFETY: a NUL-terminated name; the result is checked.
     let raw = unsafe {
@@ -300,7 +364,7 @@ pub(crate) fn open(path: &str, token: &str) -> Result<Arc<Region>, String> {
     let uid = unsafe { libc::geteuid() };
     let len = md.len() as usize;
     let size_ok = len > HEADER
-        && (len - HEADER).is_multiple_of(2)
+        && (len - HEADER).is_multiple_of(2 * WORD as usize)
         && ((len - HEADER) / 2) >= MIN_RING_BYTES
         && ((len - HEADER) / 2) <= MAX_RING_BYTES;
     if !md.is_file() || md.uid() != uid || !size_ok {
@@ -441,12 +505,108 @@ fn out_of_bounds() -> io::Error {
     )
 }
 
+fn invalid(why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why)
+}
+
+/// `n` rounded up to a record boundary.
+fn aligned(n: u64) -> u64 {
+    n.div_ceil(WORD) * WORD
+}
+
+impl Link {
+    /// Copies `n` bytes of ring `r` from stream position `pos` (wrapping) to `dst`.
+    fn copy_out(&self, r: Ring, pos: u64, dst: *mut u8, n: usize) {
+        let reg = &*self.region;
+        let at = (pos % reg.cap as u64) as usize;
+        let first = n.min(reg.cap - at);
+        // SAFETY: [at, at+first) and [0, n-first) lie in the ring's data area (n <= cap, as
+        // every caller bounds it by a distance between positions); the writer does not touch
+        // published bytes until the tail passes them; `dst` holds `n` bytes.
+        unsafe {
+            let base = reg.ptr.add(r.data);
+            std::ptr::copy_nonoverlapping(base.add(at), dst, first);
+            std::ptr::copy_nonoverlapping(base, dst.add(first), n - first);
+        }
+    }
+
+    /// Copies `src` into ring `r` at stream position `pos` (wrapping).
+    fn copy_in(&self, r: Ring, pos: u64, src: &[u8]) {
+        let reg = &*self.region;
+        let n = src.len();
+        let at = (pos % reg.cap as u64) as usize;
+        let first = n.min(reg.cap - at);
+        // SAFETY: as in copy_out, in the free part the reader does not read until the head
+        // moves.
+        unsafe {
+            let base = reg.ptr.add(r.data);
+            std::ptr::copy_nonoverlapping(src.as_ptr(), base.add(at), first);
+            std::ptr::copy_nonoverlapping(src.as_ptr().add(first), base, n - first);
+        }
+    }
+
+    fn word(&self, r: Ring, pos: u64) -> u64 {
+        let mut b = [0u8; 8];
+        self.copy_out(r, pos, b.as_mut_ptr(), 8);
+        u64::from_le_bytes(b)
+    }
+}
+
+/// Copies `dst.len()` bytes at `addr` in process `pid` into `dst` (at least one byte, or an
+/// error).
+fn copy_from(pid: libc::pid_t, addr: u64, dst: &mut [u8]) -> io::Result<usize> {
+    let local = libc::iovec {
+        iov_base: dst.as_mut_ptr().cast(),
+        iov_len: dst.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as usize as *mut libc::c_void,
+        iov_len: dst.len(),
+    };
+    // SAFETY: the local vector is `dst`, writable for its length; the remote one is only
+    // read by the kernel, which checks it against the other process's mappings.
+    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    if n <= 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("reading {} lent bytes of process {pid}: {e}", dst.len()),
+        ));
+    }
+    Ok(n as usize)
+}
+
+/// Where the reader stands in the record stream.
+#[derive(Clone, Copy)]
+enum Cur {
+    /// At a record boundary.
+    Idle,
+    /// In a bytes record: `left` bytes then `pad`.
+    Bytes { left: u64, pad: u64 },
+    /// In a loan: `left` bytes at `addr` in the writer's memory.
+    Loan { addr: u64, left: u64 },
+}
+
+/// Whether this reader can copy from the writer's process.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Lender {
+    /// The writer has not published its process id yet.
+    Unknown,
+    Pid(libc::pid_t),
+    /// The probe failed: the writer is never told it may lend.
+    Never,
+}
+
 /// The reading half of a shared-memory link.
 pub(crate) struct ShmReader {
     link: Arc<Link>,
     tail: u64,
     /// When the socket was last looked at.
     checked: Instant,
+    cur: Cur,
+    lender: Lender,
+    /// Loans read whole, ever.
+    repaid: u64,
 }
 
 /// The writing half of a shared-memory link (frames are written whole under the
@@ -458,14 +618,24 @@ pub(crate) struct ShmWriter {
     checked: Instant,
     /// Bytes published since the last wake-up check.
     unsignalled: bool,
+    /// Matrices at least this long are lent ([`usize::MAX`]: never).
+    lend_min: usize,
+    /// Loans published, ever.
+    lent: u64,
+    /// What keeps lent memory alive: (the loan count that repays it, bytes, owner), oldest
+    /// first.
+    owed: VecDeque<(u64, usize, Box<dyn Send>)>,
+    owed_bytes: usize,
 }
 
 /// The halves of `side`'s end of `region`; `sock` is the connection's socket (a clone is
-/// kept, made non-blocking: it is only peeked from now on).
+/// kept, made non-blocking: it is only peeked from now on). The writer lends matrices of at
+/// least `lend_min` bytes once its reader can read them.
 pub(crate) fn halves(
     region: Arc<Region>,
     side: Side,
     sock: &TcpStream,
+    lend_min: usize,
 ) -> io::Result<(ShmReader, ShmWriter)> {
     let sock = sock.try_clone()?;
     sock.set_nonblocking(true)?;
@@ -476,6 +646,13 @@ pub(crate) fn halves(
         Side::Replica => (to_replica, to_worker),
         Side::Worker => (to_worker, to_replica),
     };
+    // Where the peer's reader finds the probe (the id last: it says the address is there).
+    region
+        .u64_at(tx.ctl + PROBE_ADDR)
+        .store(&PROBE as *const u64 as usize as u64, Ordering::Release);
+    region
+        .u64_at(tx.ctl + WRITER_PID)
+        .store(std::process::id() as u64, Ordering::Release);
     let link = Arc::new(Link {
         region,
         sock,
@@ -488,14 +665,108 @@ pub(crate) fn halves(
             link: link.clone(),
             tail: 0,
             checked: Instant::now(),
+            cur: Cur::Idle,
+            lender: Lender::Unknown,
+            repaid: 0,
         },
         ShmWriter {
             link,
             head: 0,
             checked: Instant::now(),
             unsignalled: false,
+            lend_min,
+            lent: 0,
+            owed: VecDeque::new(),
+            owed_bytes: 0,
         },
     ))
+}
+
+impl ShmReader {
+    /// Reads the writer's probe word once the writer published where it is; says the writer
+    /// may lend if it reads back right.
+    fn probe(&mut self) {
+        let l = &*self.link;
+        let r = l.rx;
+        let pid = l.region.u64_at(r.ctl + WRITER_PID).load(Ordering::Acquire);
+        if pid == 0 {
+            return;
+        }
+        let addr = l.region.u64_at(r.ctl + PROBE_ADDR).load(Ordering::Acquire);
+        let mut got = [0u8; 8];
+        let read = match libc::pid_t::try_from(pid) {
+            Ok(p) => copy_from(p, addr, &mut got).map(|n| (p, n)),
+            Err(_) => Err(invalid(format!("process id {pid}"))),
+        };
+        match read {
+            Ok((p, 8)) if u64::from_le_bytes(got) == PROBE => {
+                self.lender = Lender::Pid(p);
+                l.region
+                    .u32_at(r.ctl + CAN_LEND)
+                    .store(1, Ordering::Release);
+            }
+            Ok(_) => {
+                self.lender = Lender::Never;
+                tracing::debug!("the peer's probe word differs: matrices go through the ring");
+            }
+            Err(e) => {
+                self.lender = Lender::Never;
+                tracing::debug!(
+                    "cannot read the peer's memory ({e}): matrices go through the ring"
+                );
+            }
+        }
+    }
+
+    /// Publishes the tail and wakes a writer waiting for space or repayment.
+    fn publish(&self) {
+        let r = self.link.rx;
+        self.link
+            .region
+            .u64_at(r.ctl + TAIL)
+            .store(self.tail, Ordering::SeqCst);
+        self.link.notify(r.ctl + SPACE_SEQ, r.ctl + WRITER_WAITING);
+    }
+
+    /// At a record boundary with `avail` bytes published: takes the record's header.
+    fn start_record(&mut self, avail: u64) -> io::Result<()> {
+        let l = self.link.clone();
+        let r = l.rx;
+        let w = l.word(r, self.tail);
+        let (kind, len) = (w >> 56, w & LEN_BITS);
+        match kind {
+            REC_BYTES => {
+                let pad = aligned(len) - len;
+                if len == 0 || WORD + len + pad > avail {
+                    return Err(invalid(format!(
+                        "a {len}-byte record where {avail} bytes are published"
+                    )));
+                }
+                self.tail += WORD;
+                self.cur = Cur::Bytes { left: len, pad };
+            }
+            REC_LOAN => {
+                let addr = l.word(r, self.tail + WORD);
+                if avail < 2 * WORD || len == 0 || len > MAX_LOAN || addr.checked_add(len).is_none()
+                {
+                    return Err(invalid(format!(
+                        "a malformed loan ({len} bytes at {addr:#x})"
+                    )));
+                }
+                if !matches!(self.lender, Lender::Pid(_)) {
+                    return Err(invalid(
+                        "the peer lent memory this side never said it can read".into(),
+                    ));
+                }
+                self.tail += 2 * WORD;
+                self.cur = Cur::Loan { addr, left: len };
+                // The record's space is free now; the loan itself is repaid once read.
+                self.publish();
+            }
+            k => return Err(invalid(format!("a record of unknown kind {k}"))),
+        }
+        Ok(())
+    }
 }
 
 impl Read for ShmReader {
@@ -503,7 +774,10 @@ impl Read for ShmReader {
         if buf.is_empty() {
             return Ok(0);
         }
-        let l = &*self.link;
+        if self.lender == Lender::Unknown {
+            self.probe();
+        }
+        let l = self.link.clone();
         let r = l.rx;
         let reg = &*l.region;
         let cap = reg.cap as u64;
@@ -519,26 +793,65 @@ impl Read for ShmReader {
                     Err(e) => return Err(e),
                 }
             }
+            match self.cur {
+                Cur::Bytes { left, pad } => {
+                    let n = (left as usize).min(buf.len());
+                    l.copy_out(r, self.tail, buf.as_mut_ptr(), n);
+                    let left = left - n as u64;
+                    self.tail += n as u64;
+                    if left == 0 {
+                        self.tail += pad;
+                        self.cur = Cur::Idle;
+                    } else {
+                        self.cur = Cur::Bytes { left, pad };
+                    }
+                    self.publish();
+                    return Ok(n);
+                }
+                Cur::Loan { addr, left } => {
+                    let Lender::Pid(pid) = self.lender else {
+                        return Err(invalid("a loan without a lender".into()));
+                    };
+                    let want = (left as usize).min(buf.len());
+                    let n = copy_from(pid, addr, &mut buf[..want])?;
+                    // A writer frees a loan only after setting the closed flag: seen here
+                    // after the copy, it means the copy may have raced with the free.
+                    fence(Ordering::SeqCst);
+                    if l.closed(r) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            "the peer closed the link with a loan unread",
+                        ));
+                    }
+                    let left = left - n as u64;
+                    if left == 0 {
+                        self.repaid += 1;
+                        LOANS_READ.fetch_add(1, Ordering::Relaxed);
+                        reg.u64_at(r.ctl + REPAID)
+                            .store(self.repaid, Ordering::SeqCst);
+                        l.notify(r.ctl + SPACE_SEQ, r.ctl + WRITER_WAITING);
+                        self.cur = Cur::Idle;
+                    } else {
+                        self.cur = Cur::Loan {
+                            addr: addr + n as u64,
+                            left,
+                        };
+                    }
+                    return Ok(n);
+                }
+                Cur::Idle => {}
+            }
             let head = head_w.load(Ordering::Acquire);
             let avail = head.wrapping_sub(self.tail);
             if avail > cap {
                 return Err(out_of_bounds());
             }
+            if avail >= WORD {
+                self.start_record(avail)?;
+                continue;
+            }
             if avail > 0 {
-                let n = (avail as usize).min(buf.len());
-                let at = (self.tail % cap) as usize;
-                let first = n.min(reg.cap - at);
-                // SAFETY: [at, at+first) and [0, n-first) lie in this ring's data area; the
-                // writer does not touch bytes between tail and head until tail moves.
-                unsafe {
-                    let base = reg.ptr.add(r.data);
-                    std::ptr::copy_nonoverlapping(base.add(at), buf.as_mut_ptr(), first);
-                    std::ptr::copy_nonoverlapping(base, buf.as_mut_ptr().add(first), n - first);
-                }
-                self.tail = self.tail.wrapping_add(n as u64);
-                reg.u64_at(r.ctl + TAIL).store(self.tail, Ordering::SeqCst);
-                l.notify(r.ctl + SPACE_SEQ, r.ctl + WRITER_WAITING);
-                return Ok(n);
+                return Err(invalid(format!("{avail} bytes of a record published")));
             }
             if l.closed(r) {
                 return Ok(0);
@@ -567,13 +880,12 @@ impl ShmWriter {
         self.link.notify(t.ctl + DATA_SEQ, t.ctl + READER_WAITING);
     }
 
-    /// Free bytes in the ring, waiting until there are some.
-    fn space(&mut self) -> io::Result<usize> {
+    /// Waits until `ready` says so, looking at the peer and the closed flag like every wait
+    /// (`Err` when either ends the link), spinning briefly, then sleeping on the reader's
+    /// space-and-repayment word.
+    fn wait_for(&mut self, ready: impl Fn(&Link) -> io::Result<bool>) -> io::Result<()> {
         let l = self.link.clone();
         let t = l.tx;
-        let reg = &*l.region;
-        let cap = reg.cap as u64;
-        let tail_w = reg.u64_at(t.ctl + TAIL);
         let mut spins = 0u32;
         loop {
             if self.checked.elapsed() >= LIVENESS {
@@ -586,69 +898,234 @@ impl ShmWriter {
                     "the shared-memory link is closed",
                 ));
             }
-            let used = self.head.wrapping_sub(tail_w.load(Ordering::Acquire));
-            if used > cap {
-                return Err(out_of_bounds());
+            if ready(&l)? {
+                return Ok(());
             }
-            if used < cap {
-                return Ok((cap - used) as usize);
-            }
-            // Full: the reader must know about what is there before this side sleeps.
+            // The reader must know about what is there before this side sleeps.
             self.signal();
             if spins < SPINS {
                 spins += 1;
                 std::hint::spin_loop();
                 continue;
             }
-            let head = self.head;
             l.park(t.ctl + WRITER_WAITING, t.ctl + SPACE_SEQ, || {
-                head.wrapping_sub(tail_w.load(Ordering::SeqCst)) >= cap && !l.closed(t)
+                !ready(&l).unwrap_or(true) && !l.closed(t)
             });
         }
     }
 
-    /// Copies what fits of `bufs` (at least one byte if any is given) and publishes it.
+    /// Free bytes in the ring, waiting until there are at least `need`.
+    fn space(&mut self, need: u64) -> io::Result<u64> {
+        let cap = self.link.region.cap as u64;
+        let head = self.head;
+        let free = |l: &Link| -> io::Result<u64> {
+            let used = head.wrapping_sub(l.region.u64_at(l.tx.ctl + TAIL).load(Ordering::SeqCst));
+            if used > cap {
+                return Err(out_of_bounds());
+            }
+            Ok(cap - used)
+        };
+        self.wait_for(|l| Ok(free(l)? >= need))?;
+        free(&self.link)
+    }
+
+    /// Publishes the head (after the bytes it covers).
+    fn publish(&mut self) {
+        fence(Ordering::Release);
+        self.link
+            .region
+            .u64_at(self.link.tx.ctl + HEAD)
+            .store(self.head, Ordering::SeqCst);
+        self.unsignalled = true;
+    }
+
+    /// Copies what fits of `bufs` (at least one byte if any is given) as one bytes record and
+    /// publishes it.
     fn put(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        if bufs.iter().all(|b| b.is_empty()) {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total == 0 {
             return Ok(0);
         }
-        let mut free = self.space()?;
+        let free = self.space(2 * WORD)?;
+        let len = (total as u64).min((free - WORD) & !(WORD - 1));
         let l = self.link.clone();
         let t = l.tx;
-        let reg = &*l.region;
-        let mut done = 0;
+        l.copy_in(t, self.head, &(REC_BYTES << 56 | len).to_le_bytes());
+        let mut pos = self.head + WORD;
+        let mut left = len as usize;
         for b in bufs {
-            if free == 0 {
+            if left == 0 {
                 break;
             }
-            let n = b.len().min(free);
-            let at = (self.head % reg.cap as u64) as usize;
-            let first = n.min(reg.cap - at);
-            // SAFETY: [at, at+first) and [0, n-first) lie in this ring's data area, in the
-            // free part the reader does not read until head moves.
-            unsafe {
-                let base = reg.ptr.add(t.data);
-                std::ptr::copy_nonoverlapping(b.as_ptr(), base.add(at), first);
-                std::ptr::copy_nonoverlapping(b.as_ptr().add(first), base, n - first);
+            let n = b.len().min(left);
+            l.copy_in(t, pos, &b[..n]);
+            pos += n as u64;
+            left -= n;
+        }
+        self.head += WORD + aligned(len);
+        self.publish();
+        Ok(len as usize)
+    }
+
+    /// Drops what the reader repaid.
+    fn collect(&mut self) {
+        let repaid = self
+            .link
+            .region
+            .u64_at(self.link.tx.ctl + REPAID)
+            .load(Ordering::Acquire)
+            .min(self.lent);
+        while let Some(&(n, b, _)) = self.owed.front() {
+            if n > repaid {
+                break;
             }
-            self.head = self.head.wrapping_add(n as u64);
-            free -= n;
-            done += n;
-            if n < b.len() {
+            self.owed.pop_front();
+            self.owed_bytes -= b;
+        }
+    }
+
+    /// Whether the reader said it can read this process's memory and loans are on.
+    fn can_lend(&self) -> bool {
+        self.lend_min != usize::MAX
+            && self
+                .link
+                .region
+                .u32_at(self.link.tx.ctl + CAN_LEND)
+                .load(Ordering::Acquire)
+                != 0
+    }
+
+    /// Publishes a loan of `s` (which the caller keeps alive until it is repaid).
+    fn put_loan(&mut self, s: &[u8]) -> io::Result<()> {
+        // Not more than MAX_LENT_BYTES owed (one loan larger than that alone).
+        let room = MAX_LENT_BYTES.saturating_sub(s.len());
+        let lent = self.lent;
+        self.collect();
+        if self.owed_bytes > room {
+            // The oldest loans whose repayment brings what is owed under `room`.
+            let mut left = self.owed_bytes;
+            let need = self
+                .owed
+                .iter()
+                .find(|o| {
+                    left -= o.1;
+                    left <= room
+                })
+                .map_or(lent, |o| o.0);
+            let owed_until = |l: &Link| -> io::Result<bool> {
+                Ok(l.region.u64_at(l.tx.ctl + REPAID).load(Ordering::SeqCst) >= need)
+            };
+            self.wait_for(owed_until)?;
+            self.collect();
+        }
+        self.space(2 * WORD)?;
+        let l = self.link.clone();
+        let t = l.tx;
+        l.copy_in(
+            t,
+            self.head,
+            &(REC_LOAN << 56 | s.len() as u64).to_le_bytes(),
+        );
+        l.copy_in(
+            t,
+            self.head + WORD,
+            &(s.as_ptr() as usize as u64).to_le_bytes(),
+        );
+        self.head += 2 * WORD;
+        self.lent += 1;
+        LOANS_MADE.fetch_add(1, Ordering::Relaxed);
+        self.publish();
+        Ok(())
+    }
+
+    /// Writes `parts` whole, in order; each part marked as lendable and at least the writer's
+    /// loan size goes as a loan when the reader can take one, and `owner` (what keeps those
+    /// parts' memory alive) is kept until they are repaid. The caller flushes.
+    pub(crate) fn write_lending(
+        &mut self,
+        parts: &[(&[u8], bool)],
+        owner: Box<dyn Send>,
+    ) -> io::Result<()> {
+        let lend = self.can_lend();
+        let before = self.lent;
+        let mut lent_bytes = 0;
+        let mut result = Ok(());
+        for &(p, lendable) in parts {
+            result = if lend && lendable && p.len() >= self.lend_min {
+                lent_bytes += p.len();
+                self.put_loan(p)
+            } else {
+                self.write_all(p)
+            };
+            if result.is_err() {
                 break;
             }
         }
-        fence(Ordering::Release);
-        reg.u64_at(t.ctl + HEAD).store(self.head, Ordering::SeqCst);
-        self.unsignalled = true;
-        Ok(done)
+        // Even after an error: a loan published may be being read.
+        if self.lent > before {
+            self.owed.push_back((self.lent, lent_bytes, owner));
+            self.owed_bytes += lent_bytes;
+        }
+        result
+    }
+
+    /// Waits (at most [`LEND_GRACE`], less if the peer goes) until every loan is repaid;
+    /// `true` when none is left owed.
+    fn settle(&self) -> bool {
+        let Some(&(need, _, _)) = self.owed.back() else {
+            return true;
+        };
+        let l = &*self.link;
+        let t = l.tx;
+        let repaid = || l.region.u64_at(t.ctl + REPAID).load(Ordering::SeqCst) >= need;
+        let t0 = Instant::now();
+        while !repaid() && t0.elapsed() < LEND_GRACE && !l.closed(t) && l.peer_alive().is_ok() {
+            l.park(t.ctl + WRITER_WAITING, t.ctl + SPACE_SEQ, || !repaid());
+        }
+        repaid()
     }
 
     /// Closes the link both ways: the peer's reader and writer see it, so does this side's
-    /// reader.
+    /// reader. Loans still owed get [`LEND_GRACE`] to be read first.
     pub(crate) fn shutdown(&self) {
+        self.settle();
         self.link.shutdown();
     }
+}
+
+impl Drop for ShmWriter {
+    fn drop(&mut self) {
+        // The owners are freed after this: the peer must not read them after that, so a loan
+        // not repaid by now closes the link first (its reader then drops what it copied).
+        if !self.settle() {
+            self.link.shutdown();
+        }
+    }
+}
+
+/// Sends `f` on `w`: the f32 matrix of a dispatch or a combine goes as a loan when it is long
+/// enough and the reader can take one (a handle on the tensor is kept until it is read),
+/// everything else as bytes. The caller flushes.
+pub(crate) fn send(
+    w: &mut ShmWriter,
+    f: &Frame,
+    hidden: usize,
+    dtype: WireDtype,
+) -> Result<(), WireError> {
+    let owner = matrix_of(f).filter(|t| {
+        dtype == WireDtype::F32
+            && w.can_lend()
+            && t.is_contiguous()
+            && t.elem_count().saturating_mul(4) >= w.lend_min
+    });
+    let Some(owner) = owner.cloned() else {
+        return write_frame_as(w, f, hidden, dtype);
+    };
+    with_matrix_frame(f, hidden, dtype, |head, x, tail| {
+        let parts = [(head, false), (f32_bytes(x), true), (tail, false)];
+        Ok(w.write_lending(&parts, Box::new(owner))?)
+    })
+    .unwrap_or(Ok(()))
 }
 
 impl Write for ShmWriter {
@@ -678,13 +1155,26 @@ mod tests {
         TcpStream,
         TcpStream,
     ) {
+        pair_lending(ring, usize::MAX)
+    }
+
+    /// [`pair`] with writers that lend slices of at least `lend_min` bytes.
+    fn pair_lending(
+        ring: usize,
+        lend_min: usize,
+    ) -> (
+        (ShmReader, ShmWriter),
+        (ShmReader, ShmWriter),
+        TcpStream,
+        TcpStream,
+    ) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (b, _) = l.accept().unwrap();
         let offer = create(ring).unwrap();
         let opened = open(offer.path(), offer.token()).unwrap();
-        let rep = halves(offer.accepted(), Side::Replica, &a).unwrap();
-        let wrk = halves(opened, Side::Worker, &b).unwrap();
+        let rep = halves(offer.accepted(), Side::Replica, &a, lend_min).unwrap();
+        let wrk = halves(opened, Side::Worker, &b, lend_min).unwrap();
         (rep, wrk, a, b)
     }
 
@@ -778,7 +1268,9 @@ mod tests {
     #[test]
     fn a_writer_facing_a_full_ring_of_a_dead_peer_fails() {
         let ((_rr, mut rw), (_wr, _ww), a, b) = pair(MIN_RING_BYTES);
-        rw.write_all(&pattern(MIN_RING_BYTES, 1)).unwrap();
+        // One record filling the ring whole (its length word included).
+        rw.write_all(&pattern(MIN_RING_BYTES - WORD as usize, 1))
+            .unwrap();
         drop(b);
         drop(_wr);
         drop(_ww);
@@ -830,6 +1322,160 @@ mod tests {
             assert!(fd >= 0);
             assert_eq!(libc::ftruncate(fd, len as libc::off_t), 0);
             OwnedFd::from_raw_fd(fd)
+        }
+    }
+
+    /// One round trip of a few bytes: the reader probes the writer on its first read, so
+    /// the writer may lend after it.
+    fn introduce(w: &mut ShmWriter, r: &mut ShmReader) {
+        w.write_all(b"hi").unwrap();
+        w.flush().unwrap();
+        let mut b = [0u8; 2];
+        r.read_exact(&mut b).unwrap();
+        assert!(w.can_lend(), "the reader could not read this process");
+    }
+
+    #[test]
+    fn lent_slices_arrive_whole_and_are_released_once_read() {
+        let ((_rr, mut rw), (mut wr, _ww), _a, _b) = pair_lending(MIN_RING_BYTES, 1000);
+        wr.probe();
+        introduce(&mut rw, &mut wr);
+        // Larger than the ring, read in odd pieces, between two small parts, 5 times: the
+        // ring itself carries only the small parts and the loans' 16-byte records.
+        for i in 0..5u32 {
+            let big = Arc::new(pattern(2 * MIN_RING_BYTES + 13 + i as usize, i));
+            let alive = Arc::downgrade(&big);
+            let parts = [
+                (&b"head"[..], true),
+                (&big[..], true),
+                (&b"tail!"[..], false),
+            ];
+            rw.write_lending(&parts, Box::new(big.clone())).unwrap();
+            rw.flush().unwrap();
+            drop(big);
+            assert_eq!(rw.lent, i as u64 + 1, "one loan per message");
+            assert!(
+                rw.head < (MIN_RING_BYTES as u64) * 8,
+                "ring used: {}",
+                rw.head
+            );
+            let mut got = vec![0u8; 4 + 2 * MIN_RING_BYTES + 13 + i as usize + 5];
+            let mut off = 0;
+            while off < got.len() {
+                let end = (off + 7777).min(got.len());
+                off += wr.read(&mut got[off..end]).unwrap();
+            }
+            assert_eq!(&got[..4], b"head");
+            assert_eq!(
+                &got[4..got.len() - 5],
+                &pattern(2 * MIN_RING_BYTES + 13 + i as usize, i)[..]
+            );
+            assert_eq!(&got[got.len() - 5..], b"tail!");
+            // Still held until the writer looks again, then freed.
+            assert!(alive.upgrade().is_some());
+            rw.collect();
+            assert!(
+                alive.upgrade().is_none(),
+                "message {i} kept after its loan was repaid"
+            );
+        }
+    }
+
+    #[test]
+    fn nothing_is_lent_to_a_reader_that_cannot_read_this_process() {
+        let ((_rr, mut rw), (mut wr, _ww), _a, _b) = pair_lending(MIN_RING_BYTES, 1000);
+        // The probe address points at a word that is not the probe.
+        let other = 0u64;
+        let reg = rw.link.region.clone();
+        reg.u64_at(rw.link.tx.ctl + PROBE_ADDR)
+            .store(&other as *const u64 as usize as u64, Ordering::SeqCst);
+        rw.write_all(b"hi").unwrap();
+        rw.flush().unwrap();
+        let mut b = [0u8; 2];
+        wr.read_exact(&mut b).unwrap();
+        assert_eq!(wr.lender, Lender::Never);
+        assert!(!rw.can_lend());
+        let t = std::thread::spawn(move || {
+            let big = pattern(3000, 5);
+            rw.write_lending(&[(&big[..], true)], Box::new(())).unwrap();
+            rw.flush().unwrap();
+            rw
+        });
+        let mut got = vec![0u8; 3000];
+        wr.read_exact(&mut got).unwrap();
+        let rw = t.join().unwrap();
+        assert_eq!(got, pattern(3000, 5));
+        assert_eq!(rw.lent, 0, "copied through the ring");
+    }
+
+    #[test]
+    fn a_writer_closing_with_a_loan_unread_waits_then_its_reader_fails() {
+        let ((_rr, mut rw), (mut wr, _ww), _a, _b) = pair_lending(MIN_RING_BYTES, 1000);
+        wr.probe();
+        introduce(&mut rw, &mut wr);
+        // Read in time: the close waits for it, and the bytes then the end arrive.
+        let big = Arc::new(pattern(5000, 1));
+        rw.write_lending(&[(&big[..], true)], Box::new(big.clone()))
+            .unwrap();
+        rw.flush().unwrap();
+        let h = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            rw.shutdown();
+            (rw, t0.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let mut got = vec![0u8; 5000];
+        wr.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..], &big[..]);
+        let (rw, took) = h.join().unwrap();
+        assert!(took < LEND_GRACE, "the close waited {took:?}");
+        drop(rw);
+
+        // Not read in time: the writer closes the link before it frees the memory, and the
+        // reader refuses the loan rather than deliver what it copied.
+        let ((_rr, mut rw), (mut wr, _ww), _a, _b) = pair_lending(MIN_RING_BYTES, 1000);
+        wr.probe();
+        introduce(&mut rw, &mut wr);
+        let big = Arc::new(pattern(5000, 2));
+        rw.write_lending(&[(&big[..], true)], Box::new(big.clone()))
+            .unwrap();
+        rw.flush().unwrap();
+        let t0 = Instant::now();
+        drop(rw);
+        assert!(t0.elapsed() >= LEND_GRACE);
+        // (Past the socket check, which would end the stream first: the loan's own check.)
+        wr.checked = Instant::now();
+        let e = wr.read(&mut [0u8; 5000]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe, "{e}");
+    }
+
+    #[test]
+    fn hostile_loans_are_refused() {
+        // A loan of memory that does not exist in the writer: an error, not a crash.
+        let ((_rr, mut rw), (mut wr, _ww), _a, _b) = pair_lending(MIN_RING_BYTES, 1000);
+        wr.probe();
+        introduce(&mut rw, &mut wr);
+        let bogus = unsafe { std::slice::from_raw_parts(16 as *const u8, 4096) };
+        rw.put_loan(bogus).unwrap();
+        rw.flush().unwrap();
+        assert!(wr.read(&mut [0u8; 4096]).is_err());
+        // A loan to a reader that never said it can read: refused before any copy.
+        let ((_rr, mut rw), (mut wr, _ww), _a, _b) = pair_lending(MIN_RING_BYTES, 1000);
+        let x = [7u8; 4096];
+        rw.put_loan(&x).unwrap();
+        rw.flush().unwrap();
+        wr.lender = Lender::Never;
+        let e = wr.read(&mut [0u8; 4096]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        // Unknown record kinds and records longer than what is published.
+        for w in [9u64 << 56 | 8, REC_BYTES << 56 | 1_000_000] {
+            let ((_rr, mut rw), (mut wr, _ww), _a, _b) = pair(MIN_RING_BYTES);
+            let t = rw.link.tx;
+            rw.link.copy_in(t, 0, &w.to_le_bytes());
+            rw.head = 16;
+            rw.publish();
+            let e = wr.read(&mut [0u8; 8]).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{w:#x}: {e}");
         }
     }
 

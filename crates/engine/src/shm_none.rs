@@ -6,6 +6,12 @@ use std::io;
 use std::net::TcpStream;
 
 pub const DEFAULT_RING_BYTES: usize = 1 << 20;
+pub const DEFAULT_LEND_MIN: usize = 64 << 10;
+
+/// No loans on this platform.
+pub fn loans() -> (u64, u64) {
+    (0, 0)
+}
 
 /// Never made on this platform.
 pub(crate) enum Offer {}
@@ -17,7 +23,7 @@ impl Offer {
     pub(crate) fn token(&self) -> &str {
         match *self {}
     }
-    pub(crate) fn into_halves(self, _: &TcpStream) -> io::Result<(ReadHalf, WriteHalf)> {
+    pub(crate) fn into_halves(self, _: &TcpStream, _: usize) -> io::Result<(ReadHalf, WriteHalf)> {
         match self {}
     }
 }
@@ -26,6 +32,11 @@ pub(crate) fn offer(_: &TcpStream, _: usize) -> Option<Offer> {
     None
 }
 
-pub(crate) fn accept(_: &str, _: &str, _: &TcpStream) -> Result<(ReadHalf, WriteHalf), String> {
+pub(crate) fn accept(
+    _: &str,
+    _: &str,
+    _: &TcpStream,
+    _: usize,
+) -> Result<(ReadHalf, WriteHalf), String> {
     Err("shared memory is not supported on this platform".into())
 }

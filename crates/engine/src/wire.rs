@@ -290,7 +290,7 @@ pub enum Frame {
     Proof(String),
 }
 
-fn f32_bytes(s: &[f32]) -> &[u8] {
+pub(crate) fn f32_bytes(s: &[f32]) -> &[u8] {
     // SAFETY: f32 has no padding and any byte pattern is a valid u8; the length is exact.
     unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s)) }
 }
@@ -370,6 +370,62 @@ fn matrix_rows(t: &Tensor, hidden: usize) -> Result<u32, WireError> {
     Ok((n / hidden) as u32)
 }
 
+/// Lays out a dispatch or a combine: calls `emit` with the encoded header, the matrix (the
+/// tensor's own memory when it is contiguous) and the bytes after it (a dispatch's
+/// assignments). `None` for every other frame.
+pub fn with_matrix_frame<R>(
+    f: &Frame,
+    hidden: usize,
+    dtype: WireDtype,
+    emit: impl FnOnce(&[u8], &[f32], &[u8]) -> Result<R, WireError>,
+) -> Option<Result<R, WireError>> {
+    let laid_out = |t: &Tensor, h: Header, tail: &[u8]| -> Result<R, WireError> {
+        let head = h.encode();
+        with_slice(t, |x| emit(&head, x, tail))?
+    };
+    match f {
+        Frame::ToWorker(ToWorker::Dispatch(m)) => Some((|| {
+            let rows = matrix_rows(&m.x, hidden)?;
+            let mut h = slot_header(Kind::Dispatch, &m.header);
+            h.flags = if m.more { FLAG_MORE } else { 0 } | dtype.flag();
+            h.members = m.members.bits();
+            h.rows = rows;
+            h.n_assign = m.assignments.len() as u32;
+            h.payload_len = rows as u64 * hidden as u64 * dtype.bytes()
+                + m.assignments.len() as u64 * ASSIGNMENT_LEN;
+            let mut a = Vec::with_capacity(m.assignments.len() * ASSIGNMENT_LEN as usize);
+            for x in &m.assignments {
+                a.extend_from_slice(&x.row.to_le_bytes());
+                a.extend_from_slice(&x.expert.to_le_bytes());
+                a.extend_from_slice(&x.weight.to_le_bytes());
+            }
+            laid_out(&m.x, h, &a)
+        })()),
+        Frame::ToReplica(ToReplica::Combine(m)) => Some((|| {
+            let rows = matrix_rows(&m.y, hidden)?;
+            let mut h = slot_header(Kind::Combine, &m.header);
+            if let Some(k) = m.next_members {
+                h.flags = FLAG_NEXT;
+                h.members = k.bits();
+            }
+            h.flags |= dtype.flag();
+            h.rows = rows;
+            h.payload_len = rows as u64 * hidden as u64 * dtype.bytes();
+            laid_out(&m.y, h, &[])
+        })()),
+        _ => None,
+    }
+}
+
+/// The matrix of a dispatch or a combine, if the frame is one.
+pub fn matrix_of(f: &Frame) -> Option<&Tensor> {
+    match f {
+        Frame::ToWorker(ToWorker::Dispatch(m)) => Some(&m.x),
+        Frame::ToReplica(ToReplica::Combine(m)) => Some(&m.y),
+        _ => None,
+    }
+}
+
 /// Writes one frame, matrices in f32. The caller flushes (and should buffer small writes).
 pub fn write_frame(w: &mut impl Write, f: &Frame, hidden: usize) -> Result<(), WireError> {
     write_frame_as(w, f, hidden, WireDtype::F32)
@@ -389,24 +445,11 @@ pub fn write_frame_as(
         Frame::Status(t) => text_frame(w, Kind::Status, Header::default(), t),
         Frame::Challenge(t) => text_frame(w, Kind::Challenge, Header::default(), t),
         Frame::Proof(t) => text_frame(w, Kind::Proof, Header::default(), t),
-        Frame::ToWorker(ToWorker::Dispatch(m)) => {
-            let rows = matrix_rows(&m.x, hidden)?;
-            let mut h = slot_header(Kind::Dispatch, &m.header);
-            h.flags = if m.more { FLAG_MORE } else { 0 } | dtype.flag();
-            h.members = m.members.bits();
-            h.rows = rows;
-            h.n_assign = m.assignments.len() as u32;
-            h.payload_len = rows as u64 * hidden as u64 * dtype.bytes()
-                + m.assignments.len() as u64 * ASSIGNMENT_LEN;
-            let mut a = Vec::with_capacity(m.assignments.len() * ASSIGNMENT_LEN as usize);
-            for x in &m.assignments {
-                a.extend_from_slice(&x.row.to_le_bytes());
-                a.extend_from_slice(&x.expert.to_le_bytes());
-                a.extend_from_slice(&x.weight.to_le_bytes());
-            }
-            let head = h.encode();
-            with_slice(&m.x, |x| write_matrix(w, &head, x, &a, dtype))??;
-            Ok(())
+        Frame::ToWorker(ToWorker::Dispatch(_)) | Frame::ToReplica(ToReplica::Combine(_)) => {
+            with_matrix_frame(f, hidden, dtype, |head, x, tail| {
+                write_matrix(w, head, x, tail, dtype)
+            })
+            .unwrap_or(Ok(()))
         }
         Frame::ToWorker(ToWorker::Join { replica }) => {
             let h = Header {
@@ -431,20 +474,6 @@ pub fn write_frame_as(
         }
         Frame::ToWorker(ToWorker::Gone { .. }) | Frame::ToReplica(ToReplica::Lost { .. }) => {
             // Local notices, never sent.
-            Ok(())
-        }
-        Frame::ToReplica(ToReplica::Combine(m)) => {
-            let rows = matrix_rows(&m.y, hidden)?;
-            let mut h = slot_header(Kind::Combine, &m.header);
-            if let Some(k) = m.next_members {
-                h.flags = FLAG_NEXT;
-                h.members = k.bits();
-            }
-            h.flags |= dtype.flag();
-            h.rows = rows;
-            h.payload_len = rows as u64 * hidden as u64 * dtype.bytes();
-            let head = h.encode();
-            with_slice(&m.y, |y| write_matrix(w, &head, y, &[], dtype))??;
             Ok(())
         }
         Frame::ToReplica(ToReplica::Welcome {

@@ -161,9 +161,16 @@ fn prompts(vocab: usize) -> Vec<Vec<u32>> {
 }
 
 /// The suite of one family over both same-host transports: shared memory (the default
-/// between processes of one host) and plain TCP.
+/// between processes of one host; every matrix lent, read once by the peer, where the
+/// default lends only the large ones and these models' are small) and plain TCP.
 fn tcp_equals_colocated(family: &str) {
-    tcp_equals_colocated_with(family, keyed());
+    tcp_equals_colocated_with(
+        family,
+        NetOptions {
+            shm_lend_min: 1,
+            ..keyed()
+        },
+    );
     tcp_equals_colocated_with(
         family,
         NetOptions {
@@ -210,6 +217,7 @@ fn tcp_equals_colocated_with(family: &str, opts: NetOptions) {
         (None, false) => "tcp",
     };
     assert_transport(&dep, &opts, want);
+    let loans_before = tandem_engine::shm::loans();
     let ps = prompts(model.cfg.vocab_size);
     let n = 10;
     let handles: Vec<(usize, RequestHandle)> = ps
@@ -239,6 +247,16 @@ fn tcp_equals_colocated_with(family: &str, opts: NetOptions) {
         greedy(&reference, &ps[0], n).unwrap().0,
         "{family} after idle"
     );
+    // With every matrix lendable, the matrices crossed as loans (the counters are the
+    // process's: other tests only add to them).
+    if cfg!(target_os = "linux") && want == "shm" && opts.shm_lend_min == 1 {
+        let (made, read) = tandem_engine::shm::loans();
+        assert!(
+            made > loans_before.0 && read > loans_before.1,
+            "{family}: no loans ({loans_before:?} -> {:?})",
+            (made, read)
+        );
+    }
 }
 
 #[test]
