@@ -33,7 +33,8 @@ use crate::stats::WorkerStats;
 use crate::tls::{self, ReadHalf, TlsClient, TlsServer, WriteHalf};
 use crate::transport::{ExpertLink, ReplicaLink, ToReplica, ToWorker, TransportError};
 use crate::wire::{
-    fnv1a, read_frame, write_frame, write_frame_as, Frame, WireDtype, WireError, WIRE_VERSION,
+    fnv1a, read_frame, read_frame_from, write_frame, write_frame_as, Frame, WireDtype, WireError,
+    WIRE_VERSION,
 };
 use crate::{DispatchMsg, EngineError};
 use serde::{Deserialize, Serialize};
@@ -543,7 +544,7 @@ fn replica_conn_loop(s: &ReplicaShared, w: usize, tx: mpsc::Sender<ToReplica>) {
         );
         let mut r = BufReader::with_capacity(1 << 16, &mut rd);
         let why = loop {
-            match read_frame(&mut r, s.id.hidden_size, s.opts.max_payload) {
+            match read_frame_from(&mut r, s.id.hidden_size, s.opts.max_payload) {
                 Ok(Frame::ToReplica(m)) => {
                     if let ToReplica::Combine(c) = &m {
                         if c.header.sender != w as u32 {
@@ -1050,7 +1051,7 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
     );
     let mut r = BufReader::with_capacity(1 << 16, &mut rd);
     let why = loop {
-        match read_frame(&mut r, s.id.hidden_size, s.opts.max_payload) {
+        match read_frame_from(&mut r, s.id.hidden_size, s.opts.max_payload) {
             Ok(Frame::ToWorker(m)) => {
                 let sender = match &m {
                     ToWorker::Dispatch(d) => d.header.sender,

@@ -328,6 +328,25 @@ impl Read for SockReader {
     }
 }
 
+impl SockReader {
+    /// [`Read::read`] into uninitialised memory: `read(2)` straight into `dst`.
+    fn read_uninit(&mut self, dst: &mut [std::mem::MaybeUninit<u8>]) -> io::Result<usize> {
+        self.arm()?;
+        // SAFETY: `dst` is writable for its length; the kernel writes what it returns.
+        let n = unsafe {
+            libc::read(
+                std::os::fd::AsRawFd::as_raw_fd(&self.s),
+                dst.as_mut_ptr().cast(),
+                dst.len(),
+            )
+        };
+        if n < 0 {
+            return Err(self.map_timeout(io::Error::last_os_error()));
+        }
+        Ok((n as usize).min(dst.len()))
+    }
+}
+
 /// The TLS handshake's view of the socket: reads under the deadline, remembering the first
 /// bytes (to recognise a worker that answered in plaintext M2N).
 struct HandshakeIo<'a> {
@@ -432,6 +451,27 @@ impl Read for ReadHalf {
             ReadHalf::Tls(r) => r.read(buf),
             #[cfg(target_os = "linux")]
             ReadHalf::Shm(r) => r.read(buf),
+        }
+    }
+}
+
+// SAFETY: each variant reports the bytes it wrote at the start of `dst`: the ring reader
+// through `read_to`, the socket through `read(2)`, TLS through the zero-filling default.
+unsafe impl crate::wire::FrameSource for ReadHalf {
+    fn read_uninit(&mut self, dst: &mut [std::mem::MaybeUninit<u8>]) -> io::Result<usize> {
+        match self {
+            ReadHalf::Plain(r) => r.read_uninit(dst),
+            ReadHalf::Tls(r) => {
+                dst.fill(std::mem::MaybeUninit::new(0));
+                // SAFETY: initialised just now.
+                let b = unsafe {
+                    std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<u8>(), dst.len())
+                };
+                r.read(b)
+            }
+            #[cfg(target_os = "linux")]
+            // SAFETY: `dst` is valid for writes of its length.
+            ReadHalf::Shm(r) => unsafe { r.read_to(dst.as_mut_ptr().cast(), dst.len()) },
         }
     }
 }

@@ -7,7 +7,8 @@ use std::io::Cursor;
 use tandem_core::{Members, Slot};
 use tandem_engine::transport::{CombineMsg, DispatchMsg, SlotHeader, ToReplica, ToWorker};
 use tandem_engine::wire::{
-    read_frame, write_frame, write_frame_as, Frame, Header, WireDtype, WireError, HEADER_LEN, MAGIC,
+    read_frame, read_frame_from, write_frame, write_frame_as, Frame, FrameSource, Header,
+    WireDtype, WireError, HEADER_LEN, MAGIC,
 };
 use tandem_model::layers::{from_vec, with_slice};
 use tandem_model::Assignment;
@@ -85,8 +86,63 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
+/// A source that hands out at most `step` bytes per call, writing them into uninitialised
+/// memory itself (as the socket and the rings do).
+struct Trickle<'a> {
+    b: &'a [u8],
+    step: usize,
+}
+
+impl std::io::Read for Trickle<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.step).min(self.b.len());
+        buf[..n].copy_from_slice(&self.b[..n]);
+        self.b = &self.b[n..];
+        Ok(n)
+    }
+}
+
+// SAFETY: returns exactly the bytes it wrote at the start of `dst`.
+unsafe impl FrameSource for Trickle<'_> {
+    fn read_uninit(&mut self, dst: &mut [std::mem::MaybeUninit<u8>]) -> std::io::Result<usize> {
+        let n = dst.len().min(self.step).min(self.b.len());
+        for (d, s) in dst.iter_mut().zip(&self.b[..n]) {
+            d.write(*s);
+        }
+        self.b = &self.b[n..];
+        Ok(n)
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Decoding into fresh (not zero-filled) matrices, through a buffer of any size and a
+    /// source that trickles, gives the same frame bit for bit; a truncated frame is an
+    /// error, not a matrix with uninitialised values.
+    #[test]
+    fn uninitialised_reads_decode_the_same((hidden, header, members, more, x, asg) in dispatch(), step in 1usize..40, cap in 1usize..64, cut in any::<prop::sample::Index>()) {
+        let rows = x.len() / hidden;
+        let msg = DispatchMsg {
+            header,
+            members,
+            more,
+            x: from_vec(x.clone(), rows, hidden).unwrap(),
+            assignments: asg.clone(),
+        };
+        let bytes = encode(&Frame::ToWorker(ToWorker::Dispatch(msg)), hidden);
+        let mut src = std::io::BufReader::with_capacity(cap, Trickle { b: &bytes, step });
+        let Ok(Frame::ToWorker(ToWorker::Dispatch(d))) = read_frame_from(&mut src, hidden, LIMIT) else {
+            return Err(TestCaseError::fail("not a dispatch"));
+        };
+        prop_assert_eq!(d.header, header);
+        prop_assert!(same_bits(&values(&d.x), &x));
+        prop_assert_eq!(d.assignments.len(), asg.len());
+        let short = &bytes[..cut.index(bytes.len())];
+        let mut src = std::io::BufReader::with_capacity(cap, Trickle { b: short, step });
+        prop_assert!(read_frame_from(&mut src, hidden, LIMIT).is_err());
+    }
+
 
     #[test]
     fn dispatch_round_trips((hidden, header, members, more, x, asg) in dispatch()) {
