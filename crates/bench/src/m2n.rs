@@ -221,6 +221,10 @@ pub struct SenderReport {
     /// Ours: how each of this sender's links carried the messages ("tcp", "tls", "shm").
     #[serde(default)]
     pub transports: Vec<String>,
+    /// Ours over shared memory: the dispatches this sender lent (read once by the receiver,
+    /// straight from its memory) and the combines it read the same way.
+    #[serde(default)]
+    pub loans: (u64, u64),
 }
 
 fn check_shape(m: usize, n: usize, bytes: usize, hidden: usize, iters: usize) -> Result<usize> {
@@ -622,6 +626,7 @@ pub fn peer(a: M2nPeerArgs) -> Result<()> {
                 end_unix_ns: unix_ns(),
                 round_ns,
                 transports,
+                loans: tandem_engine::shm::loans(),
             };
             println!("{RESULT_PREFIX}{}", serde_json::to_string(&rep)?);
             Ok(())
@@ -855,6 +860,7 @@ pub fn mpi_rank(a: M2nMpiRankArgs) -> Result<()> {
                 end_unix_ns: c[1],
                 round_ns: c[2..].to_vec(),
                 transports: Vec::new(),
+                loans: (0, 0),
             })
             .collect();
         let (maj, min) = mpi::environment::version();
@@ -946,6 +952,7 @@ fn summarize(
             "baseline": match a.baseline { None => "none (tandem M2N)", Some(Baseline::Mpi) => "mpi" },
             "transport": transport,
             "links_by_transport": links,
+            "senders_loans_made_read": reports.iter().fold((0, 0), |a, r| (a.0 + r.loans.0, a.1 + r.loans.1)),
             "processes": m + n,
             "processes_per_core": (m + n) as f64 / cores,
             "machine": machine,

@@ -134,6 +134,8 @@ pub(crate) struct Region {
     ptr: *mut u8,
     len: usize,
     cap: usize,
+    /// The memfd's inode (how a process's mappings name it in `/proc/<pid>/maps`).
+    ino: u64,
 }
 
 // The mapping is only touched through atomics (control pages) and raw copies (data areas),
@@ -168,10 +170,12 @@ impl Region {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
+        let ino = std::fs::File::from(fd.try_clone()?).metadata()?.ino();
         Ok(Self {
             ptr: ptr.cast(),
             len,
             cap: (len - HEADER) / 2,
+            ino,
         })
     }
     fn u64_at(&self, off: usize) -> &AtomicU64 {
@@ -580,6 +584,18 @@ unsafe fn copy_from(pid: libc::pid_t, addr: u64, dst: *mut u8, len: usize) -> io
     Ok((n as usize).min(len))
 }
 
+/// Whether process `pid` has the memfd with inode `ino` mapped.
+fn maps_ring(pid: libc::pid_t, ino: u64) -> bool {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return false;
+    };
+    let ino = ino.to_string();
+    maps.lines().any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.len() >= 6 && f[4] == ino && f[5].starts_with("/memfd:tandem-m2n")
+    })
+}
+
 /// Where the reader stands in the record stream.
 #[derive(Clone, Copy)]
 enum Cur {
@@ -699,6 +715,11 @@ impl ShmReader {
         let addr = l.region.u64_at(r.ctl + PROBE_ADDR).load(Ordering::Acquire);
         let mut got = [0u8; 8];
         let read = match libc::pid_t::try_from(pid) {
+            // The id is the peer's word: only a process that maps this very ring (the peer,
+            // or one it handed the memfd to) is ever read, never another of this user's.
+            Ok(p) if !maps_ring(p, l.region.ino) => Err(invalid(format!(
+                "process {p} does not map this link's ring"
+            ))),
             // SAFETY: `got` holds 8 bytes.
             Ok(p) => unsafe { copy_from(p, addr, got.as_mut_ptr(), 8) }.map(|n| (p, n)),
             Err(_) => Err(invalid(format!("process id {pid}"))),
@@ -1426,6 +1447,31 @@ mod tests {
         let rw = t.join().unwrap();
         assert_eq!(got, pattern(3000, 5));
         assert_eq!(rw.lent, 0, "copied through the ring");
+    }
+
+    #[test]
+    fn a_peer_naming_a_process_that_does_not_map_the_ring_is_not_read() {
+        let ((_rr, mut rw), (mut wr, _ww), _a, _b) = pair_lending(MIN_RING_BYTES, 1000);
+        let mut other = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        rw.link
+            .region
+            .u64_at(rw.link.tx.ctl + WRITER_PID)
+            .store(other.id() as u64, Ordering::SeqCst);
+        rw.write_all(b"hi").unwrap();
+        rw.flush().unwrap();
+        wr.read_exact(&mut [0u8; 2]).unwrap();
+        let _ = other.kill();
+        let _ = other.wait();
+        assert_eq!(wr.lender, Lender::Never);
+        assert!(!rw.can_lend());
+        // This process maps it: read.
+        assert!(maps_ring(
+            std::process::id() as libc::pid_t,
+            wr.link.region.ino
+        ));
     }
 
     #[test]
