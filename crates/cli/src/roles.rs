@@ -74,6 +74,20 @@ pub struct RoleArgs {
     /// only when both ends allow it.
     #[arg(long, value_enum, default_value_t = M2nTransport::Auto)]
     pub m2n_transport: M2nTransport,
+    /// Over shared memory, hidden-state matrices of at least this many bytes are lent: the
+    /// peer copies them once, straight from this process's memory, instead of through the
+    /// ring (where the kernel lets it; see docs/m2n.md). `off`: never.
+    #[arg(long, value_name = "BYTES", default_value = "65536", value_parser = parse_lend_min)]
+    pub m2n_lend_min: usize,
+}
+
+/// `--m2n-lend-min`: bytes, or `off`.
+fn parse_lend_min(s: &str) -> Result<usize, String> {
+    if s == "off" {
+        return Ok(usize::MAX);
+    }
+    s.parse()
+        .map_err(|_| format!("{s:?} is neither a number of bytes nor `off`"))
 }
 
 /// `--m2n-transport`.
@@ -356,6 +370,7 @@ pub fn start_engine(
                     cluster_secret: secret,
                     tls_client: tls,
                     shared_memory: role.m2n_transport == M2nTransport::Auto,
+                    shm_lend_min: role.m2n_lend_min,
                     ..NetOptions::default()
                 },
             );

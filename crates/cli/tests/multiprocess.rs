@@ -262,6 +262,9 @@ fn a_killed_worker_fails_requests_and_a_restarted_one_rejoins() {
             "0",
             "--peer-timeout-s",
             "20",
+            // Every dispatch lent: the kill lands on loans, not only on ring copies.
+            "--m2n-lend-min",
+            "1",
         ])
         .spawn()
         .unwrap();
