@@ -370,7 +370,10 @@ pub fn start_engine(
                     cluster_secret: secret,
                     tls_client: tls,
                     shared_memory: role.m2n_transport == M2nTransport::Auto,
-                    shm_lend_min: role.m2n_lend_min,
+                    shm_lending: tandem_engine::shm::Lending {
+                        min: role.m2n_lend_min,
+                        ..Default::default()
+                    },
                     ..NetOptions::default()
                 },
             );

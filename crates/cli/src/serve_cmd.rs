@@ -129,7 +129,10 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
             cluster_secret: secret,
             tls_server: a.role.tls.server(&deployment)?,
             shared_memory: a.role.m2n_transport == crate::roles::M2nTransport::Auto,
-            shm_lend_min: a.role.m2n_lend_min,
+            shm_lending: tandem_engine::shm::Lending {
+                min: a.role.m2n_lend_min,
+                ..Default::default()
+            },
             ..Default::default()
         };
         return crate::roles::run_expert(&dir, &deployment, a.role.rank, listen, opts, ty);

@@ -83,8 +83,9 @@ impl Cluster {
                 .args(["--address-map", &self.map])
                 .args(["--peer-timeout-s", &PEER_TIMEOUT_S.to_string()]);
         }
-        // Expert 0 and replica 0 lend every matrix over shared memory, the others only the
-        // large ones (none, at this model's size): faults hit loans and ring copies alike.
+        // Expert 0 and replica 0 lend every matrix over shared memory (where the kernel lets
+        // the peer read them), the others only the large ones (none, at this model's size):
+        // faults hit loans and ring copies alike.
         if slot.is_multiple_of(2) {
             c.args(["--m2n-lend-min", "1"]);
         }

@@ -262,7 +262,8 @@ fn a_killed_worker_fails_requests_and_a_restarted_one_rejoins() {
             "0",
             "--peer-timeout-s",
             "20",
-            // Every dispatch lent: the kill lands on loans, not only on ring copies.
+            // Every dispatch lent where the kernel lets the worker read this process (not
+            // under Yama ptrace_scope >= 1): the kill then lands on loans as well as copies.
             "--m2n-lend-min",
             "1",
         ])

@@ -193,10 +193,11 @@ pub struct NetOptions {
     pub shared_memory: bool,
     /// Bytes of each shared-memory ring (one per direction and connection).
     pub shm_ring_bytes: usize,
-    /// Over shared memory, f32 matrices of at least this many bytes are lent: the peer
-    /// copies them once, straight from this process ([`crate::shm`]), instead of through
-    /// the ring. `usize::MAX`: never.
-    pub shm_lend_min: usize,
+    /// Over shared memory, f32 matrices of at least `min` bytes are lent: the peer copies
+    /// them once, straight from this process ([`crate::shm`]), instead of through the ring
+    /// (`usize::MAX`: never); loans from this very process are read only with
+    /// `same_process` (both ends in one process: tests).
+    pub shm_lending: crate::shm::Lending,
 }
 
 impl Default for NetOptions {
@@ -212,7 +213,7 @@ impl Default for NetOptions {
             tls_client: None,
             shared_memory: true,
             shm_ring_bytes: crate::shm::DEFAULT_RING_BYTES,
-            shm_lend_min: crate::shm::DEFAULT_LEND_MIN,
+            shm_lending: crate::shm::Lending::default(),
         }
     }
 }
@@ -627,7 +628,7 @@ fn replica_handshake(
         (false, _) => Ok((stream, rd, wr)),
         (true, Some(o)) => {
             let (rd, wr) = o
-                .into_halves(&stream, s.opts.shm_lend_min)
+                .into_halves(&stream, s.opts.shm_lending)
                 .map_err(|e| format!("shared memory: {e}"))?;
             Ok((stream, rd, wr))
         }
@@ -990,7 +991,7 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
     // A replica on this host may offer shared memory; a refusal (logged) keeps TCP.
     let shm = match &hello.shm {
         Some(o) if s.opts.shared_memory && s.opts.tls_server.is_none() => {
-            match crate::shm::accept(&o.path, &o.token, &stream, s.opts.shm_lend_min) {
+            match crate::shm::accept(&o.path, &o.token, &stream, s.opts.shm_lending) {
                 Ok(h) => Some(h),
                 Err(why) => {
                     tracing::info!(

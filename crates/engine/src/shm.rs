@@ -253,14 +253,13 @@ impl Offer {
         self.region
     }
 
-    /// The replica's halves once the worker accepted the offer (lending matrices of at least
-    /// `lend_min` bytes).
+    /// The replica's halves once the worker accepted the offer.
     pub(crate) fn into_halves(
         self,
         sock: &TcpStream,
-        lend_min: usize,
+        lending: Lending,
     ) -> io::Result<(ReadHalf, WriteHalf)> {
-        let (r, w) = halves(self.accepted(), Side::Replica, sock, lend_min)?;
+        let (r, w) = halves(self.accepted(), Side::Replica, sock, lending)?;
         Ok((ReadHalf::Shm(r), WriteHalf::Shm(w)))
     }
 }
@@ -282,19 +281,18 @@ pub(crate) fn offer(sock: &TcpStream, ring_bytes: usize) -> Option<Offer> {
         .ok()
 }
 
-/// A worker's answer to an offer on `sock`: its halves (lending matrices of at least
-/// `lend_min` bytes), or why the link stays on TCP.
+/// A worker's answer to an offer on `sock`: its halves, or why the link stays on TCP.
 pub(crate) fn accept(
     path: &str,
     token: &str,
     sock: &TcpStream,
-    lend_min: usize,
+    lending: Lending,
 ) -> Result<(ReadHalf, WriteHalf), String> {
     if !same_host(sock) {
         return Err("the peer is on another host".into());
     }
     let region = open(path, token)?;
-    let (r, w) = halves(region, Side::Worker, sock, lend_min).map_err(|e| e.to_string())?;
+    let (r, w) = halves(region, Side::Worker, sock, lending).map_err(|e| e.to_string())?;
     Ok((ReadHalf::Shm(r), WriteHalf::Shm(w)))
 }
 
@@ -524,6 +522,11 @@ impl Link {
     /// Copies `n` bytes of ring `r` from stream position `pos` (wrapping) to `dst`.
     fn copy_out(&self, r: Ring, pos: u64, dst: *mut u8, n: usize) {
         let reg = &*self.region;
+        assert!(
+            n <= reg.cap,
+            "a {n}-byte copy out of a {}-byte ring",
+            reg.cap
+        );
         let at = (pos % reg.cap as u64) as usize;
         let first = n.min(reg.cap - at);
         // SAFETY: [at, at+first) and [0, n-first) lie in the ring's data area (n <= cap, as
@@ -540,6 +543,7 @@ impl Link {
     fn copy_in(&self, r: Ring, pos: u64, src: &[u8]) {
         let reg = &*self.region;
         let n = src.len();
+        assert!(n <= reg.cap, "a {n}-byte copy into a {}-byte ring", reg.cap);
         let at = (pos % reg.cap as u64) as usize;
         let first = n.min(reg.cap - at);
         // SAFETY: as in copy_out, in the free part the reader does not read until the head
@@ -582,6 +586,23 @@ unsafe fn copy_from(pid: libc::pid_t, addr: u64, dst: *mut u8, len: usize) -> io
         ));
     }
     Ok((n as usize).min(len))
+}
+
+/// Whether loans from `pid` may be read: another process (not a thread of this one) that
+/// maps the ring with inode `ino`, or this process when `same_process` allows it.
+fn may_read(pid: libc::pid_t, ino: u64, same_process: bool) -> bool {
+    if pid as u32 == std::process::id() {
+        return same_process;
+    }
+    // A thread id of this process names its own maps too: only a process's own id passes.
+    let tgid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("Tgid:").map(|v| v.trim().parse::<i64>()))
+        })
+        .and_then(|v| v.ok());
+    tgid == Some(pid as i64) && maps_ring(pid, ino)
 }
 
 /// Whether process `pid` has the memfd with inode `ino` mapped.
@@ -627,6 +648,8 @@ pub(crate) struct ShmReader {
     lender: Lender,
     /// Loans read whole, ever.
     repaid: u64,
+    /// Whether a loan from this very process is read (both ends in one process: tests).
+    same_process: bool,
 }
 
 /// The writing half of a shared-memory link (frames are written whole under the
@@ -648,14 +671,34 @@ pub(crate) struct ShmWriter {
     owed_bytes: usize,
 }
 
+/// What a process lends over shared memory and whose loans it reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lending {
+    /// f32 matrices of at least this many bytes are lent (`usize::MAX`: none).
+    pub min: usize,
+    /// Read loans from this very process. Only both ends of a link in one process (tests)
+    /// need it; otherwise a peer naming this process would make it read its own memory
+    /// for the peer, so such a loan is refused.
+    pub same_process: bool,
+}
+
+impl Default for Lending {
+    fn default() -> Self {
+        Self {
+            min: DEFAULT_LEND_MIN,
+            same_process: false,
+        }
+    }
+}
+
 /// The halves of `side`'s end of `region`; `sock` is the connection's socket (a clone is
-/// kept, made non-blocking: it is only peeked from now on). The writer lends matrices of at
-/// least `lend_min` bytes once its reader can read them.
+/// kept, made non-blocking: it is only peeked from now on). The writer lends as `lending`
+/// says once its reader can read it.
 pub(crate) fn halves(
     region: Arc<Region>,
     side: Side,
     sock: &TcpStream,
-    lend_min: usize,
+    lending: Lending,
 ) -> io::Result<(ShmReader, ShmWriter)> {
     let sock = sock.try_clone()?;
     sock.set_nonblocking(true)?;
@@ -688,13 +731,14 @@ pub(crate) fn halves(
             cur: Cur::Idle,
             lender: Lender::Unknown,
             repaid: 0,
+            same_process: lending.same_process,
         },
         ShmWriter {
             link,
             head: 0,
             checked: Instant::now(),
             unsignalled: false,
-            lend_min,
+            lend_min: lending.min,
             lent: 0,
             owed: VecDeque::new(),
             owed_bytes: 0,
@@ -715,10 +759,11 @@ impl ShmReader {
         let addr = l.region.u64_at(r.ctl + PROBE_ADDR).load(Ordering::Acquire);
         let mut got = [0u8; 8];
         let read = match libc::pid_t::try_from(pid) {
-            // The id is the peer's word: only a process that maps this very ring (the peer,
-            // or one it handed the memfd to) is ever read, never another of this user's.
-            Ok(p) if !maps_ring(p, l.region.ino) => Err(invalid(format!(
-                "process {p} does not map this link's ring"
+            // The id is the peer's word: only another process that maps this very ring (the
+            // peer, or one it handed the memfd to) is ever read, never another of this
+            // user's, nor this one.
+            Ok(p) if !may_read(p, l.region.ino, self.same_process) => Err(invalid(format!(
+                "process {p} is not another process mapping this link's ring"
             ))),
             // SAFETY: `got` holds 8 bytes.
             Ok(p) => unsafe { copy_from(p, addr, got.as_mut_ptr(), 8) }.map(|n| (p, n)),
@@ -966,8 +1011,14 @@ impl ShmWriter {
             }
             Ok(cap - used)
         };
-        self.wait_for(|l| Ok(free(l)? >= need))?;
-        free(&self.link)
+        // The value returned is one that was checked: the peer may move its tail meanwhile.
+        loop {
+            self.wait_for(|l| Ok(free(l)? >= need))?;
+            let f = free(&self.link)?;
+            if f >= need {
+                return Ok(f);
+            }
+        }
     }
 
     /// Publishes the head (after the bytes it covers).
@@ -988,7 +1039,7 @@ impl ShmWriter {
             return Ok(0);
         }
         let free = self.space(2 * WORD)?;
-        let len = (total as u64).min((free - WORD) & !(WORD - 1));
+        let len = (total as u64).min(free.saturating_sub(WORD) & !(WORD - 1));
         let l = self.link.clone();
         let t = l.tx;
         l.copy_in(t, self.head, &(REC_BYTES << 56 | len).to_le_bytes());
@@ -1087,12 +1138,13 @@ impl ShmWriter {
         parts: &[(&[u8], bool)],
         owner: Box<dyn Send>,
     ) -> io::Result<()> {
+        self.collect();
         let lend = self.can_lend();
         let before = self.lent;
         let mut lent_bytes = 0;
         let mut result = Ok(());
         for &(p, lendable) in parts {
-            result = if lend && lendable && p.len() >= self.lend_min {
+            result = if lend && lendable && p.len() >= self.lend_min.max(1) {
                 lent_bytes += p.len();
                 self.put_loan(p)
             } else {
@@ -1157,7 +1209,7 @@ pub(crate) fn send(
         dtype == WireDtype::F32
             && w.can_lend()
             && t.is_contiguous()
-            && t.elem_count().saturating_mul(4) >= w.lend_min
+            && t.elem_count().saturating_mul(4) >= w.lend_min.max(1)
     });
     let Some(owner) = owner.cloned() else {
         return write_frame_as(w, f, hidden, dtype);
@@ -1178,6 +1230,7 @@ impl Write for ShmWriter {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.signal();
+        self.collect();
         Ok(())
     }
 }
@@ -1214,8 +1267,12 @@ mod tests {
         let (b, _) = l.accept().unwrap();
         let offer = create(ring).unwrap();
         let opened = open(offer.path(), offer.token()).unwrap();
-        let rep = halves(offer.accepted(), Side::Replica, &a, lend_min).unwrap();
-        let wrk = halves(opened, Side::Worker, &b, lend_min).unwrap();
+        let lending = Lending {
+            min: lend_min,
+            same_process: true,
+        };
+        let rep = halves(offer.accepted(), Side::Replica, &a, lending).unwrap();
+        let wrk = halves(opened, Side::Worker, &b, lending).unwrap();
         (rep, wrk, a, b)
     }
 
@@ -1423,6 +1480,22 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_part_is_never_lent_even_with_no_minimum() {
+        // An idle lane's dispatch has an empty matrix: a zero-length loan would be refused by
+        // the reader as malformed and end the link.
+        let ((_rr, mut rw), (mut wr, _ww), _a, _b) = pair_lending(MIN_RING_BYTES, 0);
+        wr.probe();
+        introduce(&mut rw, &mut wr);
+        rw.write_lending(&[(&[], true), (b"after", false)], Box::new(()))
+            .unwrap();
+        rw.flush().unwrap();
+        let mut got = [0u8; 5];
+        wr.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"after");
+        assert_eq!(rw.lent, 0);
+    }
+
+    #[test]
     fn nothing_is_lent_to_a_reader_that_cannot_read_this_process() {
         let ((_rr, mut rw), (mut wr, _ww), _a, _b) = pair_lending(MIN_RING_BYTES, 1000);
         // The probe address points at a word that is not the probe.
@@ -1467,11 +1540,39 @@ mod tests {
         let _ = other.wait();
         assert_eq!(wr.lender, Lender::Never);
         assert!(!rw.can_lend());
-        // This process maps it: read.
-        assert!(maps_ring(
-            std::process::id() as libc::pid_t,
-            wr.link.region.ino
-        ));
+        // This process maps it, and is read only where both ends live in it.
+        let me = std::process::id() as libc::pid_t;
+        assert!(maps_ring(me, wr.link.region.ino));
+        assert!(may_read(me, wr.link.region.ino, true));
+        assert!(!may_read(me, wr.link.region.ino, false));
+    }
+
+    #[test]
+    fn a_peer_naming_this_process_or_one_of_its_threads_is_not_read() {
+        // Ends that do not expect to share the process: a loan from it would make the reader
+        // read itself for the peer.
+        let ((_rr, mut rw), (mut wr, _ww), _a, _b) = pair_lending(MIN_RING_BYTES, 1000);
+        wr.same_process = false;
+        rw.write_all(b"hi").unwrap();
+        rw.flush().unwrap();
+        wr.read_exact(&mut [0u8; 2]).unwrap();
+        assert_eq!(wr.lender, Lender::Never);
+        assert!(!rw.can_lend());
+        // A thread of this process shows the process's maps, ring included: refused.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let h = std::thread::spawn(move || {
+            // SAFETY: no arguments, cannot fail.
+            tx.send(unsafe { libc::gettid() }).unwrap();
+            let _ = done_rx.recv();
+        });
+        let thread = rx.recv().unwrap();
+        assert_ne!(thread, std::process::id() as libc::pid_t);
+        assert!(maps_ring(thread, wr.link.region.ino));
+        assert!(!may_read(thread, wr.link.region.ino, false));
+        assert!(!may_read(thread, wr.link.region.ino, true));
+        done_tx.send(()).unwrap();
+        h.join().unwrap();
     }
 
     #[test]

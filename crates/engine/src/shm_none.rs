@@ -8,6 +8,22 @@ use std::net::TcpStream;
 pub const DEFAULT_RING_BYTES: usize = 1 << 20;
 pub const DEFAULT_LEND_MIN: usize = 64 << 10;
 
+/// What a process lends over shared memory (nothing here: there is no shared memory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lending {
+    pub min: usize,
+    pub same_process: bool,
+}
+
+impl Default for Lending {
+    fn default() -> Self {
+        Self {
+            min: DEFAULT_LEND_MIN,
+            same_process: false,
+        }
+    }
+}
+
 /// No loans on this platform.
 pub fn loans() -> (u64, u64) {
     (0, 0)
@@ -23,7 +39,11 @@ impl Offer {
     pub(crate) fn token(&self) -> &str {
         match *self {}
     }
-    pub(crate) fn into_halves(self, _: &TcpStream, _: usize) -> io::Result<(ReadHalf, WriteHalf)> {
+    pub(crate) fn into_halves(
+        self,
+        _: &TcpStream,
+        _: Lending,
+    ) -> io::Result<(ReadHalf, WriteHalf)> {
         match self {}
     }
 }
@@ -36,7 +56,7 @@ pub(crate) fn accept(
     _: &str,
     _: &str,
     _: &TcpStream,
-    _: usize,
+    _: Lending,
 ) -> Result<(ReadHalf, WriteHalf), String> {
     Err("shared memory is not supported on this platform".into())
 }

@@ -160,6 +160,9 @@ fn prompts(vocab: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// Held by a run that lends every matrix, while it counts loans.
+static LENDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The suite of one family over both same-host transports: shared memory (the default
 /// between processes of one host; every matrix lent, read once by the peer, where the
 /// default lends only the large ones and these models' are small) and plain TCP.
@@ -167,7 +170,11 @@ fn tcp_equals_colocated(family: &str) {
     tcp_equals_colocated_with(
         family,
         NetOptions {
-            shm_lend_min: 1,
+            // Both ends live in this test process, which a reader refuses to read unless told.
+            shm_lending: tandem_engine::shm::Lending {
+                min: 1,
+                same_process: true,
+            },
             ..keyed()
         },
     );
@@ -217,6 +224,10 @@ fn tcp_equals_colocated_with(family: &str, opts: NetOptions) {
         (None, false) => "tcp",
     };
     assert_transport(&dep, &opts, want);
+    // The loan counters are the process's: runs that lend take turns, so that what a run
+    // counts is its own (the other tests lend nothing: their matrices are below the default).
+    let lends = opts.shm_lending.min == 1;
+    let _turn = lends.then(|| LENDING.lock().unwrap_or_else(|e| e.into_inner()));
     let loans_before = tandem_engine::shm::loans();
     let ps = prompts(model.cfg.vocab_size);
     let n = 10;
@@ -249,7 +260,7 @@ fn tcp_equals_colocated_with(family: &str, opts: NetOptions) {
     );
     // With every matrix lendable, the matrices crossed as loans (the counters are the
     // process's: other tests only add to them).
-    if cfg!(target_os = "linux") && want == "shm" && opts.shm_lend_min == 1 {
+    if cfg!(target_os = "linux") && want == "shm" && lends {
         let (made, read) = tandem_engine::shm::loans();
         assert!(
             made > loans_before.0 && read > loans_before.1,
