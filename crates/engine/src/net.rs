@@ -197,7 +197,31 @@ pub struct NetOptions {
     /// them once, straight from this process ([`crate::shm`]), instead of through the ring
     /// (`usize::MAX`: never); loans from this very process are read only with
     /// `same_process` (both ends in one process: tests).
-    pub shm_lending: crate::shm::Lending,
+    pub shm_lending: Lending,
+}
+
+/// Over shared memory ([`crate::shm`]), matrices at least this long are lent (copied once, by
+/// the reader) rather than copied into the ring and out: below it the two copies are cheaper than the loan's bookkeeping.
+pub const DEFAULT_LEND_MIN: usize = 64 << 10;
+
+/// What a process lends over shared memory ([`crate::shm`]) and whose loans it reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lending {
+    /// f32 matrices of at least this many bytes are lent (`usize::MAX`: none).
+    pub min: usize,
+    /// Read loans from this very process. Only both ends of a link in one process (tests)
+    /// need it; otherwise a peer naming this process would make it read its own memory
+    /// for the peer, so such a loan is refused.
+    pub same_process: bool,
+}
+
+impl Default for Lending {
+    fn default() -> Self {
+        Self {
+            min: DEFAULT_LEND_MIN,
+            same_process: false,
+        }
+    }
 }
 
 impl Default for NetOptions {
@@ -213,7 +237,7 @@ impl Default for NetOptions {
             tls_client: None,
             shared_memory: true,
             shm_ring_bytes: crate::shm::DEFAULT_RING_BYTES,
-            shm_lending: crate::shm::Lending::default(),
+            shm_lending: Lending::default(),
         }
     }
 }

@@ -45,6 +45,7 @@
 //! cross-process futex: the mapping is shared, not private). The other side calls the
 //! kernel only when a waiter is announced, so a busy pipeline makes no system calls.
 
+pub use crate::net::Lending;
 use crate::tls::{ReadHalf, WriteHalf};
 use crate::wire::{
     f32_bytes, matrix_of, with_matrix_frame, write_frame_as, Frame, WireDtype, WireError,
@@ -73,9 +74,6 @@ const MIN_RING_BYTES: usize = 64 << 10;
 /// How often a wait looks at the socket (and the closed flag) at the latest.
 pub const LIVENESS: Duration = Duration::from_millis(50);
 
-/// Matrices at least this long are lent (copied once, by the reader) rather than copied into
-/// the ring and out: below it the two copies are cheaper than the loan's bookkeeping.
-pub const DEFAULT_LEND_MIN: usize = 64 << 10;
 /// Bytes lent and not yet repaid after which a writer waits for its reader.
 const MAX_LENT_BYTES: usize = 64 << 20;
 /// How long a writer that closes (or is dropped) waits for its loans to be repaid.
@@ -669,26 +667,6 @@ pub(crate) struct ShmWriter {
     /// first.
     owed: VecDeque<(u64, usize, Box<dyn Send>)>,
     owed_bytes: usize,
-}
-
-/// What a process lends over shared memory and whose loans it reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Lending {
-    /// f32 matrices of at least this many bytes are lent (`usize::MAX`: none).
-    pub min: usize,
-    /// Read loans from this very process. Only both ends of a link in one process (tests)
-    /// need it; otherwise a peer naming this process would make it read its own memory
-    /// for the peer, so such a loan is refused.
-    pub same_process: bool,
-}
-
-impl Default for Lending {
-    fn default() -> Self {
-        Self {
-            min: DEFAULT_LEND_MIN,
-            same_process: false,
-        }
-    }
 }
 
 /// The halves of `side`'s end of `region`; `sock` is the connection's socket (a clone is

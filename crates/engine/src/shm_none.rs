@@ -1,28 +1,12 @@
 //! Shared-memory M2N is Linux-only (memfd, futex): elsewhere no offer is ever made and every
 //! link stays on TCP.
 
+pub use crate::net::Lending;
 use crate::tls::{ReadHalf, WriteHalf};
 use std::io;
 use std::net::TcpStream;
 
 pub const DEFAULT_RING_BYTES: usize = 1 << 20;
-pub const DEFAULT_LEND_MIN: usize = 64 << 10;
-
-/// What a process lends over shared memory (nothing here: there is no shared memory).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Lending {
-    pub min: usize,
-    pub same_process: bool,
-}
-
-impl Default for Lending {
-    fn default() -> Self {
-        Self {
-            min: DEFAULT_LEND_MIN,
-            same_process: false,
-        }
-    }
-}
 
 /// No loans on this platform.
 pub fn loans() -> (u64, u64) {

@@ -25,6 +25,25 @@ fn encode(f: &Frame, hidden: usize) -> Vec<u8> {
     b
 }
 
+/// The bytes of a dispatch of `x` (rows of `hidden`) with `asg`.
+fn encode_dispatch(
+    hidden: usize,
+    header: SlotHeader,
+    members: Members,
+    more: bool,
+    x: &[f32],
+    asg: &[Assignment],
+) -> Vec<u8> {
+    let msg = DispatchMsg {
+        header,
+        members,
+        more,
+        x: from_vec(x.to_vec(), x.len() / hidden, hidden).unwrap(),
+        assignments: asg.to_vec(),
+    };
+    encode(&Frame::ToWorker(ToWorker::Dispatch(msg)), hidden)
+}
+
 fn decode(b: &[u8], hidden: usize) -> Result<Frame, WireError> {
     read_frame(&mut Cursor::new(b), hidden, LIMIT)
 }
@@ -122,15 +141,7 @@ proptest! {
     /// error, not a matrix with uninitialised values.
     #[test]
     fn uninitialised_reads_decode_the_same((hidden, header, members, more, x, asg) in dispatch(), step in 1usize..40, cap in 1usize..64, cut in any::<prop::sample::Index>()) {
-        let rows = x.len() / hidden;
-        let msg = DispatchMsg {
-            header,
-            members,
-            more,
-            x: from_vec(x.clone(), rows, hidden).unwrap(),
-            assignments: asg.clone(),
-        };
-        let bytes = encode(&Frame::ToWorker(ToWorker::Dispatch(msg)), hidden);
+        let bytes = encode_dispatch(hidden, header, members, more, &x, &asg);
         let mut src = std::io::BufReader::with_capacity(cap, Trickle { b: &bytes, step });
         let Ok(Frame::ToWorker(ToWorker::Dispatch(d))) = read_frame_from(&mut src, hidden, LIMIT) else {
             return Err(TestCaseError::fail("not a dispatch"));
@@ -143,18 +154,9 @@ proptest! {
         prop_assert!(read_frame_from(&mut src, hidden, LIMIT).is_err());
     }
 
-
     #[test]
     fn dispatch_round_trips((hidden, header, members, more, x, asg) in dispatch()) {
-        let rows = x.len() / hidden;
-        let msg = DispatchMsg {
-            header,
-            members,
-            more,
-            x: from_vec(x.clone(), rows, hidden).unwrap(),
-            assignments: asg.clone(),
-        };
-        let bytes = encode(&Frame::ToWorker(ToWorker::Dispatch(msg)), hidden);
+        let bytes = encode_dispatch(hidden, header, members, more, &x, &asg);
         prop_assert_eq!(bytes.len(), HEADER_LEN + x.len() * 4 + asg.len() * 12);
         let Ok(Frame::ToWorker(ToWorker::Dispatch(d))) = decode(&bytes, hidden) else {
             return Err(TestCaseError::fail("not a dispatch"));
