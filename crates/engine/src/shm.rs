@@ -553,6 +553,13 @@ impl Link {
         }
     }
 
+    /// Loans of this side's writer that its peer's reader has repaid (the peer's word).
+    fn repaid(&self) -> u64 {
+        self.region
+            .u64_at(self.tx.ctl + REPAID)
+            .load(Ordering::SeqCst)
+    }
+
     fn word(&self, r: Ring, pos: u64) -> u64 {
         let mut b = [0u8; 8];
         self.copy_out(r, pos, b.as_mut_ptr(), 8);
@@ -1039,12 +1046,7 @@ impl ShmWriter {
 
     /// Drops what the reader repaid.
     fn collect(&mut self) {
-        let repaid = self
-            .link
-            .region
-            .u64_at(self.link.tx.ctl + REPAID)
-            .load(Ordering::Acquire)
-            .min(self.lent);
+        let repaid = self.link.repaid().min(self.lent);
         while let Some(&(n, b, _)) = self.owed.front() {
             if n > repaid {
                 break;
@@ -1070,7 +1072,6 @@ impl ShmWriter {
         // Not more than MAX_LENT_BYTES owed (one loan larger than that alone).
         let room = MAX_LENT_BYTES.saturating_sub(s.len());
         let lent = self.lent;
-        self.collect();
         if self.owed_bytes > room {
             // The oldest loans whose repayment brings what is owed under `room`.
             let mut left = self.owed_bytes;
@@ -1082,10 +1083,7 @@ impl ShmWriter {
                     left <= room
                 })
                 .map_or(lent, |o| o.0);
-            let owed_until = |l: &Link| -> io::Result<bool> {
-                Ok(l.region.u64_at(l.tx.ctl + REPAID).load(Ordering::SeqCst) >= need)
-            };
-            self.wait_for(owed_until)?;
+            self.wait_for(|l| Ok(l.repaid() >= need))?;
             self.collect();
         }
         self.space(2 * WORD)?;
@@ -1148,7 +1146,7 @@ impl ShmWriter {
         };
         let l = &*self.link;
         let t = l.tx;
-        let repaid = || l.region.u64_at(t.ctl + REPAID).load(Ordering::SeqCst) >= need;
+        let repaid = || l.repaid() >= need;
         let t0 = Instant::now();
         while !repaid() && t0.elapsed() < LEND_GRACE && !l.closed(t) && l.peer_alive().is_ok() {
             l.park(t.ctl + WRITER_WAITING, t.ctl + SPACE_SEQ, || !repaid());

@@ -329,20 +329,10 @@ fn read_matrix(
                     n * 4,
                 )
             };
-            let mut got = 0;
-            while got < bytes.len() {
-                match r.read_uninit(&mut bytes[got..]) {
-                    Ok(0) => {
-                        return Err(WireError::Io(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            format!("truncated message: {got} of {} bytes", bytes.len()),
-                        )))
-                    }
-                    Ok(k) => got += k.min(bytes.len() - got),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            let len = bytes.len();
+            read_steps(len, false, |got| {
+                r.read_uninit(&mut bytes[got..]).map(|k| k.min(len - got))
+            })?;
             // SAFETY: FrameSource's contract: all 4n bytes were initialised, and every bit
             // pattern is an f32.
             unsafe { x.set_len(n) };
@@ -585,14 +575,25 @@ pub fn write_frame_as(
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8], at_start: bool) -> Result<(), WireError> {
+    read_steps(buf.len(), at_start, |got| r.read(&mut buf[got..]))
+}
+
+/// Reads `len` bytes with `step(got)`, which reads some of what follows the first `got`:
+/// `Closed` when the stream ends before the first byte of a frame (`at_start`), an error
+/// naming the shortfall when it ends later.
+fn read_steps(
+    len: usize,
+    at_start: bool,
+    mut step: impl FnMut(usize) -> std::io::Result<usize>,
+) -> Result<(), WireError> {
     let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
+    while got < len {
+        match step(got) {
             Ok(0) if got == 0 && at_start => return Err(WireError::Closed),
             Ok(0) => {
                 return Err(WireError::Io(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
-                    format!("truncated message: {got} of {} bytes", buf.len()),
+                    format!("truncated message: {got} of {len} bytes"),
                 )))
             }
             Ok(n) => got += n,
