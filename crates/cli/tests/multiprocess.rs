@@ -593,3 +593,109 @@ fn generate_gpt_oss_equals_transformers() {
 fn generate_gpt_oss_mxfp4_equals_transformers() {
     generate_equals_transformers("gpt_oss_mxfp4");
 }
+
+/// The worker's own report of what crossed a real connection between two processes: with
+/// `--m2n-lend-min 1` on both ends every matrix is lent over shared memory (the worker reads
+/// the replica's dispatches as loans and lends its combines); with `--wire-dtype bf16` the
+/// dispatches arrive in bf16. Tokens alone could not tell either apart from the plain path.
+#[test]
+fn loans_and_bf16_frames_are_observed_between_processes() {
+    let model = fixture("mixtral");
+    let tmp = tempdir("observe");
+    let dep = write_deployment(&tmp, 1, 1, 2);
+    let text = std::fs::read_to_string(&dep).unwrap();
+    let text: Vec<&str> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("attention = ") {
+                "attention = []" // status asks the workers only
+            } else {
+                l
+            }
+        })
+        .collect();
+    std::fs::write(&dep, text.join("\n")).unwrap();
+    let worker = Command::new(BIN)
+        .args(["serve", "--deployment"])
+        .arg(&dep)
+        .args(["--role", "expert", "--rank", "0", "--m2n-lend-min", "1"])
+        .arg("--model")
+        .arg(&model)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _procs = Procs(vec![worker]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !status_ok(&dep).0 {
+        assert!(Instant::now() < deadline, "the worker never came up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let report = || status_ok(&dep).1["expert_workers"][0]["report"].clone();
+    let ps = prompts(90, 2, 3);
+    let run = |extra: &[&str]| {
+        let reference = token_ids(
+            &generate_cmd(&model, &ps, 5)
+                .args(["--attention-replicas", "1", "--expert-workers", "0"])
+                .output()
+                .unwrap(),
+        );
+        let got = token_ids(&wait_bounded(
+            generate_cmd(&model, &ps, 5)
+                .arg("--deployment")
+                .arg(&dep)
+                .args(["--role", "attention", "--rank", "0"])
+                .args(extra)
+                .spawn()
+                .unwrap(),
+            Duration::from_secs(60),
+        ));
+        assert_eq!(got, reference, "{extra:?}");
+    };
+
+    // f32, every matrix lent.
+    run(&["--m2n-lend-min", "1"]);
+    let r = report();
+    let t = &r["traffic"][0];
+    println!(
+        "after the f32 run: traffic {t}, loans made {}, read {}",
+        r["loans_made"], r["loans_read"]
+    );
+    assert!(t["f32_dispatches"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(t["bf16_dispatches"], 0, "{r}");
+    assert_eq!(
+        r["transports"][0],
+        serde_json::Value::Null,
+        "the replica left: {r}"
+    );
+    let (made, read) = (
+        r["loans_made"].as_u64().unwrap(),
+        r["loans_read"].as_u64().unwrap(),
+    );
+    let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(0);
+    if scope >= 1 {
+        // process_vm_readv on a non-child needs ptrace rights: matrices went through the ring.
+        println!(
+            "loans NOT asserted: Yama ptrace_scope = {scope} forbids reading another process \
+             (loans made {made}, read {read})"
+        );
+    } else {
+        assert!(read > 0, "the worker read no loan from the replica: {r}");
+        assert!(made > 0, "the worker lent no combine: {r}");
+    }
+
+    // bf16 on the wire: the new dispatches arrive in bf16, 2 bytes a value (bf16 matrices are
+    // copied through the ring, never lent).
+    let f32_before = t["f32_dispatches"].as_u64().unwrap();
+    run(&["--wire-dtype", "bf16"]);
+    let r = report();
+    let t = &r["traffic"][0];
+    println!("after the bf16 run: traffic {t}");
+    assert!(t["bf16_dispatches"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(t["f32_dispatches"].as_u64().unwrap(), f32_before, "{r}");
+}

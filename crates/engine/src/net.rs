@@ -33,8 +33,8 @@ use crate::stats::WorkerStats;
 use crate::tls::{self, ReadHalf, TlsClient, TlsServer, WriteHalf};
 use crate::transport::{ExpertLink, ReplicaLink, ToReplica, ToWorker, TransportError};
 use crate::wire::{
-    fnv1a, read_frame, read_frame_from, write_frame, write_frame_as, Frame, WireDtype, WireError,
-    WIRE_VERSION,
+    fnv1a, read_frame, read_frame_from, read_frame_meta, write_frame, write_frame_as, Frame,
+    WireDtype, WireError, WIRE_VERSION,
 };
 use crate::{DispatchMsg, EngineError};
 use serde::{Deserialize, Serialize};
@@ -733,6 +733,57 @@ struct WorkerShared {
     status: Arc<Mutex<WorkerStatus>>,
     /// Connections accepted and not yet through the handshake.
     pending: AtomicUsize,
+    /// Per replica rank: the dispatches received from it, over every connection.
+    traffic: Vec<LinkTraffic>,
+}
+
+/// What a worker received from one replica rank, as the frames' headers said, since the
+/// worker started: the observation behind `--wire-dtype` (tests and `tandem status` read it).
+#[derive(Default)]
+struct LinkTraffic {
+    f32_dispatches: AtomicU64,
+    bf16_dispatches: AtomicU64,
+    /// Hidden-state rows of those dispatches.
+    rows: AtomicU64,
+    /// Their payload bytes (values and assignments).
+    payload_bytes: AtomicU64,
+}
+
+impl LinkTraffic {
+    fn count(&self, m: &crate::wire::MatrixMeta) {
+        if m.rows == 0 {
+            return; // an empty dispatch (a member with nothing scheduled) carries no values
+        }
+        match m.dtype {
+            WireDtype::F32 => &self.f32_dispatches,
+            WireDtype::Bf16 => &self.bf16_dispatches,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        self.rows.fetch_add(m.rows as u64, Ordering::Relaxed);
+        self.payload_bytes
+            .fetch_add(m.payload_len, Ordering::Relaxed);
+    }
+
+    fn report(&self) -> TrafficReport {
+        TrafficReport {
+            f32_dispatches: self.f32_dispatches.load(Ordering::Relaxed),
+            bf16_dispatches: self.bf16_dispatches.load(Ordering::Relaxed),
+            rows: self.rows.load(Ordering::Relaxed),
+            payload_bytes: self.payload_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// [`LinkTraffic`] as a status report shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficReport {
+    /// Dispatches with rows whose values crossed in f32 / in bf16.
+    pub f32_dispatches: u64,
+    pub bf16_dispatches: u64,
+    /// Hidden-state rows in those dispatches.
+    pub rows: u64,
+    /// Their payload bytes: `rows * hidden * (4 or 2)` plus 12 bytes per assignment.
+    pub payload_bytes: u64,
 }
 
 /// Counts a connection in [`WorkerShared::pending`] until dropped.
@@ -760,6 +811,15 @@ pub struct WorkerReport {
     /// Per replica rank: how frames travel ("tcp", "tls" or "shm") when connected.
     #[serde(default)]
     pub transports: Vec<Option<String>>,
+    /// Per replica rank: the dispatches received since the worker started.
+    #[serde(default)]
+    pub traffic: Vec<TrafficReport>,
+    /// Shared-memory loans this worker's process published (combines lent) and read whole
+    /// (dispatches lent by replicas), over every link ([`crate::shm::loans`]).
+    #[serde(default)]
+    pub loans_made: u64,
+    #[serde(default)]
+    pub loans_read: u64,
     pub status: serde_json::Value,
 }
 
@@ -782,6 +842,7 @@ impl TcpExpertLink {
             gen: AtomicU64::new(1),
             status,
             pending: AtomicUsize::new(0),
+            traffic: (0..n_replicas).map(|_| LinkTraffic::default()).collect(),
         });
         if let Ok(a) = listener.local_addr() {
             if shared.opts.cluster_secret.is_none() && !a.ip().is_loopback() {
@@ -962,11 +1023,15 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
                 (entry.map(|(a, _)| a), transport)
             })
             .unzip();
+        let (loans_made, loans_read) = crate::shm::loans();
         let report = WorkerReport {
             worker: s.worker,
             tandem_version: env!("CARGO_PKG_VERSION").into(),
             replicas,
             transports,
+            traffic: s.traffic.iter().map(LinkTraffic::report).collect(),
+            loans_made,
+            loans_read,
             status: s
                 .status
                 .lock()
@@ -1076,8 +1141,11 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
     );
     let mut r = BufReader::with_capacity(1 << 16, &mut rd);
     let why = loop {
-        match read_frame_from(&mut r, s.id.hidden_size, s.opts.max_payload) {
-            Ok(Frame::ToWorker(m)) => {
+        match read_frame_meta(&mut r, s.id.hidden_size, s.opts.max_payload) {
+            Ok((Frame::ToWorker(m), meta)) => {
+                if let Some(meta) = &meta {
+                    s.traffic[rank].count(meta);
+                }
                 let sender = match &m {
                     ToWorker::Dispatch(d) => d.header.sender,
                     ToWorker::Join { replica } | ToWorker::Trouble { replica, .. } => *replica,

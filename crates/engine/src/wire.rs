@@ -642,6 +642,26 @@ pub fn read_frame_from(
     hidden: usize,
     max_payload: u64,
 ) -> Result<Frame, WireError> {
+    read_frame_meta(r, hidden, max_payload).map(|(f, _)| f)
+}
+
+/// What the header of a dispatch or a combine said about its matrix, as it crossed the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatrixMeta {
+    /// The type the values crossed in.
+    pub dtype: WireDtype,
+    pub rows: u32,
+    /// The payload's bytes (the values, and a dispatch's assignments).
+    pub payload_len: u64,
+}
+
+/// [`read_frame_from`], also returning what the frame's header said about its matrix (for
+/// dispatches and combines): the receiving side counts what really arrived.
+pub fn read_frame_meta(
+    r: &mut impl FrameSource,
+    hidden: usize,
+    max_payload: u64,
+) -> Result<(Frame, Option<MatrixMeta>), WireError> {
     let mut hb = [0u8; HEADER_LEN];
     read_full(r, &mut hb, true)?;
     let h = Header::decode(&hb)?;
@@ -688,7 +708,7 @@ pub fn read_frame_from(
         }
         Ok(h.rows as usize * hidden)
     };
-    Ok(match kind {
+    let frame = match kind {
         Kind::Hello => Frame::Hello(read_text(r, kind, h.payload_len)?),
         Kind::HelloAck => Frame::HelloAck(read_text(r, kind, h.payload_len)?),
         Kind::Reject => Frame::Reject(read_text(r, kind, h.payload_len)?),
@@ -762,7 +782,13 @@ pub fn read_frame_from(
             epoch: h.epoch,
             why: read_text(r, kind, h.payload_len)?,
         }),
-    })
+    };
+    let meta = matches!(kind, Kind::Dispatch | Kind::Combine).then_some(MatrixMeta {
+        dtype,
+        rows: h.rows,
+        payload_len: h.payload_len,
+    });
+    Ok((frame, meta))
 }
 
 /// FNV-1a, 64 bits: a stable hash for handshakes (not for security).

@@ -1173,9 +1173,11 @@ fn idle_engine_does_not_spin() {
                 for (p, h) in hs {
                     assert_eq!(wait(h).tokens, reference(&model, &p, 8), "{ctx}");
                 }
-                std::thread::sleep(Duration::from_millis(200));
-                let a = engine.stats().iterations;
-                std::thread::sleep(Duration::from_millis(200));
+                // Quiet first (no iteration for 300 ms, however late the last one ran on a
+                // busy machine), then nothing at all for another half second: an engine that
+                // spins when idle counts thousands there.
+                let a = wait_idle(&engine);
+                std::thread::sleep(Duration::from_millis(500));
                 let b = engine.stats().iterations;
                 assert_eq!(a, b, "{ctx} round {round}: iterations grow while idle");
                 // Each iteration gives every live request a token (1 prefill + 7 decodes): at

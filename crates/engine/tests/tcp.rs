@@ -311,12 +311,16 @@ fn tcp_mixtral_without_a_secret() {
 /// Replica 0 sends hidden states in bf16, replica 1 in f32, to the same workers (which
 /// answer each in its own type). On these fixtures and prompts the rounding (2^-9 relative,
 /// twice a layer) leaves every greedy token as the f32 reference's; a wire path that
-/// garbled values, misread a flag or answered in the wrong type would not.
+/// garbled values, misread a flag or answered in the wrong type would not. Tokens alone
+/// would also pass if the option were ignored, so the workers' own count of what arrived is
+/// checked too: every dispatch with rows from replica 0 came in bf16 (2 bytes a value), every
+/// one from replica 1 in f32.
 #[test]
 fn bf16_on_the_wire_keeps_the_greedy_tokens() {
     for family in ["mixtral", "qwen2_moe"] {
         let dir = fixture(family);
         let (ls, addrs) = listeners(2);
+        let status_addrs = addrs.clone();
         let dep = deployment(2, 2, 2, addrs);
         start_workers(&dir, &dep, ls);
         let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
@@ -344,6 +348,38 @@ fn bf16_on_the_wire_keeps_the_greedy_tokens() {
             let got = collect(h).unwrap_or_else(|e| panic!("{family} prompt {i}: {e}"));
             let want = greedy(&reference, &ps[i], n).unwrap().0;
             assert_eq!(got, want, "{family} prompt {i} (replica {})", i % 2);
+        }
+        let hidden = model.cfg.hidden_size as u64;
+        for a in &status_addrs {
+            let r = query_status(a, Duration::from_secs(5), Some(&secret())).unwrap();
+            let (bf16, f32) = (&r.traffic[0], &r.traffic[1]);
+            println!(
+                "{family} worker {}: replica 0 {bf16:?}, replica 1 {f32:?}",
+                r.worker
+            );
+            assert!(
+                bf16.bf16_dispatches > 0 && bf16.f32_dispatches == 0,
+                "{family} worker {}: replica 0 asked for bf16: {bf16:?}",
+                r.worker
+            );
+            assert!(
+                f32.f32_dispatches > 0 && f32.bf16_dispatches == 0,
+                "{family} worker {}: replica 1 sends f32: {f32:?}",
+                r.worker
+            );
+            // The values take 2 (4) bytes each; the rest is 12-byte assignments, at most
+            // top-k per row.
+            let top_k = model.cfg.top_k as u64;
+            for (t, bytes) in [(bf16, 2), (f32, 4)] {
+                let values = t.rows * hidden * bytes;
+                let rest = t.payload_bytes.checked_sub(values).unwrap_or_else(|| {
+                    panic!("{family}: {t:?} is fewer bytes than {bytes}-byte values")
+                });
+                assert!(
+                    rest % 12 == 0 && rest <= t.rows * top_k * 12,
+                    "{family}: {t:?} is not {bytes}-byte values plus assignments"
+                );
+            }
         }
     }
 }
@@ -506,8 +542,10 @@ fn dead_worker_case(opts: NetOptions) {
     relay.set_down(true);
     let t = Instant::now();
     let e = collect_rx(rx).expect_err("the request must fail");
+    // A dead connection fails the request at once, not after the peer timeout (60 s); the
+    // bound leaves a busy machine all the slack it needs and still tells the two apart.
     assert!(
-        t.elapsed() < Duration::from_secs(10),
+        t.elapsed() < Duration::from_secs(30),
         "failure took {:?}",
         t.elapsed()
     );
@@ -624,6 +662,23 @@ fn logs() -> &'static std::sync::Mutex<Vec<u8>> {
             .try_init();
         buf
     })
+}
+
+/// Reads `s` to its end: the worker closes it (EOF or a reset) before the read timeout set on
+/// it runs out. The handshake deadline itself is checked through the worker's log line ("did
+/// not complete within ..."), not by a wall-clock bet on a busy machine.
+fn assert_closed_by_peer(s: &mut TcpStream) {
+    let mut buf = Vec::new();
+    match std::io::Read::read_to_end(s, &mut buf) {
+        Ok(_) => {}
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the worker held the connection open: {e}"
+        ),
+    }
 }
 
 /// Waits (bounded) until the log has a line containing every one of `parts`.
@@ -840,7 +895,7 @@ fn an_incomplete_handshake_is_closed_in_bounded_time() {
     let silent: Vec<TcpStream> = (0..6)
         .map(|_| {
             let s = TcpStream::connect(&addrs[0]).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
             s
         })
         .collect();
@@ -850,24 +905,23 @@ fn an_incomplete_handshake_is_closed_in_bounded_time() {
         ..Header::default()
     }
     .encode();
+    // The header is 40 bytes: a byte every 100 ms would take 4 s, five times the timeout;
+    // then the trickle goes on (zeros) for up to 30 s in all, so only a worker that never
+    // closes it fails here, not a slow one.
     let mut closed = false;
-    for b in hello.iter().take(40) {
-        if trickle.write_all(&[*b]).is_err() {
+    for i in 0..300 {
+        let b = hello.get(i).copied().unwrap_or(0);
+        if trickle.write_all(&[b]).is_err() {
             closed = true;
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(closed, "a trickling peer held the connection for 4 s");
+    assert!(closed, "a trickling peer held the connection for 30 s");
     for mut s in silent {
-        let mut buf = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut s, &mut buf);
+        assert_closed_by_peer(&mut s);
     }
-    assert!(
-        t.elapsed() < Duration::from_secs(6),
-        "connections were held for {:?}",
-        t.elapsed()
-    );
+    println!("closed after {:?}", t.elapsed());
     logged(&[&format!("refusing {me}:"), "did not complete within 0.8s"]);
     logged(&["connections are already in the handshake"]);
     // The worker still serves a keyed replica (its handshake completes in time).
@@ -1254,15 +1308,10 @@ fn an_incomplete_tls_handshake_is_closed_in_bounded_time() {
     // A record header of a TLS handshake message that never comes.
     started.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).unwrap();
     for mut s in [silent, started] {
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut buf = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut s, &mut buf);
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        assert_closed_by_peer(&mut s);
     }
-    assert!(
-        t.elapsed() < Duration::from_secs(4),
-        "connections were held for {:?}",
-        t.elapsed()
-    );
+    println!("closed after {:?}", t.elapsed());
     logged(&[
         &format!("refusing {me}:"),
         "TLS handshake failed",

@@ -12,8 +12,13 @@ use tandem_plan::{plan, HardwareCatalog, ModelCatalog, PerfSource, PlanRequest};
 #[test]
 fn generated_files_pass_the_kubernetes_schema() {
     let exe = std::env::var("TANDEM_K8S_VALIDATE").unwrap_or_else(|_| "kubernetes-validate".into());
-    if Command::new(&exe).arg("--version").output().is_err() {
-        let why = format!("{exe} is not installed (pip install kubernetes-validate)");
+    let works = Command::new(&exe)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !works {
+        let why =
+            format!("{exe} is not installed or does not run (pip install kubernetes-validate)");
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
             "CI=true: {why}"
@@ -59,5 +64,22 @@ fn generated_files_pass_the_kubernetes_schema() {
     assert!(out.status.success(), "{text}");
     // One "passed" line per file: the tool really read each of them.
     assert_eq!(text.matches("passed").count(), files.len(), "{text}");
+    // And it does refuse: the first file with a field the schema does not have fails, with a
+    // non-zero exit status (a validator that passes everything would make the above vacuous).
+    let bad = dir.join("bad.yaml");
+    let mut yaml = std::fs::read_to_string(&files[0]).unwrap();
+    yaml.push_str("notAField: 1\n");
+    std::fs::write(&bad, yaml).unwrap();
+    let out = Command::new(&exe)
+        .args(["--kubernetes-version", "1.33.0", "--strict"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "an unknown field passed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -54,6 +54,54 @@ pub fn detected_simd() -> Simd {
     Simd::Scalar
 }
 
+/// Every level this CPU can run, the scalar oracle first: the levels the kernel tests compare
+/// against each other on this machine.
+pub fn available_levels() -> Vec<Simd> {
+    [Simd::Scalar, Simd::Avx2, Simd::Avx512]
+        .into_iter()
+        .filter(|l| *l <= detected_simd())
+        .collect()
+}
+
+/// One line saying which instruction-set levels (and which of their optional extensions)
+/// the kernel tests exercise on this machine, and which they cannot: printed by the test
+/// suite so that a run on a CPU without AVX-512 is visible as such.
+pub fn coverage_report() -> String {
+    let levels: Vec<&str> = available_levels().iter().map(|l| l.name()).collect();
+    let mut missing: Vec<&str> = [Simd::Avx2, Simd::Avx512]
+        .into_iter()
+        .filter(|l| *l > detected_simd())
+        .map(|l| l.name())
+        .collect();
+    let mut extras = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    for (name, has) in [
+        ("avx512_vnni", std::is_x86_feature_detected!("avx512vnni")),
+        ("avx512_bf16", std::is_x86_feature_detected!("avx512bf16")),
+        ("avx_vnni", std::is_x86_feature_detected!("avxvnni")),
+    ] {
+        if has {
+            extras.push(name);
+        } else {
+            missing.push(name);
+        }
+    }
+    format!(
+        "kernel tests cover: {} (extensions: {}); not on this CPU, so not covered: {}",
+        levels.join(", "),
+        if extras.is_empty() {
+            "none".to_string()
+        } else {
+            extras.join(", ")
+        },
+        if missing.is_empty() {
+            "nothing".to_string()
+        } else {
+            missing.join(", ")
+        },
+    )
+}
+
 /// The level the kernels run with: [`detected_simd`], capped by the environment variable
 /// `TANDEM_SIMD` (`scalar`, `avx2` or `avx512`) so the paths can be compared on one machine.
 /// A value above what the CPU has, or one not understood, is ignored with a warning.

@@ -149,7 +149,9 @@ async fn client_disconnect_aborts_the_request() {
             "{after}"
         );
         // A non-streaming request whose client goes away is aborted too.
-        let aborted = metric_value(&s.get_text("/metrics").await.1, "tandem_requests_aborted_total");
+        let before = s.get_text("/metrics").await.1;
+        let aborted = metric_value(&before, "tandem_requests_aborted_total");
+        let prompt_tokens = metric_value(&before, "tandem_prompt_tokens_total");
         let body = json!({"prompt": "cancel me", "max_tokens": 500, "ignore_eos": true,
                           "temperature": 0})
         .to_string();
@@ -162,7 +164,17 @@ async fn client_disconnect_aborts_the_request() {
         tokio::io::AsyncWriteExt::write_all(&mut sock, req.as_bytes())
             .await
             .expect("write");
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        // Drop the connection once the engine has the request (its prompt counted in
+        // /metrics), not after a sleep guessed long enough for the server to have read it.
+        let t = Instant::now();
+        loop {
+            let m = s.get_text("/metrics").await.1;
+            if metric_value(&m, "tandem_prompt_tokens_total") > prompt_tokens {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "never admitted: {m}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         drop(sock);
         let t = Instant::now();
         loop {

@@ -53,11 +53,18 @@ c = openai.OpenAI(base_url=base, api_key=key, max_retries=0, timeout=60)
 assert [m.id for m in c.models.list().data] == [model]
 r = c.completions.create(model=model, prompt="hello", max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
 assert r.usage.completion_tokens == 3, r
-text = ""
+text, chunks = "", 0
 for ch in c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                     temperature=0, stream=True, extra_body={"ignore_eos": True}):
     for choice in ch.choices:
+        chunks += 1
         text += choice.delta.content or ""
+# The stream (greedy) carries the same text as the same request answered whole.
+whole = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                  temperature=0, extra_body={"ignore_eos": True})
+assert whole.usage.completion_tokens == 3, whole
+assert chunks >= 3, chunks
+assert text == whole.choices[0].message.content, (text, whole.choices[0].message.content)
 bad = openai.OpenAI(base_url=base, api_key=key + "x", max_retries=0, timeout=60)
 for call in (lambda: bad.models.list(),
              lambda: bad.completions.create(model=model, prompt="x", max_tokens=1),
