@@ -35,6 +35,23 @@ pub enum ModelError {
         path: PathBuf,
         dtype: String,
     },
+    /// The weights will not fit in memory in the type asked for (checked before loading).
+    #[error(
+        "{path}: the weights will not fit in memory: they need about {} resident {what} but \
+         only {} is available (MemAvailable); {hint}",
+        crate::mem::gib(*needed), crate::mem::gib(*available)
+    )]
+    TooLarge {
+        path: PathBuf,
+        /// Estimated resident bytes.
+        needed: u64,
+        /// The memory budget in bytes.
+        available: u64,
+        /// "as q8_0", "in the checkpoint's own types", ...
+        what: String,
+        /// What to try instead.
+        hint: String,
+    },
     #[error("tokenizer {path}: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
     #[error("chat template: {0}")]
