@@ -410,12 +410,11 @@ fn no_prefix_or_corruption_of_a_file_panics() {
     }
 }
 
+/// A tensor's type, shape and bytes.
+type Parts = (GgmlType, Vec<usize>, Vec<u8>);
+
 /// `src` rewritten with the tensors `change` changes (name, type, shape, bytes).
-fn rewrite(
-    src: &Path,
-    dst: &Path,
-    change: &dyn Fn(&str, GgmlType, Vec<usize>, Vec<u8>) -> (GgmlType, Vec<usize>, Vec<u8>),
-) {
+fn rewrite(src: &Path, dst: &Path, change: &dyn Fn(&str, Parts) -> Parts) {
     let bytes = std::fs::read(src).unwrap();
     let c = Content::read(&bytes).unwrap();
     let mut w = GgufWriter::new();
@@ -425,9 +424,7 @@ fn rewrite(
     for t in &c.tensors {
         let (ty, shape, b) = change(
             &t.name,
-            t.ggml_type,
-            t.shape(),
-            bytes[c.data_range(t)].to_vec(),
+            (t.ggml_type, t.shape(), bytes[c.data_range(t)].to_vec()),
         );
         w.tensor(&t.name, ty, &shape, b).unwrap();
     }
@@ -444,7 +441,7 @@ fn mxfp4_and_iq_files_read_and_loading_names_the_type() {
         let path = tmp
             .path()
             .join(format!("{}.gguf", ty.name().to_lowercase()));
-        rewrite(&gguf("mixtral-f32.gguf"), &path, &|name, t, shape, b| {
+        rewrite(&gguf("mixtral-f32.gguf"), &path, &|name, (t, shape, b)| {
             if name == target {
                 let n: usize = shape.iter().product();
                 (ty, shape, noise(n / ty.block_size() * ty.type_size(), 3))
