@@ -58,6 +58,9 @@ pub enum ModelError {
     ChatTemplate(String),
     #[error("invalid input: {0}")]
     Input(String),
+    /// A GGUF metadata value of another type than the one asked for (`Value::to_u64()?`).
+    #[error("GGUF metadata: {0}")]
+    Metadata(#[from] crate::gguf_format::ValueError),
     #[error("tensor op failed: {0}")]
     Candle(#[from] candle_core::Error),
 }

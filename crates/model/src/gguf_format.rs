@@ -366,7 +366,10 @@ pub struct ValueError {
 }
 
 fn not<T>(wanted: &'static str, v: &Value) -> Result<T, ValueError> {
-    let mut found = format!("{v:?}");
+    let mut found = match v {
+        Value::Array(a) => format!("an array of {} items", a.len()),
+        v => format!("{v:?}"),
+    };
     if found.chars().count() > 80 {
         found = found.chars().take(77).chain("...".chars()).collect();
     }
@@ -1195,5 +1198,10 @@ mod tests {
         );
         let e = Value::F32(1.0).to_u32().unwrap_err();
         assert!(e.to_string().contains("F32(1.0)"), "{e}");
+        let e = Value::Array(vec![Value::U8(0); 1000]).to_u64().unwrap_err();
+        assert!(e.to_string().contains("an array of 1000 items"), "{e}");
+        // `?` works in functions returning the crate's errors, as with candle's Value.
+        let f = || -> crate::Result<u64> { Ok(Value::I8(1).to_u64()?) };
+        assert!(matches!(f(), Err(crate::ModelError::Metadata(_))));
     }
 }
