@@ -35,12 +35,32 @@ pub enum ModelError {
         path: PathBuf,
         dtype: String,
     },
+    /// The weights will not fit in memory in the type asked for (checked before loading).
+    #[error(
+        "{path}: the weights will not fit in memory: they need about {} resident {what} but \
+         only {} is available (MemAvailable); {hint}",
+        crate::mem::gib(*needed), crate::mem::gib(*available)
+    )]
+    TooLarge {
+        path: PathBuf,
+        /// Estimated resident bytes.
+        needed: u64,
+        /// The memory budget in bytes.
+        available: u64,
+        /// "as q8_0", "in the checkpoint's own types", ...
+        what: String,
+        /// What to try instead.
+        hint: String,
+    },
     #[error("tokenizer {path}: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
     #[error("chat template: {0}")]
     ChatTemplate(String),
     #[error("invalid input: {0}")]
     Input(String),
+    /// A GGUF metadata value of another type than the one asked for (`Value::to_u64()?`).
+    #[error("GGUF metadata: {0}")]
+    Metadata(#[from] crate::gguf_format::ValueError),
     #[error("tensor op failed: {0}")]
     Candle(#[from] candle_core::Error),
 }

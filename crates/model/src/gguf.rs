@@ -1,7 +1,11 @@
 //! llama.cpp's GGUF files as a tensor source: the tensors under the Hugging Face names the
 //! family loaders ask for, the `config.json` the metadata stands for, and the tokenizer.
 //!
-//! The header is parsed by candle (`gguf_file::Content`); the tensor data is memory mapped.
+//! The header is read by tandem's own reader ([`crate::gguf_format`]: every ggml type
+//! llama.cpp writes, every count checked against the file); the file is memory mapped and held
+//! as an `Arc<Mmap>` ([`GgufFile::mapping`]), and [`GgufFile::tensor_range`] gives a tensor's
+//! (or one expert's) byte range in it for loaders that use the blocks in place.
+//!
 //! llama.cpp's names are mapped to the hub names (`blk.N.attn_q.weight` ->
 //! `model.layers.N.self_attn.q_proj.weight`, ...); stacked experts (`ffn_gate_exps`,
 //! `[E, F, D]`) are cut into one `[F, D]` tensor per expert, which is a byte range of the
@@ -16,21 +20,25 @@
 //! `h*d + s*d/2 + i`. Loading undoes it; a row is whole blocks in every type, so quantized
 //! rows move without dequantizing.
 //!
-//! **Types.** F32, F16, BF16, Q8_0, Q4_0, Q4_K and Q6_K. Q8_0 and Q4_0 linear weights are
-//! kept in their own blocks (tandem's q8_0/q4_0 are llama.cpp's, block for block) unless
-//! `--dtype`/`--quantization` ask for another type. Q4_K and Q6_K have no native kernel yet:
-//! they are dequantized to f32 and packed in the requested type (f32 under `auto`), as are
-//! F16/BF16 (BF16 stays bf16 under `auto`). Any other type is an error naming the tensor.
+//! **Types.** Every type is listed (`dtype_of`, `tensor_range`); these load: F32, F16, BF16,
+//! Q8_0 and Q4_0 (dequantized here, or kept in their own blocks: tandem's q8_0/q4_0 are
+//! llama.cpp's, block for block, and under `auto` or when asked for they are taken as they
+//! are), and Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (dequantized by candle to f32 and
+//! packed in the requested type, f32 under `auto`; BF16 stays bf16 under `auto`). Any other
+//! type (MXFP4, the IQ types, ...) is an error naming the tensor, its type and the supported
+//! ones.
 
 use crate::error::{ModelError, Result};
+use crate::gguf_format::{Content, GgmlType, GgufError, Value};
 use crate::packed::WeightType;
-use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{ggml_file, GgmlDType};
 use candle_core::Device;
 use memmap2::Mmap;
 use serde_json::{json, Map, Value as Json};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// True when `path` names a GGUF file (by its extension) rather than a checkpoint directory.
 pub fn is_gguf(path: &Path) -> bool {
@@ -54,7 +62,7 @@ struct Entry {
 /// An opened GGUF file.
 pub struct GgufFile {
     pub path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
     content: Content,
     arch: String,
     /// hub name -> where it is
@@ -63,51 +71,62 @@ pub struct GgufFile {
 
 /// A tensor's raw bytes (after the expert cut and the q/k un-permutation) and type.
 pub struct Raw {
-    pub dtype: GgmlDType,
+    pub dtype: GgmlType,
     pub bytes: Vec<u8>,
 }
 
-fn type_name(t: GgmlDType) -> &'static str {
-    match t {
-        GgmlDType::F32 => "F32",
-        GgmlDType::F16 => "F16",
-        GgmlDType::BF16 => "BF16",
-        GgmlDType::Q4_0 => "Q4_0",
-        GgmlDType::Q4_1 => "Q4_1",
-        GgmlDType::Q5_0 => "Q5_0",
-        GgmlDType::Q5_1 => "Q5_1",
-        GgmlDType::Q8_0 => "Q8_0",
-        GgmlDType::Q8_1 => "Q8_1",
-        GgmlDType::Q2K => "Q2_K",
-        GgmlDType::Q3K => "Q3_K",
-        GgmlDType::Q4K => "Q4_K",
-        GgmlDType::Q5K => "Q5_K",
-        GgmlDType::Q6K => "Q6_K",
-        GgmlDType::Q8K => "Q8_K",
-    }
+/// The types [`GgufFile::raw`] and [`GgufFile::get_vec`] load.
+pub const SUPPORTED: &str =
+    "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
+
+/// candle's type for ours, where candle dequantizes it.
+fn candle_type(t: GgmlType) -> Option<GgmlDType> {
+    Some(match t {
+        GgmlType::Q4_1 => GgmlDType::Q4_1,
+        GgmlType::Q5_0 => GgmlDType::Q5_0,
+        GgmlType::Q5_1 => GgmlDType::Q5_1,
+        GgmlType::Q2_K => GgmlDType::Q2K,
+        GgmlType::Q3_K => GgmlDType::Q3K,
+        GgmlType::Q4_K => GgmlDType::Q4K,
+        GgmlType::Q5_K => GgmlDType::Q5K,
+        GgmlType::Q6_K => GgmlDType::Q6K,
+        _ => return None,
+    })
 }
 
-const SUPPORTED: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K";
-
-fn supported(t: GgmlDType) -> bool {
+/// Whether tensors of type `t` load (dequantized or as they are).
+pub fn supported(t: GgmlType) -> bool {
     matches!(
         t,
-        GgmlDType::F32
-            | GgmlDType::F16
-            | GgmlDType::BF16
-            | GgmlDType::Q8_0
-            | GgmlDType::Q4_0
-            | GgmlDType::Q4K
-            | GgmlDType::Q6K
-    )
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 | GgmlType::Q4_0
+    ) || candle_type(t).is_some()
+}
+
+/// Q8_0 blocks (an f16 scale, 32 signed bytes) to f32.
+fn dequant_q8_0(b: &[u8]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(b.len() / 34 * 32);
+    for blk in b.chunks_exact(34) {
+        let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        out.extend(blk[2..].iter().map(|q| (*q as i8) as f32 * d));
+    }
+    out
+}
+
+/// Q4_0 blocks (an f16 scale, 16 bytes: values `j` in the low nibbles, `j + 16` in the high
+/// ones, offset by 8) to f32.
+fn dequant_q4_0(b: &[u8]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(b.len() / 18 * 32);
+    for blk in b.chunks_exact(18) {
+        let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        let qs = &blk[2..];
+        out.extend(qs.iter().map(|q| ((q & 0x0f) as i32 - 8) as f32 * d));
+        out.extend(qs.iter().map(|q| ((q >> 4) as i32 - 8) as f32 * d));
+    }
+    out
 }
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let corrupt = |msg: String| ModelError::CorruptFile {
-            path: path.to_path_buf(),
-            msg,
-        };
         let f = std::fs::File::open(path).map_err(|source| ModelError::Io {
             path: path.to_path_buf(),
             source,
@@ -117,40 +136,30 @@ impl GgufFile {
             path: path.to_path_buf(),
             source,
         })?;
-        let content = Content::read(&mut std::io::Cursor::new(&mmap[..]))
-            .map_err(|e| corrupt(format!("cannot read the GGUF header: {e}")))?;
-        let arch = match content.metadata.get("general.architecture") {
+        // Every count is checked against the file, every tensor's data lies in it (a
+        // truncated download is the usual cause of a failure here).
+        let content = Content::read(&mmap[..]).map_err(|e| match e {
+            GgufError::Corrupt(msg) => ModelError::CorruptFile {
+                path: path.to_path_buf(),
+                msg,
+            },
+            GgufError::Unsupported(msg) => ModelError::Unsupported {
+                path: path.to_path_buf(),
+                msg,
+            },
+        })?;
+        let arch = match content.get("general.architecture") {
             Some(Value::String(s)) => s.clone(),
-            _ => return Err(corrupt("no general.architecture string".into())),
+            _ => {
+                return Err(ModelError::CorruptFile {
+                    path: path.to_path_buf(),
+                    msg: "no general.architecture string".into(),
+                })
+            }
         };
-        // Every tensor's data must lie in the file (a truncated download is the usual cause).
-        let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-        names.sort();
-        for name in names {
-            let info = &content.tensor_infos[name];
-            let elems = info.shape.elem_count();
-            let bs = info.ggml_dtype.block_size();
-            let row = info.shape.dims().last().copied().unwrap_or(1);
-            if !row.is_multiple_of(bs) {
-                return Err(corrupt(format!(
-                    "tensor {name}: rows of {row} values are not whole {} blocks of {bs}",
-                    type_name(info.ggml_dtype)
-                )));
-            }
-            let size = (elems / bs) as u64 * info.ggml_dtype.type_size() as u64;
-            let start = content.tensor_data_offset.saturating_add(info.offset);
-            let end = start.saturating_add(size);
-            if end > mmap.len() as u64 {
-                return Err(corrupt(format!(
-                    "file is truncated: tensor {name} needs bytes {start}..{end} but the file has \
-                     {} bytes",
-                    mmap.len()
-                )));
-            }
-        }
         let mut g = Self {
             path: path.to_path_buf(),
-            mmap,
+            mmap: Arc::new(mmap),
             content,
             arch,
             map: HashMap::new(),
@@ -159,8 +168,18 @@ impl GgufFile {
         Ok(g)
     }
 
+    /// The parsed header.
+    pub fn content(&self) -> &Content {
+        &self.content
+    }
+
+    /// The mapped file (tensor ranges from [`GgufFile::tensor_range`] index it).
+    pub fn mapping(&self) -> &Arc<Mmap> {
+        &self.mmap
+    }
+
     fn meta(&self, key: &str) -> Option<&Value> {
-        self.content.metadata.get(key)
+        self.content.get(key)
     }
 
     fn meta_u64(&self, key: &str) -> Option<u64> {
@@ -202,10 +221,7 @@ impl GgufFile {
 
     /// The tensor's shape in PyTorch order.
     fn dims(&self, tensor: &str) -> Option<Vec<usize>> {
-        self.content
-            .tensor_infos
-            .get(tensor)
-            .map(|i| i.shape.dims().to_vec())
+        self.content.tensor(tensor).map(|i| i.shape())
     }
 
     /// Hub names for every tensor of the file.
@@ -233,8 +249,9 @@ impl GgufFile {
             }
         }
         let mut map = HashMap::new();
-        for (name, info) in &self.content.tensor_infos {
-            let dims = info.shape.dims().to_vec();
+        for info in &self.content.tensors {
+            let name = &info.name;
+            let dims = info.shape();
             let whole = |hub: String, unpermute: Option<usize>| {
                 (
                     hub,
@@ -361,19 +378,15 @@ impl GgufFile {
     /// The GGUF type name of the tensor behind `hub` ("F32", "Q8_0", ...).
     pub fn dtype_of(&self, hub: &str) -> Option<String> {
         let e = self.map.get(hub)?;
-        Some(type_name(self.content.tensor_infos[&e.tensor].ggml_dtype).to_string())
+        Some(self.tensor_type(&e.tensor)?.name().to_string())
     }
 
     /// The type a weight stored as `hub` is held in when no other type is asked for.
     pub fn own_type(&self, hub: &str) -> WeightType {
-        match self
-            .map
-            .get(hub)
-            .map(|e| self.content.tensor_infos[&e.tensor].ggml_dtype)
-        {
-            Some(GgmlDType::BF16) => WeightType::Bf16,
-            Some(GgmlDType::Q8_0) => WeightType::Q8_0,
-            Some(GgmlDType::Q4_0) => WeightType::Q4_0,
+        match self.map.get(hub).and_then(|e| self.tensor_type(&e.tensor)) {
+            Some(GgmlType::BF16) => WeightType::Bf16,
+            Some(GgmlType::Q8_0) => WeightType::Q8_0,
+            Some(GgmlType::Q4_0) => WeightType::Q4_0,
             _ => WeightType::F32,
         }
     }
@@ -394,24 +407,71 @@ impl GgufFile {
         Ok(e)
     }
 
+    fn tensor_type(&self, tensor: &str) -> Option<GgmlType> {
+        self.content.tensor(tensor).map(|i| i.ggml_type)
+    }
+
+    /// The type and byte range (in [`GgufFile::mapping`]) of `hub`'s data, checked to have
+    /// `shape`: the tensor, or one expert's slice of a stacked one.
+    fn range_of(&self, hub: &str, e: &Entry) -> Result<(GgmlType, Range<usize>)> {
+        let info = self
+            .content
+            .tensor(&e.tensor)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: e.tensor.clone(),
+                files: self.path.display().to_string(),
+            })?;
+        let ty = info.ggml_type;
+        let elems: usize = e.shape.iter().product();
+        // The reader checked the whole tensor's size and place; an expert's slice is a part.
+        let size = ty.bytes_for(elems as u64).ok_or_else(|| {
+            self.corrupt(format!(
+                "tensor {} ({hub}): {elems} values are not whole {ty} blocks",
+                e.tensor
+            ))
+        })? as usize;
+        let whole = self.content.data_range(info);
+        let start = whole.start + e.expert.unwrap_or(0) * size;
+        if start + size > whole.end {
+            return Err(self.corrupt(format!(
+                "tensor {} ({hub}): expert {} lies outside its data",
+                e.tensor,
+                e.expert.unwrap_or(0)
+            )));
+        }
+        Ok((ty, start..start + size))
+    }
+
+    /// The type of `hub` and the byte range of its data in [`GgufFile::mapping`], checked to
+    /// have `shape`: the whole tensor, or one expert's slice of a stacked tensor. Tensors whose
+    /// rows llama.cpp permuted (`llama` q/k projections) are an error: their bytes are not the
+    /// hub's in place (use [`GgufFile::raw`]).
+    pub fn tensor_range(&self, hub: &str, shape: &[usize]) -> Result<(GgmlType, Range<usize>)> {
+        let e = self.entry(hub, shape)?;
+        if e.unpermute.is_some() {
+            return Err(self.unsupported(format!(
+                "tensor {} ({hub}): its rows are permuted (llama.cpp's q/k layout) and are not \
+                 the hub's rows in place; read it with raw()",
+                e.tensor
+            )));
+        }
+        self.range_of(hub, e)
+    }
+
     /// The bytes of `hub` (checked to have `shape`) in the file's own type: the expert's part
     /// of a stacked tensor, q/k rows back in the hub's order.
     pub fn raw(&self, hub: &str, shape: &[usize]) -> Result<Raw> {
         let e = self.entry(hub, shape)?;
-        let info = &self.content.tensor_infos[&e.tensor];
-        let dtype = info.ggml_dtype;
+        let (dtype, range) = self.range_of(hub, e)?;
         if !supported(dtype) {
             return Err(ModelError::WrongDtype {
                 name: format!("{} ({hub})", e.tensor),
                 path: self.path.clone(),
-                dtype: format!("{} (supported: {SUPPORTED})", type_name(dtype)),
+                dtype: format!("{dtype} (supported: {SUPPORTED})"),
             });
         }
-        let elems: usize = e.shape.iter().product();
-        let size = elems / dtype.block_size() * dtype.type_size();
-        let start =
-            (self.content.tensor_data_offset + info.offset) as usize + e.expert.unwrap_or(0) * size;
-        let bytes = &self.mmap[start..start + size];
+        let size = range.len();
+        let bytes = &self.mmap[range];
         let bytes = match e.unpermute {
             None => bytes.to_vec(),
             Some(h) => {
@@ -446,20 +506,28 @@ impl GgufFile {
         let raw = self.raw(hub, shape)?;
         let b = &raw.bytes;
         Ok(match raw.dtype {
-            GgmlDType::F32 => b
+            GgmlType::F32 => b
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
-            GgmlDType::F16 => b
+            GgmlType::F16 => b
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
-            GgmlDType::BF16 => b
+            GgmlType::BF16 => b
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
+            GgmlType::Q8_0 => dequant_q8_0(b),
+            GgmlType::Q4_0 => dequant_q4_0(b),
             t => {
-                let q = ggml_file::qtensor_from_ggml(t, b, shape.to_vec(), &Device::Cpu)?;
+                // `raw` refused the types neither we nor candle dequantize.
+                let ct = candle_type(t).ok_or_else(|| ModelError::WrongDtype {
+                    name: hub.to_string(),
+                    path: self.path.clone(),
+                    dtype: format!("{t} (supported: {SUPPORTED})"),
+                })?;
+                let q = ggml_file::qtensor_from_ggml(ct, b, shape.to_vec(), &Device::Cpu)?;
                 q.dequantize(&Device::Cpu)?
                     .flatten_all()?
                     .to_vec1::<f32>()?
@@ -531,7 +599,7 @@ impl GgufFile {
         );
         c.insert(
             "tie_word_embeddings".into(),
-            json!(!self.content.tensor_infos.contains_key("output.weight")),
+            json!(self.content.tensor("output.weight").is_none()),
         );
         if let Some(b) = self.meta_u64("tokenizer.ggml.bos_token_id") {
             c.insert("bos_token_id".into(), json!(b));
@@ -539,7 +607,7 @@ impl GgufFile {
         if let Some(e) = self.meta_u64("tokenizer.ggml.eos_token_id") {
             c.insert("eos_token_id".into(), json!(e));
         }
-        let has = |t: &str| self.content.tensor_infos.contains_key(t);
+        let has = |t: &str| self.content.tensor(t).is_some();
         let ff = self.arch_u64("feed_forward_length");
         let expert_ff = self.arch_u64("expert_feed_forward_length");
         let norm_topk = |default: bool| match self.meta(&format!("{a}.expert_weights_norm")) {

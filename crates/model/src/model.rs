@@ -24,6 +24,138 @@ pub enum ExpertSelection {
     Only(Vec<u32>),
 }
 
+/// The expert id of a per-expert tensor name (`...experts.7.w1.weight` -> 7).
+fn expert_of(name: &str) -> Option<usize> {
+    let (_, rest) = name.split_once(".experts.")?;
+    rest.split('.').next()?.parse().ok()
+}
+
+/// About how many bytes the weights of `w` take once loaded with linear layers in `ty` and
+/// the experts `sel`: each matrix in the type [`Weights::type_for_as`] gives it (routers keep
+/// theirs, the LM head follows `Role::LmHead`), vectors in f32, plus the largest tensor once
+/// in f32 (it is converted from that while loading). MXFP4 `*_blocks` hold two values a byte;
+/// a stacked `[E, ...]` tensor counts for the selected share of its experts.
+pub fn estimate_resident_bytes(
+    cfg: &ModelConfig,
+    w: &Weights,
+    sel: &ExpertSelection,
+    ty: LinearType,
+) -> u64 {
+    let names = families::for_family(cfg.family);
+    let embed = names.embed();
+    let lm_head = format!("{}.weight", names.lm_head());
+    let ne = cfg.num_experts;
+    let chosen = |e: usize| match sel {
+        ExpertSelection::All => true,
+        ExpertSelection::None => false,
+        ExpertSelection::Only(ids) => ids.iter().any(|i| *i as usize == e),
+    };
+    let share = match sel {
+        ExpertSelection::All => 1.0,
+        ExpertSelection::None => 0.0,
+        ExpertSelection::Only(_) => {
+            (0..ne).filter(|e| chosen(*e)).count() as f64 / ne.max(1) as f64
+        }
+    };
+    let (mut total, mut largest) = (0u64, 0u64);
+    for name in w.names() {
+        if expert_of(name).is_some_and(|e| !chosen(e)) {
+            continue;
+        }
+        let Some(shape) = w.shape_of(name) else {
+            continue;
+        };
+        let mut values = shape.iter().map(|d| *d as u64).product::<u64>();
+        let dtype = w.dtype_of(name).unwrap_or_default();
+        if dtype == "U8" {
+            if name.ends_with("_scales") {
+                continue;
+            }
+            values *= 2;
+        }
+        largest = largest.max(values.saturating_mul(4));
+        let bytes = if shape.len() < 2 {
+            values * 4
+        } else {
+            let role = if name == embed {
+                Role::Embedding
+            } else if name == lm_head {
+                Role::LmHead
+            } else if ne > 0 && shape.len() == 2 && (shape[0] == ne || shape[0] == 1) {
+                Role::Router
+            } else {
+                Role::Linear
+            };
+            let cols = *shape.last().unwrap_or(&1) as u64;
+            let rows = values / cols.max(1);
+            let t = w.type_for_as(name, role, ty);
+            let b = t.bytes(rows as usize, cols as usize) as u64;
+            if shape.len() >= 3 && shape[0] == ne && expert_of(name).is_none() {
+                (b as f64 * share) as u64
+            } else {
+                b
+            }
+        };
+        total = total.saturating_add(bytes);
+    }
+    total.saturating_add(largest)
+}
+
+/// [`ModelError::TooLarge`] unless the weights of `w` in `ty` fit in `available` bytes; the
+/// message names the smaller types that would fit.
+pub fn check_fits(
+    cfg: &ModelConfig,
+    w: &Weights,
+    dir: &Path,
+    sel: &ExpertSelection,
+    ty: LinearType,
+    available: u64,
+) -> Result<()> {
+    let needed = estimate_resident_bytes(cfg, w, sel, ty);
+    if needed <= available {
+        return Ok(());
+    }
+    let describe = |t: LinearType| match t {
+        LinearType::Auto => "in the checkpoint's own types".to_string(),
+        LinearType::Is(t) => format!("as {t}"),
+    };
+    let mut fits = Vec::new();
+    let mut smallest = (needed, ty);
+    for (alt, flag) in [
+        (LinearType::Auto, "--dtype auto (the file's own types)"),
+        (LinearType::Is(WeightType::Q8_0), "--quantization q8_0"),
+        (LinearType::Is(WeightType::Q4_0), "--quantization q4_0"),
+    ] {
+        if alt == ty {
+            continue;
+        }
+        let n = estimate_resident_bytes(cfg, w, sel, alt);
+        if n < smallest.0 {
+            smallest = (n, alt);
+        }
+        if n <= available {
+            fits.push(format!("{flag} (about {})", crate::mem::gib(n)));
+        }
+    }
+    let hint = if fits.is_empty() {
+        format!(
+            "even {} needs about {}: use a machine with more memory, or spread the experts \
+             over several processes (expert parallelism)",
+            describe(smallest.1),
+            crate::mem::gib(smallest.0)
+        )
+    } else {
+        format!("try {}", fits.join(" or "))
+    };
+    Err(ModelError::TooLarge {
+        path: dir.to_path_buf(),
+        needed,
+        available,
+        what: describe(ty),
+        hint,
+    })
+}
+
 pub struct Layer {
     pub attention: AttentionStage,
     pub experts: ExpertStage,
@@ -51,12 +183,30 @@ impl Model {
 
     /// Loads the experts `sel` with every linear layer held as `ty` says. `dir` is a
     /// checkpoint directory or a GGUF file (`*.gguf`).
+    ///
+    /// Before anything large is allocated, the resident size of the weights in that type is
+    /// compared with the memory available (`MemAvailable`): a model that will not fit is a
+    /// [`ModelError::TooLarge`] saying what to try instead.
     pub fn load_typed(dir: &Path, sel: &ExpertSelection, ty: LinearType) -> Result<Self> {
+        Self::load_within(dir, sel, ty, crate::mem::mem_available())
+    }
+
+    /// [`Model::load_typed`] with `available` bytes of memory instead of `MemAvailable`
+    /// (`None`: no check).
+    pub fn load_within(
+        dir: &Path,
+        sel: &ExpertSelection,
+        ty: LinearType,
+        available: Option<u64>,
+    ) -> Result<Self> {
         let mut weights = Weights::open(dir)?;
         let cfg = match weights.gguf() {
             Some(g) => ModelConfig::from_gguf(g)?,
             None => ModelConfig::from_dir(dir)?,
         };
+        if let Some(available) = available {
+            check_fits(&cfg, &weights, dir, sel, ty, available)?;
+        }
         weights.set_linear_type(ty);
         Self::from_weights(cfg, &weights, dir, sel)
     }

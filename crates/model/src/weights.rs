@@ -7,9 +7,9 @@
 
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
+use crate::gguf_format::GgmlType;
 use crate::packed::{PackedWeights, WeightType};
 use crate::quant::{QuantFormat, QuantWeights};
-use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata, SafeTensors};
@@ -210,6 +210,12 @@ impl Weights {
 
     /// The type the weight `name` with role `role` is held in.
     pub fn type_for(&self, name: &str, role: Role) -> WeightType {
+        self.type_for_as(name, role, self.linear_type)
+    }
+
+    /// The type the weight `name` with role `role` would be held in were `linear_type` asked
+    /// for (the memory estimate compares types before loading).
+    pub fn type_for_as(&self, name: &str, role: Role, linear_type: LinearType) -> WeightType {
         let own = match &self.source {
             Source::Gguf(g) => g.own_type(name),
             Source::Safetensors { .. } => match self.dtype_of(name).as_deref() {
@@ -217,7 +223,7 @@ impl Weights {
                 _ => WeightType::F32,
             },
         };
-        match (self.linear_type, role) {
+        match (linear_type, role) {
             (LinearType::Auto, _) => own,
             (LinearType::Is(t @ (WeightType::Q8_0 | WeightType::Q4_0)), r) => match r {
                 Role::Router => own,
@@ -234,8 +240,8 @@ impl Weights {
         if let Source::Gguf(g) = &self.source {
             // q8_0 / q4_0 blocks wanted in their own type: taken as they are.
             let format = match ty {
-                WeightType::Q8_0 => Some((QuantFormat::Q8_0, GgmlDType::Q8_0)),
-                WeightType::Q4_0 => Some((QuantFormat::Q4_0, GgmlDType::Q4_0)),
+                WeightType::Q8_0 => Some((QuantFormat::Q8_0, GgmlType::Q8_0)),
+                WeightType::Q4_0 => Some((QuantFormat::Q4_0, GgmlType::Q4_0)),
                 _ => None,
             };
             if let Some((format, dtype)) = format {

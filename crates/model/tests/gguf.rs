@@ -4,11 +4,12 @@
 //! same greedy tokens and the same tokenizer. Then the error paths: a truncated file, a tensor
 //! type tandem does not read, and K-quant tensors dequantized.
 
-use candle_core::quantized::gguf_file::{self, Value};
+// candle quantizes test tensors into blocks (an independent encoder); reading is ours.
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
 use tandem_model::generate::greedy;
+use tandem_model::gguf_format::{Content, GgmlType, GgufWriter, Value};
 use tandem_model::model::ExpertSelection;
 use tandem_model::packed::PackedWeights;
 use tandem_model::weights::{LinearType, Weights};
@@ -221,27 +222,29 @@ fn gguf_tokenizer_is_the_checkpoint_tokenizer() {
     }
 }
 
-/// Rewrites `src` with candle's writer, replacing the tensors `replace` names.
-fn rewrite(src: &Path, dst: &Path, replace: &dyn Fn(&str, QTensor) -> QTensor) {
-    let mut f = std::fs::File::open(src).unwrap();
-    let content = gguf_file::Content::read(&mut f).unwrap();
-    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-    names.sort();
-    let tensors: Vec<(&str, QTensor)> = names
-        .iter()
-        .map(|n| {
-            let t = content.tensor(&mut f, n, &Device::Cpu).unwrap();
-            (n.as_str(), replace(n, t))
-        })
-        .collect();
-    let metadata: Vec<(&str, &Value)> = content
-        .metadata
-        .iter()
-        .map(|(k, v)| (k.as_str(), v))
-        .collect();
-    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
-    let mut out = std::fs::File::create(dst).unwrap();
-    gguf_file::write(&mut out, &metadata, &refs).unwrap();
+/// A tensor of a GGUF file: name, type, shape (PyTorch order), bytes.
+type Tensorish = (String, GgmlType, Vec<usize>, Vec<u8>);
+
+/// Rewrites `src` with tandem's writer, replacing the tensors `replace` changes.
+fn rewrite(src: &Path, dst: &Path, replace: &dyn Fn(Tensorish) -> Tensorish) {
+    let bytes = std::fs::read(src).unwrap();
+    let content = Content::read(&bytes).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in &content.metadata {
+        w.meta(k, v.clone());
+    }
+    for t in &content.tensors {
+        let data = bytes[content.data_range(t)].to_vec();
+        let (name, ty, shape, data) = replace((t.name.clone(), t.ggml_type, t.shape(), data));
+        w.tensor(&name, ty, &shape, data).unwrap();
+    }
+    w.write_file(dst).unwrap();
+}
+
+/// `x` (`[rows, cols]`) quantized by candle to `ty`: the bytes of its blocks.
+fn quantize(x: &[f32], rows: usize, cols: usize, ty: GgmlDType) -> Vec<u8> {
+    let t = Tensor::from_vec(x.to_vec(), (rows, cols), &Device::Cpu).unwrap();
+    QTensor::quantize(&t, ty).unwrap().data().unwrap().to_vec()
 }
 
 #[test]
@@ -249,7 +252,7 @@ fn rewritten_gguf_loads_the_same() {
     // The writer used by the error tests below keeps a valid file valid.
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("copy.gguf");
-    rewrite(&gguf("mixtral-f32.gguf"), &path, &|_, t| t);
+    rewrite(&gguf("mixtral-f32.gguf"), &path, &|t| t);
     let a = Model::load(&path).unwrap();
     let b = Model::load(&gguf("mixtral-f32.gguf")).unwrap();
     assert_same_weights(&a, &b, "rewritten");
@@ -258,22 +261,29 @@ fn rewritten_gguf_loads_the_same() {
 #[test]
 fn unsupported_tensor_type_names_the_tensor_and_type() {
     let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("q4_1.gguf");
-    rewrite(&gguf("mixtral-f32.gguf"), &path, &|n, t| {
+    let path = tmp.path().join("iq4_nl.gguf");
+    rewrite(&gguf("mixtral-f32.gguf"), &path, &|(n, ty, shape, b)| {
         if n == "blk.1.attn_v.weight" {
-            let x = t.dequantize(&Device::Cpu).unwrap();
-            QTensor::quantize(&x, GgmlDType::Q4_1).unwrap()
+            // An IQ4_NL tensor: listed by the reader, not loaded.
+            assert_eq!(ty, GgmlType::F32);
+            let blocks = b.len() / 4 / 32 * GgmlType::IQ4_NL.type_size();
+            (n, GgmlType::IQ4_NL, shape, vec![0x11; blocks])
         } else {
-            t
+            (n, ty, shape, b)
         }
     });
     let err = match Model::load(&path) {
-        Ok(_) => panic!("a Q4_1 tensor loaded"),
+        Ok(_) => panic!("an IQ4_NL tensor loaded"),
         Err(e) => e,
     };
     let msg = err.to_string();
     assert!(matches!(err, ModelError::WrongDtype { .. }), "{err:?}");
-    for part in ["blk.1.attn_v.weight", "Q4_1", "q4_1.gguf"] {
+    for part in [
+        "blk.1.attn_v.weight",
+        "IQ4_NL",
+        "iq4_nl.gguf",
+        "Q4_K, Q5_K, Q6_K",
+    ] {
         assert!(msg.contains(part), "{part:?} not in: {msg}");
     }
 }
@@ -327,9 +337,15 @@ fn k_quants_are_dequantized() {
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
         .collect();
     let t = Tensor::from_vec(x.clone(), (v, d), &Device::Cpu).unwrap();
-    for (dtype, name, tol) in [
-        (GgmlDType::Q4K, "Q4_K", 0.2f32),
-        (GgmlDType::Q6K, "Q6_K", 0.05),
+    for (dtype, ours, name, tol) in [
+        (GgmlDType::Q4K, GgmlType::Q4_K, "Q4_K", 0.2f32),
+        (GgmlDType::Q6K, GgmlType::Q6_K, "Q6_K", 0.05),
+        (GgmlDType::Q2K, GgmlType::Q2_K, "Q2_K", 1.0),
+        (GgmlDType::Q3K, GgmlType::Q3_K, "Q3_K", 0.5),
+        (GgmlDType::Q5K, GgmlType::Q5_K, "Q5_K", 0.1),
+        (GgmlDType::Q4_1, GgmlType::Q4_1, "Q4_1", 0.2),
+        (GgmlDType::Q5_0, GgmlType::Q5_0, "Q5_0", 0.2),
+        (GgmlDType::Q5_1, GgmlType::Q5_1, "Q5_1", 0.2),
     ] {
         let q = QTensor::quantize(&t, dtype).unwrap();
         let want: Vec<f32> = q
@@ -340,15 +356,16 @@ fn k_quants_are_dequantized() {
             .to_vec1()
             .unwrap();
         let path = tmp.path().join(format!("{name}.gguf"));
-        let arch = Value::String("llama".into());
-        let mut out = std::fs::File::create(&path).unwrap();
-        gguf_file::write(
-            &mut out,
-            &[("general.architecture", &arch)],
-            &[("token_embd.weight", &q)],
+        let mut gw = GgufWriter::new();
+        gw.meta("general.architecture", Value::String("llama".into()));
+        gw.tensor(
+            "token_embd.weight",
+            ours,
+            &[v, d],
+            quantize(&x, v, d, dtype),
         )
         .unwrap();
-        drop(out);
+        gw.write_file(&path).unwrap();
         let w = Weights::open(&path).unwrap();
         assert_eq!(
             w.dtype_of("model.embed_tokens.weight").as_deref(),
