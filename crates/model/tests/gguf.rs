@@ -813,3 +813,61 @@ fn gpt_oss_mxfp4_gguf_gives_the_checkpoint_tokens() {
         );
     }
 }
+
+#[test]
+fn quantized_tensors_that_are_rebuilt_are_dequantized_first() {
+    // GPT-OSS's experts in Q8_0 (as in a requantized file): gate and up interleaved back and
+    // down transposed back from the dequantized blocks; the oracle is candle's dequantization
+    // of the same tensors, cut per expert by hand.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("experts-q8_0.gguf");
+    rewrite(&gguf("gpt_oss-f32.gguf"), &path, &|n, t| {
+        if n.ends_with("_exps.weight") {
+            let x = t.dequantize(&Device::Cpu).unwrap();
+            QTensor::quantize(&x, GgmlDType::Q8_0).unwrap()
+        } else {
+            t
+        }
+    });
+    let model = Model::load_typed(
+        &path,
+        &ExpertSelection::All,
+        LinearType::Is(WeightType::F32),
+    )
+    .unwrap();
+    let mut f = std::fs::File::open(&path).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let mut dequant = |name: &str| -> Vec<f32> {
+        let t = content.tensor(&mut f, name, &Device::Cpu).unwrap();
+        assert_eq!(t.dtype(), GgmlDType::Q8_0, "{name}");
+        t.dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (d, ff) = (64usize, 64usize);
+    for (l, layer) in model.layers.iter().enumerate() {
+        let gate = dequant(&format!("blk.{l}.ffn_gate_exps.weight")); // [E, F, D]
+        let up = dequant(&format!("blk.{l}.ffn_up_exps.weight")); // [E, F, D]
+        let down = dequant(&format!("blk.{l}.ffn_down_exps.weight")); // [E, D, F]
+        let n = ff * d;
+        for (e, mlp) in layer.experts.routed.iter().enumerate() {
+            let mlp = mlp.as_ref().unwrap();
+            let want: Vec<f32> = gate[e * n..(e + 1) * n]
+                .iter()
+                .chain(&up[e * n..(e + 1) * n])
+                .copied()
+                .collect();
+            assert!(
+                mlp.gate_up.w.unpack() == want,
+                "layer {l} expert {e}: gate/up"
+            );
+            assert!(
+                mlp.down.w.unpack() == down[e * n..(e + 1) * n],
+                "layer {l} expert {e}: down"
+            );
+        }
+    }
+}
