@@ -871,3 +871,66 @@ fn quantized_tensors_that_are_rebuilt_are_dequantized_first() {
         }
     }
 }
+
+#[test]
+fn deepseek2_file_made_before_the_kv_b_split_loads_the_same() {
+    // llama.cpp's converter wrote MLA's kv_b_proj whole (`attn_kv_b`) and the real head sizes
+    // in key_length / value_length before it split it into attn_k_b / attn_v_b and added the
+    // *_mla keys; such files are still common. Rebuild one from the deepseek_v2 file.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("old.gguf");
+    let dir = fixtures().join("deepseek_v2");
+    let hub = Weights::open(&dir).unwrap();
+    let (h, nope, v, r, rope) = (4usize, 16usize, 12usize, 32usize, 8usize);
+    let src = gguf("deepseek_v2-f32.gguf");
+    let mut f = std::fs::File::open(&src).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for n in names {
+        if n.contains(".attn_k_b.") || n.contains(".attn_v_b.") {
+            continue;
+        }
+        tensors.push((n.clone(), content.tensor(&mut f, n, &Device::Cpu).unwrap()));
+    }
+    for l in 0..3 {
+        let kv_b = hub
+            .get_vec(
+                &format!("model.layers.{l}.self_attn.kv_b_proj.weight"),
+                &[h * (nope + v), r],
+            )
+            .unwrap();
+        let t = Tensor::from_vec(kv_b, (h * (nope + v), r), &Device::Cpu).unwrap();
+        tensors.push((
+            format!("blk.{l}.attn_kv_b.weight"),
+            QTensor::quantize(&t, GgmlDType::F32).unwrap(),
+        ));
+    }
+    let mut metadata: Metadata = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    set(&mut metadata, "deepseek2.attention.key_length_mla", None);
+    set(&mut metadata, "deepseek2.attention.value_length_mla", None);
+    set(
+        &mut metadata,
+        "deepseek2.attention.key_length",
+        Some(Value::U32((nope + rope) as u32)),
+    );
+    set(
+        &mut metadata,
+        "deepseek2.attention.value_length",
+        Some(Value::U32(v as u32)),
+    );
+    let meta: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut out = std::fs::File::create(&path).unwrap();
+    gguf_file::write(&mut out, &meta, &refs).unwrap();
+    drop(out);
+    assert_eq!(config_value(&path), config_value(&src));
+    let old = Model::load(&path).unwrap();
+    let new = Model::load(&src).unwrap();
+    assert_same_model(&old, &new, "attn_kv_b vs attn_k_b + attn_v_b");
+}
