@@ -20,7 +20,9 @@
 //!   one without is V2 (llama.cpp itself assumes softmax there, for V2 files that predate the
 //!   key). YaRN: `rope.scaling.yarn_log_multiplier` is `0.1 * mscale_all_dim`; `mscale` is not
 //!   written, and is read as llama.cpp reads it: equal to `mscale_all_dim` when that is not 1
-//!   (DeepSeek-V2's configs), else 1.
+//!   (DeepSeek-V2's configs), else 1. `expert_weights_norm` is written only when true, so its
+//!   absence is `norm_topk_prob: false` (as llama.cpp reads it; every released V3 config says
+//!   true, and its file has the key).
 //! - **glm4moe**: `rope.dimension_count` is the rotary part of a head
 //!   (`partial_rotary_factor * head_dim`); the multi-token-prediction layers are counted in
 //!   `block_count` (`nextn_predict_layers` of them, stored last) and are not mapped.
@@ -805,7 +807,12 @@ fn deepseek2_config(g: &GgufFile) -> Result<Map<String, Json>> {
     let topk_group = g.arch_u64("expert_group_used_count");
     if let Some(n) = n_group {
         c.insert("n_group".into(), json!(n));
-        c.insert("topk_group".into(), json!(topk_group.unwrap_or(n)));
+        let k = topk_group.ok_or_else(|| {
+            g.corrupt(format!(
+                "metadata {a}.expert_group_used_count is missing (expert_group_count = {n})"
+            ))
+        })?;
+        c.insert("topk_group".into(), json!(k));
     }
     if sigmoid {
         c.insert("model_type".into(), json!("deepseek_v3"));

@@ -764,6 +764,13 @@ fn wrong_metadata_of_the_new_architectures_names_the_key() {
             None,
             "dbrx.expert_used_count is missing",
         ),
+        // groups without the number of groups kept
+        (
+            "deepseek_v3",
+            "deepseek2.expert_group_used_count",
+            None,
+            "deepseek2.expert_group_used_count is missing",
+        ),
     ];
     for (i, (family, key, value, want)) in cases.into_iter().enumerate() {
         let path = tmp.path().join(format!("{i}.gguf"));
