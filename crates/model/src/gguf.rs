@@ -1,6 +1,13 @@
 //! llama.cpp's GGUF files as a tensor source: the tensors under the Hugging Face names the
 //! family loaders ask for, the `config.json` the metadata stands for, and the tokenizer.
 //!
+//! **Architectures.** `llama` (Mixtral), `qwen2moe`, `qwen3moe` and `olmoe` are mapped here;
+//! `deepseek2` (DeepSeek-V2, V2-Lite, V3, Kimi-K2), `glm4moe` (GLM-4.5), `gpt-oss` and `dbrx`
+//! in `crate::gguf_arch` (hooked into the first lines of `GgufFile::build_map` and
+//! `GgufFile::config_json`), which also rebuilds the tensors llama.cpp's
+//! converter split or transposed (MLA's `kv_b_proj`, GPT-OSS's `gate_up_proj` / `down_proj`,
+//! DBRX's `w2`) in f32. Any other architecture is refused by name.
+//!
 //! The header is read by tandem's own reader ([`crate::gguf_format`]: every ggml type
 //! llama.cpp writes, every count checked against the file); the file is memory mapped and held
 //! as an `Arc<Mmap>` ([`GgufFile::mapping`]), and [`GgufFile::tensor_range`] gives a tensor's
@@ -48,15 +55,18 @@ pub fn is_gguf(path: &Path) -> bool {
 
 /// Where a hub-named tensor lives in the file.
 #[derive(Clone, Debug)]
-struct Entry {
-    /// The GGUF tensor name.
-    tensor: String,
+pub(crate) struct Entry {
+    /// The GGUF tensor name (the first source of a synthesized tensor).
+    pub(crate) tensor: String,
     /// Expert `e` of a stacked `[E, ...]` tensor.
-    expert: Option<usize>,
+    pub(crate) expert: Option<usize>,
     /// Undo llama.cpp's q/k row permutation with this many heads.
-    unpermute: Option<usize>,
+    pub(crate) unpermute: Option<usize>,
     /// The shape in PyTorch order (the expert's, for a stacked tensor).
-    shape: Vec<usize>,
+    pub(crate) shape: Vec<usize>,
+    /// A hub tensor the converter split or transposed, rebuilt in f32 from its GGUF tensors
+    /// (`crate::gguf_arch`).
+    pub(crate) synth: Option<crate::gguf_arch::Synth>,
 }
 
 /// An opened GGUF file.
@@ -178,15 +188,15 @@ impl GgufFile {
         &self.mmap
     }
 
-    fn meta(&self, key: &str) -> Option<&Value> {
+    pub(crate) fn meta(&self, key: &str) -> Option<&Value> {
         self.content.get(key)
     }
 
-    fn meta_u64(&self, key: &str) -> Option<u64> {
+    pub(crate) fn meta_u64(&self, key: &str) -> Option<u64> {
         self.meta(key).and_then(|v| v.to_u64().ok())
     }
 
-    fn meta_f64(&self, key: &str) -> Option<f64> {
+    pub(crate) fn meta_f64(&self, key: &str) -> Option<f64> {
         match self.meta(key)? {
             Value::F32(x) => Some(*x as f64),
             Value::F64(x) => Some(*x),
@@ -194,38 +204,51 @@ impl GgufFile {
         }
     }
 
-    fn meta_str(&self, key: &str) -> Option<&str> {
+    pub(crate) fn meta_str(&self, key: &str) -> Option<&str> {
         match self.meta(key)? {
             Value::String(s) => Some(s),
             _ => None,
         }
     }
 
-    fn arch_u64(&self, key: &str) -> Option<u64> {
+    pub(crate) fn arch_u64(&self, key: &str) -> Option<u64> {
         self.meta_u64(&format!("{}.{key}", self.arch))
     }
 
-    fn corrupt(&self, msg: String) -> ModelError {
+    pub(crate) fn corrupt(&self, msg: String) -> ModelError {
         ModelError::CorruptFile {
             path: self.path.clone(),
             msg,
         }
     }
 
-    fn unsupported(&self, msg: String) -> ModelError {
+    pub(crate) fn unsupported(&self, msg: String) -> ModelError {
         ModelError::Unsupported {
             path: self.path.clone(),
             msg,
         }
     }
 
+    /// The `general.architecture` string.
+    pub(crate) fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// The GGUF names of every tensor in the file.
+    pub(crate) fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.content.tensors.iter().map(|t| t.name.as_str())
+    }
+
     /// The tensor's shape in PyTorch order.
-    fn dims(&self, tensor: &str) -> Option<Vec<usize>> {
+    pub(crate) fn dims(&self, tensor: &str) -> Option<Vec<usize>> {
         self.content.tensor(tensor).map(|i| i.shape())
     }
 
     /// Hub names for every tensor of the file.
     fn build_map(&self) -> Result<HashMap<String, Entry>> {
+        if let Some(map) = crate::gguf_arch::build_map(self)? {
+            return Ok(map);
+        }
         let mixtral = self.arch == "llama";
         let (heads, kv_heads) = (
             self.arch_u64("attention.head_count").unwrap_or(0) as usize,
@@ -233,18 +256,11 @@ impl GgufFile {
         );
         match self.arch.as_str() {
             "llama" | "qwen2moe" | "qwen3moe" | "olmoe" => {}
-            "dbrx" => {
-                return Err(self.unsupported(
-                    "GGUF architecture \"dbrx\" is not supported yet (its fused attn_qkv and \
-                     transposed ffn_down_exps need their own mapping); use the safetensors \
-                     checkpoint"
-                        .into(),
-                ))
-            }
             a => {
                 return Err(self.unsupported(format!(
                     "GGUF architecture {a:?} is not supported (supported: llama (Mixtral), \
-                     qwen2moe, qwen3moe, olmoe)"
+                     qwen2moe, qwen3moe, olmoe, {})",
+                    crate::gguf_arch::ARCHS.join(", ")
                 )))
             }
         }
@@ -260,6 +276,7 @@ impl GgufFile {
                         expert: None,
                         unpermute,
                         shape: dims.clone(),
+                        synth: None,
                     },
                 )
             };
@@ -350,6 +367,7 @@ impl GgufFile {
                                 expert: Some(e),
                                 unpermute: None,
                                 shape: dims[1..].to_vec(),
+                                synth: None,
                             },
                         );
                     }
@@ -378,12 +396,20 @@ impl GgufFile {
     /// The GGUF type name of the tensor behind `hub` ("F32", "Q8_0", ...).
     pub fn dtype_of(&self, hub: &str) -> Option<String> {
         let e = self.map.get(hub)?;
+        if e.synth.is_some() {
+            return Some("F32".into());
+        }
         Some(self.tensor_type(&e.tensor)?.name().to_string())
     }
 
     /// The type a weight stored as `hub` is held in when no other type is asked for.
     pub fn own_type(&self, hub: &str) -> WeightType {
-        match self.map.get(hub).and_then(|e| self.tensor_type(&e.tensor)) {
+        match self
+            .map
+            .get(hub)
+            .filter(|e| e.synth.is_none())
+            .and_then(|e| self.tensor_type(&e.tensor))
+        {
             Some(GgmlType::BF16) => WeightType::Bf16,
             Some(GgmlType::Q8_0) => WeightType::Q8_0,
             Some(GgmlType::Q4_0) => WeightType::Q4_0,
@@ -462,6 +488,42 @@ impl GgufFile {
     /// of a stacked tensor, q/k rows back in the hub's order.
     pub fn raw(&self, hub: &str, shape: &[usize]) -> Result<Raw> {
         let e = self.entry(hub, shape)?;
+        if let Some(s) = &e.synth {
+            let v = s.build(&|t, sh| self.tensor_f32(t, sh))?;
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            return Ok(Raw {
+                dtype: GgmlType::F32,
+                bytes,
+            });
+        }
+        self.raw_entry(hub, e)
+    }
+
+    /// The whole GGUF tensor `tensor` as f32 values, checked to have `shape` (PyTorch order).
+    pub(crate) fn tensor_f32(&self, tensor: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let dims = self.dims(tensor).ok_or_else(|| ModelError::MissingTensor {
+            name: tensor.to_string(),
+            files: self.path.display().to_string(),
+        })?;
+        if dims != shape {
+            return Err(ModelError::WrongShape {
+                name: format!("GGUF {tensor}"),
+                path: self.path.clone(),
+                found: dims,
+                expected: shape.to_vec(),
+            });
+        }
+        let e = Entry {
+            tensor: tensor.to_string(),
+            expert: None,
+            unpermute: None,
+            shape: dims,
+            synth: None,
+        };
+        self.decode(tensor, self.raw_entry(tensor, &e)?, shape)
+    }
+
+    fn raw_entry(&self, hub: &str, e: &Entry) -> Result<Raw> {
         let (dtype, range) = self.range_of(hub, e)?;
         if !supported(dtype) {
             return Err(ModelError::WrongDtype {
@@ -503,7 +565,14 @@ impl GgufFile {
 
     /// `hub` as f32 values (dequantized), checked to have `shape`.
     pub fn get_vec(&self, hub: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let raw = self.raw(hub, shape)?;
+        let e = self.entry(hub, shape)?;
+        if let Some(s) = &e.synth {
+            return s.build(&|t, sh| self.tensor_f32(t, sh));
+        }
+        self.decode(hub, self.raw_entry(hub, e)?, shape)
+    }
+
+    fn decode(&self, hub: &str, raw: Raw, shape: &[usize]) -> Result<Vec<f32>> {
         let b = &raw.bytes;
         Ok(match raw.dtype {
             GgmlType::F32 => b
@@ -537,6 +606,9 @@ impl GgufFile {
 
     /// The hub `config.json` the metadata stands for, parsed by the family's own parser.
     pub fn config_json(&self) -> Result<Json> {
+        if let Some(c) = crate::gguf_arch::config_json(self)? {
+            return Ok(c);
+        }
         let a = self.arch.as_str();
         let need = |key: &str| {
             self.arch_u64(key)

@@ -9,6 +9,7 @@ pub mod error;
 pub mod families;
 pub mod generate;
 pub mod gguf;
+mod gguf_arch;
 pub mod gguf_format;
 pub mod kernels;
 pub mod kv;

@@ -441,3 +441,525 @@ fn qwen2_moe_f32_gguf_gives_the_checkpoint_tokens() {
     // The checkpoint is bf16; the converter writes its values exactly as f32.
     check_f32_family("qwen2_moe");
 }
+
+// ---- deepseek2, glm4moe, gpt-oss, dbrx (`gguf_arch.rs`) ----
+
+fn norm_values(n: &tandem_model::layers::Norm) -> Vec<f32> {
+    match n {
+        tandem_model::layers::Norm::Rms { w, eps }
+        | tandem_model::layers::Norm::Layer { w, eps } => w.iter().copied().chain([*eps]).collect(),
+    }
+}
+
+fn linear_values(l: &tandem_model::layers::Linear) -> Vec<f32> {
+    let mut v = l.w.unpack();
+    v.extend(l.b.iter().flatten());
+    v
+}
+
+/// Every weight of a model as f32 values, named: linear weights and their biases, norms,
+/// routers and their correction biases, sinks, MLA's parts, routed, shared and dense MLPs.
+fn all_weights(m: &Model) -> Vec<(String, Vec<f32>)> {
+    let mut v = vec![
+        ("embed".to_string(), m.embed.unpack()),
+        ("lm_head".to_string(), linear_values(&m.lm_head)),
+        ("final_norm".to_string(), norm_values(&m.final_norm)),
+    ];
+    for (l, layer) in m.layers.iter().enumerate() {
+        let a = &layer.attention.w;
+        let mut put = |name: &str, x: Vec<f32>| v.push((format!("{l}.{name}"), x));
+        put("input_norm", norm_values(&a.input_norm));
+        put("post_norm", norm_values(&a.post_norm));
+        put("qkv", linear_values(&a.qkv));
+        put("o", linear_values(&a.o));
+        for (name, n) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
+            if let Some(n) = n {
+                put(name, norm_values(n));
+            }
+        }
+        if let Some(r) = &a.router {
+            put("router", linear_values(r));
+        }
+        if let Some(b) = &a.router_bias {
+            put("router_bias", b.clone());
+        }
+        if let Some(s) = &a.sinks {
+            put("sinks", s.clone());
+        }
+        if let Some(mla) = &a.mla {
+            put("kv_a_norm", norm_values(&mla.kv_a_norm));
+            put("kv_b", linear_values(&mla.kv_b));
+            put("kv_b_rows", mla.kv_b_rows.clone());
+            put("mla_scale", vec![mla.scale]);
+            if let Some(n) = &mla.q_a_norm {
+                put("q_a_norm", norm_values(n));
+            }
+            if let Some(q) = &mla.q_b {
+                put("q_b", linear_values(q));
+            }
+        }
+        let x = &layer.experts;
+        if let Some(g) = x.shared.as_ref().and_then(|s| s.gate.as_ref()) {
+            v.push((format!("{l}.shared_gate"), linear_values(g)));
+        }
+        let mut mlp = |name: String, m: &tandem_model::layers::GatedMlp| {
+            v.push((format!("{l}.{name}.gate_up"), linear_values(&m.gate_up)));
+            v.push((format!("{l}.{name}.down"), linear_values(&m.down)));
+        };
+        // (a dense layer has no routed experts)
+        for (e, r) in x.routed.iter().enumerate() {
+            if let Some(r) = r {
+                mlp(format!("expert{e}"), r);
+            }
+        }
+        if let Some(s) = &x.shared {
+            mlp("shared".into(), &s.mlp);
+        }
+        if let Some(d) = &x.dense {
+            mlp("dense".into(), d);
+        }
+    }
+    v
+}
+
+fn assert_same_model(a: &Model, b: &Model, what: &str) {
+    let (wa, wb) = (all_weights(a), all_weights(b));
+    let names = |w: &[(String, Vec<f32>)]| w.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&wa), names(&wb), "{what}: the weights present");
+    for ((name, x), (_, y)) in wa.iter().zip(&wb) {
+        assert_eq!(x.len(), y.len(), "{what}: {name} size");
+        assert!(x == y, "{what}: {name} values differ");
+    }
+}
+
+/// A copy of the fixture `family` with its config.json changed by `patch`.
+fn patched_fixture(family: &str, patch: &dyn Fn(&mut serde_json::Value)) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(fixtures().join(family)).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), tmp.path().join(f.file_name())).unwrap();
+    }
+    let path = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    patch(&mut cfg);
+    std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    tmp
+}
+
+fn config_value(path: &Path) -> serde_json::Value {
+    serde_json::to_value(ModelConfig::from_dir(path).unwrap()).unwrap()
+}
+
+/// The GGUF file of `family` against the checkpoint `reference` it stands for: the same
+/// config, every weight the same, the same greedy tokens and first logits as tandem on the
+/// checkpoint, `greedy` (transformers' tokens), and the prompts' ids from its tokenizer.
+fn check_arch(family: &str, reference: &Path, greedy_want: &[Vec<u32>]) {
+    let path = gguf(&format!("{family}-f32.gguf"));
+    let exp = expected(&fixtures().join(family));
+    assert_eq!(
+        config_value(&path),
+        config_value(reference),
+        "{family}: config"
+    );
+    let theirs = Model::load_typed(
+        reference,
+        &ExpertSelection::All,
+        LinearType::Is(WeightType::F32),
+    )
+    .unwrap();
+    let model = Model::load(&path).unwrap();
+    assert_eq!(model.weight_type(), WeightType::F32, "{family}");
+    assert_same_model(&model, &theirs, family);
+    check_tokens(&model, &theirs, &exp, family);
+    let tok = Tokenizer::load(&path).unwrap();
+    for (i, p) in exp.prompts.iter().enumerate() {
+        assert_eq!(
+            tok.encode(&p.text, p.add_special_tokens).unwrap(),
+            p.ids,
+            "{family} prompt {i}: tokenizer"
+        );
+        let (toks, _) = greedy(&model, &p.ids, greedy_want[i].len()).unwrap();
+        assert_eq!(
+            toks, greedy_want[i],
+            "{family} prompt {i}: transformers' tokens"
+        );
+    }
+}
+
+/// transformers' tokens for the checkpoint a GGUF file stands for where it differs from the
+/// fixture (`scripts/gguf_expected.py`).
+fn gguf_expected(family: &str) -> Vec<Vec<u32>> {
+    let path = gguf(&format!("{family}.expected.json"));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    serde_json::from_value(v["greedy"].clone()).unwrap()
+}
+
+#[test]
+fn dbrx_f32_gguf_gives_the_checkpoint_tokens() {
+    // Fused Wqkv with clip_qkv, experts [E, F, D] and ffn_down_exps transposed back into w2.
+    let dir = fixtures().join("dbrx");
+    check_arch("dbrx", &dir, &expected(&dir).greedy);
+}
+
+#[test]
+fn deepseek_v3_f32_gguf_gives_the_checkpoint_tokens() {
+    // MLA with q LoRA, kv_b_proj rebuilt from attn_k_b / attn_v_b, sigmoid noaux_tc routing
+    // with exp_probs_b, YaRN, shared expert, dense layer 0.
+    let dir = fixtures().join("deepseek_v3");
+    check_arch("deepseek_v3", &dir, &expected(&dir).greedy);
+}
+
+#[test]
+fn glm4_moe_f32_gguf_gives_the_checkpoint_tokens() {
+    // Partial rotary (rope.dimension_count 16 of 32), q/k/v biases, q/k norms, noaux_tc over
+    // groups, the nextn layer counted in block_count.
+    let dir = fixtures().join("glm4_moe");
+    check_arch("glm4_moe", &dir, &expected(&dir).greedy);
+}
+
+#[test]
+fn deepseek_v2_f32_gguf_is_the_checkpoint_with_mscale_as_llama_cpp_reads_it() {
+    // The converter writes YaRN's mscale_all_dim (as yarn_log_multiplier) but not mscale;
+    // llama.cpp takes mscale = mscale_all_dim (0.8) where the fixture says 1.0. Everything else
+    // (MLA without q LoRA, softmax group_limited_greedy, 2 shared experts) is the checkpoint's.
+    let gguf_cfg = config_value(&gguf("deepseek_v2-f32.gguf"));
+    let mut fixture_cfg = config_value(&fixtures().join("deepseek_v2"));
+    assert_eq!(fixture_cfg["yarn"]["mscale"], 1.0);
+    assert_eq!(gguf_cfg["yarn"]["mscale"], 0.8);
+    fixture_cfg["yarn"]["mscale"] = 0.8.into();
+    assert_eq!(gguf_cfg, fixture_cfg, "deepseek_v2: config but for mscale");
+    let reference = patched_fixture("deepseek_v2", &|c| {
+        c["rope_parameters"]["mscale"] = c["rope_parameters"]["mscale_all_dim"].clone();
+    });
+    check_arch(
+        "deepseek_v2",
+        reference.path(),
+        &gguf_expected("deepseek_v2"),
+    );
+}
+
+#[test]
+fn gpt_oss_f32_gguf_is_the_checkpoint_with_llama_cpp_swiglu() {
+    // The converter does not write swiglu_alpha / swiglu_limit; llama.cpp uses 1.702 and 7.0
+    // (the released models'), the fixture 1.5 and 1.5. Everything else (sinks, sliding
+    // layers, gate/up interleaved back, down transposed back, biases, YaRN) is the
+    // checkpoint's.
+    let gguf_cfg = config_value(&gguf("gpt_oss-f32.gguf"));
+    let mut fixture_cfg = config_value(&fixtures().join("gpt_oss"));
+    assert_eq!(
+        gguf_cfg["expert_act"],
+        serde_json::json!({"ClampedSwiglu": {"alpha": 1.702f32, "limit": 7.0}})
+    );
+    fixture_cfg["expert_act"] = gguf_cfg["expert_act"].clone();
+    assert_eq!(
+        gguf_cfg, fixture_cfg,
+        "gpt_oss: config but for the SwiGLU constants"
+    );
+    let reference = patched_fixture("gpt_oss", &|c| {
+        c["swiglu_alpha"] = 1.702.into();
+        c["swiglu_limit"] = 7.0.into();
+    });
+    check_arch("gpt_oss", reference.path(), &gguf_expected("gpt_oss"));
+}
+
+/// A GGUF file's metadata, in order.
+type Metadata = Vec<(String, Value)>;
+
+/// Rewrites `src` with its metadata changed by `edit` (the tensors as they are).
+fn rewrite_meta(src: &Path, dst: &Path, edit: &dyn Fn(&mut Metadata)) {
+    let bytes = std::fs::read(src).unwrap();
+    let content = Content::read(&bytes).unwrap();
+    let mut metadata: Metadata = content.metadata.clone();
+    edit(&mut metadata);
+    let mut w = GgufWriter::new();
+    for (k, v) in &metadata {
+        w.meta(k, v.clone());
+    }
+    for t in &content.tensors {
+        let data = bytes[content.data_range(t)].to_vec();
+        w.tensor(&t.name, t.ggml_type, &t.shape(), data).unwrap();
+    }
+    w.write_file(dst).unwrap();
+}
+
+fn set(m: &mut Metadata, key: &str, v: Option<Value>) {
+    m.retain(|(k, _)| k != key);
+    if let Some(v) = v {
+        m.push((key.to_string(), v));
+    }
+}
+
+#[test]
+fn unserved_gguf_architecture_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("grok.gguf");
+    rewrite_meta(&gguf("mixtral-f32.gguf"), &path, &|m| {
+        set(
+            m,
+            "general.architecture",
+            Some(Value::String("grok".into())),
+        )
+    });
+    let err = Model::load(&path).err().expect("a grok file loaded");
+    assert!(matches!(err, ModelError::Unsupported { .. }), "{err:?}");
+    let msg = err.to_string();
+    for part in ["\"grok\"", "deepseek2", "glm4moe", "gpt-oss", "dbrx"] {
+        assert!(msg.contains(part), "{part:?} not in: {msg}");
+    }
+}
+
+#[test]
+fn wrong_metadata_of_the_new_architectures_names_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: Vec<(&str, &str, Option<Value>, &str)> = vec![
+        // an unknown gating function
+        (
+            "deepseek_v3",
+            "deepseek2.expert_gating_func",
+            Some(Value::U32(3)),
+            "deepseek2.expert_gating_func = 3",
+        ),
+        // softmax routing with a routing-correction bias
+        (
+            "deepseek_v3",
+            "deepseek2.expert_gating_func",
+            Some(Value::U32(1)),
+            "exp_probs_b",
+        ),
+        // one of the two MLA head sizes
+        (
+            "deepseek_v2",
+            "deepseek2.attention.value_length_mla",
+            None,
+            "deepseek2.attention.value_length_mla is missing",
+        ),
+        // the latent's width disagrees with kv_lora_rank + rope
+        (
+            "deepseek_v2",
+            "deepseek2.attention.key_length",
+            Some(Value::U32(41)),
+            "deepseek2.attention.key_length = 41",
+        ),
+        // wider than a head
+        (
+            "glm4_moe",
+            "glm4moe.rope.dimension_count",
+            Some(Value::U32(40)),
+            "glm4moe.rope.dimension_count = 40",
+        ),
+        // more nextn layers than blocks
+        (
+            "glm4_moe",
+            "glm4moe.nextn_predict_layers",
+            Some(Value::U32(4)),
+            "glm4moe.nextn_predict_layers",
+        ),
+        // sliding layers without a window
+        (
+            "gpt_oss",
+            "gpt-oss.attention.sliding_window",
+            None,
+            "gpt-oss.attention.sliding_window",
+        ),
+        // a YaRN file without its factor
+        (
+            "gpt_oss",
+            "gpt-oss.rope.scaling.factor",
+            None,
+            "gpt-oss.rope.scaling.factor",
+        ),
+        (
+            "dbrx",
+            "dbrx.expert_used_count",
+            None,
+            "dbrx.expert_used_count is missing",
+        ),
+        // groups without the number of groups kept
+        (
+            "deepseek_v3",
+            "deepseek2.expert_group_used_count",
+            None,
+            "deepseek2.expert_group_used_count is missing",
+        ),
+    ];
+    for (i, (family, key, value, want)) in cases.into_iter().enumerate() {
+        let path = tmp.path().join(format!("{i}.gguf"));
+        rewrite_meta(&gguf(&format!("{family}-f32.gguf")), &path, &|m| {
+            set(m, key, value.clone())
+        });
+        let err = ModelConfig::from_dir(&path)
+            .expect_err(&format!("{family} without a valid {key} parsed"));
+        let msg = err.to_string();
+        assert!(msg.contains(want), "{family} {key}: {want:?} not in: {msg}");
+        assert!(
+            msg.contains(&format!("{i}.gguf")),
+            "{family} {key}: the file is not named: {msg}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs the GGUF reader that knows MXFP4"]
+fn gpt_oss_mxfp4_gguf_gives_the_checkpoint_tokens() {
+    // The converter keeps the experts' MXFP4 blocks (ggml type 39: gate and up split from
+    // gate_up_proj's rows, scales moved into the blocks) and writes the rest as f32 (the
+    // checkpoint's bf16 values exactly). As for gpt_oss, swiglu_limit is llama.cpp's 7.0 (the
+    // fixture's 1.5 is not in the file).
+    let path = gguf("gpt_oss_mxfp4.gguf");
+    let exp = expected(&fixtures().join("gpt_oss_mxfp4"));
+    let reference = patched_fixture("gpt_oss_mxfp4", &|c| {
+        c["swiglu_limit"] = 7.0.into();
+    });
+    assert_eq!(
+        config_value(&path),
+        config_value(reference.path()),
+        "config"
+    );
+    let f32 = |p: &Path| {
+        Model::load_typed(p, &ExpertSelection::All, LinearType::Is(WeightType::F32)).unwrap()
+    };
+    let (model, theirs) = (f32(&path), f32(reference.path()));
+    assert_same_model(&model, &theirs, "gpt_oss_mxfp4");
+    check_tokens(&model, &theirs, &exp, "gpt_oss_mxfp4");
+    let want = gguf_expected("gpt_oss_mxfp4");
+    for (i, p) in exp.prompts.iter().enumerate() {
+        let (toks, _) = greedy(&model, &p.ids, want[i].len()).unwrap();
+        assert_eq!(
+            toks, want[i],
+            "gpt_oss_mxfp4 prompt {i}: transformers' tokens"
+        );
+    }
+}
+
+#[test]
+fn quantized_tensors_that_are_rebuilt_are_dequantized_first() {
+    // GPT-OSS's experts in Q8_0 (as in a requantized file): gate and up interleaved back and
+    // down transposed back from the dequantized blocks; the oracle is candle's dequantization
+    // of the same tensors, cut per expert by hand.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("experts-q8_0.gguf");
+    rewrite(&gguf("gpt_oss-f32.gguf"), &path, &|(n, ty, shape, data)| {
+        if n.ends_with("_exps.weight") {
+            assert_eq!(ty, GgmlType::F32, "{n}");
+            let x: Vec<f32> = data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let cols = *shape.last().unwrap();
+            let q = quantize(&x, x.len() / cols, cols, GgmlDType::Q8_0);
+            (n, GgmlType::Q8_0, shape, q)
+        } else {
+            (n, ty, shape, data)
+        }
+    });
+    let model = Model::load_typed(
+        &path,
+        &ExpertSelection::All,
+        LinearType::Is(WeightType::F32),
+    )
+    .unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let content = Content::read(&bytes).unwrap();
+    let dequant = |name: &str| -> Vec<f32> {
+        let t = content.tensor(name).unwrap();
+        assert_eq!(t.ggml_type, GgmlType::Q8_0, "{name}");
+        candle_core::quantized::ggml_file::qtensor_from_ggml(
+            GgmlDType::Q8_0,
+            &bytes[content.data_range(t)],
+            t.shape(),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+    };
+    let (d, ff) = (64usize, 64usize);
+    for (l, layer) in model.layers.iter().enumerate() {
+        let gate = dequant(&format!("blk.{l}.ffn_gate_exps.weight")); // [E, F, D]
+        let up = dequant(&format!("blk.{l}.ffn_up_exps.weight")); // [E, F, D]
+        let down = dequant(&format!("blk.{l}.ffn_down_exps.weight")); // [E, D, F]
+        let n = ff * d;
+        for (e, mlp) in layer.experts.routed.iter().enumerate() {
+            let mlp = mlp.as_ref().unwrap();
+            let want: Vec<f32> = gate[e * n..(e + 1) * n]
+                .iter()
+                .chain(&up[e * n..(e + 1) * n])
+                .copied()
+                .collect();
+            assert!(
+                mlp.gate_up.w.unpack() == want,
+                "layer {l} expert {e}: gate/up"
+            );
+            assert!(
+                mlp.down.w.unpack() == down[e * n..(e + 1) * n],
+                "layer {l} expert {e}: down"
+            );
+        }
+    }
+}
+
+#[test]
+fn deepseek2_file_made_before_the_kv_b_split_loads_the_same() {
+    // llama.cpp's converter wrote MLA's kv_b_proj whole (`attn_kv_b`) and the real head sizes
+    // in key_length / value_length before it split it into attn_k_b / attn_v_b and added the
+    // *_mla keys; such files are still common. Rebuild one from the deepseek_v2 file.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("old.gguf");
+    let dir = fixtures().join("deepseek_v2");
+    let hub = Weights::open(&dir).unwrap();
+    let (h, nope, v, r, rope) = (4usize, 16usize, 12usize, 32usize, 8usize);
+    let src = gguf("deepseek_v2-f32.gguf");
+    let bytes = std::fs::read(&src).unwrap();
+    let content = Content::read(&bytes).unwrap();
+    let mut metadata: Metadata = content.metadata.clone();
+    set(&mut metadata, "deepseek2.attention.key_length_mla", None);
+    set(&mut metadata, "deepseek2.attention.value_length_mla", None);
+    set(
+        &mut metadata,
+        "deepseek2.attention.key_length",
+        Some(Value::U32((nope + rope) as u32)),
+    );
+    set(
+        &mut metadata,
+        "deepseek2.attention.value_length",
+        Some(Value::U32(v as u32)),
+    );
+    let mut w = GgufWriter::new();
+    for (k, val) in &metadata {
+        w.meta(k, val.clone());
+    }
+    for t in &content.tensors {
+        if t.name.contains(".attn_k_b.") || t.name.contains(".attn_v_b.") {
+            continue;
+        }
+        let data = bytes[content.data_range(t)].to_vec();
+        w.tensor(&t.name, t.ggml_type, &t.shape(), data).unwrap();
+    }
+    for l in 0..3 {
+        let kv_b = hub
+            .get_vec(
+                &format!("model.layers.{l}.self_attn.kv_b_proj.weight"),
+                &[h * (nope + v), r],
+            )
+            .unwrap();
+        let data: Vec<u8> = kv_b.iter().flat_map(|x| x.to_le_bytes()).collect();
+        w.tensor(
+            &format!("blk.{l}.attn_kv_b.weight"),
+            GgmlType::F32,
+            &[h * (nope + v), r],
+            data,
+        )
+        .unwrap();
+    }
+    w.write_file(&path).unwrap();
+    assert_eq!(config_value(&path), config_value(&src));
+    let old = Model::load(&path).unwrap();
+    let new = Model::load(&src).unwrap();
+    assert_same_model(&old, &new, "attn_kv_b vs attn_k_b + attn_v_b");
+}
