@@ -16,13 +16,18 @@
 //! `h*d + s*d/2 + i`. Loading undoes it; a row is whole blocks in every type, so quantized
 //! rows move without dequantizing.
 //!
-//! **Types.** F32, F16, BF16, Q8_0, Q4_0, Q4_K and Q6_K. Q8_0 and Q4_0 linear weights are
-//! kept in their own blocks (tandem's q8_0/q4_0 are llama.cpp's, block for block) unless
-//! `--dtype`/`--quantization` ask for another type. Q4_K and Q6_K have no native kernel yet:
-//! they are dequantized to f32 and packed in the requested type (f32 under `auto`), as are
-//! F16/BF16 (BF16 stays bf16 under `auto`). Any other type is an error naming the tensor.
+//! **Types.** F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K and Q6_K. Q8_0 and Q4_0 linear weights
+//! are kept in their own blocks (tandem's q8_0/q4_0 are llama.cpp's, block for block) unless
+//! `--dtype`/`--quantization` ask for another type. Q4_K, Q5_K and Q6_K weights are used in
+//! place: a byte range of the mapping ([`GgufFile::tensor_range`]) multiplied by the kernels
+//! of [`crate::kquant`], no copy (q/k rows that must be un-permuted are copied once). Asked for
+//! another type, they are dequantized (gguf-py's values, bit for bit) and packed in it, as are
+//! F16/BF16 (BF16 stays bf16 under `auto`). Any other type is an error naming the tensor
+//! (MXFP4, type 39, has kernels in `kquant` but candle's header reader does not know the type
+//! yet).
 
 use crate::error::{ModelError, Result};
+use crate::kquant::{KFormat, KQuantWeights};
 use crate::packed::WeightType;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{ggml_file, GgmlDType};
@@ -30,7 +35,9 @@ use candle_core::Device;
 use memmap2::Mmap;
 use serde_json::{json, Map, Value as Json};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// True when `path` names a GGUF file (by its extension) rather than a checkpoint directory.
 pub fn is_gguf(path: &Path) -> bool {
@@ -54,7 +61,7 @@ struct Entry {
 /// An opened GGUF file.
 pub struct GgufFile {
     pub path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
     content: Content,
     arch: String,
     /// hub name -> where it is
@@ -87,7 +94,7 @@ fn type_name(t: GgmlDType) -> &'static str {
     }
 }
 
-const SUPPORTED: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K";
+const SUPPORTED: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K";
 
 fn supported(t: GgmlDType) -> bool {
     matches!(
@@ -98,6 +105,7 @@ fn supported(t: GgmlDType) -> bool {
             | GgmlDType::Q8_0
             | GgmlDType::Q4_0
             | GgmlDType::Q4K
+            | GgmlDType::Q5K
             | GgmlDType::Q6K
     )
 }
@@ -150,7 +158,7 @@ impl GgufFile {
         }
         let mut g = Self {
             path: path.to_path_buf(),
-            mmap,
+            mmap: Arc::new(mmap),
             content,
             arch,
             map: HashMap::new(),
@@ -374,8 +382,43 @@ impl GgufFile {
             Some(GgmlDType::BF16) => WeightType::Bf16,
             Some(GgmlDType::Q8_0) => WeightType::Q8_0,
             Some(GgmlDType::Q4_0) => WeightType::Q4_0,
+            Some(GgmlDType::Q4K) => WeightType::Q4K,
+            Some(GgmlDType::Q5K) => WeightType::Q5K,
+            Some(GgmlDType::Q6K) => WeightType::Q6K,
             _ => WeightType::F32,
         }
+    }
+
+    /// The mapped file (shared by the weights that are ranges of it).
+    pub fn mapping(&self) -> &Arc<Mmap> {
+        &self.mmap
+    }
+
+    /// Where the bytes of `hub` (checked to have `shape`; the expert's part of a stacked
+    /// tensor) lie in [`GgufFile::mapping`], and their type. The rows are in the file's order:
+    /// see [`GgufFile::rows_reordered`].
+    pub fn tensor_range(&self, hub: &str, shape: &[usize]) -> Result<(GgmlDType, Range<usize>)> {
+        let e = self.entry(hub, shape)?;
+        let info = &self.content.tensor_infos[&e.tensor];
+        let dtype = info.ggml_dtype;
+        if !supported(dtype) {
+            return Err(ModelError::WrongDtype {
+                name: format!("{} ({hub})", e.tensor),
+                path: self.path.clone(),
+                dtype: format!("{} (supported: {SUPPORTED})", type_name(dtype)),
+            });
+        }
+        let elems: usize = e.shape.iter().product();
+        let size = elems / dtype.block_size() * dtype.type_size();
+        let start =
+            (self.content.tensor_data_offset + info.offset) as usize + e.expert.unwrap_or(0) * size;
+        Ok((dtype, start..start + size))
+    }
+
+    /// Whether loading reorders the rows of `hub` (llama's q/k permutation): then its bytes
+    /// are [`GgufFile::raw`]'s, not the range of [`GgufFile::tensor_range`].
+    pub fn rows_reordered(&self, hub: &str) -> bool {
+        self.map.get(hub).is_some_and(|e| e.unpermute.is_some())
     }
 
     fn entry(&self, hub: &str, shape: &[usize]) -> Result<&Entry> {
@@ -397,21 +440,10 @@ impl GgufFile {
     /// The bytes of `hub` (checked to have `shape`) in the file's own type: the expert's part
     /// of a stacked tensor, q/k rows back in the hub's order.
     pub fn raw(&self, hub: &str, shape: &[usize]) -> Result<Raw> {
+        let (dtype, range) = self.tensor_range(hub, shape)?;
         let e = self.entry(hub, shape)?;
-        let info = &self.content.tensor_infos[&e.tensor];
-        let dtype = info.ggml_dtype;
-        if !supported(dtype) {
-            return Err(ModelError::WrongDtype {
-                name: format!("{} ({hub})", e.tensor),
-                path: self.path.clone(),
-                dtype: format!("{} (supported: {SUPPORTED})", type_name(dtype)),
-            });
-        }
-        let elems: usize = e.shape.iter().product();
-        let size = elems / dtype.block_size() * dtype.type_size();
-        let start =
-            (self.content.tensor_data_offset + info.offset) as usize + e.expert.unwrap_or(0) * size;
-        let bytes = &self.mmap[start..start + size];
+        let size = range.len();
+        let bytes = &self.mmap[range];
         let bytes = match e.unpermute {
             None => bytes.to_vec(),
             Some(h) => {
@@ -458,6 +490,18 @@ impl GgufFile {
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
+            t @ (GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K) => {
+                let format = match t {
+                    GgmlDType::Q4K => KFormat::Q4K,
+                    GgmlDType::Q5K => KFormat::Q5K,
+                    _ => KFormat::Q6K,
+                };
+                let k = shape.last().copied().unwrap_or(1);
+                let n = shape.iter().product::<usize>() / k.max(1);
+                KQuantWeights::from_bytes(raw.bytes, n, k, format)
+                    .map_err(|msg| self.corrupt(format!("tensor {hub}: {msg}")))?
+                    .dequantize()
+            }
             t => {
                 let q = ggml_file::qtensor_from_ggml(t, b, shape.to_vec(), &Device::Cpu)?;
                 q.dequantize(&Device::Cpu)?

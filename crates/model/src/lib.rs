@@ -10,6 +10,7 @@ pub mod families;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;
+pub mod kquant;
 pub mod kv;
 pub mod layers;
 pub mod mem;

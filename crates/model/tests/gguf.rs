@@ -319,7 +319,7 @@ fn truncated_gguf_names_the_file_and_tensor() {
 
 #[test]
 fn k_quants_are_dequantized() {
-    // Q4_K and Q6_K blocks are 256 values wide, wider than the fixtures' rows: a file with
+    // Q4_K, Q5_K and Q6_K blocks are 256 values wide, wider than the fixtures' rows: a file with
     // one such embedding table checks the mapping and dequantization, against candle's own.
     let tmp = tempfile::tempdir().unwrap();
     let (v, d) = (4usize, 512usize);
@@ -327,9 +327,10 @@ fn k_quants_are_dequantized() {
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
         .collect();
     let t = Tensor::from_vec(x.clone(), (v, d), &Device::Cpu).unwrap();
-    for (dtype, name, tol) in [
-        (GgmlDType::Q4K, "Q4_K", 0.2f32),
-        (GgmlDType::Q6K, "Q6_K", 0.05),
+    for (dtype, name, tol, ty) in [
+        (GgmlDType::Q4K, "Q4_K", 0.2f32, WeightType::Q4K),
+        (GgmlDType::Q5K, "Q5_K", 0.1, WeightType::Q5K),
+        (GgmlDType::Q6K, "Q6_K", 0.05, WeightType::Q6K),
     ] {
         let q = QTensor::quantize(&t, dtype).unwrap();
         let want: Vec<f32> = q
@@ -362,7 +363,7 @@ fn k_quants_are_dequantized() {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(err < tol, "{name}: max error {err}");
-        // No native kernel: packed as f32 under `auto`.
+        // Held in its own blocks under `auto` (the kernels of `kquant`).
         let p = w
             .packed(
                 "model.embed_tokens.weight",
@@ -371,7 +372,7 @@ fn k_quants_are_dequantized() {
                 tandem_model::weights::Role::Embedding,
             )
             .unwrap();
-        assert_eq!(p.weight_type(), WeightType::F32);
+        assert_eq!(p.weight_type(), ty);
         assert!(p.unpack() == want);
         // A wrong shape names the tensor and the file.
         let err = w.get_vec("model.embed_tokens.weight", &[d, v]).unwrap_err();
