@@ -154,6 +154,8 @@ impl KFormat {
     /// of each (sub-)block against its range, not llama.cpp's error-minimising search (the
     /// formats, not this quantizer, are what GGUF files need; this serves `--quantization`
     /// and the tests).
+    // Weight indices address the input and several packed fields at once.
+    #[allow(clippy::needless_range_loop)]
     pub fn quantize_block(self, x: &[f32], blk: &mut [u8]) {
         blk.fill(0);
         match self {
@@ -733,6 +735,8 @@ const F_Q6K: u8 = 2;
 /// `maddubs(q, x)` then `madd` with the scales, summed over the block in 32-bit lanes (exact),
 /// then scaled into f32 accumulators.
 #[cfg(target_arch = "x86_64")]
+// Row indices address several register arrays at once.
+#[allow(clippy::needless_range_loop)]
 mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
@@ -981,6 +985,8 @@ mod avx2 {
 /// a register, `vpdpbusd` of |w| against x with w's sign (`x` is within +-127, so negating it
 /// cannot overflow).
 #[cfg(target_arch = "x86_64")]
+// Row indices address several register arrays at once.
+#[allow(clippy::needless_range_loop)]
 mod avx512 {
     use super::avx2::{decode, hsum, mx_blocks, mx_weights};
     use super::*;
