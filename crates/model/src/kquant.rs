@@ -424,6 +424,8 @@ struct Segment {
     /// Offset of the segment's first row in `bytes`.
     start: usize,
     rows: usize,
+    format: KFormat,
+    row_bytes: usize,
 }
 
 impl Segment {
@@ -432,14 +434,13 @@ impl Segment {
     }
 }
 
-/// A `[n, k]` weight in one [`KFormat`], row-major blocks as GGUF stores them, in segments of
-/// whole rows (see the module doc). Cheap to clone (shared).
+/// A `[n, k]` weight in [`KFormat`] blocks, row-major as GGUF stores them, in segments of
+/// whole rows (see the module doc), each segment in one format: a stack of tensors of
+/// different K-quants (Q4_K_M's Q4_K q/k and Q6_K v) is one weight. Cheap to clone (shared).
 #[derive(Clone)]
 pub struct KQuantWeights {
-    format: KFormat,
     n: usize,
     k: usize,
-    row_bytes: usize,
     segs: Vec<Segment>,
 }
 
@@ -448,7 +449,11 @@ impl std::fmt::Debug for KQuantWeights {
         write!(
             f,
             "KQuantWeights<{}>[{}, {}] in {} segment(s)",
-            self.format.name(),
+            self.segs
+                .iter()
+                .map(|s| s.format.name())
+                .collect::<Vec<_>>()
+                .join("+"),
             self.n,
             self.k,
             self.segs.len()
@@ -490,14 +495,14 @@ impl KQuantWeights {
             ));
         }
         Ok(Self {
-            format,
             n,
             k,
-            row_bytes,
             segs: vec![Segment {
                 bytes,
                 start: range.start,
                 rows: n,
+                format,
+                row_bytes,
             }],
         })
     }
@@ -526,20 +531,34 @@ impl KQuantWeights {
             }
         }
         Self {
-            format,
             n,
             k,
-            row_bytes,
             segs: vec![Segment {
                 bytes: Arc::new(bytes),
                 start: 0,
                 rows: n,
+                format,
+                row_bytes,
             }],
         }
     }
 
+    /// The format of the first rows (of every row unless [`KQuantWeights::formats`] lists
+    /// several).
     pub fn format(&self) -> KFormat {
-        self.format
+        self.segs.first().map_or(KFormat::Q4K, |s| s.format)
+    }
+
+    /// Each run of rows in one format: `(format, rows)`, in row order.
+    pub fn formats(&self) -> Vec<(KFormat, usize)> {
+        let mut out: Vec<(KFormat, usize)> = Vec::new();
+        for s in &self.segs {
+            match out.last_mut() {
+                Some((f, rows)) if *f == s.format => *rows += s.rows,
+                _ => out.push((s.format, s.rows)),
+            }
+        }
+        out
     }
 
     pub fn n(&self) -> usize {
@@ -552,30 +571,48 @@ impl KQuantWeights {
 
     /// Bytes of the blocks (owned or mapped).
     pub fn resident_bytes(&self) -> usize {
-        self.n * self.row_bytes
+        self.segs.iter().map(|s| s.rows * s.row_bytes).sum()
     }
 
     /// The blocks of output row `j`.
     pub fn row(&self, j: usize) -> &[u8] {
+        self.row_in_format(j).1
+    }
+
+    /// The format and blocks of output row `j`.
+    fn row_in_format(&self, j: usize) -> (KFormat, &[u8]) {
         let mut r = j;
         for s in &self.segs {
             if r < s.rows {
-                let at = s.start + r * self.row_bytes;
-                return &s.data()[at..at + self.row_bytes];
+                let at = s.start + r * s.row_bytes;
+                return (s.format, &s.data()[at..at + s.row_bytes]);
             }
             r -= s.rows;
         }
         panic!("row {j} of {self:?}");
     }
 
+    /// The runs of `cols` in one format.
+    fn runs(&self, cols: Range<usize>) -> Vec<(KFormat, Range<usize>)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        for (f, rows) in self.formats() {
+            let (a, b) = (at.max(cols.start), (at + rows).min(cols.end));
+            if a < b {
+                out.push((f, a..b));
+            }
+            at += rows;
+        }
+        out
+    }
+
     /// Output row `j`, dequantized, into `out` (`k` values).
     pub fn row_into(&self, j: usize, out: &mut [f32]) {
-        let (bv, bb) = (self.format.block_values(), self.format.block_bytes());
-        let row = self.row(j);
+        let (format, row) = self.row_in_format(j);
+        let (bv, bb) = (format.block_values(), format.block_bytes());
         let mut v = vec![0f32; bv];
         for b in 0..self.k.div_ceil(bv) {
-            self.format
-                .dequantize_block(&row[b * bb..(b + 1) * bb], &mut v);
+            format.dequantize_block(&row[b * bb..(b + 1) * bb], &mut v);
             let end = ((b + 1) * bv).min(self.k);
             out[b * bv..end].copy_from_slice(&v[..end - b * bv]);
         }
@@ -607,19 +644,13 @@ impl KQuantWeights {
     }
 
     /// The weights of `parts` stacked along `n`: their segments one after the other, no byte
-    /// copied. All must have the same `k` and format.
+    /// copied. All must have the same `k`; formats may differ.
     pub fn concat(parts: &[&KQuantWeights]) -> Self {
-        let first = parts.first().expect("at least one part");
-        let (k, format) = (first.k, first.format);
-        assert!(
-            parts.iter().all(|p| p.k == k && p.format == format),
-            "stacked weights need one k and one format"
-        );
+        let k = parts.first().expect("at least one part").k;
+        assert!(parts.iter().all(|p| p.k == k), "stacked weights need one k");
         Self {
-            format,
             n: parts.iter().map(|p| p.n).sum(),
             k,
-            row_bytes: first.row_bytes,
             segs: parts.iter().flat_map(|p| p.segs.iter().cloned()).collect(),
         }
     }
@@ -666,10 +697,16 @@ impl KQuantWeights {
         {
             use crate::kernels::Simd;
             if simd == Simd::Avx512 && avx512::has_vnni() {
-                return avx512::tile(self, xq, rows, cols, out.0);
+                for (f, cols) in self.runs(cols) {
+                    avx512::tile(self, f, xq, rows.clone(), cols, out.0);
+                }
+                return;
             }
             if simd >= Simd::Avx2 {
-                return avx2::tile(self, xq, rows, cols, out.0);
+                for (f, cols) in self.runs(cols) {
+                    avx2::tile(self, f, xq, rows.clone(), cols, out.0);
+                }
+                return;
             }
         }
         let _ = simd;
@@ -679,12 +716,12 @@ impl KQuantWeights {
     /// The oracle of the SIMD paths, and the path of CPUs without them: the integer sums of
     /// the module doc, one output at a time.
     unsafe fn tile_scalar(&self, xq: &KRows, rows: Range<usize>, cols: Range<usize>, out: SyncPtr) {
-        let bb = self.format.block_bytes();
         for j in cols {
-            let row = self.row(j);
+            let (format, row) = self.row_in_format(j);
+            let bb = format.block_bytes();
             for t in rows.clone() {
                 let mut acc = 0f32;
-                if self.format == KFormat::Mxfp4 {
+                if format == KFormat::Mxfp4 {
                     for b in 0..self.k.div_ceil(QK_MXFP4) {
                         let blk = &row[b * bb..(b + 1) * bb];
                         let (xb, o) = (b / 8, (b % 8) * QK_MXFP4);
@@ -698,7 +735,7 @@ impl KQuantWeights {
                     }
                 } else {
                     for b in 0..self.k.div_ceil(QK_K) {
-                        let dec = decode(self.format, &row[b * bb..(b + 1) * bb]);
+                        let dec = decode(format, &row[b * bb..(b + 1) * bb]);
                         let x = xq.block(t, b);
                         let mut isum = 0i32;
                         for g in 0..16 {
@@ -936,12 +973,13 @@ mod avx2 {
     #[inline(always)]
     unsafe fn tile_of<const F: u8>(
         w: &KQuantWeights,
+        format: KFormat,
         xq: &KRows,
         rows: Range<usize>,
         cols: Range<usize>,
         out: *mut f32,
     ) {
-        let mx = w.format == KFormat::Mxfp4;
+        let mx = format == KFormat::Mxfp4;
         for j in cols {
             let mut t = rows.start;
             while t + 4 <= rows.end {
@@ -965,17 +1003,19 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
+    /// Columns `cols`, all rows of the weight in `format`.
     pub(super) unsafe fn tile(
         w: &KQuantWeights,
+        format: KFormat,
         xq: &KRows,
         rows: Range<usize>,
         cols: Range<usize>,
         out: *mut f32,
     ) {
-        match w.format {
-            KFormat::Q4K | KFormat::Mxfp4 => tile_of::<F_Q4K>(w, xq, rows, cols, out),
-            KFormat::Q5K => tile_of::<F_Q5K>(w, xq, rows, cols, out),
-            KFormat::Q6K => tile_of::<F_Q6K>(w, xq, rows, cols, out),
+        match format {
+            KFormat::Q4K | KFormat::Mxfp4 => tile_of::<F_Q4K>(w, format, xq, rows, cols, out),
+            KFormat::Q5K => tile_of::<F_Q5K>(w, format, xq, rows, cols, out),
+            KFormat::Q6K => tile_of::<F_Q6K>(w, format, xq, rows, cols, out),
         }
     }
 }
@@ -1093,12 +1133,13 @@ mod avx512 {
     #[inline(always)]
     unsafe fn tile_of<const F: u8>(
         w: &KQuantWeights,
+        format: KFormat,
         xq: &KRows,
         rows: Range<usize>,
         cols: Range<usize>,
         out: *mut f32,
     ) {
-        let mx = w.format == KFormat::Mxfp4;
+        let mx = format == KFormat::Mxfp4;
         for j in cols {
             let mut t = rows.start;
             while t + 4 <= rows.end {
@@ -1122,17 +1163,19 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+    /// Columns `cols`, all rows of the weight in `format`.
     pub(super) unsafe fn tile(
         w: &KQuantWeights,
+        format: KFormat,
         xq: &KRows,
         rows: Range<usize>,
         cols: Range<usize>,
         out: *mut f32,
     ) {
-        match w.format {
-            KFormat::Q4K | KFormat::Mxfp4 => tile_of::<F_Q4K>(w, xq, rows, cols, out),
-            KFormat::Q5K => tile_of::<F_Q5K>(w, xq, rows, cols, out),
-            KFormat::Q6K => tile_of::<F_Q6K>(w, xq, rows, cols, out),
+        match format {
+            KFormat::Q4K | KFormat::Mxfp4 => tile_of::<F_Q4K>(w, format, xq, rows, cols, out),
+            KFormat::Q5K => tile_of::<F_Q5K>(w, format, xq, rows, cols, out),
+            KFormat::Q6K => tile_of::<F_Q6K>(w, format, xq, rows, cols, out),
         }
     }
 
@@ -1386,25 +1429,38 @@ mod tests {
     fn concat_appends_segments_without_copying() {
         let mut seed = 8u64;
         let k = 512;
-        for format in KFormat::ALL {
-            let parts: Vec<KQuantWeights> = [5usize, 16, 3]
+        for (i, format) in KFormat::ALL.into_iter().enumerate() {
+            // The last part in another format (Q4_K_M stacks Q4_K q/k with a Q6_K v).
+            let other = KFormat::ALL[(i + 1) % 4];
+            let parts: Vec<KQuantWeights> = [(5usize, format), (16, format), (3, other)]
                 .iter()
-                .map(|&n| {
-                    KQuantWeights::from_bytes(random_blocks(&mut seed, format, n, k), n, k, format)
-                        .unwrap()
+                .map(|&(n, f)| {
+                    KQuantWeights::from_bytes(random_blocks(&mut seed, f, n, k), n, k, f).unwrap()
                 })
                 .collect();
             let refs: Vec<&KQuantWeights> = parts.iter().collect();
             let c = KQuantWeights::concat(&refs);
             assert_eq!((c.n(), c.k(), c.segments()), (24, k, 3));
+            assert_eq!(c.formats(), vec![(format, 21), (other, 3)]);
             let want: Vec<f32> = parts.iter().flat_map(|p| p.dequantize()).collect();
             assert_eq!(c.dequantize(), want);
             // Row 5 is the second part's first row, at the same address.
             assert_eq!(c.row(5).as_ptr(), parts[1].row(0).as_ptr());
             let x = rnd_vec(&mut seed, 2 * k);
-            let mut o = vec![0f32; 2 * 24];
+            for level in levels() {
+                let mut o = vec![f32::NAN; 2 * 24];
+                c.matmul_with(level, &x, 2, &mut o);
+                check(
+                    &c,
+                    &x,
+                    2,
+                    &o,
+                    &format!("{format:?}+{other:?} concat {level:?}"),
+                );
+            }
+            let mut o = vec![f32::NAN; 2 * 24];
             c.matmul_cols(&x, 2, 0..24, &mut o);
-            check(&c, &x, 2, &o, &format!("{format:?} concat"));
+            check(&c, &x, 2, &o, &format!("{format:?}+{other:?} concat"));
         }
     }
 

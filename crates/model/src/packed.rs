@@ -100,6 +100,16 @@ impl WeightType {
         }
     }
 
+    /// The type of a [`KFormat`].
+    pub fn from_k_format(f: KFormat) -> Self {
+        match f {
+            KFormat::Q4K => WeightType::Q4K,
+            KFormat::Q5K => WeightType::Q5K,
+            KFormat::Q6K => WeightType::Q6K,
+            KFormat::Mxfp4 => WeightType::Mxfp4,
+        }
+    }
+
     /// The [`KFormat`] of a K-quant or MXFP4 type.
     pub fn k_format(self) -> Option<KFormat> {
         match self {
@@ -389,12 +399,7 @@ impl PackedWeights {
                 QuantFormat::Q8_0 => WeightType::Q8_0,
                 QuantFormat::Q4_0 => WeightType::Q4_0,
             },
-            Store::K(q) => match q.format() {
-                KFormat::Q4K => WeightType::Q4K,
-                KFormat::Q5K => WeightType::Q5K,
-                KFormat::Q6K => WeightType::Q6K,
-                KFormat::Mxfp4 => WeightType::Mxfp4,
-            },
+            Store::K(q) => WeightType::from_k_format(q.format()),
         }
     }
 
@@ -410,22 +415,45 @@ impl PackedWeights {
 
     /// Bytes of the weight by its type's definition (what a pass reads, without padding).
     pub fn weight_bytes(&self) -> usize {
-        self.weight_type().bytes(self.n, self.k)
+        self.bytes_by_type().iter().map(|(_, b)| b).sum()
+    }
+
+    /// [`PackedWeights::weight_bytes`] by type: one entry, or one per format of a stack of
+    /// K-quants of different formats.
+    pub fn bytes_by_type(&self) -> Vec<(WeightType, usize)> {
+        match &self.store {
+            Store::K(q) => q
+                .formats()
+                .into_iter()
+                .map(|(f, rows)| {
+                    let ty = WeightType::from_k_format(f);
+                    (ty, ty.bytes(rows, self.k))
+                })
+                .collect(),
+            _ => vec![(self.weight_type(), self.weight_type().bytes(self.n, self.k))],
+        }
     }
 
     /// The weights of `parts` stacked along `n` (their outputs one after the other); all must
-    /// have the same `k` and weight type. Panels and blocks are copied as they are where they
+    /// have the same `k`. Parts of different types are held in f32, except K-quants, which
+    /// stack as they are whatever their formats. Panels and blocks are copied as they are where they
     /// line up (`n` of every part but the last a multiple of 16, as in practice); otherwise
     /// f32/bf16 parts are unpacked and the stack packed again (exact for both).
     pub fn concat(parts: &[&PackedWeights]) -> Self {
         let k = parts.first().map_or(0, |p| p.k);
         let ty = parts.first().map_or(WeightType::F32, |p| p.weight_type());
         assert!(parts.iter().all(|p| p.k == k), "stacked weights need one k");
-        assert!(
-            parts.iter().all(|p| p.weight_type() == ty),
-            "stacked weights need one weight type"
-        );
         let n: usize = parts.iter().map(|p| p.n).sum();
+        // A GGUF mixes types within a stack (Q4_K_M: Q4_K q/k, Q6_K v): K-quant parts keep
+        // their blocks, one segment each; any other mix is held in f32 (exact for all).
+        if parts.iter().all(|p| p.as_kquant().is_some()) {
+            let qs: Vec<_> = parts.iter().filter_map(|p| p.as_kquant()).collect();
+            return Self::from_kquant(KQuantWeights::concat(&qs));
+        }
+        if parts.iter().any(|p| p.weight_type() != ty) {
+            let w: Vec<f32> = parts.iter().flat_map(|p| p.unpack()).collect();
+            return Self::pack_as(&w, n, k, WeightType::F32);
+        }
         let repack = || {
             let w: Vec<f32> = parts.iter().flat_map(|p| p.unpack()).collect();
             Self::pack_as(&w, n, k, ty)
@@ -461,16 +489,7 @@ impl PackedWeights {
                     .collect();
                 Some(Store::Quant(QuantWeights::concat(&qs)))
             }
-            _ => {
-                let qs: Vec<_> = parts
-                    .iter()
-                    .map(|p| match &p.store {
-                        Store::K(q) => q,
-                        _ => unreachable!("checked above"),
-                    })
-                    .collect();
-                Some(Store::K(KQuantWeights::concat(&qs)))
-            }
+            _ => unreachable!("K-quant stacks are made above"),
         };
         let Some(store) = store else {
             return repack();

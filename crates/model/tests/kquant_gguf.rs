@@ -220,10 +220,61 @@ fn q4_k_m_gguf_runs_in_its_own_types_like_f32() {
             "{name}: values differ from the f32 load"
         );
     }
-    // The same greedy tokens.
-    for prompt in [vec![0u32, 17, 95, 301, 4], vec![0, 250, 251, 7, 7, 9, 480]] {
-        let (a, _) = greedy(&native, &prompt, 12).unwrap();
-        let (b, _) = greedy(&f32, &prompt, 12).unwrap();
-        assert_eq!(a, b, "prompt {prompt:?}");
+    // The same greedy tokens: teacher-forced on the f32 model's, each step's logits close to
+    // f32's and the same argmax wherever f32's top-2 margin is wider than twice the largest
+    // logit difference (the activations' 8-bit rounding moves logits by ~0.1 on this model:
+    // a near tie may flip, a clear choice may not).
+    let steps = 12;
+    let mut compared = 0;
+    for prompt in [
+        vec![0u32, 17, 95, 301, 4],
+        vec![0, 250, 251, 7, 7, 9, 480],
+        vec![3, 9, 27, 81, 243],
+    ] {
+        let (tokens, _) = greedy(&f32, &prompt, steps).unwrap();
+        for i in 0..steps {
+            let ctx: Vec<u32> = prompt.iter().chain(&tokens[..i]).copied().collect();
+            let (_, want) = greedy(&f32, &ctx, 1).unwrap();
+            let (_, got) = greedy(&native, &ctx, 1).unwrap();
+            let c = cosine(&want, &got);
+            assert!(c >= 0.999, "prompt {prompt:?} step {i}: cosine {c}");
+            let diff = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            if top2_margin(&want) > 2.0 * diff {
+                assert_eq!(argmax(&got), tokens[i], "prompt {prompt:?} step {i}");
+                compared += 1;
+            }
+        }
     }
+    assert!(compared >= 3 * steps / 2, "only {compared} clear steps");
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    tandem_model::generate::argmax(x)
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        ab += *x as f64 * *y as f64;
+        aa += *x as f64 * *x as f64;
+        bb += *y as f64 * *y as f64;
+    }
+    ab / (aa.sqrt() * bb.sqrt()).max(1e-30)
+}
+
+fn top2_margin(x: &[f32]) -> f32 {
+    let (mut a, mut b) = (f32::MIN, f32::MIN);
+    for &v in x {
+        if v > a {
+            b = a;
+            a = v;
+        } else if v > b {
+            b = v;
+        }
+    }
+    a - b
 }
