@@ -2,27 +2,30 @@
 """Fixtures for tandem's K-quant and MXFP4 kernels (crates/model/src/kquant.rs).
 
 1. `fixtures/gguf/kquant-q4_k_m.gguf`: a tiny Mixtral-layout model (hidden 256, so that rows
-   are whole 256-value K-quant blocks) written in f32 with gguf-py, then quantized by
-   llama.cpp's own `llama-quantize` to Q4_K_M, with the up-projection experts overridden to
-   Q5_K (`--tensor-type`), so one file holds Q4_K, Q5_K and Q6_K blocks written by llama.cpp.
-   The metadata (tokenizer, chat template) is mixtral-f32.gguf's, the sizes this model's.
+   are whole 256-value K-quant blocks), its tensors quantized by llama.cpp's own quantizer
+   (`ggml_quantize_chunk` of libggml-base, the function `llama-quantize` calls per tensor,
+   through ctypes; no importance matrix) in Q4_K_M's mix: Q6_K for the tensors Q4_K_M gives
+   more bits (`output`, `attn_v`, `ffn_down_exps`), Q4_K for the others, except the
+   up-projection experts in Q5_K (as `llama-quantize --tensor-type ffn_up_exps=q5_k` would
+   do), so one file holds all three K-quants; routers and norms stay F32. The metadata
+   (tokenizer, chat template) is mixtral-f32.gguf's, the sizes this model's. Written with
+   gguf-py's writer.
 2. `fixtures/gguf/kquant-reference.json`: for every K-quant tensor of that file, gguf-py's
    numpy dequantization (`gguf.quants.dequantize`, an implementation independent of tandem's
    and of llama.cpp's C): the FNV-1a 64 hash of its f32 little-endian bytes and a few values
    as f32 bit patterns; plus MXFP4 blocks (gguf-py's quantizer: candle's GGUF reader cannot
    read type 39 yet, so they are raw block bytes, not a GGUF) with their dequantized values.
 
-Usage (llama-quantize from a llama.cpp build; gguf-py from the same checkout):
+Usage (a llama.cpp build's libggml-base.so; gguf-py from the same checkout):
     PYTHONPATH=<llama.cpp>/gguf-py python scripts/gen_kquant_fixtures.py \
-        [--quantize <llama.cpp build>/bin/llama-quantize]
+        [--libggml <llama.cpp build>/bin/libggml-base.so]
 """
 
 import argparse
+import ctypes
 import json
 import os
-import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import gguf
@@ -42,7 +45,27 @@ def fnv1a64(b: bytes) -> int:
     return h
 
 
-def write_f32_model(path: str) -> None:
+# Q4_K_M's mix for this model's tensors (see the module doc); the rest Q4_K.
+Q = gguf.GGMLQuantizationType
+TYPES = {"output.weight": Q.Q6_K, "attn_v.weight": Q.Q6_K, "ffn_down_exps.weight": Q.Q6_K,
+         "ffn_up_exps.weight": Q.Q5_K}
+
+
+def ggml_quantize(lib: ctypes.CDLL, x: np.ndarray, qtype) -> np.ndarray:
+    """llama.cpp's quantizer on the rows of `x` (last axis), no importance matrix."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_per_row = x.shape[-1]
+    nrows = x.size // n_per_row
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    dst = np.zeros(nrows * (n_per_row // block) * size, dtype=np.uint8)
+    written = lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, dst.ctypes.data, 0, nrows,
+                                      n_per_row, None)
+    assert written == dst.size, (written, dst.size)
+    # gguf-py takes quantized tensors in their byte shape (rows of row-bytes).
+    return dst.reshape(x.shape[:-1] + (-1,))
+
+
+def write_model(path: str, lib: ctypes.CDLL) -> None:
     src = gguf.GGUFReader(os.path.join(GGUF_DIR, "mixtral-f32.gguf"))
     w = gguf.GGUFWriter(path, "llama")
     w.add_name("Mixtral K-quant fixture")
@@ -58,7 +81,7 @@ def write_f32_model(path: str) -> None:
     w.add_expert_used_count(USED)
     w.add_vocab_size(VOCAB)
     w.add_rope_dimension_count(HIDDEN // HEADS)
-    w.add_file_type(0)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
     # The tokenizer and chat template of the Mixtral fixture.
     for key, field in src.fields.items():
         if not key.startswith("tokenizer."):
@@ -82,22 +105,30 @@ def write_f32_model(path: str) -> None:
         x.flat[rng.integers(0, x.size, size=max(1, x.size // 1000))] = 0.0
         return x
 
+    def add(name: str, x: np.ndarray) -> None:
+        base = name.split(".", 2)[-1] if name.startswith("blk.") else name
+        if x.ndim == 1 or "ffn_gate_inp" in name:
+            w.add_tensor(name, x.astype(np.float32))
+            return
+        qtype = TYPES.get(base, Q.Q4_K)
+        w.add_tensor(name, ggml_quantize(lib, x, qtype), raw_dtype=qtype)
+
     hd = HIDDEN // HEADS
-    w.add_tensor("token_embd.weight", rng.normal(0, 0.5, size=(VOCAB, HIDDEN)).astype(np.float32))
-    w.add_tensor("output_norm.weight", (1 + rng.normal(0, 0.01, size=HIDDEN)).astype(np.float32))
-    w.add_tensor("output.weight", lin(VOCAB, HIDDEN, 2.0))
+    add("token_embd.weight", rng.normal(0, 0.5, size=(VOCAB, HIDDEN)).astype(np.float32))
+    add("output_norm.weight", (1 + rng.normal(0, 0.01, size=HIDDEN)).astype(np.float32))
+    add("output.weight", lin(VOCAB, HIDDEN, 2.0))
     for layer in range(LAYERS):
         p = f"blk.{layer}"
-        w.add_tensor(f"{p}.attn_norm.weight", (1 + rng.normal(0, 0.01, size=HIDDEN)).astype(np.float32))
-        w.add_tensor(f"{p}.ffn_norm.weight", (1 + rng.normal(0, 0.01, size=HIDDEN)).astype(np.float32))
-        w.add_tensor(f"{p}.attn_q.weight", lin(HEADS * hd, HIDDEN))
-        w.add_tensor(f"{p}.attn_k.weight", lin(KV_HEADS * hd, HIDDEN))
-        w.add_tensor(f"{p}.attn_v.weight", lin(KV_HEADS * hd, HIDDEN))
-        w.add_tensor(f"{p}.attn_output.weight", lin(HIDDEN, HEADS * hd))
-        w.add_tensor(f"{p}.ffn_gate_inp.weight", lin(EXPERTS, HIDDEN, 2.0))
-        w.add_tensor(f"{p}.ffn_gate_exps.weight", np.stack([lin(FF, HIDDEN) for _ in range(EXPERTS)]))
-        w.add_tensor(f"{p}.ffn_up_exps.weight", np.stack([lin(FF, HIDDEN) for _ in range(EXPERTS)]))
-        w.add_tensor(f"{p}.ffn_down_exps.weight", np.stack([lin(HIDDEN, FF) for _ in range(EXPERTS)]))
+        add(f"{p}.attn_norm.weight", (1 + rng.normal(0, 0.01, size=HIDDEN)).astype(np.float32))
+        add(f"{p}.ffn_norm.weight", (1 + rng.normal(0, 0.01, size=HIDDEN)).astype(np.float32))
+        add(f"{p}.attn_q.weight", lin(HEADS * hd, HIDDEN))
+        add(f"{p}.attn_k.weight", lin(KV_HEADS * hd, HIDDEN))
+        add(f"{p}.attn_v.weight", lin(KV_HEADS * hd, HIDDEN))
+        add(f"{p}.attn_output.weight", lin(HIDDEN, HEADS * hd))
+        add(f"{p}.ffn_gate_inp.weight", lin(EXPERTS, HIDDEN, 2.0))
+        add(f"{p}.ffn_gate_exps.weight", np.stack([lin(FF, HIDDEN) for _ in range(EXPERTS)]))
+        add(f"{p}.ffn_up_exps.weight", np.stack([lin(FF, HIDDEN) for _ in range(EXPERTS)]))
+        add(f"{p}.ffn_down_exps.weight", np.stack([lin(HIDDEN, FF) for _ in range(EXPERTS)]))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -133,7 +164,7 @@ def reference(path: str) -> dict:
     blocks = quantize(x, gguf.GGMLQuantizationType.MXFP4)
     deq = dequantize(blocks, gguf.GGMLQuantizationType.MXFP4).astype(np.float32).reshape(-1)
     return {
-        "source": "llama-quantize Q4_K_M (ffn_up_exps=q5_k) of a gguf-py f32 model; gguf-py dequantize",
+        "source": "ggml_quantize_chunk (llama.cpp) in a Q4_K_M mix with Q5_K ffn_up_exps; gguf-py dequantize",
         "tensors": tensors,
         "mxfp4": {
             "rows": 4,
@@ -147,17 +178,17 @@ def reference(path: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument(
-        "--quantize",
-        default=os.path.expanduser("~/.cache/tandem-peers/llbuild/bin/llama-quantize"),
+        "--libggml",
+        default=os.path.expanduser("~/.cache/tandem-peers/llbuild/bin/libggml-base.so"),
     )
     args = ap.parse_args()
+    lib = ctypes.CDLL(args.libggml)
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_void_p]
     out = os.path.join(GGUF_DIR, "kquant-q4_k_m.gguf")
-    with tempfile.TemporaryDirectory() as tmp:
-        f32 = os.path.join(tmp, "f32.gguf")
-        write_f32_model(f32)
-        cmd = [args.quantize, "--tensor-type", "ffn_up_exps=q5_k", f32, out, "Q4_K_M"]
-        print(" ".join(cmd), file=sys.stderr)
-        subprocess.run(cmd, check=True)
+    write_model(out, lib)
     ref = reference(out)
     kinds = sorted({t["type"] for t in ref["tensors"].values()})
     print(f"{out}: {os.path.getsize(out)} bytes, K-quant types {kinds}", file=sys.stderr)

@@ -1,7 +1,7 @@
-//! K-quant GGUF files: a tiny Mixtral-layout model quantized by llama.cpp's own
-//! `llama-quantize` to Q4_K_M (up-projection experts Q5_K), `fixtures/gguf/kquant-q4_k_m.gguf`,
-//! and gguf-py's dequantization of its tensors (`kquant-reference.json`; both made by
-//! `scripts/gen_kquant_fixtures.py`). The model loads with its K-quant tensors resident as
+//! K-quant GGUF files: a tiny Mixtral-layout model quantized by llama.cpp's own quantizer
+//! (`ggml_quantize_chunk`) in Q4_K_M's mix with Q5_K up-projection experts,
+//! `fixtures/gguf/kquant-q4_k_m.gguf`, and gguf-py's dequantization of its tensors
+//! (`kquant-reference.json`; both made by `scripts/gen_kquant_fixtures.py`). The model loads with its K-quant tensors resident as
 //! they are (ranges of the mapped file) and generates the greedy tokens of the same file
 //! dequantized to f32; every dequantized tensor equals gguf-py's, bit for bit.
 
@@ -104,7 +104,7 @@ fn dequantized_k_quants_are_gguf_py_bit_for_bit() {
         );
         compared += 1;
     }
-    // llama-quantize's Q4_K_M with Q5_K up-projections: all three K-quants were compared.
+    // Q4_K_M's mix with Q5_K up-projections: all three K-quants were compared.
     assert_eq!(
         types.iter().map(String::as_str).collect::<Vec<_>>(),
         ["Q4_K", "Q5_K", "Q6_K"]
@@ -181,6 +181,13 @@ fn q4_k_m_gguf_runs_in_its_own_types_like_f32() {
         .as_kquant()
         .expect("gate_up held in K-quant blocks");
     assert_eq!(kq.segments(), 2, "gate and up stacked without a copy");
+    assert_eq!(kq.formats(), vec![(KFormat::Q4K, 256), (KFormat::Q5K, 256)]);
+    // q, k (Q4_K) and v (Q6_K) in one stack, each in its own blocks.
+    let qkv = native.layers[0].attention.w.qkv.w.as_kquant().unwrap();
+    assert_eq!(
+        qkv.formats(),
+        vec![(KFormat::Q4K, 256 + 128), (KFormat::Q6K, 128)]
+    );
     // A weight taken from the file is a range of its mapping, the blocks as the file has them.
     let w = Weights::open(&path).unwrap();
     let g = w.gguf().unwrap();
