@@ -264,7 +264,7 @@ fn matmul_shape(
         );
         rows_out.push(json!({
             "weight_type": ty.name(),
-            "baseline": if matches!(ty, WeightType::Q8_0 | WeightType::Q4_0) { "candle QMatMul" } else { "candle GEMM (f32)" },
+            "baseline": if matches!(ty, WeightType::Q8_0 | WeightType::Q4_0 | WeightType::Q4K | WeightType::Q5K | WeightType::Q6K) { "candle QMatMul" } else { "candle GEMM (f32)" },
             "n": n,
             "k": k,
             "rows": rows,
