@@ -1465,6 +1465,26 @@ mod tests {
     }
 
     #[test]
+    fn quantized_rows_of_partial_blocks_multiply_like_their_values() {
+        // `pack_as` rows that are not whole blocks (zero-padded weights against zero-padded
+        // inputs), at every instruction set.
+        let mut seed = 12u64;
+        for format in KFormat::ALL {
+            for &(rows, k, n) in &[(3, 300, 7), (5, 40, 4), (1, 600, 9)] {
+                let w = rnd_vec(&mut seed, n * k);
+                let x = rnd_vec(&mut seed, rows * k);
+                let p = KQuantWeights::quantize(&w, n, k, format);
+                assert_eq!(p.resident_bytes(), n * format.row_bytes(k));
+                for level in levels() {
+                    let mut o = vec![f32::NAN; rows * n];
+                    p.matmul_with(level, &x, rows, &mut o);
+                    check(&p, &x, rows, &o, &format!("{format:?} {rows}x{k}x{n} {level:?}"));
+                }
+            }
+        }
+    }
+
+    #[test]
     fn column_ranges_write_only_their_columns() {
         let mut seed = 4u64;
         let (rows, k, n) = (3, 256, 40);
