@@ -766,6 +766,12 @@ unsafe impl Sync for SyncPtr {}
 const F_Q4K: u8 = 0;
 const F_Q5K: u8 = 1;
 const F_Q6K: u8 = 2;
+/// Block bytes by the kernels' format parameter.
+const F_BYTES: [usize; 3] = [
+    KFormat::Q4K.block_bytes(),
+    KFormat::Q5K.block_bytes(),
+    KFormat::Q6K.block_bytes(),
+];
 
 /// AVX2: a weight block decoded to 8 vectors of 32 unsigned codes (weights in order) and 8
 /// vectors of 16-bit scales laid out against `maddubs`'s pair sums; per input row
@@ -852,8 +858,6 @@ mod avx2 {
             dmin,
         }
     }
-
-    const F_BYTES: [usize; 3] = [144, 176, 210];
 
     #[inline(always)]
     pub(super) unsafe fn hsum(v: __m256) -> f32 {
@@ -1031,8 +1035,6 @@ mod avx512 {
     use super::avx2::{decode, hsum, mx_blocks, mx_weights};
     use super::*;
     use std::arch::x86_64::*;
-
-    const F_BYTES: [usize; 3] = [144, 176, 210];
 
     #[inline(always)]
     unsafe fn join(lo: __m256i, hi: __m256i) -> __m512i {
@@ -1478,7 +1480,13 @@ mod tests {
                 for level in levels() {
                     let mut o = vec![f32::NAN; rows * n];
                     p.matmul_with(level, &x, rows, &mut o);
-                    check(&p, &x, rows, &o, &format!("{format:?} {rows}x{k}x{n} {level:?}"));
+                    check(
+                        &p,
+                        &x,
+                        rows,
+                        &o,
+                        &format!("{format:?} {rows}x{k}x{n} {level:?}"),
+                    );
                 }
             }
         }
