@@ -90,6 +90,11 @@ impl KFormat {
         }
     }
 
+    /// The format of ggml type id `t` (a GGUF tensor's type field), if it is one of these.
+    pub fn from_ggml_type(t: u32) -> Option<Self> {
+        KFormat::ALL.into_iter().find(|f| f.ggml_type() == t)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             KFormat::Q4K => "q4_k",
@@ -1230,6 +1235,17 @@ mod tests {
             .into_iter()
             .filter(|l| *l <= crate::kernels::detected_simd())
             .collect()
+    }
+
+    #[test]
+    fn ggml_type_ids() {
+        // ggml.h: GGML_TYPE_Q4_K = 12, Q5_K = 13, Q6_K = 14, MXFP4 = 39.
+        let ids: Vec<u32> = KFormat::ALL.iter().map(|f| f.ggml_type()).collect();
+        assert_eq!(ids, [12, 13, 14, 39]);
+        for f in KFormat::ALL {
+            assert_eq!(KFormat::from_ggml_type(f.ggml_type()), Some(f));
+        }
+        assert_eq!(KFormat::from_ggml_type(8), None);
     }
 
     #[test]
