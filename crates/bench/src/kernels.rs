@@ -175,7 +175,11 @@ impl Baseline {
         let q = match ty {
             WeightType::Q8_0 => GgmlDType::Q8_0,
             WeightType::Q4_0 => GgmlDType::Q4_0,
-            WeightType::F32 | WeightType::Bf16 => return Ok(Baseline::Gemm(w)),
+            WeightType::Q4K => GgmlDType::Q4K,
+            WeightType::Q5K => GgmlDType::Q5K,
+            WeightType::Q6K => GgmlDType::Q6K,
+            // candle has no MXFP4: its GEMM on the f32 weight.
+            WeightType::F32 | WeightType::Bf16 | WeightType::Mxfp4 => return Ok(Baseline::Gemm(w)),
         };
         Ok(Baseline::Quant(QMatMul::from_qtensor(QTensor::quantize(
             &w, q,
@@ -260,7 +264,7 @@ fn matmul_shape(
         );
         rows_out.push(json!({
             "weight_type": ty.name(),
-            "baseline": if matches!(ty, WeightType::Q8_0 | WeightType::Q4_0) { "candle QMatMul" } else { "candle GEMM (f32)" },
+            "baseline": if matches!(ty, WeightType::Q8_0 | WeightType::Q4_0 | WeightType::Q4K | WeightType::Q5K | WeightType::Q6K) { "candle QMatMul" } else { "candle GEMM (f32)" },
             "n": n,
             "k": k,
             "rows": rows,

@@ -28,15 +28,19 @@
 //! rows move without dequantizing.
 //!
 //! **Types.** Every type is listed (`dtype_of`, `tensor_range`); these load: F32, F16, BF16,
-//! Q8_0 and Q4_0 (dequantized here, or kept in their own blocks: tandem's q8_0/q4_0 are
-//! llama.cpp's, block for block, and under `auto` or when asked for they are taken as they
-//! are), and Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (dequantized by candle to f32 and
-//! packed in the requested type, f32 under `auto`; BF16 stays bf16 under `auto`). Any other
-//! type (MXFP4, the IQ types, ...) is an error naming the tensor, its type and the supported
-//! ones.
+//! Q8_0 and Q4_0 (kept in their own blocks: tandem's q8_0/q4_0 are llama.cpp's, block for
+//! block, unless `--dtype`/`--quantization` ask for another type), Q4_K, Q5_K, Q6_K and MXFP4
+//! (used in place: a byte range of the mapping ([`GgufFile::tensor_range`]) multiplied by the
+//! kernels of [`crate::kquant`], no copy; q/k rows that must be un-permuted are copied once),
+//! and Q4_1, Q5_0, Q5_1, Q2_K, Q3_K (dequantized by candle to f32 and packed in the requested
+//! type, f32 under `auto`). Asked for another type, K-quants and MXFP4 are dequantized
+//! (gguf-py's values, bit for bit) and packed in it, as are F16/BF16 (BF16 stays bf16 under
+//! `auto`). Any other type (the IQ types, ...) is an error naming the tensor, its type and
+//! the supported ones.
 
 use crate::error::{ModelError, Result};
 use crate::gguf_format::{Content, GgmlType, GgufError, Value};
+use crate::kquant::{KFormat, KQuantWeights};
 use crate::packed::WeightType;
 use candle_core::quantized::{ggml_file, GgmlDType};
 use candle_core::Device;
@@ -87,7 +91,12 @@ pub struct Raw {
 
 /// The types [`GgufFile::raw`] and [`GgufFile::get_vec`] load.
 pub const SUPPORTED: &str =
-    "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
+    "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, MXFP4";
+
+/// The [`crate::kquant`] format of a GGUF type, where tandem has kernels for it.
+pub fn k_format(t: GgmlType) -> Option<KFormat> {
+    KFormat::from_ggml_type(t.id())
+}
 
 /// candle's type for ours, where candle dequantizes it.
 fn candle_type(t: GgmlType) -> Option<GgmlDType> {
@@ -109,7 +118,8 @@ pub fn supported(t: GgmlType) -> bool {
     matches!(
         t,
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 | GgmlType::Q4_0
-    ) || candle_type(t).is_some()
+    ) || k_format(t).is_some()
+        || candle_type(t).is_some()
 }
 
 /// Q8_0 blocks (an f16 scale, 32 signed bytes) to f32.
@@ -413,8 +423,18 @@ impl GgufFile {
             Some(GgmlType::BF16) => WeightType::Bf16,
             Some(GgmlType::Q8_0) => WeightType::Q8_0,
             Some(GgmlType::Q4_0) => WeightType::Q4_0,
+            Some(GgmlType::Q4_K) => WeightType::Q4K,
+            Some(GgmlType::Q5_K) => WeightType::Q5K,
+            Some(GgmlType::Q6_K) => WeightType::Q6K,
+            Some(GgmlType::MXFP4) => WeightType::Mxfp4,
             _ => WeightType::F32,
         }
+    }
+
+    /// Whether loading reorders the rows of `hub` (llama's q/k permutation): then its bytes
+    /// are [`GgufFile::raw`]'s, not the range of [`GgufFile::tensor_range`].
+    pub fn rows_reordered(&self, hub: &str) -> bool {
+        self.map.get(hub).is_some_and(|e| e.unpermute.is_some())
     }
 
     fn entry(&self, hub: &str, shape: &[usize]) -> Result<&Entry> {
@@ -589,6 +609,14 @@ impl GgufFile {
                 .collect(),
             GgmlType::Q8_0 => dequant_q8_0(b),
             GgmlType::Q4_0 => dequant_q4_0(b),
+            t if k_format(t).is_some() => {
+                let format = k_format(t).unwrap_or(KFormat::Q4K);
+                let k = shape.last().copied().unwrap_or(1);
+                let n = shape.iter().product::<usize>() / k.max(1);
+                KQuantWeights::from_bytes(raw.bytes, n, k, format)
+                    .map_err(|msg| self.corrupt(format!("tensor {hub}: {msg}")))?
+                    .dequantize()
+            }
             t => {
                 // `raw` refused the types neither we nor candle dequantize.
                 let ct = candle_type(t).ok_or_else(|| ModelError::WrongDtype {

@@ -12,6 +12,7 @@ pub mod gguf;
 mod gguf_arch;
 pub mod gguf_format;
 pub mod kernels;
+pub mod kquant;
 pub mod kv;
 pub mod layers;
 pub mod mem;

@@ -400,10 +400,10 @@ impl WeightMemory {
     }
 
     fn add(&mut self, w: &PackedWeights) {
-        *self
-            .by_type
-            .entry(w.weight_type().name().into())
-            .or_default() += w.weight_bytes();
+        // A stack of GGUF tensors can mix K-quants (Q4_K_M: Q4_K q/k, Q6_K v).
+        for (ty, bytes) in w.bytes_by_type() {
+            *self.by_type.entry(ty.name().into()).or_default() += bytes;
+        }
         self.resident_bytes += w.resident_bytes();
     }
 

@@ -16,10 +16,12 @@
 //! A weight can be held in any [`WeightType`]: bf16 panels have the same layout with 2-byte
 //! values (a line is 32 bytes) and the same kernel, which widens a line to f32 in registers
 //! (a bf16 is the top half of an f32); q8_0 and q4_0 weights are packed in groups of block-
-//! quantized columns and multiplied by the kernels of [`crate::quant`]. Activations are f32
-//! for every type.
+//! quantized columns and multiplied by the kernels of [`crate::quant`]; K-quants and MXFP4
+//! stay in GGUF's row-major blocks (a range of the mapped file) and are multiplied by the
+//! kernels of [`crate::kquant`]. Activations are f32 for every type.
 
 use crate::kernels::Simd;
+use crate::kquant::{KFormat, KQuantWeights};
 use crate::mem::{HugeBuf, Zeroable};
 use crate::quant::{QuantFormat, QuantWeights};
 use rayon::prelude::*;
@@ -32,6 +34,11 @@ pub enum WeightType {
     Bf16,
     Q8_0,
     Q4_0,
+    /// llama.cpp's K-quants and MXFP4, held in GGUF's own blocks ([`crate::kquant`]).
+    Q4K,
+    Q5K,
+    Q6K,
+    Mxfp4,
 }
 
 impl WeightType {
@@ -42,22 +49,40 @@ impl WeightType {
         WeightType::Q4_0,
     ];
 
+    /// The types of [`crate::kquant`]: a GGUF file's own (taken as they are under `--dtype
+    /// auto`), also available to `pack_as` (a plain round-to-nearest quantizer).
+    pub const KQUANTS: [WeightType; 4] = [
+        WeightType::Q4K,
+        WeightType::Q5K,
+        WeightType::Q6K,
+        WeightType::Mxfp4,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             WeightType::F32 => "f32",
             WeightType::Bf16 => "bf16",
             WeightType::Q8_0 => "q8_0",
             WeightType::Q4_0 => "q4_0",
+            WeightType::Q4K => "q4_k",
+            WeightType::Q5K => "q5_k",
+            WeightType::Q6K => "q6_k",
+            WeightType::Mxfp4 => "mxfp4",
         }
     }
 
-    /// `f32`, `bf16`, `q8_0` (also `q8`), `q4_0` (also `q4`), any case.
+    /// `f32`, `bf16`, `q8_0` (also `q8`), `q4_0` (also `q4`), `q4_k`, `q5_k`, `q6_k`,
+    /// `mxfp4`, any case.
     pub fn parse(s: &str) -> Option<Self> {
         match s.to_ascii_lowercase().as_str() {
             "f32" | "float32" => Some(WeightType::F32),
             "bf16" | "bfloat16" => Some(WeightType::Bf16),
             "q8_0" | "q8" => Some(WeightType::Q8_0),
             "q4_0" | "q4" => Some(WeightType::Q4_0),
+            "q4_k" => Some(WeightType::Q4K),
+            "q5_k" => Some(WeightType::Q5K),
+            "q6_k" => Some(WeightType::Q6K),
+            "mxfp4" => Some(WeightType::Mxfp4),
             _ => None,
         }
     }
@@ -71,6 +96,28 @@ impl WeightType {
                 let f = self.quant_format().expect("quantized");
                 n * k.div_ceil(crate::quant::QK) * f.gguf_block_bytes()
             }
+            _ => n * self.k_format().expect("a K-quant").row_bytes(k),
+        }
+    }
+
+    /// The type of a [`KFormat`].
+    pub fn from_k_format(f: KFormat) -> Self {
+        match f {
+            KFormat::Q4K => WeightType::Q4K,
+            KFormat::Q5K => WeightType::Q5K,
+            KFormat::Q6K => WeightType::Q6K,
+            KFormat::Mxfp4 => WeightType::Mxfp4,
+        }
+    }
+
+    /// The [`KFormat`] of a K-quant or MXFP4 type.
+    pub fn k_format(self) -> Option<KFormat> {
+        match self {
+            WeightType::Q4K => Some(KFormat::Q4K),
+            WeightType::Q5K => Some(KFormat::Q5K),
+            WeightType::Q6K => Some(KFormat::Q6K),
+            WeightType::Mxfp4 => Some(KFormat::Mxfp4),
+            _ => None,
         }
     }
 
@@ -208,6 +255,7 @@ enum Store {
     F32(Panels<Line>),
     Bf16(Panels<LineBf16>),
     Quant(QuantWeights),
+    K(KQuantWeights),
 }
 
 /// A `[n, k]` weight in panels of its [`WeightType`] (see the module doc). Cheap to clone
@@ -307,6 +355,10 @@ impl PackedWeights {
                 let f = ty.quant_format().expect("quantized");
                 Store::Quant(QuantWeights::quantize(w, n, k, f))
             }
+            _ => {
+                let f = ty.k_format().expect("a K-quant");
+                Store::K(KQuantWeights::quantize(w, n, k, f))
+            }
         };
         Self { store, n, k }
     }
@@ -321,6 +373,24 @@ impl PackedWeights {
         }
     }
 
+    /// A weight in K-quant or MXFP4 blocks (a GGUF tensor's, as they are).
+    pub fn from_kquant(q: KQuantWeights) -> Self {
+        let (n, k) = (q.n(), q.k());
+        Self {
+            store: Store::K(q),
+            n,
+            k,
+        }
+    }
+
+    /// The K-quant or MXFP4 blocks, if that is how the weight is held.
+    pub fn as_kquant(&self) -> Option<&KQuantWeights> {
+        match &self.store {
+            Store::K(q) => Some(q),
+            _ => None,
+        }
+    }
+
     pub fn weight_type(&self) -> WeightType {
         match &self.store {
             Store::F32(_) => WeightType::F32,
@@ -329,6 +399,7 @@ impl PackedWeights {
                 QuantFormat::Q8_0 => WeightType::Q8_0,
                 QuantFormat::Q4_0 => WeightType::Q4_0,
             },
+            Store::K(q) => WeightType::from_k_format(q.format()),
         }
     }
 
@@ -338,27 +409,51 @@ impl PackedWeights {
             Store::F32(p) => p.lines.len() * std::mem::size_of::<Line>(),
             Store::Bf16(p) => p.lines.len() * std::mem::size_of::<LineBf16>(),
             Store::Quant(q) => q.resident_bytes(),
+            Store::K(q) => q.resident_bytes(),
         }
     }
 
     /// Bytes of the weight by its type's definition (what a pass reads, without padding).
     pub fn weight_bytes(&self) -> usize {
-        self.weight_type().bytes(self.n, self.k)
+        self.bytes_by_type().iter().map(|(_, b)| b).sum()
+    }
+
+    /// [`PackedWeights::weight_bytes`] by type: one entry, or one per format of a stack of
+    /// K-quants of different formats.
+    pub fn bytes_by_type(&self) -> Vec<(WeightType, usize)> {
+        match &self.store {
+            Store::K(q) => q
+                .formats()
+                .into_iter()
+                .map(|(f, rows)| {
+                    let ty = WeightType::from_k_format(f);
+                    (ty, ty.bytes(rows, self.k))
+                })
+                .collect(),
+            _ => vec![(self.weight_type(), self.weight_type().bytes(self.n, self.k))],
+        }
     }
 
     /// The weights of `parts` stacked along `n` (their outputs one after the other); all must
-    /// have the same `k` and weight type. Panels and blocks are copied as they are where they
+    /// have the same `k`. Parts of different types are held in f32, except K-quants, which
+    /// stack as they are whatever their formats. Panels and blocks are copied as they are where they
     /// line up (`n` of every part but the last a multiple of 16, as in practice); otherwise
     /// f32/bf16 parts are unpacked and the stack packed again (exact for both).
     pub fn concat(parts: &[&PackedWeights]) -> Self {
         let k = parts.first().map_or(0, |p| p.k);
         let ty = parts.first().map_or(WeightType::F32, |p| p.weight_type());
         assert!(parts.iter().all(|p| p.k == k), "stacked weights need one k");
-        assert!(
-            parts.iter().all(|p| p.weight_type() == ty),
-            "stacked weights need one weight type"
-        );
         let n: usize = parts.iter().map(|p| p.n).sum();
+        // A GGUF mixes types within a stack (Q4_K_M: Q4_K q/k, Q6_K v): K-quant parts keep
+        // their blocks, one segment each; any other mix is held in f32 (exact for all).
+        if parts.iter().all(|p| p.as_kquant().is_some()) {
+            let qs: Vec<_> = parts.iter().filter_map(|p| p.as_kquant()).collect();
+            return Self::from_kquant(KQuantWeights::concat(&qs));
+        }
+        if parts.iter().any(|p| p.weight_type() != ty) {
+            let w: Vec<f32> = parts.iter().flat_map(|p| p.unpack()).collect();
+            return Self::pack_as(&w, n, k, WeightType::F32);
+        }
         let repack = || {
             let w: Vec<f32> = parts.iter().flat_map(|p| p.unpack()).collect();
             Self::pack_as(&w, n, k, ty)
@@ -394,6 +489,7 @@ impl PackedWeights {
                     .collect();
                 Some(Store::Quant(QuantWeights::concat(&qs)))
             }
+            _ => unreachable!("K-quant stacks are made above"),
         };
         let Some(store) = store else {
             return repack();
@@ -409,6 +505,7 @@ impl PackedWeights {
             Store::F32(p) => p.row_into(j, out),
             Store::Bf16(p) => p.row_into(j, out),
             Store::Quant(q) => q.row_into(j, out),
+            Store::K(q) => q.row_into(j, out),
         }
     }
 
@@ -418,6 +515,7 @@ impl PackedWeights {
             (Store::F32(a), Store::F32(b)) => Arc::ptr_eq(&a.lines, &b.lines),
             (Store::Bf16(a), Store::Bf16(b)) => Arc::ptr_eq(&a.lines, &b.lines),
             (Store::Quant(a), Store::Quant(b)) => a.shares(b),
+            (Store::K(a), Store::K(b)) => a.shares(b),
             _ => false,
         }
     }
@@ -428,6 +526,7 @@ impl PackedWeights {
             Store::F32(p) => p.unpack(),
             Store::Bf16(p) => p.unpack(),
             Store::Quant(q) => q.dequantize(),
+            Store::K(q) => q.dequantize(),
         }
     }
 
@@ -480,6 +579,7 @@ impl PackedWeights {
             Store::F32(p) => p.matmul_cols(x, rows, cols, out),
             Store::Bf16(p) => p.matmul_cols(x, rows, cols, out),
             Store::Quant(q) => q.matmul_cols(x, rows, cols, out),
+            Store::K(q) => q.matmul_cols(x, rows, cols, out),
         }
     }
 
@@ -500,7 +600,7 @@ impl PackedWeights {
             match &self.store {
                 Store::F32(p) => p.tile_with(simd, x, &a, tile, out),
                 Store::Bf16(p) => p.tile_with(simd, x, &a, tile, out),
-                Store::Quant(_) => unreachable!("quant has its own kernels"),
+                Store::Quant(_) | Store::K(_) => unreachable!("quant has its own kernels"),
             }
         }
     }
@@ -1260,7 +1360,8 @@ pub(crate) mod tests {
     fn concat_keeps_the_weight_type() {
         let mut seed = 17u64;
         let k = 40;
-        for ty in WeightType::ALL {
+        // K-quants too: rows of 40 padded to one block, stacked as segments.
+        for ty in WeightType::ALL.into_iter().chain(WeightType::KQUANTS) {
             for ns in [[16usize, 32, 5], [5, 16, 3]] {
                 let parts: Vec<PackedWeights> = ns
                     .iter()
@@ -1281,7 +1382,16 @@ pub(crate) mod tests {
             assert_eq!(WeightType::parse(ty.name()), Some(ty));
         }
         assert_eq!(WeightType::parse("Q8"), Some(WeightType::Q8_0));
-        assert_eq!(WeightType::parse("q5_k"), None);
+        for ty in WeightType::KQUANTS {
+            assert_eq!(WeightType::parse(ty.name()), Some(ty));
+        }
+        assert_eq!(WeightType::parse("Q5_K"), Some(WeightType::Q5K));
+        assert_eq!(WeightType::parse("q3_k"), None);
+        // 512 weights a row: two K-quant blocks (144, 176, 210 bytes) or 16 MXFP4 ones (17).
+        assert_eq!(WeightType::Q4K.bytes(3, 512), 3 * 2 * 144);
+        assert_eq!(WeightType::Q5K.bytes(3, 512), 3 * 2 * 176);
+        assert_eq!(WeightType::Q6K.bytes(3, 512), 3 * 2 * 210);
+        assert_eq!(WeightType::Mxfp4.bytes(3, 512), 3 * 16 * 17);
         // 64 weights a row: two blocks of 34 (q8_0) or 18 (q4_0) bytes.
         assert_eq!(WeightType::Q8_0.bytes(3, 64), 3 * 2 * 34);
         assert_eq!(WeightType::Q4_0.bytes(3, 64), 3 * 2 * 18);

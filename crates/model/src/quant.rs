@@ -9,8 +9,9 @@
 //!   `j + 16` in its high nibble, weight `= (nibble - 8) * d`, `d = w_max / -8` where `w_max`
 //!   is the weight of largest magnitude (with its sign). Chosen over q4_K for now because its
 //!   blocks line up with the activation blocks below (one scale per 32 weights, no
-//!   super-block mins), which keeps the fused kernel a small variation of q8_0's; q4_K is
-//!   more accurate at the same size and is the natural next format.
+//!   super-block mins), which keeps the fused kernel a small variation of q8_0's. GGUF's
+//!   K-quants (q4_K, q5_K, q6_K) and MXFP4 are held in their own row-major blocks and have
+//!   their own kernels in [`crate::kquant`].
 //!
 //! **Packing.** Outputs are cut into groups of [`G`] = 8 columns; a group stores, for each
 //! block index `b` along `k`, one record: the 8 columns' f16 scales, then the 8 columns'

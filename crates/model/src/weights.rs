@@ -2,12 +2,14 @@
 //! llama.cpp GGUF file ([`crate::gguf`], its tensors under the hub names), memory mapped.
 //! Tensors are converted to f32 when taken (bf16/f16/f32 on disk, GGUF blocks dequantized);
 //! the weights of linear layers are then packed in the type [`LinearType`] says (a GGUF's
-//! q8_0/q4_0 blocks are taken as they are when that type is theirs). Every error names the
-//! tensor and the file.
+//! q8_0/q4_0 blocks are taken as they are when that type is theirs, and its Q4_K/Q5_K/Q6_K
+//! blocks are used in place, a range of the mapped file). Every error names the tensor and
+//! the file.
 
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use crate::gguf_format::GgmlType;
+use crate::kquant::{KQuantWeights, SharedBytes};
 use crate::packed::{PackedWeights, WeightType};
 use crate::quant::{QuantFormat, QuantWeights};
 use candle_core::{Device, Tensor};
@@ -244,6 +246,22 @@ impl Weights {
                 WeightType::Q4_0 => Some((QuantFormat::Q4_0, GgmlType::Q4_0)),
                 _ => None,
             };
+            // K-quants wanted in their own type: the file's bytes, used where they are mapped
+            // (rows llama.cpp permuted are put back in a copy).
+            if let Some(kf) = ty.k_format().filter(|_| g.own_type(name) == ty) {
+                let made = if g.rows_reordered(name) {
+                    KQuantWeights::from_bytes(g.raw(name, &[out, inp])?.bytes, out, inp, kf)
+                } else {
+                    let (_, range) = g.tensor_range(name, &[out, inp])?;
+                    let map: SharedBytes = g.mapping().clone();
+                    KQuantWeights::from_shared(map, range, out, inp, kf)
+                };
+                let q = made.map_err(|msg| ModelError::CorruptFile {
+                    path: g.path.clone(),
+                    msg: format!("tensor {name} ({}): {msg}", kf.name()),
+                })?;
+                return Ok(PackedWeights::from_kquant(q));
+            }
             if let Some((format, dtype)) = format {
                 if g.dtype_of(name).as_deref() == Some(format.name().to_ascii_uppercase().as_str())
                 {

@@ -329,7 +329,7 @@ fn truncated_gguf_names_the_file_and_tensor() {
 
 #[test]
 fn k_quants_are_dequantized() {
-    // Q4_K and Q6_K blocks are 256 values wide, wider than the fixtures' rows: a file with
+    // Q4_K, Q5_K and Q6_K blocks are 256 values wide, wider than the fixtures' rows: a file with
     // one such embedding table checks the mapping and dequantization, against candle's own.
     let tmp = tempfile::tempdir().unwrap();
     let (v, d) = (4usize, 512usize);
@@ -337,15 +337,45 @@ fn k_quants_are_dequantized() {
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
         .collect();
     let t = Tensor::from_vec(x.clone(), (v, d), &Device::Cpu).unwrap();
-    for (dtype, ours, name, tol) in [
-        (GgmlDType::Q4K, GgmlType::Q4_K, "Q4_K", 0.2f32),
-        (GgmlDType::Q6K, GgmlType::Q6_K, "Q6_K", 0.05),
-        (GgmlDType::Q2K, GgmlType::Q2_K, "Q2_K", 1.0),
-        (GgmlDType::Q3K, GgmlType::Q3_K, "Q3_K", 0.5),
-        (GgmlDType::Q5K, GgmlType::Q5_K, "Q5_K", 0.1),
-        (GgmlDType::Q4_1, GgmlType::Q4_1, "Q4_1", 0.2),
-        (GgmlDType::Q5_0, GgmlType::Q5_0, "Q5_0", 0.2),
-        (GgmlDType::Q5_1, GgmlType::Q5_1, "Q5_1", 0.2),
+    for (dtype, ours, name, tol, ty) in [
+        (
+            GgmlDType::Q4K,
+            GgmlType::Q4_K,
+            "Q4_K",
+            0.2f32,
+            WeightType::Q4K,
+        ),
+        (
+            GgmlDType::Q6K,
+            GgmlType::Q6_K,
+            "Q6_K",
+            0.05,
+            WeightType::Q6K,
+        ),
+        (GgmlDType::Q5K, GgmlType::Q5_K, "Q5_K", 0.1, WeightType::Q5K),
+        (GgmlDType::Q2K, GgmlType::Q2_K, "Q2_K", 1.0, WeightType::F32),
+        (GgmlDType::Q3K, GgmlType::Q3_K, "Q3_K", 0.5, WeightType::F32),
+        (
+            GgmlDType::Q4_1,
+            GgmlType::Q4_1,
+            "Q4_1",
+            0.2,
+            WeightType::F32,
+        ),
+        (
+            GgmlDType::Q5_0,
+            GgmlType::Q5_0,
+            "Q5_0",
+            0.2,
+            WeightType::F32,
+        ),
+        (
+            GgmlDType::Q5_1,
+            GgmlType::Q5_1,
+            "Q5_1",
+            0.2,
+            WeightType::F32,
+        ),
     ] {
         let q = QTensor::quantize(&t, dtype).unwrap();
         let want: Vec<f32> = q
@@ -379,7 +409,7 @@ fn k_quants_are_dequantized() {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(err < tol, "{name}: max error {err}");
-        // No native kernel: packed as f32 under `auto`.
+        // Held in its own blocks under `auto` (the kernels of `kquant`).
         let p = w
             .packed(
                 "model.embed_tokens.weight",
@@ -388,7 +418,7 @@ fn k_quants_are_dequantized() {
                 tandem_model::weights::Role::Embedding,
             )
             .unwrap();
-        assert_eq!(p.weight_type(), WeightType::F32);
+        assert_eq!(p.weight_type(), ty);
         assert!(p.unpack() == want);
         // A wrong shape names the tensor and the file.
         let err = w.get_vec("model.embed_tokens.weight", &[d, v]).unwrap_err();
@@ -801,7 +831,6 @@ fn wrong_metadata_of_the_new_architectures_names_the_key() {
 }
 
 #[test]
-#[ignore = "needs the GGUF reader that knows MXFP4"]
 fn gpt_oss_mxfp4_gguf_gives_the_checkpoint_tokens() {
     // The converter keeps the experts' MXFP4 blocks (ggml type 39: gate and up split from
     // gate_up_proj's rows, scales moved into the blocks) and writes the rest as f32 (the

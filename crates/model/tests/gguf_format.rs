@@ -432,7 +432,7 @@ fn rewrite(src: &Path, dst: &Path, change: &dyn Fn(&str, Parts) -> Parts) {
 }
 
 #[test]
-fn mxfp4_and_iq_files_read_and_loading_names_the_type() {
+fn mxfp4_files_load_and_iq_files_read_and_loading_names_the_type() {
     let tmp = tempfile::tempdir().unwrap();
     for (ty, target) in [
         (GgmlType::MXFP4, "blk.0.ffn_gate_exps.weight"),
@@ -452,14 +452,28 @@ fn mxfp4_and_iq_files_read_and_loading_names_the_type() {
         let bytes = std::fs::read(&path).unwrap();
         let c = Content::read(&bytes).unwrap();
         assert_eq!(c.tensor(target).unwrap().ggml_type, ty);
-        let err = match Model::load(&path) {
-            Ok(_) => panic!("{ty} loaded"),
-            Err(e) => e,
-        };
-        assert!(matches!(err, ModelError::WrongDtype { .. }), "{err:?}");
-        let msg = err.to_string();
-        has(&msg, &[target, ty.name(), "supported: F32", "Q6_K"]);
         let g = GgufFile::open(&path).unwrap();
+        if ty == GgmlType::MXFP4 {
+            // MXFP4 has kernels (`kquant`): it loads, held in its own blocks.
+            Model::load(&path).unwrap();
+            let hub = g
+                .names()
+                .find(|n| g.dtype_of(n).as_deref() == Some("MXFP4"))
+                .expect("a hub name of that type")
+                .to_string();
+            assert_eq!(g.own_type(&hub), tandem_model::WeightType::Mxfp4);
+        } else {
+            let err = match Model::load(&path) {
+                Ok(_) => panic!("{ty} loaded"),
+                Err(e) => e,
+            };
+            assert!(matches!(err, ModelError::WrongDtype { .. }), "{err:?}");
+            let msg = err.to_string();
+            has(
+                &msg,
+                &[target, ty.name(), "supported: F32", "Q6_K", "MXFP4"],
+            );
+        }
         let hub = g
             .names()
             .find(|n| g.dtype_of(n).as_deref() == Some(ty.name()))

@@ -251,6 +251,7 @@ fn resident_memory_is_within_five_percent_of_the_weights() {
                 assert_eq!(got("q8_0"), lm_head * 34.0 / 128.0, "q4_0's LM head");
                 (got("q4_0"), (f32_bytes - routers - lm_head) * 18.0 / 128.0)
             }
+            other => unreachable!("{other} is a GGUF type, not in WeightType::ALL"),
         };
         assert!((main - want).abs() < 1.0, "{ty}: {main} bytes, want {want}");
     }
