@@ -1,5 +1,7 @@
 //! llama.cpp's GGUF files as a tensor source: the tensors under the Hugging Face names the
-//! family loaders ask for, the `config.json` the metadata stands for, and the tokenizer.
+//! family loaders ask for, the `config.json` the metadata stands for, and the tokenizer
+//! (`gguf_tokenizer.rs`: SentencePiece `llama` and byte-level `gpt2` tokenizers as the hub's
+//! `tokenizer.json`).
 //!
 //! The header is parsed by candle (`gguf_file::Content`); the tensor data is memory mapped.
 //! llama.cpp's names are mapped to the hub names (`blk.N.attn_q.weight` ->
@@ -159,11 +161,11 @@ impl GgufFile {
         Ok(g)
     }
 
-    fn meta(&self, key: &str) -> Option<&Value> {
+    pub(crate) fn meta(&self, key: &str) -> Option<&Value> {
         self.content.metadata.get(key)
     }
 
-    fn meta_u64(&self, key: &str) -> Option<u64> {
+    pub(crate) fn meta_u64(&self, key: &str) -> Option<u64> {
         self.meta(key).and_then(|v| v.to_u64().ok())
     }
 
@@ -175,7 +177,7 @@ impl GgufFile {
         }
     }
 
-    fn meta_str(&self, key: &str) -> Option<&str> {
+    pub(crate) fn meta_str(&self, key: &str) -> Option<&str> {
         match self.meta(key)? {
             Value::String(s) => Some(s),
             _ => None,
@@ -621,153 +623,6 @@ impl GgufFile {
         }
         Ok(Json::Object(c))
     }
-
-    /// The tokenizer the metadata describes (only `tokenizer.ggml.model = "gpt2"`, byte-level
-    /// BPE, for now) as a `tokenizer.json` value, with the BOS/EOS token texts and the chat
-    /// template.
-    pub fn tokenizer_parts(&self) -> Result<TokenizerParts> {
-        let err = |msg: String| ModelError::Tokenizer {
-            path: self.path.clone(),
-            msg,
-        };
-        let model = self
-            .meta_str("tokenizer.ggml.model")
-            .ok_or_else(|| err("no tokenizer.ggml.model in the metadata".into()))?;
-        if model != "gpt2" {
-            return Err(err(format!(
-                "tokenizer.ggml.model = {model:?} is not supported yet (only \"gpt2\", \
-                 byte-level BPE)"
-            )));
-        }
-        let strings = |key: &str| -> Result<Vec<String>> {
-            match self.meta(key) {
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .map(|v| match v {
-                        Value::String(s) => Ok(s.clone()),
-                        _ => Err(err(format!("{key} holds a non-string"))),
-                    })
-                    .collect(),
-                None => Ok(vec![]),
-                _ => Err(err(format!("{key} is not an array"))),
-            }
-        };
-        let tokens = strings("tokenizer.ggml.tokens")?;
-        if tokens.is_empty() {
-            return Err(err("tokenizer.ggml.tokens is missing or empty".into()));
-        }
-        let merges = strings("tokenizer.ggml.merges")?;
-        let types: Vec<i64> = match self.meta("tokenizer.ggml.token_type") {
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|v| match v {
-                    Value::I32(x) => *x as i64,
-                    v => v.to_u64().map(|x| x as i64).unwrap_or(1),
-                })
-                .collect(),
-            _ => vec![1; tokens.len()],
-        };
-        // llama.cpp's pre-tokenizer names -> the split the hub tokenizer.json does before the
-        // byte-level mapping (the regexes of llama.cpp's llama-vocab.cpp, in HF's form).
-        let pre = self.meta_str("tokenizer.ggml.pre").unwrap_or("default");
-        let split = |re: &str| {
-            json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated",
-                 "invert": false},
-                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false,
-                 "use_regex": false}
-            ]})
-        };
-        let pre_tokenizer = match pre {
-            "gpt-2" | "default" | "olmo" | "mpt" => json!({"type": "ByteLevel",
-                "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
-            "qwen2" => split(
-                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-            ),
-            "llama-bpe" | "llama3" | "dbrx" | "smaug-bpe" => split(
-                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-            ),
-            other => {
-                return Err(err(format!(
-                    "tokenizer.ggml.pre = {other:?} is not supported yet (supported: gpt-2, \
-                     olmo, mpt, qwen2, llama-bpe, dbrx, smaug-bpe)"
-                )))
-            }
-        };
-        let mut vocab = Map::new();
-        let mut added = Vec::new();
-        for (id, t) in tokens.iter().enumerate() {
-            vocab.insert(t.clone(), json!(id));
-            // 3 = control, 4 = user-defined (llama.cpp's token types).
-            let ty = types.get(id).copied().unwrap_or(1);
-            if ty == 3 || ty == 4 {
-                added.push(json!({"id": id, "content": t, "single_word": false,
-                    "lstrip": false, "rstrip": false, "normalized": false,
-                    "special": ty == 3}));
-            }
-        }
-        let token = |key: &str| {
-            self.meta_u64(key)
-                .and_then(|i| tokens.get(i as usize))
-                .cloned()
-        };
-        let bos = token("tokenizer.ggml.bos_token_id");
-        let eos = token("tokenizer.ggml.eos_token_id");
-        let add_bos = matches!(
-            self.meta("tokenizer.ggml.add_bos_token"),
-            Some(Value::Bool(true))
-        );
-        let post_processor = match (&bos, add_bos) {
-            (Some(b), true) => {
-                let id = self.meta_u64("tokenizer.ggml.bos_token_id").unwrap_or(0);
-                json!({"type": "TemplateProcessing",
-                    "single": [{"SpecialToken": {"id": b, "type_id": 0}},
-                               {"Sequence": {"id": "A", "type_id": 0}}],
-                    "pair": [{"SpecialToken": {"id": b, "type_id": 0}},
-                             {"Sequence": {"id": "A", "type_id": 0}},
-                             {"SpecialToken": {"id": b, "type_id": 1}},
-                             {"Sequence": {"id": "B", "type_id": 1}}],
-                    "special_tokens": {b.as_str(): {"id": b, "ids": [id], "tokens": [b]}}})
-            }
-            _ => Json::Null,
-        };
-        // Merges are "a b" strings in GGUF; the hub format takes pairs.
-        let merges: Vec<Json> = merges
-            .iter()
-            .map(|m| match m.split_once(' ') {
-                Some((a, b)) => Ok(json!([a, b])),
-                None => Err(err(format!("merge {m:?} is not two tokens"))),
-            })
-            .collect::<Result<_>>()?;
-        let tokenizer_json = json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": post_processor,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
-                        "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null,
-                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                      "vocab": vocab, "merges": merges},
-        });
-        Ok(TokenizerParts {
-            tokenizer_json,
-            bos_token: bos,
-            eos_token: eos,
-            chat_template: self.meta_str("tokenizer.chat_template").map(String::from),
-        })
-    }
 }
 
-/// What [`crate::Tokenizer::from_parts`] is built from.
-pub struct TokenizerParts {
-    /// A `tokenizer.json` document.
-    pub tokenizer_json: Json,
-    pub bos_token: Option<String>,
-    pub eos_token: Option<String>,
-    pub chat_template: Option<String>,
-}
+pub use crate::gguf_tokenizer::TokenizerParts;

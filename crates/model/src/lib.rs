@@ -9,6 +9,7 @@ pub mod error;
 pub mod families;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod kernels;
 pub mod kv;
 pub mod layers;
