@@ -133,8 +133,10 @@ def train(path: pathlib.Path):
 
 def main():
     llama_cpp = pathlib.Path(sys.argv[1]).resolve()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = pathlib.Path(tmp)
+    with tempfile.TemporaryDirectory() as tmpdir:
+        # A fixed directory name: the converter takes general.name from it.
+        tmp = pathlib.Path(tmpdir) / "mixtral-spm"
+        tmp.mkdir()
         train(tmp / "tokenizer.model")
         tok = LlamaTokenizerFast.from_pretrained(
             tmp, legacy=True, add_bos_token=True, add_eos_token=False)
