@@ -11,6 +11,7 @@ pub mod generate;
 pub mod gguf;
 mod gguf_arch;
 pub mod gguf_format;
+pub mod gguf_tokenizer;
 pub mod kernels;
 pub mod kquant;
 pub mod kv;
