@@ -635,7 +635,9 @@ fn loans_and_bf16_frames_are_observed_between_processes() {
     }
     let report = || status_ok(&dep).1["expert_workers"][0]["report"].clone();
     let ps = prompts(90, 2, 3);
-    let run = |extra: &[&str]| {
+    // `exact`: the tokens must be the colocated f32 reference's (bf16 on the wire rounds the
+    // hidden states, which may change a greedy choice of these random weights).
+    let run = |extra: &[&str], exact: bool| {
         let reference = token_ids(
             &generate_cmd(&model, &ps, 5)
                 .args(["--attention-replicas", "1", "--expert-workers", "0"])
@@ -652,11 +654,14 @@ fn loans_and_bf16_frames_are_observed_between_processes() {
                 .unwrap(),
             Duration::from_secs(60),
         ));
-        assert_eq!(got, reference, "{extra:?}");
+        assert_eq!(got.len(), reference.len(), "{extra:?}");
+        if exact {
+            assert_eq!(got, reference, "{extra:?}");
+        }
     };
 
     // f32, every matrix lent.
-    run(&["--m2n-lend-min", "1"]);
+    run(&["--m2n-lend-min", "1"], true);
     let r = report();
     let t = &r["traffic"][0];
     println!(
@@ -692,7 +697,7 @@ fn loans_and_bf16_frames_are_observed_between_processes() {
     // bf16 on the wire: the new dispatches arrive in bf16, 2 bytes a value (bf16 matrices are
     // copied through the ring, never lent).
     let f32_before = t["f32_dispatches"].as_u64().unwrap();
-    run(&["--wire-dtype", "bf16"]);
+    run(&["--wire-dtype", "bf16"], false);
     let r = report();
     let t = &r["traffic"][0];
     println!("after the bf16 run: traffic {t}");
