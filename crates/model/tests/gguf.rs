@@ -992,3 +992,93 @@ fn deepseek2_file_made_before_the_kv_b_split_loads_the_same() {
     let new = Model::load(&src).unwrap();
     assert_same_model(&old, &new, "attn_kv_b vs attn_k_b + attn_v_b");
 }
+
+/// F16, BF16 and Q4_0 tensors in a file (llama.cpp's converter writes the fixtures in F32 and
+/// Q8_0 only): the mixtral file rewritten with `attn_output` in F16, the experts' `down` in
+/// BF16 and `output` in Q4_0 (blocks by candle's quantizer). Each loads under `auto` as its
+/// values: F16 widened to f32 exactly, BF16 kept as bf16, Q4_0 kept in its blocks, equal to
+/// candle's dequantization of them; everything else as the F32 file.
+#[test]
+fn f16_bf16_and_q4_0_tensors_in_a_file_load_as_their_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("mixed.gguf");
+    let f32s = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    rewrite(&gguf("mixtral-f32.gguf"), &path, &|(n, ty, shape, data)| {
+        if ty != GgmlType::F32 {
+            return (n, ty, shape, data);
+        }
+        let x = f32s(&data);
+        if n.ends_with(".attn_output.weight") {
+            let b = x
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect();
+            (n, GgmlType::F16, shape, b)
+        } else if n.ends_with(".ffn_down_exps.weight") {
+            let b = x
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect();
+            (n, GgmlType::BF16, shape, b)
+        } else if n == "output.weight" {
+            let cols = *shape.last().unwrap();
+            let q = quantize(&x, x.len() / cols, cols, GgmlDType::Q4_0);
+            (n, GgmlType::Q4_0, shape, q)
+        } else {
+            (n, ty, shape, data)
+        }
+    });
+    let mixed = Model::load(&path).unwrap();
+    let f32_model = Model::load(&gguf("mixtral-f32.gguf")).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let content = Content::read(&bytes).unwrap();
+    let (mut f16s, mut bf16s, mut q4s) = (0, 0, 0);
+    for ((name, got), (_, want)) in weights_of(&mixed).into_iter().zip(weights_of(&f32_model)) {
+        let w = want.unpack();
+        let g = got.unpack();
+        if name.ends_with(".o") {
+            f16s += 1;
+            assert_eq!(got.weight_type(), WeightType::F32, "{name}");
+            let r: Vec<f32> = w.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect();
+            assert!(g == r, "{name}: not the f16 values");
+        } else if name.ends_with(".down") {
+            bf16s += 1;
+            assert_eq!(got.weight_type(), WeightType::Bf16, "{name}");
+            let r: Vec<f32> = w
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_f32())
+                .collect();
+            assert!(g == r, "{name}: not the bf16 values");
+        } else if name == "lm_head" {
+            q4s += 1;
+            assert_eq!(got.weight_type(), WeightType::Q4_0, "{name}");
+            let t = content.tensor("output.weight").unwrap();
+            assert_eq!(t.ggml_type, GgmlType::Q4_0);
+            let r: Vec<f32> = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                GgmlDType::Q4_0,
+                &bytes[content.data_range(t)],
+                t.shape(),
+                &Device::Cpu,
+            )
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+            assert!(
+                g == r,
+                "{name}: not candle's dequantization of the Q4_0 blocks"
+            );
+            assert!(g != w, "{name}: Q4_0 cannot be exact on these weights");
+        } else {
+            assert!(g == w, "{name}: changed");
+        }
+    }
+    assert!(f16s > 0 && bf16s > 0 && q4s == 1, "{f16s} {bf16s} {q4s}");
+}
