@@ -157,7 +157,11 @@ impl Grammars {
                 }
                 format!("/{}/", llguidance::regex_to_lark(r, ""))
             }
-            ConstraintSpec::Choice(c) => c.iter().map(|s| lark_str(s)).collect::<Vec<_>>().join(" | "),
+            ConstraintSpec::Choice(c) => c
+                .iter()
+                .map(|s| lark_str(s))
+                .collect::<Vec<_>>()
+                .join(" | "),
             ConstraintSpec::Lark(g) => {
                 if reasoning == Reasoning::None {
                     return TopLevelGrammar::from_lark(g.clone());
@@ -202,9 +206,11 @@ impl Grammars {
     /// A constraint from a grammar object (tool calls build their own).
     pub fn compile_grammar(&self, g: TopLevelGrammar) -> Result<Box<dyn TokenConstraint>, String> {
         let factory = self.factory.clone();
-        let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || factory.create_parser(g)))
-            .map_err(|_| "the grammar could not be compiled".to_string())?
-            .map_err(|e| e.to_string())?;
+        let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            factory.create_parser(g)
+        }))
+        .map_err(|_| "the grammar could not be compiled".to_string())?
+        .map_err(|e| e.to_string())?;
         let mut m = Matcher::new(Ok(parser));
         if let Some(e) = m.get_error() {
             return Err(e);
@@ -260,7 +266,11 @@ impl LlgConstraint {
                     let r = m.consume_token(tok).map_err(|e| e.to_string());
                     let stopped = m.is_stopped();
                     let failed = r.is_err();
-                    if reply_tx.send(Reply::Committed(r.map(|()| stopped))).is_err() || failed {
+                    if reply_tx
+                        .send(Reply::Committed(r.map(|()| stopped)))
+                        .is_err()
+                        || failed
+                    {
                         return;
                     }
                     let mask = m.compute_mask_or_eos().map_err(|e| e.to_string());

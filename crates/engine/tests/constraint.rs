@@ -97,12 +97,35 @@ fn json_schema_choice_and_regex_in_one_batch_with_free_requests() {
         let c = g
             .compile(&ConstraintSpec::JsonSchema(schema.clone()), Reasoning::None)
             .expect("schema compiles");
-        handles.push(("schema", engine.add_constrained(prompt.clone(), sampled(seed, 80), Some(c)).unwrap()));
+        handles.push((
+            "schema",
+            engine
+                .add_constrained(prompt.clone(), sampled(seed, 80), Some(c))
+                .unwrap(),
+        ));
     }
     let choice = ConstraintSpec::Choice(vec!["yes".into(), "no".into(), "maybe so".into()]);
-    handles.push(("choice", engine.add_constrained(prompt.clone(), sampled(9, 20), Some(g.compile(&choice, Reasoning::None).unwrap())).unwrap()));
+    handles.push((
+        "choice",
+        engine
+            .add_constrained(
+                prompt.clone(),
+                sampled(9, 20),
+                Some(g.compile(&choice, Reasoning::None).unwrap()),
+            )
+            .unwrap(),
+    ));
     let rx = ConstraintSpec::Regex("[0-9]{3}-[a-c]{2}".into());
-    handles.push(("regex", engine.add_constrained(prompt.clone(), sampled(10, 20), Some(g.compile(&rx, Reasoning::None).unwrap())).unwrap()));
+    handles.push((
+        "regex",
+        engine
+            .add_constrained(
+                prompt.clone(),
+                sampled(10, 20),
+                Some(g.compile(&rx, Reasoning::None).unwrap()),
+            )
+            .unwrap(),
+    ));
     let free = engine.add_request(prompt.clone(), greedy).unwrap();
     for (kind, h) in handles {
         let (ids, why) = collect(h);
@@ -111,20 +134,36 @@ fn json_schema_choice_and_regex_in_one_batch_with_free_requests() {
         match kind {
             "schema" => {
                 let v: Value = serde_json::from_str(&t).unwrap_or_else(|e| panic!("{t:?}: {e}"));
-                assert!(v["city"].as_str().is_some_and(|c| c.chars().count() <= 6), "{t}");
-                assert!(v["days"].as_i64().is_some_and(|d| (1..=7).contains(&d)), "{t}");
+                assert!(
+                    v["city"].as_str().is_some_and(|c| c.chars().count() <= 6),
+                    "{t}"
+                );
+                assert!(
+                    v["days"].as_i64().is_some_and(|d| (1..=7).contains(&d)),
+                    "{t}"
+                );
                 assert!(v["unit"] == "c" || v["unit"] == "f", "{t}");
                 assert!(v["tags"].as_array().is_some_and(|a| a.len() <= 2), "{t}");
-                assert!(!t.contains(' ') || v["city"].as_str().unwrap_or("").contains(' '), "no free whitespace: {t:?}");
+                assert!(
+                    !t.contains(' ') || v["city"].as_str().unwrap_or("").contains(' '),
+                    "no free whitespace: {t:?}"
+                );
             }
             "choice" => assert!(["yes", "no", "maybe so"].contains(&t.as_str()), "{t:?}"),
             _ => {
                 let b = t.as_bytes();
-                assert!(t.len() == 6 && b[..3].iter().all(u8::is_ascii_digit) && b[3] == b'-', "{t:?}");
+                assert!(
+                    t.len() == 6 && b[..3].iter().all(u8::is_ascii_digit) && b[3] == b'-',
+                    "{t:?}"
+                );
             }
         }
     }
-    assert_eq!(collect(free), alone, "a constrained neighbour changed a free request");
+    assert_eq!(
+        collect(free),
+        alone,
+        "a constrained neighbour changed a free request"
+    );
     engine.shutdown();
 }
 
@@ -135,15 +174,26 @@ fn bad_schemas_are_refused_and_reasoning_comes_first() {
         json!({"type": "object", "properties": {"a": {"type": "string", "contentEncoding": "base64x", "not": {}}}}),
         json!({"type": "nonsense"}),
     ] {
-        assert!(g.compile(&ConstraintSpec::JsonSchema(bad.clone()), Reasoning::None).is_err(), "{bad}");
+        assert!(
+            g.compile(&ConstraintSpec::JsonSchema(bad.clone()), Reasoning::None)
+                .is_err(),
+            "{bad}"
+        );
     }
-    assert!(g.compile(&ConstraintSpec::Regex("(".into()), Reasoning::None).is_err());
-    assert!(g.compile(&ConstraintSpec::Lark("start: nope".into()), Reasoning::None).is_err());
+    assert!(g
+        .compile(&ConstraintSpec::Regex("(".into()), Reasoning::None)
+        .is_err());
+    assert!(g
+        .compile(&ConstraintSpec::Lark("start: nope".into()), Reasoning::None)
+        .is_err());
     // After an open <think>: free text up to </think>, then the constraint. Random
     // weights rarely close it by themselves, so the prompt's text is checked with a
     // grammar-driven pass: the constraint accepts "</think>" then a choice.
     let c = g
-        .compile(&ConstraintSpec::Choice(vec!["A".into(), "B".into()]), Reasoning::Open)
+        .compile(
+            &ConstraintSpec::Choice(vec!["A".into(), "B".into()]),
+            Reasoning::Open,
+        )
         .expect("compiles");
     let mut c = c;
     let ids = tok.encode("hmm</think>\nB", false).unwrap();
@@ -157,6 +207,11 @@ fn bad_schemas_are_refused_and_reasoning_comes_first() {
     let mut l = vec![0.0f32; v];
     c.apply(&mut l).unwrap();
     let allowed: Vec<usize> = (0..v).filter(|&i| l[i].is_finite()).collect();
-    assert!(allowed.iter().all(|&i| engine.eos_token_ids().contains(&(i as u32))), "{allowed:?}");
+    assert!(
+        allowed
+            .iter()
+            .all(|&i| engine.eos_token_ids().contains(&(i as u32))),
+        "{allowed:?}"
+    );
     engine.shutdown();
 }

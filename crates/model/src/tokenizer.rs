@@ -160,8 +160,8 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let msgs = serde_json::to_value(messages)
-            .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
+        let msgs =
+            serde_json::to_value(messages).map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
         self.render_chat(&msgs, None, add_generation_prompt, &serde_json::Map::new())
     }
 

@@ -19,8 +19,8 @@ pub mod sampling;
 pub mod scheduler;
 pub mod stop;
 
-pub use constraint::{Commit, TokenConstraint};
 pub use block_manager::{AllocOutcome, BlockError, BlockId, BlockManager, PrefixCacheStats};
+pub use constraint::{Commit, TokenConstraint};
 pub use sampling::{
     RequestRng, SampleError, Sampled, Sampler, SamplingParams, SamplingParamsError,
     GREEDY_TEMPERATURE, MAX_LOGPROBS,

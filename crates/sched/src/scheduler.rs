@@ -41,8 +41,8 @@ use serde::{Deserialize, Serialize};
 use tandem_core::RequestId;
 use thiserror::Error;
 
-use crate::constraint::{Commit, ConstraintSlot, TokenConstraint};
 use crate::block_manager::{BlockError, BlockId, BlockManager, PrefixCacheStats};
+use crate::constraint::{Commit, ConstraintSlot, TokenConstraint};
 use crate::sampling::{
     RequestRng, SampleError, Sampled, Sampler, SamplingParams, SamplingParamsError,
 };
@@ -272,7 +272,8 @@ impl Sequence {
             return Some((FinishReason::Error(e.clone()), None));
         }
         if self.constraint_done {
-            let eos = self.eos_token_ids.contains(&last) || self.params.stop_token_ids.contains(&last);
+            let eos =
+                self.eos_token_ids.contains(&last) || self.params.stop_token_ids.contains(&last);
             return Some((FinishReason::Stop, eos.then_some(last)));
         }
         if out >= self.params.min_tokens {
@@ -777,7 +778,10 @@ impl Scheduler {
         sampler: &Sampler,
         logits: &mut [f32],
     ) -> Result<Sampled, SchedError> {
-        let seq = self.seqs.get_mut(&id).ok_or(SchedError::UnknownRequest(id))?;
+        let seq = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(SchedError::UnknownRequest(id))?;
         let constraint = seq.constraint.clone();
         // A failed constraint is the sequence's own error, never the batch's: it samples
         // unconstrained this once and ends with the error at `update`.

@@ -47,7 +47,13 @@ impl TokenConstraint for AtLeast {
 fn logits(ctx: &[u32]) -> Vec<f32> {
     let fav = next_token(ctx);
     (0..VOCAB)
-        .map(|t| if t == fav { 10.0 } else { t as f32 / VOCAB as f32 })
+        .map(|t| {
+            if t == fav {
+                10.0
+            } else {
+                t as f32 / VOCAB as f32
+            }
+        })
         .collect()
 }
 
@@ -108,5 +114,8 @@ fn constrained_and_unconstrained_share_a_batch() {
     // The failing one ends with its own error after the token it sampled unconstrained.
     let (out, why) = &done[&rid(3)];
     assert_eq!(out.len(), 3, "{out:?}");
-    assert!(matches!(why, FinishReason::Error(m) if m.contains("broken")), "{why:?}");
+    assert!(
+        matches!(why, FinishReason::Error(m) if m.contains("broken")),
+        "{why:?}"
+    );
 }

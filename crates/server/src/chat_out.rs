@@ -310,9 +310,8 @@ impl ChatSplitter {
             match self.mode {
                 Mode::Start => {
                     let t = self.held.trim_start();
-                    if t.starts_with(THINK) {
-                        let after = t[THINK.len()..].to_string();
-                        self.held = after;
+                    if let Some(after) = t.strip_prefix(THINK) {
+                        self.held = after.to_string();
                         self.mode = Mode::Reasoning;
                     } else if THINK.starts_with(t) {
                         return out; // all whitespace or a prefix of <think>: wait
@@ -477,7 +476,10 @@ mod tests {
         assert_eq!(p.content, "Let me check.\n");
         assert_eq!(
             p.calls,
-            vec![call("get_weather", r#"{"city":"Paris"}"#), call("now", "{}")]
+            vec![
+                call("get_weather", r#"{"city":"Paris"}"#),
+                call("now", "{}")
+            ]
         );
     }
 
@@ -508,9 +510,15 @@ mod tests {
         assert_eq!((p.reasoning.as_str(), p.content.as_str()), ("so 4", "4"));
         // Never closed: all reasoning; a model that does not think: all content.
         let p = both(true, true, None, "still thinking");
-        assert_eq!((p.reasoning.as_str(), p.content.as_str()), ("still thinking", ""));
+        assert_eq!(
+            (p.reasoning.as_str(), p.content.as_str()),
+            ("still thinking", "")
+        );
         let p = both(true, false, None, "no thoughts <think> here");
-        assert_eq!((p.reasoning.as_str(), p.content.as_str()), ("", "no thoughts <think> here"));
+        assert_eq!(
+            (p.reasoning.as_str(), p.content.as_str()),
+            ("", "no thoughts <think> here")
+        );
         // Reasoning, then a call.
         let p = both(
             true,
@@ -549,7 +557,10 @@ mod tests {
         let p = both(false, false, Some(ToolFormat::DeepSeekV3), text);
         assert_eq!(
             p.calls,
-            vec![call("get_weather", r#"{"city":"Paris"}"#), call("now", "{}")]
+            vec![
+                call("get_weather", r#"{"city":"Paris"}"#),
+                call("now", "{}")
+            ]
         );
         let bad = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{\"a\":\n```";
         let p = both(false, false, Some(ToolFormat::DeepSeekV3), bad);
@@ -560,7 +571,10 @@ mod tests {
     fn glm45_argument_tags() {
         let text = "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>";
         let p = both(false, false, Some(ToolFormat::Glm45), text);
-        assert_eq!(p.calls, vec![call("get_weather", r#"{"city":"Paris","days":3}"#)]);
+        assert_eq!(
+            p.calls,
+            vec![call("get_weather", r#"{"city":"Paris","days":3}"#)]
+        );
         let bad = "<tool_call>f\n<arg_key>a</arg_key>\n<arg_value>1</tool_call>";
         let p = both(false, false, Some(ToolFormat::Glm45), bad);
         assert_eq!((p.content.as_str(), p.calls.len()), (bad, 0));
@@ -579,10 +593,22 @@ mod tests {
 
     #[test]
     fn formats_are_detected_from_templates() {
-        assert_eq!(ToolFormat::detect("{{ '<tool_call>' }}"), Some(ToolFormat::Hermes));
-        assert_eq!(ToolFormat::detect("<tool_call>{{ name }}<arg_key>"), Some(ToolFormat::Glm45));
-        assert_eq!(ToolFormat::detect("[TOOL_CALLS]"), Some(ToolFormat::Mistral));
-        assert_eq!(ToolFormat::detect("<｜tool▁calls▁begin｜>"), Some(ToolFormat::DeepSeekV3));
+        assert_eq!(
+            ToolFormat::detect("{{ '<tool_call>' }}"),
+            Some(ToolFormat::Hermes)
+        );
+        assert_eq!(
+            ToolFormat::detect("<tool_call>{{ name }}<arg_key>"),
+            Some(ToolFormat::Glm45)
+        );
+        assert_eq!(
+            ToolFormat::detect("[TOOL_CALLS]"),
+            Some(ToolFormat::Mistral)
+        );
+        assert_eq!(
+            ToolFormat::detect("<｜tool▁calls▁begin｜>"),
+            Some(ToolFormat::DeepSeekV3)
+        );
         assert_eq!(ToolFormat::detect("<|channel|>"), Some(ToolFormat::Harmony));
         assert_eq!(ToolFormat::detect("plain chatml"), None);
         for n in ToolFormat::NAMES {

@@ -1,6 +1,7 @@
 //! Drives engine requests for one HTTP request: admission, fan-out (`n` choices per prompt),
 //! the abort-on-drop guard, and OpenAI's response and SSE chunk shapes.
 
+use crate::chat_out::{tool_call_json, ChatSplitter, Piece, ToolFormat};
 use crate::error::ApiError;
 use crate::metrics_export::record_seconds;
 use crate::Shared;
@@ -18,7 +19,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tandem_core::RequestId;
 use tandem_engine::{Engine, RequestOutput};
 use tandem_model::Tokenizer;
-use crate::chat_out::{tool_call_json, ChatSplitter, Piece, ToolFormat};
 use tandem_sched::{FinishReason, SamplingParams, TokenConstraint};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -532,9 +532,13 @@ impl Streamer {
                     }
                     for (k, (name, args)) in calls.iter().enumerate() {
                         // The id, type and name first, then the arguments.
-                        deltas.push(json!({"tool_calls": [{"index": k, "id": call_id(&self.meta, idx, k),
-                            "type": "function", "function": {"name": name, "arguments": ""}}]}));
-                        deltas.push(json!({"tool_calls": [{"index": k, "function": {"arguments": args}}]}));
+                        deltas.push(
+                            json!({"tool_calls": [{"index": k, "id": call_id(&self.meta, idx, k),
+                            "type": "function", "function": {"name": name, "arguments": ""}}]}),
+                        );
+                        deltas.push(
+                            json!({"tool_calls": [{"index": k, "function": {"arguments": args}}]}),
+                        );
                     }
                     if !calls.is_empty() && finish == Some("stop") {
                         finish = Some("tool_calls");
@@ -547,8 +551,13 @@ impl Streamer {
                 let mut lp = Some(lp);
                 for (j, delta) in deltas.into_iter().enumerate() {
                     let f = if j == last { finish } else { None };
-                    let lp = if j == 0 { lp.take().unwrap_or(Value::Null) } else { Value::Null };
-                    let choice = json!({"index": idx, "delta": delta, "logprobs": lp, "finish_reason": f});
+                    let lp = if j == 0 {
+                        lp.take().unwrap_or(Value::Null)
+                    } else {
+                        Value::Null
+                    };
+                    let choice =
+                        json!({"index": idx, "delta": delta, "logprobs": lp, "finish_reason": f});
                     let chunk = self.meta.envelope(true, vec![choice]);
                     self.pending.push_back(sse(&chunk));
                 }

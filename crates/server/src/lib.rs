@@ -151,9 +151,8 @@ impl Shared {
             tandem_engine::Grammars::new(tok, self.engine.eos_token_ids(), self.engine.vocab_size())
                 .map(Arc::new)
         });
-        g.clone().map_err(|e| {
-            ApiError::bad_request(format!("structured output is not available: {e}"))
-        })
+        g.clone()
+            .map_err(|e| ApiError::bad_request(format!("structured output is not available: {e}")))
     }
 }
 

@@ -1,15 +1,15 @@
 //! The HTTP handlers. Each reads its body by hand (see [`crate::protocol::parse_body`]) so that
 //! every client mistake is a 4xx in OpenAI's shape.
 
-use crate::error::ApiError;
 use crate::chat_out::ToolFormat;
+use crate::error::ApiError;
 use crate::generate::{self, Api, ChatOpts, Job};
-use crate::structured::{self, ToolChoice};
 use crate::limits::{Held, LimitError};
 use crate::protocol::{
     chat_messages, parse_body, ChatRequest, CompletionRequest, DetokenizeRequest, Prompt,
     TokenizeRequest,
 };
+use crate::structured::{self, ToolChoice};
 use crate::{AppState, Shared};
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Request, State};
@@ -265,8 +265,9 @@ async fn completions_inner(s: &Arc<Shared>, req: Request) -> Result<Response, Ap
     let stream = r.stream.unwrap_or(false);
     let include_usage = stream_usage(stream, r.stream_options.as_ref())?;
     let grammar = match &r.structured_outputs {
-        Some(v) => structured::structured_outputs(v)?
-            .map(|spec| Grammars::grammar(&spec, Reasoning::None)),
+        Some(v) => {
+            structured::structured_outputs(v)?.map(|spec| Grammars::grammar(&spec, Reasoning::None))
+        }
         None => None,
     };
     let constraints = constraints(
@@ -392,15 +393,15 @@ async fn chat_inner(s: &Arc<Shared>, req: Request) -> Result<Response, ApiError>
             })?;
             let (sel, max_calls): (Vec<&structured::Tool>, usize) = match &choice {
                 ToolChoice::Named(n) => (tools.iter().filter(|t| &t.name == n).collect(), 1),
-                _ => (tools.iter().collect(), if parallel { MAX_FORCED_CALLS } else { 1 }),
+                _ => (
+                    tools.iter().collect(),
+                    if parallel { MAX_FORCED_CALLS } else { 1 },
+                ),
             };
             let (body, rules) = structured::tool_call_lark(f, &sel, max_calls)?;
             (Some(Grammars::lark(&body, &rules, reasoning)), "tools")
         }
-        _ => (
-            spec.map(|sp| Grammars::grammar(&sp, reasoning)),
-            spec_param,
-        ),
+        _ => (spec.map(|sp| Grammars::grammar(&sp, reasoning)), spec_param),
     };
     let chat = ChatOpts {
         think,

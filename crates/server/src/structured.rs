@@ -9,7 +9,7 @@ use tandem_engine::constraint::{compact_schema, lark_str};
 use tandem_engine::ConstraintSpec;
 
 fn bad(param: &str, msg: impl Into<String>) -> ApiError {
-    ApiError::bad_param(param, msg.into())
+    ApiError::bad_param(param, format!("{param}: {}", msg.into()))
 }
 
 /// OpenAI's `response_format`: `text` (none), `json_object`, or `json_schema` with `name`,
@@ -73,7 +73,10 @@ pub fn structured_outputs(v: &Value) -> Result<Option<ConstraintSpec>, ApiError>
         return Ok(None);
     }
     let Some(o) = v.as_object() else {
-        return Err(bad("structured_outputs", "structured_outputs must be an object"));
+        return Err(bad(
+            "structured_outputs",
+            "structured_outputs must be an object",
+        ));
     };
     let mut found = Vec::new();
     for (k, val) in o {
@@ -147,15 +150,22 @@ pub fn tools(list: &[Value]) -> Result<Vec<Tool>, ApiError> {
     for (i, t) in list.iter().enumerate() {
         let p = format!("tools[{i}]");
         if t.get("type").and_then(Value::as_str) != Some("function") {
-            return Err(bad(&format!("{p}.type"), "only tools of type \"function\" are supported"));
+            return Err(bad(
+                &format!("{p}.type"),
+                "only tools of type \"function\" are supported",
+            ));
         }
         let Some(f) = t.get("function").and_then(Value::as_object) else {
-            return Err(bad(&format!("{p}.function"), "a tool needs a function object"));
+            return Err(bad(
+                &format!("{p}.function"),
+                "a tool needs a function object",
+            ));
         };
         let name = match f.get("name").and_then(Value::as_str) {
             Some(n)
                 if !n.is_empty()
-                    && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.') =>
+                    && n.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.') =>
             {
                 n.to_string()
             }
@@ -167,7 +177,10 @@ pub fn tools(list: &[Value]) -> Result<Vec<Tool>, ApiError> {
             }
         };
         if out.iter().any(|o| o.name == name) {
-            return Err(bad(&format!("{p}.function.name"), format!("duplicate function {name:?}")));
+            return Err(bad(
+                &format!("{p}.function.name"),
+                format!("duplicate function {name:?}"),
+            ));
         }
         let parameters = match f.get("parameters") {
             None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
@@ -228,13 +241,17 @@ pub fn tool_choice(v: Option<&Value>, tools: &[Tool]) -> Result<ToolChoice, ApiE
                 }
             }
         }
-        Some(_) => return Err(bad("tool_choice", "tool_choice must be a string or an object")),
+        Some(_) => {
+            return Err(bad(
+                "tool_choice",
+                "tool_choice must be a string or an object",
+            ))
+        }
     };
     match &c {
-        ToolChoice::Required | ToolChoice::Auto if tools.is_empty() => Err(bad(
-            "tool_choice",
-            "tool_choice needs tools",
-        )),
+        ToolChoice::Required | ToolChoice::Auto if tools.is_empty() => {
+            Err(bad("tool_choice", "tool_choice needs tools"))
+        }
         ToolChoice::Named(n) if !tools.iter().any(|t| &t.name == n) => Err(bad(
             "tool_choice",
             format!("tool_choice names {n:?}, which is not in tools"),
@@ -307,9 +324,18 @@ mod tests {
         );
         for (v, param) in [
             (json!({"type": "xml"}), "response_format.type"),
-            (json!({"type": "json_schema"}), "response_format.json_schema"),
-            (json!({"type": "json_schema", "json_schema": {"schema": 3}}), "response_format.json_schema.schema"),
-            (json!({"type": "json_schema", "json_schema": {"schema": {}, "bogus": 1}}), "response_format.json_schema.bogus"),
+            (
+                json!({"type": "json_schema"}),
+                "response_format.json_schema",
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"schema": 3}}),
+                "response_format.json_schema.schema",
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"schema": {}, "bogus": 1}}),
+                "response_format.json_schema.bogus",
+            ),
         ] {
             let e = response_format(&v).expect_err(param);
             assert_eq!(e.param.as_deref(), Some(param), "{v}");
@@ -348,10 +374,18 @@ mod tests {
         assert_eq!(tool_choice(None, &t).unwrap(), ToolChoice::Auto);
         assert_eq!(tool_choice(None, &[]).unwrap(), ToolChoice::None);
         assert_eq!(
-            tool_choice(Some(&json!({"type": "function", "function": {"name": "f"}})), &t).unwrap(),
+            tool_choice(
+                Some(&json!({"type": "function", "function": {"name": "f"}})),
+                &t
+            )
+            .unwrap(),
             ToolChoice::Named("f".into())
         );
-        let e = tool_choice(Some(&json!({"type": "function", "function": {"name": "g"}})), &t).unwrap_err();
+        let e = tool_choice(
+            Some(&json!({"type": "function", "function": {"name": "g"}})),
+            &t,
+        )
+        .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("tool_choice"));
         let e = tool_choice(Some(&json!("required")), &[]).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("tool_choice"));
@@ -359,7 +393,8 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("tools[0].function.name"));
         let e = tools(&[json!({"type": "retrieval"})]).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("tools[0].type"));
-        let e = tools(&[json!({"type": "function", "function": {"name": "a", "parameters": []}})]).unwrap_err();
+        let e = tools(&[json!({"type": "function", "function": {"name": "a", "parameters": []}})])
+            .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("tools[0].function.parameters"));
     }
 }
