@@ -154,11 +154,19 @@ fn constraints(
     s: &Shared,
     grammar: Option<TopLevelGrammar>,
     count: usize,
+    min_tokens: usize,
     param: &str,
 ) -> Result<Vec<Box<dyn TokenConstraint>>, ApiError> {
     let Some(g) = grammar else {
         return Ok(Vec::new());
     };
+    if min_tokens > 0 {
+        // The constraint may allow nothing but EOS, which min_tokens would forbid.
+        return Err(ApiError::bad_param(
+            "min_tokens",
+            format!("min_tokens cannot be combined with {param}"),
+        ));
+    }
     let grammars = s.grammars()?;
     (0..count)
         .map(|_| {
@@ -274,6 +282,7 @@ async fn completions_inner(s: &Arc<Shared>, req: Request) -> Result<Response, Ap
         s,
         grammar,
         prompts.len() * params.n.max(1),
+        params.min_tokens,
         "structured_outputs",
     )?;
     generate::run(
@@ -424,7 +433,13 @@ async fn chat_inner(s: &Arc<Shared>, req: Request) -> Result<Response, ApiError>
     check_max_tokens(s, param, max_tokens)?;
     let stream = r.stream.unwrap_or(false);
     let include_usage = stream_usage(stream, r.stream_options.as_ref())?;
-    let constraints = constraints(s, grammar, params.n.max(1), grammar_param)?;
+    let constraints = constraints(
+        s,
+        grammar,
+        params.n.max(1),
+        params.min_tokens,
+        grammar_param,
+    )?;
     generate::run(
         s,
         Job {
