@@ -56,6 +56,14 @@ pub struct ServeArgs {
     /// limit (behind a proxy every request comes from the proxy's address).
     #[arg(long, default_value_t = ServerOptions::default().max_concurrent_per_ip)]
     pub max_concurrent_per_ip: usize,
+    /// The tool-call format to parse from chat output: hermes (Qwen, Hermes), mistral,
+    /// deepseek_v3, glm45 or harmony (GPT-OSS). Default: detected from the chat template.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(tandem_server::chat_out::ToolFormat::NAMES))]
+    pub tool_call_parser: Option<String>,
+    /// Split `<think>...</think>` off into `reasoning_content` (on / off). Default: when the
+    /// chat template mentions `<think>`.
+    #[arg(long, value_parser = ["on", "off"])]
+    pub reasoning_parser: Option<String>,
     #[command(flatten)]
     pub shape: crate::generate::ShapeArgs,
     #[command(flatten)]
@@ -107,6 +115,8 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
             max_tokens: a.max_tokens,
             max_n: a.max_n,
             max_concurrent_per_ip: a.max_concurrent_per_ip,
+            tool_call_parser: a.tool_call_parser.clone(),
+            reasoning: a.reasoning_parser.as_deref().map(|r| r == "on"),
             ..ServerOptions::default()
         };
         opts.validate().context("checking the serve limits")?;

@@ -22,7 +22,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use tandem_core::{Deployment, RequestId};
 use tandem_model::{KvCache, Model, Tokenizer};
-use tandem_sched::{Sampler, SamplingParams, Scheduler, SchedulerConfig, Sequence};
+use tandem_sched::{
+    Sampler, SamplingParams, Scheduler, SchedulerConfig, Sequence, TokenConstraint,
+};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 #[derive(Debug, Clone)]
@@ -335,14 +337,30 @@ impl Engine {
         &self.eos
     }
 
+    /// The model's vocabulary (the width of a logits row).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
     /// Queues a request on the next replica (round robin) and returns its output stream.
     pub fn add_request(
         &self,
         prompt: Vec<u32>,
         params: SamplingParams,
     ) -> Result<RequestHandle, EngineError> {
+        self.add_constrained(prompt, params, None)
+    }
+
+    /// [`Engine::add_request`] with a constraint on the output tokens (structured output,
+    /// see [`crate::constraint`]); `None` is unconstrained.
+    pub fn add_constrained(
+        &self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        constraint: Option<Box<dyn TokenConstraint>>,
+    ) -> Result<RequestHandle, EngineError> {
         let r = self.next_replica.fetch_add(1, Ordering::Relaxed) % self.n_replicas.max(1);
-        self.add_request_to(r, prompt, params)
+        self.add_to(r, prompt, params, constraint)
     }
 
     /// Queues a request on replica `replica`.
@@ -351,6 +369,16 @@ impl Engine {
         replica: usize,
         prompt: Vec<u32>,
         params: SamplingParams,
+    ) -> Result<RequestHandle, EngineError> {
+        self.add_to(replica, prompt, params, None)
+    }
+
+    fn add_to(
+        &self,
+        replica: usize,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        constraint: Option<Box<dyn TokenConstraint>>,
     ) -> Result<RequestHandle, EngineError> {
         if let Some(why) = self.dead.lock().ok().and_then(|d| d.clone()) {
             return Err(EngineError::Stopped(why));
@@ -383,7 +411,10 @@ impl Engine {
             params.include_stop_str_in_output,
             prompt.len(),
         );
-        let seq = Sequence::new(id, prompt, params, self.eos.clone());
+        let mut seq = Sequence::new(id, prompt, params, self.eos.clone());
+        if let Some(c) = constraint {
+            seq = seq.with_constraint(c);
+        }
         self.send(
             Some(replica),
             ReplicaCmd::Add(Box::new(seq), Box::new(state)),

@@ -6,6 +6,7 @@
 //! [`Engine`] is the API: `add_request` returns a stream of outputs; `abort` cancels.
 
 pub mod auth;
+pub mod constraint;
 pub mod engine;
 pub mod expert_worker;
 pub mod lanes;
@@ -23,6 +24,7 @@ pub mod tls;
 pub mod transport;
 pub mod wire;
 
+pub use constraint::{ConstraintSpec, Grammars, Reasoning};
 pub use engine::{Engine, EngineOptions, HealthProbe, RequestHandle};
 pub use output::{Finish, RequestOutput};
 pub use stats::StatsSnapshot;

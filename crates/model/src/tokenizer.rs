@@ -160,6 +160,23 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        let msgs =
+            serde_json::to_value(messages).map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
+        self.render_chat(&msgs, None, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    /// Renders the chat template as transformers' `apply_chat_template` does: `messages` as
+    /// JSON objects (an assistant's `tool_calls`, a tool message's `tool_call_id` and `name`
+    /// are passed through), `tools` (the OpenAI tool list, `None` when the request has none)
+    /// and extra template variables (`chat_template_kwargs`, e.g. `enable_thinking`,
+    /// `reasoning_effort`), which cannot override the ones set here.
+    pub fn render_chat(
+        &self,
+        messages: &Value,
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+        kwargs: &serde_json::Map<String, Value>,
+    ) -> Result<String> {
         let tmpl = self
             .chat_template
             .as_deref()
@@ -181,13 +198,25 @@ impl Tokenizer {
         let t = env
             .get_template("chat")
             .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
-        t.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.clone().unwrap_or_default(),
-            eos_token => self.eos_token.clone().unwrap_or_default(),
-        })
-        .map_err(|e| ModelError::ChatTemplate(e.to_string()))
+        let mut ctx = kwargs.clone();
+        ctx.insert("messages".into(), messages.clone());
+        if let Some(tools) = tools {
+            ctx.insert("tools".into(), tools.clone());
+        }
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Value::Bool(add_generation_prompt),
+        );
+        ctx.insert(
+            "bos_token".into(),
+            Value::String(self.bos_token.clone().unwrap_or_default()),
+        );
+        ctx.insert(
+            "eos_token".into(),
+            Value::String(self.eos_token.clone().unwrap_or_default()),
+        );
+        t.render(minijinja::Value::from_serialize(&ctx))
+            .map_err(|e| ModelError::ChatTemplate(e.to_string()))
     }
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {

@@ -5,6 +5,7 @@
 //!   struct (token ids, positions, block tables) that the model runner executes.
 //! * [`sampling`]: request sampling parameters, the per-request RNG and the sampler.
 //! * [`stop`]: stop strings over streamed text.
+//! * [`constraint`]: per-sequence token constraints (structured output), masked before sampling.
 //!
 //! An engine step is `schedule()` -> run the model -> sample each sequence with
 //! `samples == true` -> `update()` (the shape of nano-vllm's `LLMEngine.step`).
@@ -13,11 +14,13 @@
 //! `block_table[p / block_size]` at offset `p % block_size`.
 
 pub mod block_manager;
+pub mod constraint;
 pub mod sampling;
 pub mod scheduler;
 pub mod stop;
 
 pub use block_manager::{AllocOutcome, BlockError, BlockId, BlockManager, PrefixCacheStats};
+pub use constraint::{Commit, TokenConstraint};
 pub use sampling::{
     RequestRng, SampleError, Sampled, Sampler, SamplingParams, SamplingParamsError,
     GREEDY_TEMPERATURE, MAX_LOGPROBS,

@@ -42,6 +42,7 @@ use tandem_core::RequestId;
 use thiserror::Error;
 
 use crate::block_manager::{BlockError, BlockId, BlockManager, PrefixCacheStats};
+use crate::constraint::{Commit, ConstraintSlot, TokenConstraint};
 use crate::sampling::{
     RequestRng, SampleError, Sampled, Sampler, SamplingParams, SamplingParamsError,
 };
@@ -132,6 +133,12 @@ pub struct Sequence {
     num_cached_tokens: Option<usize>,
     /// The lane a running sequence is scheduled in (see [`Scheduler::set_lanes`]).
     lane: usize,
+    /// Structured output: the constraint on its tokens, if any.
+    constraint: ConstraintSlot,
+    /// The constraint said the structure is complete (ends the sequence with `stop`).
+    constraint_done: bool,
+    /// The constraint failed (ends the sequence with an error).
+    constraint_error: Option<String>,
 }
 
 impl Sequence {
@@ -157,7 +164,21 @@ impl Sequence {
             num_preemptions: 0,
             num_cached_tokens: None,
             lane: 0,
+            constraint: ConstraintSlot::default(),
+            constraint_done: false,
+            constraint_error: None,
         }
+    }
+
+    /// Constrains this sequence's tokens (structured output): see [`crate::constraint`].
+    pub fn with_constraint(mut self, c: Box<dyn TokenConstraint>) -> Self {
+        self.constraint = ConstraintSlot::new(c);
+        self
+    }
+
+    /// Whether a constraint applies to this sequence's tokens.
+    pub fn is_constrained(&self) -> bool {
+        self.constraint.is_some()
     }
 
     pub fn id(&self) -> RequestId {
@@ -247,6 +268,14 @@ impl Sequence {
             return None;
         }
         let last = *self.token_ids.last()?;
+        if let Some(e) = &self.constraint_error {
+            return Some((FinishReason::Error(e.clone()), None));
+        }
+        if self.constraint_done {
+            let eos =
+                self.eos_token_ids.contains(&last) || self.params.stop_token_ids.contains(&last);
+            return Some((FinishReason::Stop, eos.then_some(last)));
+        }
         if out >= self.params.min_tokens {
             let eos = !self.params.ignore_eos && self.eos_token_ids.contains(&last);
             if eos || self.params.stop_token_ids.contains(&last) {
@@ -749,10 +778,20 @@ impl Scheduler {
         sampler: &Sampler,
         logits: &mut [f32],
     ) -> Result<Sampled, SchedError> {
-        let inputs = self
-            .sampling_inputs(id)
+        let seq = self
+            .seqs
+            .get_mut(&id)
             .ok_or(SchedError::UnknownRequest(id))?;
-        sampler
+        let constraint = seq.constraint.clone();
+        // A failed constraint is the sequence's own error, never the batch's: it samples
+        // unconstrained this once and ends with the error at `update`.
+        if seq.constraint_error.is_none() && !seq.constraint_done {
+            if let Some(Err(e)) = constraint.with(|c| c.apply(logits)) {
+                seq.constraint_error = Some(format!("structured output: {e}"));
+            }
+        }
+        let inputs = seq.sampling_inputs();
+        let s = sampler
             .sample(
                 logits,
                 inputs.params,
@@ -760,7 +799,15 @@ impl Scheduler {
                 inputs.output_ids,
                 inputs.rng,
             )
-            .map_err(|source| SchedError::Sample { id, source })
+            .map_err(|source| SchedError::Sample { id, source })?;
+        if seq.constraint_error.is_none() && !seq.constraint_done {
+            match constraint.with(|c| c.commit(s.token)) {
+                None | Some(Ok(Commit::Continue)) => {}
+                Some(Ok(Commit::Done)) => seq.constraint_done = true,
+                Some(Err(e)) => seq.constraint_error = Some(format!("structured output: {e}")),
+            }
+        }
+        Ok(s)
     }
 
     /// Sampling inputs of a live sequence.

@@ -1,6 +1,7 @@
 //! Drives engine requests for one HTTP request: admission, fan-out (`n` choices per prompt),
 //! the abort-on-drop guard, and OpenAI's response and SSE chunk shapes.
 
+use crate::chat_out::{tool_call_json, ChatSplitter, Piece, ToolFormat};
 use crate::error::ApiError;
 use crate::metrics_export::record_seconds;
 use crate::Shared;
@@ -18,7 +19,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tandem_core::RequestId;
 use tandem_engine::{Engine, RequestOutput};
 use tandem_model::Tokenizer;
-use tandem_sched::{FinishReason, SamplingParams};
+use tandem_sched::{FinishReason, SamplingParams, TokenConstraint};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -46,6 +47,26 @@ pub(crate) struct Job {
     /// Return logprobs (the top-N count is `params.logprobs`).
     pub logprobs: bool,
     pub arrival: Instant,
+    /// One constraint per engine request (prompt-major, then choice), or none.
+    pub constraints: Vec<Box<dyn TokenConstraint>>,
+    /// Chat: how to split the output into reasoning, content and tool calls.
+    pub chat: Option<ChatOpts>,
+}
+
+/// How a chat choice's text is split (see [`crate::chat_out`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChatOpts {
+    pub think: bool,
+    pub open_think: bool,
+    pub tools: Option<ToolFormat>,
+    /// `parallel_tool_calls: false` keeps the first call only.
+    pub parallel: bool,
+}
+
+impl ChatOpts {
+    fn splitter(&self) -> ChatSplitter {
+        ChatSplitter::new(self.think, self.open_think, self.tools)
+    }
 }
 
 /// Holds a request's admission permits and aborts its unfinished engine requests when
@@ -92,6 +113,8 @@ struct Choice {
     last_token: Option<Instant>,
     /// Characters of text (in token strings) before the next logprob, for `text_offset`.
     offset: usize,
+    /// Chat: the streamed split into reasoning, content and tool calls.
+    split: Option<ChatSplitter>,
 }
 
 /// What one engine event changed.
@@ -214,6 +237,7 @@ struct Meta {
     include_usage: bool,
     arrival: Instant,
     tok: Option<Arc<Tokenizer>>,
+    chat: Option<ChatOpts>,
 }
 
 impl Meta {
@@ -284,12 +308,15 @@ pub(crate) async fn run(state: &Arc<Shared>, job: Job) -> Result<Response, ApiEr
     };
     let mut events: Events = SelectAll::new();
     let prompt_tokens: usize = job.prompts.iter().map(Vec::len).sum();
+    let mut constraints = job.constraints.into_iter();
     for p in &job.prompts {
         for i in 0..n {
             let mut params = job.params.clone();
             params.n = 1;
             params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
-            let h = state.engine.add_request(p.clone(), params)?;
+            let h = state
+                .engine
+                .add_constrained(p.clone(), params, constraints.next())?;
             let idx = guard.ids.len();
             guard.ids.push(Some(h.id));
             events.push(Box::pin(
@@ -313,8 +340,14 @@ pub(crate) async fn run(state: &Arc<Shared>, job: Job) -> Result<Response, ApiEr
         include_usage: job.include_usage,
         arrival: job.arrival,
         tok: state.tokenizer.clone(),
+        chat: job.chat,
     };
-    let choices: Vec<Choice> = (0..total).map(|_| Choice::default()).collect();
+    let choices: Vec<Choice> = (0..total)
+        .map(|_| Choice {
+            split: job.chat.map(|c| c.splitter()),
+            ..Choice::default()
+        })
+        .collect();
     if job.stream {
         Ok(stream_response(Streamer::new(meta, events, guard, choices)))
     } else {
@@ -361,12 +394,10 @@ async fn collect(
                 Api::Completion => json!({
                     "index": i, "text": c.text, "logprobs": lp, "finish_reason": c.finish,
                 }),
-                Api::Chat => json!({
-                    "index": i,
-                    "message": {"role": "assistant", "content": c.text},
-                    "logprobs": lp,
-                    "finish_reason": c.finish,
-                }),
+                Api::Chat => {
+                    let (message, finish) = chat_message(&meta, i, c);
+                    json!({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
+                }
             }
         })
         .collect();
@@ -381,6 +412,43 @@ async fn collect(
         body.to_string(),
     )
         .into_response())
+}
+
+/// The id of call `k` of choice `i` (unique in the response).
+fn call_id(meta: &Meta, i: usize, k: usize) -> String {
+    format!("call_{}_{i}_{k}", meta.id.trim_start_matches("chatcmpl-"))
+}
+
+/// A non-streamed chat choice's message and finish reason.
+fn chat_message(meta: &Meta, i: usize, c: &Choice) -> (Value, Option<&'static str>) {
+    let Some(opts) = meta.chat else {
+        return (json!({"role": "assistant", "content": c.text}), c.finish);
+    };
+    let mut p = opts.splitter().split_all(&c.text);
+    if !opts.parallel {
+        p.calls.truncate(1);
+    }
+    let mut m = json!({"role": "assistant", "content": p.content});
+    if !p.reasoning.is_empty() {
+        m["reasoning_content"] = Value::String(p.reasoning);
+    }
+    let mut finish = c.finish;
+    if !p.calls.is_empty() {
+        if p.content.is_empty() {
+            m["content"] = Value::Null;
+        }
+        let calls: Vec<Value> = p
+            .calls
+            .iter()
+            .enumerate()
+            .map(|(k, (name, args))| tool_call_json(&call_id(meta, i, k), name, args))
+            .collect();
+        m["tool_calls"] = Value::Array(calls);
+        if finish == Some("stop") {
+            finish = Some("tool_calls");
+        }
+    }
+    (m, finish)
 }
 
 /// The SSE body's state: pending chunks, the merged engine events, the guard (dropped with
@@ -443,11 +511,60 @@ impl Streamer {
         } else {
             Value::Null
         };
-        let finish = match d.finish {
+        let mut finish = match d.finish {
             Some(Err(e)) => return self.fail(e),
             Some(Ok(f)) => Some(f),
             None => None,
         };
+        if self.meta.api == Api::Chat {
+            if let (Some(sp), Some(opts)) = (c.split.as_mut(), self.meta.chat) {
+                let mut deltas: Vec<Value> = Vec::new();
+                let piece = |p: Piece| match p {
+                    Piece::Content(t) => json!({"content": t}),
+                    Piece::Reasoning(t) => json!({"reasoning_content": t}),
+                };
+                deltas.extend(sp.push(&d.text).into_iter().map(piece));
+                if finish.is_some() {
+                    let (rest, mut calls) = sp.finish();
+                    deltas.extend(rest.into_iter().map(piece));
+                    if !opts.parallel {
+                        calls.truncate(1);
+                    }
+                    for (k, (name, args)) in calls.iter().enumerate() {
+                        // The id, type and name first, then the arguments.
+                        deltas.push(
+                            json!({"tool_calls": [{"index": k, "id": call_id(&self.meta, idx, k),
+                            "type": "function", "function": {"name": name, "arguments": ""}}]}),
+                        );
+                        deltas.push(
+                            json!({"tool_calls": [{"index": k, "function": {"arguments": args}}]}),
+                        );
+                    }
+                    if !calls.is_empty() && finish == Some("stop") {
+                        finish = Some("tool_calls");
+                    }
+                }
+                if deltas.is_empty() && (!lp.is_null() || finish.is_some()) {
+                    deltas.push(json!({}));
+                }
+                let last = deltas.len().saturating_sub(1);
+                let mut lp = Some(lp);
+                for (j, delta) in deltas.into_iter().enumerate() {
+                    let f = if j == last { finish } else { None };
+                    let lp = if j == 0 {
+                        lp.take().unwrap_or(Value::Null)
+                    } else {
+                        Value::Null
+                    };
+                    let choice =
+                        json!({"index": idx, "delta": delta, "logprobs": lp, "finish_reason": f});
+                    let chunk = self.meta.envelope(true, vec![choice]);
+                    self.pending.push_back(sse(&chunk));
+                }
+                self.after_event(idx, finish.is_some());
+                return;
+            }
+        }
         if !d.text.is_empty() || !lp.is_null() || finish.is_some() {
             let choice = match self.meta.api {
                 Api::Completion => json!({
@@ -465,7 +582,12 @@ impl Streamer {
             let chunk = self.meta.envelope(true, vec![choice]);
             self.pending.push_back(sse(&chunk));
         }
-        if finish.is_some() {
+        self.after_event(idx, finish.is_some());
+    }
+
+    /// Counts a finished choice; after the last, the usage chunk and `[DONE]`.
+    fn after_event(&mut self, idx: usize, finished: bool) {
+        if finished {
             self.guard.done(idx);
             self.left -= 1;
             if self.left == 0 {

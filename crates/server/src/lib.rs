@@ -23,12 +23,14 @@
 //! engine.
 
 pub mod auth;
+pub mod chat_out;
 pub mod error;
 mod generate;
 pub mod limits;
 pub mod metrics_export;
 pub mod protocol;
 mod routes;
+pub mod structured;
 
 use axum::routing::{get, post};
 use axum::Router;
@@ -69,6 +71,12 @@ pub struct ServerOptions {
     /// Most requests in flight from one client IP address (429 beyond); 0 = no limit (for
     /// a server behind a proxy, where every request comes from the proxy's address).
     pub max_concurrent_per_ip: usize,
+    /// The tool-call format to parse (`serve --tool-call-parser`, one of
+    /// [`chat_out::ToolFormat::NAMES`]); `None`: detected from the chat template.
+    pub tool_call_parser: Option<String>,
+    /// Whether `<think>...</think>` is split off into `reasoning_content`
+    /// (`serve --reasoning-parser`); `None`: when the chat template mentions `<think>`.
+    pub reasoning: Option<bool>,
 }
 
 /// A [`ServerOptions`] value that cannot work.
@@ -108,6 +116,8 @@ impl Default for ServerOptions {
             max_tokens: 32768,
             max_n: protocol::MAX_CHOICES,
             max_concurrent_per_ip: 128,
+            tool_call_parser: None,
+            reasoning: None,
         }
     }
 }
@@ -122,11 +132,29 @@ pub struct Shared {
     pub(crate) created: u64,
     pub(crate) next_id: AtomicU64,
     pub(crate) prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The structured-output compiler, built at the first request that needs it.
+    pub(crate) grammars: std::sync::OnceLock<Result<Arc<tandem_engine::Grammars>, String>>,
 }
 
 /// The router's state (cheap to clone).
 #[derive(Clone)]
 pub struct AppState(pub Arc<Shared>);
+
+impl Shared {
+    /// The structured-output compiler over this model's tokenizer (built once).
+    pub(crate) fn grammars(&self) -> Result<Arc<tandem_engine::Grammars>, ApiError> {
+        let g = self.grammars.get_or_init(|| {
+            let tok = self
+                .tokenizer
+                .as_deref()
+                .ok_or("this model has no tokenizer")?;
+            tandem_engine::Grammars::new(tok, self.engine.eos_token_ids(), self.engine.vocab_size())
+                .map(Arc::new)
+        });
+        g.clone()
+            .map_err(|e| ApiError::bad_request(format!("structured output is not available: {e}")))
+    }
+}
 
 impl AppState {
     /// Wraps an engine; installs the process-wide Prometheus recorder if it is not yet.
@@ -145,6 +173,7 @@ impl AppState {
             created: generate::unix_now(),
             next_id: AtomicU64::new(0),
             prometheus: install_metrics(),
+            grammars: std::sync::OnceLock::new(),
         }))
     }
 

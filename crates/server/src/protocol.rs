@@ -3,16 +3,16 @@
 //!
 //! Unknown fields are rejected with a 400 (as OpenAI does). Known OpenAI fields this server
 //! does not implement are accepted when they ask for the default behaviour (`user`,
-//! `metadata`, `store`, `service_tier`, `parallel_tool_calls`, an empty `logit_bias`,
-//! `tool_choice: "none"`, `response_format: {"type": "text"}`, `echo: false`, `best_of == n`)
-//! and rejected with a 400 naming the field otherwise.
+//! `metadata`, `store`, `service_tier`, an empty `logit_bias`, `echo: false`, `best_of == n`)
+//! and rejected with a 400 naming the field otherwise. Structured output and tools
+//! (`response_format`, `structured_outputs`, `tools`, `tool_choice`) are checked in
+//! [`crate::structured`].
 
 use crate::error::ApiError;
 use crate::limits::LimitError;
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::HashMap;
-use tandem_model::tokenizer::ChatMessage;
 use tandem_sched::SamplingParams;
 
 /// The default of the largest `n` a request may ask for (`serve --max-n`,
@@ -134,6 +134,8 @@ sampling_fields!(request_struct! {
         pub suffix: Option<String>,
         /// Completions only; accepted when equal to `n`.
         pub best_of: Option<usize>,
+        /// vLLM's structured output (`json`, `regex`, `choice`, `grammar`).
+        pub structured_outputs: Option<Value>,
     }
 });
 
@@ -159,6 +161,16 @@ pub struct InMessage {
     pub content: Option<Content>,
     #[serde(default)]
     pub name: Option<String>,
+    /// An assistant's calls (OpenAI's shape: `id`, `type`, `function.name`,
+    /// `function.arguments` as JSON text).
+    #[serde(default)]
+    pub tool_calls: Option<Vec<Value>>,
+    /// A tool message's answer to this call.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    /// An assistant's reasoning, passed to templates that render it.
+    #[serde(default)]
+    pub reasoning_content: Option<String>,
 }
 
 sampling_fields!(request_struct! {
@@ -176,6 +188,12 @@ sampling_fields!(request_struct! {
         pub tools: Option<Vec<Value>>,
         pub tool_choice: Option<Value>,
         pub parallel_tool_calls: Option<bool>,
+        /// vLLM's structured output (`json`, `regex`, `choice`, `grammar`).
+        pub structured_outputs: Option<Value>,
+        /// Passed to the chat template (templates that take it, e.g. GPT-OSS).
+        pub reasoning_effort: Option<String>,
+        /// Extra chat template variables (e.g. `{"enable_thinking": false}`).
+        pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     }
 });
 
@@ -298,41 +316,54 @@ impl CompletionRequest {
 
 impl ChatRequest {
     pub fn check_unsupported(&self) -> Result<(), ApiError> {
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::bad_param("tools", "tools are not supported"));
-        }
-        match &self.tool_choice {
-            None | Some(Value::Null) => {}
-            Some(Value::String(s)) if s == "none" || s == "auto" => {}
-            Some(_) => {
-                return Err(ApiError::bad_param(
-                    "tool_choice",
-                    "tool_choice is not supported (only \"none\" or \"auto\")",
-                ))
-            }
-        }
-        if let Some(rf) = &self.response_format {
-            let kind = rf.get("type").and_then(Value::as_str);
-            if !(rf.is_null() || kind == Some("text")) {
-                return Err(ApiError::bad_param(
-                    "response_format",
-                    "response_format is not supported (only {\"type\": \"text\"})",
-                ));
-            }
-        }
         if self.top_logprobs.is_some_and(|k| k > 0) && self.logprobs != Some(true) {
             return Err(ApiError::bad_param(
                 "top_logprobs",
                 "top_logprobs requires logprobs: true",
             ));
         }
+        if let Some(e) = &self.reasoning_effort {
+            if !matches!(e.as_str(), "minimal" | "low" | "medium" | "high") {
+                return Err(ApiError::bad_param(
+                    "reasoning_effort",
+                    "reasoning_effort is one of minimal, low, medium and high",
+                ));
+            }
+        }
         Ok(())
     }
 }
 
-/// The conversation as the chat template sees it. Roles: system, developer (rendered as
-/// system), user, assistant.
-pub fn chat_messages(msgs: &[InMessage]) -> Result<Vec<ChatMessage>, ApiError> {
+fn text_of(i: usize, c: &Option<Content>) -> Result<String, ApiError> {
+    Ok(match c {
+        None => String::new(),
+        Some(Content::Text(s)) => s.clone(),
+        Some(Content::Parts(parts)) => {
+            let mut s = String::new();
+            for p in parts {
+                match (p.kind.as_str(), &p.text) {
+                    ("text", Some(t)) => s.push_str(t),
+                    _ => {
+                        return Err(ApiError::bad_param(
+                            &format!("messages[{i}].content"),
+                            format!(
+                                "unsupported content part of type {:?} (only text parts)",
+                                p.kind
+                            ),
+                        ))
+                    }
+                }
+            }
+            s
+        }
+    })
+}
+
+/// The conversation as the chat template sees it (transformers' shapes). Roles: system,
+/// developer (rendered as system), user, assistant (with its `tool_calls`, whose
+/// `arguments` are given to the template as objects, as vLLM does), tool (with
+/// `tool_call_id` and `name`).
+pub fn chat_messages(msgs: &[InMessage]) -> Result<Vec<Value>, ApiError> {
     if msgs.is_empty() {
         return Err(ApiError::bad_param(
             "messages",
@@ -346,41 +377,71 @@ pub fn chat_messages(msgs: &[InMessage]) -> Result<Vec<ChatMessage>, ApiError> {
                 "system" | "developer" => "system",
                 "user" => "user",
                 "assistant" => "assistant",
+                "tool" => "tool",
                 other => {
                     return Err(ApiError::bad_param(
                         &format!("messages[{i}].role"),
                         format!(
-                            "unsupported role {other:?} (system, developer, user and assistant are supported)"
+                            "unsupported role {other:?} (system, developer, user, assistant and tool are supported)"
                         ),
                     ))
                 }
             };
-            let content = match &m.content {
-                None => String::new(),
-                Some(Content::Text(s)) => s.clone(),
-                Some(Content::Parts(parts)) => {
-                    let mut s = String::new();
-                    for p in parts {
-                        match (p.kind.as_str(), &p.text) {
-                            ("text", Some(t)) => s.push_str(t),
-                            _ => {
-                                return Err(ApiError::bad_param(
-                                    &format!("messages[{i}].content"),
-                                    format!(
-                                        "unsupported content part of type {:?} (only text parts)",
-                                        p.kind
-                                    ),
-                                ))
-                            }
-                        }
-                    }
-                    s
+            let mut out = serde_json::Map::new();
+            out.insert("role".into(), Value::String(role.into()));
+            out.insert("content".into(), Value::String(text_of(i, &m.content)?));
+            if let Some(n) = &m.name {
+                out.insert("name".into(), Value::String(n.clone()));
+            }
+            if let Some(calls) = &m.tool_calls {
+                if role != "assistant" {
+                    return Err(ApiError::bad_param(
+                        &format!("messages[{i}].tool_calls"),
+                        "only assistant messages have tool_calls",
+                    ));
                 }
-            };
-            Ok(ChatMessage {
-                role: role.to_string(),
-                content,
-            })
+                let mut list = Vec::new();
+                for (j, c) in calls.iter().enumerate() {
+                    let p = format!("messages[{i}].tool_calls[{j}]");
+                    let f = c.get("function").and_then(Value::as_object).ok_or_else(|| {
+                        ApiError::bad_param(&p, "a tool call needs a function object")
+                    })?;
+                    let name = f.get("name").and_then(Value::as_str).ok_or_else(|| {
+                        ApiError::bad_param(&format!("{p}.function.name"), "a tool call needs a name")
+                    })?;
+                    let args = match f.get("arguments") {
+                        None | Some(Value::Null) => Value::Object(Default::default()),
+                        Some(Value::String(s)) => serde_json::from_str(s).map_err(|e| {
+                            ApiError::bad_param(
+                                &format!("{p}.function.arguments"),
+                                format!("arguments must be JSON text: {e}"),
+                            )
+                        })?,
+                        Some(v) => v.clone(),
+                    };
+                    let mut call = serde_json::json!({
+                        "type": "function",
+                        "function": {"name": name, "arguments": args},
+                    });
+                    if let Some(id) = c.get("id") {
+                        call["id"] = id.clone();
+                    }
+                    list.push(call);
+                }
+                out.insert("tool_calls".into(), Value::Array(list));
+            }
+            if let Some(id) = &m.tool_call_id {
+                out.insert("tool_call_id".into(), Value::String(id.clone()));
+            } else if role == "tool" {
+                return Err(ApiError::bad_param(
+                    &format!("messages[{i}].tool_call_id"),
+                    "a tool message needs the tool_call_id it answers",
+                ));
+            }
+            if let Some(r) = &m.reasoning_content {
+                out.insert("reasoning_content".into(), Value::String(r.clone()));
+            }
+            Ok(Value::Object(out))
         })
         .collect()
 }
@@ -474,6 +535,8 @@ mod tests {
             "tools",
             "tool_choice",
             "parallel_tool_calls",
+            "reasoning_effort",
+            "chat_template_kwargs",
         ] {
             refused::<CompletionRequest>(with(completion_body(), field, json!(null)), field);
         }

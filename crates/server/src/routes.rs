@@ -1,13 +1,15 @@
 //! The HTTP handlers. Each reads its body by hand (see [`crate::protocol::parse_body`]) so that
 //! every client mistake is a 4xx in OpenAI's shape.
 
+use crate::chat_out::ToolFormat;
 use crate::error::ApiError;
-use crate::generate::{self, Api, Job};
+use crate::generate::{self, Api, ChatOpts, Job};
 use crate::limits::{Held, LimitError};
 use crate::protocol::{
     chat_messages, parse_body, ChatRequest, CompletionRequest, DetokenizeRequest, Prompt,
     TokenizeRequest,
 };
+use crate::structured::{self, ToolChoice};
 use crate::{AppState, Shared};
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Request, State};
@@ -18,7 +20,14 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
+use tandem_engine::constraint::TopLevelGrammar;
+use tandem_engine::{Grammars, Reasoning};
 use tandem_model::Tokenizer;
+use tandem_sched::TokenConstraint;
+
+/// Most calls a forced (`tool_choice: "required"`) answer may hold with
+/// `parallel_tool_calls` on: the constraint allows this many, so it always ends.
+const MAX_FORCED_CALLS: usize = 4;
 
 fn json_response(v: &Value) -> Response {
     (
@@ -100,11 +109,72 @@ fn render_chat(
     msgs: &[crate::protocol::InMessage],
     add_generation_prompt: bool,
 ) -> Result<Vec<u32>, ApiError> {
-    let msgs = chat_messages(msgs)?;
-    let text = tokenizer(s)?
-        .apply_chat_template(&msgs, add_generation_prompt)
-        .map_err(|e| ApiError::bad_param("messages", format!("{e}")))?;
+    let text = render_chat_text(s, msgs, None, add_generation_prompt, &Default::default())?;
     encode(s, &text, false)
+}
+
+/// The chat template over `msgs` (with `tools` and extra variables), as text.
+fn render_chat_text(
+    s: &Shared,
+    msgs: &[crate::protocol::InMessage],
+    tools: Option<&Value>,
+    add_generation_prompt: bool,
+    kwargs: &serde_json::Map<String, Value>,
+) -> Result<String, ApiError> {
+    let msgs = Value::Array(chat_messages(msgs)?);
+    tokenizer(s)?
+        .render_chat(&msgs, tools, add_generation_prompt, kwargs)
+        .map_err(|e| ApiError::bad_param("messages", format!("{e}")))
+}
+
+/// The tool-call format of this model: `serve --tool-call-parser`, else the template's.
+fn tool_format(s: &Shared) -> Option<ToolFormat> {
+    match &s.opts.tool_call_parser {
+        Some(n) => ToolFormat::from_name(n),
+        None => s
+            .tokenizer
+            .as_deref()
+            .and_then(|t| t.chat_template.as_deref())
+            .and_then(ToolFormat::detect),
+    }
+}
+
+/// Whether this model reasons in `<think>...</think>` first.
+fn thinks(s: &Shared) -> bool {
+    s.opts.reasoning.unwrap_or_else(|| {
+        s.tokenizer
+            .as_deref()
+            .and_then(|t| t.chat_template.as_deref())
+            .is_some_and(|t| t.contains("<think>"))
+    })
+}
+
+/// `count` constraints from `grammar` (a bad grammar or schema is a 400 naming `param`).
+fn constraints(
+    s: &Shared,
+    grammar: Option<TopLevelGrammar>,
+    count: usize,
+    min_tokens: usize,
+    param: &str,
+) -> Result<Vec<Box<dyn TokenConstraint>>, ApiError> {
+    let Some(g) = grammar else {
+        return Ok(Vec::new());
+    };
+    if min_tokens > 0 {
+        // The constraint may allow nothing but EOS, which min_tokens would forbid.
+        return Err(ApiError::bad_param(
+            "min_tokens",
+            format!("min_tokens cannot be combined with {param}"),
+        ));
+    }
+    let grammars = s.grammars()?;
+    (0..count)
+        .map(|_| {
+            grammars
+                .compile_grammar(g.clone())
+                .map_err(|e| ApiError::bad_param(param, format!("invalid {param}: {e}")))
+        })
+        .collect()
 }
 
 /// The operator's cap on `max_tokens` (`param` names the field the client used).
@@ -202,6 +272,19 @@ async fn completions_inner(s: &Arc<Shared>, req: Request) -> Result<Response, Ap
     check_max_tokens(s, "max_tokens", r.max_tokens)?;
     let stream = r.stream.unwrap_or(false);
     let include_usage = stream_usage(stream, r.stream_options.as_ref())?;
+    let grammar = match &r.structured_outputs {
+        Some(v) => {
+            structured::structured_outputs(v)?.map(|spec| Grammars::grammar(&spec, Reasoning::None))
+        }
+        None => None,
+    };
+    let constraints = constraints(
+        s,
+        grammar,
+        prompts.len() * params.n.max(1),
+        params.min_tokens,
+        "structured_outputs",
+    )?;
     generate::run(
         s,
         Job {
@@ -212,6 +295,8 @@ async fn completions_inner(s: &Arc<Shared>, req: Request) -> Result<Response, Ap
             include_usage,
             logprobs: r.logprobs.is_some(),
             arrival,
+            constraints,
+            chat: None,
         },
     )
     .await
@@ -262,7 +347,81 @@ async fn chat_inner(s: &Arc<Shared>, req: Request) -> Result<Response, ApiError>
             };
             e
         })?;
-    let prompt = render_chat(s, &r.messages, r.add_generation_prompt.unwrap_or(true))?;
+    // Tools and structured output, checked before anything is rendered.
+    let tools = structured::tools(r.tools.as_deref().unwrap_or(&[]))?;
+    let choice = structured::tool_choice(r.tool_choice.as_ref(), &tools)?;
+    let (spec, spec_param) = match (&r.response_format, &r.structured_outputs) {
+        (Some(a), Some(b)) if !a.is_null() && !b.is_null() => {
+            return Err(ApiError::bad_param(
+                "structured_outputs",
+                "give response_format or structured_outputs, not both",
+            ))
+        }
+        (Some(a), _) if !a.is_null() => (structured::response_format(a)?, "response_format"),
+        (_, Some(b)) => (structured::structured_outputs(b)?, "structured_outputs"),
+        _ => (None, "response_format"),
+    };
+    let format = tool_format(s);
+    let think = thinks(s);
+    let mut kwargs = r.chat_template_kwargs.clone().unwrap_or_default();
+    if let Some(e) = &r.reasoning_effort {
+        kwargs.insert("reasoning_effort".into(), Value::String(e.clone()));
+    }
+    // tool_choice "none": the model is not shown the tools.
+    let tools_value = match (&r.tools, &choice) {
+        (Some(t), c) if !t.is_empty() && *c != ToolChoice::None => Some(Value::Array(t.clone())),
+        _ => None,
+    };
+    let text = render_chat_text(
+        s,
+        &r.messages,
+        tools_value.as_ref(),
+        r.add_generation_prompt.unwrap_or(true),
+        &kwargs,
+    )?;
+    let open_think = think && text.trim_end().ends_with("<think>");
+    let reasoning = match (think, open_think) {
+        (false, _) => Reasoning::None,
+        (true, true) => Reasoning::Open,
+        (true, false) => Reasoning::Optional,
+    };
+    let parallel = r.parallel_tool_calls.unwrap_or(true);
+    let (grammar, grammar_param) = match &choice {
+        ToolChoice::Required | ToolChoice::Named(_) => {
+            if spec.is_some() {
+                return Err(ApiError::bad_param(
+                    spec_param,
+                    "a tool_choice that forces a call cannot be combined with structured output",
+                ));
+            }
+            let f = format.ok_or_else(|| {
+                ApiError::bad_param(
+                    "tool_choice",
+                    "this model's chat template has no known tool-call format (serve --tool-call-parser sets one)",
+                )
+            })?;
+            let (sel, max_calls): (Vec<&structured::Tool>, usize) = match &choice {
+                ToolChoice::Named(n) => (tools.iter().filter(|t| &t.name == n).collect(), 1),
+                _ => (
+                    tools.iter().collect(),
+                    if parallel { MAX_FORCED_CALLS } else { 1 },
+                ),
+            };
+            let (body, rules) = structured::tool_call_lark(f, &sel, max_calls)?;
+            (Some(Grammars::lark(&body, &rules, reasoning)), "tools")
+        }
+        _ => (spec.map(|sp| Grammars::grammar(&sp, reasoning)), spec_param),
+    };
+    let chat = ChatOpts {
+        think,
+        open_think,
+        tools: match choice {
+            ToolChoice::None => None,
+            _ => format,
+        },
+        parallel,
+    };
+    let prompt = encode(s, &text, false)?;
     // Without max_tokens a chat runs to the end of the context, or to the operator's cap
     // when that comes first.
     let room = s.engine.max_model_len().saturating_sub(prompt.len());
@@ -274,6 +433,13 @@ async fn chat_inner(s: &Arc<Shared>, req: Request) -> Result<Response, ApiError>
     check_max_tokens(s, param, max_tokens)?;
     let stream = r.stream.unwrap_or(false);
     let include_usage = stream_usage(stream, r.stream_options.as_ref())?;
+    let constraints = constraints(
+        s,
+        grammar,
+        params.n.max(1),
+        params.min_tokens,
+        grammar_param,
+    )?;
     generate::run(
         s,
         Job {
@@ -284,6 +450,8 @@ async fn chat_inner(s: &Arc<Shared>, req: Request) -> Result<Response, ApiError>
             include_usage,
             logprobs: logprobs.is_some(),
             arrival,
+            constraints,
+            chat: Some(chat),
         },
     )
     .await

@@ -31,9 +31,18 @@ pub fn state(max_queue: usize, grace: Duration) -> AppState {
 
 /// The fixture engine behind a server with these options.
 pub fn state_with(opts: ServerOptions) -> AppState {
+    state_with_template(opts, None)
+}
+
+/// [`state_with`], with `template` as the tokenizer's chat template when given.
+pub fn state_with_template(opts: ServerOptions, template: Option<&str>) -> AppState {
     let dir = fixture_dir();
     let model = Model::load(&dir).expect("fixture model loads");
-    let tok = Arc::new(Tokenizer::load(&dir).expect("fixture tokenizer loads"));
+    let mut tok = Tokenizer::load(&dir).expect("fixture tokenizer loads");
+    if let Some(t) = template {
+        tok.chat_template = Some(t.to_string());
+    }
+    let tok = Arc::new(tok);
     let deployment = Deployment {
         attention_replicas: 1,
         expert_workers: 2,
@@ -83,6 +92,11 @@ impl TestServer {
     /// A server with these options (see [`test_options`]).
     pub async fn start_opts(opts: ServerOptions) -> Self {
         Self::start_state(state_with(opts)).await
+    }
+
+    /// A server whose tokenizer has `template` as its chat template.
+    pub async fn start_template(opts: ServerOptions, template: &str) -> Self {
+        Self::start_state(state_with_template(opts, Some(template))).await
     }
 
     async fn start_state(st: AppState) -> Self {

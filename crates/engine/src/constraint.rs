@@ -1,0 +1,362 @@
+//! Structured output: token constraints compiled with llguidance.
+//!
+//! Why llguidance: it is a maintained Rust crate (MIT, used by mistral.rs, llama.cpp,
+//! vLLM and SGLang as a backend), it takes every form the API needs (JSON schema with
+//! `strict`, regex, choice lists as a Lark grammar, Lark grammars with embedded JSON
+//! schemas, which is how tool calls are written), it refuses unsupported schema keywords
+//! instead of ignoring them, and its masks are computed lazily over a token trie in tens of
+//! microseconds, with no per-schema precompilation over the vocabulary (xgrammar's model),
+//! so a new schema costs nothing before its first token. The token trie is built here from
+//! the tokenizer's own `tokenizer.json` (llguidance's `token_bytes_from_tokenizer_json`)
+//! rather than through `toktrie_hf_tokenizers`, which pins an older `tokenizers`.
+//!
+//! # Where the mask is computed
+//! Each constrained sequence owns a worker thread holding its llguidance `Matcher`. After
+//! the sampler takes a token, [`TokenConstraint::commit`] hands it to the worker, which
+//! advances the matcher (microseconds; the caller waits for that, to learn whether the
+//! structure is complete) and then computes the *next* mask on its own, while the replica
+//! runs the next forward pass. [`TokenConstraint::apply`] before the next sample only
+//! waits when the mask is not ready yet (the time it waits is the mask's cost to decoding;
+//! `tandem_constraint_mask_wait_seconds`).
+//!
+//! # Bounds
+//! JSON is compiled with `whitespace_flexible: false` (`,` and `:` with no spaces, no
+//! whitespace between tokens), so a constrained generation cannot spin on whitespace;
+//! `maxLength`, `maxItems`, `enum`, `const` and integer bounds are llguidance's own. When
+//! the structure is complete only EOS is allowed, and the sequence ends with `stop`.
+
+pub use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use llguidance::{Matcher, ParserFactory};
+use serde_json::{json, Value};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::time::Instant;
+use tandem_model::Tokenizer;
+use tandem_sched::{Commit, TokenConstraint};
+
+/// What a request constrains its output to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConstraintSpec {
+    /// A JSON schema (OpenAI's `json_schema`, vLLM's `json`).
+    JsonSchema(Value),
+    /// Any JSON object (`json_object`).
+    JsonObject,
+    /// A regular expression the whole output matches (Rust `regex` syntax).
+    Regex(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+    /// A grammar in llguidance's Lark syntax (may embed `%json {schema}`).
+    Lark(String),
+}
+
+/// Whether the model may reason (`<think>...</think>`) before the constrained part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reasoning {
+    /// The constraint starts at the first token.
+    #[default]
+    None,
+    /// The output may start with `<think>...</think>`, unconstrained, then the constraint.
+    Optional,
+    /// The prompt opened `<think>`: free text up to `</think>`, then the constraint.
+    Open,
+}
+
+/// Compiles [`ConstraintSpec`]s for one tokenizer (the token trie is built once).
+pub struct Grammars {
+    factory: Arc<ParserFactory>,
+}
+
+struct Env {
+    trie: TokTrie,
+}
+
+impl TokenizerEnv for Env {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        self.trie.greedy_tokenize(s)
+    }
+}
+
+/// A JSON string literal, which is also a Lark string literal.
+pub fn lark_str(s: &str) -> String {
+    // JSON's escapes are a subset of Lark's; '/' needs none in either.
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// `schema` with the compact-JSON options (no free whitespace): see the module docs.
+pub fn compact_schema(schema: &Value) -> Value {
+    let mut s = schema.clone();
+    if let Value::Object(m) = &mut s {
+        m.insert(
+            "x-guidance".into(),
+            json!({"whitespace_flexible": false, "item_separator": ",", "key_separator": ":"}),
+        );
+    }
+    s
+}
+
+impl Grammars {
+    /// The token trie of `tok` (its `tokenizer.json`), padded to the model's `vocab` with
+    /// placeholders no grammar allows; `eos` are the ids that end a sequence.
+    pub fn new(tok: &Tokenizer, eos: &[u32], vocab: usize) -> Result<Self, String> {
+        let tj = serde_json::to_value(tok.inner())
+            .map_err(|e| format!("cannot read the tokenizer's vocabulary: {e}"))?;
+        let mut words = std::panic::catch_unwind(|| {
+            llguidance::token_bytes_from_tokenizer_json(&tj).map_err(|e| e.to_string())
+        })
+        .map_err(|_| "the tokenizer's vocabulary cannot be read as bytes".to_string())?
+        .map_err(|e| format!("structured output is not available for this tokenizer: {e}"))?;
+        if words.len() > vocab {
+            return Err(format!(
+                "the tokenizer has {} tokens, more than the model's vocabulary ({vocab})",
+                words.len()
+            ));
+        }
+        while words.len() < vocab {
+            let mut w = format!(".<[{}]>", words.len()).into_bytes();
+            w[0] = TokTrie::SPECIAL_TOKEN_MARKER;
+            words.push(w);
+        }
+        let first_eos = eos.first().copied().unwrap_or(0);
+        let info = TokRxInfo::new(vocab as u32, first_eos);
+        let mut trie = TokTrie::from(&info, &words);
+        if eos.len() > 1 {
+            trie = trie.with_eos_tokens(eos);
+        }
+        let env: TokEnv = Arc::new(Env { trie });
+        let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+        factory.quiet();
+        Ok(Self {
+            factory: Arc::new(factory),
+        })
+    }
+
+    /// The Lark grammar (or grammar object) for `spec` after `reasoning`.
+    pub fn grammar(spec: &ConstraintSpec, reasoning: Reasoning) -> TopLevelGrammar {
+        let body = match spec {
+            ConstraintSpec::JsonSchema(s) => {
+                if reasoning == Reasoning::None {
+                    return TopLevelGrammar::from_json_schema(compact_schema(s));
+                }
+                format!("%json {}", compact_schema(s))
+            }
+            ConstraintSpec::JsonObject => {
+                let s = json!({"type": "object"});
+                if reasoning == Reasoning::None {
+                    return TopLevelGrammar::from_json_schema(compact_schema(&s));
+                }
+                format!("%json {}", compact_schema(&s))
+            }
+            ConstraintSpec::Regex(r) => {
+                if reasoning == Reasoning::None {
+                    return TopLevelGrammar::from_regex(r);
+                }
+                format!("/{}/", llguidance::regex_to_lark(r, ""))
+            }
+            ConstraintSpec::Choice(c) => c
+                .iter()
+                .map(|s| lark_str(s))
+                .collect::<Vec<_>>()
+                .join(" | "),
+            ConstraintSpec::Lark(g) => {
+                if reasoning == Reasoning::None {
+                    return TopLevelGrammar::from_lark(g.clone());
+                }
+                // The user's grammar under its own start rule, renamed.
+                let renamed = g.replacen("start:", "user_start:", 1);
+                return TopLevelGrammar::from_lark(format!(
+                    "start: {} user_start\n{}\n{renamed}",
+                    reasoning_rule_ref(reasoning),
+                    reasoning_rules(reasoning)
+                ));
+            }
+        };
+        Self::lark(&body, "", reasoning)
+    }
+
+    /// A Lark grammar whose `body` rule is `body` (with helper rules `rules`), after the
+    /// reasoning `reasoning` allows.
+    pub fn lark(body: &str, rules: &str, reasoning: Reasoning) -> TopLevelGrammar {
+        TopLevelGrammar::from_lark(format!(
+            "start: {}body\nbody: {body}\n{rules}{}",
+            reasoning_rule_ref(reasoning),
+            reasoning_rules(reasoning)
+        ))
+    }
+
+    /// Checks `spec` (a bad schema, regex or grammar is an error naming the problem) and
+    /// returns a constraint for one sequence.
+    pub fn compile(
+        &self,
+        spec: &ConstraintSpec,
+        reasoning: Reasoning,
+    ) -> Result<Box<dyn TokenConstraint>, String> {
+        if let ConstraintSpec::Choice(c) = spec {
+            if c.is_empty() {
+                return Err("the choice list is empty".into());
+            }
+        }
+        self.compile_grammar(Self::grammar(spec, reasoning))
+    }
+
+    /// A constraint from a grammar object (tool calls build their own).
+    pub fn compile_grammar(&self, g: TopLevelGrammar) -> Result<Box<dyn TokenConstraint>, String> {
+        let factory = self.factory.clone();
+        let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            factory.create_parser(g)
+        }))
+        .map_err(|_| "the grammar could not be compiled".to_string())?
+        .map_err(|e| e.to_string())?;
+        let mut m = Matcher::new(Ok(parser));
+        if let Some(e) = m.get_error() {
+            return Err(e);
+        }
+        // An unsatisfiable constraint fails here rather than at the first token.
+        let first = m.compute_mask().map_err(|e| e.to_string())?;
+        if first.num_set() == 0 {
+            return Err("the constraint allows no token".into());
+        }
+        Ok(Box::new(LlgConstraint::spawn(m, first)))
+    }
+}
+
+fn reasoning_rule_ref(r: Reasoning) -> &'static str {
+    match r {
+        Reasoning::None => "",
+        Reasoning::Optional => "(think THINK_SP?)? ",
+        Reasoning::Open => "think_rest THINK_SP? ",
+    }
+}
+
+fn reasoning_rules(r: Reasoning) -> &'static str {
+    match r {
+        Reasoning::None => "",
+        Reasoning::Optional => {
+            "think[lazy]: /<think>(.|\\n)*<\\/think>/\nTHINK_SP: /[ \\n]{1,4}/\n"
+        }
+        Reasoning::Open => "think_rest[lazy]: /(.|\\n)*<\\/think>/\nTHINK_SP: /[ \\n]{1,4}/\n",
+    }
+}
+
+enum Reply {
+    Mask(Result<llguidance::toktrie::SimpleVob, String>),
+    Committed(Result<bool, String>),
+}
+
+/// A sequence's matcher on its own thread (see the module docs).
+struct LlgConstraint {
+    tx: Sender<u32>,
+    rx: Receiver<Reply>,
+    mask: Option<llguidance::toktrie::SimpleVob>,
+}
+
+impl LlgConstraint {
+    fn spawn(mut m: Matcher, first: llguidance::toktrie::SimpleVob) -> Self {
+        let (tx, cmd_rx) = channel::<u32>();
+        let (reply_tx, rx) = channel::<Reply>();
+        let spawned = std::thread::Builder::new()
+            .name("tandem-constraint".into())
+            .spawn(move || {
+                // The mask after each committed token, computed as soon as it is known.
+                while let Ok(tok) = cmd_rx.recv() {
+                    let r = m.consume_token(tok).map_err(|e| e.to_string());
+                    let stopped = m.is_stopped();
+                    let failed = r.is_err();
+                    if reply_tx
+                        .send(Reply::Committed(r.map(|()| stopped)))
+                        .is_err()
+                        || failed
+                    {
+                        return;
+                    }
+                    let mask = m.compute_mask_or_eos().map_err(|e| e.to_string());
+                    if reply_tx.send(Reply::Mask(mask)).is_err() {
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start a constraint thread: {e}");
+        }
+        Self {
+            tx,
+            rx,
+            mask: Some(first),
+        }
+    }
+}
+
+impl TokenConstraint for LlgConstraint {
+    fn apply(&mut self, logits: &mut [f32]) -> Result<(), String> {
+        let mask = match self.mask.take() {
+            Some(m) => m,
+            None => {
+                let t = Instant::now();
+                let m = match self.rx.recv() {
+                    Ok(Reply::Mask(m)) => m?,
+                    Ok(Reply::Committed(_)) => return Err("constraint out of step".into()),
+                    Err(_) => return Err("the constraint's thread stopped".into()),
+                };
+                metrics::histogram!("tandem_constraint_mask_wait_seconds")
+                    .record(t.elapsed().as_secs_f64());
+                m
+            }
+        };
+        apply_mask(&mask, logits);
+        // Kept until the token is committed (apply may be called again for the same step).
+        self.mask = Some(mask);
+        Ok(())
+    }
+
+    fn commit(&mut self, token: u32) -> Result<Commit, String> {
+        self.mask = None;
+        self.tx
+            .send(token)
+            .map_err(|_| "the constraint's thread stopped".to_string())?;
+        match self.rx.recv() {
+            Ok(Reply::Committed(Ok(true))) => Ok(Commit::Done),
+            Ok(Reply::Committed(Ok(false))) => Ok(Commit::Continue),
+            Ok(Reply::Committed(Err(e))) => Err(e),
+            Ok(Reply::Mask(_)) => Err("constraint out of step".into()),
+            Err(_) => Err("the constraint's thread stopped".into()),
+        }
+    }
+}
+
+/// Sets every logit whose token the mask does not allow to `-inf` (tokens past the mask's
+/// end too).
+fn apply_mask(mask: &llguidance::toktrie::SimpleVob, logits: &mut [f32]) {
+    let words = mask.as_slice();
+    for (w, chunk) in logits.chunks_mut(32).enumerate() {
+        let bits = words.get(w).copied().unwrap_or(0);
+        if bits == u32::MAX && chunk.len() == 32 {
+            continue;
+        }
+        for (b, l) in chunk.iter_mut().enumerate() {
+            if bits & (1 << b) == 0 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_bits_follow_the_vob_layout() {
+        let mut v = llguidance::toktrie::SimpleVob::alloc(70);
+        for t in [0u32, 31, 32, 65] {
+            v.allow_token(t);
+        }
+        let mut l = vec![1.0f32; 70];
+        apply_mask(&v, &mut l);
+        let allowed: Vec<usize> = (0..70).filter(|&i| l[i].is_finite()).collect();
+        assert_eq!(allowed, vec![0, 31, 32, 65]);
+    }
+}
