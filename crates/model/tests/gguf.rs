@@ -1082,3 +1082,174 @@ fn f16_bf16_and_q4_0_tensors_in_a_file_load_as_their_values() {
     }
     assert!(f16s > 0 && bf16s > 0 && q4s == 1, "{f16s} {bf16s} {q4s}");
 }
+
+/// `qwen3moe` (its own routing branch: top-k renormalised by default, per-head q/k norms,
+/// `head_dim` apart from hidden / heads). llama.cpp's converter refuses the qwen3_moe
+/// fixture (its dense layer 1 has no `qwen3moe` tensor name), so this file is written here,
+/// in the converter's names and metadata keys, from the checkpoint's tensors: the routed
+/// layers' experts stacked `[E, F, D]`, the dense layer as `ffn_gate`/`ffn_up`/`ffn_down`.
+/// The config, every weight and the greedy tokens of transformers (`expected.json`) must
+/// come out of it.
+#[test]
+fn qwen3moe_gguf_written_in_llama_cpp_names_gives_the_checkpoint_tokens() {
+    let dir = fixtures().join("qwen3_moe");
+    let hub = Weights::open(&dir).unwrap();
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let (d, heads, kv, hd) = (64usize, 4usize, 2usize, 32usize);
+    let (experts, moe_ff, ff, layers, vocab) = (8usize, 32usize, 96usize, 3usize, 512usize);
+    let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let mut w = GgufWriter::new();
+    let a = "qwen3moe";
+    w.meta("general.architecture", Value::String(a.into()));
+    for (k, v) in [
+        ("block_count", layers),
+        ("context_length", 512),
+        ("embedding_length", d),
+        ("feed_forward_length", ff),
+        ("attention.head_count", heads),
+        ("attention.head_count_kv", kv),
+        ("attention.key_length", hd),
+        ("attention.value_length", hd),
+        ("rope.dimension_count", hd),
+        ("expert_count", experts),
+        ("expert_used_count", 2),
+        ("expert_feed_forward_length", moe_ff),
+    ] {
+        w.meta(&format!("{a}.{k}"), Value::U32(v as u32));
+    }
+    w.meta(&format!("{a}.rope.freq_base"), Value::F32(1e6));
+    w.meta(
+        &format!("{a}.attention.layer_norm_rms_epsilon"),
+        Value::F32(1e-6),
+    );
+    w.meta("tokenizer.ggml.bos_token_id", Value::U32(0));
+    w.meta("tokenizer.ggml.eos_token_id", Value::U32(1));
+    let put = |w: &mut GgufWriter, name: &str, hub_name: &str, shape: &[usize]| {
+        let v = hub.get_vec(hub_name, shape).unwrap();
+        w.tensor(name, GgmlType::F32, shape, bytes(&v)).unwrap();
+    };
+    put(
+        &mut w,
+        "token_embd.weight",
+        "model.embed_tokens.weight",
+        &[vocab, d],
+    );
+    put(&mut w, "output_norm.weight", "model.norm.weight", &[d]);
+    put(&mut w, "output.weight", "lm_head.weight", &[vocab, d]);
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        put(
+            &mut w,
+            &format!("blk.{l}.attn_norm.weight"),
+            &format!("{p}.input_layernorm.weight"),
+            &[d],
+        );
+        put(
+            &mut w,
+            &format!("blk.{l}.ffn_norm.weight"),
+            &format!("{p}.post_attention_layernorm.weight"),
+            &[d],
+        );
+        put(
+            &mut w,
+            &format!("blk.{l}.attn_q.weight"),
+            &format!("{p}.self_attn.q_proj.weight"),
+            &[heads * hd, d],
+        );
+        put(
+            &mut w,
+            &format!("blk.{l}.attn_k.weight"),
+            &format!("{p}.self_attn.k_proj.weight"),
+            &[kv * hd, d],
+        );
+        put(
+            &mut w,
+            &format!("blk.{l}.attn_v.weight"),
+            &format!("{p}.self_attn.v_proj.weight"),
+            &[kv * hd, d],
+        );
+        put(
+            &mut w,
+            &format!("blk.{l}.attn_output.weight"),
+            &format!("{p}.self_attn.o_proj.weight"),
+            &[d, heads * hd],
+        );
+        put(
+            &mut w,
+            &format!("blk.{l}.attn_q_norm.weight"),
+            &format!("{p}.self_attn.q_norm.weight"),
+            &[hd],
+        );
+        put(
+            &mut w,
+            &format!("blk.{l}.attn_k_norm.weight"),
+            &format!("{p}.self_attn.k_norm.weight"),
+            &[hd],
+        );
+        if l == 1 {
+            put(
+                &mut w,
+                &format!("blk.{l}.ffn_gate.weight"),
+                &format!("{p}.mlp.gate_proj.weight"),
+                &[ff, d],
+            );
+            put(
+                &mut w,
+                &format!("blk.{l}.ffn_up.weight"),
+                &format!("{p}.mlp.up_proj.weight"),
+                &[ff, d],
+            );
+            put(
+                &mut w,
+                &format!("blk.{l}.ffn_down.weight"),
+                &format!("{p}.mlp.down_proj.weight"),
+                &[d, ff],
+            );
+            continue;
+        }
+        put(
+            &mut w,
+            &format!("blk.{l}.ffn_gate_inp.weight"),
+            &format!("{p}.mlp.gate.weight"),
+            &[experts, d],
+        );
+        for (gg, which, shape) in [
+            ("ffn_gate_exps", "gate_proj", [moe_ff, d]),
+            ("ffn_up_exps", "up_proj", [moe_ff, d]),
+            ("ffn_down_exps", "down_proj", [d, moe_ff]),
+        ] {
+            let mut all = Vec::new();
+            for e in 0..experts {
+                all.extend(
+                    hub.get_vec(&format!("{p}.mlp.experts.{e}.{which}.weight"), &shape)
+                        .unwrap(),
+                );
+            }
+            w.tensor(
+                &format!("blk.{l}.{gg}.weight"),
+                GgmlType::F32,
+                &[experts, shape[0], shape[1]],
+                bytes(&all),
+            )
+            .unwrap();
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("qwen3moe-f32.gguf");
+    w.write_file(&path).unwrap();
+    let ours = serde_json::to_value(ModelConfig::from_dir(&path).unwrap()).unwrap();
+    assert_eq!(ours, serde_json::to_value(&cfg).unwrap(), "config");
+    let reference =
+        Model::load_typed(&dir, &ExpertSelection::All, LinearType::Is(WeightType::F32)).unwrap();
+    let model = Model::load(&path).unwrap();
+    assert_same_model(&model, &reference, "qwen3moe");
+    let exp = expected(&dir);
+    check_tokens(&model, &reference, &exp, "qwen3moe");
+    for (i, p) in exp.prompts.iter().enumerate() {
+        let (toks, _) = greedy(&model, &p.ids, exp.greedy[i].len()).unwrap();
+        assert_eq!(
+            toks, exp.greedy[i],
+            "qwen3moe prompt {i}: transformers' tokens"
+        );
+    }
+}
