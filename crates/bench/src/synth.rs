@@ -218,11 +218,10 @@ pub fn spec(name: &str) -> Result<Spec> {
             let mla = m
                 .mla
                 .context("the catalog's deepseek-v2-lite has no MLA shape")?;
-            let shared = if m.expert_intermediate > 0 {
-                (m.shared_expert_intermediate / m.expert_intermediate) as usize
-            } else {
-                0
-            };
+            let shared = m
+                .shared_expert_intermediate
+                .checked_div(m.expert_intermediate)
+                .unwrap_or(0) as usize;
             Spec {
                 name: m.name.clone(),
                 arch: Arch::Deepseek2,
@@ -337,7 +336,10 @@ pub struct TensorPlan {
 
 /// llama.cpp's rule for the layers whose attn_v / ffn_down get more bits under Q4_K_M.
 fn use_more_bits(i: usize, n: usize) -> bool {
-    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+    if i < n / 8 || i >= 7 * n / 8 {
+        return true;
+    }
+    (i - n / 8) % 3 == 2
 }
 
 /// The ggml type of a weight of `role` in layer `layer` of `layers`, in a model of
@@ -353,7 +355,7 @@ fn weight_type(
     // A K-quant needs rows of whole 256-value blocks; llama.cpp falls back for other rows
     // (to Q5_0/Q8_0 depending on the type); here Q8_0, which tandem holds in place.
     let k_or_q8 = |k: GgmlType| {
-        if row % 256 == 0 {
+        if row.is_multiple_of(256) {
             k
         } else {
             GgmlType::Q8_0
