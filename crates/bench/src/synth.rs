@@ -970,6 +970,10 @@ fn arch_meta(w: &mut GgufWriter<'_>, s: &Spec, ty: SynthType) -> Result<()> {
                 .meta(&k("attention.key_length_mla"), u(m.nope_dim + m.rope_dim))
                 .meta(&k("attention.value_length_mla"), u(m.v_dim))
                 .meta(&k("attention.kv_lora_rank"), u(m.kv_lora_rank))
+                // V2-Lite has no low-rank query (the converter writes no key for its null
+                // q_lora_rank); llama.cpp only knows that from the layer count (27), so a
+                // file cut by --layers says 0, which both loaders read as "none".
+                .meta(&k("attention.q_lora_rank"), u(0))
                 .meta(&k("rope.dimension_count"), u(m.rope_dim))
                 .meta(&k("leading_dense_block_count"), u(s.dense_layers))
                 .meta(&k("expert_feed_forward_length"), u(s.expert_ff))
