@@ -13,4 +13,5 @@ pub mod m2n;
 pub mod profile;
 pub mod serve;
 pub mod stats;
+pub mod synth;
 pub mod sysinfo;

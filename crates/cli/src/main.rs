@@ -53,6 +53,10 @@ enum Cmd {
     /// Measure this machine's stage and transport times into a profile for the planner
     /// (--calibrate: then predict and measure three engine shapes).
     Profile(profile_cmd::ProfileCmdArgs),
+    /// Write a GGUF file with random weights in the exact shapes of a named model
+    /// (qwen3-30b-a3b, gpt-oss-20b, deepseek-v2-lite, mixtral-8x7b) and a working tokenizer,
+    /// which tandem and llama.cpp both load: a real-size benchmark without a download.
+    SynthGguf(tandem_bench::synth::SynthArgs),
 }
 
 fn main() {
@@ -88,6 +92,7 @@ fn run() -> Result<()> {
         Cmd::Status(a) => roles::status(a),
         Cmd::Profile(a) => profile_cmd::run(a),
         Cmd::K8s(a) => k8s_cmd::run(a),
+        Cmd::SynthGguf(a) => tandem_bench::synth::run(&a),
     }
 }
 
