@@ -1230,12 +1230,8 @@ mod tests {
         out
     }
 
-    fn levels() -> Vec<Simd> {
-        [Simd::Scalar, Simd::Avx2, Simd::Avx512]
-            .into_iter()
-            .filter(|l| *l <= crate::kernels::detected_simd())
-            .collect()
-    }
+    /// The instruction sets this CPU can run, the scalar oracle first.
+    use crate::kernels::available_levels as levels;
 
     #[test]
     fn ggml_type_ids() {

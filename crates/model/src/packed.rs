@@ -1248,12 +1248,7 @@ pub(crate) mod tests {
     }
 
     /// The instruction sets this CPU can run, the scalar oracle first.
-    fn levels() -> Vec<Simd> {
-        [Simd::Scalar, Simd::Avx2, Simd::Avx512]
-            .into_iter()
-            .filter(|l| *l <= crate::kernels::detected_simd())
-            .collect()
-    }
+    use crate::kernels::available_levels as levels;
 
     #[test]
     fn scalar_path_matches_naive() {
