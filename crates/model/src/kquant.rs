@@ -373,6 +373,8 @@ pub(crate) struct KRows {
     q: Vec<i8>,
     d: Vec<f32>,
     bsums: Vec<i16>,
+    /// Sums of each 32 `q` (the pairs of `bsums`) `[rows][kb * 8]`: Q4_K's mins term.
+    bsums32: Vec<i16>,
     kb: usize,
 }
 
@@ -402,7 +404,14 @@ impl KRows {
                 d[t * kb + b] = s;
             }
         }
-        Self { q, d, bsums, kb }
+        let bsums32 = bsums.chunks_exact(2).map(|p| p[0] + p[1]).collect();
+        Self {
+            q,
+            d,
+            bsums,
+            bsums32,
+            kb,
+        }
     }
 
     fn block(&self, t: usize, b: usize) -> &[i8] {
@@ -1096,6 +1105,97 @@ mod avx512 {
         }
     }
 
+    /// `pshufb` indices that spread scale byte `a` over the 16 low and byte `b` over the 16
+    /// high 16-bit lanes of a register (zero high bytes), from the 8 scale bytes in every
+    /// 64-bit lane.
+    const fn pick(a: u8, b: u8) -> [u8; 64] {
+        let mut t = [0x80u8; 64];
+        let mut i = 0;
+        while i < 32 {
+            t[2 * i] = if i < 16 { a } else { b };
+            // Within each 128-bit lane pshufb indexes that lane: bytes 0-7 hold the scales.
+            i += 1;
+        }
+        t
+    }
+    static PICK: [[u8; 64]; 4] = [pick(0, 1), pick(2, 3), pick(4, 5), pick(6, 7)];
+
+    /// Q4_K's eight 6-bit scales and eight 6-bit mins (ggml's `get_scale_min_k4`), one byte
+    /// each, from the block's 12 scale bytes at `p`.
+    #[inline(always)]
+    unsafe fn q4k_scales_mins(p: *const u8) -> (u64, u64) {
+        let s0 = std::ptr::read_unaligned(p as *const u32);
+        let s1 = std::ptr::read_unaligned(p.add(4) as *const u32);
+        let s2 = std::ptr::read_unaligned(p.add(8) as *const u32);
+        let sc_hi = (s2 & 0x0f0f_0f0f) | ((s0 >> 2) & 0x3030_3030);
+        let mn_hi = ((s2 >> 4) & 0x0f0f_0f0f) | ((s1 >> 2) & 0x3030_3030);
+        (
+            (s0 & 0x3f3f_3f3f) as u64 | (sc_hi as u64) << 32,
+            (s1 & 0x3f3f_3f3f) as u64 | (mn_hi as u64) << 32,
+        )
+    }
+
+    /// Q4_K output `j` for input rows `t0..t0 + R`, 64 weights a register: the 32 bytes
+    /// of nibbles of two sub-blocks broadcast to both halves and shifted by 0 / 4 per half
+    /// (so weights stay in order), the per-32 scales spread by one `pshufb` each, the mins
+    /// against the inputs' per-32 sums; `d`, `dmin` by F16C.
+    #[inline(always)]
+    unsafe fn q4k_micro<const R: usize>(
+        w: &KQuantWeights,
+        xq: &KRows,
+        j: usize,
+        t0: usize,
+        out: *mut f32,
+    ) {
+        let row = w.row(j).as_ptr();
+        let m4 = _mm512_set1_epi8(0x0f);
+        let shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
+        let pick = [
+            _mm512_loadu_si512(PICK[0].as_ptr() as *const _),
+            _mm512_loadu_si512(PICK[1].as_ptr() as *const _),
+            _mm512_loadu_si512(PICK[2].as_ptr() as *const _),
+            _mm512_loadu_si512(PICK[3].as_ptr() as *const _),
+        ];
+        let mut accd = [_mm512_setzero_ps(); R];
+        let mut accm = [_mm_setzero_ps(); R];
+        for b in 0..w.k.div_ceil(QK_K) {
+            let p = row.add(b * 144);
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
+            let d = _mm_cvtss_f32(dm);
+            let dmin = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+            let (sc, mn) = q4k_scales_mins(p.add(4));
+            let scb = _mm512_set1_epi64(sc as i64);
+            let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
+            let mut q = [_mm512_setzero_si512(); 4];
+            let mut s = [_mm512_setzero_si512(); 4];
+            for c in 0..4 {
+                let v = _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(16 + 32 * c) as *const _));
+                q[c] = _mm512_and_si512(_mm512_srlv_epi64(v, shift), m4);
+                s[c] = _mm512_shuffle_epi8(scb, pick[c]);
+            }
+            for r in 0..R {
+                let t = t0 + r;
+                let xp = xq.q.as_ptr().add((t * xq.kb + b) * QK_K);
+                let mut isum = _mm512_setzero_si512();
+                for c in 0..4 {
+                    let xv = _mm512_loadu_si512(xp.add(64 * c) as *const _);
+                    isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q[c], xv), s[c]);
+                }
+                let bs = _mm_loadu_si128(xq.bsums32.as_ptr().add((t * xq.kb + b) * 8) as *const _);
+                let msum = _mm_madd_epi16(mins, bs);
+                let dx = *xq.d.get_unchecked(t * xq.kb + b);
+                accd[r] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d * dx), accd[r]);
+                accm[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(msum), _mm_set1_ps(dmin * dx), accm[r]);
+            }
+        }
+        for r in 0..R {
+            let m = _mm_add_ps(accm[r], _mm_movehl_ps(accm[r], accm[r]));
+            let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+            *out.add((t0 + r) * w.n + j) = _mm512_reduce_add_ps(accd[r]) - _mm_cvtss_f32(m);
+        }
+    }
+
     #[inline(always)]
     unsafe fn mx_micro<const R: usize>(
         w: &KQuantWeights,
@@ -1147,29 +1247,35 @@ mod avx512 {
         out: *mut f32,
     ) {
         let mx = format == KFormat::Mxfp4;
+        let q4 = format == KFormat::Q4K;
         for j in cols {
             let mut t = rows.start;
             while t + 4 <= rows.end {
                 if mx {
                     mx_micro::<4>(w, xq, j, t, out);
+                } else if q4 {
+                    q4k_micro::<4>(w, xq, j, t, out);
                 } else {
                     micro::<F, 4>(w, xq, j, t, out);
                 }
                 t += 4;
             }
-            match (rows.end - t, mx) {
-                (3, true) => mx_micro::<3>(w, xq, j, t, out),
-                (2, true) => mx_micro::<2>(w, xq, j, t, out),
-                (1, true) => mx_micro::<1>(w, xq, j, t, out),
-                (3, false) => micro::<F, 3>(w, xq, j, t, out),
-                (2, false) => micro::<F, 2>(w, xq, j, t, out),
-                (1, false) => micro::<F, 1>(w, xq, j, t, out),
+            match (rows.end - t, mx, q4) {
+                (3, true, _) => mx_micro::<3>(w, xq, j, t, out),
+                (2, true, _) => mx_micro::<2>(w, xq, j, t, out),
+                (1, true, _) => mx_micro::<1>(w, xq, j, t, out),
+                (3, false, true) => q4k_micro::<3>(w, xq, j, t, out),
+                (2, false, true) => q4k_micro::<2>(w, xq, j, t, out),
+                (1, false, true) => q4k_micro::<1>(w, xq, j, t, out),
+                (3, false, false) => micro::<F, 3>(w, xq, j, t, out),
+                (2, false, false) => micro::<F, 2>(w, xq, j, t, out),
+                (1, false, false) => micro::<F, 1>(w, xq, j, t, out),
                 _ => {}
             }
         }
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     /// Columns `cols`, all rows of the weight in `format`.
     pub(super) unsafe fn tile(
         w: &KQuantWeights,
