@@ -190,6 +190,50 @@ impl GgufFile {
         Ok(g)
     }
 
+    /// Faults every page of the file into this process's page tables now
+    /// (`MADV_POPULATE_READ`: what the page cache lacks is read from disk), 256 MiB at a time
+    /// on the rayon pool, logging progress. Tensors are used in place from the mapping, so
+    /// without this the first token routed to each expert pays that expert's page faults
+    /// inside a decode step (about 14% of the first steps' time on a 30B-A3B file). Returns
+    /// the bytes populated; stops early, with a debug log line, where the kernel lacks the
+    /// advice (before Linux 5.14).
+    pub fn populate(&self) -> u64 {
+        use rayon::prelude::*;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        const CHUNK: usize = 256 << 20;
+        let len = self.mmap.len();
+        let (done, failed) = (AtomicU64::new(0), AtomicBool::new(false));
+        let t0 = std::time::Instant::now();
+        let step = (len as u64 / 8).max(1 << 30);
+        (0..len.div_ceil(CHUNK)).into_par_iter().for_each(|i| {
+            if failed.load(Ordering::Relaxed) {
+                return;
+            }
+            let (at, n) = (i * CHUNK, CHUNK.min(len - i * CHUNK));
+            if let Err(e) = self.mmap.advise_range(memmap2::Advice::PopulateRead, at, n) {
+                tracing::debug!("not populating {}: {e}", self.path.display());
+                failed.store(true, Ordering::Relaxed);
+                return;
+            }
+            let before = done.fetch_add(n as u64, Ordering::Relaxed);
+            if (before + n as u64) / step != before / step {
+                tracing::info!(
+                    "mapping {}: {:.1} / {:.1} GB in {:.1} s",
+                    self.path.display(),
+                    (before + n as u64) as f64 / 1e9,
+                    len as f64 / 1e9,
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+        });
+        done.into_inner()
+    }
+
+    /// The file this was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The parsed header.
     pub fn content(&self) -> &Content {
         &self.content

@@ -156,6 +156,28 @@ pub fn check_fits(
     })
 }
 
+/// Pre-faults a GGUF file's mapping ([`GgufFile::populate`]) when this process holds every
+/// expert, the file fits in `available` memory with room to spare and `TANDEM_POPULATE` is
+/// not `0`. A worker holding a subset of the experts maps its pages as they are used.
+fn populate_if_it_fits(g: &crate::gguf::GgufFile, sel: &ExpertSelection, available: Option<u64>) {
+    if std::env::var("TANDEM_POPULATE").is_ok_and(|v| v == "0")
+        || !matches!(sel, ExpertSelection::All)
+    {
+        return;
+    }
+    let len = g.mapping().len() as u64;
+    if available.is_some_and(|a| len > a / 10 * 9) {
+        tracing::info!(
+            "not pre-faulting {} ({:.1} GB, more than 90% of the memory available): its pages \
+             are mapped as tokens use them",
+            g.path().display(),
+            len as f64 / 1e9
+        );
+        return;
+    }
+    g.populate();
+}
+
 pub struct Layer {
     pub attention: AttentionStage,
     pub experts: ExpertStage,
@@ -208,7 +230,11 @@ impl Model {
             check_fits(&cfg, &weights, dir, sel, ty, available)?;
         }
         weights.set_linear_type(ty);
-        Self::from_weights(cfg, &weights, dir, sel)
+        let model = Self::from_weights(cfg, &weights, dir, sel)?;
+        if let Some(g) = weights.gguf() {
+            populate_if_it_fits(g, sel, available);
+        }
+        Ok(model)
     }
 
     pub fn from_weights(
