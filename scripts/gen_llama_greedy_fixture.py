@@ -17,8 +17,10 @@ quantized and llama.cpp's continuation on it. This script:
 3. quantizes that with `llama-quantize ... Q4_K_M` (no importance matrix) into
    `fixtures/gguf/mixtral-q4_k_m.gguf`;
 4. compiles `scripts/llama_greedy.c` against the same build's libllama and runs it on the file
-   (`PROMPT`, `N` tokens, 2 threads), and writes what it prints, plus the tensor types of the
-   file, to `fixtures/gguf/mixtral-q4_k_m.llama_greedy.json`.
+   (`PROMPT`, `N` tokens, 2 threads) twice: with llama.cpp's defaults (f16 KV cache, flash
+   attention) and in its `exact` mode (f32 KV cache, no flash attention), and writes the
+   prompt's ids, both runs' tokens, top-2 margins and logits at every step, and the tensor
+   types of the file to `fixtures/gguf/mixtral-q4_k_m.llama_greedy.json`.
 
 Usage (from the repository root):
     PY=~/.cache/tandem-peers/pyenv/bin/python
@@ -30,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -113,9 +116,13 @@ def main() -> None:
                         "-I" + os.path.join(ll, "ggml", "include"),
                         os.path.join(ROOT, "scripts", "llama_greedy.c"), "-L" + bin_dir, "-lllama",
                         "-o", exe], check=True)
-        run = subprocess.run([exe, out, str(N), str(THREADS), PROMPT], check=True, env=env,
-                             capture_output=True, text=True)
-    res = json.loads(run.stdout)
+        runs = {}
+        for mode in ("default", "exact"):
+            cmd = [exe, out, str(N), str(THREADS), PROMPT] + (["exact"] if mode == "exact" else [])
+            run = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+            runs[mode] = json.loads(run.stdout)
+    res = runs["default"]
+    assert runs["exact"]["prompt_ids"] == res["prompt_ids"]
     types = tensor_types(out, ll)
     doc = {
         "source": "llama-quantize Q4_K_M of a transformers Mixtral (scripts/gen_llama_greedy_fixture.py); "
@@ -123,18 +130,22 @@ def main() -> None:
         "seed": args.seed,
         "prompt": PROMPT,
         "prompt_ids": res["prompt_ids"],
-        "greedy": res["greedy"],
-        "llama_top2_margins": res["top2_margins"],
-        "n_threads": res["n_threads"],
+        "n_threads": THREADS,
         "tensor_types": types,
     }
+    for mode, r in runs.items():
+        doc[mode] = {k: r[k] for k in ("greedy", "top2_margins", "logits", "kv_cache", "flash_attn")}
     with open(os.path.join(GGUF_DIR, f"{NAME}.llama_greedy.json"), "w") as f:
-        json.dump(doc, f, indent=1, sort_keys=True)
-        f.write("\n")
+        # Lists of numbers on one line each (a logit row is 512 numbers).
+        text = json.dumps(doc, indent=1, sort_keys=True)
+        text = re.sub(r"\[\s*([-0-9.eE+,\s]+?)\s*\]",
+                      lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
+        f.write(text + "\n")
     kinds = sorted(set(types.values()))
     print(f"{out}: {os.path.getsize(out)} bytes, types {kinds}", file=sys.stderr)
-    print(f"greedy {res['greedy']}", file=sys.stderr)
-    print(f"margins {res['top2_margins']}", file=sys.stderr)
+    for mode, r in runs.items():
+        print(f"{mode}: greedy {r['greedy']}", file=sys.stderr)
+        print(f"{mode}: margins {r['top2_margins']}", file=sys.stderr)
 
 
 if __name__ == "__main__":
