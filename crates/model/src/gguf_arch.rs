@@ -463,7 +463,11 @@ fn gpt_oss_tensor(
                     )));
                 }
             }
-            let which = if base == "ffn_gate_exps" { "gate" } else { "up" };
+            let which = if base == "ffn_gate_exps" {
+                "gate"
+            } else {
+                "up"
+            };
             return experts(map, name, &d, |e| format!("{x}.{e}.{which}_proj.weight"));
         }
         ("ffn_gate_exps", "bias") => {
