@@ -1062,6 +1062,62 @@ pub fn write(spec: &Spec, ty: SynthType, out: &Path, seed: u64) -> Result<u64> {
     Ok(len)
 }
 
+/// The file [`write`] makes (the same header: metadata, tokenizer, every tensor's name, shape,
+/// type and place) with every tensor's data left as zeros that are never written: a sparse
+/// file, the header's few megabytes on disk whatever the model's size. For tests of what is
+/// decided from the header alone (the tensor map, memory estimates) at the real size.
+/// Returns the file's length.
+pub fn write_hollow(spec: &Spec, ty: SynthType, out: &Path) -> Result<u64> {
+    let mut w = GgufWriter::new();
+    arch_meta(&mut w, spec, ty)?;
+    tokenizer_meta(&mut w, spec.vocab)?;
+    for t in plan(spec, ty) {
+        let n: u64 = t.shape.iter().map(|d| *d as u64).product();
+        let size =
+            t.ty.bytes_for(n)
+                .with_context(|| format!("tensor {}: {n} values are not whole blocks", t.name))?;
+        w.tensor_with(&t.name, t.ty, &t.shape, move |wr| {
+            static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+            let mut left = size;
+            while left > 0 {
+                let k = left.min(ZEROS.len() as u64) as usize;
+                wr.write_all(&ZEROS[..k])?;
+                left -= k as u64;
+            }
+            Ok(())
+        })
+        .with_context(|| format!("tensor {}", t.name))?;
+    }
+    let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut h = Holes { file, len: 0 };
+    w.write(&mut h)
+        .with_context(|| format!("writing {}", out.display()))?;
+    h.file.set_len(h.len)?;
+    Ok(h.len)
+}
+
+/// A file writer that skips (seeks over) writes of zeros, leaving holes.
+struct Holes {
+    file: std::fs::File,
+    len: u64,
+}
+
+impl Write for Holes {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        use std::io::{Seek, SeekFrom};
+        if b.iter().fold(0u8, |a, x| a | x) == 0 {
+            self.file.seek(SeekFrom::Current(b.len() as i64))?;
+        } else {
+            self.file.write_all(b)?;
+        }
+        self.len += b.len() as u64;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// `tandem synth-gguf`.
 pub fn run(a: &SynthArgs) -> Result<()> {
     let mut s = spec(&a.model)?;

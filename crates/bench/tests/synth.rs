@@ -303,3 +303,58 @@ fn the_tokenizer_uses_its_merges_and_round_trips() {
     assert_eq!(tok.encode("<|im_start|>", false).unwrap().len(), 1);
     std::fs::remove_file(&path).ok();
 }
+
+#[test]
+fn gpt_oss_20b_mxfp4_memory_estimate_counts_the_experts_at_their_file_size() {
+    // GPT-OSS-20B as the hub ships it (experts in MXFP4, ggml type 39): the check before
+    // loading counts every tensor in the file's own type (the experts used in place, not
+    // rebuilt in f32, which once made this file "need 75.2 GiB"), plus the largest tensor
+    // once in f32 (the embedding, converted while loading). The file's data is a hole: only
+    // its header is written.
+    use tandem_model::model::{check_fits, estimate_resident_bytes, ExpertSelection};
+    use tandem_model::weights::LinearType;
+    use tandem_model::ModelConfig;
+    let s = synth::spec("gpt-oss-20b").unwrap();
+    let path = tmp("gpt-oss-20b-hollow.gguf");
+    let len = synth::write_hollow(&s, SynthType::Mxfp4, &path).unwrap();
+    let p = synth::plan(&s, SynthType::Mxfp4);
+    assert!(len > bytes(&p), "{len} bytes for {} of tensors", bytes(&p));
+    let w = Weights::open(&path).unwrap();
+    let cfg = ModelConfig::from_gguf(w.gguf().unwrap()).unwrap();
+    let est = |sel: &ExpertSelection| estimate_resident_bytes(&cfg, &w, sel, LinearType::Auto);
+    let all = est(&ExpertSelection::All);
+    let experts: Vec<TensorPlan> = p
+        .iter()
+        .filter(|t| t.name.contains("_exps.weight"))
+        .cloned()
+        .collect();
+    assert!(experts.iter().all(|t| t.ty == GgmlType::MXFP4));
+    assert_eq!(experts.len(), 3 * 24);
+    assert_eq!(all - est(&ExpertSelection::None), bytes(&experts));
+    let embed_f32 = 4 * (s.vocab * s.hidden) as u64;
+    assert_eq!(all, bytes(&p) + embed_f32);
+    let gib = |x: u64| x as f64 / (1u64 << 30) as f64;
+    assert!((12.0..14.0).contains(&gib(all)), "{:.1} GiB", gib(all));
+    // Fits in 14 GiB under `auto`; in 12 GiB it does not, and the error says how much it needs.
+    check_fits(
+        &cfg,
+        &w,
+        &path,
+        &ExpertSelection::All,
+        LinearType::Auto,
+        14 << 30,
+    )
+    .unwrap();
+    let err = check_fits(
+        &cfg,
+        &w,
+        &path,
+        &ExpertSelection::All,
+        LinearType::Auto,
+        12 << 30,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains(&tandem_model::mem::gib(all)), "{err}");
+    std::fs::remove_file(&path).ok();
+}

@@ -7,8 +7,9 @@
 //! `deepseek2` (DeepSeek-V2, V2-Lite, V3, Kimi-K2), `glm4moe` (GLM-4.5), `gpt-oss` and `dbrx`
 //! in `crate::gguf_arch` (hooked into the first lines of `GgufFile::build_map` and
 //! `GgufFile::config_json`), which also rebuilds the tensors llama.cpp's
-//! converter split or transposed (MLA's `kv_b_proj`, GPT-OSS's `gate_up_proj` / `down_proj`,
-//! DBRX's `w2`) in f32. Any other architecture is refused by name.
+//! converter split or transposed (MLA's `kv_b_proj`, GPT-OSS's `gate_up_proj_bias`, DBRX's
+//! `w2`) in f32; GPT-OSS's expert weights are cut per expert and kept in their type instead.
+//! Any other architecture is refused by name.
 //!
 //! The header is read by tandem's own reader ([`crate::gguf_format`]: every ggml type
 //! llama.cpp writes, every count checked against the file); the file is memory mapped and held

@@ -28,9 +28,13 @@
 //!   `block_count` (`nextn_predict_layers` of them, stored last) and are not mapped.
 //! - **gpt-oss**: `gate_up_proj` `[E, D, 2F]` (gate and up interleaved in the columns, used as
 //!   `x @ W`) is stored as `ffn_gate_exps` and `ffn_up_exps` `[E, F, D]`, its bias as two
-//!   `[E, F]`, and `down_proj` `[E, F, D]` transposed to `ffn_down_exps` `[E, D, F]`; they are
-//!   interleaved and transposed back ([`Synth::GateUp`], [`Synth::GateUpBias`],
-//!   [`Synth::Transposed`]). Sliding layers: `attention.sliding_window_pattern` (per-layer
+//!   `[E, F]`, and `down_proj` `[E, F, D]` transposed to `ffn_down_exps` `[E, D, F]`. The
+//!   weights are not rebuilt: each expert's gate, up and down `[out, in]` matrices are cut
+//!   from the stacked tensors as the other families' experts are
+//!   (`model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight`, names the hub checkpoint
+//!   does not have), in the file's type (MXFP4, the hub's, used in place), and the family
+//!   loader takes gate and up separately; only the small biases are interleaved back
+//!   ([`Synth::GateUpBias`]). Sliding layers: `attention.sliding_window_pattern` (per-layer
 //!   flags or a period) or llama.cpp's default period 2 (even layers sliding). The clamped
 //!   SwiGLU's `swiglu_alpha` and `swiglu_limit` are not written: llama.cpp uses 1.702 and 7.0,
 //!   those of every released GPT-OSS, and so does this. YaRN is not truncated (`truncate:
@@ -63,15 +67,6 @@ pub(crate) enum Synth {
         nope: usize,
         v: usize,
         rank: usize,
-    },
-    /// GPT-OSS's `gate_up_proj` `[E, D, 2F]` from gate and up `[E, F, D]`: column `2f` of
-    /// expert `e` is gate row `f`, column `2f + 1` up row `f`.
-    GateUp {
-        gate: String,
-        up: String,
-        experts: usize,
-        f: usize,
-        d: usize,
     },
     /// GPT-OSS's `gate_up_proj_bias` `[E, 2F]` from gate and up biases `[E, F]`, interleaved.
     GateUpBias {
@@ -114,29 +109,6 @@ impl Synth {
                         out.extend((0..r).map(|j| k[j * nope + i]));
                     }
                     out.extend_from_slice(&vb[hh * v * r..(hh + 1) * v * r]);
-                }
-                out
-            }
-            Synth::GateUp {
-                gate,
-                up,
-                experts,
-                f,
-                d,
-            } => {
-                let (e, f, d) = (*experts, *f, *d);
-                let g = read(gate, &[e, f, d])?;
-                let u = read(up, &[e, f, d])?;
-                let mut out = vec![0f32; e * d * 2 * f];
-                for ee in 0..e {
-                    for ff in 0..f {
-                        for dd in 0..d {
-                            let src = (ee * f + ff) * d + dd;
-                            let dst = (ee * d + dd) * 2 * f + 2 * ff;
-                            out[dst] = g[src];
-                            out[dst + 1] = u[src];
-                        }
-                    }
                 }
                 out
             }
@@ -473,47 +445,30 @@ fn gpt_oss_tensor(
         ("attn_sinks", "weight") => format!("{p}.self_attn.sinks"),
         ("ffn_gate_inp", _) => format!("{p}.mlp.router.{suffix}"),
         ("ffn_down_exps", "bias") => format!("{x}.down_proj_bias"),
+        // The experts stay in the file's type (MXFP4 as the hub ships it, used in place):
+        // one `[out, in]` matrix per expert, as the other families' experts are cut.
+        // `ffn_down_exps` `[E, D, F]` is already `[out, in]` per expert.
         ("ffn_down_exps", "weight") => {
             let d = dims_of(g, name, 3)?;
-            map.insert(
-                format!("{x}.down_proj"),
-                synth(
-                    name,
-                    vec![d[0], d[2], d[1]],
-                    Synth::Transposed {
-                        src: name.to_string(),
-                        experts: d[0],
-                        rows: d[1],
-                        cols: d[2],
-                    },
-                ),
-            );
-            return Ok(true);
+            return experts(map, name, &d, |e| format!("{x}.{e}.down_proj.weight"));
         }
-        ("ffn_gate_exps", "weight") => {
-            let up = format!("blk.{l}.ffn_up_exps.weight");
+        ("ffn_gate_exps" | "ffn_up_exps", "weight") => {
             let d = dims_of(g, name, 3)?;
-            let ud = dims_of(g, &up, 3)?;
-            if ud != d {
-                return Err(g.corrupt(format!(
-                    "tensors {name} {d:?} and {up} {ud:?} differ in shape"
-                )));
+            if base == "ffn_gate_exps" {
+                let up = format!("blk.{l}.ffn_up_exps.weight");
+                let ud = dims_of(g, &up, 3)?;
+                if ud != d {
+                    return Err(g.corrupt(format!(
+                        "tensors {name} {d:?} and {up} {ud:?} differ in shape"
+                    )));
+                }
             }
-            map.insert(
-                format!("{x}.gate_up_proj"),
-                synth(
-                    name,
-                    vec![d[0], d[2], 2 * d[1]],
-                    Synth::GateUp {
-                        gate: name.to_string(),
-                        up,
-                        experts: d[0],
-                        f: d[1],
-                        d: d[2],
-                    },
-                ),
-            );
-            return Ok(true);
+            let which = if base == "ffn_gate_exps" {
+                "gate"
+            } else {
+                "up"
+            };
+            return experts(map, name, &d, |e| format!("{x}.{e}.{which}_proj.weight"));
         }
         ("ffn_gate_exps", "bias") => {
             let up = format!("blk.{l}.ffn_up_exps.bias");
@@ -539,7 +494,7 @@ fn gpt_oss_tensor(
             );
             return Ok(true);
         }
-        ("ffn_up_exps", _) => return Ok(true),
+        ("ffn_up_exps", "bias") => return Ok(true),
         _ => return Ok(false),
     };
     map.insert(hub, whole(name, dims.to_vec()));
@@ -1152,29 +1107,10 @@ mod tests {
         assert_eq!(got, kv_b);
     }
 
-    /// The converter's gate/up split (transpose to [E, 2F, D], rows 0::2 and 1::2) undone.
+    /// The converter's gate/up bias split (columns 0::2 and 1::2) undone.
     #[test]
-    fn gate_up_is_interleaved_back() {
-        let (e, d, f) = (2usize, 3usize, 4usize);
-        let gu: Vec<f32> = (0..e * d * 2 * f).map(|i| i as f32).collect();
-        let (mut gate, mut up) = (vec![0f32; e * f * d], vec![0f32; e * f * d]);
-        for ee in 0..e {
-            for dd in 0..d {
-                for c in 0..2 * f {
-                    let x = gu[(ee * d + dd) * 2 * f + c];
-                    let t = if c % 2 == 0 { &mut gate } else { &mut up };
-                    t[(ee * f + c / 2) * d + dd] = x;
-                }
-            }
-        }
-        let s = Synth::GateUp {
-            gate: "g".into(),
-            up: "u".into(),
-            experts: e,
-            f,
-            d,
-        };
-        assert_eq!(s.build(&reader(vec![("g", gate), ("u", up)])).unwrap(), gu);
+    fn gate_up_bias_is_interleaved_back() {
+        let (e, f) = (2usize, 4usize);
         let bias: Vec<f32> = (0..e * 2 * f).map(|i| i as f32).collect();
         let gb: Vec<f32> = bias.iter().step_by(2).copied().collect();
         let ub: Vec<f32> = bias.iter().skip(1).step_by(2).copied().collect();

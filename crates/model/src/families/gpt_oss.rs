@@ -5,7 +5,11 @@
 //! experts are stored stacked: `mlp.experts.gate_up_proj` `[E, D, 2F]` with gate and up
 //! interleaved (columns `0::2` and `1::2`) and `down_proj` `[E, F, D]`, both used as `x @ W`;
 //! the hub checkpoints hold them as MXFP4 instead (`*_blocks` `[E, out, in / 32, 16]` +
-//! `*_scales` `[E, out, in / 32]`, already `[out, in]`), dequantized here at load.
+//! `*_scales` `[E, out, in / 32]`, already `[out, in]`), dequantized here at load. A GGUF file
+//! names each expert's gate, up and down `[out, in]` matrices instead
+//! (`experts.{e}.{gate,up,down}_proj.weight`, cut from llama.cpp's `ffn_*_exps` by
+//! `crate::gguf_arch`): they are taken as the other families' experts are, in the file's
+//! type (MXFP4 blocks used in place, not rebuilt in f32).
 
 use super::{linear_b, norm, AttentionWeights, FamilyWeights};
 use crate::config::{
@@ -265,6 +269,40 @@ impl FamilyWeights for Names {
         let p = format!("model.layers.{l}.mlp.experts");
         let gu_bias = w.get_vec(&format!("{p}.gate_up_proj_bias"), &[ne, 2 * f])?;
         let down_bias = w.get_vec(&format!("{p}.down_proj_bias"), &[ne, d])?;
+        // Even entries gate, odd entries up.
+        let biases = |e: usize| {
+            let gub = &gu_bias[e * 2 * f..(e + 1) * 2 * f];
+            let gb: Vec<f32> = gub.iter().step_by(2).copied().collect();
+            let ub: Vec<f32> = gub.iter().skip(1).step_by(2).copied().collect();
+            (gb, ub, down_bias[e * d..(e + 1) * d].to_vec())
+        };
+        if ids.iter().any(|&e| e >= ne) {
+            return Err(ModelError::Input(format!(
+                "experts {ids:?} of layer {l}: out of range {ne}"
+            )));
+        }
+        // A GGUF file: one matrix per expert, held in its own type (see the module doc).
+        if w.contains(&format!("{p}.0.gate_proj.weight")) {
+            return ids
+                .iter()
+                .map(|&e| {
+                    let (gb, ub, db) = biases(e);
+                    let lin = |n: &str, out: usize, inp: usize, b: Vec<f32>| -> Result<Linear> {
+                        let name = format!("{p}.{e}.{n}.weight");
+                        Ok(Linear::from_packed(
+                            w.packed(&name, out, inp, Role::Linear)?,
+                            Some(b),
+                        ))
+                    };
+                    let mlp = GatedMlp::new(
+                        lin("gate_proj", f, d, gb)?,
+                        lin("up_proj", f, d, ub)?,
+                        lin("down_proj", d, f, db)?,
+                    )?;
+                    Ok(mlp.with_act(cfg.expert_act))
+                })
+                .collect();
+        }
         let mxfp4 = w.contains(&format!("{p}.gate_up_proj_blocks"));
         // Dequantized MXFP4 values are exact in bf16: under `auto` they take the type the
         // checkpoint's other expert tensors (the biases) are stored in.
@@ -332,31 +370,20 @@ impl FamilyWeights for Names {
         };
         let mut out = Vec::with_capacity(ids.len());
         for &e in ids {
-            if e >= ne {
-                return Err(ModelError::Input(format!("expert {e} out of range {ne}")));
-            }
             let gu = matrix(e, 0, 2 * f, d);
-            let gub = &gu_bias[e * 2 * f..(e + 1) * 2 * f];
             // Even rows gate, odd rows up.
             let (mut gw, mut uw) = (Vec::with_capacity(f * d), Vec::with_capacity(f * d));
             for (i, row) in gu.chunks_exact(d).enumerate() {
                 if i % 2 == 0 { &mut gw } else { &mut uw }.extend_from_slice(row);
             }
-            let gb: Vec<f32> = gub.iter().step_by(2).copied().collect();
-            let ub: Vec<f32> = gub.iter().skip(1).step_by(2).copied().collect();
+            let (gb, ub, db) = biases(e);
             let lin = |wt: &[f32], o: usize, i: usize, b: Vec<f32>, n: &str| {
                 Linear::from_packed(PackedWeights::pack_as(wt, o, i, ty(n)), Some(b))
             };
             let mlp = GatedMlp::new(
                 lin(&gw, f, d, gb, "gate_up_proj"),
                 lin(&uw, f, d, ub, "gate_up_proj"),
-                lin(
-                    &matrix(e, 1, d, f),
-                    d,
-                    f,
-                    down_bias[e * d..(e + 1) * d].to_vec(),
-                    "down_proj",
-                ),
+                lin(&matrix(e, 1, d, f), d, f, db, "down_proj"),
             )?;
             out.push(mlp.with_act(cfg.expert_act));
         }
