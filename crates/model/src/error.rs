@@ -35,6 +35,13 @@ pub enum ModelError {
         path: PathBuf,
         dtype: String,
     },
+    /// A block-FP8 weight (`F8_E4M3` + `_scale_inv`) that cannot be dequantized.
+    #[error("FP8 tensor {name} in {path}: {msg}")]
+    Fp8 {
+        name: String,
+        path: PathBuf,
+        msg: String,
+    },
     /// The weights will not fit in memory in the type asked for (checked before loading).
     #[error(
         "{path}: the weights will not fit in memory: they need about {} resident {what} but \

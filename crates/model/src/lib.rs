@@ -7,6 +7,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod families;
+pub mod fp8;
 pub mod generate;
 pub mod gguf;
 mod gguf_arch;

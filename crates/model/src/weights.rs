@@ -1,12 +1,14 @@
 //! Checkpoints: safetensors, single file or sharded (`model.safetensors.index.json`), or a
 //! llama.cpp GGUF file ([`crate::gguf`], its tensors under the hub names), memory mapped.
-//! Tensors are converted to f32 when taken (bf16/f16/f32 on disk, GGUF blocks dequantized);
+//! Tensors are converted to f32 when taken (bf16/f16/f32 on disk, block-FP8 `F8_E4M3`
+//! weights times their `_scale_inv` blocks ([`crate::fp8`]), GGUF blocks dequantized);
 //! the weights of linear layers are then packed in the type [`LinearType`] says (a GGUF's
 //! q8_0/q4_0 blocks are taken as they are when that type is theirs, and its Q4_K/Q5_K/Q6_K
 //! blocks are used in place, a range of the mapped file). Every error names the tensor and
 //! the file.
 
 use crate::error::{ModelError, Result};
+use crate::fp8::Fp8Config;
 use crate::gguf::GgufFile;
 use crate::gguf_format::GgmlType;
 use crate::kquant::{KQuantWeights, SharedBytes};
@@ -80,7 +82,12 @@ impl LinearType {
 pub struct Weights {
     source: Source,
     linear_type: LinearType,
+    /// The block-FP8 layout `config.json`'s `quantization_config` describes, if any.
+    fp8: Option<Fp8Config>,
 }
+
+/// The companion of an FP8 weight: `W` -> `W_scale_inv`.
+const SCALE_SUFFIX: &str = "_scale_inv";
 
 enum Source {
     Safetensors {
@@ -99,6 +106,7 @@ impl Weights {
             return Ok(Self {
                 source: Source::Gguf(GgufFile::open(dir)?),
                 linear_type: LinearType::Auto,
+                fp8: None,
             });
         }
         let index_path = dir.join("model.safetensors.index.json");
@@ -194,7 +202,13 @@ impl Weights {
         Ok(Self {
             source: Source::Safetensors { files, index },
             linear_type: LinearType::Auto,
+            fp8: fp8_config(dir)?,
         })
+    }
+
+    /// The block-FP8 layout of the checkpoint (`quantization_config.quant_method: "fp8"`).
+    pub fn fp8(&self) -> Option<Fp8Config> {
+        self.fp8
     }
 
     /// The GGUF file behind these weights, if they come from one.
@@ -221,7 +235,9 @@ impl Weights {
         let own = match &self.source {
             Source::Gguf(g) => g.own_type(name),
             Source::Safetensors { .. } => match self.dtype_of(name).as_deref() {
-                Some("BF16") => WeightType::Bf16,
+                // FP8 weights dequantize into bf16: 8 bits of mantissa for e4m3's 3 (the
+                // product with the block scale is rounded once).
+                Some("BF16" | "F8_E4M3") => WeightType::Bf16,
                 _ => WeightType::F32,
             },
         };
@@ -284,11 +300,24 @@ impl Weights {
         }
     }
 
+    /// The names of the tensors, but not the `_scale_inv` companions of FP8 weights (they
+    /// are part of their weight, not weights themselves).
     pub fn names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
         match &self.source {
-            Source::Safetensors { index, .. } => Box::new(index.keys().map(|s| s.as_str())),
+            Source::Safetensors { index, .. } => Box::new(
+                index
+                    .keys()
+                    .map(|s| s.as_str())
+                    .filter(move |s| !self.is_fp8_scale(s)),
+            ),
             Source::Gguf(g) => Box::new(g.names()),
         }
+    }
+
+    /// Whether `name` is the `_scale_inv` of an FP8 weight in this checkpoint.
+    pub fn is_fp8_scale(&self, name: &str) -> bool {
+        name.strip_suffix(SCALE_SUFFIX)
+            .is_some_and(|w| self.dtype_of(w).as_deref() == Some("F8_E4M3"))
     }
 
     fn files_list(files: &[File]) -> String {
@@ -350,6 +379,16 @@ impl Weights {
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
+            Dtype::F8_E4M3 => self.dequantize_fp8(name, &f.path, bytes, shape)?,
+            Dtype::F8_E5M2 => {
+                return Err(ModelError::WrongDtype {
+                    name: name.to_string(),
+                    path: f.path.clone(),
+                    dtype: "F8_E5M2 (FP8 e5m2 weights are not supported; only e4m3 with \
+                            block scales)"
+                        .into(),
+                })
+            }
             other => {
                 return Err(ModelError::WrongDtype {
                     name: name.to_string(),
@@ -365,6 +404,80 @@ impl Weights {
             });
         }
         Ok(out)
+    }
+
+    /// The `[out, inp]` F8_E4M3 weight `name` (its `bytes`, in `path`) times its block
+    /// scales, as f32.
+    fn dequantize_fp8(
+        &self,
+        name: &str,
+        path: &Path,
+        bytes: &[u8],
+        shape: &[usize],
+    ) -> Result<Vec<f32>> {
+        let err = |msg: String| ModelError::Fp8 {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            msg,
+        };
+        let Some(cfg) = self.fp8 else {
+            return Err(err(
+                "the checkpoint's config.json has no quantization_config with quant_method \
+                 \"fp8\" (its weight_block_size says how the scales cover the weight)"
+                    .into(),
+            ));
+        };
+        let &[out, inp] = shape else {
+            return Err(err(format!(
+                "FP8 weights are 2-D [out, in] matrices, this one has shape {shape:?}"
+            )));
+        };
+        if bytes.len() != out * inp {
+            return Err(err(format!("{} bytes for shape {shape:?}", bytes.len())));
+        }
+        let scale_name = format!("{name}{SCALE_SUFFIX}");
+        let want = cfg.scale_shape(out, inp);
+        let Some(found) = self.shape_of(&scale_name) else {
+            return Err(err(format!(
+                "its scale tensor {scale_name} is missing (a [{out}, {inp}] weight in blocks of \
+                 {:?} needs a {want:?} scale_inv)",
+                cfg.block
+            )));
+        };
+        if found != want {
+            let hint = match found[..] {
+                [s0, s1] => format!(
+                    "; that grid fits {} rows and {} columns per block",
+                    block_range(out, s0),
+                    block_range(inp, s1)
+                ),
+                _ => String::new(),
+            };
+            return Err(err(format!(
+                "its scale tensor {scale_name} has shape {found:?}, but a [{out}, {inp}] weight \
+                 in blocks of {:?} (quantization_config.weight_block_size) needs \
+                 [ceil({out}/{}), ceil({inp}/{})] = {want:?}{hint}",
+                cfg.block, cfg.block[0], cfg.block[1]
+            )));
+        }
+        let scales = self.get_vec(&scale_name, &want)?;
+        if let Some(i) = scales.iter().position(|s| !s.is_finite()) {
+            return Err(err(format!(
+                "scale {scale_name}[{}, {}] is {}",
+                i / want[1],
+                i % want[1],
+                scales[i]
+            )));
+        }
+        if let Some(i) = bytes.iter().position(|b| crate::fp8::e4m3_is_nan(*b)) {
+            return Err(err(format!(
+                "element [{}, {}] is NaN (byte {:#04x})",
+                i / inp,
+                i % inp,
+                bytes[i]
+            )));
+        }
+        Ok(crate::fp8::dequantize(bytes, &scales, out, inp, cfg.block))
     }
 
     /// The bytes of the `U8` tensor `name` (MXFP4 blocks and scales), checked to have `shape`,
@@ -429,6 +542,36 @@ impl Weights {
             Source::Gguf(g) => g.shape_of(name),
         }
     }
+}
+
+/// The block sizes `b` with `ceil(dim / b) == blocks`: "16..=23", "at least 64", "no".
+fn block_range(dim: usize, blocks: usize) -> String {
+    if blocks == 0 || dim == 0 {
+        return "no".into();
+    }
+    let lo = dim.div_ceil(blocks);
+    if blocks == 1 {
+        return format!("at least {lo}");
+    }
+    let hi = (dim - 1) / (blocks - 1);
+    match lo.cmp(&hi) {
+        std::cmp::Ordering::Less => format!("{lo}..={hi}"),
+        std::cmp::Ordering::Equal => format!("{lo}"),
+        std::cmp::Ordering::Greater => "no".into(),
+    }
+}
+
+/// The FP8 layout of `dir/config.json`'s `quantization_config` (`None` without a config).
+fn fp8_config(dir: &Path) -> Result<Option<Fp8Config>> {
+    let path = dir.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    // A config that does not parse is reported by the config loader, with its own message.
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Ok(None);
+    };
+    Fp8Config::from_config(&v, &path)
 }
 
 /// Why the header length is invalid: usually a file cut inside its header.
