@@ -378,6 +378,16 @@ pub(crate) struct KRows {
     kb: usize,
 }
 
+/// `y` rounded to the nearest integer, ties to even (as ggml's `nearest_int`), for
+/// `|y| < 2^22`: adding and removing 1.5 * 2^23 leaves the rounding to the FPU. Unlike
+/// `f32::round` (a libm call on baseline x86-64) this vectorizes; input quantization of
+/// every matmul call runs through it.
+#[inline(always)]
+fn round_even(y: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (y + MAGIC) - MAGIC
+}
+
 impl KRows {
     pub(crate) fn new(x: &[f32], rows: usize, k: usize) -> Self {
         let kb = k.div_ceil(QK_K);
@@ -393,7 +403,7 @@ impl KRows {
                 let id = if s != 0.0 { 1.0 / s } else { 0.0 };
                 let at = (t * kb + b) * QK_K;
                 for (o, v) in q[at..at + part.len()].iter_mut().zip(part) {
-                    *o = (v * id).round() as i8;
+                    *o = round_even(v * id) as i8;
                 }
                 for g in 0..16 {
                     bsums[(t * kb + b) * 16 + g] = q[at + 16 * g..at + 16 * g + 16]
@@ -1196,6 +1206,100 @@ mod avx512 {
         }
     }
 
+    /// `vpermw` indices putting 16-bit lane `4v + L` of a register (a Q6_K scale) in every
+    /// lane of 128-bit lane `L`.
+    const fn spread(v: u16) -> [u16; 32] {
+        let mut t = [0u16; 32];
+        let mut i = 0;
+        while i < 32 {
+            t[i] = 4 * v + (i / 8) as u16;
+            i += 1;
+        }
+        t
+    }
+    static SPREAD: [[u16; 32]; 4] = [spread(0), spread(1), spread(2), spread(3)];
+
+    /// Q6_K output `j` for input rows `t0..t0 + R`, 64 weights a register in order: each
+    /// half's 64 bytes of `ql` give weights 0-63 (low nibbles) and 64-127 (high), their two
+    /// high bits moved to bits 4-5 from the half's 32 bytes of `qh`, broadcast and shifted
+    /// per 256-bit half; the 16 signed scales widened once and spread by `vpermw`; the `-32`
+    /// of every code folded into the integer sum through the inputs' per-16 sums.
+    #[inline(always)]
+    unsafe fn q6k_micro<const R: usize>(
+        w: &KQuantWeights,
+        xq: &KRows,
+        j: usize,
+        t0: usize,
+        out: *mut f32,
+    ) {
+        let row = w.row(j).as_ptr();
+        let m4 = _mm512_set1_epi8(0x0f);
+        let m30 = _mm512_set1_epi8(0x30);
+        let up = _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4);
+        let down = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
+        let spread = [
+            _mm512_loadu_si512(SPREAD[0].as_ptr() as *const _),
+            _mm512_loadu_si512(SPREAD[1].as_ptr() as *const _),
+            _mm512_loadu_si512(SPREAD[2].as_ptr() as *const _),
+            _mm512_loadu_si512(SPREAD[3].as_ptr() as *const _),
+        ];
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..w.k.div_ceil(QK_K) {
+            let p = row.add(b * 210);
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                p.add(208) as *const u16,
+            ) as i32)));
+            let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192) as *const _));
+            let sc512 = _mm512_castsi256_si512(sc);
+            let mut q = [_mm512_setzero_si512(); 4];
+            for h in 0..2 {
+                let ql = _mm512_loadu_si512(p.add(64 * h) as *const _);
+                let qh =
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(128 + 32 * h) as *const _));
+                // x | (y & z): the nibbles with the high bits masked to 0x30.
+                q[2 * h] = _mm512_ternarylogic_epi32::<0xF8>(
+                    _mm512_and_si512(ql, m4),
+                    _mm512_sllv_epi64(qh, up),
+                    m30,
+                );
+                q[2 * h + 1] = _mm512_ternarylogic_epi32::<0xF8>(
+                    _mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
+                    _mm512_srlv_epi64(qh, down),
+                    m30,
+                );
+            }
+            let s = [
+                _mm512_permutexvar_epi16(spread[0], sc512),
+                _mm512_permutexvar_epi16(spread[1], sc512),
+                _mm512_permutexvar_epi16(spread[2], sc512),
+                _mm512_permutexvar_epi16(spread[3], sc512),
+            ];
+            for r in 0..R {
+                let t = t0 + r;
+                let xp = xq.q.as_ptr().add((t * xq.kb + b) * QK_K);
+                let mut isum = _mm512_setzero_si512();
+                for c in 0..4 {
+                    let xv = _mm512_loadu_si512(xp.add(64 * c) as *const _);
+                    isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q[c], xv), s[c]);
+                }
+                let bs = _mm256_loadu_si256(
+                    xq.bsums.as_ptr().add((t * xq.kb + b) * 16) as *const __m256i
+                );
+                let msum = _mm512_castsi256_si512(_mm256_slli_epi32(_mm256_madd_epi16(sc, bs), 5));
+                let msum = _mm512_maskz_mov_epi32(0x00ff, msum);
+                let dx = *xq.d.get_unchecked(t * xq.kb + b);
+                acc[r] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(_mm512_sub_epi32(isum, msum)),
+                    _mm512_set1_ps(d * dx),
+                    acc[r],
+                );
+            }
+        }
+        for r in 0..R {
+            *out.add((t0 + r) * w.n + j) = _mm512_reduce_add_ps(acc[r]);
+        }
+    }
+
     #[inline(always)]
     unsafe fn mx_micro<const R: usize>(
         w: &KQuantWeights,
@@ -1246,31 +1350,31 @@ mod avx512 {
         cols: Range<usize>,
         out: *mut f32,
     ) {
-        let mx = format == KFormat::Mxfp4;
-        let q4 = format == KFormat::Q4K;
         for j in cols {
             let mut t = rows.start;
             while t + 4 <= rows.end {
-                if mx {
-                    mx_micro::<4>(w, xq, j, t, out);
-                } else if q4 {
-                    q4k_micro::<4>(w, xq, j, t, out);
-                } else {
-                    micro::<F, 4>(w, xq, j, t, out);
+                match format {
+                    KFormat::Mxfp4 => mx_micro::<4>(w, xq, j, t, out),
+                    KFormat::Q4K => q4k_micro::<4>(w, xq, j, t, out),
+                    KFormat::Q6K => q6k_micro::<4>(w, xq, j, t, out),
+                    KFormat::Q5K => micro::<F, 4>(w, xq, j, t, out),
                 }
                 t += 4;
             }
-            match (rows.end - t, mx, q4) {
-                (3, true, _) => mx_micro::<3>(w, xq, j, t, out),
-                (2, true, _) => mx_micro::<2>(w, xq, j, t, out),
-                (1, true, _) => mx_micro::<1>(w, xq, j, t, out),
-                (3, false, true) => q4k_micro::<3>(w, xq, j, t, out),
-                (2, false, true) => q4k_micro::<2>(w, xq, j, t, out),
-                (1, false, true) => q4k_micro::<1>(w, xq, j, t, out),
-                (3, false, false) => micro::<F, 3>(w, xq, j, t, out),
-                (2, false, false) => micro::<F, 2>(w, xq, j, t, out),
-                (1, false, false) => micro::<F, 1>(w, xq, j, t, out),
-                _ => {}
+            match (rows.end - t, format) {
+                (0, _) => {}
+                (3, KFormat::Mxfp4) => mx_micro::<3>(w, xq, j, t, out),
+                (2, KFormat::Mxfp4) => mx_micro::<2>(w, xq, j, t, out),
+                (_, KFormat::Mxfp4) => mx_micro::<1>(w, xq, j, t, out),
+                (3, KFormat::Q4K) => q4k_micro::<3>(w, xq, j, t, out),
+                (2, KFormat::Q4K) => q4k_micro::<2>(w, xq, j, t, out),
+                (_, KFormat::Q4K) => q4k_micro::<1>(w, xq, j, t, out),
+                (3, KFormat::Q6K) => q6k_micro::<3>(w, xq, j, t, out),
+                (2, KFormat::Q6K) => q6k_micro::<2>(w, xq, j, t, out),
+                (_, KFormat::Q6K) => q6k_micro::<1>(w, xq, j, t, out),
+                (3, KFormat::Q5K) => micro::<F, 3>(w, xq, j, t, out),
+                (2, KFormat::Q5K) => micro::<F, 2>(w, xq, j, t, out),
+                (_, KFormat::Q5K) => micro::<F, 1>(w, xq, j, t, out),
             }
         }
     }
