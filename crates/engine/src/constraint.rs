@@ -16,8 +16,19 @@
 //! advances the matcher (microseconds; the caller waits for that, to learn whether the
 //! structure is complete) and then computes the *next* mask on its own, while the replica
 //! runs the next forward pass. [`TokenConstraint::apply`] before the next sample only
-//! waits when the mask is not ready yet (the time it waits is the mask's cost to decoding;
-//! `tandem_constraint_mask_wait_seconds`).
+//! waits when the mask is not ready yet (the time it waits is the mask's cost to decoding).
+//!
+//! # What it costs (histograms, one sample per constrained token)
+//! - [`MASK_SECONDS`]: the time the matcher took to compute the token's mask (on its
+//!   thread, overlapped with the forward pass; the first mask is computed when the request
+//!   is compiled, before it reaches the engine);
+//! - [`MASK_WAIT_SECONDS`]: the time the step waited for that mask after the forward pass
+//!   had finished (0 when it was ready): the mask's real cost to decoding;
+//! - [`COMMIT_SECONDS`]: the time the step waited for the matcher to take the sampled token
+//!   (it has to know whether the structure is complete).
+//!
+//! They are recorded with the `metrics` crate (the server exports them on `/metrics`; its
+//! upkeep, run every few thousand of its own samples, drains these too).
 //!
 //! # Bounds
 //! JSON is compiled with `whitespace_flexible: false` (`,` and `:` with no spaces, no
@@ -31,9 +42,16 @@ use llguidance::{Matcher, ParserFactory};
 use serde_json::{json, Value};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tandem_model::Tokenizer;
 use tandem_sched::{Commit, TokenConstraint};
+
+/// Histogram: seconds the matcher took to compute one token's mask (see the module docs).
+pub const MASK_SECONDS: &str = "tandem_constraint_mask_seconds";
+/// Histogram: seconds a step waited for a token's mask after the forward pass.
+pub const MASK_WAIT_SECONDS: &str = "tandem_constraint_mask_wait_seconds";
+/// Histogram: seconds a step waited for the matcher to take a sampled token.
+pub const COMMIT_SECONDS: &str = "tandem_constraint_commit_seconds";
 
 /// What a request constrains its output to.
 #[derive(Debug, Clone, PartialEq)]
@@ -216,11 +234,13 @@ impl Grammars {
             return Err(e);
         }
         // An unsatisfiable constraint fails here rather than at the first token.
+        let t = Instant::now();
         let first = m.compute_mask().map_err(|e| e.to_string())?;
+        let took = t.elapsed();
         if first.num_set() == 0 {
             return Err("the constraint allows no token".into());
         }
-        Ok(Box::new(LlgConstraint::spawn(m, first)))
+        Ok(Box::new(LlgConstraint::spawn(m, first, took)))
     }
 }
 
@@ -243,7 +263,8 @@ fn reasoning_rules(r: Reasoning) -> &'static str {
 }
 
 enum Reply {
-    Mask(Result<llguidance::toktrie::SimpleVob, String>),
+    /// The next mask and the time the matcher took to compute it.
+    Mask(Result<llguidance::toktrie::SimpleVob, String>, Duration),
     Committed(Result<bool, String>),
 }
 
@@ -252,10 +273,13 @@ struct LlgConstraint {
     tx: Sender<u32>,
     rx: Receiver<Reply>,
     mask: Option<llguidance::toktrie::SimpleVob>,
+    /// The compute time of the first mask (made before the engine had the request), not
+    /// recorded yet: it is recorded with the first token, which waits for nothing.
+    first: Option<Duration>,
 }
 
 impl LlgConstraint {
-    fn spawn(mut m: Matcher, first: llguidance::toktrie::SimpleVob) -> Self {
+    fn spawn(mut m: Matcher, first: llguidance::toktrie::SimpleVob, took: Duration) -> Self {
         let (tx, cmd_rx) = channel::<u32>();
         let (reply_tx, rx) = channel::<Reply>();
         let spawned = std::thread::Builder::new()
@@ -273,8 +297,9 @@ impl LlgConstraint {
                     {
                         return;
                     }
+                    let t = Instant::now();
                     let mask = m.compute_mask_or_eos().map_err(|e| e.to_string());
-                    if reply_tx.send(Reply::Mask(mask)).is_err() {
+                    if reply_tx.send(Reply::Mask(mask, t.elapsed())).is_err() {
                         return;
                     }
                 }
@@ -286,6 +311,7 @@ impl LlgConstraint {
             tx,
             rx,
             mask: Some(first),
+            first: Some(took),
         }
     }
 }
@@ -293,17 +319,23 @@ impl LlgConstraint {
 impl TokenConstraint for LlgConstraint {
     fn apply(&mut self, logits: &mut [f32]) -> Result<(), String> {
         let mask = match self.mask.take() {
-            Some(m) => m,
+            Some(m) => {
+                if let Some(took) = self.first.take() {
+                    metrics::histogram!(MASK_SECONDS).record(took.as_secs_f64());
+                    metrics::histogram!(MASK_WAIT_SECONDS).record(0.0);
+                }
+                m
+            }
             None => {
                 let t = Instant::now();
-                let m = match self.rx.recv() {
-                    Ok(Reply::Mask(m)) => m?,
+                let (m, took) = match self.rx.recv() {
+                    Ok(Reply::Mask(m, took)) => (m, took),
                     Ok(Reply::Committed(_)) => return Err("constraint out of step".into()),
                     Err(_) => return Err("the constraint's thread stopped".into()),
                 };
-                metrics::histogram!("tandem_constraint_mask_wait_seconds")
-                    .record(t.elapsed().as_secs_f64());
-                m
+                metrics::histogram!(MASK_WAIT_SECONDS).record(t.elapsed().as_secs_f64());
+                metrics::histogram!(MASK_SECONDS).record(took.as_secs_f64());
+                m?
             }
         };
         apply_mask(&mask, logits);
@@ -314,16 +346,20 @@ impl TokenConstraint for LlgConstraint {
 
     fn commit(&mut self, token: u32) -> Result<Commit, String> {
         self.mask = None;
+        self.first = None;
+        let t = Instant::now();
         self.tx
             .send(token)
             .map_err(|_| "the constraint's thread stopped".to_string())?;
-        match self.rx.recv() {
+        let r = match self.rx.recv() {
             Ok(Reply::Committed(Ok(true))) => Ok(Commit::Done),
             Ok(Reply::Committed(Ok(false))) => Ok(Commit::Continue),
             Ok(Reply::Committed(Err(e))) => Err(e),
-            Ok(Reply::Mask(_)) => Err("constraint out of step".into()),
+            Ok(Reply::Mask(..)) => Err("constraint out of step".into()),
             Err(_) => Err("the constraint's thread stopped".into()),
-        }
+        };
+        metrics::histogram!(COMMIT_SECONDS).record(t.elapsed().as_secs_f64());
+        r
     }
 }
 
