@@ -1710,8 +1710,9 @@ impl Arm {
     }
 }
 
-/// `--compare-schema`: at each client count in `concurrency`, `--compare-rounds` pairs of
-/// rounds, unconstrained then constrained, each sending the first `C x
+/// `--compare-schema`: at each client count in `concurrency`, one warm-up round (with the
+/// schema, not counted), then `--compare-rounds` pairs of rounds, unconstrained then
+/// constrained, each sending the first `C x
 /// --compare-requests-per-client` of `requests` (the same prompts and `max_tokens` in both
 /// arms); `/metrics` is scraped around every round.
 #[allow(clippy::too_many_arguments)]
@@ -1769,6 +1770,13 @@ async fn run_compare(
         let n = (c * a.compare_requests_per_client).min(requests.len());
         let reqs = &requests[..n];
         let offsets = arrival_offsets(n, a.request_rate, a.burstiness, rng);
+        // One round before the measured ones, not counted: the first round at a client count
+        // pays for first touches (KV cache pages, buffers grown to the batch), which would
+        // land on the first arm.
+        let (warm, _) =
+            run_requests(client, constrained, reqs, &offsets, Some(c), progress(a, n)).await;
+        let warm_failed = warm.iter().filter(|o| !o.success).count();
+        eprintln!("clients {c}: warm-up round done ({warm_failed} failed)");
         let mut arms = [Arm::default(), Arm::default()];
         let mut rounds = Vec::new();
         for round in 0..a.compare_rounds {
@@ -2592,14 +2600,16 @@ mod tests {
         assert_eq!(r["compare_schema"], true);
         assert_eq!(r["schema"], schema);
         let b = bodies.lock().unwrap();
-        // Two test requests, then per client count 2 pairs of rounds of 2 x C requests.
-        assert_eq!(b.len(), 2 + 2 * 2 * 2 + 2 * 2 * 4);
+        // Two test requests, then per client count a warm-up round (with the schema) and 2
+        // pairs of rounds of 2 x C requests.
+        assert_eq!(b.len(), 2 + 2 * 5 + 4 * 5);
         let with: Vec<bool> = b
             .iter()
             .map(|(_, x)| x.get("response_format").is_some())
             .collect();
         let mut want = vec![false, true];
         for c in [1, 2] {
+            want.extend(std::iter::repeat_n(true, 2 * c));
             for _ in 0..2 {
                 want.extend(std::iter::repeat_n(false, 2 * c));
                 want.extend(std::iter::repeat_n(true, 2 * c));
@@ -2626,10 +2636,14 @@ mod tests {
             v.sort();
             v
         };
-        assert_eq!(round(2, 2), round(4, 2));
-        assert_eq!(round(2, 2), round(8, 2));
-        assert_eq!(round(10, 4), round(14, 4));
-        assert_eq!(round(10, 4), round(22, 4));
+        // c = 1: warm-up 2..4, A 4..6, B 6..8, A 8..10, B 10..12; c = 2 from 12: warm-up,
+        // then A B A B of 4 each.
+        for from in [4, 6, 8, 10] {
+            assert_eq!(round(2, 2), round(from, 2));
+        }
+        for from in [16, 20, 24, 28] {
+            assert_eq!(round(12, 4), round(from, 4));
+        }
         drop(b);
         let cmp = r["comparisons"].as_array().unwrap();
         assert_eq!(cmp.len(), 2);
@@ -2663,7 +2677,9 @@ mod tests {
             let details = x["round_details"].as_array().unwrap();
             assert_eq!(details.len(), 4);
             assert_eq!(details[1]["arm"], "constrained");
+            // The warm-up round's samples are not in the first round's.
             assert_eq!(details[1]["constrained_tokens"], 6 * c);
+            assert_eq!(details[0]["constrained_tokens"], 0);
             assert_eq!(details[2]["constrained_tokens"], 0);
         }
         let _ = std::fs::remove_dir_all(&dir);
