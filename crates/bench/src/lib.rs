@@ -11,6 +11,7 @@ pub mod engine;
 pub mod kernels;
 pub mod m2n;
 pub mod profile;
+pub mod prom;
 pub mod serve;
 pub mod stats;
 pub mod synth;

@@ -26,6 +26,17 @@
 //! (arrivals queue on a semaphore, and the clock of a request starts when it is sent).
 //! Before the run, the server is polled until it answers (`--ready-check-timeout-sec`) and
 //! one test request must succeed.
+//!
+//! Structured output: `--json-schema FILE` asks every request for JSON valid against the
+//! schema (chat: `response_format` `json_schema`, strict; completions: vLLM's
+//! `structured_outputs.json`). `--compare-schema` measures what that costs, side by side in
+//! one run: at each `--compare-concurrency`, rounds without and with the schema alternate
+//! (A B A B, `--compare-rounds` pairs) on the same prompts and `max_tokens`; the report holds
+//! each arm's output tokens/s, the ratio constrained / unconstrained, how the requests ended
+//! (`stop` vs `length`: a schema may end a request before its `max_tokens`, which makes its
+//! tokens/s less comparable), and the server's structured-output histograms (a token's mask
+//! time, the step's wait for it, the commit; count, mean, p50, p99) scraped from `/metrics`
+//! before and after each round.
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
@@ -40,6 +51,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::prom::{parse_histogram, Histogram, CONSTRAINT_HISTOGRAMS};
 use crate::stats::percentile;
 use crate::sysinfo::{unix_secs, utc_stamp};
 
@@ -160,6 +172,26 @@ pub struct BenchServeOpts {
     /// variable).
     #[arg(long)]
     pub api_key: Option<String>,
+    /// A JSON schema (file): every request asks for JSON valid against it (chat:
+    /// `response_format: {type: json_schema, json_schema: {name: "bench", schema, strict:
+    /// true}}`; completions: `structured_outputs: {json: schema}`).
+    #[arg(long)]
+    pub json_schema: Option<PathBuf>,
+    /// Measure the cost of `--json-schema`: at each `--compare-concurrency`, rounds without
+    /// and with the schema alternate on the same prompts and max_tokens; the JSON reports
+    /// both output tokens/s, their ratio and the server's mask-time percentiles.
+    #[arg(long, requires = "json_schema")]
+    pub compare_schema: bool,
+    /// `--compare-schema`: comma-separated client counts (max concurrency) to compare at.
+    #[arg(long, default_value = "1,32")]
+    pub compare_concurrency: String,
+    /// `--compare-schema`: pairs of rounds (unconstrained, constrained) per client count.
+    #[arg(long, default_value_t = 2)]
+    pub compare_rounds: usize,
+    /// `--compare-schema`: requests per client in one round (a round at C clients sends
+    /// the first C x this many prompts; replaces `--num-prompts`).
+    #[arg(long, default_value_t = 2)]
+    pub compare_requests_per_client: usize,
 }
 
 fn parse_rate(s: &str) -> std::result::Result<f64, String> {
@@ -215,6 +247,8 @@ struct ReqCfg {
     top_p: Option<f64>,
     top_k: Option<i64>,
     extra_body: Map<String, Value>,
+    /// `--json-schema`: the schema every request's output must match.
+    schema: Option<Value>,
 }
 
 #[derive(Debug, Clone)]
@@ -251,6 +285,18 @@ fn build_payload(cfg: &ReqCfg, req: &SampleRequest) -> Value {
     }
     if cfg.ignore_eos {
         body.insert("ignore_eos".into(), json!(true));
+    }
+    if let Some(schema) = &cfg.schema {
+        match cfg.kind {
+            ApiKind::Chat => body.insert(
+                "response_format".into(),
+                json!({"type": "json_schema",
+                       "json_schema": {"name": "bench", "schema": schema, "strict": true}}),
+            ),
+            ApiKind::Completions => {
+                body.insert("structured_outputs".into(), json!({"json": schema}))
+            }
+        };
     }
     body.insert("stream".into(), json!(true));
     body.insert("stream_options".into(), json!({"include_usage": true}));
@@ -334,6 +380,8 @@ enum StreamEvent {
         text: String,
         prompt_tokens: Option<usize>,
         completion_tokens: Option<usize>,
+        /// `choices[0].finish_reason` when the event has one.
+        finish_reason: Option<String>,
     },
 }
 
@@ -353,11 +401,16 @@ fn parse_event(data: &str) -> Result<StreamEvent> {
         bail!("error event in the stream: {msg}");
     }
     let mut text = String::new();
+    let mut finish_reason = None;
     if let Some(c) = v
         .get("choices")
         .and_then(Value::as_array)
         .and_then(|c| c.first())
     {
+        finish_reason = c
+            .get("finish_reason")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         if let Some(t) = c.get("text").and_then(Value::as_str) {
             text.push_str(t);
         }
@@ -380,6 +433,7 @@ fn parse_event(data: &str) -> Result<StreamEvent> {
         text,
         prompt_tokens: count("prompt_tokens"),
         completion_tokens: count("completion_tokens"),
+        finish_reason,
     })
 }
 
@@ -393,6 +447,7 @@ struct StreamState {
     text_events: usize,
     prompt_tokens: Option<usize>,
     completion_tokens: Option<usize>,
+    finish_reason: Option<String>,
     done: bool,
 }
 
@@ -404,7 +459,11 @@ impl StreamState {
                 text,
                 prompt_tokens,
                 completion_tokens,
+                finish_reason,
             } => {
+                if finish_reason.is_some() {
+                    self.finish_reason = finish_reason;
+                }
                 if !text.is_empty() {
                     match self.ttft {
                         None => self.ttft = Some(t),
@@ -438,6 +497,8 @@ struct RequestOutput {
     prompt_len_exact: bool,
     usage_prompt_tokens: Option<usize>,
     usage_completion_tokens: Option<usize>,
+    /// The stream's `finish_reason` (`stop`, `length`, ...), when it sent one.
+    finish_reason: Option<String>,
     text_events: usize,
     /// Seconds.
     ttft: f64,
@@ -500,6 +561,7 @@ async fn send_request(
     out.text_events = state.text_events;
     out.usage_prompt_tokens = state.prompt_tokens;
     out.usage_completion_tokens = state.completion_tokens;
+    out.finish_reason = state.finish_reason;
     out
 }
 
@@ -1212,6 +1274,7 @@ fn result_json(
         "errors".into(),
         json!(outputs.iter().map(|o| o.error.clone()).collect::<Vec<_>>()),
     );
+    r.insert("finish_reasons".into(), json!(finish_counts(outputs)));
     if a.save_detailed {
         r.insert(
             "generated_texts".into(),
@@ -1240,6 +1303,17 @@ fn result_json(
         r.insert(k.to_string(), json!(v));
     }
     Ok(Value::Object(r))
+}
+
+/// How many successful requests ended with each `finish_reason` (`none` when the stream
+/// sent none).
+fn finish_counts(outputs: &[RequestOutput]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for o in outputs.iter().filter(|o| o.success) {
+        *m.entry(o.finish_reason.clone().unwrap_or_else(|| "none".into()))
+            .or_default() += 1;
+    }
+    m
 }
 
 fn result_path(a: &BenchServeOpts, result: &Value) -> PathBuf {
@@ -1310,6 +1384,62 @@ async fn wait_ready(
     }
 }
 
+fn progress(a: &BenchServeOpts, n: usize) -> ProgressBar {
+    if a.disable_tqdm {
+        ProgressBar::hidden()
+    } else {
+        let pb = ProgressBar::new(n as u64);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{bar:40.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}]",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        pb
+    }
+}
+
+/// Sends `requests` at their arrival `offsets` (seconds), at most `max_concurrency` in
+/// flight; returns their outputs in order and the run's duration in seconds.
+async fn run_requests(
+    client: &reqwest::Client,
+    cfg: &Arc<ReqCfg>,
+    requests: &[SampleRequest],
+    offsets: &[f64],
+    max_concurrency: Option<usize>,
+    pb: ProgressBar,
+) -> (Vec<RequestOutput>, f64) {
+    let sem = max_concurrency.map(|c| Arc::new(tokio::sync::Semaphore::new(c)));
+    let start = Instant::now();
+    let mut handles = Vec::with_capacity(requests.len());
+    for (req, off) in requests.iter().cloned().zip(offsets) {
+        let at = start + Duration::from_secs_f64(*off);
+        tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+        let (client, cfg, sem, pb) = (client.clone(), cfg.clone(), sem.clone(), pb.clone());
+        handles.push(tokio::spawn(async move {
+            let _permit = match sem {
+                Some(s) => s.acquire_owned().await.ok(),
+                None => None,
+            };
+            let out = send_request(&client, &cfg, &req, start).await;
+            pb.inc(1);
+            out
+        }));
+    }
+    let mut outputs = Vec::with_capacity(handles.len());
+    for (h, req) in handles.into_iter().zip(requests) {
+        outputs.push(h.await.unwrap_or_else(|e| RequestOutput {
+            error: format!("request task failed: {e}"),
+            prompt_len: req.prompt_len,
+            prompt_len_exact: req.prompt_len_exact,
+            ..Default::default()
+        }));
+    }
+    let duration = start.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    (outputs, duration)
+}
+
 async fn run_async(a: &BenchServeOpts) -> Result<Value> {
     if a.num_prompts == 0 {
         bail!("--num-prompts must be at least 1");
@@ -1333,6 +1463,37 @@ async fn run_async(a: &BenchServeOpts) -> Result<Value> {
             _ => Err(anyhow!("bad percentile {p:?} in --metric-percentiles")),
         })
         .collect::<Result<Vec<f64>>>()?;
+    let schema = match &a.json_schema {
+        None => None,
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading --json-schema {}", p.display()))?;
+            let v: Value = serde_json::from_str(&text)
+                .with_context(|| format!("--json-schema {} is not JSON", p.display()))?;
+            if !v.is_object() {
+                bail!("--json-schema {} must hold a JSON object", p.display());
+            }
+            Some(v)
+        }
+    };
+    let compare = if a.compare_schema {
+        if a.compare_rounds == 0 || a.compare_requests_per_client == 0 {
+            bail!("--compare-rounds and --compare-requests-per-client must be at least 1");
+        }
+        let cs = parse_list(&a.compare_concurrency)
+            .iter()
+            .map(|c| match c.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(anyhow!("bad client count {c:?} in --compare-concurrency")),
+            })
+            .collect::<Result<Vec<usize>>>()?;
+        if cs.is_empty() {
+            bail!("--compare-concurrency lists no client count");
+        }
+        Some(cs)
+    } else {
+        None
+    };
     let extra_body = match &a.extra_body {
         None => Map::new(),
         Some(s) => match serde_json::from_str(s).context("--extra-body")? {
@@ -1394,6 +1555,7 @@ async fn run_async(a: &BenchServeOpts) -> Result<Value> {
         top_p: a.top_p,
         top_k: a.top_k,
         extra_body,
+        schema,
     });
 
     let mut rng = StdRng::seed_from_u64(a.seed);
@@ -1403,6 +1565,13 @@ async fn run_async(a: &BenchServeOpts) -> Result<Value> {
         model: served.clone(),
         api_key: api_key.clone(),
     });
+    if let Some(cs) = &compare {
+        let mut a = a.clone();
+        a.num_prompts = cs.iter().max().copied().unwrap_or(1) * a.compare_requests_per_client;
+        eprintln!("building {} prompts...", a.num_prompts);
+        let requests = build_requests(&a, tc.as_ref(), &mut rng).await?;
+        return run_compare(&a, &client, &base, &model_id, &cfg, cs, &requests, &mut rng).await;
+    }
     eprintln!("building {} prompts...", a.num_prompts);
     let requests = build_requests(a, tc.as_ref(), &mut rng).await?;
     let offsets = arrival_offsets(requests.len(), a.request_rate, a.burstiness, &mut rng);
@@ -1434,48 +1603,15 @@ async fn run_async(a: &BenchServeOpts) -> Result<Value> {
             .unwrap_or_else(|| "None".into())
     );
 
-    let pb = if a.disable_tqdm {
-        ProgressBar::hidden()
-    } else {
-        let pb = ProgressBar::new(requests.len() as u64);
-        pb.set_style(
-            ProgressStyle::with_template(
-                "{bar:40.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}]",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        pb
-    };
-    let sem = a
-        .max_concurrency
-        .map(|c| Arc::new(tokio::sync::Semaphore::new(c)));
-    let start = Instant::now();
-    let mut handles = Vec::with_capacity(requests.len());
-    for (req, off) in requests.iter().cloned().zip(&offsets) {
-        let at = start + Duration::from_secs_f64(*off);
-        tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
-        let (client, cfg, sem, pb) = (client.clone(), cfg.clone(), sem.clone(), pb.clone());
-        handles.push(tokio::spawn(async move {
-            let _permit = match sem {
-                Some(s) => s.acquire_owned().await.ok(),
-                None => None,
-            };
-            let out = send_request(&client, &cfg, &req, start).await;
-            pb.inc(1);
-            out
-        }));
-    }
-    let mut outputs = Vec::with_capacity(handles.len());
-    for (h, req) in handles.into_iter().zip(&requests) {
-        outputs.push(h.await.unwrap_or_else(|e| RequestOutput {
-            error: format!("request task failed: {e}"),
-            prompt_len: req.prompt_len,
-            prompt_len_exact: req.prompt_len_exact,
-            ..Default::default()
-        }));
-    }
-    let duration = start.elapsed().as_secs_f64();
-    pb.finish_and_clear();
+    let (outputs, duration) = run_requests(
+        &client,
+        &cfg,
+        &requests,
+        &offsets,
+        a.max_concurrency,
+        progress(a, requests.len()),
+    )
+    .await;
 
     let m = calculate_metrics(&outputs, duration);
     if m.failed > 0 {
@@ -1506,6 +1642,259 @@ async fn run_async(a: &BenchServeOpts) -> Result<Value> {
         &ps,
         &utc_stamp(secs),
     )
+}
+
+// ---------------------------------------------------------------------------------------
+// --compare-schema
+
+/// The text of `GET /metrics`, `None` when the server does not answer it.
+async fn scrape(client: &reqwest::Client, base: &str, api_key: Option<&str>) -> Option<String> {
+    let mut rb = client
+        .get(format!("{base}/metrics"))
+        .timeout(Duration::from_secs(30));
+    if let Some(k) = api_key {
+        rb = rb.bearer_auth(k);
+    }
+    let resp = rb.send().await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.text().await.ok()
+}
+
+/// The constraint histograms of a scrape (empty ones where the page has none).
+fn constraint_histograms(page: &str) -> [Histogram; 3] {
+    CONSTRAINT_HISTOGRAMS.map(|n| parse_histogram(page, n).unwrap_or_default())
+}
+
+/// One arm (with or without the schema) over its rounds at one client count.
+#[derive(Default)]
+struct Arm {
+    duration: f64,
+    output_tokens: usize,
+    completed: usize,
+    failed: usize,
+    finish: BTreeMap<String, usize>,
+    /// The rounds' output tokens/s, in order.
+    rates: Vec<f64>,
+    /// The server's constraint histograms, summed over this arm's rounds.
+    hist: [Histogram; 3],
+}
+
+impl Arm {
+    /// Output tokens / seconds over all its rounds.
+    fn throughput(&self) -> f64 {
+        if self.duration > 0.0 {
+            self.output_tokens as f64 / self.duration
+        } else {
+            0.0
+        }
+    }
+
+    fn json(&self) -> Value {
+        let mut hist = Map::new();
+        for (n, h) in CONSTRAINT_HISTOGRAMS.iter().zip(&self.hist) {
+            let key = n.trim_start_matches("tandem_constraint_");
+            hist.insert(key.into(), h.summary());
+        }
+        json!({
+            "output_throughput": self.throughput(),
+            "round_output_throughputs": self.rates,
+            "total_output_tokens": self.output_tokens,
+            "duration": self.duration,
+            "completed": self.completed,
+            "failed": self.failed,
+            "finish_reasons": self.finish,
+            "constraint": hist,
+        })
+    }
+}
+
+/// `--compare-schema`: at each client count in `concurrency`, one warm-up round (with the
+/// schema, not counted), then `--compare-rounds` pairs of rounds, unconstrained then
+/// constrained, each sending the first `C x
+/// --compare-requests-per-client` of `requests` (the same prompts and `max_tokens` in both
+/// arms); `/metrics` is scraped around every round.
+#[allow(clippy::too_many_arguments)]
+async fn run_compare(
+    a: &BenchServeOpts,
+    client: &reqwest::Client,
+    base: &str,
+    model_id: &str,
+    constrained: &Arc<ReqCfg>,
+    concurrency: &[usize],
+    requests: &[SampleRequest],
+    rng: &mut StdRng,
+) -> Result<Value> {
+    let plain = Arc::new(ReqCfg {
+        url: constrained.url.clone(),
+        kind: constrained.kind,
+        model: constrained.model.clone(),
+        api_key: constrained.api_key.clone(),
+        timeout: constrained.timeout,
+        ignore_eos: constrained.ignore_eos,
+        temperature: constrained.temperature,
+        top_p: constrained.top_p,
+        top_k: constrained.top_k,
+        extra_body: constrained.extra_body.clone(),
+        schema: None,
+    });
+    let api_key = constrained.api_key.as_deref();
+    // One test request per arm; the first constrained one also makes the server build its
+    // token trie, which no round should pay for.
+    eprintln!("starting the initial test runs (without and with the schema)...");
+    for cfg in [&plain, constrained] {
+        let test = send_request(client, cfg, &requests[0], Instant::now()).await;
+        if !test.success {
+            bail!(
+                "the initial test request to {} failed: {}",
+                cfg.url,
+                test.error
+            );
+        }
+    }
+    let mut comparisons = Vec::new();
+    let mut summary = String::new();
+    summary.push_str(&format!(
+        "{:=^78}\n{:>8} {:>16} {:>16} {:>7} {:>13} {:>13}\n",
+        " Structured output cost (--compare-schema) ",
+        "clients",
+        "free tok/s",
+        "schema tok/s",
+        "ratio",
+        "mask p50/p99",
+        "wait p50/p99"
+    ));
+    let mut missing_metrics = false;
+    for &c in concurrency {
+        let n = (c * a.compare_requests_per_client).min(requests.len());
+        let reqs = &requests[..n];
+        let offsets = arrival_offsets(n, a.request_rate, a.burstiness, rng);
+        // One round before the measured ones, not counted: the first round at a client count
+        // pays for first touches (KV cache pages, buffers grown to the batch), which would
+        // land on the first arm.
+        let (warm, _) =
+            run_requests(client, constrained, reqs, &offsets, Some(c), progress(a, n)).await;
+        let warm_failed = warm.iter().filter(|o| !o.success).count();
+        eprintln!("clients {c}: warm-up round done ({warm_failed} failed)");
+        let mut arms = [Arm::default(), Arm::default()];
+        let mut rounds = Vec::new();
+        for round in 0..a.compare_rounds {
+            for (i, cfg) in [&plain, constrained].into_iter().enumerate() {
+                let before = scrape(client, base, api_key).await;
+                let (outputs, duration) =
+                    run_requests(client, cfg, reqs, &offsets, Some(c), progress(a, n)).await;
+                let after = scrape(client, base, api_key).await;
+                let m = calculate_metrics(&outputs, duration);
+                let finish = finish_counts(&outputs);
+                let arm = &mut arms[i];
+                arm.duration += duration;
+                arm.output_tokens += m.total_output;
+                arm.completed += m.completed;
+                arm.failed += m.failed;
+                arm.rates.push(m.output_throughput);
+                for (k, v) in &finish {
+                    *arm.finish.entry(k.clone()).or_default() += v;
+                }
+                let mut constrained_tokens = Value::Null;
+                match (before, after) {
+                    (Some(b), Some(af)) => {
+                        let (hb, ha) = (constraint_histograms(&b), constraint_histograms(&af));
+                        for (k, (x, y)) in hb.iter().zip(&ha).enumerate() {
+                            arm.hist[k].add(&y.since(x));
+                        }
+                        constrained_tokens = json!(ha[0].since(&hb[0]).count as u64);
+                    }
+                    _ => missing_metrics = true,
+                }
+                let name = if i == 0 {
+                    "unconstrained"
+                } else {
+                    "constrained"
+                };
+                eprintln!(
+                    "clients {c}, round {round}, {name}: {:.2} output tok/s, {} tokens in \
+                     {duration:.2} s, finished {finish:?}, {} failed",
+                    m.output_throughput, m.total_output, m.failed
+                );
+                rounds.push(json!({
+                    "round": round,
+                    "arm": name,
+                    "duration": duration,
+                    "completed": m.completed,
+                    "failed": m.failed,
+                    "total_output_tokens": m.total_output,
+                    "output_throughput": m.output_throughput,
+                    "finish_reasons": finish,
+                    "median_ttft_ms": stats(&m.ttfts_ms, &[]).median,
+                    "mean_tpot_ms": stats(&m.tpots_ms, &[]).mean,
+                    "constrained_tokens": constrained_tokens,
+                }));
+            }
+        }
+        let ratio = if arms[0].throughput() > 0.0 {
+            arms[1].throughput() / arms[0].throughput()
+        } else {
+            0.0
+        };
+        let ms = |h: &Histogram, q: f64| {
+            h.quantile(q)
+                .map(|x| format!("{:.3}", x * 1e3))
+                .unwrap_or_else(|| "-".into())
+        };
+        let (mask, wait) = (&arms[1].hist[0], &arms[1].hist[1]);
+        summary.push_str(&format!(
+            "{c:>8} {:>16.2} {:>16.2} {ratio:>7.3} {:>13} {:>13}\n",
+            arms[0].throughput(),
+            arms[1].throughput(),
+            format!("{}/{}", ms(mask, 0.5), ms(mask, 0.99)),
+            format!("{}/{}", ms(wait, 0.5), ms(wait, 0.99)),
+        ));
+        comparisons.push(json!({
+            "max_concurrency": c,
+            "requests_per_round": n,
+            "rounds": a.compare_rounds,
+            "unconstrained": arms[0].json(),
+            "constrained": arms[1].json(),
+            "ratio": ratio,
+            "round_details": rounds,
+        }));
+    }
+    summary.push_str("(mask and wait: milliseconds per constrained token, from /metrics)\n");
+    summary.push_str(&"=".repeat(78));
+    summary.push('\n');
+    print!("{summary}");
+    if missing_metrics {
+        eprintln!("{base}/metrics did not answer: no mask-time percentiles (tandem serves them)");
+    }
+    let mut r = Map::new();
+    r.insert("date".into(), json!(utc_stamp(unix_secs())));
+    r.insert("backend".into(), json!(a.backend));
+    r.insert("model_id".into(), json!(model_id));
+    r.insert("compare_schema".into(), json!(true));
+    r.insert(
+        "json_schema".into(),
+        json!(a.json_schema.as_ref().map(|p| p.display().to_string())),
+    );
+    r.insert("schema".into(), json!(constrained.schema));
+    r.insert("ignore_eos".into(), json!(a.ignore_eos));
+    r.insert("temperature".into(), json!(a.temperature));
+    r.insert(
+        "request_rate".into(),
+        if a.request_rate.is_finite() {
+            json!(a.request_rate)
+        } else {
+            json!("inf")
+        },
+    );
+    r.insert("comparisons".into(), Value::Array(comparisons));
+    for kv in &a.metadata {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--metadata wants KEY=VALUE, got {kv:?}"))?;
+        r.insert(k.to_string(), json!(v));
+    }
+    Ok(Value::Object(r))
 }
 
 #[cfg(test)]
@@ -1614,7 +2003,8 @@ mod tests {
             StreamEvent::Chunk {
                 text: "hi".into(),
                 prompt_tokens: None,
-                completion_tokens: None
+                completion_tokens: None,
+                finish_reason: None
             }
         );
         let c = parse_event(r#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#);
@@ -1630,7 +2020,8 @@ mod tests {
             StreamEvent::Chunk {
                 text: String::new(),
                 prompt_tokens: Some(7),
-                completion_tokens: Some(5)
+                completion_tokens: Some(5),
+                finish_reason: None
             }
         );
         let e = parse_event(r#"{"error":{"message":"boom","type":"x"}}"#).unwrap_err();
@@ -1821,6 +2212,7 @@ mod tests {
             top_p: None,
             top_k: None,
             extra_body: serde_json::from_str(r#"{"min_tokens": 2}"#).unwrap(),
+            schema: None,
         };
         let req = SampleRequest {
             prompt: "p".into(),
@@ -1902,6 +2294,25 @@ mod tests {
                     + 1;
                 respond(&mut sock, "200 OK", &format!(r#"{{"count":{n}}}"#)).await
             }
+            "/metrics" => {
+                // Three tokens per structured request so far, each between 10 and 20 us in
+                // all three histograms.
+                let n = 3 * bodies
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(_, b)| b.get("response_format").is_some())
+                    .count();
+                let mut page = String::from("# TYPE x counter\nx_total 1\n");
+                for h in CONSTRAINT_HISTOGRAMS {
+                    page.push_str(&format!(
+                        "{h}_bucket{{le=\"0.00001\"}} 0\n{h}_bucket{{le=\"0.00002\"}} {n}\n\
+                         {h}_bucket{{le=\"+Inf\"}} {n}\n{h}_sum {}\n{h}_count {n}\n",
+                        n as f64 * 1.5e-5
+                    ));
+                }
+                respond(&mut sock, "200 OK", &page).await
+            }
             "/v1/completions" | "/v1/chat/completions" => {
                 bodies.lock().unwrap().push((path.clone(), body.clone()));
                 let prompt = body["prompt"]
@@ -1919,6 +2330,12 @@ mod tests {
                     } else {
                         format!("data: {{\"choices\":[{{\"index\":0,\"text\":\"{t}\"}}]}}\n\n")
                     }
+                };
+                // Structured requests end with `stop`, the others with `length`.
+                let reason = if body.get("response_format").is_some() {
+                    "stop"
+                } else {
+                    "length"
                 };
                 let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
                             Connection: close\r\n\r\n";
@@ -1940,6 +2357,10 @@ mod tests {
                 let _ = sock
                     .write_all(format!(": ping\r\n{third}").as_bytes())
                     .await;
+                let fin = format!(
+                    "data: {{\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"{reason}\"}}]}}\n\n"
+                );
+                let _ = sock.write_all(fin.as_bytes()).await;
                 if !chat {
                     let u = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\
                              \"completion_tokens\":5,\"total_tokens\":12}}\n\n";
@@ -2054,6 +2475,7 @@ mod tests {
         assert!(r["mean_e2el_ms"].as_f64().unwrap() >= 70.0);
         assert!(r["duration"].as_f64().unwrap() > 0.0);
         assert_eq!(r["request_rate"], "inf");
+        assert_eq!(r["finish_reasons"], json!({"length": 3}));
         // Test run + 4 requests, all streaming with usage and ignore_eos.
         let b = bodies.lock().unwrap();
         assert_eq!(b.len(), 5);
@@ -2133,6 +2555,133 @@ mod tests {
             assert_eq!(words.split_whitespace().count(), 9);
         }
         drop(b);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn compare_schema_alternates_the_arms_on_the_same_prompts() {
+        let (addr, bodies) = fake_server();
+        let dir = temp_dir("compare");
+        let schema = json!({"type": "object", "properties": {"a": {"type": "string"}}});
+        let schema_path = dir.join("schema.json");
+        std::fs::write(&schema_path, schema.to_string()).unwrap();
+        let a = args(&[
+            "--base-url",
+            &format!("http://{addr}"),
+            "--endpoint",
+            "/v1/chat/completions",
+            "--random-input-len",
+            "6",
+            "--random-output-len",
+            "3",
+            "--ignore-eos",
+            "--json-schema",
+            schema_path.to_str().unwrap(),
+            "--compare-schema",
+            "--compare-concurrency",
+            "1,2",
+            "--compare-rounds",
+            "2",
+            "--compare-requests-per-client",
+            "2",
+            "--disable-tqdm",
+            "--request-timeout",
+            "20",
+            "--ready-check-timeout-sec",
+            "5",
+            "--result-dir",
+            dir.to_str().unwrap(),
+            "--result-filename",
+            "cmp.json",
+        ]);
+        run(a).unwrap();
+        let r: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("cmp.json")).unwrap()).unwrap();
+        assert_eq!(r["compare_schema"], true);
+        assert_eq!(r["schema"], schema);
+        let b = bodies.lock().unwrap();
+        // Two test requests, then per client count a warm-up round (with the schema) and 2
+        // pairs of rounds of 2 x C requests.
+        assert_eq!(b.len(), 2 + 2 * 5 + 4 * 5);
+        let with: Vec<bool> = b
+            .iter()
+            .map(|(_, x)| x.get("response_format").is_some())
+            .collect();
+        let mut want = vec![false, true];
+        for c in [1, 2] {
+            want.extend(std::iter::repeat_n(true, 2 * c));
+            for _ in 0..2 {
+                want.extend(std::iter::repeat_n(false, 2 * c));
+                want.extend(std::iter::repeat_n(true, 2 * c));
+            }
+        }
+        assert_eq!(with, want);
+        for (_, x) in b.iter().filter(|(_, x)| x.get("response_format").is_some()) {
+            let rf = &x["response_format"];
+            assert_eq!(rf["type"], "json_schema");
+            assert_eq!(rf["json_schema"]["schema"], schema);
+            assert_eq!(rf["json_schema"]["strict"], true);
+        }
+        // Each round of a client count sends the same prompts and max_tokens.
+        let round = |from: usize, n: usize| {
+            let mut v: Vec<String> = b[from..from + n]
+                .iter()
+                .map(|(_, x)| {
+                    format!(
+                        "{}|{}",
+                        x["messages"][0]["content"], x["max_completion_tokens"]
+                    )
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        // c = 1: warm-up 2..4, A 4..6, B 6..8, A 8..10, B 10..12; c = 2 from 12: warm-up,
+        // then A B A B of 4 each.
+        for from in [4, 6, 8, 10] {
+            assert_eq!(round(2, 2), round(from, 2));
+        }
+        for from in [16, 20, 24, 28] {
+            assert_eq!(round(12, 4), round(from, 4));
+        }
+        drop(b);
+        let cmp = r["comparisons"].as_array().unwrap();
+        assert_eq!(cmp.len(), 2);
+        for (c, x) in [1, 2].iter().zip(cmp) {
+            assert_eq!(x["max_concurrency"], *c);
+            assert_eq!(x["requests_per_round"], 2 * c);
+            let (free, con) = (&x["unconstrained"], &x["constrained"]);
+            // 2 rounds x 2C requests x 3 tokens each.
+            assert_eq!(free["total_output_tokens"], 12 * c);
+            assert_eq!(con["total_output_tokens"], 12 * c);
+            assert_eq!(free["finish_reasons"], json!({"length": 4 * c}));
+            assert_eq!(con["finish_reasons"], json!({"stop": 4 * c}));
+            assert_eq!(
+                free["round_output_throughputs"].as_array().unwrap().len(),
+                2
+            );
+            let ratio = x["ratio"].as_f64().unwrap();
+            let want = con["output_throughput"].as_f64().unwrap()
+                / free["output_throughput"].as_f64().unwrap();
+            assert!(ratio > 0.0 && (ratio - want).abs() < 1e-9, "{ratio} {want}");
+            // The scraped histograms: only the constrained rounds add samples.
+            assert_eq!(free["constraint"]["mask_seconds"]["count"], 0);
+            assert!(free["constraint"]["mask_seconds"]["p50"].is_null());
+            for h in ["mask_seconds", "mask_wait_seconds", "commit_seconds"] {
+                let s = &con["constraint"][h];
+                assert_eq!(s["count"], 12 * c, "{h}");
+                let p50 = s["p50"].as_f64().unwrap();
+                assert!((p50 - 1.5e-5).abs() < 1e-12, "{h} {p50}");
+                assert!((s["mean"].as_f64().unwrap() - 1.5e-5).abs() < 1e-12);
+            }
+            let details = x["round_details"].as_array().unwrap();
+            assert_eq!(details.len(), 4);
+            assert_eq!(details[1]["arm"], "constrained");
+            // The warm-up round's samples are not in the first round's.
+            assert_eq!(details[1]["constrained_tokens"], 6 * c);
+            assert_eq!(details[0]["constrained_tokens"], 0);
+            assert_eq!(details[2]["constrained_tokens"], 0);
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -11,13 +11,24 @@
 //! rather than through `toktrie_hf_tokenizers`, which pins an older `tokenizers`.
 //!
 //! # Where the mask is computed
-//! Each constrained sequence owns a worker thread holding its llguidance `Matcher`. After
-//! the sampler takes a token, [`TokenConstraint::commit`] hands it to the worker, which
-//! advances the matcher (microseconds; the caller waits for that, to learn whether the
-//! structure is complete) and then computes the *next* mask on its own, while the replica
-//! runs the next forward pass. [`TokenConstraint::apply`] before the next sample only
-//! waits when the mask is not ready yet (the time it waits is the mask's cost to decoding;
-//! `tandem_constraint_mask_wait_seconds`).
+//! Each constrained sequence owns a worker thread sharing its llguidance `Matcher`. After
+//! the sampler takes a token, [`TokenConstraint::commit`] advances the matcher itself
+//! (microseconds, under an uncontended lock; it must say whether the structure is complete)
+//! and asks the worker for the *next* mask, which it computes while the replica runs the
+//! next forward pass. [`TokenConstraint::apply`] before the next sample only
+//! waits when the mask is not ready yet (the time it waits is the mask's cost to decoding).
+//!
+//! # What it costs (histograms, one sample per constrained token)
+//! - [`MASK_SECONDS`]: the time the matcher took to compute the token's mask (on its
+//!   thread, overlapped with the forward pass; the first mask is computed when the request
+//!   is compiled, before it reaches the engine);
+//! - [`MASK_WAIT_SECONDS`]: the time the step waited for that mask after the forward pass
+//!   had finished (0 when it was ready): the mask's real cost to decoding;
+//! - [`COMMIT_SECONDS`]: the time the step spent advancing the matcher by the sampled token
+//!   (it has to know whether the structure is complete).
+//!
+//! They are recorded with the `metrics` crate (the server exports them on `/metrics`; its
+//! upkeep, run every few thousand of its own samples, drains these too).
 //!
 //! # Bounds
 //! JSON is compiled with `whitespace_flexible: false` (`,` and `:` with no spaces, no
@@ -30,10 +41,17 @@ use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 use serde_json::{json, Value};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tandem_model::Tokenizer;
 use tandem_sched::{Commit, TokenConstraint};
+
+/// Histogram: seconds the matcher took to compute one token's mask (see the module docs).
+pub const MASK_SECONDS: &str = "tandem_constraint_mask_seconds";
+/// Histogram: seconds a step waited for a token's mask after the forward pass.
+pub const MASK_WAIT_SECONDS: &str = "tandem_constraint_mask_wait_seconds";
+/// Histogram: seconds a step waited for the matcher to take a sampled token.
+pub const COMMIT_SECONDS: &str = "tandem_constraint_commit_seconds";
 
 /// What a request constrains its output to.
 #[derive(Debug, Clone, PartialEq)]
@@ -216,11 +234,13 @@ impl Grammars {
             return Err(e);
         }
         // An unsatisfiable constraint fails here rather than at the first token.
+        let t = Instant::now();
         let first = m.compute_mask().map_err(|e| e.to_string())?;
+        let took = t.elapsed();
         if first.num_set() == 0 {
             return Err("the constraint allows no token".into());
         }
-        Ok(Box::new(LlgConstraint::spawn(m, first)))
+        Ok(Box::new(LlgConstraint::spawn(m, first, took)))
     }
 }
 
@@ -242,39 +262,46 @@ fn reasoning_rules(r: Reasoning) -> &'static str {
     }
 }
 
-enum Reply {
-    Mask(Result<llguidance::toktrie::SimpleVob, String>),
-    Committed(Result<bool, String>),
-}
+/// A mask computed on the sequence's thread, and the time the matcher took for it.
+type MaskReply = (Result<llguidance::toktrie::SimpleVob, String>, Duration);
 
-/// A sequence's matcher on its own thread (see the module docs).
+/// A sequence's matcher, shared with its own thread (see the module docs).
+///
+/// The step takes the sampled token itself (`consume_token` under the lock, microseconds):
+/// handing it to the thread and waiting for its answer cost a thread wake-up per token,
+/// serial over the batch, and on a loaded host that wake-up took milliseconds now and then.
+/// The thread only computes masks; the lock is free when the step commits, because the
+/// step got the mask (the thread's last use) before it sampled.
 struct LlgConstraint {
-    tx: Sender<u32>,
-    rx: Receiver<Reply>,
+    matcher: Arc<Mutex<Matcher>>,
+    /// Asks the thread for the mask after the last committed token.
+    tx: Sender<()>,
+    rx: Receiver<MaskReply>,
     mask: Option<llguidance::toktrie::SimpleVob>,
+    /// The compute time of the first mask (made before the engine had the request), not
+    /// recorded yet: it is recorded with the first token, which waits for nothing.
+    first: Option<Duration>,
+    /// The matcher refused a token: every later call fails with this (no mask will come).
+    failed: Option<String>,
 }
 
 impl LlgConstraint {
-    fn spawn(mut m: Matcher, first: llguidance::toktrie::SimpleVob) -> Self {
-        let (tx, cmd_rx) = channel::<u32>();
-        let (reply_tx, rx) = channel::<Reply>();
+    fn spawn(m: Matcher, first: llguidance::toktrie::SimpleVob, took: Duration) -> Self {
+        let matcher = Arc::new(Mutex::new(m));
+        let (tx, cmd_rx) = channel::<()>();
+        let (reply_tx, rx) = channel::<MaskReply>();
+        let shared = matcher.clone();
         let spawned = std::thread::Builder::new()
             .name("tandem-constraint".into())
             .spawn(move || {
                 // The mask after each committed token, computed as soon as it is known.
-                while let Ok(tok) = cmd_rx.recv() {
-                    let r = m.consume_token(tok).map_err(|e| e.to_string());
-                    let stopped = m.is_stopped();
-                    let failed = r.is_err();
-                    if reply_tx
-                        .send(Reply::Committed(r.map(|()| stopped)))
-                        .is_err()
-                        || failed
-                    {
-                        return;
-                    }
-                    let mask = m.compute_mask_or_eos().map_err(|e| e.to_string());
-                    if reply_tx.send(Reply::Mask(mask)).is_err() {
+                while let Ok(()) = cmd_rx.recv() {
+                    let t = Instant::now();
+                    let mask = match shared.lock() {
+                        Ok(mut m) => m.compute_mask_or_eos().map_err(|e| e.to_string()),
+                        Err(_) => Err("the constraint's lock is poisoned".to_string()),
+                    };
+                    if reply_tx.send((mask, t.elapsed())).is_err() {
                         return;
                     }
                 }
@@ -283,27 +310,38 @@ impl LlgConstraint {
             tracing::warn!("cannot start a constraint thread: {e}");
         }
         Self {
+            matcher,
             tx,
             rx,
             mask: Some(first),
+            first: Some(took),
+            failed: None,
         }
     }
 }
 
 impl TokenConstraint for LlgConstraint {
     fn apply(&mut self, logits: &mut [f32]) -> Result<(), String> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
         let mask = match self.mask.take() {
-            Some(m) => m,
+            Some(m) => {
+                if let Some(took) = self.first.take() {
+                    metrics::histogram!(MASK_SECONDS).record(took.as_secs_f64());
+                    metrics::histogram!(MASK_WAIT_SECONDS).record(0.0);
+                }
+                m
+            }
             None => {
                 let t = Instant::now();
-                let m = match self.rx.recv() {
-                    Ok(Reply::Mask(m)) => m?,
-                    Ok(Reply::Committed(_)) => return Err("constraint out of step".into()),
-                    Err(_) => return Err("the constraint's thread stopped".into()),
-                };
-                metrics::histogram!("tandem_constraint_mask_wait_seconds")
-                    .record(t.elapsed().as_secs_f64());
-                m
+                let (m, took) = self
+                    .rx
+                    .recv()
+                    .map_err(|_| "the constraint's thread stopped".to_string())?;
+                metrics::histogram!(MASK_WAIT_SECONDS).record(t.elapsed().as_secs_f64());
+                metrics::histogram!(MASK_SECONDS).record(took.as_secs_f64());
+                m?
             }
         };
         apply_mask(&mask, logits);
@@ -313,17 +351,36 @@ impl TokenConstraint for LlgConstraint {
     }
 
     fn commit(&mut self, token: u32) -> Result<Commit, String> {
-        self.mask = None;
-        self.tx
-            .send(token)
-            .map_err(|_| "the constraint's thread stopped".to_string())?;
-        match self.rx.recv() {
-            Ok(Reply::Committed(Ok(true))) => Ok(Commit::Done),
-            Ok(Reply::Committed(Ok(false))) => Ok(Commit::Continue),
-            Ok(Reply::Committed(Err(e))) => Err(e),
-            Ok(Reply::Mask(_)) => Err("constraint out of step".into()),
-            Err(_) => Err("the constraint's thread stopped".into()),
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
         }
+        self.mask = None;
+        self.first = None;
+        let t = Instant::now();
+        let stopped = match self.matcher.lock() {
+            Ok(mut m) => m
+                .consume_token(token)
+                .map(|()| m.is_stopped())
+                .map_err(|e| e.to_string()),
+            Err(_) => Err("the constraint's lock is poisoned".to_string()),
+        };
+        let stopped = match stopped {
+            Ok(s) => s,
+            Err(e) => {
+                self.failed = Some(e.clone());
+                return Err(e);
+            }
+        };
+        metrics::histogram!(COMMIT_SECONDS).record(t.elapsed().as_secs_f64());
+        // The next mask (only EOS once stopped) while the next forward pass runs.
+        self.tx
+            .send(())
+            .map_err(|_| "the constraint's thread stopped".to_string())?;
+        Ok(if stopped {
+            Commit::Done
+        } else {
+            Commit::Continue
+        })
     }
 }
 

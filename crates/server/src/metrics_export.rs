@@ -9,6 +9,14 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// Buckets (seconds) of the structured-output histograms (`tandem_constraint_*_seconds`,
+/// `tandem_engine::constraint`): a token's mask takes microseconds, below the first latency
+/// bucket, so these go from 1 us in steps of 1-2-5.
+pub const CONSTRAINT_BUCKETS: &[f64] = &[
+    1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1,
+    0.2, 0.5, 1.0,
+];
+
 /// Histogram samples recorded (through [`record_seconds`]) between two upkeeps at most.
 ///
 /// The recorder built with `build_recorder` keeps every histogram sample in memory until its
@@ -71,6 +79,12 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .ok()?
+                // A prefix matcher is tried before a suffix matcher.
+                .set_buckets_for_metric(
+                    Matcher::Prefix("tandem_constraint_".into()),
+                    CONSTRAINT_BUCKETS,
+                )
                 .ok()?;
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -120,6 +134,20 @@ fn describe() {
     metrics::describe_gauge!(
         "tandem_worker_busy_fraction",
         "Busy time / (busy + idle) of each attention replica and expert worker"
+    );
+    metrics::describe_histogram!(
+        tandem_engine::constraint::MASK_SECONDS,
+        "Structured output: time to compute one token's mask (on the sequence's own thread, \
+         overlapped with the forward pass)"
+    );
+    metrics::describe_histogram!(
+        tandem_engine::constraint::MASK_WAIT_SECONDS,
+        "Structured output: time a step waited for a token's mask after the forward pass \
+         (0 when it was ready)"
+    );
+    metrics::describe_histogram!(
+        tandem_engine::constraint::COMMIT_SECONDS,
+        "Structured output: time a step waited for the matcher to take the sampled token"
     );
     metrics::describe_counter!("tandem_prompt_tokens_total", "Prompt tokens processed");
     metrics::describe_counter!("tandem_generation_tokens_total", "Tokens generated");
