@@ -880,7 +880,9 @@ pub const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 const CHAT_TEMPLATE: &str = r#"{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"#;
 
 /// The tokenizer metadata: 256 byte tokens, merged tokens, the special tokens, then
-/// `[PADn]` tokens (llama.cpp's padding, type UNUSED) up to `vocab`.
+/// `[PADn]` tokens up to `vocab`, typed USER_DEFINED: a random model mostly samples them, and
+/// llama.cpp renders UNUSED tokens as no text at all, which a load generator reads as an empty
+/// stream; user-defined ones are their text in both engines.
 fn tokenizer_meta(w: &mut GgufWriter<'_>, vocab: usize) -> Result<()> {
     let (merged, merges) = learn_merges(400);
     let mut tokens: Vec<String> = byte_chars().iter().map(|c| c.to_string()).collect();
@@ -899,7 +901,7 @@ fn tokenizer_meta(w: &mut GgufWriter<'_>, vocab: usize) -> Result<()> {
     }
     for i in tokens.len()..vocab {
         tokens.push(format!("[PAD{i}]"));
-        types.push(5); // unused
+        types.push(4); // user-defined
     }
     let strs = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
     let eot = first_special as u32;
