@@ -84,6 +84,9 @@ pub struct GgufFile {
     arch: String,
     /// hub name -> where it is
     map: HashMap<String, Entry>,
+    /// Byte ranges of the mapping that loaded weights use in place (K-quant and MXFP4
+    /// tensors): what [`GgufFile::settle`] keeps mapped.
+    in_place: std::sync::Mutex<Vec<Range<usize>>>,
 }
 
 /// A tensor's raw bytes (after the expert cut and the q/k un-permutation) and type.
@@ -186,43 +189,84 @@ impl GgufFile {
             content,
             arch,
             map: HashMap::new(),
+            in_place: std::sync::Mutex::new(Vec::new()),
         };
         g.map = g.build_map()?;
         Ok(g)
     }
 
-    /// Faults every page of the file into this process's page tables now
-    /// (`MADV_POPULATE_READ`: what the page cache lacks is read from disk), 256 MiB at a time
-    /// on the rayon pool, logging progress. Tensors are used in place from the mapping, so
-    /// without this the first token routed to each expert pays that expert's page faults
-    /// inside a decode step (about 14% of the first steps' time on a 30B-A3B file). Returns
-    /// the bytes populated; stops early, with a debug log line, where the kernel lacks the
-    /// advice (before Linux 5.14).
-    pub fn populate(&self) -> u64 {
+    /// Records that a loaded weight uses `range` of the mapping in place.
+    pub(crate) fn note_in_place(&self, range: Range<usize>) {
+        if let Ok(mut v) = self.in_place.lock() {
+            v.push(range);
+        }
+    }
+
+    /// After loading: drops this process's mappings of every page (`MADV_DONTNEED`; the page
+    /// cache keeps them, nothing is lost), so the pages that loading read to copy or convert
+    /// tensors stop counting as resident beside their copies; then, with `populate`, faults
+    /// back in the ranges weights use in place (`MADV_POPULATE_READ`, 256 MiB at a time on
+    /// the rayon pool, progress logged), so the first token routed to an expert does not pay
+    /// its page faults inside a decode step. Returns the bytes populated; where the kernel
+    /// lacks an advice (before Linux 5.14) it says so in a debug log line and stops there.
+    pub fn settle(&self, populate: bool) -> u64 {
         use rayon::prelude::*;
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         const CHUNK: usize = 256 << 20;
-        let len = self.mmap.len();
+        // SAFETY: a shared read-only file mapping: DONTNEED only drops page-table entries,
+        // and a later read faults the same bytes back from the page cache or the file.
+        if let Err(e) = unsafe {
+            self.mmap
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        } {
+            tracing::debug!("not releasing {}: {e}", self.path.display());
+        }
+        if !populate {
+            return 0;
+        }
+        let mut ranges = self.in_place.lock().map(|v| v.clone()).unwrap_or_default();
+        ranges.sort_by_key(|r| r.start);
+        let mut chunks: Vec<Range<usize>> = Vec::new();
+        for r in ranges {
+            match chunks.last_mut() {
+                Some(last) if r.start <= last.end && last.len() < CHUNK => {
+                    last.end = last.end.max(r.end)
+                }
+                _ => chunks.push(r),
+            }
+        }
+        let chunks: Vec<Range<usize>> = chunks
+            .into_iter()
+            .flat_map(|r| {
+                (r.start..r.end)
+                    .step_by(CHUNK)
+                    .map(move |a| a..(a + CHUNK).min(r.end))
+            })
+            .collect();
+        let total: u64 = chunks.iter().map(|r| r.len() as u64).sum();
         let (done, failed) = (AtomicU64::new(0), AtomicBool::new(false));
         let t0 = std::time::Instant::now();
-        let step = (len as u64 / 8).max(1 << 30);
-        (0..len.div_ceil(CHUNK)).into_par_iter().for_each(|i| {
-            if failed.load(Ordering::Relaxed) {
+        let step = (total / 8).max(1 << 30);
+        chunks.into_par_iter().for_each(|r| {
+            if failed.load(Ordering::Relaxed) || r.is_empty() {
                 return;
             }
-            let (at, n) = (i * CHUNK, CHUNK.min(len - i * CHUNK));
-            if let Err(e) = self.mmap.advise_range(memmap2::Advice::PopulateRead, at, n) {
+            let n = r.len() as u64;
+            if let Err(e) = self
+                .mmap
+                .advise_range(memmap2::Advice::PopulateRead, r.start, r.len())
+            {
                 tracing::debug!("not populating {}: {e}", self.path.display());
                 failed.store(true, Ordering::Relaxed);
                 return;
             }
-            let before = done.fetch_add(n as u64, Ordering::Relaxed);
-            if (before + n as u64) / step != before / step {
+            let before = done.fetch_add(n, Ordering::Relaxed);
+            if (before + n) / step != before / step {
                 tracing::info!(
                     "mapping {}: {:.1} / {:.1} GB in {:.1} s",
                     self.path.display(),
-                    (before + n as u64) as f64 / 1e9,
-                    len as f64 / 1e9,
+                    (before + n) as f64 / 1e9,
+                    total as f64 / 1e9,
                     t0.elapsed().as_secs_f64()
                 );
             }

@@ -156,26 +156,25 @@ pub fn check_fits(
     })
 }
 
-/// Pre-faults a GGUF file's mapping ([`GgufFile::populate`]) when this process holds every
-/// expert, the file fits in `available` memory with room to spare and `TANDEM_POPULATE` is
-/// not `0`. A worker holding a subset of the experts maps its pages as they are used.
-fn populate_if_it_fits(g: &crate::gguf::GgufFile, sel: &ExpertSelection, available: Option<u64>) {
-    if std::env::var("TANDEM_POPULATE").is_ok_and(|v| v == "0")
-        || !matches!(sel, ExpertSelection::All)
-    {
-        return;
-    }
+/// After a GGUF load: releases the mapping's pages that loading read to copy tensors and,
+/// when this process holds every expert, the file fits in `available` memory with room to
+/// spare and `TANDEM_POPULATE` is not `0`, pre-faults the ranges used in place
+/// ([`GgufFile::settle`]). A worker holding a subset of the experts maps its pages as they
+/// are used.
+fn settle_mapping(g: &crate::gguf::GgufFile, sel: &ExpertSelection, available: Option<u64>) {
     let len = g.mapping().len() as u64;
-    if available.is_some_and(|a| len > a / 10 * 9) {
+    let mut populate = !std::env::var("TANDEM_POPULATE").is_ok_and(|v| v == "0")
+        && matches!(sel, ExpertSelection::All);
+    if populate && available.is_some_and(|a| len > a / 10 * 9) {
         tracing::info!(
             "not pre-faulting {} ({:.1} GB, more than 90% of the memory available): its pages \
              are mapped as tokens use them",
             g.path().display(),
             len as f64 / 1e9
         );
-        return;
+        populate = false;
     }
-    g.populate();
+    g.settle(populate);
 }
 
 pub struct Layer {
@@ -232,7 +231,7 @@ impl Model {
         weights.set_linear_type(ty);
         let model = Self::from_weights(cfg, &weights, dir, sel)?;
         if let Some(g) = weights.gguf() {
-            populate_if_it_fits(g, sel, available);
+            settle_mapping(g, sel, available);
         }
         Ok(model)
     }

@@ -269,6 +269,7 @@ impl Weights {
                     KQuantWeights::from_bytes(g.raw(name, &[out, inp])?.bytes, out, inp, kf)
                 } else {
                     let (_, range) = g.tensor_range(name, &[out, inp])?;
+                    g.note_in_place(range.clone());
                     let map: SharedBytes = g.mapping().clone();
                     KQuantWeights::from_shared(map, range, out, inp, kf)
                 };
