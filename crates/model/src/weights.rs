@@ -95,7 +95,7 @@ enum Source {
         /// tensor name -> index in `files`
         index: HashMap<String, usize>,
     },
-    Gguf(GgufFile),
+    Gguf(Box<GgufFile>),
 }
 
 impl Weights {
@@ -104,7 +104,7 @@ impl Weights {
     pub fn open(dir: &Path) -> Result<Self> {
         if crate::gguf::is_gguf(dir) {
             return Ok(Self {
-                source: Source::Gguf(GgufFile::open(dir)?),
+                source: Source::Gguf(Box::new(GgufFile::open(dir)?)),
                 linear_type: LinearType::Auto,
                 fp8: None,
             });
