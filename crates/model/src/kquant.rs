@@ -630,6 +630,24 @@ impl KQuantWeights {
         out
     }
 
+    /// The stretches of `cols` that lie in one segment each, as `(j0, count, first,
+    /// row_bytes)`: rows `j0..j0 + count`, row `j0 + i` at `first + i * row_bytes`. The kernels
+    /// walk these once per tile instead of looking each row up. (A list, not a closure: a
+    /// closure called from a kernel would be compiled without its target features.)
+    fn stretches(&self, cols: Range<usize>) -> Vec<(usize, usize, *const u8, usize)> {
+        let mut out = Vec::with_capacity(2);
+        let mut at = 0;
+        for s in &self.segs {
+            let (a, b) = (at.max(cols.start), (at + s.rows).min(cols.end));
+            if a < b {
+                let first = s.data()[s.start + (a - at) * s.row_bytes..].as_ptr();
+                out.push((a, b - a, first, s.row_bytes));
+            }
+            at += s.rows;
+        }
+        out
+    }
+
     /// Output row `j`, dequantized, into `out` (`k` values).
     pub fn row_into(&self, j: usize, out: &mut [f32]) {
         let (format, row) = self.row_in_format(j);
@@ -1069,11 +1087,11 @@ mod avx512 {
     unsafe fn micro<const F: u8, const R: usize>(
         w: &KQuantWeights,
         xq: &KRows,
+        row: *const u8,
         j: usize,
         t0: usize,
         out: *mut f32,
     ) {
-        let row = w.row(j).as_ptr();
         let bb = F_BYTES[F as usize];
         let mut accd = [_mm512_setzero_ps(); R];
         let mut accm = [_mm256_setzero_ps(); R];
@@ -1153,11 +1171,11 @@ mod avx512 {
     unsafe fn q4k_micro<const R: usize>(
         w: &KQuantWeights,
         xq: &KRows,
+        row: *const u8,
         j: usize,
         t0: usize,
         out: *mut f32,
     ) {
-        let row = w.row(j).as_ptr();
         let m4 = _mm512_set1_epi8(0x0f);
         let shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
         let pick = [
@@ -1228,11 +1246,11 @@ mod avx512 {
     unsafe fn q6k_micro<const R: usize>(
         w: &KQuantWeights,
         xq: &KRows,
+        row: *const u8,
         j: usize,
         t0: usize,
         out: *mut f32,
     ) {
-        let row = w.row(j).as_ptr();
         let m4 = _mm512_set1_epi8(0x0f);
         let m30 = _mm512_set1_epi8(0x30);
         let up = _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4);
@@ -1304,11 +1322,11 @@ mod avx512 {
     unsafe fn mx_micro<const R: usize>(
         w: &KQuantWeights,
         xq: &KRows,
+        row: *const u8,
         j: usize,
         t0: usize,
         out: *mut f32,
     ) {
-        let row = w.row(j).as_ptr();
         let nb = w.k.div_ceil(QK_MXFP4);
         let mut acc = [_mm512_setzero_ps(); R];
         let zero = _mm512_setzero_si512();
@@ -1350,31 +1368,34 @@ mod avx512 {
         cols: Range<usize>,
         out: *mut f32,
     ) {
-        for j in cols {
-            let mut t = rows.start;
-            while t + 4 <= rows.end {
-                match format {
-                    KFormat::Mxfp4 => mx_micro::<4>(w, xq, j, t, out),
-                    KFormat::Q4K => q4k_micro::<4>(w, xq, j, t, out),
-                    KFormat::Q6K => q6k_micro::<4>(w, xq, j, t, out),
-                    KFormat::Q5K => micro::<F, 4>(w, xq, j, t, out),
+        for (j0, count, first, rb) in w.stretches(cols) {
+            for i in 0..count {
+                let (j, row) = (j0 + i, first.add(i * rb));
+                let mut t = rows.start;
+                while t + 4 <= rows.end {
+                    match format {
+                        KFormat::Mxfp4 => mx_micro::<4>(w, xq, row, j, t, out),
+                        KFormat::Q4K => q4k_micro::<4>(w, xq, row, j, t, out),
+                        KFormat::Q6K => q6k_micro::<4>(w, xq, row, j, t, out),
+                        KFormat::Q5K => micro::<F, 4>(w, xq, row, j, t, out),
+                    }
+                    t += 4;
                 }
-                t += 4;
-            }
-            match (rows.end - t, format) {
-                (0, _) => {}
-                (3, KFormat::Mxfp4) => mx_micro::<3>(w, xq, j, t, out),
-                (2, KFormat::Mxfp4) => mx_micro::<2>(w, xq, j, t, out),
-                (_, KFormat::Mxfp4) => mx_micro::<1>(w, xq, j, t, out),
-                (3, KFormat::Q4K) => q4k_micro::<3>(w, xq, j, t, out),
-                (2, KFormat::Q4K) => q4k_micro::<2>(w, xq, j, t, out),
-                (_, KFormat::Q4K) => q4k_micro::<1>(w, xq, j, t, out),
-                (3, KFormat::Q6K) => q6k_micro::<3>(w, xq, j, t, out),
-                (2, KFormat::Q6K) => q6k_micro::<2>(w, xq, j, t, out),
-                (_, KFormat::Q6K) => q6k_micro::<1>(w, xq, j, t, out),
-                (3, KFormat::Q5K) => micro::<F, 3>(w, xq, j, t, out),
-                (2, KFormat::Q5K) => micro::<F, 2>(w, xq, j, t, out),
-                (_, KFormat::Q5K) => micro::<F, 1>(w, xq, j, t, out),
+                match (rows.end - t, format) {
+                    (0, _) => {}
+                    (3, KFormat::Mxfp4) => mx_micro::<3>(w, xq, row, j, t, out),
+                    (2, KFormat::Mxfp4) => mx_micro::<2>(w, xq, row, j, t, out),
+                    (_, KFormat::Mxfp4) => mx_micro::<1>(w, xq, row, j, t, out),
+                    (3, KFormat::Q4K) => q4k_micro::<3>(w, xq, row, j, t, out),
+                    (2, KFormat::Q4K) => q4k_micro::<2>(w, xq, row, j, t, out),
+                    (_, KFormat::Q4K) => q4k_micro::<1>(w, xq, row, j, t, out),
+                    (3, KFormat::Q6K) => q6k_micro::<3>(w, xq, row, j, t, out),
+                    (2, KFormat::Q6K) => q6k_micro::<2>(w, xq, row, j, t, out),
+                    (_, KFormat::Q6K) => q6k_micro::<1>(w, xq, row, j, t, out),
+                    (3, KFormat::Q5K) => micro::<F, 3>(w, xq, row, j, t, out),
+                    (2, KFormat::Q5K) => micro::<F, 2>(w, xq, row, j, t, out),
+                    (_, KFormat::Q5K) => micro::<F, 1>(w, xq, row, j, t, out),
+                }
             }
         }
     }
@@ -1613,7 +1634,7 @@ mod tests {
                 &[256, 1024]
             };
             for &k in ks {
-                for &(rows, n) in &[(1, 3), (3, 8), (4, 5), (7, 17), (9, 2)] {
+                for &(rows, n) in &[(1, 3), (1, 8), (3, 8), (4, 5), (7, 17), (9, 2)] {
                     let x = rnd_vec(&mut seed, rows * k);
                     let raw = random_blocks(&mut seed, format, n, k);
                     let p = KQuantWeights::from_bytes(raw, n, k, format).unwrap();
@@ -1685,6 +1706,19 @@ mod tests {
             let mut o = vec![f32::NAN; 2 * 24];
             c.matmul_cols(&x, 2, 0..24, &mut o);
             check(&c, &x, 2, &o, &format!("{format:?}+{other:?} concat"));
+            // Column ranges that start inside a segment and cross into the next ones: the
+            // kernels find each row's address from the range's first row.
+            for cols in [3..22, 6..7, 20..24] {
+                let mut p = vec![f32::NAN; 2 * 24];
+                c.matmul_cols(&x, 2, cols.clone(), &mut p);
+                for (i, (a, b)) in p.iter().zip(&o).enumerate() {
+                    if cols.contains(&(i % 24)) {
+                        assert_eq!(a, b, "{format:?}+{other:?} {cols:?} {i}");
+                    } else {
+                        assert!(a.is_nan(), "{cols:?}: column {} written", i % 24);
+                    }
+                }
+            }
         }
     }
 
