@@ -54,7 +54,7 @@ pub fn read_bandwidth(bytes: usize, passes: usize) -> f64 {
         let t = Instant::now();
         let s: f32 = buf
             .par_chunks(1 << 16)
-            .map(tandem_model::kernels::sum)
+            .map(tandem_kernels::simd::sum)
             .sum();
         std::hint::black_box(s);
         best = best.max((n * 4) as f64 / t.elapsed().as_secs_f64());

@@ -693,9 +693,9 @@ impl KQuantWeights {
 
     /// The whole product as one tile with the kernels of `simd` (which the CPU must support),
     /// on this thread: the tests' way to run every instruction set against the scalar path.
-    pub fn matmul_with(&self, simd: crate::kernels::Simd, x: &[f32], rows: usize, out: &mut [f32]) {
+    pub fn matmul_with(&self, simd: crate::simd::Simd, x: &[f32], rows: usize, out: &mut [f32]) {
         assert!(
-            simd <= crate::kernels::detected_simd(),
+            simd <= crate::simd::detected_simd(),
             "{simd:?} not on this CPU"
         );
         assert_eq!(x.len(), rows * self.k, "x must be [rows, k]");
@@ -706,12 +706,12 @@ impl KQuantWeights {
     }
 
     unsafe fn tile(&self, xq: &KRows, rows: Range<usize>, cols: Range<usize>, out: SyncPtr) {
-        self.tile_with(crate::kernels::simd(), xq, rows, cols, out)
+        self.tile_with(crate::simd::simd(), xq, rows, cols, out)
     }
 
     unsafe fn tile_with(
         &self,
-        simd: crate::kernels::Simd,
+        simd: crate::simd::Simd,
         xq: &KRows,
         rows: Range<usize>,
         cols: Range<usize>,
@@ -719,7 +719,7 @@ impl KQuantWeights {
     ) {
         #[cfg(target_arch = "x86_64")]
         {
-            use crate::kernels::Simd;
+            use crate::simd::Simd;
             if simd == Simd::Avx512 && avx512::has_vnni() {
                 for (f, cols) in self.runs(cols) {
                     avx512::tile(self, f, xq, rows.clone(), cols, out.0);
@@ -781,10 +781,7 @@ impl KQuantWeights {
     }
 }
 
-#[derive(Copy, Clone)]
-struct SyncPtr(*mut f32);
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
+use crate::SyncPtr;
 
 /// The kernels' format parameter (a const generic).
 const F_Q4K: u8 = 0;
@@ -1397,7 +1394,7 @@ mod avx512 {
     }
 
     /// The CPU has the 512-bit VNNI this module needs (on top of
-    /// [`crate::kernels::Simd::Avx512`]).
+    /// [`crate::simd::Simd::Avx512`]).
     pub fn has_vnni() -> bool {
         std::is_x86_feature_detected!("avx512vnni")
     }
@@ -1406,7 +1403,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::Simd;
+    use crate::simd::Simd;
     use crate::packed::tests::rnd_vec;
 
     /// Random blocks with every bit pattern in the codes and scales, and f16 `d`/`dmin` of a
@@ -1441,7 +1438,7 @@ mod tests {
     }
 
     /// The instruction sets this CPU can run, the scalar oracle first.
-    use crate::kernels::available_levels as levels;
+    use crate::simd::available_levels as levels;
 
     #[test]
     fn ggml_type_ids() {

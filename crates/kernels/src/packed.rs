@@ -20,7 +20,7 @@
 //! stay in GGUF's row-major blocks (a range of the mapped file) and are multiplied by the
 //! kernels of [`crate::kquant`]. Activations are f32 for every type.
 
-use crate::kernels::Simd;
+use crate::simd::Simd;
 use crate::kquant::{KFormat, KQuantWeights};
 use crate::mem::{HugeBuf, Zeroable};
 use crate::quant::{QuantFormat, QuantWeights};
@@ -587,7 +587,7 @@ impl PackedWeights {
     /// every instruction set against the scalar oracle).
     #[cfg(test)]
     fn matmul_with(&self, simd: Simd, x: &[f32], rows: usize, out: &mut [f32]) {
-        assert!(simd <= crate::kernels::detected_simd());
+        assert!(simd <= crate::simd::detected_simd());
         assert_eq!(out.len(), rows * self.n);
         let a = pack_rows(x, rows, self.k);
         let tile = Tile {
@@ -622,7 +622,7 @@ impl<L: PanelLine> Panels<L> {
     /// Rows `tile.rows` of the product, columns of `tile.panels`; `x` is the input, `a` the
     /// same in the layout of [`pack_rows`].
     unsafe fn tile(&self, x: &[f32], a: &[f32], tile: Tile, out: SyncPtr) {
-        self.tile_with(crate::kernels::simd(), x, a, tile, out)
+        self.tile_with(crate::simd::simd(), x, a, tile, out)
     }
 
     /// `tile` with the kernels of `simd` (which the CPU must support).
@@ -721,10 +721,7 @@ struct Tile {
     panels: std::ops::Range<usize>,
 }
 
-#[derive(Copy, Clone)]
-struct SyncPtr(*mut f32);
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
+use crate::SyncPtr;
 
 /// Where a micro-tile reads, writes and prefetches.
 #[cfg(target_arch = "x86_64")]
@@ -1248,7 +1245,7 @@ pub(crate) mod tests {
     }
 
     /// The instruction sets this CPU can run, the scalar oracle first.
-    use crate::kernels::available_levels as levels;
+    use crate::simd::available_levels as levels;
 
     #[test]
     fn scalar_path_matches_naive() {

@@ -331,8 +331,8 @@ impl QuantWeights {
     ) {
         #[cfg(target_arch = "x86_64")]
         {
-            use crate::kernels::Simd;
-            let simd = crate::kernels::simd();
+            use crate::simd::Simd;
+            let simd = crate::simd::simd();
             if simd == Simd::Avx512 && avx512::has_vnni() {
                 return avx512::tile(self, xq, rows, groups, col_end, out.0);
             }
@@ -412,10 +412,7 @@ impl QuantRows {
     }
 }
 
-#[derive(Copy, Clone)]
-struct SyncPtr(*mut f32);
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
+use crate::SyncPtr;
 
 #[cfg(target_arch = "x86_64")]
 mod avx {
@@ -754,7 +751,7 @@ mod avx512 {
         }
     }
 
-    /// The CPU has the 512-bit VNNI this module needs (on top of [`crate::kernels::Simd::Avx512`]).
+    /// The CPU has the 512-bit VNNI this module needs (on top of [`crate::simd::Simd::Avx512`]).
     pub fn has_vnni() -> bool {
         std::is_x86_feature_detected!("avx512vnni")
     }
@@ -1017,7 +1014,7 @@ mod tests {
                     }
                 }
                 #[cfg(target_arch = "x86_64")]
-                if crate::kernels::detected_simd() == crate::kernels::Simd::Avx512
+                if crate::simd::detected_simd() == crate::simd::Simd::Avx512
                     && avx512::has_vnni()
                 {
                     let mut o = vec![f32::NAN; rows * n];

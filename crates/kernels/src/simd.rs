@@ -1,6 +1,6 @@
-//! Small vectorised helpers of the decode path: a bandwidth probe and `exp` on 8 lanes, and
-//! the choice of instruction set the matmul kernels (`packed`, `quant`) run with. The matmul
-//! lives in `packed`.
+//! The choice of instruction set every kernel of this crate runs with ([`simd`], made once
+//! per process), and small vectorised helpers of the decode path: a bandwidth probe, the
+//! gated activation and `exp` on 8 lanes. The matmul lives in `packed`.
 
 use std::sync::OnceLock;
 
@@ -126,33 +126,38 @@ pub fn simd() -> Simd {
 }
 
 /// Sum of `x`, reading it at full memory speed (AVX2 where available): the bandwidth probe of
-/// `tandem bench decode`.
+/// `tandem bench decode`. AVX2 when [`simd`] is `avx2` or above.
 pub fn sum(x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the feature was just detected.
+        if simd() >= Simd::Avx2 {
+            // SAFETY: the level, at most what the CPU has, includes AVX2.
             return unsafe { avx::sum(x) };
         }
     }
     x.iter().sum()
 }
 
+/// `silu(x) = x / (1 + e^-x)`: the scalar activation, the oracle of [`silu_mul`]'s SIMD lanes.
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
 /// `out[i] = silu(g[i]) * u[i]` (`silu(x) = x / (1 + e^-x)`), the gated MLP's activation: 8
-/// lanes at a time with [`avx_exp`] where the CPU has AVX2 and FMA.
+/// lanes at a time with [`avx_exp`] when [`simd`] is `avx2` or above.
 pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
     assert!(g.len() == u.len() && g.len() == out.len());
     #[allow(unused_mut)]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
+        if simd() >= Simd::Avx2 {
+            // SAFETY: the level, at most what the CPU has, includes AVX2 and FMA.
             done = unsafe { avx::silu_mul(g, u, out) };
         }
     }
     for ((o, g), u) in out[done..].iter_mut().zip(&g[done..]).zip(&u[done..]) {
-        *o = crate::layers::silu(*g) * u;
+        *o = silu(*g) * u;
     }
 }
 

@@ -13,18 +13,17 @@ pub mod gguf;
 mod gguf_arch;
 pub mod gguf_format;
 pub mod gguf_tokenizer;
-pub mod kernels;
-pub mod kquant;
 pub mod kv;
 pub mod layers;
 pub mod mem;
 pub mod mla;
 pub mod model;
-pub mod packed;
-pub mod quant;
 pub mod stages;
 pub mod tokenizer;
 pub mod weights;
+
+// The kernels' modules under the paths the model's code has always used for them.
+pub use tandem_kernels::{kquant, packed, quant};
 
 pub use config::{Family, ModelConfig};
 pub use error::{ModelError, Result};
