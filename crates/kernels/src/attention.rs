@@ -196,9 +196,7 @@ fn attention_with(
             .iter()
             .find(|b| (**b as usize + 1) * bs > slots)
         {
-            return Err(AttnError(format!(
-                "KV block {b} is outside the cache"
-            )));
+            return Err(AttnError(format!("KV block {b} is outside the cache")));
         }
         let tile = if s.num_tokens == 1 { 1 } else { ROW_TILE };
         // A decode row takes KV heads in as few ranges as keep every thread busy.
@@ -249,16 +247,31 @@ fn attention_with(
 /// The three inner loops of attention; `Scalar` and (on x86_64) `avx::Avx` implement them.
 trait Ops {
     /// `sum a[i] * b[i]`.
+    ///
+    /// # Safety
+    /// The CPU must support the instruction set of the implementation (none for the scalar one);
+    /// implementations compiled for a set are only called from functions with it enabled.
     unsafe fn dot(a: &[f32], b: &[f32]) -> f32;
     /// `acc[i] += x * v[i]`.
+    ///
+    /// # Safety
+    /// The CPU must support the instruction set of the implementation (none for the scalar one);
+    /// implementations compiled for a set are only called from functions with it enabled.
     unsafe fn axpy(acc: &mut [f32], x: f32, v: &[f32]);
     /// `s[i] = exp(s[i] - max)`; returns the sum.
+    ///
+    /// # Safety
+    /// The CPU must support the instruction set of the implementation (none for the scalar one);
+    /// implementations compiled for a set are only called from functions with it enabled.
     unsafe fn exp_sum(s: &mut [f32], max: f32) -> f32;
 }
 
 struct Scalar;
 
 impl Ops for Scalar {
+    /// # Safety
+    /// None for this implementation: the scalar loops need no CPU feature (the trait's methods are
+    /// `unsafe` for the SIMD ones).
     #[inline(always)]
     unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         let mut acc = [0f32; 8];
@@ -274,12 +287,18 @@ impl Ops for Scalar {
         }
         s
     }
+    /// # Safety
+    /// None for this implementation: the scalar loops need no CPU feature (the trait's methods are
+    /// `unsafe` for the SIMD ones).
     #[inline(always)]
     unsafe fn axpy(acc: &mut [f32], x: f32, v: &[f32]) {
         for (a, b) in acc.iter_mut().zip(v) {
             *a += x * b;
         }
     }
+    /// # Safety
+    /// None for this implementation: the scalar loops need no CPU feature (the trait's methods are
+    /// `unsafe` for the SIMD ones).
     #[inline(always)]
     unsafe fn exp_sum(s: &mut [f32], max: f32) -> f32 {
         let mut sum = 0f32;
@@ -293,92 +312,112 @@ impl Ops for Scalar {
 
 /// One task: scores of every (row, head of the group) against the positions it sees, softmax,
 /// then the weighted sum of values. Output `[rows, KV heads g..g1, group, head_dim]`.
+///
+/// # Safety
+/// The CPU must support the instruction set of the `Ops`/`Kernel` implementation it is instantiated
+/// with (none for the scalar one). `t` must come from `attention_with`, which checked every block
+/// of the table against the cache's size.
 #[inline(always)]
 unsafe fn task_impl<O: Ops>(t: &Task) -> Vec<f32> {
-    if t.g1 == t.g + 1 {
-        return group_impl::<O>(t);
+    unsafe {
+        if t.g1 == t.g + 1 {
+            return group_impl::<O>(t);
+        }
+        // Several KV heads: only for single rows, so the parts simply follow each other.
+        debug_assert_eq!(t.j1 - t.j0, 1);
+        let mut out = Vec::new();
+        for g in t.g..t.g1 {
+            out.extend(group_impl::<O>(&Task { g, g1: g + 1, ..*t }));
+        }
+        out
     }
-    // Several KV heads: only for single rows, so the parts simply follow each other.
-    debug_assert_eq!(t.j1 - t.j0, 1);
-    let mut out = Vec::new();
-    for g in t.g..t.g1 {
-        out.extend(group_impl::<O>(&Task { g, g1: g + 1, ..*t }));
-    }
-    out
 }
 
 /// `task_impl` for one KV head.
+///
+/// # Safety
+/// The CPU must support the instruction set of the `Ops`/`Kernel` implementation it is instantiated
+/// with (none for the scalar one). `t` must come from `attention_with`, which checked every block
+/// of the table against the cache's size.
 #[inline(always)]
 unsafe fn group_impl<O: Ops>(t: &Task) -> Vec<f32> {
-    let AttnDims {
-        heads: hq,
-        kv_heads: hk,
-        head_dim: dh,
-    } = t.dims;
-    let group = hq / hk;
-    let kd = hk * dh;
-    let rows = t.j1 - t.j0;
-    let nq = rows * group;
-    // Position of the tile's first row; row r sees positions 0..=pos0 + r (the last `window`
-    // of them with a sliding window, so no row sees a position before `plo`).
-    let pos0 = t.start_pos + t.j0;
-    let npos = pos0 + rows;
-    let plo = (pos0 + 1).saturating_sub(t.window);
-    let qs = t.scaled_queries();
-    // Scores of the positions `plo..npos` (`w` per query).
-    let w = npos - plo;
-    let mut scores = vec![0f32; nq * w];
-    let kv_row = |slot: usize| slot * kd + t.g * dh;
-    let blocks = t.table[..npos.div_ceil(t.bs)].iter().enumerate();
-    for (b, &blk) in blocks.clone().skip(plo / t.bs) {
-        let p0 = b * t.bs;
-        for p in p0.max(plo)..(p0 + t.bs).min(npos) {
-            let at = kv_row(blk as usize * t.bs + p - p0);
-            let k = &t.kv.k[at..at + dh];
-            for i in p.saturating_sub(pos0) * group..nq {
-                scores[i * w + p - plo] = O::dot(&qs[i * dh..(i + 1) * dh], k);
+    unsafe {
+        let AttnDims {
+            heads: hq,
+            kv_heads: hk,
+            head_dim: dh,
+        } = t.dims;
+        let group = hq / hk;
+        let kd = hk * dh;
+        let rows = t.j1 - t.j0;
+        let nq = rows * group;
+        // Position of the tile's first row; row r sees positions 0..=pos0 + r (the last `window`
+        // of them with a sliding window, so no row sees a position before `plo`).
+        let pos0 = t.start_pos + t.j0;
+        let npos = pos0 + rows;
+        let plo = (pos0 + 1).saturating_sub(t.window);
+        let qs = t.scaled_queries();
+        // Scores of the positions `plo..npos` (`w` per query).
+        let w = npos - plo;
+        let mut scores = vec![0f32; nq * w];
+        let kv_row = |slot: usize| slot * kd + t.g * dh;
+        let blocks = t.table[..npos.div_ceil(t.bs)].iter().enumerate();
+        for (b, &blk) in blocks.clone().skip(plo / t.bs) {
+            let p0 = b * t.bs;
+            for p in p0.max(plo)..(p0 + t.bs).min(npos) {
+                let at = kv_row(blk as usize * t.bs + p - p0);
+                let k = &t.kv.k[at..at + dh];
+                for i in p.saturating_sub(pos0) * group..nq {
+                    scores[i * w + p - plo] = O::dot(&qs[i * dh..(i + 1) * dh], k);
+                }
             }
         }
-    }
-    let mut inv = vec![0f32; nq];
-    for (i, inv) in inv.iter_mut().enumerate() {
-        let len = pos0 + i / group + 1;
-        let lo = len.saturating_sub(t.window);
-        let row = &mut scores[i * w..i * w + len - plo];
-        // Positions an earlier row of the tile saw but this one does not: weight 0.
-        row[..lo - plo].fill(0.0);
-        let sink = t.sinks.map(|s| s[t.g * group + i % group]);
-        *inv = 1.0 / softmax_in_place::<O>(&mut row[lo - plo..], sink);
-    }
-    let mut out = vec![0f32; nq * dh];
-    for (b, &blk) in blocks.skip(plo / t.bs) {
-        let p0 = b * t.bs;
-        for p in p0.max(plo)..(p0 + t.bs).min(npos) {
-            let at = kv_row(blk as usize * t.bs + p - p0);
-            let v = &t.kv.v[at..at + dh];
-            for i in p.saturating_sub(pos0) * group..nq {
-                O::axpy(&mut out[i * dh..(i + 1) * dh], scores[i * w + p - plo], v);
+        let mut inv = vec![0f32; nq];
+        for (i, inv) in inv.iter_mut().enumerate() {
+            let len = pos0 + i / group + 1;
+            let lo = len.saturating_sub(t.window);
+            let row = &mut scores[i * w..i * w + len - plo];
+            // Positions an earlier row of the tile saw but this one does not: weight 0.
+            row[..lo - plo].fill(0.0);
+            let sink = t.sinks.map(|s| s[t.g * group + i % group]);
+            *inv = 1.0 / softmax_in_place::<O>(&mut row[lo - plo..], sink);
+        }
+        let mut out = vec![0f32; nq * dh];
+        for (b, &blk) in blocks.skip(plo / t.bs) {
+            let p0 = b * t.bs;
+            for p in p0.max(plo)..(p0 + t.bs).min(npos) {
+                let at = kv_row(blk as usize * t.bs + p - p0);
+                let v = &t.kv.v[at..at + dh];
+                for i in p.saturating_sub(pos0) * group..nq {
+                    O::axpy(&mut out[i * dh..(i + 1) * dh], scores[i * w + p - plo], v);
+                }
             }
         }
+        for (o, s) in out.chunks_exact_mut(dh).zip(&inv) {
+            o.iter_mut().for_each(|x| *x *= s);
+        }
+        out
     }
-    for (o, s) in out.chunks_exact_mut(dh).zip(&inv) {
-        o.iter_mut().for_each(|x| *x *= s);
-    }
-    out
 }
 
 /// `s[i] = exp(s[i] - m)` with `m` the largest of the scores and the sink; returns the
 /// softmax's denominator (the sink's `exp(sink - m)` included).
+///
+/// # Safety
+/// The CPU must support the instruction set of the `Ops`/`Kernel` implementation it is instantiated
+/// with (none for the scalar one).
 #[inline(always)]
 unsafe fn softmax_in_place<O: Ops>(s: &mut [f32], sink: Option<f32>) -> f32 {
-    let mut max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if let Some(k) = sink {
-        max = max.max(k);
-    }
-    let sum = O::exp_sum(s, max);
-    match sink {
-        Some(k) => sum + (k - max).exp(),
-        None => sum,
+    unsafe {
+        let mut max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if let Some(k) = sink {
+            max = max.max(k);
+        }
+        let sum = O::exp_sum(s, max);
+        match sink {
+            Some(k) => sum + (k - max).exp(),
+            None => sum,
+        }
     }
 }
 
@@ -390,97 +429,129 @@ mod avx {
 
     pub struct Avx;
 
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma`.
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_hadd_ps(s, s);
-        _mm_cvtss_f32(_mm_hadd_ps(s, s))
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_hadd_ps(s, s);
+            _mm_cvtss_f32(_mm_hadd_ps(s, s))
+        }
     }
 
     impl Ops for Avx {
+        /// # Safety
+        /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU
+        /// supports `avx2,fma`.
         #[inline(always)]
         unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-            let n = a.len().min(b.len());
-            let (pa, pb) = (a.as_ptr(), b.as_ptr());
-            let mut acc0 = _mm256_setzero_ps();
-            let mut acc1 = _mm256_setzero_ps();
-            let mut i = 0;
-            while i + 16 <= n {
-                acc0 =
-                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-                acc1 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(pa.add(i + 8)),
-                    _mm256_loadu_ps(pb.add(i + 8)),
-                    acc1,
-                );
-                i += 16;
+            unsafe {
+                let n = a.len().min(b.len());
+                let (pa, pb) = (a.as_ptr(), b.as_ptr());
+                let mut acc0 = _mm256_setzero_ps();
+                let mut acc1 = _mm256_setzero_ps();
+                let mut i = 0;
+                while i + 16 <= n {
+                    acc0 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pa.add(i)),
+                        _mm256_loadu_ps(pb.add(i)),
+                        acc0,
+                    );
+                    acc1 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pa.add(i + 8)),
+                        _mm256_loadu_ps(pb.add(i + 8)),
+                        acc1,
+                    );
+                    i += 16;
+                }
+                if i + 8 <= n {
+                    acc0 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pa.add(i)),
+                        _mm256_loadu_ps(pb.add(i)),
+                        acc0,
+                    );
+                    i += 8;
+                }
+                let mut s = hsum(_mm256_add_ps(acc0, acc1));
+                while i < n {
+                    s += *pa.add(i) * *pb.add(i);
+                    i += 1;
+                }
+                s
             }
-            if i + 8 <= n {
-                acc0 =
-                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-                i += 8;
-            }
-            let mut s = hsum(_mm256_add_ps(acc0, acc1));
-            while i < n {
-                s += *pa.add(i) * *pb.add(i);
-                i += 1;
-            }
-            s
         }
 
+        /// # Safety
+        /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU
+        /// supports `avx2,fma`.
         #[inline(always)]
         unsafe fn axpy(acc: &mut [f32], x: f32, v: &[f32]) {
-            let n = acc.len().min(v.len());
-            let (pa, pv) = (acc.as_mut_ptr(), v.as_ptr());
-            let xv = _mm256_set1_ps(x);
-            let mut i = 0;
-            while i + 8 <= n {
-                let a = _mm256_loadu_ps(pa.add(i));
-                _mm256_storeu_ps(
-                    pa.add(i),
-                    _mm256_fmadd_ps(xv, _mm256_loadu_ps(pv.add(i)), a),
-                );
-                i += 8;
-            }
-            while i < n {
-                *pa.add(i) += x * *pv.add(i);
-                i += 1;
+            unsafe {
+                let n = acc.len().min(v.len());
+                let (pa, pv) = (acc.as_mut_ptr(), v.as_ptr());
+                let xv = _mm256_set1_ps(x);
+                let mut i = 0;
+                while i + 8 <= n {
+                    let a = _mm256_loadu_ps(pa.add(i));
+                    _mm256_storeu_ps(
+                        pa.add(i),
+                        _mm256_fmadd_ps(xv, _mm256_loadu_ps(pv.add(i)), a),
+                    );
+                    i += 8;
+                }
+                while i < n {
+                    *pa.add(i) += x * *pv.add(i);
+                    i += 1;
+                }
             }
         }
 
+        /// # Safety
+        /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU
+        /// supports `avx2,fma`.
         #[inline(always)]
         unsafe fn exp_sum(s: &mut [f32], max: f32) -> f32 {
-            let n = s.len();
-            let p = s.as_mut_ptr();
-            let m = _mm256_set1_ps(max);
-            let mut sum = _mm256_setzero_ps();
-            let mut i = 0;
-            while i + 8 <= n {
-                let e = avx_exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m));
-                _mm256_storeu_ps(p.add(i), e);
-                sum = _mm256_add_ps(sum, e);
-                i += 8;
+            unsafe {
+                let n = s.len();
+                let p = s.as_mut_ptr();
+                let m = _mm256_set1_ps(max);
+                let mut sum = _mm256_setzero_ps();
+                let mut i = 0;
+                while i + 8 <= n {
+                    let e = avx_exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m));
+                    _mm256_storeu_ps(p.add(i), e);
+                    sum = _mm256_add_ps(sum, e);
+                    i += 8;
+                }
+                let mut total = hsum(sum);
+                if i < n {
+                    // The tail through the same approximation, padded with exp(-inf) = 0.
+                    let mut buf = [f32::NEG_INFINITY; 8];
+                    buf[..n - i].copy_from_slice(&s[i..]);
+                    let e = avx_exp(_mm256_sub_ps(_mm256_loadu_ps(buf.as_ptr()), m));
+                    _mm256_storeu_ps(buf.as_mut_ptr(), e);
+                    s[i..].copy_from_slice(&buf[..n - i]);
+                    total += buf[..n - i].iter().sum::<f32>();
+                }
+                total
             }
-            let mut total = hsum(sum);
-            if i < n {
-                // The tail through the same approximation, padded with exp(-inf) = 0.
-                let mut buf = [f32::NEG_INFINITY; 8];
-                buf[..n - i].copy_from_slice(&s[i..]);
-                let e = avx_exp(_mm256_sub_ps(_mm256_loadu_ps(buf.as_ptr()), m));
-                _mm256_storeu_ps(buf.as_mut_ptr(), e);
-                s[i..].copy_from_slice(&buf[..n - i]);
-                total += buf[..n - i].iter().sum::<f32>();
-            }
-            total
         }
     }
 
+    /// # Safety
+    /// The CPU must support `avx2,fma`; callers check [`crate::simd()`] (and the optional
+    /// extensions this module asks for) first. `t` must come from `attention_with`, which checked
+    /// every block of the table against the cache's size.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn task(t: &Task) -> Vec<f32> {
-        if t.dims.head_dim.is_multiple_of(8) {
-            rows(t)
-        } else {
-            task_impl::<Avx>(t)
+        unsafe {
+            if t.dims.head_dim.is_multiple_of(8) {
+                rows(t)
+            } else {
+                task_impl::<Avx>(t)
+            }
         }
     }
 
@@ -488,27 +559,39 @@ mod avx {
     const AHEAD: usize = 32;
 
     /// Eight vectors to the vector of their eight sums.
+    ///
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma`.
     #[inline(always)]
     unsafe fn reduce8(a: &[__m256; 8]) -> __m256 {
-        let t0 = _mm256_hadd_ps(a[0], a[1]);
-        let t1 = _mm256_hadd_ps(a[2], a[3]);
-        let t2 = _mm256_hadd_ps(a[4], a[5]);
-        let t3 = _mm256_hadd_ps(a[6], a[7]);
-        // [a0 a1 a2 a3 | a0 a1 a2 a3] partial sums of the low and high halves, then a4..a7.
-        let u0 = _mm256_hadd_ps(t0, t1);
-        let u1 = _mm256_hadd_ps(t2, t3);
-        _mm256_add_ps(
-            _mm256_permute2f128_ps(u0, u1, 0x20),
-            _mm256_permute2f128_ps(u0, u1, 0x31),
-        )
+        unsafe {
+            let t0 = _mm256_hadd_ps(a[0], a[1]);
+            let t1 = _mm256_hadd_ps(a[2], a[3]);
+            let t2 = _mm256_hadd_ps(a[4], a[5]);
+            let t3 = _mm256_hadd_ps(a[6], a[7]);
+            // [a0 a1 a2 a3 | a0 a1 a2 a3] partial sums of the low and high halves, then a4..a7.
+            let u0 = _mm256_hadd_ps(t0, t1);
+            let u1 = _mm256_hadd_ps(t2, t3);
+            _mm256_add_ps(
+                _mm256_permute2f128_ps(u0, u1, 0x20),
+                _mm256_permute2f128_ps(u0, u1, 0x31),
+            )
+        }
     }
 
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma`. `p` must be valid for reading every element the description above says is read
+    /// through it.
     #[inline(always)]
     unsafe fn prefetch_row(p: *const f32, len: usize) {
-        let mut c = 0;
-        while c < len {
-            _mm_prefetch::<_MM_HINT_T0>(p.add(c) as *const i8);
-            c += 16;
+        unsafe {
+            let mut c = 0;
+            while c < len {
+                _mm_prefetch::<_MM_HINT_T0>(p.add(c) as *const i8);
+                c += 16;
+            }
         }
     }
 
@@ -518,133 +601,151 @@ mod avx {
     /// keys and values prefetched `AHEAD` positions on, the weighted sum of values accumulated
     /// in registers over chunks of eight positions that stay in L1. Row `r` sees positions
     /// `0..=start + r`; later positions get weight 0. Output `[rows, heads, head_dim]`.
+    ///
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma`. `t` must come from `attention_with`, which checked every block of the table
+    /// against the cache's size.
     #[inline(always)]
     unsafe fn rows(t: &Task) -> Vec<f32> {
-        let AttnDims {
-            heads: hq,
-            kv_heads: hk,
-            head_dim: dh,
-        } = t.dims;
-        let group = hq / hk;
-        let kd = hk * dh;
-        let heads = (t.g1 - t.g) * group; // query heads of this task
-        let nrows = t.j1 - t.j0;
-        let nq = nrows * heads; // queries, row-major: query i is row i / heads
-        let pos0 = t.start_pos + t.j0;
-        let npos = pos0 + nrows;
-        // With a sliding window no row sees a position before `plo`: the chunks of eight
-        // positions start at `ps`, the chunk holding it.
-        let plo = (pos0 + 1).saturating_sub(t.window);
-        let ps = plo / 8 * 8;
-        let qs = t.scaled_queries();
-        // Offset of the first key of head g of every position from `ps` on (`offs[p - ps]`;
-        // block table resolved once; the caller checked that it covers npos and stays inside
-        // the cache).
-        let mut offs = Vec::with_capacity(npos - ps);
-        for (b, &blk) in t.table[..npos.div_ceil(t.bs)]
-            .iter()
-            .enumerate()
-            .skip(ps / t.bs)
-        {
-            let first = blk as usize * t.bs;
-            for i in ps.max(b * t.bs) - b * t.bs..t.bs.min(npos - b * t.bs) {
-                offs.push((first + i) * kd + t.g * dh);
-            }
-        }
-        let run = (t.g1 - t.g) * dh; // contiguous floats per position
-        let (kb, vb) = (t.kv.k.as_ptr(), t.kv.v.as_ptr());
-        // Scores per query of the positions from `ps` on (`p - ps`), padded to whole vectors.
-        let npad = (npos - ps).next_multiple_of(8);
-        let mut scores = vec![0f32; nq * npad];
-        let mut p = ps;
-        while p < npos {
-            let n = (npos - p).min(8);
-            let kp: [*const f32; 8] = std::array::from_fn(|j| kb.add(offs[p - ps + j.min(n - 1)]));
-            for &off in offs.iter().skip(p - ps + AHEAD).take(8) {
-                prefetch_row(kb.add(off), run);
-            }
-            // Rows that see none of these positions skip them.
-            let first_row = p.saturating_sub(pos0);
-            for i in first_row * heads..nq {
-                let h = i % heads;
-                // Query head h reads the keys of KV head g + h / group.
-                let ko = (h / group) * dh;
-                let qh = qs.as_ptr().add(i * dh);
-                let mut acc = [_mm256_setzero_ps(); 8];
-                let mut c = 0;
-                while c < dh {
-                    let qv = _mm256_loadu_ps(qh.add(c));
-                    for j in 0..8 {
-                        acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(kp[j].add(ko + c)), qv, acc[j]);
-                    }
-                    c += 8;
-                }
-                _mm256_storeu_ps(scores.as_mut_ptr().add(i * npad + p - ps), reduce8(&acc));
-            }
-            p += 8;
-        }
-        let mut inv = vec![0f32; nq];
-        for (i, inv) in inv.iter_mut().enumerate() {
-            let seen = pos0 + i / heads + 1;
-            let lo = seen.saturating_sub(t.window);
-            let row = &mut scores[i * npad..(i + 1) * npad];
-            // Positions of the first chunk before this row's window: weight 0.
-            row[..lo - ps].iter_mut().for_each(|v| *v = 0.0);
-            let sink = t.sinks.map(|s| s[t.g * group + i % heads]);
-            *inv = 1.0 / softmax_in_place::<Avx>(&mut row[lo - ps..seen - ps], sink);
-            row[seen - ps..].iter_mut().for_each(|v| *v = 0.0);
-        }
-        let mut out = vec![0f32; nq * dh];
-        let mut p = ps;
-        while p < npos {
-            let n = (npos - p).min(8);
-            for &off in offs.iter().skip(p - ps + AHEAD).take(8) {
-                prefetch_row(vb.add(off), run);
-            }
-            let o = &offs[p - ps..p - ps + n];
-            let first_row = p.saturating_sub(pos0);
-            for i in first_row * heads..nq {
-                let s = scores.as_ptr().add(i * npad + p - ps);
-                let vo = vb.add(((i % heads) / group) * dh);
-                let mut c0 = 0;
-                while c0 < dh {
-                    let dst = out.as_mut_ptr().add(i * dh + c0);
-                    let v = vo.add(c0);
-                    match (dh - c0).min(64) / 8 {
-                        8 => pv::<8>(s, o, v, dst),
-                        7 => pv::<7>(s, o, v, dst),
-                        6 => pv::<6>(s, o, v, dst),
-                        5 => pv::<5>(s, o, v, dst),
-                        4 => pv::<4>(s, o, v, dst),
-                        3 => pv::<3>(s, o, v, dst),
-                        2 => pv::<2>(s, o, v, dst),
-                        _ => pv::<1>(s, o, v, dst),
-                    }
-                    c0 += 64;
+        unsafe {
+            let AttnDims {
+                heads: hq,
+                kv_heads: hk,
+                head_dim: dh,
+            } = t.dims;
+            let group = hq / hk;
+            let kd = hk * dh;
+            let heads = (t.g1 - t.g) * group; // query heads of this task
+            let nrows = t.j1 - t.j0;
+            let nq = nrows * heads; // queries, row-major: query i is row i / heads
+            let pos0 = t.start_pos + t.j0;
+            let npos = pos0 + nrows;
+            // With a sliding window no row sees a position before `plo`: the chunks of eight
+            // positions start at `ps`, the chunk holding it.
+            let plo = (pos0 + 1).saturating_sub(t.window);
+            let ps = plo / 8 * 8;
+            let qs = t.scaled_queries();
+            // Offset of the first key of head g of every position from `ps` on (`offs[p - ps]`;
+            // block table resolved once; the caller checked that it covers npos and stays inside
+            // the cache).
+            let mut offs = Vec::with_capacity(npos - ps);
+            for (b, &blk) in t.table[..npos.div_ceil(t.bs)]
+                .iter()
+                .enumerate()
+                .skip(ps / t.bs)
+            {
+                let first = blk as usize * t.bs;
+                for i in ps.max(b * t.bs) - b * t.bs..t.bs.min(npos - b * t.bs) {
+                    offs.push((first + i) * kd + t.g * dh);
                 }
             }
-            p += 8;
+            let run = (t.g1 - t.g) * dh; // contiguous floats per position
+            let (kb, vb) = (t.kv.k.as_ptr(), t.kv.v.as_ptr());
+            // Scores per query of the positions from `ps` on (`p - ps`), padded to whole vectors.
+            let npad = (npos - ps).next_multiple_of(8);
+            let mut scores = vec![0f32; nq * npad];
+            let mut p = ps;
+            while p < npos {
+                let n = (npos - p).min(8);
+                let kp: [*const f32; 8] =
+                    std::array::from_fn(|j| kb.add(offs[p - ps + j.min(n - 1)]));
+                for &off in offs.iter().skip(p - ps + AHEAD).take(8) {
+                    prefetch_row(kb.add(off), run);
+                }
+                // Rows that see none of these positions skip them.
+                let first_row = p.saturating_sub(pos0);
+                for i in first_row * heads..nq {
+                    let h = i % heads;
+                    // Query head h reads the keys of KV head g + h / group.
+                    let ko = (h / group) * dh;
+                    let qh = qs.as_ptr().add(i * dh);
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    let mut c = 0;
+                    while c < dh {
+                        let qv = _mm256_loadu_ps(qh.add(c));
+                        for j in 0..8 {
+                            acc[j] =
+                                _mm256_fmadd_ps(_mm256_loadu_ps(kp[j].add(ko + c)), qv, acc[j]);
+                        }
+                        c += 8;
+                    }
+                    _mm256_storeu_ps(scores.as_mut_ptr().add(i * npad + p - ps), reduce8(&acc));
+                }
+                p += 8;
+            }
+            let mut inv = vec![0f32; nq];
+            for (i, inv) in inv.iter_mut().enumerate() {
+                let seen = pos0 + i / heads + 1;
+                let lo = seen.saturating_sub(t.window);
+                let row = &mut scores[i * npad..(i + 1) * npad];
+                // Positions of the first chunk before this row's window: weight 0.
+                row[..lo - ps].iter_mut().for_each(|v| *v = 0.0);
+                let sink = t.sinks.map(|s| s[t.g * group + i % heads]);
+                *inv = 1.0 / softmax_in_place::<Avx>(&mut row[lo - ps..seen - ps], sink);
+                row[seen - ps..].iter_mut().for_each(|v| *v = 0.0);
+            }
+            let mut out = vec![0f32; nq * dh];
+            let mut p = ps;
+            while p < npos {
+                let n = (npos - p).min(8);
+                for &off in offs.iter().skip(p - ps + AHEAD).take(8) {
+                    prefetch_row(vb.add(off), run);
+                }
+                let o = &offs[p - ps..p - ps + n];
+                let first_row = p.saturating_sub(pos0);
+                for i in first_row * heads..nq {
+                    let s = scores.as_ptr().add(i * npad + p - ps);
+                    let vo = vb.add(((i % heads) / group) * dh);
+                    let mut c0 = 0;
+                    while c0 < dh {
+                        let dst = out.as_mut_ptr().add(i * dh + c0);
+                        let v = vo.add(c0);
+                        match (dh - c0).min(64) / 8 {
+                            8 => pv::<8>(s, o, v, dst),
+                            7 => pv::<7>(s, o, v, dst),
+                            6 => pv::<6>(s, o, v, dst),
+                            5 => pv::<5>(s, o, v, dst),
+                            4 => pv::<4>(s, o, v, dst),
+                            3 => pv::<3>(s, o, v, dst),
+                            2 => pv::<2>(s, o, v, dst),
+                            _ => pv::<1>(s, o, v, dst),
+                        }
+                        c0 += 64;
+                    }
+                }
+                p += 8;
+            }
+            for (row, inv) in out.chunks_exact_mut(dh).zip(&inv) {
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
+            out
         }
-        for (row, inv) in out.chunks_exact_mut(dh).zip(&inv) {
-            row.iter_mut().for_each(|x| *x *= inv);
-        }
-        out
     }
 
     /// `o[..8W] += sum_j s[j] * v[offs[j]..][..8W]` over the positions of one chunk, the sum
     /// in `W` registers.
+    ///
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma`. `s` must be valid for reading every element the description above says is read
+    /// through it. `v` must be valid for reading every element the description above says is read
+    /// through it. `o` must be valid for writing every element the description above says is
+    /// written through it, and no other thread may access them meanwhile.
     #[inline(always)]
     unsafe fn pv<const W: usize>(s: *const f32, offs: &[usize], v: *const f32, o: *mut f32) {
-        let mut acc: [__m256; W] = std::array::from_fn(|c| _mm256_loadu_ps(o.add(c * 8)));
-        for (j, &off) in offs.iter().enumerate() {
-            let w = _mm256_set1_ps(*s.add(j));
-            let vp = v.add(off);
-            for (c, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(c * 8)), *a);
+        unsafe {
+            let mut acc: [__m256; W] = std::array::from_fn(|c| _mm256_loadu_ps(o.add(c * 8)));
+            for (j, &off) in offs.iter().enumerate() {
+                let w = _mm256_set1_ps(*s.add(j));
+                let vp = v.add(off);
+                for (c, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(c * 8)), *a);
+                }
             }
-        }
-        for (c, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(o.add(c * 8), *a);
+            for (c, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(o.add(c * 8), *a);
+            }
         }
     }
 }

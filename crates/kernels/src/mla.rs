@@ -118,6 +118,10 @@ pub fn attend_absorbed(
 }
 
 /// [`absorbed_heads`] compiled for AVX2 + FMA (the loops vectorise 8 lanes wide).
+///
+/// # Safety
+/// The CPU must support `avx2,fma`; callers check [`crate::simd()`] (and the optional extensions
+/// this module asks for) first.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]

@@ -17,6 +17,9 @@ pub fn sum_exp(logits: &[f32], max: f32) -> f64 {
     sum_exp_lanes(logits, max)
 }
 
+/// # Safety
+/// The CPU must support `avx2,fma`; callers check [`crate::simd()`] (and the optional extensions
+/// this module asks for) first.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn sum_exp_avx2(logits: &[f32], max: f32) -> f64 {

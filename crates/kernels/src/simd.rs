@@ -169,37 +169,39 @@ pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub unsafe fn avx_exp(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    let x = _mm256_min_ps(x, _mm256_set1_ps(88.376_26));
-    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.336_55));
-    // n = round(x / ln 2), r = x - n ln 2 (ln 2 split in two for precision).
-    let n = _mm256_round_ps(
-        _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-    );
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut y = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    unsafe {
+        use std::arch::x86_64::*;
+        let x = _mm256_min_ps(x, _mm256_set1_ps(88.376_26));
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.336_55));
+        // n = round(x / ln 2), r = x - n ln 2 (ln 2 split in two for precision).
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut y = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_fmadd_ps(
+            y,
+            _mm256_mul_ps(r, r),
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        // 2^n through the exponent bits.
+        let e = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        );
+        _mm256_mul_ps(y, _mm256_castsi256_ps(e))
     }
-    let y = _mm256_fmadd_ps(
-        y,
-        _mm256_mul_ps(r, r),
-        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-    );
-    // 2^n through the exponent bits.
-    let e = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-        23,
-    );
-    _mm256_mul_ps(y, _mm256_castsi256_ps(e))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -207,52 +209,68 @@ mod avx {
     use std::arch::x86_64::*;
 
     /// The first `len / 8 * 8` elements of [`super::silu_mul`]; returns how many.
+    ///
+    /// # Safety
+    /// The CPU must support `avx2,fma`; callers check [`crate::simd()`] (and the optional
+    /// extensions this module asks for) first.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) -> usize {
-        let n = g.len().min(u.len()).min(out.len()) / 8 * 8;
-        let one = _mm256_set1_ps(1.0);
-        let mut i = 0;
-        while i < n {
-            let gv = _mm256_loadu_ps(g.as_ptr().add(i));
-            let uv = _mm256_loadu_ps(u.as_ptr().add(i));
-            let e = super::avx_exp(_mm256_sub_ps(_mm256_setzero_ps(), gv));
-            let s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
-            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(s, uv));
-            i += 8;
+        unsafe {
+            let n = g.len().min(u.len()).min(out.len()) / 8 * 8;
+            let one = _mm256_set1_ps(1.0);
+            let mut i = 0;
+            while i < n {
+                let gv = _mm256_loadu_ps(g.as_ptr().add(i));
+                let uv = _mm256_loadu_ps(u.as_ptr().add(i));
+                let e = super::avx_exp(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+                let s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+                _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(s, uv));
+                i += 8;
+            }
+            n
         }
-        n
     }
 
+    /// # Safety
+    /// The CPU must support `avx2`; callers check [`crate::simd()`] (and the optional extensions
+    /// this module asks for) first.
     #[target_feature(enable = "avx2")]
     pub unsafe fn sum(x: &[f32]) -> f32 {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let n32 = x.len() / 32 * 32;
-        let p = x.as_ptr();
-        let mut i = 0;
-        while i < n32 {
-            for (j, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_add_ps(*a, _mm256_loadu_ps(p.add(i + 8 * j)));
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let n32 = x.len() / 32 * 32;
+            let p = x.as_ptr();
+            let mut i = 0;
+            while i < n32 {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_add_ps(*a, _mm256_loadu_ps(p.add(i + 8 * j)));
+                }
+                i += 32;
             }
-            i += 32;
+            let mut s = hsum(_mm256_add_ps(
+                _mm256_add_ps(acc[0], acc[1]),
+                _mm256_add_ps(acc[2], acc[3]),
+            ));
+            for v in &x[n32..] {
+                s += v;
+            }
+            s
         }
-        let mut s = hsum(_mm256_add_ps(
-            _mm256_add_ps(acc[0], acc[1]),
-            _mm256_add_ps(acc[2], acc[3]),
-        ));
-        for v in &x[n32..] {
-            s += v;
-        }
-        s
     }
 
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma`.
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_hadd_ps(s, s);
-        let s = _mm_hadd_ps(s, s);
-        _mm_cvtss_f32(s)
+        unsafe {
+            let lo = _mm256_castps256_ps128(v);
+            let hi = _mm256_extractf128_ps(v, 1);
+            let s = _mm_add_ps(lo, hi);
+            let s = _mm_hadd_ps(s, s);
+            let s = _mm_hadd_ps(s, s);
+            _mm_cvtss_f32(s)
+        }
     }
 }
 
@@ -287,12 +305,17 @@ mod tests {
         if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
             return;
         }
+        /// # Safety
+        /// The CPU must support `avx2,fma`; callers check [`crate::simd()`] (and the optional
+        /// extensions this module asks for) first.
         #[target_feature(enable = "avx2,fma")]
         unsafe fn exp8(x: &[f32; 8]) -> [f32; 8] {
-            use std::arch::x86_64::*;
-            let mut o = [0f32; 8];
-            _mm256_storeu_ps(o.as_mut_ptr(), avx_exp(_mm256_loadu_ps(x.as_ptr())));
-            o
+            unsafe {
+                use std::arch::x86_64::*;
+                let mut o = [0f32; 8];
+                _mm256_storeu_ps(o.as_mut_ptr(), avx_exp(_mm256_loadu_ps(x.as_ptr())));
+                o
+            }
         }
         let mut x = -87.0f32;
         while x < 88.0 {
