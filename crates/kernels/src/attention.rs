@@ -749,3 +749,158 @@ mod avx {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simd::available_levels;
+
+    fn rnd(n: usize, seed: &mut u64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed ^= *seed << 13;
+                *seed ^= *seed >> 7;
+                *seed ^= *seed << 17;
+                (*seed % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Attention written out in f64, position by position: the oracle.
+    fn naive(
+        q: &[f32],
+        seqs: &[PagedSeq],
+        kv: PagedKv,
+        bs: usize,
+        d: AttnDims,
+        extras: AttnExtras,
+    ) -> Vec<f32> {
+        let (hq, hk, dh) = (d.heads, d.kv_heads, d.head_dim);
+        let mut out = Vec::new();
+        let mut row = 0;
+        for s in seqs {
+            for j in 0..s.num_tokens {
+                let pos = s.start_pos + j;
+                let lo = (pos + 1).saturating_sub(extras.window.unwrap_or(usize::MAX));
+                for h in 0..hq {
+                    let g = h / (hq / hk);
+                    let qh = &q[(row * hq + h) * dh..][..dh];
+                    let at = |p: usize| {
+                        let slot = s.block_table[p / bs] as usize * bs + p % bs;
+                        slot * hk * dh + g * dh
+                    };
+                    let scores: Vec<f64> = (lo..=pos)
+                        .map(|p| {
+                            let k = &kv.k[at(p)..][..dh];
+                            let dot: f64 =
+                                qh.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum();
+                            dot / (dh as f64).sqrt()
+                        })
+                        .collect();
+                    let sink = extras.sinks.map(|s| s[h] as f64);
+                    let m = scores.iter().copied().chain(sink).fold(f64::MIN, f64::max);
+                    let denom: f64 = scores.iter().map(|x| (x - m).exp()).sum::<f64>()
+                        + sink.map_or(0.0, |k| (k - m).exp());
+                    for c in 0..dh {
+                        let v: f64 = (lo..=pos)
+                            .zip(&scores)
+                            .map(|(p, x)| (x - m).exp() * kv.v[at(p) + c] as f64)
+                            .sum();
+                        out.push((v / denom) as f32);
+                    }
+                }
+                row += 1;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_level_matches_the_f64_oracle() {
+        let (bs, blocks) = (4, 12);
+        let dims = AttnDims {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 12,
+        };
+        let kd = dims.kv_heads * dims.head_dim;
+        let mut seed = 0x9e37_79b9_7f4a_7c15;
+        let k = rnd(bs * blocks * kd, &mut seed);
+        let v = rnd(bs * blocks * kd, &mut seed);
+        let kv = PagedKv { k: &k, v: &v };
+        // A prefill of 11 rows after 3 cached positions, a decode row at position 9, blocks out
+        // of order.
+        let (t0, t1) = ([7u32, 2, 0, 9], [5u32, 1, 11]);
+        let seqs = [
+            PagedSeq {
+                start_pos: 3,
+                num_tokens: 11,
+                block_table: &t0,
+            },
+            PagedSeq {
+                start_pos: 9,
+                num_tokens: 1,
+                block_table: &t1,
+            },
+        ];
+        let q = rnd(12 * dims.heads * dims.head_dim, &mut seed);
+        let sinks = [0.5f32, -1.0, 2.0, 0.0];
+        for extras in [
+            AttnExtras::default(),
+            AttnExtras {
+                window: Some(5),
+                sinks: Some(&sinks),
+            },
+        ] {
+            let want = naive(&q, &seqs, kv, bs, dims, extras);
+            for level in available_levels() {
+                let got = paged_attention(&q, &seqs, kv, bs, dims, extras, level).unwrap();
+                assert_eq!(got.len(), want.len());
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "{level:?} {extras:?} [{i}]: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shapes_that_do_not_fit_are_errors_naming_the_numbers() {
+        let dims = AttnDims {
+            heads: 3,
+            kv_heads: 2,
+            head_dim: 4,
+        };
+        let kv = PagedKv { k: &[], v: &[] };
+        let err = paged_attention(&[], &[], kv, 4, dims, AttnExtras::default(), Simd::Scalar);
+        assert_eq!(
+            err.unwrap_err().0,
+            "attention with 3 heads, 2 KV heads, block size 4"
+        );
+        let dims = AttnDims {
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 4,
+        };
+        let table = [3u32];
+        let seqs = [PagedSeq {
+            start_pos: 0,
+            num_tokens: 1,
+            block_table: &table,
+        }];
+        let k = vec![0f32; 8 * 4];
+        let kv = PagedKv { k: &k, v: &k };
+        let err = paged_attention(
+            &[0.0; 8],
+            &seqs,
+            kv,
+            4,
+            dims,
+            AttnExtras::default(),
+            Simd::Scalar,
+        );
+        assert_eq!(err.unwrap_err().0, "KV block 3 is outside the cache");
+    }
+}

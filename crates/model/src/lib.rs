@@ -2,6 +2,13 @@
 //! GLM-4.5, DeepSeek-V2/V3)
 //! loaded into an attention stage and an expert stage per layer, the seam the disaggregated
 //! runtime cuts at. See ARCHITECTURE.md at the repository root.
+//!
+//! It owns the families' configs, checkpoint and GGUF loading, tokenizers, the KV cache and
+//! the forward pass; every compute kernel (matmuls by weight type, attention's inner loops,
+//! the instruction-set choice) is `tandem-kernels`', called through its interface. It may not
+//! hold SIMD code of its own, nor know about scheduling, the M2N protocol or serving.
+
+#![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod config;
 pub mod demo;
