@@ -16,7 +16,7 @@ pub struct AttnDims {
     pub head_dim: usize,
 }
 
-/// What [`paged_attention_ext`] adds to plain causal attention (GPT-OSS); the default is
+/// What [`paged_attention`] adds to plain causal attention (GPT-OSS); the default is
 /// neither.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct AttnExtras<'a> {

@@ -7,7 +7,7 @@
 //!   ([`quant`]), GGUF's Q4_K/Q5_K/Q6_K and MXFP4 blocks in place ([`kquant`]);
 //! - the inner kernels of attention: paged grouped-query attention ([`attention`]) and the
 //!   absorbed multi-head latent attention of one row ([`mla`]);
-//! - the vector helpers of the decode and sampling paths ([`simd`]: `silu_mul`, `sum`,
+//! - the vector helpers of the decode and sampling paths ([`mod@simd`]: `silu_mul`, `sum`,
 //!   `sum_exp`, the 8-lane `exp`);
 //! - the instruction-set choice, made once per process: [`simd::simd`] (AVX-512, AVX2 or
 //!   scalar, capped by `TANDEM_SIMD`) is the only place any kernel asks which level to run;

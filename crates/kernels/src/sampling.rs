@@ -2,7 +2,7 @@
 //! The sampling policy itself (temperature, top-k/p, penalties) is `tandem-sched`'s.
 
 /// `sum(exp(l - max))` over `logits` (all `<= max`; `-inf` terms give 0). The exponentials
-/// are evaluated in f32 by [`exp_le0`] over 8-wide lanes that the compiler vectorises (AVX2
+/// are evaluated in f32 by `exp_le0` over 8-wide lanes that the compiler vectorises (AVX2
 /// when [`crate::simd()`] is `avx2` or above), summed in f32 over short runs and in f64
 /// across them: a relative error of a few 1e-7 per term and about 1e-6 on the sum, against ~25 ns per term for f64
 /// `exp`, which made sampling a 32k vocabulary cost 0.25 ms a row.
