@@ -8,10 +8,11 @@
 //! - the inner kernels of attention: paged grouped-query attention ([`attention`]) and the
 //!   absorbed multi-head latent attention of one row ([`mla`]);
 //! - the vector helpers of the decode and sampling paths ([`mod@simd`]: `silu_mul`, `sum`,
-//!   `sum_exp`, the 8-lane `exp`);
+//!   the 8-lane `exp`; [`sampling`]: the softmax denominator `sum_exp`);
 //! - the instruction-set choice, made once per process: [`simd::simd`] (AVX-512, AVX2 or
 //!   scalar, capped by `TANDEM_SIMD`) is the only place any kernel asks which level to run;
-//!   CPU-specific extensions (VNNI) are only looked at below the level it returns;
+//!   optional extensions (AVX-VNNI, AVX-512 VNNI) are only asked for within the level it
+//!   returned, never to go above it;
 //! - zero-filled buffers on transparent huge pages for the big arrays ([`mem::HugeBuf`]);
 //! - the scalar path of every kernel, the oracle every SIMD path is tested against here.
 //!
