@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fixtures for tandem's K-quant and MXFP4 kernels (crates/model/src/kquant.rs).
+"""Fixtures for tandem's K-quant and MXFP4 kernels (crates/kernels/src/kquant.rs).
 
 1. `fixtures/gguf/kquant-q4_k_m.gguf`: a tiny Mixtral-layout model (hidden 256, so that rows
    are whole 256-value K-quant blocks), its tensors quantized by llama.cpp's own quantizer

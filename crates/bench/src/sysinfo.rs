@@ -52,10 +52,7 @@ pub fn read_bandwidth(bytes: usize, passes: usize) -> f64 {
     let mut best = 0f64;
     for _ in 0..passes {
         let t = Instant::now();
-        let s: f32 = buf
-            .par_chunks(1 << 16)
-            .map(tandem_model::kernels::sum)
-            .sum();
+        let s: f32 = buf.par_chunks(1 << 16).map(tandem_kernels::simd::sum).sum();
         std::hint::black_box(s);
         best = best.max((n * 4) as f64 / t.elapsed().as_secs_f64());
     }

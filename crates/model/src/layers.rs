@@ -378,9 +378,7 @@ impl Rope {
     }
 }
 
-pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
+pub use tandem_kernels::simd::silu;
 
 pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
@@ -433,7 +431,7 @@ impl GatedMlp {
         for (row, a) in gu.chunks_exact(2 * f).zip(act.chunks_exact_mut(f.max(1))) {
             let (g, u) = row.split_at(f);
             match self.act {
-                crate::config::ExpertAct::Silu => crate::kernels::silu_mul(g, u, a),
+                crate::config::ExpertAct::Silu => tandem_kernels::simd::silu_mul(g, u, a),
                 crate::config::ExpertAct::ClampedSwiglu { alpha, limit } => {
                     clamped_swiglu(g, u, a, alpha, limit)
                 }

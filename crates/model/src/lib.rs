@@ -2,6 +2,13 @@
 //! GLM-4.5, DeepSeek-V2/V3)
 //! loaded into an attention stage and an expert stage per layer, the seam the disaggregated
 //! runtime cuts at. See ARCHITECTURE.md at the repository root.
+//!
+//! It owns the families' configs, checkpoint and GGUF loading, tokenizers, the KV cache and
+//! the forward pass; every compute kernel (matmuls by weight type, attention's inner loops,
+//! the instruction-set choice) is `tandem-kernels`', called through its interface. It may not
+//! hold SIMD code of its own, nor know about scheduling, the M2N protocol or serving.
+
+#![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod config;
 pub mod demo;
@@ -13,18 +20,17 @@ pub mod gguf;
 mod gguf_arch;
 pub mod gguf_format;
 pub mod gguf_tokenizer;
-pub mod kernels;
-pub mod kquant;
 pub mod kv;
 pub mod layers;
 pub mod mem;
 pub mod mla;
 pub mod model;
-pub mod packed;
-pub mod quant;
 pub mod stages;
 pub mod tokenizer;
 pub mod weights;
+
+// The kernels' modules under the paths the model's code has always used for them.
+pub use tandem_kernels::{kquant, packed, quant};
 
 pub use config::{Family, ModelConfig};
 pub use error::{ModelError, Result};

@@ -16,6 +16,8 @@ use crate::error::{ModelError, Result};
 use crate::kv::{BatchLayout, LayerKv};
 use crate::layers::{Linear, Norm, Rope};
 use rayon::prelude::*;
+use tandem_kernels::mla::{attend_absorbed, axpy, dot, softmax, MlaDims, MlaKernel};
+use tandem_kernels::simd;
 
 /// The projections of one MLA layer besides the fused first one (which lives in
 /// `AttentionWeights::qkv`: `q_a_proj` or `q_proj`, then `kv_a_proj_with_mqa`).
@@ -37,6 +39,22 @@ pub struct MlaWeights {
 }
 
 impl MlaWeights {
+    /// What the absorbed kernel reads of these weights.
+    pub fn kernel(&self) -> MlaKernel<'_> {
+        let m = self.dims;
+        MlaKernel {
+            dims: MlaDims {
+                kv_lora_rank: m.kv_lora_rank,
+                qk_nope_head_dim: m.qk_nope_head_dim,
+                qk_rope_head_dim: m.qk_rope_head_dim,
+                v_head_dim: m.v_head_dim,
+            },
+            num_heads: self.num_heads,
+            kv_b_rows: &self.kv_b_rows,
+            scale: self.scale,
+        }
+    }
+
     /// Width of the fused first projection's output: the query part, then `[c | k_pe]`.
     pub fn first_out_dim(&self) -> usize {
         self.query_part() + self.dims.latent_dim()
@@ -165,51 +183,11 @@ pub fn mla_attention(
         if expanded {
             attend_expanded(w, q_s, cache, &offs, s.start_pos, out_s)?;
         } else {
-            attend_absorbed(w, q_s, cache, &offs, s.start_pos, out_s);
+            attend_absorbed(&w.kernel(), q_s, cache, &offs, s.start_pos, out_s, simd());
         }
         row0 += n;
     }
     Ok(out)
-}
-
-/// Softmax of `scores` in place (all finite).
-fn softmax(scores: &mut [f32]) {
-    let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for x in scores.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    scores.iter_mut().for_each(|x| *x /= sum);
-}
-
-/// Dot product with eight independent partial sums per lane group, so the compiler can keep
-/// them in vector registers.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for j in 0..16 {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
-
-/// `acc += x * v`.
-#[inline(always)]
-fn axpy(acc: &mut [f32], x: f32, v: &[f32]) {
-    for (a, b) in acc.iter_mut().zip(v) {
-        *a += x * b;
-    }
 }
 
 /// Rows `start..start + n` of one sequence, keys and values up-projected from the cached
@@ -255,125 +233,6 @@ fn attend_expanded(
         }
     });
     Ok(())
-}
-
-/// Rows `start..start + n` of one sequence, scored against the cached latents directly. The
-/// heads are split into as many chunks as the pool has threads; a chunk reads each cached
-/// latent once for all its heads.
-fn attend_absorbed(
-    w: &MlaWeights,
-    q: &[f32],
-    cache: &[f32],
-    offs: &[usize],
-    start: usize,
-    out: &mut [f32],
-) {
-    let h = w.num_heads;
-    let vd = w.dims.v_head_dim;
-    let per = h.div_ceil(rayon::current_num_threads().clamp(1, h.max(1)));
-    let rows = out.len() / (h * vd).max(1);
-    let chunks: Vec<(usize, usize, &mut [f32])> = out
-        .chunks_mut(h * vd)
-        .enumerate()
-        .flat_map(|(i, row)| {
-            row.chunks_mut(per * vd)
-                .enumerate()
-                .map(move |(c, o)| (i, c * per, o))
-        })
-        .collect();
-    debug_assert_eq!(chunks.len(), rows * h.div_ceil(per));
-    chunks.into_par_iter().for_each(|(i, h0, o)| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the features were just detected.
-                unsafe { absorbed_heads_avx2(w, q, cache, offs, start + i, i, h0, o) };
-                return;
-            }
-        }
-        absorbed_heads(w, q, cache, offs, start + i, i, h0, o);
-    });
-}
-
-/// [`absorbed_heads`] compiled for AVX2 + FMA (the loops vectorise 8 lanes wide).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn absorbed_heads_avx2(
-    w: &MlaWeights,
-    q: &[f32],
-    cache: &[f32],
-    offs: &[usize],
-    pos: usize,
-    i: usize,
-    h0: usize,
-    o: &mut [f32],
-) {
-    absorbed_heads(w, q, cache, offs, pos, i, h0, o)
-}
-
-/// Heads `h0..h0 + o.len() / v_head_dim` of row `i` (at position `pos`) into `o`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn absorbed_heads(
-    w: &MlaWeights,
-    q: &[f32],
-    cache: &[f32],
-    offs: &[usize],
-    pos: usize,
-    i: usize,
-    h0: usize,
-    o: &mut [f32],
-) {
-    let m = w.dims;
-    let h = w.num_heads;
-    let (nope, r, vd, ld) = (
-        m.qk_nope_head_dim,
-        m.kv_lora_rank,
-        m.v_head_dim,
-        m.latent_dim(),
-    );
-    let qk = m.qk_head_dim();
-    let nh = o.len() / vd;
-    let len = pos + 1;
-    let wk = &w.kv_b_rows; // [H * (nope + v), r]
-    let head_rows = |hh: usize| &wk[hh * (nope + vd) * r..(hh + 1) * (nope + vd) * r];
-    let qh = |hh: usize| &q[i * h * qk + hh * qk..i * h * qk + (hh + 1) * qk];
-    // q_c = W_uk[h]^T q_nope, one row of `r` per head.
-    let mut qc = vec![0f32; nh * r];
-    for (k, qc) in qc.chunks_exact_mut(r).enumerate() {
-        let (rows, qv) = (head_rows(h0 + k), qh(h0 + k));
-        for (n, x) in qv[..nope].iter().enumerate() {
-            axpy(qc, *x, &rows[n * r..(n + 1) * r]);
-        }
-    }
-    let mut scores = vec![0f32; nh * len];
-    for (t, &off) in offs[..len].iter().enumerate() {
-        let (c, kpe) = (&cache[off..off + r], &cache[off + r..off + ld]);
-        for k in 0..nh {
-            let s = dot(&qc[k * r..(k + 1) * r], c) + dot(&qh(h0 + k)[nope..], kpe);
-            scores[k * len + t] = s * w.scale;
-        }
-    }
-    for sc in scores.chunks_exact_mut(len) {
-        softmax(sc);
-    }
-    let mut ctx = vec![0f32; nh * r];
-    for (t, &off) in offs[..len].iter().enumerate() {
-        let c = &cache[off..off + r];
-        for k in 0..nh {
-            axpy(&mut ctx[k * r..(k + 1) * r], scores[k * len + t], c);
-        }
-    }
-    for k in 0..nh {
-        let rows = head_rows(h0 + k);
-        for (j, ov) in o[k * vd..(k + 1) * vd].iter_mut().enumerate() {
-            *ov = dot(
-                &rows[(nope + j) * r..(nope + j + 1) * r],
-                &ctx[k * r..(k + 1) * r],
-            );
-        }
-    }
 }
 
 #[cfg(test)]

@@ -15,8 +15,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use tandem_kernels::simd::{available_levels, simd};
 use tandem_model::generate::{argmax, greedy, SimpleBatch};
-use tandem_model::kernels::{available_levels, simd};
 use tandem_model::{Model, Tokenizer};
 
 /// Tokens that must equal llama.cpp's, from the first (all it generated).

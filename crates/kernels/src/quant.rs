@@ -321,6 +321,12 @@ impl QuantWeights {
     }
 
     /// Rows `rows` x groups `groups` of the product (columns below `col_end`).
+    ///
+    /// # Safety
+    /// No CPU feature is needed: the level is [`crate::simd()`]'s, which the CPU supports. `out`
+    /// must point to this product's row-major output (`rows x n`), valid for writing every element
+    /// of the tile, and no other thread may write those elements meanwhile (each task owns its
+    /// tile).
     unsafe fn tile(
         &self,
         xq: &QuantRows,
@@ -329,24 +335,31 @@ impl QuantWeights {
         col_end: usize,
         out: SyncPtr,
     ) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use crate::kernels::Simd;
-            let simd = crate::kernels::simd();
-            if simd == Simd::Avx512 && avx512::has_vnni() {
-                return avx512::tile(self, xq, rows, groups, col_end, out.0);
-            }
-            if simd >= Simd::Avx2 {
-                if avx::has_vnni() {
-                    return avx::tile_vnni(self, xq, rows, groups, col_end, out.0);
+        unsafe {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use crate::simd::Simd;
+                let simd = crate::simd::simd();
+                if simd == Simd::Avx512 && avx512::has_vnni() {
+                    return avx512::tile(self, xq, rows, groups, col_end, out.0);
                 }
-                return avx::tile(self, xq, rows, groups, col_end, out.0);
+                if simd >= Simd::Avx2 {
+                    if avx::has_vnni() {
+                        return avx::tile_vnni(self, xq, rows, groups, col_end, out.0);
+                    }
+                    return avx::tile(self, xq, rows, groups, col_end, out.0);
+                }
             }
+            self.tile_scalar(xq, rows, groups, col_end, out)
         }
-        self.tile_scalar(xq, rows, groups, col_end, out)
     }
 
     /// `tile` without SIMD: the oracle of the AVX2 path, and the path of CPUs without it.
+    ///
+    /// # Safety
+    /// No CPU feature is needed. `out` must point to this product's row-major output (`rows x n`),
+    /// valid for writing every element of the tile, and no other thread may write those elements
+    /// meanwhile (each task owns its tile).
     unsafe fn tile_scalar(
         &self,
         xq: &QuantRows,
@@ -355,18 +368,20 @@ impl QuantWeights {
         col_end: usize,
         out: SyncPtr,
     ) {
-        let kb = self.blocks_per_row();
-        for j in groups.start * G..(groups.end * G).min(col_end) {
-            for t in rows.clone() {
-                let mut acc = 0f32;
-                for b in 0..kb {
-                    let (d, q) = self.block(j, b);
-                    let w = self.format.block_ints(q);
-                    let xb = xq.block(t, b);
-                    let dot: i32 = w.iter().zip(xb).map(|(a, b)| *a as i32 * *b as i32).sum();
-                    acc += dot as f32 * (d.to_f32() * xq.scale(t, b));
+        unsafe {
+            let kb = self.blocks_per_row();
+            for j in groups.start * G..(groups.end * G).min(col_end) {
+                for t in rows.clone() {
+                    let mut acc = 0f32;
+                    for b in 0..kb {
+                        let (d, q) = self.block(j, b);
+                        let w = self.format.block_ints(q);
+                        let xb = xq.block(t, b);
+                        let dot: i32 = w.iter().zip(xb).map(|(a, b)| *a as i32 * *b as i32).sum();
+                        acc += dot as f32 * (d.to_f32() * xq.scale(t, b));
+                    }
+                    *out.0.add(t * self.n + j) = acc;
                 }
-                *out.0.add(t * self.n + j) = acc;
             }
         }
     }
@@ -412,10 +427,7 @@ impl QuantRows {
     }
 }
 
-#[derive(Copy, Clone)]
-struct SyncPtr(*mut f32);
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
+use crate::SyncPtr;
 
 #[cfg(target_arch = "x86_64")]
 mod avx {
@@ -423,16 +435,23 @@ mod avx {
     use std::arch::x86_64::*;
 
     /// The 32 signed weights of a block at `p` (`Q4`: q4_0 nibbles, else q8_0 bytes).
+    ///
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma,f16c`. `p` must be valid for reading every element the description above says is
+    /// read through it.
     #[inline(always)]
     unsafe fn load_block<const Q4: bool>(p: *const u8) -> __m256i {
-        if Q4 {
-            let b = _mm_loadu_si128(p as *const __m128i);
-            let m = _mm_set1_epi8(0x0f);
-            let lo = _mm_and_si128(b, m);
-            let hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
-            _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8))
-        } else {
-            _mm256_loadu_si256(p as *const __m256i)
+        unsafe {
+            if Q4 {
+                let b = _mm_loadu_si128(p as *const __m128i);
+                let m = _mm_set1_epi8(0x0f);
+                let lo = _mm_and_si128(b, m);
+                let hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+                _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8))
+            } else {
+                _mm256_loadu_si256(p as *const __m256i)
+            }
         }
     }
 
@@ -440,23 +459,34 @@ mod avx {
     /// f32: `|w| * (x with w's sign)` as unsigned x signed bytes, by `vpdpbusd` where the CPU
     /// has AVX-VNNI (`VNNI`), else `maddubs` then `madd` (no pair of products exceeds i16:
     /// 2 * 127 * 127 < 32767).
+    ///
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma,f16c`.
     #[inline(always)]
     unsafe fn dot<const VNNI: bool>(aw: __m256i, w: __m256i, x: __m256i) -> __m256 {
-        let sx = _mm256_sign_epi8(x, w);
-        if VNNI {
-            _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), aw, sx))
-        } else {
-            let p16 = _mm256_maddubs_epi16(aw, sx);
-            _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+        unsafe {
+            let sx = _mm256_sign_epi8(x, w);
+            if VNNI {
+                _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), aw, sx))
+            } else {
+                let p16 = _mm256_maddubs_epi16(aw, sx);
+                _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+            }
         }
     }
 
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma,f16c`.
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
     }
 
     /// `R` rows x `C` columns (columns `c0..c0 + C` of group `g`) over every block: `R * C`
@@ -465,6 +495,10 @@ mod avx {
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     // Row and column indices address several register arrays at once.
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma,f16c`. `out` must be valid for writing every element the description above says is
+    /// written through it, and no other thread may access them meanwhile.
     #[allow(clippy::needless_range_loop)]
     unsafe fn micro<const Q4: bool, const VNNI: bool, const R: usize, const C: usize>(
         w: &QuantWeights,
@@ -475,49 +509,55 @@ mod avx {
         cols: usize,
         out: *mut f32,
     ) {
-        let bb = w.format.block_bytes();
-        let kb = w.blocks_per_row();
-        let rb = w.format.record_bytes();
-        let base = w.bytes.as_ptr().add(w.record_offset(g, 0));
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        // Plain loops, not closures: a closure does not take this function's target features.
-        let (mut xp, mut xd) = ([std::ptr::null::<i8>(); R], [std::ptr::null::<f32>(); R]);
-        for r in 0..R {
-            xp[r] = xq.q.as_ptr().add((row + r) * xq.kb * QK);
-            xd[r] = xq.d.as_ptr().add((row + r) * xq.kb);
-        }
-        for b in 0..kb {
-            let rec = base.add(b * rb);
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(rec as *const __m128i));
-            let mut xv = [_mm256_setzero_si256(); R];
-            let mut xs = [_mm256_setzero_ps(); R];
+        unsafe {
+            let bb = w.format.block_bytes();
+            let kb = w.blocks_per_row();
+            let rb = w.format.record_bytes();
+            let base = w.bytes.as_ptr().add(w.record_offset(g, 0));
+            let mut acc = [[_mm256_setzero_ps(); C]; R];
+            // Plain loops, not closures: a closure does not take this function's target features.
+            let (mut xp, mut xd) = ([std::ptr::null::<i8>(); R], [std::ptr::null::<f32>(); R]);
             for r in 0..R {
-                xv[r] = _mm256_loadu_si256(xp[r].add(b * QK) as *const __m256i);
-                xs[r] = _mm256_broadcast_ss(&*xd[r].add(b));
+                xp[r] = xq.q.as_ptr().add((row + r) * xq.kb * QK);
+                xd[r] = xq.d.as_ptr().add((row + r) * xq.kb);
             }
-            // Every lane of `dw` scaled by each row's scale: lane c0 + c is column c's.
-            let mut sc = [_mm256_setzero_ps(); R];
-            for r in 0..R {
-                sc[r] = _mm256_mul_ps(dw, xs[r]);
-            }
-            for c in 0..C {
-                let wv = load_block::<Q4>(rec.add(2 * G + (c0 + c) * bb));
-                let aw = _mm256_sign_epi8(wv, wv);
-                let idx = _mm256_set1_epi32((c0 + c) as i32);
+            for b in 0..kb {
+                let rec = base.add(b * rb);
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(rec as *const __m128i));
+                let mut xv = [_mm256_setzero_si256(); R];
+                let mut xs = [_mm256_setzero_ps(); R];
                 for r in 0..R {
-                    let s = _mm256_permutevar8x32_ps(sc[r], idx);
-                    acc[r][c] = _mm256_fmadd_ps(dot::<VNNI>(aw, wv, xv[r]), s, acc[r][c]);
+                    xv[r] = _mm256_loadu_si256(xp[r].add(b * QK) as *const __m256i);
+                    xs[r] = _mm256_broadcast_ss(&*xd[r].add(b));
+                }
+                // Every lane of `dw` scaled by each row's scale: lane c0 + c is column c's.
+                let mut sc = [_mm256_setzero_ps(); R];
+                for r in 0..R {
+                    sc[r] = _mm256_mul_ps(dw, xs[r]);
+                }
+                for c in 0..C {
+                    let wv = load_block::<Q4>(rec.add(2 * G + (c0 + c) * bb));
+                    let aw = _mm256_sign_epi8(wv, wv);
+                    let idx = _mm256_set1_epi32((c0 + c) as i32);
+                    for r in 0..R {
+                        let s = _mm256_permutevar8x32_ps(sc[r], idx);
+                        acc[r][c] = _mm256_fmadd_ps(dot::<VNNI>(aw, wv, xv[r]), s, acc[r][c]);
+                    }
                 }
             }
-        }
-        let valid = C.min(cols.saturating_sub(c0));
-        for (r, acc) in acc.iter().enumerate() {
-            for (c, a) in acc.iter().enumerate().take(valid) {
-                *out.add((row + r) * w.n + g * G + c0 + c) = hsum(*a);
+            let valid = C.min(cols.saturating_sub(c0));
+            for (r, acc) in acc.iter().enumerate() {
+                for (c, a) in acc.iter().enumerate().take(valid) {
+                    *out.add((row + r) * w.n + g * G + c0 + c) = hsum(*a);
+                }
             }
         }
     }
 
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma,f16c`. `out` must be valid for writing every element the description above says is
+    /// written through it, and no other thread may access them meanwhile.
     #[inline(always)]
     unsafe fn tile_of<const Q4: bool, const VNNI: bool>(
         w: &QuantWeights,
@@ -527,21 +567,27 @@ mod avx {
         col_end: usize,
         out: *mut f32,
     ) {
-        for g in groups {
-            // Valid columns of this group (the last one may be partial).
-            let cols = (col_end - g * G).min(G);
-            let mut t = rows.start;
-            while t + 2 <= rows.end {
-                micro::<Q4, VNNI, 2, 4>(w, xq, t, g, 0, cols, out);
-                micro::<Q4, VNNI, 2, 4>(w, xq, t, g, 4, cols, out);
-                t += 2;
-            }
-            if t < rows.end {
-                micro::<Q4, VNNI, 1, 8>(w, xq, t, g, 0, cols, out);
+        unsafe {
+            for g in groups {
+                // Valid columns of this group (the last one may be partial).
+                let cols = (col_end - g * G).min(G);
+                let mut t = rows.start;
+                while t + 2 <= rows.end {
+                    micro::<Q4, VNNI, 2, 4>(w, xq, t, g, 0, cols, out);
+                    micro::<Q4, VNNI, 2, 4>(w, xq, t, g, 4, cols, out);
+                    t += 2;
+                }
+                if t < rows.end {
+                    micro::<Q4, VNNI, 1, 8>(w, xq, t, g, 0, cols, out);
+                }
             }
         }
     }
 
+    /// # Safety
+    /// The CPU must support `avx2,fma,f16c`; callers check [`crate::simd()`] (and the optional
+    /// extensions this module asks for) first. `out` must be valid for writing every element the
+    /// description above says is written through it, and no other thread may access them meanwhile.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn tile(
         w: &QuantWeights,
@@ -551,13 +597,21 @@ mod avx {
         col_end: usize,
         out: *mut f32,
     ) {
-        match w.format {
-            QuantFormat::Q8_0 => tile_of::<false, false>(w, xq, rows, groups, col_end, out),
-            QuantFormat::Q4_0 => tile_of::<true, false>(w, xq, rows, groups, col_end, out),
+        unsafe {
+            match w.format {
+                QuantFormat::Q8_0 => tile_of::<false, false>(w, xq, rows, groups, col_end, out),
+                QuantFormat::Q4_0 => tile_of::<true, false>(w, xq, rows, groups, col_end, out),
+            }
         }
     }
 
     /// [`tile`] with AVX-VNNI's `vpdpbusd`.
+    ///
+    /// # Safety
+    /// The CPU must support `avx2,fma,f16c,avxvnni`; callers check [`crate::simd()`] (and the
+    /// optional extensions this module asks for) first. `out` must be valid for writing every
+    /// element the description above says is written through it, and no other thread may access
+    /// them meanwhile.
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
     pub unsafe fn tile_vnni(
         w: &QuantWeights,
@@ -567,9 +621,11 @@ mod avx {
         col_end: usize,
         out: *mut f32,
     ) {
-        match w.format {
-            QuantFormat::Q8_0 => tile_of::<false, true>(w, xq, rows, groups, col_end, out),
-            QuantFormat::Q4_0 => tile_of::<true, true>(w, xq, rows, groups, col_end, out),
+        unsafe {
+            match w.format {
+                QuantFormat::Q8_0 => tile_of::<false, true>(w, xq, rows, groups, col_end, out),
+                QuantFormat::Q4_0 => tile_of::<true, true>(w, xq, rows, groups, col_end, out),
+            }
         }
     }
 
@@ -602,28 +658,42 @@ mod avx512 {
     /// q8_0: `[col 2p: 32 | col 2p+1: 32]` bytes. q4_0: the low nibbles of both columns, then
     /// the high ones: `[lo 2p | lo 2p+1 | hi 2p | hi 2p+1]`, 16 each (weights 0-15, then
     /// 16-31 of each column).
+    ///
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx512f,avx512bw,avx512vnni,avx2,fma,f16c`. `p` must be valid for reading every element the
+    /// description above says is read through it.
     #[inline(always)]
     unsafe fn load_pair<const Q4: bool>(p: *const u8) -> __m512i {
-        if Q4 {
-            let v = _mm256_loadu_si256(p as *const __m256i);
-            let m = _mm256_set1_epi8(0x0f);
-            let lo = _mm256_and_si256(v, m);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
-            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
-        } else {
-            _mm512_loadu_si512(p as *const _)
+        unsafe {
+            if Q4 {
+                let v = _mm256_loadu_si256(p as *const __m256i);
+                let m = _mm256_set1_epi8(0x0f);
+                let lo = _mm256_and_si256(v, m);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+            } else {
+                _mm512_loadu_si512(p as *const _)
+            }
         }
     }
 
     /// A row's block of 32 inputs laid out against [`load_pair`]'s bytes: q8_0 `[x | x]` as
     /// unsigned `x + 128`; q4_0 `[x0-15 | x0-15 | x16-31 | x16-31]`, signed.
+    ///
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx512f,avx512bw,avx512vnni,avx2,fma,f16c`. `p` must be valid for reading every element the
+    /// description above says is read through it.
     #[inline(always)]
     unsafe fn load_x<const Q4: bool>(p: *const i8) -> __m512i {
-        let b = _mm512_broadcast_i64x4(_mm256_loadu_si256(p as *const __m256i));
-        if Q4 {
-            _mm512_shuffle_i64x2::<0b01_01_00_00>(b, b)
-        } else {
-            _mm512_xor_si512(b, _mm512_set1_epi8(-128))
+        unsafe {
+            let b = _mm512_broadcast_i64x4(_mm256_loadu_si256(p as *const __m256i));
+            if Q4 {
+                _mm512_shuffle_i64x2::<0b01_01_00_00>(b, b)
+            } else {
+                _mm512_xor_si512(b, _mm512_set1_epi8(-128))
+            }
         }
     }
 
@@ -639,6 +709,11 @@ mod avx512 {
     /// `R` rows x the whole group `g`: `R * 4` accumulators of 16 lanes.
     #[inline(always)]
     // Row and pair indices address several register arrays at once.
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx512f,avx512bw,avx512vnni,avx2,fma,f16c`. `out` must be valid for writing every element
+    /// the description above says is written through it, and no other thread may access them
+    /// meanwhile.
     #[allow(clippy::needless_range_loop)]
     unsafe fn micro<const Q4: bool, const R: usize>(
         w: &QuantWeights,
@@ -648,72 +723,82 @@ mod avx512 {
         cols: usize,
         out: *mut f32,
     ) {
-        let bb = w.format.block_bytes();
-        let kb = w.blocks_per_row();
-        let rb = w.format.record_bytes();
-        let base = w.bytes.as_ptr().add(w.record_offset(g, 0));
-        let first = first_lanes::<Q4>();
-        // Which scale each lane of pair p takes.
-        let mut idx = [_mm512_setzero_si512(); PAIRS];
-        for (p, idx) in idx.iter_mut().enumerate() {
-            let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
-            *idx = _mm512_mask_blend_epi32(first, _mm512_set1_epi32(b), _mm512_set1_epi32(a));
-        }
-        let mut acc = [[_mm512_setzero_ps(); PAIRS]; R];
-        let (mut xp, mut xd) = ([std::ptr::null::<i8>(); R], [std::ptr::null::<f32>(); R]);
-        for r in 0..R {
-            xp[r] = xq.q.as_ptr().add((row + r) * xq.kb * QK);
-            xd[r] = xq.d.as_ptr().add((row + r) * xq.kb);
-        }
-        let offset = _mm512_set1_epi8(if Q4 { 8 } else { -128 });
-        for b in 0..kb {
-            let rec = base.add(b * rb);
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(rec as *const __m128i));
-            let mut xv = [_mm512_setzero_si512(); R];
-            let mut sc = [_mm512_setzero_ps(); R];
-            // q4_0: -8 * sum(x) per lane, the start of every column's sum for the row.
-            let mut xstart = [_mm512_setzero_si512(); R];
+        unsafe {
+            let bb = w.format.block_bytes();
+            let kb = w.blocks_per_row();
+            let rb = w.format.record_bytes();
+            let base = w.bytes.as_ptr().add(w.record_offset(g, 0));
+            let first = first_lanes::<Q4>();
+            // Which scale each lane of pair p takes.
+            let mut idx = [_mm512_setzero_si512(); PAIRS];
+            for (p, idx) in idx.iter_mut().enumerate() {
+                let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
+                *idx = _mm512_mask_blend_epi32(first, _mm512_set1_epi32(b), _mm512_set1_epi32(a));
+            }
+            let mut acc = [[_mm512_setzero_ps(); PAIRS]; R];
+            let (mut xp, mut xd) = ([std::ptr::null::<i8>(); R], [std::ptr::null::<f32>(); R]);
             for r in 0..R {
-                xv[r] = load_x::<Q4>(xp[r].add(b * QK));
-                sc[r] =
-                    _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_broadcast_ss(&*xd[r].add(b))));
-                if Q4 {
-                    let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, xv[r]);
-                    xstart[r] = _mm512_sub_epi32(_mm512_setzero_si512(), s);
-                }
+                xp[r] = xq.q.as_ptr().add((row + r) * xq.kb * QK);
+                xd[r] = xq.d.as_ptr().add((row + r) * xq.kb);
             }
-            for p in 0..PAIRS {
-                let wv = load_pair::<Q4>(rec.add(2 * G + 2 * p * bb));
-                // q8_0: -128 * sum(w) per lane, the start of every row's sum for the pair.
-                let wstart = if Q4 {
-                    _mm512_setzero_si512()
-                } else {
-                    let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, wv);
-                    _mm512_sub_epi32(_mm512_setzero_si512(), s)
-                };
+            let offset = _mm512_set1_epi8(if Q4 { 8 } else { -128 });
+            for b in 0..kb {
+                let rec = base.add(b * rb);
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(rec as *const __m128i));
+                let mut xv = [_mm512_setzero_si512(); R];
+                let mut sc = [_mm512_setzero_ps(); R];
+                // q4_0: -8 * sum(x) per lane, the start of every column's sum for the row.
+                let mut xstart = [_mm512_setzero_si512(); R];
                 for r in 0..R {
-                    let d = if Q4 {
-                        _mm512_dpbusd_epi32(xstart[r], wv, xv[r])
+                    xv[r] = load_x::<Q4>(xp[r].add(b * QK));
+                    sc[r] = _mm512_castps256_ps512(_mm256_mul_ps(
+                        dw,
+                        _mm256_broadcast_ss(&*xd[r].add(b)),
+                    ));
+                    if Q4 {
+                        let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, xv[r]);
+                        xstart[r] = _mm512_sub_epi32(_mm512_setzero_si512(), s);
+                    }
+                }
+                for p in 0..PAIRS {
+                    let wv = load_pair::<Q4>(rec.add(2 * G + 2 * p * bb));
+                    // q8_0: -128 * sum(w) per lane, the start of every row's sum for the pair.
+                    let wstart = if Q4 {
+                        _mm512_setzero_si512()
                     } else {
-                        _mm512_dpbusd_epi32(wstart, xv[r], wv)
+                        let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, wv);
+                        _mm512_sub_epi32(_mm512_setzero_si512(), s)
                     };
-                    let s = _mm512_permutexvar_ps(idx[p], sc[r]);
-                    acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[r][p]);
+                    for r in 0..R {
+                        let d = if Q4 {
+                            _mm512_dpbusd_epi32(xstart[r], wv, xv[r])
+                        } else {
+                            _mm512_dpbusd_epi32(wstart, xv[r], wv)
+                        };
+                        let s = _mm512_permutexvar_ps(idx[p], sc[r]);
+                        acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[r][p]);
+                    }
                 }
             }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            for (p, a) in acc.iter().enumerate() {
-                for (h, mask) in [first, !first].into_iter().enumerate() {
-                    let c = 2 * p + h;
-                    if c < cols {
-                        *out.add((row + r) * w.n + g * G + c) = _mm512_mask_reduce_add_ps(mask, *a);
+            for (r, acc) in acc.iter().enumerate() {
+                for (p, a) in acc.iter().enumerate() {
+                    for (h, mask) in [first, !first].into_iter().enumerate() {
+                        let c = 2 * p + h;
+                        if c < cols {
+                            *out.add((row + r) * w.n + g * G + c) =
+                                _mm512_mask_reduce_add_ps(mask, *a);
+                        }
                     }
                 }
             }
         }
     }
 
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx512f,avx512bw,avx512vnni,avx2,fma,f16c`. `out` must be valid for writing every element
+    /// the description above says is written through it, and no other thread may access them
+    /// meanwhile.
     #[inline(always)]
     unsafe fn tile_of<const Q4: bool>(
         w: &QuantWeights,
@@ -723,22 +808,29 @@ mod avx512 {
         col_end: usize,
         out: *mut f32,
     ) {
-        for g in groups {
-            let cols = (col_end - g * G).min(G);
-            let mut t = rows.start;
-            while t + 4 <= rows.end {
-                micro::<Q4, 4>(w, xq, t, g, cols, out);
-                t += 4;
-            }
-            match rows.end - t {
-                3 => micro::<Q4, 3>(w, xq, t, g, cols, out),
-                2 => micro::<Q4, 2>(w, xq, t, g, cols, out),
-                1 => micro::<Q4, 1>(w, xq, t, g, cols, out),
-                _ => {}
+        unsafe {
+            for g in groups {
+                let cols = (col_end - g * G).min(G);
+                let mut t = rows.start;
+                while t + 4 <= rows.end {
+                    micro::<Q4, 4>(w, xq, t, g, cols, out);
+                    t += 4;
+                }
+                match rows.end - t {
+                    3 => micro::<Q4, 3>(w, xq, t, g, cols, out),
+                    2 => micro::<Q4, 2>(w, xq, t, g, cols, out),
+                    1 => micro::<Q4, 1>(w, xq, t, g, cols, out),
+                    _ => {}
+                }
             }
         }
     }
 
+    /// # Safety
+    /// The CPU must support `avx512f,avx512bw,avx512vnni,avx2,fma,f16c`; callers check
+    /// [`crate::simd()`] (and the optional extensions this module asks for) first. `out` must be
+    /// valid for writing every element the description above says is written through it, and no
+    /// other thread may access them meanwhile.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn tile(
         w: &QuantWeights,
@@ -748,13 +840,15 @@ mod avx512 {
         col_end: usize,
         out: *mut f32,
     ) {
-        match w.format {
-            QuantFormat::Q8_0 => tile_of::<false>(w, xq, rows, groups, col_end, out),
-            QuantFormat::Q4_0 => tile_of::<true>(w, xq, rows, groups, col_end, out),
+        unsafe {
+            match w.format {
+                QuantFormat::Q8_0 => tile_of::<false>(w, xq, rows, groups, col_end, out),
+                QuantFormat::Q4_0 => tile_of::<true>(w, xq, rows, groups, col_end, out),
+            }
         }
     }
 
-    /// The CPU has the 512-bit VNNI this module needs (on top of [`crate::kernels::Simd::Avx512`]).
+    /// The CPU has the 512-bit VNNI this module needs (on top of [`crate::simd::Simd::Avx512`]).
     pub fn has_vnni() -> bool {
         std::is_x86_feature_detected!("avx512vnni")
     }
@@ -1017,9 +1111,7 @@ mod tests {
                     }
                 }
                 #[cfg(target_arch = "x86_64")]
-                if crate::kernels::detected_simd() == crate::kernels::Simd::Avx512
-                    && avx512::has_vnni()
-                {
+                if crate::simd::detected_simd() == crate::simd::Simd::Avx512 && avx512::has_vnni() {
                     let mut o = vec![f32::NAN; rows * n];
                     // SAFETY: the CPU has AVX-512 F/BW/VL and VNNI (checked); one tile.
                     unsafe { avx512::tile(&p, &xq, 0..rows, groups.clone(), n, o.as_mut_ptr()) };

@@ -20,10 +20,10 @@
 //! stay in GGUF's row-major blocks (a range of the mapped file) and are multiplied by the
 //! kernels of [`crate::kquant`]. Activations are f32 for every type.
 
-use crate::kernels::Simd;
 use crate::kquant::{KFormat, KQuantWeights};
 use crate::mem::{HugeBuf, Zeroable};
 use crate::quant::{QuantFormat, QuantWeights};
+use crate::simd::Simd;
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -174,9 +174,19 @@ trait PanelLine: Zeroable + Send + Sync + 'static {
     fn get(&self, c: usize) -> f32;
     fn set(&mut self, c: usize, v: f32);
     /// The line's 16 values as two vectors of 8 f32 (the caller enables AVX2).
+    ///
+    /// # Safety
+    /// The CPU must support the instruction set of the implementation (none for the scalar one);
+    /// implementations compiled for a set are only called from functions with it enabled. `p` must
+    /// be valid for reading every element the description above says is read through it.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load(p: *const Self) -> [std::arch::x86_64::__m256; 2];
     /// The line's 16 values as one vector, in column order (the caller enables AVX-512 F).
+    ///
+    /// # Safety
+    /// The CPU must support the instruction set of the implementation (none for the scalar one);
+    /// implementations compiled for a set are only called from functions with it enabled. `p` must
+    /// be valid for reading every element the description above says is read through it.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load512(p: *const Self) -> std::arch::x86_64::__m512;
     /// Whether the one-row (GEMV) path runs faster with AVX-512 than with AVX2. Measured by
@@ -193,17 +203,25 @@ impl PanelLine for Line {
     fn set(&mut self, c: usize, v: f32) {
         self.0[c] = v;
     }
+    /// # Safety
+    /// The caller enables AVX2. `p` must be valid for reading every element the description above
+    /// says is read through it.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load(p: *const Self) -> [std::arch::x86_64::__m256; 2] {
-        use std::arch::x86_64::*;
-        let f = p as *const f32;
-        [_mm256_load_ps(f), _mm256_load_ps(f.add(8))]
+        unsafe {
+            use std::arch::x86_64::*;
+            let f = p as *const f32;
+            [_mm256_load_ps(f), _mm256_load_ps(f.add(8))]
+        }
     }
+    /// # Safety
+    /// The caller enables AVX-512 F. `p` must be valid for reading every element the description
+    /// above says is read through it.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load512(p: *const Self) -> std::arch::x86_64::__m512 {
-        std::arch::x86_64::_mm512_load_ps(p as *const f32)
+        unsafe { std::arch::x86_64::_mm512_load_ps(p as *const f32) }
     }
 }
 
@@ -217,28 +235,40 @@ impl PanelLine for LineBf16 {
     }
     /// A bf16 is the top 16 bits of the f32 it stands for: interleaving zeros below each
     /// value widens it, and [`BF16_SLOT`] puts the results in column order.
+    ///
+    /// # Safety
+    /// The caller enables AVX2. `p` must be valid for reading every element the description above
+    /// says is read through it.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load(p: *const Self) -> [std::arch::x86_64::__m256; 2] {
-        use std::arch::x86_64::*;
-        let v = _mm256_load_si256(p as *const __m256i);
-        let z = _mm256_setzero_si256();
-        [
-            _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v)),
-            _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v)),
-        ]
+        unsafe {
+            use std::arch::x86_64::*;
+            let v = _mm256_load_si256(p as *const __m256i);
+            let z = _mm256_setzero_si256();
+            [
+                _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v)),
+                _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v)),
+            ]
+        }
     }
     /// The line loaded twice (`[v | v]`, a broadcast load), then interleaved with zeros per
     /// 128-bit lane: the low words in lanes 0-1 (columns 0-7, see [`BF16_SLOT`]) and the
     /// high words in lanes 2-3 (columns 8-15), already in column order.
+    ///
+    /// # Safety
+    /// The caller enables AVX-512 F. `p` must be valid for reading every element the description
+    /// above says is read through it.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load512(p: *const Self) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        let v = _mm512_broadcast_i64x4(_mm256_load_si256(p as *const __m256i));
-        let z = _mm512_setzero_si512();
-        let lo = _mm512_unpacklo_epi16(z, v);
-        _mm512_castsi512_ps(_mm512_mask_unpackhi_epi16(lo, 0xFFFF_0000, z, v))
+        unsafe {
+            use std::arch::x86_64::*;
+            let v = _mm512_broadcast_i64x4(_mm256_load_si256(p as *const __m256i));
+            let z = _mm512_setzero_si512();
+            let lo = _mm512_unpacklo_epi16(z, v);
+            _mm512_castsi512_ps(_mm512_mask_unpackhi_epi16(lo, 0xFFFF_0000, z, v))
+        }
     }
 }
 
@@ -587,7 +617,7 @@ impl PackedWeights {
     /// every instruction set against the scalar oracle).
     #[cfg(test)]
     fn matmul_with(&self, simd: Simd, x: &[f32], rows: usize, out: &mut [f32]) {
-        assert!(simd <= crate::kernels::detected_simd());
+        assert!(simd <= crate::simd::detected_simd());
         assert_eq!(out.len(), rows * self.n);
         let a = pack_rows(x, rows, self.k);
         let tile = Tile {
@@ -621,37 +651,57 @@ impl<L: PanelLine> Panels<L> {
 
     /// Rows `tile.rows` of the product, columns of `tile.panels`; `x` is the input, `a` the
     /// same in the layout of [`pack_rows`].
+    ///
+    /// # Safety
+    /// No CPU feature is needed: the level is [`crate::simd()`]'s, which the CPU supports. `out`
+    /// must point to this product's row-major output (`rows x n`), valid for writing every element
+    /// of the tile, and no other thread may write those elements meanwhile (each task owns its
+    /// tile).
     unsafe fn tile(&self, x: &[f32], a: &[f32], tile: Tile, out: SyncPtr) {
-        self.tile_with(crate::kernels::simd(), x, a, tile, out)
+        unsafe { self.tile_with(crate::simd::simd(), x, a, tile, out) }
     }
 
     /// `tile` with the kernels of `simd` (which the CPU must support).
+    ///
+    /// # Safety
+    /// `simd` must be a level the CPU supports (at most [`crate::simd::detected_simd`]). `out` must
+    /// point to this product's row-major output (`rows x n`), valid for writing every element of
+    /// the tile, and no other thread may write those elements meanwhile (each task owns its tile).
     unsafe fn tile_with(&self, simd: Simd, x: &[f32], a: &[f32], tile: Tile, out: SyncPtr) {
-        #[cfg(target_arch = "x86_64")]
-        match simd {
-            Simd::Avx512 => return avx512::tile(&self.lines, self.n, self.k, a, tile, out.0),
-            Simd::Avx2 => return avx::tile(&self.lines, self.n, self.k, a, tile, out.0),
-            Simd::Scalar => {}
+        unsafe {
+            #[cfg(target_arch = "x86_64")]
+            match simd {
+                Simd::Avx512 => return avx512::tile(&self.lines, self.n, self.k, a, tile, out.0),
+                Simd::Avx2 => return avx::tile(&self.lines, self.n, self.k, a, tile, out.0),
+                Simd::Scalar => {}
+            }
+            let _ = (a, simd);
+            self.tile_scalar(x, tile, out)
         }
-        let _ = (a, simd);
-        self.tile_scalar(x, tile, out)
     }
 
     /// `tile` without SIMD: the oracle of the AVX2 path and the path of CPUs without AVX2/FMA.
+    ///
+    /// # Safety
+    /// No CPU feature is needed. `out` must point to this product's row-major output (`rows x n`),
+    /// valid for writing every element of the tile, and no other thread may write those elements
+    /// meanwhile (each task owns its tile).
     unsafe fn tile_scalar(&self, x: &[f32], tile: Tile, out: SyncPtr) {
-        let (n, k) = (self.n, self.k);
-        for p in tile.panels {
-            let panel = &self.lines[p * k..(p + 1) * k];
-            for t in tile.rows.clone() {
-                let xr = &x[t * k..(t + 1) * k];
-                let mut acc = [0f32; NR];
-                for (xv, line) in xr.iter().zip(panel) {
-                    for (c, a) in acc.iter_mut().enumerate() {
-                        *a += xv * line.get(c);
+        unsafe {
+            let (n, k) = (self.n, self.k);
+            for p in tile.panels {
+                let panel = &self.lines[p * k..(p + 1) * k];
+                for t in tile.rows.clone() {
+                    let xr = &x[t * k..(t + 1) * k];
+                    let mut acc = [0f32; NR];
+                    for (xv, line) in xr.iter().zip(panel) {
+                        for (c, a) in acc.iter_mut().enumerate() {
+                            *a += xv * line.get(c);
+                        }
                     }
-                }
-                for (c, a) in acc.iter().enumerate().take(n - p * NR) {
-                    *out.0.add(t * n + p * NR + c) = *a;
+                    for (c, a) in acc.iter().enumerate().take(n - p * NR) {
+                        *out.0.add(t * n + p * NR + c) = *a;
+                    }
                 }
             }
         }
@@ -721,10 +771,7 @@ struct Tile {
     panels: std::ops::Range<usize>,
 }
 
-#[derive(Copy, Clone)]
-struct SyncPtr(*mut f32);
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
+use crate::SyncPtr;
 
 /// Where a micro-tile reads, writes and prefetches.
 #[cfg(target_arch = "x86_64")]
@@ -753,7 +800,15 @@ struct Micro<L> {
 /// tile with them; each set's `tile` compiles `drive` with its own target features.
 #[cfg(target_arch = "x86_64")]
 trait Kernel {
+    /// # Safety
+    /// The CPU must support the instruction set of the implementation (none for the scalar one);
+    /// implementations compiled for a set are only called from functions with it enabled. `m`'s
+    /// pointers must cover the panel rows, inputs and outputs its fields describe.
     unsafe fn micro_rows<L: PanelLine>(rows: usize, m: Micro<L>);
+    /// # Safety
+    /// The CPU must support the instruction set of the implementation (none for the scalar one);
+    /// implementations compiled for a set are only called from functions with it enabled. `a` must
+    /// be valid for reading every element the description above says is read through it.
     unsafe fn gemv<L: PanelLine, const P: usize>(
         a: *const f32,
         k: usize,
@@ -769,6 +824,11 @@ trait Kernel {
 /// takes the GEMV path instead: `P` sequential streams of weights keep more memory reads in
 /// flight than one (the hardware prefetcher follows each). Inlined into the callers, which
 /// enable the instruction set `K` needs.
+///
+/// # Safety
+/// The CPU must support the instruction set of the `Ops`/`Kernel` implementation it is instantiated
+/// with (none for the scalar one). `out` must be valid for writing every element the description
+/// above says is written through it, and no other thread may access them meanwhile.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn drive<L: PanelLine, K: Kernel>(
@@ -779,66 +839,68 @@ unsafe fn drive<L: PanelLine, K: Kernel>(
     tile: Tile,
     out: *mut f32,
 ) {
-    let rows = tile.rows.len();
-    let micro_tiles = rows.div_ceil(MR);
-    let end = lines.as_ptr().add(tile.panels.end * k);
-    if rows == 1 {
-        let row = tile.rows.start;
-        let a = a.as_ptr().add(row * k);
-        let c = out.add(row * n);
-        let lines = lines.as_ptr();
-        let at = |p: usize| (lines.add(p * k), c.add(p * NR), NR.min(n - p * NR));
-        let mut p = tile.panels.start;
-        while p + 4 <= tile.panels.end {
-            let parts: [_; 4] = std::array::from_fn(|j| at(p + j));
-            K::gemv::<L, 4>(
-                a,
-                k,
-                parts.map(|q| q.0),
-                parts.map(|q| q.1),
-                parts.map(|q| q.2),
-            );
-            p += 4;
-        }
-        while p < tile.panels.end {
-            let q = at(p);
-            K::gemv::<L, 1>(a, k, [q.0], [q.1], [q.2]);
-            p += 1;
-        }
-        return;
-    }
-    for p in tile.panels {
-        let cols = NR.min(n - p * NR);
-        let mut k0 = 0;
-        while k0 < k {
-            let kc = KC.min(k - k0);
-            let b = lines.as_ptr().add(p * k + k0);
-            let next = b.add(kc);
-            let ahead = (end.offset_from(next).max(0) as usize).min(KC);
-            let mut t = 0;
-            for j in 0..micro_tiles {
-                let r = MR.min(rows - t);
-                let (lo, hi) = (ahead * j / micro_tiles, ahead * (j + 1) / micro_tiles);
-                let pf_lines = hi - lo;
-                let row = tile.rows.start + t;
-                K::micro_rows(
-                    r,
-                    Micro {
-                        a: a.as_ptr().add(row * k + k0 * r),
-                        b,
-                        kc,
-                        c: out.add(row * n + p * NR),
-                        ldc: n,
-                        cols,
-                        accumulate: k0 > 0,
-                        pf: next.add(lo),
-                        pf_lines,
-                        pf_every: (kc / pf_lines.max(1)).max(1),
-                    },
+    unsafe {
+        let rows = tile.rows.len();
+        let micro_tiles = rows.div_ceil(MR);
+        let end = lines.as_ptr().add(tile.panels.end * k);
+        if rows == 1 {
+            let row = tile.rows.start;
+            let a = a.as_ptr().add(row * k);
+            let c = out.add(row * n);
+            let lines = lines.as_ptr();
+            let at = |p: usize| (lines.add(p * k), c.add(p * NR), NR.min(n - p * NR));
+            let mut p = tile.panels.start;
+            while p + 4 <= tile.panels.end {
+                let parts: [_; 4] = std::array::from_fn(|j| at(p + j));
+                K::gemv::<L, 4>(
+                    a,
+                    k,
+                    parts.map(|q| q.0),
+                    parts.map(|q| q.1),
+                    parts.map(|q| q.2),
                 );
-                t += r;
+                p += 4;
             }
-            k0 += kc;
+            while p < tile.panels.end {
+                let q = at(p);
+                K::gemv::<L, 1>(a, k, [q.0], [q.1], [q.2]);
+                p += 1;
+            }
+            return;
+        }
+        for p in tile.panels {
+            let cols = NR.min(n - p * NR);
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                let b = lines.as_ptr().add(p * k + k0);
+                let next = b.add(kc);
+                let ahead = (end.offset_from(next).max(0) as usize).min(KC);
+                let mut t = 0;
+                for j in 0..micro_tiles {
+                    let r = MR.min(rows - t);
+                    let (lo, hi) = (ahead * j / micro_tiles, ahead * (j + 1) / micro_tiles);
+                    let pf_lines = hi - lo;
+                    let row = tile.rows.start + t;
+                    K::micro_rows(
+                        r,
+                        Micro {
+                            a: a.as_ptr().add(row * k + k0 * r),
+                            b,
+                            kc,
+                            c: out.add(row * n + p * NR),
+                            ldc: n,
+                            cols,
+                            accumulate: k0 > 0,
+                            pf: next.add(lo),
+                            pf_lines,
+                            pf_every: (kc / pf_lines.max(1)).max(1),
+                        },
+                    );
+                    t += r;
+                }
+                k0 += kc;
+            }
         }
     }
 }
@@ -854,66 +916,73 @@ mod avx {
     /// `R` rows (1..=MR) of one panel block: `R x 16` accumulators. With fewer than 3 rows
     /// the FMA chains would wait on each other, so `k` is unrolled by `U` with separate
     /// accumulators, summed at the end.
+    ///
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma`. `m`'s pointers must cover the panel rows, inputs and outputs its fields
+    /// describe.
     #[inline(always)]
     unsafe fn micro<L: PanelLine, const R: usize, const U: usize>(m: Micro<L>) {
-        let mut acc = [[[_mm256_setzero_ps(); 2]; R]; U];
-        let (mut next_pf, mut pf_done) = (0usize, 0usize);
-        let mut kk = 0;
-        while kk + U <= m.kc {
-            for (u, acc) in acc.iter_mut().enumerate() {
-                let [b0, b1] = L::load(m.b.add(kk + u));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let av = _mm256_broadcast_ss(&*m.a.add((kk + u) * R + r));
+        unsafe {
+            let mut acc = [[[_mm256_setzero_ps(); 2]; R]; U];
+            let (mut next_pf, mut pf_done) = (0usize, 0usize);
+            let mut kk = 0;
+            while kk + U <= m.kc {
+                for (u, acc) in acc.iter_mut().enumerate() {
+                    let [b0, b1] = L::load(m.b.add(kk + u));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let av = _mm256_broadcast_ss(&*m.a.add((kk + u) * R + r));
+                        acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
+                        acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
+                    }
+                }
+                while kk >= next_pf && pf_done < m.pf_lines {
+                    _mm_prefetch::<_MM_HINT_T1>(m.pf.add(pf_done) as *const i8);
+                    pf_done += 1;
+                    next_pf += m.pf_every;
+                }
+                kk += U;
+            }
+            while kk < m.kc {
+                let [b0, b1] = L::load(m.b.add(kk));
+                for (r, acc) in acc[0].iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*m.a.add(kk * R + r));
                     acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
                     acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
                 }
+                kk += 1;
             }
-            while kk >= next_pf && pf_done < m.pf_lines {
+            while pf_done < m.pf_lines {
                 _mm_prefetch::<_MM_HINT_T1>(m.pf.add(pf_done) as *const i8);
                 pf_done += 1;
-                next_pf += m.pf_every;
             }
-            kk += U;
-        }
-        while kk < m.kc {
-            let [b0, b1] = L::load(m.b.add(kk));
-            for (r, acc) in acc[0].iter_mut().enumerate() {
-                let av = _mm256_broadcast_ss(&*m.a.add(kk * R + r));
-                acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
-            }
-            kk += 1;
-        }
-        while pf_done < m.pf_lines {
-            _mm_prefetch::<_MM_HINT_T1>(m.pf.add(pf_done) as *const i8);
-            pf_done += 1;
-        }
-        let (first, rest) = acc.split_at_mut(1);
-        for other in rest.iter() {
-            for (a, o) in first[0].iter_mut().zip(other) {
-                a[0] = _mm256_add_ps(a[0], o[0]);
-                a[1] = _mm256_add_ps(a[1], o[1]);
-            }
-        }
-        for (r, acc) in acc[0].iter().enumerate() {
-            let c = m.c.add(r * m.ldc);
-            if m.cols == NR {
-                let (mut v0, mut v1) = (acc[0], acc[1]);
-                if m.accumulate {
-                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(c));
-                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(c.add(8)));
+            let (first, rest) = acc.split_at_mut(1);
+            for other in rest.iter() {
+                for (a, o) in first[0].iter_mut().zip(other) {
+                    a[0] = _mm256_add_ps(a[0], o[0]);
+                    a[1] = _mm256_add_ps(a[1], o[1]);
                 }
-                _mm256_storeu_ps(c, v0);
-                _mm256_storeu_ps(c.add(8), v1);
-            } else {
-                let mut tmp = [0f32; NR];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), acc[0]);
-                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc[1]);
-                for (j, v) in tmp.iter().enumerate().take(m.cols) {
+            }
+            for (r, acc) in acc[0].iter().enumerate() {
+                let c = m.c.add(r * m.ldc);
+                if m.cols == NR {
+                    let (mut v0, mut v1) = (acc[0], acc[1]);
                     if m.accumulate {
-                        *c.add(j) += v;
-                    } else {
-                        *c.add(j) = *v;
+                        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(c));
+                        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(c.add(8)));
+                    }
+                    _mm256_storeu_ps(c, v0);
+                    _mm256_storeu_ps(c.add(8), v1);
+                } else {
+                    let mut tmp = [0f32; NR];
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), acc[0]);
+                    _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc[1]);
+                    for (j, v) in tmp.iter().enumerate().take(m.cols) {
+                        if m.accumulate {
+                            *c.add(j) += v;
+                        } else {
+                            *c.add(j) = *v;
+                        }
                     }
                 }
             }
@@ -921,19 +990,30 @@ mod avx {
     }
 
     impl Kernel for Avx2 {
+        /// # Safety
+        /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU
+        /// supports `avx2,fma`. `m`'s pointers must cover the panel rows, inputs and outputs its
+        /// fields describe.
         #[inline(always)]
         unsafe fn micro_rows<L: PanelLine>(rows: usize, m: Micro<L>) {
-            match rows {
-                1 => micro::<L, 1, 4>(m),
-                2 => micro::<L, 2, 2>(m),
-                3 => micro::<L, 3, 1>(m),
-                4 => micro::<L, 4, 1>(m),
-                5 => micro::<L, 5, 1>(m),
-                _ => micro::<L, MR, 1>(m),
+            unsafe {
+                match rows {
+                    1 => micro::<L, 1, 4>(m),
+                    2 => micro::<L, 2, 2>(m),
+                    3 => micro::<L, 3, 1>(m),
+                    4 => micro::<L, 4, 1>(m),
+                    5 => micro::<L, 5, 1>(m),
+                    _ => micro::<L, MR, 1>(m),
+                }
             }
         }
 
         /// `2P` independent FMA chains; memory-bound, no software prefetch, no `k` blocking.
+        ///
+        /// # Safety
+        /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU
+        /// supports `avx2,fma`. `a` must be valid for reading every element the description above
+        /// says is read through it.
         #[inline(always)]
         unsafe fn gemv<L: PanelLine, const P: usize>(
             a: *const f32,
@@ -942,24 +1022,30 @@ mod avx {
             cs: [*mut f32; P],
             cols: [usize; P],
         ) {
-            let mut acc = [[_mm256_setzero_ps(); 2]; P];
-            for kk in 0..k {
-                let av = _mm256_broadcast_ss(&*a.add(kk));
-                for p in 0..P {
-                    let [b0, b1] = L::load(bs[p].add(kk));
-                    acc[p][0] = _mm256_fmadd_ps(av, b0, acc[p][0]);
-                    acc[p][1] = _mm256_fmadd_ps(av, b1, acc[p][1]);
+            unsafe {
+                let mut acc = [[_mm256_setzero_ps(); 2]; P];
+                for kk in 0..k {
+                    let av = _mm256_broadcast_ss(&*a.add(kk));
+                    for p in 0..P {
+                        let [b0, b1] = L::load(bs[p].add(kk));
+                        acc[p][0] = _mm256_fmadd_ps(av, b0, acc[p][0]);
+                        acc[p][1] = _mm256_fmadd_ps(av, b1, acc[p][1]);
+                    }
                 }
-            }
-            for p in 0..P {
-                let mut tmp = [0f32; NR];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), acc[p][0]);
-                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc[p][1]);
-                std::ptr::copy_nonoverlapping(tmp.as_ptr(), cs[p], cols[p]);
+                for p in 0..P {
+                    let mut tmp = [0f32; NR];
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), acc[p][0]);
+                    _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc[p][1]);
+                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), cs[p], cols[p]);
+                }
             }
         }
     }
 
+    /// # Safety
+    /// The CPU must support `avx2,fma`; callers check [`crate::simd()`] (and the optional
+    /// extensions this module asks for) first. `out` must be valid for writing every element the
+    /// description above says is written through it, and no other thread may access them meanwhile.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tile<L: PanelLine>(
         lines: &[L],
@@ -969,7 +1055,7 @@ mod avx {
         tile: Tile,
         out: *mut f32,
     ) {
-        super::drive::<L, Avx2>(lines, n, k, a, tile, out)
+        unsafe { super::drive::<L, Avx2>(lines, n, k, a, tile, out) }
     }
 }
 
@@ -983,85 +1069,109 @@ mod avx512 {
 
     pub struct Avx512;
 
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx512f,avx512bw,avx512vl,avx2,fma`. `c` must be valid for writing every element the
+    /// description above says is written through it, and no other thread may access them meanwhile.
     #[inline(always)]
     unsafe fn store(c: *mut f32, v: __m512, cols: usize, accumulate: bool) {
-        if cols == NR {
-            let v = if accumulate {
-                _mm512_add_ps(v, _mm512_loadu_ps(c))
+        unsafe {
+            if cols == NR {
+                let v = if accumulate {
+                    _mm512_add_ps(v, _mm512_loadu_ps(c))
+                } else {
+                    v
+                };
+                _mm512_storeu_ps(c, v);
             } else {
-                v
-            };
-            _mm512_storeu_ps(c, v);
-        } else {
-            let mask: __mmask16 = ((1u32 << cols) - 1) as __mmask16;
-            let v = if accumulate {
-                _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, c))
-            } else {
-                v
-            };
-            _mm512_mask_storeu_ps(c, mask, v);
+                let mask: __mmask16 = ((1u32 << cols) - 1) as __mmask16;
+                let v = if accumulate {
+                    _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, c))
+                } else {
+                    v
+                };
+                _mm512_mask_storeu_ps(c, mask, v);
+            }
         }
     }
 
     /// `R` rows (1..=MR) of one panel block, `k` unrolled by `U` with separate accumulators
     /// (at least 8 independent FMA chains hide the FMA latency on two ports).
+    ///
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx512f,avx512bw,avx512vl,avx2,fma`. `m`'s pointers must cover the panel rows, inputs and
+    /// outputs its fields describe.
     #[inline(always)]
     unsafe fn micro<L: PanelLine, const R: usize, const U: usize>(m: Micro<L>) {
-        let mut acc = [[_mm512_setzero_ps(); R]; U];
-        let (mut next_pf, mut pf_done) = (0usize, 0usize);
-        let mut kk = 0;
-        while kk + U <= m.kc {
-            for (u, acc) in acc.iter_mut().enumerate() {
-                let b = L::load512(m.b.add(kk + u));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*m.a.add((kk + u) * R + r));
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); R]; U];
+            let (mut next_pf, mut pf_done) = (0usize, 0usize);
+            let mut kk = 0;
+            while kk + U <= m.kc {
+                for (u, acc) in acc.iter_mut().enumerate() {
+                    let b = L::load512(m.b.add(kk + u));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let av = _mm512_set1_ps(*m.a.add((kk + u) * R + r));
+                        *acc = _mm512_fmadd_ps(av, b, *acc);
+                    }
+                }
+                while kk >= next_pf && pf_done < m.pf_lines {
+                    _mm_prefetch::<_MM_HINT_T1>(m.pf.add(pf_done) as *const i8);
+                    pf_done += 1;
+                    next_pf += m.pf_every;
+                }
+                kk += U;
+            }
+            while kk < m.kc {
+                let b = L::load512(m.b.add(kk));
+                for (r, acc) in acc[0].iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*m.a.add(kk * R + r));
                     *acc = _mm512_fmadd_ps(av, b, *acc);
                 }
+                kk += 1;
             }
-            while kk >= next_pf && pf_done < m.pf_lines {
+            while pf_done < m.pf_lines {
                 _mm_prefetch::<_MM_HINT_T1>(m.pf.add(pf_done) as *const i8);
                 pf_done += 1;
-                next_pf += m.pf_every;
             }
-            kk += U;
-        }
-        while kk < m.kc {
-            let b = L::load512(m.b.add(kk));
-            for (r, acc) in acc[0].iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*m.a.add(kk * R + r));
-                *acc = _mm512_fmadd_ps(av, b, *acc);
+            let (first, rest) = acc.split_at_mut(1);
+            for other in rest.iter() {
+                for (a, o) in first[0].iter_mut().zip(other) {
+                    *a = _mm512_add_ps(*a, *o);
+                }
             }
-            kk += 1;
-        }
-        while pf_done < m.pf_lines {
-            _mm_prefetch::<_MM_HINT_T1>(m.pf.add(pf_done) as *const i8);
-            pf_done += 1;
-        }
-        let (first, rest) = acc.split_at_mut(1);
-        for other in rest.iter() {
-            for (a, o) in first[0].iter_mut().zip(other) {
-                *a = _mm512_add_ps(*a, *o);
+            for (r, acc) in acc[0].iter().enumerate() {
+                store(m.c.add(r * m.ldc), *acc, m.cols, m.accumulate);
             }
-        }
-        for (r, acc) in acc[0].iter().enumerate() {
-            store(m.c.add(r * m.ldc), *acc, m.cols, m.accumulate);
         }
     }
 
     impl Kernel for Avx512 {
+        /// # Safety
+        /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU
+        /// supports `avx512f,avx512bw,avx512vl,avx2,fma`. `m`'s pointers must cover the panel rows,
+        /// inputs and outputs its fields describe.
         #[inline(always)]
         unsafe fn micro_rows<L: PanelLine>(rows: usize, m: Micro<L>) {
-            match rows {
-                1 => micro::<L, 1, 8>(m),
-                2 => micro::<L, 2, 4>(m),
-                3 => micro::<L, 3, 2>(m),
-                4 => micro::<L, 4, 2>(m),
-                5 => micro::<L, 5, 2>(m),
-                _ => micro::<L, MR, 2>(m),
+            unsafe {
+                match rows {
+                    1 => micro::<L, 1, 8>(m),
+                    2 => micro::<L, 2, 4>(m),
+                    3 => micro::<L, 3, 2>(m),
+                    4 => micro::<L, 4, 2>(m),
+                    5 => micro::<L, 5, 2>(m),
+                    _ => micro::<L, MR, 2>(m),
+                }
             }
         }
 
         /// `2P` independent FMA chains (`k` unrolled by two); memory-bound.
+        ///
+        /// # Safety
+        /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU
+        /// supports `avx512f,avx512bw,avx512vl,avx2,fma`. `a` must be valid for reading every
+        /// element the description above says is read through it.
         #[inline(always)]
         unsafe fn gemv<L: PanelLine, const P: usize>(
             a: *const f32,
@@ -1070,29 +1180,36 @@ mod avx512 {
             cs: [*mut f32; P],
             cols: [usize; P],
         ) {
-            let mut acc = [[_mm512_setzero_ps(); P]; 2];
-            let mut kk = 0;
-            while kk + 2 <= k {
-                for (u, acc) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*a.add(kk + u));
+            unsafe {
+                let mut acc = [[_mm512_setzero_ps(); P]; 2];
+                let mut kk = 0;
+                while kk + 2 <= k {
+                    for (u, acc) in acc.iter_mut().enumerate() {
+                        let av = _mm512_set1_ps(*a.add(kk + u));
+                        for p in 0..P {
+                            acc[p] = _mm512_fmadd_ps(av, L::load512(bs[p].add(kk + u)), acc[p]);
+                        }
+                    }
+                    kk += 2;
+                }
+                if kk < k {
+                    let av = _mm512_set1_ps(*a.add(kk));
                     for p in 0..P {
-                        acc[p] = _mm512_fmadd_ps(av, L::load512(bs[p].add(kk + u)), acc[p]);
+                        acc[0][p] = _mm512_fmadd_ps(av, L::load512(bs[p].add(kk)), acc[0][p]);
                     }
                 }
-                kk += 2;
-            }
-            if kk < k {
-                let av = _mm512_set1_ps(*a.add(kk));
                 for p in 0..P {
-                    acc[0][p] = _mm512_fmadd_ps(av, L::load512(bs[p].add(kk)), acc[0][p]);
+                    store(cs[p], _mm512_add_ps(acc[0][p], acc[1][p]), cols[p], false);
                 }
-            }
-            for p in 0..P {
-                store(cs[p], _mm512_add_ps(acc[0][p], acc[1][p]), cols[p], false);
             }
         }
     }
 
+    /// # Safety
+    /// The CPU must support `avx512f,avx512bw,avx512vl,avx2,fma`; callers check [`crate::simd()`]
+    /// (and the optional extensions this module asks for) first. `out` must be valid for writing
+    /// every element the description above says is written through it, and no other thread may
+    /// access them meanwhile.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     pub unsafe fn tile<L: PanelLine>(
         lines: &[L],
@@ -1102,10 +1219,12 @@ mod avx512 {
         tile: Tile,
         out: *mut f32,
     ) {
-        if tile.rows.len() == 1 && !L::WIDE_GEMV {
-            return super::drive::<L, super::avx::Avx2>(lines, n, k, a, tile, out);
+        unsafe {
+            if tile.rows.len() == 1 && !L::WIDE_GEMV {
+                return super::drive::<L, super::avx::Avx2>(lines, n, k, a, tile, out);
+            }
+            super::drive::<L, Avx512>(lines, n, k, a, tile, out)
         }
-        super::drive::<L, Avx512>(lines, n, k, a, tile, out)
     }
 }
 
@@ -1248,7 +1367,7 @@ pub(crate) mod tests {
     }
 
     /// The instruction sets this CPU can run, the scalar oracle first.
-    use crate::kernels::available_levels as levels;
+    use crate::simd::available_levels as levels;
 
     #[test]
     fn scalar_path_matches_naive() {

@@ -4,7 +4,7 @@
 //! test output itself (written past the harness's capture), what was and was not covered.
 
 use std::io::Write;
-use tandem_model::kernels::{available_levels, coverage_report, detected_simd, simd, Simd};
+use tandem_kernels::simd::{available_levels, coverage_report, detected_simd, simd, Simd};
 
 #[test]
 fn instruction_set_levels_covered_on_this_machine() {

@@ -711,9 +711,9 @@ impl KQuantWeights {
 
     /// The whole product as one tile with the kernels of `simd` (which the CPU must support),
     /// on this thread: the tests' way to run every instruction set against the scalar path.
-    pub fn matmul_with(&self, simd: crate::kernels::Simd, x: &[f32], rows: usize, out: &mut [f32]) {
+    pub fn matmul_with(&self, simd: crate::simd::Simd, x: &[f32], rows: usize, out: &mut [f32]) {
         assert!(
-            simd <= crate::kernels::detected_simd(),
+            simd <= crate::simd::detected_simd(),
             "{simd:?} not on this CPU"
         );
         assert_eq!(x.len(), rows * self.k, "x must be [rows, k]");
@@ -723,86 +723,102 @@ impl KQuantWeights {
         unsafe { self.tile_with(simd, &xq, 0..rows, 0..self.n, SyncPtr(out.as_mut_ptr())) }
     }
 
+    /// # Safety
+    /// No CPU feature is needed: the level is [`crate::simd()`]'s, which the CPU supports. `out`
+    /// must point to this product's row-major output (`rows x n`), valid for writing every element
+    /// of the tile, and no other thread may write those elements meanwhile (each task owns its
+    /// tile).
     unsafe fn tile(&self, xq: &KRows, rows: Range<usize>, cols: Range<usize>, out: SyncPtr) {
-        self.tile_with(crate::kernels::simd(), xq, rows, cols, out)
+        unsafe { self.tile_with(crate::simd::simd(), xq, rows, cols, out) }
     }
 
+    /// # Safety
+    /// `simd` must be a level the CPU supports (at most [`crate::simd::detected_simd`]). `out` must
+    /// point to this product's row-major output (`rows x n`), valid for writing every element of
+    /// the tile, and no other thread may write those elements meanwhile (each task owns its tile).
     unsafe fn tile_with(
         &self,
-        simd: crate::kernels::Simd,
+        simd: crate::simd::Simd,
         xq: &KRows,
         rows: Range<usize>,
         cols: Range<usize>,
         out: SyncPtr,
     ) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use crate::kernels::Simd;
-            if simd == Simd::Avx512 && avx512::has_vnni() {
-                for (f, cols) in self.runs(cols) {
-                    avx512::tile(self, f, xq, rows.clone(), cols, out.0);
+        unsafe {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use crate::simd::Simd;
+                if simd == Simd::Avx512 && avx512::has_vnni() {
+                    for (f, cols) in self.runs(cols) {
+                        avx512::tile(self, f, xq, rows.clone(), cols, out.0);
+                    }
+                    return;
                 }
-                return;
-            }
-            if simd >= Simd::Avx2 {
-                for (f, cols) in self.runs(cols) {
-                    avx2::tile(self, f, xq, rows.clone(), cols, out.0);
+                if simd >= Simd::Avx2 {
+                    for (f, cols) in self.runs(cols) {
+                        avx2::tile(self, f, xq, rows.clone(), cols, out.0);
+                    }
+                    return;
                 }
-                return;
             }
+            let _ = simd;
+            self.tile_scalar(xq, rows, cols, out)
         }
-        let _ = simd;
-        self.tile_scalar(xq, rows, cols, out)
     }
 
     /// The oracle of the SIMD paths, and the path of CPUs without them: the integer sums of
     /// the module doc, one output at a time.
+    ///
+    /// # Safety
+    /// No CPU feature is needed. `out` must point to this product's row-major output (`rows x n`),
+    /// valid for writing every element of the tile, and no other thread may write those elements
+    /// meanwhile (each task owns its tile).
     unsafe fn tile_scalar(&self, xq: &KRows, rows: Range<usize>, cols: Range<usize>, out: SyncPtr) {
-        for j in cols {
-            let (format, row) = self.row_in_format(j);
-            let bb = format.block_bytes();
-            for t in rows.clone() {
-                let mut acc = 0f32;
-                if format == KFormat::Mxfp4 {
-                    for b in 0..self.k.div_ceil(QK_MXFP4) {
-                        let blk = &row[b * bb..(b + 1) * bb];
-                        let (xb, o) = (b / 8, (b % 8) * QK_MXFP4);
-                        let x = &xq.block(t, xb)[o..o + QK_MXFP4];
-                        let mut dot = 0i32;
-                        for l in 0..16 {
-                            dot += MXFP4_KV[(blk[1 + l] & 0x0f) as usize] as i32 * x[l] as i32;
-                            dot += MXFP4_KV[(blk[1 + l] >> 4) as usize] as i32 * x[l + 16] as i32;
+        unsafe {
+            for j in cols {
+                let (format, row) = self.row_in_format(j);
+                let bb = format.block_bytes();
+                for t in rows.clone() {
+                    let mut acc = 0f32;
+                    if format == KFormat::Mxfp4 {
+                        for b in 0..self.k.div_ceil(QK_MXFP4) {
+                            let blk = &row[b * bb..(b + 1) * bb];
+                            let (xb, o) = (b / 8, (b % 8) * QK_MXFP4);
+                            let x = &xq.block(t, xb)[o..o + QK_MXFP4];
+                            let mut dot = 0i32;
+                            for l in 0..16 {
+                                dot += MXFP4_KV[(blk[1 + l] & 0x0f) as usize] as i32 * x[l] as i32;
+                                dot +=
+                                    MXFP4_KV[(blk[1 + l] >> 4) as usize] as i32 * x[l + 16] as i32;
+                            }
+                            acc += (e8m0_half(blk[0]) * xq.scale(t, xb)) * dot as f32;
                         }
-                        acc += (e8m0_half(blk[0]) * xq.scale(t, xb)) * dot as f32;
-                    }
-                } else {
-                    for b in 0..self.k.div_ceil(QK_K) {
-                        let dec = decode(format, &row[b * bb..(b + 1) * bb]);
-                        let x = xq.block(t, b);
-                        let mut isum = 0i32;
-                        for g in 0..16 {
-                            let dot: i32 = (16 * g..16 * g + 16)
-                                .map(|i| dec.q[i] as i32 * x[i] as i32)
+                    } else {
+                        for b in 0..self.k.div_ceil(QK_K) {
+                            let dec = decode(format, &row[b * bb..(b + 1) * bb]);
+                            let x = xq.block(t, b);
+                            let mut isum = 0i32;
+                            for g in 0..16 {
+                                let dot: i32 = (16 * g..16 * g + 16)
+                                    .map(|i| dec.q[i] as i32 * x[i] as i32)
+                                    .sum();
+                                isum += dec.s[g] as i32 * dot;
+                            }
+                            let msum: i32 = (0..16)
+                                .map(|g| dec.mm[g] as i32 * xq.bsums(t, b)[g] as i32)
                                 .sum();
-                            isum += dec.s[g] as i32 * dot;
+                            let dx = xq.scale(t, b);
+                            acc += (dec.d * dx) * isum as f32 - (dec.dmin * dx) * msum as f32;
                         }
-                        let msum: i32 = (0..16)
-                            .map(|g| dec.mm[g] as i32 * xq.bsums(t, b)[g] as i32)
-                            .sum();
-                        let dx = xq.scale(t, b);
-                        acc += (dec.d * dx) * isum as f32 - (dec.dmin * dx) * msum as f32;
                     }
+                    *out.0.add(t * self.n + j) = acc;
                 }
-                *out.0.add(t * self.n + j) = acc;
             }
         }
     }
 }
 
-#[derive(Copy, Clone)]
-struct SyncPtr(*mut f32);
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
+use crate::SyncPtr;
 
 /// The kernels' format parameter (a const generic).
 const F_Q4K: u8 = 0;
@@ -835,81 +851,99 @@ mod avx2 {
         pub dmin: f32,
     }
 
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma`. `p` must be valid for reading every element the description above says is read
+    /// through it.
     #[inline(always)]
     pub(super) unsafe fn decode<const F: u8>(p: *const u8) -> Dec {
-        let m4 = _mm256_set1_epi8(0x0f);
-        let mut q = [_mm256_setzero_si256(); 8];
-        let mut s = [_mm256_setzero_si256(); 8];
-        let mut mm = [0i16; 16];
-        let blk = std::slice::from_raw_parts(p, F_BYTES[F as usize]);
-        let (d, dmin);
-        if F == F_Q6K {
-            d = f16_at(blk, 208);
-            dmin = d;
-            let (ql, qh) = (p, p.add(128));
-            let m3 = _mm256_set1_epi8(3);
-            for h in 0..2 {
-                let a = _mm256_loadu_si256(ql.add(64 * h) as *const __m256i);
-                let b = _mm256_loadu_si256(ql.add(64 * h + 32) as *const __m256i);
-                let hh = _mm256_loadu_si256(qh.add(32 * h) as *const __m256i);
-                let h0 = _mm256_slli_epi16(_mm256_and_si256(hh, m3), 4);
-                let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hh, 2), m3), 4);
-                let h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hh, 4), m3), 4);
-                let h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hh, 6), m3), 4);
-                q[4 * h] = _mm256_or_si256(_mm256_and_si256(a, m4), h0);
-                q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(b, m4), h1);
-                q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), m4), h2);
-                q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 4), m4), h3);
-            }
-            for c in 0..8 {
-                let (a, b) = (blk[192 + 2 * c] as i8 as i16, blk[193 + 2 * c] as i8 as i16);
-                s[c] = _mm256_set_m128i(_mm_set1_epi16(b), _mm_set1_epi16(a));
-                mm[2 * c] = 32 * a;
-                mm[2 * c + 1] = 32 * b;
-            }
-        } else {
-            d = f16_at(blk, 0);
-            dmin = f16_at(blk, 2);
-            let qs = p.add(if F == F_Q5K { 48 } else { 16 });
-            for c in 0..4 {
-                let v = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
-                q[2 * c] = _mm256_and_si256(v, m4);
-                q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-            }
-            if F == F_Q5K {
-                let one = _mm256_set1_epi8(1);
-                let mut hb = _mm256_loadu_si256(p.add(16) as *const __m256i);
-                for q in q.iter_mut() {
-                    let bit = _mm256_slli_epi16(_mm256_and_si256(hb, one), 4);
-                    *q = _mm256_or_si256(*q, bit);
-                    hb = _mm256_srli_epi16(hb, 1);
+        unsafe {
+            let m4 = _mm256_set1_epi8(0x0f);
+            let mut q = [_mm256_setzero_si256(); 8];
+            let mut s = [_mm256_setzero_si256(); 8];
+            let mut mm = [0i16; 16];
+            let blk = std::slice::from_raw_parts(p, F_BYTES[F as usize]);
+            let (d, dmin);
+            if F == F_Q6K {
+                d = f16_at(blk, 208);
+                dmin = d;
+                let (ql, qh) = (p, p.add(128));
+                let m3 = _mm256_set1_epi8(3);
+                for h in 0..2 {
+                    let a = _mm256_loadu_si256(ql.add(64 * h) as *const __m256i);
+                    let b = _mm256_loadu_si256(ql.add(64 * h + 32) as *const __m256i);
+                    let hh = _mm256_loadu_si256(qh.add(32 * h) as *const __m256i);
+                    let h0 = _mm256_slli_epi16(_mm256_and_si256(hh, m3), 4);
+                    let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hh, 2), m3), 4);
+                    let h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hh, 4), m3), 4);
+                    let h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hh, 6), m3), 4);
+                    q[4 * h] = _mm256_or_si256(_mm256_and_si256(a, m4), h0);
+                    q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(b, m4), h1);
+                    q[4 * h + 2] =
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), m4), h2);
+                    q[4 * h + 3] =
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 4), m4), h3);
+                }
+                for c in 0..8 {
+                    let (a, b) = (blk[192 + 2 * c] as i8 as i16, blk[193 + 2 * c] as i8 as i16);
+                    s[c] = _mm256_set_m128i(_mm_set1_epi16(b), _mm_set1_epi16(a));
+                    mm[2 * c] = 32 * a;
+                    mm[2 * c + 1] = 32 * b;
+                }
+            } else {
+                d = f16_at(blk, 0);
+                dmin = f16_at(blk, 2);
+                let qs = p.add(if F == F_Q5K { 48 } else { 16 });
+                for c in 0..4 {
+                    let v = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
+                    q[2 * c] = _mm256_and_si256(v, m4);
+                    q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                }
+                if F == F_Q5K {
+                    let one = _mm256_set1_epi8(1);
+                    let mut hb = _mm256_loadu_si256(p.add(16) as *const __m256i);
+                    for q in q.iter_mut() {
+                        let bit = _mm256_slli_epi16(_mm256_and_si256(hb, one), 4);
+                        *q = _mm256_or_si256(*q, bit);
+                        hb = _mm256_srli_epi16(hb, 1);
+                    }
+                }
+                for j in 0..8 {
+                    let (sc, m) = scale_min_k4(j, &blk[4..16]);
+                    s[j] = _mm256_set1_epi16(sc as i16);
+                    mm[2 * j] = m as i16;
+                    mm[2 * j + 1] = m as i16;
                 }
             }
-            for j in 0..8 {
-                let (sc, m) = scale_min_k4(j, &blk[4..16]);
-                s[j] = _mm256_set1_epi16(sc as i16);
-                mm[2 * j] = m as i16;
-                mm[2 * j + 1] = m as i16;
+            Dec {
+                q,
+                s,
+                mm: _mm256_loadu_si256(mm.as_ptr() as *const __m256i),
+                d,
+                dmin,
             }
-        }
-        Dec {
-            q,
-            s,
-            mm: _mm256_loadu_si256(mm.as_ptr() as *const __m256i),
-            d,
-            dmin,
         }
     }
 
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma`.
     #[inline(always)]
     pub(super) unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
     }
 
     /// Output `j` for input rows `t0..t0 + R`.
+    ///
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma`. `out` must be valid for writing every element the description above says is
+    /// written through it, and no other thread may access them meanwhile.
     #[inline(always)]
     unsafe fn micro<const F: u8, const R: usize>(
         w: &KQuantWeights,
@@ -918,56 +952,70 @@ mod avx2 {
         t0: usize,
         out: *mut f32,
     ) {
-        let row = w.row(j).as_ptr();
-        let bb = F_BYTES[F as usize];
-        let mut accd = [_mm256_setzero_ps(); R];
-        let mut accm = [_mm256_setzero_ps(); R];
-        for b in 0..w.k.div_ceil(QK_K) {
-            let dec = decode::<F>(row.add(b * bb));
-            for r in 0..R {
-                let t = t0 + r;
-                let xp = xq.q.as_ptr().add((t * xq.kb + b) * QK_K);
-                let mut isum = _mm256_setzero_si256();
-                for c in 0..8 {
-                    let xv = _mm256_loadu_si256(xp.add(32 * c) as *const __m256i);
-                    let p = _mm256_maddubs_epi16(dec.q[c], xv);
-                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, dec.s[c]));
+        unsafe {
+            let row = w.row(j).as_ptr();
+            let bb = F_BYTES[F as usize];
+            let mut accd = [_mm256_setzero_ps(); R];
+            let mut accm = [_mm256_setzero_ps(); R];
+            for b in 0..w.k.div_ceil(QK_K) {
+                let dec = decode::<F>(row.add(b * bb));
+                for r in 0..R {
+                    let t = t0 + r;
+                    let xp = xq.q.as_ptr().add((t * xq.kb + b) * QK_K);
+                    let mut isum = _mm256_setzero_si256();
+                    for c in 0..8 {
+                        let xv = _mm256_loadu_si256(xp.add(32 * c) as *const __m256i);
+                        let p = _mm256_maddubs_epi16(dec.q[c], xv);
+                        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, dec.s[c]));
+                    }
+                    let bs = _mm256_loadu_si256(
+                        xq.bsums.as_ptr().add((t * xq.kb + b) * 16) as *const __m256i
+                    );
+                    let msum = _mm256_madd_epi16(dec.mm, bs);
+                    let dx = *xq.d.get_unchecked(t * xq.kb + b);
+                    accd[r] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(isum),
+                        _mm256_set1_ps(dec.d * dx),
+                        accd[r],
+                    );
+                    accm[r] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(msum),
+                        _mm256_set1_ps(dec.dmin * dx),
+                        accm[r],
+                    );
                 }
-                let bs = _mm256_loadu_si256(
-                    xq.bsums.as_ptr().add((t * xq.kb + b) * 16) as *const __m256i
-                );
-                let msum = _mm256_madd_epi16(dec.mm, bs);
-                let dx = *xq.d.get_unchecked(t * xq.kb + b);
-                accd[r] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(isum),
-                    _mm256_set1_ps(dec.d * dx),
-                    accd[r],
-                );
-                accm[r] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(msum),
-                    _mm256_set1_ps(dec.dmin * dx),
-                    accm[r],
-                );
             }
-        }
-        for r in 0..R {
-            *out.add((t0 + r) * w.n + j) = hsum(_mm256_sub_ps(accd[r], accm[r]));
+            for r in 0..R {
+                *out.add((t0 + r) * w.n + j) = hsum(_mm256_sub_ps(accd[r], accm[r]));
+            }
         }
     }
 
     /// One MXFP4 block's 32 weights as signed bytes, in order.
+    ///
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma`. `p` must be valid for reading every element the description above says is read
+    /// through it.
     #[inline(always)]
     pub(super) unsafe fn mx_weights(p: *const u8) -> __m256i {
-        let tbl = _mm_loadu_si128(MXFP4_KV.as_ptr() as *const __m128i);
-        let m4 = _mm_set1_epi8(0x0f);
-        let v = _mm_loadu_si128(p.add(1) as *const __m128i);
-        let lo = _mm_shuffle_epi8(tbl, _mm_and_si128(v, m4));
-        let hi = _mm_shuffle_epi8(tbl, _mm_and_si128(_mm_srli_epi16(v, 4), m4));
-        _mm256_set_m128i(hi, lo)
+        unsafe {
+            let tbl = _mm_loadu_si128(MXFP4_KV.as_ptr() as *const __m128i);
+            let m4 = _mm_set1_epi8(0x0f);
+            let v = _mm_loadu_si128(p.add(1) as *const __m128i);
+            let lo = _mm_shuffle_epi8(tbl, _mm_and_si128(v, m4));
+            let hi = _mm_shuffle_epi8(tbl, _mm_and_si128(_mm_srli_epi16(v, 4), m4));
+            _mm256_set_m128i(hi, lo)
+        }
     }
 
     /// MXFP4 output `j` for input rows `t0..t0 + R`; blocks `b0..` of the row (the AVX-512
     /// path hands its odd last block here, into `acc`).
+    ///
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma`. `row` must be valid for reading every element the description above says is read
+    /// through it.
     #[inline(always)]
     pub(super) unsafe fn mx_blocks<const R: usize>(
         row: *const u8,
@@ -976,25 +1024,31 @@ mod avx2 {
         t0: usize,
         acc: &mut [__m256; R],
     ) {
-        let ones = _mm256_set1_epi16(1);
-        for b in blocks {
-            let p = row.add(b * 17);
-            let wv = mx_weights(p);
-            let aw = _mm256_sign_epi8(wv, wv);
-            let s = e8m0_half(*p);
-            let (xb, o) = (b / 8, (b % 8) * QK_MXFP4);
-            for r in 0..R {
-                let t = t0 + r;
-                let xp = xq.q.as_ptr().add((t * xq.kb + xb) * QK_K + o);
-                let xv = _mm256_loadu_si256(xp as *const __m256i);
-                let p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
-                let dot = _mm256_madd_epi16(p16, ones);
-                let sc = _mm256_set1_ps(s * *xq.d.get_unchecked(t * xq.kb + xb));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, acc[r]);
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            for b in blocks {
+                let p = row.add(b * 17);
+                let wv = mx_weights(p);
+                let aw = _mm256_sign_epi8(wv, wv);
+                let s = e8m0_half(*p);
+                let (xb, o) = (b / 8, (b % 8) * QK_MXFP4);
+                for r in 0..R {
+                    let t = t0 + r;
+                    let xp = xq.q.as_ptr().add((t * xq.kb + xb) * QK_K + o);
+                    let xv = _mm256_loadu_si256(xp as *const __m256i);
+                    let p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
+                    let dot = _mm256_madd_epi16(p16, ones);
+                    let sc = _mm256_set1_ps(s * *xq.d.get_unchecked(t * xq.kb + xb));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, acc[r]);
+                }
             }
         }
     }
 
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma`. `out` must be valid for writing every element the description above says is
+    /// written through it, and no other thread may access them meanwhile.
     #[inline(always)]
     unsafe fn mx_micro<const R: usize>(
         w: &KQuantWeights,
@@ -1003,19 +1057,25 @@ mod avx2 {
         t0: usize,
         out: *mut f32,
     ) {
-        let mut acc = [_mm256_setzero_ps(); R];
-        mx_blocks::<R>(
-            w.row(j).as_ptr(),
-            xq,
-            0..w.k.div_ceil(QK_MXFP4),
-            t0,
-            &mut acc,
-        );
-        for (r, a) in acc.iter().enumerate() {
-            *out.add((t0 + r) * w.n + j) = hsum(*a);
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); R];
+            mx_blocks::<R>(
+                w.row(j).as_ptr(),
+                xq,
+                0..w.k.div_ceil(QK_MXFP4),
+                t0,
+                &mut acc,
+            );
+            for (r, a) in acc.iter().enumerate() {
+                *out.add((t0 + r) * w.n + j) = hsum(*a);
+            }
         }
     }
 
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma`. `out` must be valid for writing every element the description above says is
+    /// written through it, and no other thread may access them meanwhile.
     #[inline(always)]
     unsafe fn tile_of<const F: u8>(
         w: &KQuantWeights,
@@ -1025,31 +1085,38 @@ mod avx2 {
         cols: Range<usize>,
         out: *mut f32,
     ) {
-        let mx = format == KFormat::Mxfp4;
-        for j in cols {
-            let mut t = rows.start;
-            while t + 4 <= rows.end {
-                if mx {
-                    mx_micro::<4>(w, xq, j, t, out);
-                } else {
-                    micro::<F, 4>(w, xq, j, t, out);
+        unsafe {
+            let mx = format == KFormat::Mxfp4;
+            for j in cols {
+                let mut t = rows.start;
+                while t + 4 <= rows.end {
+                    if mx {
+                        mx_micro::<4>(w, xq, j, t, out);
+                    } else {
+                        micro::<F, 4>(w, xq, j, t, out);
+                    }
+                    t += 4;
                 }
-                t += 4;
-            }
-            match (rows.end - t, mx) {
-                (3, true) => mx_micro::<3>(w, xq, j, t, out),
-                (2, true) => mx_micro::<2>(w, xq, j, t, out),
-                (1, true) => mx_micro::<1>(w, xq, j, t, out),
-                (3, false) => micro::<F, 3>(w, xq, j, t, out),
-                (2, false) => micro::<F, 2>(w, xq, j, t, out),
-                (1, false) => micro::<F, 1>(w, xq, j, t, out),
-                _ => {}
+                match (rows.end - t, mx) {
+                    (3, true) => mx_micro::<3>(w, xq, j, t, out),
+                    (2, true) => mx_micro::<2>(w, xq, j, t, out),
+                    (1, true) => mx_micro::<1>(w, xq, j, t, out),
+                    (3, false) => micro::<F, 3>(w, xq, j, t, out),
+                    (2, false) => micro::<F, 2>(w, xq, j, t, out),
+                    (1, false) => micro::<F, 1>(w, xq, j, t, out),
+                    _ => {}
+                }
             }
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
     /// Columns `cols`, all rows of the weight in `format`.
+    ///
+    /// # Safety
+    /// The CPU must support `avx2,fma`; callers check [`crate::simd()`] (and the optional
+    /// extensions this module asks for) first. `out` must be valid for writing every element the
+    /// description above says is written through it, and no other thread may access them meanwhile.
     pub(super) unsafe fn tile(
         w: &KQuantWeights,
         format: KFormat,
@@ -1058,10 +1125,12 @@ mod avx2 {
         cols: Range<usize>,
         out: *mut f32,
     ) {
-        match format {
-            KFormat::Q4K | KFormat::Mxfp4 => tile_of::<F_Q4K>(w, format, xq, rows, cols, out),
-            KFormat::Q5K => tile_of::<F_Q5K>(w, format, xq, rows, cols, out),
-            KFormat::Q6K => tile_of::<F_Q6K>(w, format, xq, rows, cols, out),
+        unsafe {
+            match format {
+                KFormat::Q4K | KFormat::Mxfp4 => tile_of::<F_Q4K>(w, format, xq, rows, cols, out),
+                KFormat::Q5K => tile_of::<F_Q5K>(w, format, xq, rows, cols, out),
+                KFormat::Q6K => tile_of::<F_Q6K>(w, format, xq, rows, cols, out),
+            }
         }
     }
 }
@@ -1078,11 +1147,19 @@ mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx512f,avx512bw,avx512vnni,avx2,fma,f16c`.
     #[inline(always)]
     unsafe fn join(lo: __m256i, hi: __m256i) -> __m512i {
-        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+        unsafe { _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi) }
     }
 
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx512f,avx512bw,avx512vnni,avx2,fma,f16c`. `out` must be valid for writing every element
+    /// the description above says is written through it, and no other thread may access them
+    /// meanwhile.
     #[inline(always)]
     unsafe fn micro<const F: u8, const R: usize>(
         w: &KQuantWeights,
@@ -1092,44 +1169,46 @@ mod avx512 {
         t0: usize,
         out: *mut f32,
     ) {
-        let bb = F_BYTES[F as usize];
-        let mut accd = [_mm512_setzero_ps(); R];
-        let mut accm = [_mm256_setzero_ps(); R];
-        for b in 0..w.k.div_ceil(QK_K) {
-            let dec = decode::<F>(row.add(b * bb));
-            let mut q = [_mm512_setzero_si512(); 4];
-            let mut s = [_mm512_setzero_si512(); 4];
-            for c in 0..4 {
-                q[c] = join(dec.q[2 * c], dec.q[2 * c + 1]);
-                s[c] = join(dec.s[2 * c], dec.s[2 * c + 1]);
+        unsafe {
+            let bb = F_BYTES[F as usize];
+            let mut accd = [_mm512_setzero_ps(); R];
+            let mut accm = [_mm256_setzero_ps(); R];
+            for b in 0..w.k.div_ceil(QK_K) {
+                let dec = decode::<F>(row.add(b * bb));
+                let mut q = [_mm512_setzero_si512(); 4];
+                let mut s = [_mm512_setzero_si512(); 4];
+                for c in 0..4 {
+                    q[c] = join(dec.q[2 * c], dec.q[2 * c + 1]);
+                    s[c] = join(dec.s[2 * c], dec.s[2 * c + 1]);
+                }
+                for r in 0..R {
+                    let t = t0 + r;
+                    let xp = xq.q.as_ptr().add((t * xq.kb + b) * QK_K);
+                    let mut isum = _mm512_setzero_si512();
+                    for c in 0..4 {
+                        let xv = _mm512_loadu_si512(xp.add(64 * c) as *const _);
+                        isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q[c], xv), s[c]);
+                    }
+                    let bs = _mm256_loadu_si256(
+                        xq.bsums.as_ptr().add((t * xq.kb + b) * 16) as *const __m256i
+                    );
+                    let msum = _mm256_madd_epi16(dec.mm, bs);
+                    let dx = *xq.d.get_unchecked(t * xq.kb + b);
+                    accd[r] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(isum),
+                        _mm512_set1_ps(dec.d * dx),
+                        accd[r],
+                    );
+                    accm[r] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(msum),
+                        _mm256_set1_ps(dec.dmin * dx),
+                        accm[r],
+                    );
+                }
             }
             for r in 0..R {
-                let t = t0 + r;
-                let xp = xq.q.as_ptr().add((t * xq.kb + b) * QK_K);
-                let mut isum = _mm512_setzero_si512();
-                for c in 0..4 {
-                    let xv = _mm512_loadu_si512(xp.add(64 * c) as *const _);
-                    isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q[c], xv), s[c]);
-                }
-                let bs = _mm256_loadu_si256(
-                    xq.bsums.as_ptr().add((t * xq.kb + b) * 16) as *const __m256i
-                );
-                let msum = _mm256_madd_epi16(dec.mm, bs);
-                let dx = *xq.d.get_unchecked(t * xq.kb + b);
-                accd[r] = _mm512_fmadd_ps(
-                    _mm512_cvtepi32_ps(isum),
-                    _mm512_set1_ps(dec.d * dx),
-                    accd[r],
-                );
-                accm[r] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(msum),
-                    _mm256_set1_ps(dec.dmin * dx),
-                    accm[r],
-                );
+                *out.add((t0 + r) * w.n + j) = _mm512_reduce_add_ps(accd[r]) - hsum(accm[r]);
             }
-        }
-        for r in 0..R {
-            *out.add((t0 + r) * w.n + j) = _mm512_reduce_add_ps(accd[r]) - hsum(accm[r]);
         }
     }
 
@@ -1150,23 +1229,36 @@ mod avx512 {
 
     /// Q4_K's eight 6-bit scales and eight 6-bit mins (ggml's `get_scale_min_k4`), one byte
     /// each, from the block's 12 scale bytes at `p`.
+    ///
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx512f,avx512bw,avx512vnni,avx2,fma,f16c`. `p` must be valid for reading every element the
+    /// description above says is read through it.
     #[inline(always)]
     unsafe fn q4k_scales_mins(p: *const u8) -> (u64, u64) {
-        let s0 = std::ptr::read_unaligned(p as *const u32);
-        let s1 = std::ptr::read_unaligned(p.add(4) as *const u32);
-        let s2 = std::ptr::read_unaligned(p.add(8) as *const u32);
-        let sc_hi = (s2 & 0x0f0f_0f0f) | ((s0 >> 2) & 0x3030_3030);
-        let mn_hi = ((s2 >> 4) & 0x0f0f_0f0f) | ((s1 >> 2) & 0x3030_3030);
-        (
-            (s0 & 0x3f3f_3f3f) as u64 | (sc_hi as u64) << 32,
-            (s1 & 0x3f3f_3f3f) as u64 | (mn_hi as u64) << 32,
-        )
+        unsafe {
+            let s0 = std::ptr::read_unaligned(p as *const u32);
+            let s1 = std::ptr::read_unaligned(p.add(4) as *const u32);
+            let s2 = std::ptr::read_unaligned(p.add(8) as *const u32);
+            let sc_hi = (s2 & 0x0f0f_0f0f) | ((s0 >> 2) & 0x3030_3030);
+            let mn_hi = ((s2 >> 4) & 0x0f0f_0f0f) | ((s1 >> 2) & 0x3030_3030);
+            (
+                (s0 & 0x3f3f_3f3f) as u64 | (sc_hi as u64) << 32,
+                (s1 & 0x3f3f_3f3f) as u64 | (mn_hi as u64) << 32,
+            )
+        }
     }
 
     /// Q4_K output `j` for input rows `t0..t0 + R`, 64 weights a register: the 32 bytes
     /// of nibbles of two sub-blocks broadcast to both halves and shifted by 0 / 4 per half
     /// (so weights stay in order), the per-32 scales spread by one `pshufb` each, the mins
     /// against the inputs' per-32 sums; `d`, `dmin` by F16C.
+    ///
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx512f,avx512bw,avx512vnni,avx2,fma,f16c`. `out` must be valid for writing every element
+    /// the description above says is written through it, and no other thread may access them
+    /// meanwhile.
     #[inline(always)]
     unsafe fn q4k_micro<const R: usize>(
         w: &KQuantWeights,
@@ -1176,51 +1268,55 @@ mod avx512 {
         t0: usize,
         out: *mut f32,
     ) {
-        let m4 = _mm512_set1_epi8(0x0f);
-        let shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
-        let pick = [
-            _mm512_loadu_si512(PICK[0].as_ptr() as *const _),
-            _mm512_loadu_si512(PICK[1].as_ptr() as *const _),
-            _mm512_loadu_si512(PICK[2].as_ptr() as *const _),
-            _mm512_loadu_si512(PICK[3].as_ptr() as *const _),
-        ];
-        let mut accd = [_mm512_setzero_ps(); R];
-        let mut accm = [_mm_setzero_ps(); R];
-        for b in 0..w.k.div_ceil(QK_K) {
-            let p = row.add(b * 144);
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
-            let d = _mm_cvtss_f32(dm);
-            let dmin = _mm_cvtss_f32(_mm_movehdup_ps(dm));
-            let (sc, mn) = q4k_scales_mins(p.add(4));
-            let scb = _mm512_set1_epi64(sc as i64);
-            let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
-            let mut q = [_mm512_setzero_si512(); 4];
-            let mut s = [_mm512_setzero_si512(); 4];
-            for c in 0..4 {
-                let v = _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(16 + 32 * c) as *const _));
-                q[c] = _mm512_and_si512(_mm512_srlv_epi64(v, shift), m4);
-                s[c] = _mm512_shuffle_epi8(scb, pick[c]);
+        unsafe {
+            let m4 = _mm512_set1_epi8(0x0f);
+            let shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
+            let pick = [
+                _mm512_loadu_si512(PICK[0].as_ptr() as *const _),
+                _mm512_loadu_si512(PICK[1].as_ptr() as *const _),
+                _mm512_loadu_si512(PICK[2].as_ptr() as *const _),
+                _mm512_loadu_si512(PICK[3].as_ptr() as *const _),
+            ];
+            let mut accd = [_mm512_setzero_ps(); R];
+            let mut accm = [_mm_setzero_ps(); R];
+            for b in 0..w.k.div_ceil(QK_K) {
+                let p = row.add(b * 144);
+                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
+                let d = _mm_cvtss_f32(dm);
+                let dmin = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+                let (sc, mn) = q4k_scales_mins(p.add(4));
+                let scb = _mm512_set1_epi64(sc as i64);
+                let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
+                let mut q = [_mm512_setzero_si512(); 4];
+                let mut s = [_mm512_setzero_si512(); 4];
+                for c in 0..4 {
+                    let v =
+                        _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(16 + 32 * c) as *const _));
+                    q[c] = _mm512_and_si512(_mm512_srlv_epi64(v, shift), m4);
+                    s[c] = _mm512_shuffle_epi8(scb, pick[c]);
+                }
+                for r in 0..R {
+                    let t = t0 + r;
+                    let xp = xq.q.as_ptr().add((t * xq.kb + b) * QK_K);
+                    let mut isum = _mm512_setzero_si512();
+                    for c in 0..4 {
+                        let xv = _mm512_loadu_si512(xp.add(64 * c) as *const _);
+                        isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q[c], xv), s[c]);
+                    }
+                    let bs =
+                        _mm_loadu_si128(xq.bsums32.as_ptr().add((t * xq.kb + b) * 8) as *const _);
+                    let msum = _mm_madd_epi16(mins, bs);
+                    let dx = *xq.d.get_unchecked(t * xq.kb + b);
+                    accd[r] =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d * dx), accd[r]);
+                    accm[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(msum), _mm_set1_ps(dmin * dx), accm[r]);
+                }
             }
             for r in 0..R {
-                let t = t0 + r;
-                let xp = xq.q.as_ptr().add((t * xq.kb + b) * QK_K);
-                let mut isum = _mm512_setzero_si512();
-                for c in 0..4 {
-                    let xv = _mm512_loadu_si512(xp.add(64 * c) as *const _);
-                    isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q[c], xv), s[c]);
-                }
-                let bs = _mm_loadu_si128(xq.bsums32.as_ptr().add((t * xq.kb + b) * 8) as *const _);
-                let msum = _mm_madd_epi16(mins, bs);
-                let dx = *xq.d.get_unchecked(t * xq.kb + b);
-                accd[r] =
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d * dx), accd[r]);
-                accm[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(msum), _mm_set1_ps(dmin * dx), accm[r]);
+                let m = _mm_add_ps(accm[r], _mm_movehl_ps(accm[r], accm[r]));
+                let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+                *out.add((t0 + r) * w.n + j) = _mm512_reduce_add_ps(accd[r]) - _mm_cvtss_f32(m);
             }
-        }
-        for r in 0..R {
-            let m = _mm_add_ps(accm[r], _mm_movehl_ps(accm[r], accm[r]));
-            let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-            *out.add((t0 + r) * w.n + j) = _mm512_reduce_add_ps(accd[r]) - _mm_cvtss_f32(m);
         }
     }
 
@@ -1242,6 +1338,12 @@ mod avx512 {
     /// high bits moved to bits 4-5 from the half's 32 bytes of `qh`, broadcast and shifted
     /// per 256-bit half; the 16 signed scales widened once and spread by `vpermw`; the `-32`
     /// of every code folded into the integer sum through the inputs' per-16 sums.
+    ///
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx512f,avx512bw,avx512vnni,avx2,fma,f16c`. `out` must be valid for writing every element
+    /// the description above says is written through it, and no other thread may access them
+    /// meanwhile.
     #[inline(always)]
     unsafe fn q6k_micro<const R: usize>(
         w: &KQuantWeights,
@@ -1251,73 +1353,81 @@ mod avx512 {
         t0: usize,
         out: *mut f32,
     ) {
-        let m4 = _mm512_set1_epi8(0x0f);
-        let m30 = _mm512_set1_epi8(0x30);
-        let up = _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4);
-        let down = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
-        let spread = [
-            _mm512_loadu_si512(SPREAD[0].as_ptr() as *const _),
-            _mm512_loadu_si512(SPREAD[1].as_ptr() as *const _),
-            _mm512_loadu_si512(SPREAD[2].as_ptr() as *const _),
-            _mm512_loadu_si512(SPREAD[3].as_ptr() as *const _),
-        ];
-        let mut acc = [_mm512_setzero_ps(); R];
-        for b in 0..w.k.div_ceil(QK_K) {
-            let p = row.add(b * 210);
-            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
-                p.add(208) as *const u16,
-            ) as i32)));
-            let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192) as *const _));
-            let sc512 = _mm512_castsi256_si512(sc);
-            let mut q = [_mm512_setzero_si512(); 4];
-            for h in 0..2 {
-                let ql = _mm512_loadu_si512(p.add(64 * h) as *const _);
-                let qh =
-                    _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(128 + 32 * h) as *const _));
-                // x | (y & z): the nibbles with the high bits masked to 0x30.
-                q[2 * h] = _mm512_ternarylogic_epi32::<0xF8>(
-                    _mm512_and_si512(ql, m4),
-                    _mm512_sllv_epi64(qh, up),
-                    m30,
-                );
-                q[2 * h + 1] = _mm512_ternarylogic_epi32::<0xF8>(
-                    _mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
-                    _mm512_srlv_epi64(qh, down),
-                    m30,
-                );
-            }
-            let s = [
-                _mm512_permutexvar_epi16(spread[0], sc512),
-                _mm512_permutexvar_epi16(spread[1], sc512),
-                _mm512_permutexvar_epi16(spread[2], sc512),
-                _mm512_permutexvar_epi16(spread[3], sc512),
+        unsafe {
+            let m4 = _mm512_set1_epi8(0x0f);
+            let m30 = _mm512_set1_epi8(0x30);
+            let up = _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4);
+            let down = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
+            let spread = [
+                _mm512_loadu_si512(SPREAD[0].as_ptr() as *const _),
+                _mm512_loadu_si512(SPREAD[1].as_ptr() as *const _),
+                _mm512_loadu_si512(SPREAD[2].as_ptr() as *const _),
+                _mm512_loadu_si512(SPREAD[3].as_ptr() as *const _),
             ];
-            for r in 0..R {
-                let t = t0 + r;
-                let xp = xq.q.as_ptr().add((t * xq.kb + b) * QK_K);
-                let mut isum = _mm512_setzero_si512();
-                for c in 0..4 {
-                    let xv = _mm512_loadu_si512(xp.add(64 * c) as *const _);
-                    isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q[c], xv), s[c]);
+            let mut acc = [_mm512_setzero_ps(); R];
+            for b in 0..w.k.div_ceil(QK_K) {
+                let p = row.add(b * 210);
+                let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                    p.add(208) as *const u16,
+                ) as i32)));
+                let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192) as *const _));
+                let sc512 = _mm512_castsi256_si512(sc);
+                let mut q = [_mm512_setzero_si512(); 4];
+                for h in 0..2 {
+                    let ql = _mm512_loadu_si512(p.add(64 * h) as *const _);
+                    let qh =
+                        _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(128 + 32 * h) as *const _));
+                    // x | (y & z): the nibbles with the high bits masked to 0x30.
+                    q[2 * h] = _mm512_ternarylogic_epi32::<0xF8>(
+                        _mm512_and_si512(ql, m4),
+                        _mm512_sllv_epi64(qh, up),
+                        m30,
+                    );
+                    q[2 * h + 1] = _mm512_ternarylogic_epi32::<0xF8>(
+                        _mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
+                        _mm512_srlv_epi64(qh, down),
+                        m30,
+                    );
                 }
-                let bs = _mm256_loadu_si256(
-                    xq.bsums.as_ptr().add((t * xq.kb + b) * 16) as *const __m256i
-                );
-                let msum = _mm512_castsi256_si512(_mm256_slli_epi32(_mm256_madd_epi16(sc, bs), 5));
-                let msum = _mm512_maskz_mov_epi32(0x00ff, msum);
-                let dx = *xq.d.get_unchecked(t * xq.kb + b);
-                acc[r] = _mm512_fmadd_ps(
-                    _mm512_cvtepi32_ps(_mm512_sub_epi32(isum, msum)),
-                    _mm512_set1_ps(d * dx),
-                    acc[r],
-                );
+                let s = [
+                    _mm512_permutexvar_epi16(spread[0], sc512),
+                    _mm512_permutexvar_epi16(spread[1], sc512),
+                    _mm512_permutexvar_epi16(spread[2], sc512),
+                    _mm512_permutexvar_epi16(spread[3], sc512),
+                ];
+                for r in 0..R {
+                    let t = t0 + r;
+                    let xp = xq.q.as_ptr().add((t * xq.kb + b) * QK_K);
+                    let mut isum = _mm512_setzero_si512();
+                    for c in 0..4 {
+                        let xv = _mm512_loadu_si512(xp.add(64 * c) as *const _);
+                        isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q[c], xv), s[c]);
+                    }
+                    let bs = _mm256_loadu_si256(
+                        xq.bsums.as_ptr().add((t * xq.kb + b) * 16) as *const __m256i
+                    );
+                    let msum =
+                        _mm512_castsi256_si512(_mm256_slli_epi32(_mm256_madd_epi16(sc, bs), 5));
+                    let msum = _mm512_maskz_mov_epi32(0x00ff, msum);
+                    let dx = *xq.d.get_unchecked(t * xq.kb + b);
+                    acc[r] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(_mm512_sub_epi32(isum, msum)),
+                        _mm512_set1_ps(d * dx),
+                        acc[r],
+                    );
+                }
             }
-        }
-        for r in 0..R {
-            *out.add((t0 + r) * w.n + j) = _mm512_reduce_add_ps(acc[r]);
+            for r in 0..R {
+                *out.add((t0 + r) * w.n + j) = _mm512_reduce_add_ps(acc[r]);
+            }
         }
     }
 
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx512f,avx512bw,avx512vnni,avx2,fma,f16c`. `out` must be valid for writing every element
+    /// the description above says is written through it, and no other thread may access them
+    /// meanwhile.
     #[inline(always)]
     unsafe fn mx_micro<const R: usize>(
         w: &KQuantWeights,
@@ -1327,38 +1437,48 @@ mod avx512 {
         t0: usize,
         out: *mut f32,
     ) {
-        let nb = w.k.div_ceil(QK_MXFP4);
-        let mut acc = [_mm512_setzero_ps(); R];
-        let zero = _mm512_setzero_si512();
-        let mut b = 0;
-        while b + 2 <= nb {
-            let (p0, p1) = (row.add(b * 17), row.add((b + 1) * 17));
-            let wv = join(mx_weights(p0), mx_weights(p1));
-            let aw = _mm512_abs_epi8(wv);
-            let neg = _mm512_movepi8_mask(wv);
-            let (s0, s1) = (e8m0_half(*p0), e8m0_half(*p1));
-            // b is even, so both blocks lie in one activation block.
-            let (xb, o) = (b / 8, (b % 8) * QK_MXFP4);
-            for r in 0..R {
-                let t = t0 + r;
-                let xp = xq.q.as_ptr().add((t * xq.kb + xb) * QK_K + o);
-                let xv = _mm512_loadu_si512(xp as *const _);
-                let sx = _mm512_mask_sub_epi8(xv, neg, zero, xv);
-                let dot = _mm512_dpbusd_epi32(zero, aw, sx);
-                let dx = *xq.d.get_unchecked(t * xq.kb + xb);
-                let sc =
-                    _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(s0 * dx), _mm512_set1_ps(s1 * dx));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc[r]);
+        unsafe {
+            let nb = w.k.div_ceil(QK_MXFP4);
+            let mut acc = [_mm512_setzero_ps(); R];
+            let zero = _mm512_setzero_si512();
+            let mut b = 0;
+            while b + 2 <= nb {
+                let (p0, p1) = (row.add(b * 17), row.add((b + 1) * 17));
+                let wv = join(mx_weights(p0), mx_weights(p1));
+                let aw = _mm512_abs_epi8(wv);
+                let neg = _mm512_movepi8_mask(wv);
+                let (s0, s1) = (e8m0_half(*p0), e8m0_half(*p1));
+                // b is even, so both blocks lie in one activation block.
+                let (xb, o) = (b / 8, (b % 8) * QK_MXFP4);
+                for r in 0..R {
+                    let t = t0 + r;
+                    let xp = xq.q.as_ptr().add((t * xq.kb + xb) * QK_K + o);
+                    let xv = _mm512_loadu_si512(xp as *const _);
+                    let sx = _mm512_mask_sub_epi8(xv, neg, zero, xv);
+                    let dot = _mm512_dpbusd_epi32(zero, aw, sx);
+                    let dx = *xq.d.get_unchecked(t * xq.kb + xb);
+                    let sc = _mm512_mask_blend_ps(
+                        0xff00,
+                        _mm512_set1_ps(s0 * dx),
+                        _mm512_set1_ps(s1 * dx),
+                    );
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc[r]);
+                }
+                b += 2;
             }
-            b += 2;
-        }
-        let mut tail = [_mm256_setzero_ps(); R];
-        mx_blocks::<R>(row, xq, b..nb, t0, &mut tail);
-        for r in 0..R {
-            *out.add((t0 + r) * w.n + j) = _mm512_reduce_add_ps(acc[r]) + hsum(tail[r]);
+            let mut tail = [_mm256_setzero_ps(); R];
+            mx_blocks::<R>(row, xq, b..nb, t0, &mut tail);
+            for r in 0..R {
+                *out.add((t0 + r) * w.n + j) = _mm512_reduce_add_ps(acc[r]) + hsum(tail[r]);
+            }
         }
     }
 
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx512f,avx512bw,avx512vnni,avx2,fma,f16c`. `out` must be valid for writing every element
+    /// the description above says is written through it, and no other thread may access them
+    /// meanwhile.
     #[inline(always)]
     unsafe fn tile_of<const F: u8>(
         w: &KQuantWeights,
@@ -1368,33 +1488,35 @@ mod avx512 {
         cols: Range<usize>,
         out: *mut f32,
     ) {
-        for (j0, count, first, rb) in w.stretches(cols) {
-            for i in 0..count {
-                let (j, row) = (j0 + i, first.add(i * rb));
-                let mut t = rows.start;
-                while t + 4 <= rows.end {
-                    match format {
-                        KFormat::Mxfp4 => mx_micro::<4>(w, xq, row, j, t, out),
-                        KFormat::Q4K => q4k_micro::<4>(w, xq, row, j, t, out),
-                        KFormat::Q6K => q6k_micro::<4>(w, xq, row, j, t, out),
-                        KFormat::Q5K => micro::<F, 4>(w, xq, row, j, t, out),
+        unsafe {
+            for (j0, count, first, rb) in w.stretches(cols) {
+                for i in 0..count {
+                    let (j, row) = (j0 + i, first.add(i * rb));
+                    let mut t = rows.start;
+                    while t + 4 <= rows.end {
+                        match format {
+                            KFormat::Mxfp4 => mx_micro::<4>(w, xq, row, j, t, out),
+                            KFormat::Q4K => q4k_micro::<4>(w, xq, row, j, t, out),
+                            KFormat::Q6K => q6k_micro::<4>(w, xq, row, j, t, out),
+                            KFormat::Q5K => micro::<F, 4>(w, xq, row, j, t, out),
+                        }
+                        t += 4;
                     }
-                    t += 4;
-                }
-                match (rows.end - t, format) {
-                    (0, _) => {}
-                    (3, KFormat::Mxfp4) => mx_micro::<3>(w, xq, row, j, t, out),
-                    (2, KFormat::Mxfp4) => mx_micro::<2>(w, xq, row, j, t, out),
-                    (_, KFormat::Mxfp4) => mx_micro::<1>(w, xq, row, j, t, out),
-                    (3, KFormat::Q4K) => q4k_micro::<3>(w, xq, row, j, t, out),
-                    (2, KFormat::Q4K) => q4k_micro::<2>(w, xq, row, j, t, out),
-                    (_, KFormat::Q4K) => q4k_micro::<1>(w, xq, row, j, t, out),
-                    (3, KFormat::Q6K) => q6k_micro::<3>(w, xq, row, j, t, out),
-                    (2, KFormat::Q6K) => q6k_micro::<2>(w, xq, row, j, t, out),
-                    (_, KFormat::Q6K) => q6k_micro::<1>(w, xq, row, j, t, out),
-                    (3, KFormat::Q5K) => micro::<F, 3>(w, xq, row, j, t, out),
-                    (2, KFormat::Q5K) => micro::<F, 2>(w, xq, row, j, t, out),
-                    (_, KFormat::Q5K) => micro::<F, 1>(w, xq, row, j, t, out),
+                    match (rows.end - t, format) {
+                        (0, _) => {}
+                        (3, KFormat::Mxfp4) => mx_micro::<3>(w, xq, row, j, t, out),
+                        (2, KFormat::Mxfp4) => mx_micro::<2>(w, xq, row, j, t, out),
+                        (_, KFormat::Mxfp4) => mx_micro::<1>(w, xq, row, j, t, out),
+                        (3, KFormat::Q4K) => q4k_micro::<3>(w, xq, row, j, t, out),
+                        (2, KFormat::Q4K) => q4k_micro::<2>(w, xq, row, j, t, out),
+                        (_, KFormat::Q4K) => q4k_micro::<1>(w, xq, row, j, t, out),
+                        (3, KFormat::Q6K) => q6k_micro::<3>(w, xq, row, j, t, out),
+                        (2, KFormat::Q6K) => q6k_micro::<2>(w, xq, row, j, t, out),
+                        (_, KFormat::Q6K) => q6k_micro::<1>(w, xq, row, j, t, out),
+                        (3, KFormat::Q5K) => micro::<F, 3>(w, xq, row, j, t, out),
+                        (2, KFormat::Q5K) => micro::<F, 2>(w, xq, row, j, t, out),
+                        (_, KFormat::Q5K) => micro::<F, 1>(w, xq, row, j, t, out),
+                    }
                 }
             }
         }
@@ -1402,6 +1524,12 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     /// Columns `cols`, all rows of the weight in `format`.
+    ///
+    /// # Safety
+    /// The CPU must support `avx512f,avx512bw,avx512vnni,avx2,fma,f16c`; callers check
+    /// [`crate::simd()`] (and the optional extensions this module asks for) first. `out` must be
+    /// valid for writing every element the description above says is written through it, and no
+    /// other thread may access them meanwhile.
     pub(super) unsafe fn tile(
         w: &KQuantWeights,
         format: KFormat,
@@ -1410,15 +1538,17 @@ mod avx512 {
         cols: Range<usize>,
         out: *mut f32,
     ) {
-        match format {
-            KFormat::Q4K | KFormat::Mxfp4 => tile_of::<F_Q4K>(w, format, xq, rows, cols, out),
-            KFormat::Q5K => tile_of::<F_Q5K>(w, format, xq, rows, cols, out),
-            KFormat::Q6K => tile_of::<F_Q6K>(w, format, xq, rows, cols, out),
+        unsafe {
+            match format {
+                KFormat::Q4K | KFormat::Mxfp4 => tile_of::<F_Q4K>(w, format, xq, rows, cols, out),
+                KFormat::Q5K => tile_of::<F_Q5K>(w, format, xq, rows, cols, out),
+                KFormat::Q6K => tile_of::<F_Q6K>(w, format, xq, rows, cols, out),
+            }
         }
     }
 
     /// The CPU has the 512-bit VNNI this module needs (on top of
-    /// [`crate::kernels::Simd::Avx512`]).
+    /// [`crate::simd::Simd::Avx512`]).
     pub fn has_vnni() -> bool {
         std::is_x86_feature_detected!("avx512vnni")
     }
@@ -1427,8 +1557,8 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::Simd;
     use crate::packed::tests::rnd_vec;
+    use crate::simd::Simd;
 
     /// Random blocks with every bit pattern in the codes and scales, and f16 `d`/`dmin` of a
     /// sane size (MXFP4: exponents around 2^0).
@@ -1462,7 +1592,7 @@ mod tests {
     }
 
     /// The instruction sets this CPU can run, the scalar oracle first.
-    use crate::kernels::available_levels as levels;
+    use crate::simd::available_levels as levels;
 
     #[test]
     fn ggml_type_ids() {

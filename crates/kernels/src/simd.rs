@@ -1,6 +1,6 @@
-//! Small vectorised helpers of the decode path: a bandwidth probe and `exp` on 8 lanes, and
-//! the choice of instruction set the matmul kernels (`packed`, `quant`) run with. The matmul
-//! lives in `packed`.
+//! The choice of instruction set every kernel of this crate runs with ([`simd`], made once
+//! per process), and small vectorised helpers of the decode path: a bandwidth probe, the
+//! gated activation and `exp` on 8 lanes. The matmul lives in `packed`.
 
 use std::sync::OnceLock;
 
@@ -126,33 +126,38 @@ pub fn simd() -> Simd {
 }
 
 /// Sum of `x`, reading it at full memory speed (AVX2 where available): the bandwidth probe of
-/// `tandem bench decode`.
+/// `tandem bench decode`. AVX2 when [`simd`] is `avx2` or above.
 pub fn sum(x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the feature was just detected.
+        if simd() >= Simd::Avx2 {
+            // SAFETY: the level, at most what the CPU has, includes AVX2.
             return unsafe { avx::sum(x) };
         }
     }
     x.iter().sum()
 }
 
+/// `silu(x) = x / (1 + e^-x)`: the scalar activation, the oracle of [`silu_mul`]'s SIMD lanes.
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
 /// `out[i] = silu(g[i]) * u[i]` (`silu(x) = x / (1 + e^-x)`), the gated MLP's activation: 8
-/// lanes at a time with [`avx_exp`] where the CPU has AVX2 and FMA.
+/// lanes at a time with [`avx_exp`] when [`simd`] is `avx2` or above.
 pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
     assert!(g.len() == u.len() && g.len() == out.len());
     #[allow(unused_mut)]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
+        if simd() >= Simd::Avx2 {
+            // SAFETY: the level, at most what the CPU has, includes AVX2 and FMA.
             done = unsafe { avx::silu_mul(g, u, out) };
         }
     }
     for ((o, g), u) in out[done..].iter_mut().zip(&g[done..]).zip(&u[done..]) {
-        *o = crate::layers::silu(*g) * u;
+        *o = silu(*g) * u;
     }
 }
 
@@ -164,37 +169,39 @@ pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub unsafe fn avx_exp(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    let x = _mm256_min_ps(x, _mm256_set1_ps(88.376_26));
-    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.336_55));
-    // n = round(x / ln 2), r = x - n ln 2 (ln 2 split in two for precision).
-    let n = _mm256_round_ps(
-        _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-    );
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut y = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    unsafe {
+        use std::arch::x86_64::*;
+        let x = _mm256_min_ps(x, _mm256_set1_ps(88.376_26));
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.336_55));
+        // n = round(x / ln 2), r = x - n ln 2 (ln 2 split in two for precision).
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut y = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_fmadd_ps(
+            y,
+            _mm256_mul_ps(r, r),
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        // 2^n through the exponent bits.
+        let e = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        );
+        _mm256_mul_ps(y, _mm256_castsi256_ps(e))
     }
-    let y = _mm256_fmadd_ps(
-        y,
-        _mm256_mul_ps(r, r),
-        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-    );
-    // 2^n through the exponent bits.
-    let e = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-        23,
-    );
-    _mm256_mul_ps(y, _mm256_castsi256_ps(e))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -202,52 +209,68 @@ mod avx {
     use std::arch::x86_64::*;
 
     /// The first `len / 8 * 8` elements of [`super::silu_mul`]; returns how many.
+    ///
+    /// # Safety
+    /// The CPU must support `avx2,fma`; callers check [`crate::simd()`] (and the optional
+    /// extensions this module asks for) first.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) -> usize {
-        let n = g.len().min(u.len()).min(out.len()) / 8 * 8;
-        let one = _mm256_set1_ps(1.0);
-        let mut i = 0;
-        while i < n {
-            let gv = _mm256_loadu_ps(g.as_ptr().add(i));
-            let uv = _mm256_loadu_ps(u.as_ptr().add(i));
-            let e = super::avx_exp(_mm256_sub_ps(_mm256_setzero_ps(), gv));
-            let s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
-            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(s, uv));
-            i += 8;
+        unsafe {
+            let n = g.len().min(u.len()).min(out.len()) / 8 * 8;
+            let one = _mm256_set1_ps(1.0);
+            let mut i = 0;
+            while i < n {
+                let gv = _mm256_loadu_ps(g.as_ptr().add(i));
+                let uv = _mm256_loadu_ps(u.as_ptr().add(i));
+                let e = super::avx_exp(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+                let s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+                _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(s, uv));
+                i += 8;
+            }
+            n
         }
-        n
     }
 
+    /// # Safety
+    /// The CPU must support `avx2`; callers check [`crate::simd()`] (and the optional extensions
+    /// this module asks for) first.
     #[target_feature(enable = "avx2")]
     pub unsafe fn sum(x: &[f32]) -> f32 {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let n32 = x.len() / 32 * 32;
-        let p = x.as_ptr();
-        let mut i = 0;
-        while i < n32 {
-            for (j, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_add_ps(*a, _mm256_loadu_ps(p.add(i + 8 * j)));
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let n32 = x.len() / 32 * 32;
+            let p = x.as_ptr();
+            let mut i = 0;
+            while i < n32 {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_add_ps(*a, _mm256_loadu_ps(p.add(i + 8 * j)));
+                }
+                i += 32;
             }
-            i += 32;
+            let mut s = hsum(_mm256_add_ps(
+                _mm256_add_ps(acc[0], acc[1]),
+                _mm256_add_ps(acc[2], acc[3]),
+            ));
+            for v in &x[n32..] {
+                s += v;
+            }
+            s
         }
-        let mut s = hsum(_mm256_add_ps(
-            _mm256_add_ps(acc[0], acc[1]),
-            _mm256_add_ps(acc[2], acc[3]),
-        ));
-        for v in &x[n32..] {
-            s += v;
-        }
-        s
     }
 
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx2,fma`.
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_hadd_ps(s, s);
-        let s = _mm_hadd_ps(s, s);
-        _mm_cvtss_f32(s)
+        unsafe {
+            let lo = _mm256_castps256_ps128(v);
+            let hi = _mm256_extractf128_ps(v, 1);
+            let s = _mm_add_ps(lo, hi);
+            let s = _mm_hadd_ps(s, s);
+            let s = _mm_hadd_ps(s, s);
+            _mm_cvtss_f32(s)
+        }
     }
 }
 
@@ -282,12 +305,17 @@ mod tests {
         if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
             return;
         }
+        /// # Safety
+        /// The CPU must support `avx2,fma`; callers check [`crate::simd()`] (and the optional
+        /// extensions this module asks for) first.
         #[target_feature(enable = "avx2,fma")]
         unsafe fn exp8(x: &[f32; 8]) -> [f32; 8] {
-            use std::arch::x86_64::*;
-            let mut o = [0f32; 8];
-            _mm256_storeu_ps(o.as_mut_ptr(), avx_exp(_mm256_loadu_ps(x.as_ptr())));
-            o
+            unsafe {
+                use std::arch::x86_64::*;
+                let mut o = [0f32; 8];
+                _mm256_storeu_ps(o.as_mut_ptr(), avx_exp(_mm256_loadu_ps(x.as_ptr())));
+                o
+            }
         }
         let mut x = -87.0f32;
         while x < 88.0 {
