@@ -1,8 +1,9 @@
 //! tandem-engine: the disaggregated runtime. Attention replicas and expert workers run on
 //! their own threads and thread pools, exchange hidden states through a [`transport`], and
 //! keep each other busy with a ping-pong pipeline of micro-batches: `lanes.rs` is the policy
-//! (which micro-batch does what next), `replica.rs` runs it, `m2n_client.rs` is a replica's
-//! side of the protocol and `expert_worker.rs` the other side.
+//! (which micro-batch does what next; `tandem_core::lanes`, re-exported), `replica.rs` runs
+//! it, `m2n_client.rs` is a replica's side of the protocol and `expert_worker.rs` the other
+//! side.
 //! [`Engine`] is the API: `add_request` returns a stream of outputs; `abort` cancels.
 
 pub mod auth;

@@ -6,12 +6,17 @@
 //! [`tandem_sched::Scheduler::set_lanes`]). Lane `k`'s step is schedule -> the layers, with
 //! its MoE layers on the expert workers as micro-batch `k` -> LM head -> sample -> update.
 //!
-//! With remote experts the lanes are independent chains that share this thread; which lane
-//! does what next is decided by `lanes.rs` (the policy, with its state diagram), the
-//! protocol side is `m2n_client.rs`, and this file holds the lanes' data ([`LaneState`]) and
-//! runs the model. Colocated, a round runs every lane's step layer by layer and lane by lane.
+//! With remote experts the lanes are independent chains that share this thread. Which lane
+//! does what next, and every move of a lane's state, is the policy in `lanes.rs`
+//! (`tandem_core::lanes`, with its state diagram): `Replica::run_lanes` asks
+//! `lanes::next_action` and does it, and `Replica::apply` is the one place a lane's state
+//! changes (`lanes::transition`). The protocol side is `m2n_client.rs`; this file holds the
+//! lanes' data ([`LaneData`]) and runs the model. Colocated, a round starts every lane and the
+//! same policy runs their layers (layer by layer and lane by lane) and finishes them.
 
-use crate::lanes::{self, Action, Progress, LM_HEAD_PARTS, SAMPLE_PARTS};
+use crate::lanes::{
+    self, Action, Event, Lane, LaneShape, Membership, Progress, LM_HEAD_PARTS, SAMPLE_PARTS,
+};
 use crate::m2n_client::{M2nClient, Received};
 use crate::output::{RequestOutput, RequestState};
 use crate::stats::{Clock, EngineStats};
@@ -54,71 +59,29 @@ struct Step {
     layout: BatchLayout,
     /// `[T, D]` hidden state after the last layer settled on this replica.
     h: Tensor,
-    iteration: u64,
     /// Members of the step's iteration (sent with its dispatches).
     members: Members,
 }
 
-/// Per lane: where its step stands (see the diagram in `lanes.rs`).
-enum LaneState {
-    /// No step; the next one runs `next_iteration`.
-    Idle { next_iteration: u64 },
-    /// The hidden state is here; layer `next_layer` runs next.
-    Running { step: Step, next_layer: usize },
-    /// MoE layer `slot.layer` is with the expert workers: what stays here, and the workers'
-    /// combines received so far.
-    Waiting {
-        step: Step,
-        slot: Slot,
-        flight: InFlight,
-        combines: Vec<CombineMsg>,
-    },
-    /// Every layer ran: the LM head, sampling and the scheduler's update are next.
-    Done { step: Step },
+/// Per lane: its state (see the diagram in `lanes.rs`; changed only by `Replica::apply`)
+/// and the data of its step.
+struct LaneData {
+    state: Lane,
+    /// The step in flight: there unless the lane is idle (or its step is out being finished).
+    step: Option<Step>,
+    /// While the lane is `Waiting`: what stays here, and the workers' combines so far.
+    flight: Option<InFlight>,
+    combines: Vec<CombineMsg>,
 }
 
-impl LaneState {
-    fn progress(&self, workers: usize, layers: usize) -> Progress {
-        let busy = |step: &Step, next_layer, input_here| Progress::Busy {
-            iteration: step.iteration,
-            next_layer,
-            input_here,
-        };
-        match self {
-            LaneState::Idle { next_iteration } => Progress::Idle {
-                next_iteration: *next_iteration,
-            },
-            LaneState::Running { step, next_layer } => busy(step, *next_layer, true),
-            LaneState::Waiting {
-                step,
-                slot,
-                combines,
-                ..
-            } => busy(step, slot.layer as usize + 1, combines.len() >= workers),
-            LaneState::Done { step } => busy(step, layers, true),
+impl LaneData {
+    fn idle() -> Self {
+        Self {
+            state: Lane::Idle { next_iteration: 0 },
+            step: None,
+            flight: None,
+            combines: Vec::new(),
         }
-    }
-
-    fn step(&self) -> Option<&Step> {
-        match self {
-            LaneState::Idle { .. } => None,
-            LaneState::Running { step, .. }
-            | LaneState::Waiting { step, .. }
-            | LaneState::Done { step } => Some(step),
-        }
-    }
-
-    fn next_iteration(&self) -> u64 {
-        match self {
-            LaneState::Idle { next_iteration } => *next_iteration,
-            _ => self.step().map_or(0, |s| s.iteration + 1),
-        }
-    }
-
-    /// Moves the state out, leaving the lane idle (on its next iteration).
-    fn take(&mut self) -> LaneState {
-        let next_iteration = self.next_iteration();
-        std::mem::replace(self, LaneState::Idle { next_iteration })
     }
 }
 
@@ -140,7 +103,7 @@ pub struct Replica {
     pub experts: Experts,
     pub requests: HashMap<RequestId, RequestState>,
     /// One per micro-batch.
-    lanes: Vec<LaneState>,
+    lanes: Vec<LaneData>,
     /// Iterations started.
     steps: u64,
     /// Time spent in other lanes' layers while a lane was being finished (kept out of the
@@ -180,9 +143,7 @@ impl Replica {
             sampler,
             experts,
             requests: HashMap::new(),
-            lanes: (0..m)
-                .map(|_| LaneState::Idle { next_iteration: 0 })
-                .collect(),
+            lanes: (0..m).map(|_| LaneData::idle()).collect(),
             steps: 0,
             served: Duration::ZERO,
             stats,
@@ -228,17 +189,44 @@ impl Replica {
 
     /// Whether a lane holds a step that is not sampled yet.
     fn in_flight(&self) -> bool {
-        self.lanes.iter().any(|l| l.step().is_some())
+        self.lanes.iter().any(|l| l.state.iteration().is_some())
+    }
+
+    /// The layers of a lane and the workers each MoE layer waits for.
+    fn lane_shape(&self) -> LaneShape {
+        LaneShape {
+            layers: self.model.cfg.num_layers,
+            workers: self.protocol().map_or(0, M2nClient::workers),
+        }
     }
 
     /// The lanes as the policy sees them.
     fn progress(&self) -> Vec<Progress> {
-        let workers = self.protocol().map_or(0, M2nClient::workers);
-        let layers = self.model.cfg.num_layers;
-        self.lanes
-            .iter()
-            .map(|l| l.progress(workers, layers))
-            .collect()
+        let shape = self.lane_shape();
+        self.lanes.iter().map(|l| l.state.progress(shape)).collect()
+    }
+
+    /// The one place a lane's state changes: `event` happened to lane `k` (the policy's
+    /// transition; an event its state does not allow is a protocol error, not applied).
+    fn apply(&mut self, k: usize, event: Event) -> Result<(), EngineError> {
+        let shape = self.lane_shape();
+        let id = self.id;
+        let lane = self.lanes.get_mut(k).ok_or_else(|| {
+            EngineError::Protocol(format!("replica {id}: no lane {k} for {event:?}"))
+        })?;
+        lane.state = lanes::transition(lane.state, event, shape)
+            .map_err(|e| EngineError::Protocol(format!("replica {id}: lane {k}: {e}")))?;
+        Ok(())
+    }
+
+    /// Lane `k`'s step, taken out (the lane's state says it has one).
+    fn take_step(&mut self, k: usize) -> Result<Step, EngineError> {
+        self.lanes[k].step.take().ok_or_else(|| {
+            EngineError::Protocol(format!(
+                "replica {}: lane {k} ({:?}) holds no step",
+                self.id, self.lanes[k].state
+            ))
+        })
     }
 
     /// One turn of the replica's loop: join the next iteration if needed, then run a round.
@@ -264,12 +252,11 @@ impl Replica {
                 if !has_work {
                     return Ok(());
                 }
-                match client.join() {
+                let joined = client.join();
+                match joined {
                     Ok(iteration) => {
-                        for lane in &mut self.lanes {
-                            *lane = LaneState::Idle {
-                                next_iteration: iteration,
-                            };
+                        for k in 0..self.lanes.len() {
+                            self.apply(k, Event::Join { iteration })?;
                         }
                     }
                     Err(e) => {
@@ -319,15 +306,15 @@ impl Replica {
     /// One round. With the membership protocol: lanes advance as the policy says (see
     /// `lanes.rs`) until one lane has finished a step (its tokens are out) or the replica
     /// leaves; an idle lane of a member sends empty dispatches so that the expert workers
-    /// can complete every slot. Colocated: every lane runs a whole step, layer by layer and
-    /// lane by lane.
+    /// can complete every slot. Colocated: every lane starts the round's iteration and the
+    /// policy runs each lane's whole step.
     fn round(&mut self) -> Result<(), EngineError> {
         let stats = self.stats.clone();
         let mut clock = Clock::new(&stats.replicas[self.local], "attention", self.id as usize);
         let res = if self.protocol().is_some() {
             self.run_lanes(&mut clock)
         } else {
-            self.run_round(&mut clock)
+            self.start_round().and_then(|()| self.run_lanes(&mut clock))
         };
         if let Err(e) = &res {
             self.abandon(e);
@@ -337,38 +324,37 @@ impl Replica {
         res
     }
 
-    /// Colocated (or a model without MoE layers): one step of every lane.
-    fn run_round(&mut self, clock: &mut Clock) -> Result<(), EngineError> {
+    /// Colocated (or a model without MoE layers): every lane starts the next iteration.
+    fn start_round(&mut self) -> Result<(), EngineError> {
         let iteration = self.steps;
         self.steps += 1;
-        let lanes = self.lanes.len();
-        for k in 0..lanes {
+        for k in 0..self.lanes.len() {
             self.start_lane(k, iteration, Members::NONE)?;
-        }
-        for _ in 0..self.model.cfg.num_layers {
-            for k in 0..lanes {
-                self.run_layer(k)?;
-            }
-        }
-        for k in 0..lanes {
-            self.finish_lane(k, clock)?;
         }
         Ok(())
     }
 
-    /// With the membership protocol: does what the lane policy says until one lane has
-    /// finished a step or the replica is out of the membership.
+    /// Does what the lane policy says. With the membership protocol, until one lane has
+    /// finished a step or the replica is out of the membership; colocated (nothing decided,
+    /// so no lane starts), until every lane's step is finished.
     fn run_lanes(&mut self, clock: &mut Clock) -> Result<(), EngineError> {
         let layers = self.model.cfg.num_layers;
         loop {
             self.poll_combines()?;
-            let Some(client) = self.protocol() else {
-                return Ok(());
+            let progress = self.progress();
+            let action = match self.protocol() {
+                Some(client) => lanes::next_action(&progress, layers, client.view()),
+                None => lanes::next_action(&progress, layers, Membership::none(self.id)),
             };
-            match lanes::next_action(&self.progress(), layers, client.view()) {
+            match action {
                 Action::RunLayer(k) => self.run_layer(k)?,
                 Action::Start { lane, iteration } => self.start_next(lane, iteration)?,
-                Action::Finish(k) => return self.finish_lane(k, clock),
+                Action::Finish(k) => {
+                    self.finish_lane(k, clock)?;
+                    if self.protocol().is_some() {
+                        return Ok(());
+                    }
+                }
                 Action::Wait => self.wait_combine(clock)?,
                 Action::Leave => {
                     if let Some(client) = self.protocol_mut() {
@@ -386,11 +372,15 @@ impl Replica {
             .protocol()
             .map_or(Members::NONE, |c| c.members_of(iteration));
         // The first lane to start an iteration counts it.
-        if self.lanes.iter().all(|l| l.next_iteration() <= iteration) {
+        if self
+            .lanes
+            .iter()
+            .all(|l| l.state.next_iteration() <= iteration)
+        {
             self.steps += 1;
         }
         let res = self.start_lane(k, iteration, members);
-        let oldest = self.lanes.iter().map(LaneState::next_iteration).min();
+        let oldest = self.lanes.iter().map(|l| l.state.next_iteration()).min();
         if let (Some(client), Some(oldest)) = (self.protocol_mut(), oldest) {
             client.forget_before(oldest);
         }
@@ -429,82 +419,48 @@ impl Replica {
         let behind = self
             .lanes
             .iter()
-            .filter_map(LaneState::step)
-            .any(|s| s.iteration < iteration);
+            .filter_map(|l| l.state.iteration())
+            .any(|i| i < iteration);
         if behind && !out.seqs.is_empty() {
             self.stats.overlapped_steps.fetch_add(1, Ordering::Relaxed);
         }
-        let step = Step {
+        self.lanes[k].step = Some(Step {
             out,
             layout,
             h,
-            iteration,
             members,
-        };
-        self.lanes[k] = if self.model.cfg.num_layers == 0 {
-            LaneState::Done { step }
-        } else {
-            LaneState::Running {
-                step,
-                next_layer: 0,
-            }
-        };
-        Ok(())
+        });
+        self.apply(k, Event::Start { iteration })
     }
 
     /// Lane `k`'s next layer: its pending combine first, if any, then attention, then the
     /// experts (dispatched, or here for a dense layer or colocated).
     fn run_layer(&mut self, k: usize) -> Result<(), EngineError> {
         self.settle(k)?;
-        let (mut step, l) = match self.lanes[k].take() {
-            LaneState::Running { step, next_layer } => (step, next_layer),
-            other => {
-                self.lanes[k] = other;
-                return Err(EngineError::Protocol(format!(
-                    "lane {k} has no layer to run"
-                )));
-            }
+        let state = self.lanes[k].state;
+        let (Some(l), Some(iteration)) = (state.runnable_layer(), state.iteration()) else {
+            return Err(EngineError::Protocol(format!(
+                "replica {}: lane {k} ({state:?}) has no layer to run",
+                self.id
+            )));
         };
-        match self.layer(k, &mut step, l) {
-            Ok(Some((slot, flight))) => {
-                self.lanes[k] = LaneState::Waiting {
-                    step,
-                    slot,
-                    flight,
-                    combines: Vec::new(),
-                };
-                Ok(())
+        let mut step = self.take_step(k)?;
+        let res = self.layer(Slot::new(iteration, l as u32, k as u32), &mut step);
+        // On an error the step stays (`abandon` fails its sequences).
+        self.lanes[k].step = Some(step);
+        match res? {
+            Some(flight) => {
+                self.lanes[k].flight = Some(flight);
+                self.apply(k, Event::Dispatched)
             }
-            Ok(None) => {
-                self.lanes[k] = if l + 1 >= self.model.cfg.num_layers {
-                    LaneState::Done { step }
-                } else {
-                    LaneState::Running {
-                        step,
-                        next_layer: l + 1,
-                    }
-                };
-                Ok(())
-            }
-            Err(e) => {
-                // `abandon` fails its sequences.
-                self.lanes[k] = LaneState::Running {
-                    step,
-                    next_layer: l,
-                };
-                Err(e)
-            }
+            None => self.apply(k, Event::RanHere),
         }
     }
 
-    /// Layer `l` of lane `k`'s step: attention, then the routed experts dispatched (the
-    /// slot and what stays here are returned) or run here.
-    fn layer(
-        &mut self,
-        k: usize,
-        step: &mut Step,
-        l: usize,
-    ) -> Result<Option<(Slot, InFlight)>, EngineError> {
+    /// Layer `slot.layer` of lane `slot.micro_batch`'s step: attention, then the routed
+    /// experts dispatched (what stays here is returned) or run here.
+    fn layer(&mut self, slot: Slot, step: &mut Step) -> Result<Option<InFlight>, EngineError> {
+        let l = slot.layer as usize;
         let model = self.model.clone();
         let layer = &model.layers[l];
         let a = layer.attention.forward(
@@ -518,7 +474,6 @@ impl Replica {
             step.h = model.finish_layer(layer, a)?;
             return Ok(None);
         };
-        let slot = Slot::new(step.iteration, l as u32, k as u32);
         let rows = client.dispatch(
             slot,
             step.members,
@@ -534,58 +489,49 @@ impl Replica {
         if let Some(y) = layer.experts.forward_shared(&a.normed)? {
             with_slice(&y, |y| add_into(&mut residual, y))?;
         }
-        Ok(Some((slot, InFlight { residual, rows })))
+        Ok(Some(InFlight { residual, rows }))
     }
 
     /// If lane `k` waits on a slot (every worker's combine is here): its combine becomes the
     /// lane's hidden state.
     fn settle(&mut self, k: usize) -> Result<(), EngineError> {
-        let (mut step, slot, flight, combines) = match self.lanes[k].take() {
-            LaneState::Waiting {
-                step,
-                slot,
-                flight,
-                combines,
-            } => (step, slot, flight, combines),
-            other => {
-                self.lanes[k] = other;
-                return Ok(());
-            }
+        let Lane::Waiting {
+            iteration, layer, ..
+        } = self.lanes[k].state
+        else {
+            return Ok(());
         };
-        let next_layer = slot.layer as usize + 1;
-        let res = self.combine(slot, flight, combines).map(|h| step.h = h);
-        self.lanes[k] = if next_layer >= self.model.cfg.num_layers {
-            LaneState::Done { step }
-        } else {
-            LaneState::Running { step, next_layer }
-        };
-        res
+        self.apply(k, Event::Settled)?;
+        let slot = Slot::new(iteration, layer as u32, k as u32);
+        let lane = &mut self.lanes[k];
+        let combines = std::mem::take(&mut lane.combines);
+        let flight = lane.flight.take().ok_or_else(|| {
+            EngineError::Protocol(format!("replica {}: slot {slot} has no flight", self.id))
+        })?;
+        let h = self.combine(flight, combines)?;
+        if let Some(step) = self.lanes[k].step.as_mut() {
+            step.h = h;
+        }
+        Ok(())
     }
 
-    /// Ends lane `k`'s step, if it has one: its last combine, the LM head over the rows that
-    /// sample (sequences aborted meanwhile skipped), sampling, the scheduler's update, and
-    /// the tokens to the clients.
+    /// Ends lane `k`'s step: its last combine, the LM head over the rows that sample
+    /// (sequences aborted meanwhile skipped), sampling, the scheduler's update, and the
+    /// tokens to the clients.
     fn finish_lane(&mut self, k: usize, clock: &mut Clock) -> Result<(), EngineError> {
         self.settle(k)?;
-        let step = match self.lanes[k].take() {
-            LaneState::Done { step } => step,
-            LaneState::Idle { next_iteration } => {
-                self.lanes[k] = LaneState::Idle { next_iteration };
-                return Ok(());
-            }
-            other => {
-                self.lanes[k] = other;
-                return Err(EngineError::Protocol(format!(
-                    "lane {k} is finished before its last layer"
-                )));
-            }
-        };
+        if !matches!(self.lanes[k].state, Lane::Done { .. }) {
+            // Refused by the transition, which names the lane's state.
+            return self.apply(k, Event::Finished);
+        }
+        let step = self.take_step(k)?;
         let res = self.sample_step(k, &step, clock);
         if res.is_err() {
             // `abandon` fails its sequences.
-            self.lanes[k] = LaneState::Done { step };
+            self.lanes[k].step = Some(step);
+            return res;
         }
-        res
+        self.apply(k, Event::Finished)
     }
 
     fn sample_step(&mut self, k: usize, step: &Step, clock: &mut Clock) -> Result<(), EngineError> {
@@ -675,7 +621,10 @@ impl Replica {
     fn abandon(&mut self, e: &EngineError) {
         let msg = format!("attention replica {}: {e}", self.id);
         for k in 0..self.lanes.len() {
-            if let Some(step) = self.lanes[k].take().step() {
+            let lane = &mut self.lanes[k];
+            lane.flight = None;
+            lane.combines.clear();
+            if let Some(step) = lane.step.take() {
                 for s in &step.out.seqs {
                     let _ = self.sched.abort(s.id);
                     if let Some(st) = self.requests.remove(&s.id) {
@@ -683,6 +632,8 @@ impl Replica {
                     }
                 }
             }
+            // Never refused: every state may be abandoned.
+            let _ = self.apply(k, Event::Abandoned);
             // Every sequence of the step is gone: this closes it.
             let _ = self.sched.update_lane(k, &[]);
         }
@@ -718,11 +669,11 @@ impl Replica {
 
     /// Waits for the next message from the expert workers (some lane waits for a combine).
     fn wait_combine(&mut self, clock: &mut Clock) -> Result<(), EngineError> {
-        let waiting: Vec<Slot> = self
-            .lanes
-            .iter()
-            .filter_map(|l| match l {
-                LaneState::Waiting { slot, .. } => Some(*slot),
+        let waiting: Vec<Slot> = (self.lanes.iter().enumerate())
+            .filter_map(|(k, l)| match l.state {
+                Lane::Waiting {
+                    iteration, layer, ..
+                } => Some(Slot::new(iteration, layer as u32, k as u32)),
                 _ => None,
             })
             .collect();
@@ -748,35 +699,30 @@ impl Replica {
         };
         let slot = msg.header.slot;
         let sender = msg.header.sender;
-        match self.lanes.get_mut(slot.micro_batch as usize) {
-            Some(LaneState::Waiting {
-                slot: s, combines, ..
-            }) if *s == slot && !combines.iter().any(|c| c.header.sender == sender) => {
-                combines.push(msg);
-                Ok(())
-            }
-            _ => Err(EngineError::Protocol(format!(
-                "replica {}: a combine from worker {sender} for slot {slot}, which none of its lanes waits for",
-                self.id
-            ))),
+        let (k, id) = (slot.micro_batch as usize, self.id);
+        let refuse = |why: String| {
+            EngineError::Protocol(format!(
+                "replica {id}: a combine from worker {sender} for slot {slot}, which none of its lanes waits for ({why})"
+            ))
+        };
+        let duplicate = (self.lanes.get(k))
+            .is_some_and(|l| l.combines.iter().any(|c| c.header.sender == sender));
+        if duplicate {
+            return Err(refuse("a second one from that worker".into()));
         }
+        let event = Event::Combine {
+            iteration: slot.iteration,
+            layer: slot.layer as usize,
+        };
+        self.apply(k, event).map_err(|e| refuse(e.to_string()))?;
+        self.lanes[k].combines.push(msg);
+        Ok(())
     }
 
-    /// A layer's output from every worker's combine of its slot (all here): residual
-    /// (+ shared) + the sum of the workers' weighted expert outputs.
-    fn combine(
-        &self,
-        slot: Slot,
-        f: InFlight,
-        mut msgs: Vec<CombineMsg>,
-    ) -> Result<Tensor, EngineError> {
-        let n = self.protocol().map_or(0, M2nClient::workers);
-        if msgs.len() < n {
-            return Err(EngineError::Protocol(format!(
-                "replica {}: slot {slot} settled before every worker's combine arrived",
-                self.id
-            )));
-        }
+    /// A layer's output from every worker's combine of its slot (all here: the `Settled`
+    /// transition checked it): residual (+ shared) + the sum of the workers' weighted expert
+    /// outputs.
+    fn combine(&self, f: InFlight, mut msgs: Vec<CombineMsg>) -> Result<Tensor, EngineError> {
         let d = self.model.cfg.hidden_size;
         let mut out = f.residual;
         let t = out.len() / d;

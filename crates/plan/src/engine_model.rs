@@ -5,15 +5,16 @@
 //! The engine is not the paper's steady pipeline in three ways that matter at small scale:
 //!
 //! 1. **Lanes, not a fixed order.** A replica's micro-batches are independent lanes
-//!    (`tandem-engine`'s `lanes.rs`): each runs its chain of layers, waits only for its own
-//!    combines, and finishes with the head work (embedding, final norm, LM head, sampling)
-//!    in parts, between which the other lanes' ready layers run; a lane starts its next
-//!    iteration once worker 0 has decided it, within one iteration of the other lanes.
-//!    [`predict_decode`] runs exactly that policy as a discrete-event simulation
-//!    (`simulate_lanes`: the replica and each expert worker are one resource each, a worker
-//!    serves dispatches as they arrive) for 32 iterations and prices a step as the
-//!    steady-state period, measured over the middle half (after the fill, before the
-//!    drain). Without head work it equals the paper's steady pipeline (tested against
+//!    (`tandem_core::lanes`, the policy `tandem-engine`'s replica runs): each runs its chain
+//!    of layers, waits only for its own combines, and finishes with the head work
+//!    (embedding, final norm, LM head, sampling) in parts, between which the other lanes'
+//!    ready layers run; a lane starts its next iteration once worker 0 has decided it,
+//!    within one iteration of the other lanes. [`predict_decode`] runs that same policy code
+//!    (`next_action`, `interleave`, `transition`, the part counts) on modeled costs as a
+//!    discrete-event simulation (`LaneSim`: the replica and each expert worker are one
+//!    resource each, a worker serves dispatches as they arrive) for 32 iterations and prices
+//!    a step as the steady-state period, measured over the middle half (after the fill,
+//!    before the drain). Without head work it equals the paper's steady pipeline (tested against
 //!    `sim::simulate`); with it, a lane's head overlaps the other lanes' layers, and with
 //!    one micro-batch it adds in full.
 //! 2. **Weights re-read per micro-batch.** Each micro-batch runs every expert it hits on its
@@ -31,6 +32,11 @@ use crate::model::ModelShape;
 use crate::perf::StageModel;
 use crate::profile::{Profile, ProfileModel};
 use serde::Serialize;
+use std::collections::BTreeMap;
+use tandem_core::lanes::{
+    self, Action, Event, Lane, LaneShape, Membership, Progress, LM_HEAD_PARTS, SAMPLE_PARTS,
+};
+use tandem_core::Members;
 
 /// One engine deployment running a decode batch.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -216,7 +222,7 @@ pub fn predict_decode(
             .collect::<Vec<_>>(),
         moe_of: &moe_of,
     };
-    let run = simulate_lanes(&lanes, SIM_ITERATIONS);
+    let run = simulate_lanes(&lanes, SIM_ITERATIONS)?;
     let step = run.period_s;
     let big = (0..m).max_by_key(|&j| sizes[j]).unwrap_or(0);
     Ok(EnginePrediction {
@@ -260,209 +266,282 @@ struct LaneRun {
     worker_busy_s: Vec<f64>,
 }
 
-/// A lane as [`simulate_lanes`] tracks it.
-#[derive(Clone, Copy)]
-enum SimLane {
-    Idle {
-        next: usize,
+/// What the lane simulation did, in order (the tests replay it against the policy).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Traced {
+    /// At `at`, [`lanes::next_action`] chose `action`.
+    Chose { at: f64, action: Action },
+    /// At `at`, while lane `busy` was being finished, [`lanes::interleave`] chose `lane`.
+    Interleaved {
+        at: f64,
+        busy: usize,
+        lane: Option<usize>,
     },
-    Busy {
-        it: usize,
-        layer: usize,
-        input_at: f64,
-        started: f64,
-    },
+    /// Lane `lane` dispatched a MoE layer; every worker's combine is back at `back`.
+    Sent { lane: usize, back: f64 },
+    /// Iteration `iteration`'s members are known on the replica at `at`.
+    Decided { iteration: u64, at: f64 },
+    /// Lane `lane`'s head work is over: its step is finished.
+    Finished { lane: usize },
 }
 
-/// Runs the replica's lane policy (`tandem-engine`'s `lanes.rs`) as a discrete-event
-/// simulation: the replica is one resource (its thread pool), each expert worker another.
-/// The replica, when free, runs the layer of a lane whose combine is here (furthest behind
-/// first), else starts an idle lane whose iteration is decided (worker 0's first micro-batch
-/// of the last MoE layer; lanes stay within one iteration of each other), else finishes a
-/// lane (the head in the engine's parts, other lanes' ready layers run between them), else
-/// waits for the next combine. A worker serves dispatches in the order they arrive.
-fn simulate_lanes(c: &LaneCosts<'_>, iterations: usize) -> LaneRun {
-    const HEAD_PARTS: usize = 16;
-    let m = c.t_a.len();
-    let n_w = c.t_e.first().map_or(0, |v| v.len());
-    let layers = c.moe_of.len();
-    let last_moe = c.moe_of.iter().rposition(|&x| x);
-    let mut lanes = vec![SimLane::Idle { next: 0 }; m];
-    let mut e_free = vec![0.0f64; n_w];
-    let mut e_busy = vec![0.0f64; n_w];
-    // When each iteration's members are known on the replica.
-    let mut decided = vec![f64::INFINITY; iterations + 1];
-    decided[0] = 0.0;
-    // When each iteration's last lane finished.
-    let mut finished = vec![0.0f64; iterations];
-    let mut chain = (0.0f64, 0usize);
-    let mut now = 0.0f64;
+/// The engine's lane policy (`tandem_core::lanes`, what `tandem-engine`'s replica runs) on
+/// modeled costs: the lanes' states change only by [`lanes::transition`], the replica's
+/// choices are [`lanes::next_action`] and [`lanes::interleave`], and time advances by the
+/// costs. The replica is one resource (its thread pool), each expert worker another; a worker
+/// serves dispatches in the order they arrive.
+struct LaneSim<'a> {
+    c: &'a LaneCosts<'a>,
+    shape: LaneShape,
+    iterations: usize,
+    last_moe: Option<usize>,
+    now: f64,
+    lanes: Vec<Lane>,
+    /// Per lane: when its input is here (every combine of its slot) and when its step started.
+    input_at: Vec<f64>,
+    started: Vec<f64>,
+    /// Per worker: when it is next free, and its busy time so far.
+    e_free: Vec<f64>,
+    e_busy: Vec<f64>,
+    /// When each iteration's members are known on the replica (worker 0's combine of the
+    /// first micro-batch of the last MoE layer of the iteration before).
+    decided_at: Vec<f64>,
+    /// The iterations known by `now`, each with this replica (0) a member: the policy's view.
+    decided: BTreeMap<u64, Members>,
+    /// When each iteration's last lane finished.
+    finished: Vec<f64>,
+    /// Sum and count of the lanes' times from their start to their last layer's input.
+    chain: (f64, usize),
+    /// Worker busy times when lane 0 finished iterations `iterations / 4` and
+    /// `iterations - iterations / 4`.
+    busy_marks: [Option<Vec<f64>>; 2],
+    trace: Vec<Traced>,
+}
 
-    // Runs lane `j`'s next layer at `now`; returns the new `now`.
-    let run_layer = |lanes: &mut [SimLane],
-                     decided: &mut [f64],
-                     chain: &mut (f64, usize),
-                     (e_free, e_busy): (&mut [f64], &mut [f64]),
-                     now: f64,
-                     j: usize|
-     -> f64 {
-        let SimLane::Busy {
-            it, layer, started, ..
-        } = lanes[j]
-        else {
-            return now;
+impl<'a> LaneSim<'a> {
+    fn new(c: &'a LaneCosts<'a>, iterations: usize) -> Self {
+        let m = c.t_a.len();
+        let workers = c.t_e.first().map_or(0, |v| v.len());
+        let mut decided_at = vec![f64::INFINITY; iterations + 1];
+        decided_at[0] = 0.0;
+        Self {
+            c,
+            shape: LaneShape {
+                layers: c.moe_of.len(),
+                workers,
+            },
+            iterations,
+            last_moe: c.moe_of.iter().rposition(|&x| x),
+            now: 0.0,
+            lanes: vec![Lane::Idle { next_iteration: 0 }; m],
+            input_at: vec![0.0; m],
+            started: vec![0.0; m],
+            e_free: vec![0.0; workers],
+            e_busy: vec![0.0; workers],
+            decided_at,
+            decided: BTreeMap::new(),
+            finished: vec![0.0; iterations],
+            chain: (0.0, 0),
+            busy_marks: [None, None],
+            trace: Vec::new(),
+        }
+    }
+
+    /// Lane `j`'s state after `event` (the policy's transition).
+    fn apply(&mut self, j: usize, event: Event) -> Result<()> {
+        self.lanes[j] = lanes::transition(self.lanes[j], event, self.shape)
+            .map_err(|e| PlanError::Invalid(format!("lane simulation, lane {j}: {e}")))?;
+        Ok(())
+    }
+
+    /// The lanes as the policy sees them at `now`: a waiting lane's combines are all here
+    /// once its input time has come.
+    fn progress(&mut self) -> Result<Vec<Progress>> {
+        for j in 0..self.lanes.len() {
+            if let Lane::Waiting {
+                iteration,
+                layer,
+                combines,
+            } = self.lanes[j]
+            {
+                if self.input_at[j] <= self.now {
+                    for _ in combines..self.shape.workers {
+                        self.apply(j, Event::Combine { iteration, layer })?;
+                    }
+                }
+            }
+        }
+        Ok(self.lanes.iter().map(|l| l.progress(self.shape)).collect())
+    }
+
+    /// Runs the policy until every lane has run every iteration.
+    fn run(&mut self) -> Result<()> {
+        loop {
+            let progress = self.progress()?;
+            for (i, &at) in self.decided_at.iter().enumerate().take(self.iterations) {
+                if at <= self.now {
+                    self.decided.entry(i as u64).or_insert(Members::one(0));
+                }
+            }
+            let view = Membership {
+                me: 0,
+                member: true,
+                decided: &self.decided,
+            };
+            let action = lanes::next_action(&progress, self.shape.layers, view);
+            let at = self.now;
+            self.trace.push(Traced::Chose { at, action });
+            match action {
+                Action::RunLayer(j) => self.run_layer(j)?,
+                Action::Start { lane, iteration } => {
+                    self.started[lane] = self.now;
+                    self.input_at[lane] = self.now;
+                    self.apply(lane, Event::Start { iteration })?;
+                }
+                Action::Finish(j) => self.finish(j)?,
+                Action::Wait => match self.next_event() {
+                    next if next.is_finite() => self.now = next,
+                    _ => return Ok(()),
+                },
+                // No iteration left for this replica.
+                Action::Leave => return Ok(()),
+            }
+        }
+    }
+
+    /// Lane `j`'s next layer at `now` (settling its combine first): attention on the
+    /// replica, then its experts on the workers (a MoE layer) or nothing more (dense).
+    fn run_layer(&mut self, j: usize) -> Result<()> {
+        if matches!(self.lanes[j], Lane::Waiting { .. }) {
+            self.apply(j, Event::Settled)?;
+        }
+        let lane = self.lanes[j];
+        let (Some(layer), Some(it)) = (lane.runnable_layer(), lane.iteration()) else {
+            return Err(PlanError::Invalid(format!(
+                "lane simulation: lane {j} ({lane:?}) has no layer to run"
+            )));
         };
-        let done = now + c.t_a[j];
-        let input_at = if c.moe_of[layer] {
+        let c = self.c;
+        let done = self.now + c.t_a[j];
+        if c.moe_of[layer] {
             let arrive = done + c.t_c[j];
             let mut back = 0.0f64;
-            for w in 0..n_w {
-                let s = e_free[w].max(arrive);
-                e_free[w] = s + c.t_e[j][w];
-                e_busy[w] += c.t_e[j][w];
-                back = back.max(e_free[w] + c.t_c[j]);
-                if w == 0 && j == 0 && Some(layer) == last_moe && it + 1 < decided.len() {
-                    decided[it + 1] = e_free[0] + c.t_c[j];
+            for w in 0..self.shape.workers {
+                let s = self.e_free[w].max(arrive);
+                self.e_free[w] = s + c.t_e[j][w];
+                self.e_busy[w] += c.t_e[j][w];
+                back = back.max(self.e_free[w] + c.t_c[j]);
+                let next = it as usize + 1;
+                if w == 0 && j == 0 && Some(layer) == self.last_moe && next < self.decided_at.len()
+                {
+                    self.decided_at[next] = self.e_free[0] + c.t_c[j];
+                    let at = self.decided_at[next];
+                    self.trace.push(Traced::Decided {
+                        iteration: next as u64,
+                        at,
+                    });
                 }
             }
-            back
+            self.input_at[j] = back;
+            self.trace.push(Traced::Sent { lane: j, back });
+            self.apply(j, Event::Dispatched)?;
         } else {
-            done
-        };
-        if layer + 1 == layers {
-            chain.0 += input_at - started;
-            chain.1 += 1;
+            self.input_at[j] = done;
+            self.apply(j, Event::RanHere)?;
         }
-        lanes[j] = SimLane::Busy {
-            it,
-            layer: layer + 1,
-            input_at,
-            started,
-        };
-        done
-    };
-    // The lane (other than `except`) whose next layer can run at `now`, furthest behind first.
-    let ready = |lanes: &[SimLane], now: f64, except: Option<usize>, done: bool| {
-        lanes
-            .iter()
-            .enumerate()
-            .filter(|(k, _)| Some(*k) != except)
-            .filter_map(|(k, l)| match *l {
-                SimLane::Busy {
-                    it,
-                    layer,
-                    input_at,
-                    ..
-                } if input_at <= now && (layer >= layers) == done => Some((it, layer, k)),
-                _ => None,
-            })
-            .min()
-            .map(|(_, _, k)| k)
-    };
-    let (mut busy_mark, mut busy_end): (Option<Vec<f64>>, Option<Vec<f64>>) = (None, None);
-    loop {
-        if let Some(j) = ready(&lanes, now, None, false) {
-            now = run_layer(
-                &mut lanes,
-                &mut decided,
-                &mut chain,
-                (&mut e_free, &mut e_busy),
-                now,
-                j,
-            );
-            continue;
+        if layer + 1 == self.shape.layers {
+            self.chain.0 += self.input_at[j] - self.started[j];
+            self.chain.1 += 1;
         }
-        let floor = lanes
-            .iter()
-            .map(|l| match *l {
-                SimLane::Idle { next } => next,
-                SimLane::Busy { it, .. } => it + 1,
-            })
-            .min()
-            .unwrap_or(0);
-        if lanes
-            .iter()
-            .all(|l| matches!(*l, SimLane::Idle { next } if next >= iterations))
-        {
-            break;
+        self.now = done;
+        Ok(())
+    }
+
+    /// Lane `j`'s head work in the engine's parts, the other lanes' ready layers between
+    /// them: [`LM_HEAD_PARTS`] parts of the head's cost, then [`SAMPLE_PARTS`] groups of
+    /// sampling, which cost nothing more here (the profile's head fit includes sampling).
+    fn finish(&mut self, j: usize) -> Result<()> {
+        if matches!(self.lanes[j], Lane::Waiting { .. }) {
+            self.apply(j, Event::Settled)?;
         }
-        let start = lanes.iter().position(|l| {
-            matches!(*l, SimLane::Idle { next }
-                if next == floor && next < iterations && decided[next] <= now)
-        });
-        if let Some(j) = start {
-            lanes[j] = SimLane::Busy {
-                it: floor,
-                layer: 0,
-                input_at: now,
-                started: now,
-            };
-            continue;
-        }
-        if let Some(j) = ready(&lanes, now, None, true) {
-            for _ in 0..HEAD_PARTS {
-                now += c.head[j] / HEAD_PARTS as f64;
-                while let Some(k) = ready(&lanes, now, Some(j), false) {
-                    now = run_layer(
-                        &mut lanes,
-                        &mut decided,
-                        &mut chain,
-                        (&mut e_free, &mut e_busy),
-                        now,
-                        k,
-                    );
-                }
+        let it = self.lanes[j].iteration().unwrap_or(0) as usize;
+        for part in 0..LM_HEAD_PARTS + SAMPLE_PARTS {
+            if part < LM_HEAD_PARTS {
+                self.now += self.c.head[j] / LM_HEAD_PARTS as f64;
             }
-            let SimLane::Busy { it, .. } = lanes[j] else {
-                unreachable!("a lane being finished is busy")
-            };
-            finished[it] = finished[it].max(now);
-            if j == 0 && it == iterations / 4 {
-                busy_mark = Some(e_busy.clone());
-            }
-            if j == 0 && it == iterations - iterations / 4 {
-                busy_end = Some(e_busy.clone());
-            }
-            lanes[j] = SimLane::Idle { next: it + 1 };
-            continue;
+            self.serve_others(j)?;
         }
-        // Wait for the next combine or decision.
-        let next = lanes
-            .iter()
-            .filter_map(|l| match *l {
-                SimLane::Busy { input_at, .. } if input_at > now => Some(input_at),
-                SimLane::Idle { next } if next < iterations && decided[next] > now => {
-                    Some(decided[next])
+        self.finished[it] = self.finished[it].max(self.now);
+        let marks = [self.iterations / 4, self.iterations - self.iterations / 4];
+        for (mark, at) in self.busy_marks.iter_mut().zip(marks) {
+            if j == 0 && it == at {
+                *mark = Some(self.e_busy.clone());
+            }
+        }
+        self.trace.push(Traced::Finished { lane: j });
+        self.apply(j, Event::Finished)
+    }
+
+    /// While lane `busy` is being finished: the other lanes' layers that can run now.
+    fn serve_others(&mut self, busy: usize) -> Result<()> {
+        loop {
+            let progress = self.progress()?;
+            let lane = lanes::interleave(&progress, self.shape.layers, busy);
+            let at = self.now;
+            self.trace.push(Traced::Interleaved { at, busy, lane });
+            match lane {
+                Some(k) => self.run_layer(k)?,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// The next combine or decision after `now` (infinite if none).
+    fn next_event(&self) -> f64 {
+        (0..self.lanes.len())
+            .filter_map(|j| match self.lanes[j] {
+                Lane::Waiting { .. } if self.input_at[j] > self.now => Some(self.input_at[j]),
+                Lane::Idle { next_iteration } => {
+                    let at = self.decided_at.get(next_iteration as usize)?;
+                    ((next_iteration as usize) < self.iterations && *at > self.now).then_some(*at)
                 }
                 _ => None,
             })
-            .fold(f64::INFINITY, f64::min);
-        if !next.is_finite() {
-            break;
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// The steady state: after the pipeline filled, before it drains (the last iterations
+    /// finish faster, with no next iteration competing for the replica).
+    fn result(&self) -> LaneRun {
+        let n = self.iterations;
+        let (a, b) = (n / 4, n - n / 4);
+        let period = (self.finished[b] - self.finished[a]) / (b - a) as f64;
+        let worker_busy_s = match &self.busy_marks {
+            [Some(m0), Some(m1)] => m1
+                .iter()
+                .zip(m0)
+                .map(|(x, y)| (x - y) / (b - a) as f64)
+                .collect(),
+            _ => vec![0.0; self.shape.workers],
+        };
+        LaneRun {
+            period_s: period,
+            layers_s: if self.chain.1 > 0 {
+                self.chain.0 / self.chain.1 as f64
+            } else {
+                0.0
+            },
+            worker_busy_s,
         }
-        now = next;
     }
-    // Steady state: after the pipeline filled, before it drains (the last iterations finish
-    // faster, with no next iteration competing for the replica).
-    let (a, b) = (iterations / 4, iterations - iterations / 4);
-    let period = (finished[b] - finished[a]) / (b - a) as f64;
-    let worker_busy_s = match (&busy_mark, &busy_end) {
-        (Some(m0), Some(m1)) => m1
-            .iter()
-            .zip(m0)
-            .map(|(x, y)| (x - y) / (b - a) as f64)
-            .collect(),
-        _ => vec![0.0; n_w],
-    };
-    LaneRun {
-        period_s: period,
-        layers_s: if chain.1 > 0 {
-            chain.0 / chain.1 as f64
-        } else {
-            0.0
-        },
-        worker_busy_s,
-    }
+}
+
+/// Runs the replica's lane policy as a discrete-event simulation ([`LaneSim`]) for
+/// `iterations` iterations.
+fn simulate_lanes(c: &LaneCosts<'_>, iterations: usize) -> Result<LaneRun> {
+    let mut sim = LaneSim::new(c, iterations);
+    sim.run()?;
+    Ok(sim.result())
 }
 
 #[cfg(test)]
@@ -676,5 +755,218 @@ mod tests {
         let far = predict_decode(&p, &mm, &s).unwrap();
         assert!((far.step_s - pr.step_s - 56.0 * 1e-7 * 400.0 * 100.0).abs() < 1e-9);
         assert!(predict_decode(&p, &mm, &shape(0, 1, 0)).is_err());
+    }
+
+    /// Costs of `m` lanes on `workers` workers over `moe_of`'s layers, in whole numbers so
+    /// that the times are exact.
+    fn costs(m: usize, workers: usize, head: f64) -> (Vec<f64>, Vec<Vec<f64>>, Vec<f64>, Vec<f64>) {
+        let t_a = (0..m).map(|j| 1.0 + j as f64).collect();
+        let t_e = (0..m)
+            .map(|j| (0..workers).map(|w| 2.0 + ((j + w) % 3) as f64).collect())
+            .collect();
+        let t_c = (0..m).map(|j| (j % 2) as f64).collect();
+        (t_a, t_e, t_c, vec![head; m])
+    }
+
+    /// The engine's side of the agreement: `tandem-engine`'s replica loop (`run_lanes`,
+    /// `finish_lane`, `serve_others`) in miniature, on lane states changed only by the
+    /// policy's transitions and fed the planner's combine and decision times. At every
+    /// decision the planner's simulation logged, the policy must choose what it chose; each
+    /// finished lane must have offered the other lanes `LM_HEAD_PARTS + SAMPLE_PARTS` chances.
+    fn replay(trace: &[Traced], m: usize, shape: LaneShape, moe_of: &[bool], iterations: usize) {
+        let mut lanes = vec![Lane::Idle { next_iteration: 0 }; m];
+        let mut back = vec![0.0f64; m];
+        let mut decided_at: BTreeMap<u64, f64> = [(0, 0.0)].into();
+        let mut chances = 0;
+        // Lane `j`'s combines are here at `at`; its state as the engine sees it.
+        let view = |lanes: &mut [Lane], back: &[f64], at: f64| -> Vec<Progress> {
+            for (j, l) in lanes.iter_mut().enumerate() {
+                if let Lane::Waiting {
+                    iteration,
+                    layer,
+                    combines,
+                } = *l
+                {
+                    if back[j] <= at {
+                        for _ in combines..shape.workers {
+                            let e = Event::Combine { iteration, layer };
+                            *l = lanes::transition(*l, e, shape).unwrap();
+                        }
+                    }
+                }
+            }
+            lanes.iter().map(|l| l.progress(shape)).collect()
+        };
+        // The engine's `run_layer`: settle, then run here or dispatch.
+        let run = |lanes: &mut [Lane], k: usize| {
+            if matches!(lanes[k], Lane::Waiting { .. }) {
+                lanes[k] = lanes::transition(lanes[k], Event::Settled, shape).unwrap();
+            }
+            let l = lanes[k].runnable_layer().expect("a layer to run");
+            let e = if moe_of[l] {
+                Event::Dispatched
+            } else {
+                Event::RanHere
+            };
+            lanes[k] = lanes::transition(lanes[k], e, shape).unwrap();
+        };
+        for (n, t) in trace.iter().enumerate() {
+            match *t {
+                Traced::Chose { at, action } => {
+                    let p = view(&mut lanes, &back, at);
+                    let decided: BTreeMap<u64, Members> = (decided_at.iter())
+                        .filter(|(i, t)| **i < iterations as u64 && **t <= at)
+                        .map(|(i, _)| (*i, Members::one(7)))
+                        .collect();
+                    let m2n = Membership {
+                        me: 7,
+                        member: true,
+                        decided: &decided,
+                    };
+                    let want = lanes::next_action(&p, shape.layers, m2n);
+                    assert_eq!(want, action, "decision {n} at {at}");
+                    match action {
+                        Action::RunLayer(k) => run(&mut lanes, k),
+                        Action::Start { lane, iteration } => {
+                            let e = Event::Start { iteration };
+                            lanes[lane] = lanes::transition(lanes[lane], e, shape).unwrap();
+                        }
+                        Action::Finish(k) => {
+                            if matches!(lanes[k], Lane::Waiting { .. }) {
+                                let e = Event::Settled;
+                                lanes[k] = lanes::transition(lanes[k], e, shape).unwrap();
+                            }
+                            assert!(matches!(lanes[k], Lane::Done { .. }), "{:?}", lanes[k]);
+                            chances = 0;
+                        }
+                        Action::Wait | Action::Leave => {}
+                    }
+                }
+                Traced::Interleaved { at, busy, lane } => {
+                    let p = view(&mut lanes, &back, at);
+                    assert_eq!(
+                        lanes::interleave(&p, shape.layers, busy),
+                        lane,
+                        "{n} at {at}"
+                    );
+                    match lane {
+                        Some(k) => run(&mut lanes, k),
+                        None => chances += 1,
+                    }
+                }
+                Traced::Sent { lane, back: b } => back[lane] = b,
+                Traced::Decided { iteration, at } => {
+                    decided_at.insert(iteration, at);
+                }
+                Traced::Finished { lane } => {
+                    assert_eq!(chances, LM_HEAD_PARTS + SAMPLE_PARTS);
+                    lanes[lane] = lanes::transition(lanes[lane], Event::Finished, shape).unwrap();
+                }
+            }
+        }
+        assert_eq!(
+            lanes,
+            vec![
+                Lane::Idle {
+                    next_iteration: iterations as u64
+                };
+                m
+            ],
+            "every lane ran every iteration"
+        );
+    }
+
+    #[test]
+    fn the_engines_policy_and_the_planners_model_agree_on_a_schedule() {
+        let mut saw = [false; 3];
+        for (m, workers, dense, moe, head) in [
+            (1, 1, 0, 3, 4.0),
+            (2, 1, 0, 2, 0.0),
+            (2, 2, 1, 3, 6.0),
+            (3, 2, 2, 4, 9.0),
+            (4, 3, 1, 2, 30.0),
+        ] {
+            let (t_a, t_e, t_c, head) = costs(m, workers, head);
+            let moe_of: Vec<bool> = (0..dense + moe).map(|l| l >= dense).collect();
+            let c = LaneCosts {
+                t_a: &t_a,
+                t_e: &t_e,
+                t_c: &t_c,
+                head: &head,
+                moe_of: &moe_of,
+            };
+            let mut sim = LaneSim::new(&c, 8);
+            sim.run().unwrap();
+            let shape = LaneShape {
+                layers: moe_of.len(),
+                workers,
+            };
+            replay(&sim.trace, m, shape, &moe_of, 8);
+            for t in &sim.trace {
+                match t {
+                    Traced::Chose {
+                        action: Action::Wait,
+                        ..
+                    } => saw[0] = true,
+                    Traced::Chose {
+                        action: Action::Finish(_),
+                        ..
+                    } => saw[1] = true,
+                    Traced::Interleaved { lane: Some(_), .. } => saw[2] = true,
+                    _ => {}
+                }
+            }
+        }
+        // The schedules exercised what the policy decides between: waits, finishes, and
+        // layers run between the parts of a head.
+        assert_eq!(saw, [true; 3]);
+    }
+
+    #[test]
+    fn a_two_lane_schedule_by_hand() {
+        // One MoE layer, one worker; attention 1 s, experts 1 s, free links, no head.
+        let (t_a, t_e, t_c, head) = (vec![1.0; 2], vec![vec![1.0]; 2], vec![0.0; 2], vec![0.0; 2]);
+        let moe_of = [true];
+        let c = LaneCosts {
+            t_a: &t_a,
+            t_e: &t_e,
+            t_c: &t_c,
+            head: &head,
+            moe_of: &moe_of,
+        };
+        let mut sim = LaneSim::new(&c, 2);
+        sim.run().unwrap();
+        let chose: Vec<(f64, Action)> = (sim.trace.iter())
+            .filter_map(|t| match *t {
+                Traced::Chose { at, action } => Some((at, action)),
+                _ => None,
+            })
+            .collect();
+        use Action::{Finish, Leave, RunLayer, Start, Wait};
+        let start = |lane, iteration| Start { lane, iteration };
+        assert_eq!(
+            chose,
+            [
+                // Lane 0 starts and dispatches (back at 2; iteration 1 decided then).
+                (0.0, start(0, 0)),
+                (0.0, RunLayer(0)),
+                // Lane 1 starts while lane 0's experts run (its combine back at 3).
+                (1.0, start(1, 0)),
+                (1.0, RunLayer(1)),
+                // Lane 0's combine is here and no lane is idle: lane 0 is finished, then
+                // starts iteration 1 (decided at 2) before anything else.
+                (2.0, Finish(0)),
+                (2.0, start(0, 1)),
+                (2.0, RunLayer(0)),
+                (3.0, Finish(1)),
+                (3.0, start(1, 1)),
+                (3.0, RunLayer(1)),
+                (4.0, Finish(0)),
+                // Lane 0 may not start iteration 2 (the last was 1): wait for lane 1.
+                (4.0, Wait),
+                (5.0, Finish(1)),
+                (5.0, Leave),
+            ]
+        );
     }
 }

@@ -13,7 +13,8 @@
 //! - [`report`]: the text reports the CLI prints (plan table, catalogs, engine prediction,
 //!   simulation).
 //! - [`engine_model`]: decode throughput of tandem's own engine for an explicit shape, from a
-//!   measured profile (the calibration target).
+//!   measured profile (the calibration target), running the engine's own lane policy
+//!   (`tandem_core::lanes`) on modeled costs.
 //!
 //! Units everywhere: seconds, bytes, FLOPs, tokens; names say so (`_s`, `_bytes`).
 
