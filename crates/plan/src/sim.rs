@@ -671,6 +671,8 @@ fn findings(r: &SimReport, cfg: &SimConfig, send_a: f64, nodes: usize) -> Vec<St
 }
 
 /// Runs the simulation of `cfg` with stage times from `sm`.
+// Indices run over several per-node arrays at once; iterators would hide which is which.
+#[allow(clippy::needless_range_loop)]
 pub fn simulate(sm: &dyn StageModel, model: &ModelShape, cfg: &SimConfig) -> Result<SimReport> {
     check_config(model, cfg)?;
     let p = cfg.shape;
