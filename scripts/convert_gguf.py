@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""`../shared/peers/convert_gguf.py` plus one patch, for the glm4_moe fixture.
+"""The converter wrapper that made the GGUF fixtures (fixtures/README.md).
 
 Runs llama.cpp's own convert_hf_to_gguf.py on an HF checkpoint whose tokenizer is a locally
 trained byte-level BPE (the fixtures'), with three patches:

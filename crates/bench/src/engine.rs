@@ -6,12 +6,15 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::json;
 use std::collections::HashSet;
-use std::path::Path;
+use std::sync::{mpsc, Arc};
 use std::time::Instant;
 use tandem_core::Deployment;
+use tandem_engine::stats::StatsSnapshot;
+use tandem_engine::{Engine, EngineOptions};
 use tandem_model::generate::argmax;
 use tandem_model::weights::LinearType;
-use tandem_model::{BatchLayout, ExpertSelection, KvCache, Model, SeqSlot};
+use tandem_model::{BatchLayout, ExpertSelection, KvCache, Model, ModelSource, SeqSlot};
+use tandem_sched::SamplingParams;
 
 use crate::stats::percentile;
 use crate::sysinfo::{load_average, machine_info, measure_bandwidth};
@@ -72,9 +75,9 @@ pub struct DecodeArgs {
     pub threads: Option<usize>,
 }
 
-/// Decode steps of the colocated model in `dir` (loaded with weights of type `ty`) at a fixed
+/// Decode steps of the colocated model `src` (loaded with weights of type `ty`) at a fixed
 /// batch.
-pub fn decode(dir: &Path, ty: LinearType, a: &DecodeArgs) -> Result<()> {
+pub fn decode(src: &ModelSource, ty: LinearType, a: &DecodeArgs) -> Result<()> {
     let threads = a.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -83,11 +86,12 @@ pub fn decode(dir: &Path, ty: LinearType, a: &DecodeArgs) -> Result<()> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
-    pool.install(|| decode_in_pool(a, dir, ty, threads))
+    pool.install(|| decode_in_pool(a, src, ty, threads))
 }
 
-fn decode_in_pool(a: &DecodeArgs, dir: &Path, ty: LinearType, threads: usize) -> Result<()> {
-    let model = Model::load_typed(dir, &ExpertSelection::All, ty)
+fn decode_in_pool(a: &DecodeArgs, src: &ModelSource, ty: LinearType, threads: usize) -> Result<()> {
+    let dir = src.path();
+    let model = Model::load_typed(src.clone(), &ExpertSelection::All, ty)
         .with_context(|| format!("loading {}", dir.display()))?;
     let memory = model.weight_memory();
     let cfg = &model.cfg;
@@ -260,27 +264,9 @@ fn summarize_rounds(runs: &[serde_json::Value], n_shapes: usize) -> Vec<serde_js
         .collect()
 }
 
-/// Offline throughput of the engine on the model in `dir` (weights of type `ty`): the shapes
-/// `base` (the deployment the flags describe) gives with `a`'s sweep, one after another.
-pub fn engine(dir: &Path, ty: LinearType, mut base: Deployment, a: &EngineArgs) -> Result<()> {
-    use std::sync::{mpsc, Arc};
-    use tandem_engine::{Engine, EngineOptions};
-    use tandem_sched::SamplingParams;
-    let model = Arc::new(
-        Model::load_typed(dir, &ExpertSelection::All, ty)
-            .with_context(|| format!("loading {}", dir.display()))?,
-    );
-    if let Some(v) = a.max_num_seqs {
-        base.max_num_seqs = v;
-    }
-    if let Some(v) = a.max_num_batched_tokens {
-        base.max_num_batched_tokens = v;
-    }
-    base.validate_shape()?;
-    let defaults = EngineOptions::default();
-    let kv_cache_bytes = a.kv_cache_gb.map_or(defaults.kv_cache_bytes, |g| {
-        (g * (1u64 << 30) as f64) as usize
-    });
+/// The shapes one round runs: `base`, or `base` at each `--sweep-micro-batches`, and with
+/// `--with-colocated` one replica with every core.
+fn sweep_shapes(base: &Deployment, a: &EngineArgs) -> Vec<Deployment> {
     let mut shapes = Vec::new();
     if a.sweep_micro_batches.is_empty() {
         shapes.push(base.clone());
@@ -303,9 +289,12 @@ pub fn engine(dir: &Path, ty: LinearType, mut base: Deployment, a: &EngineArgs) 
         d.threads_per_worker = cores;
         shapes.push(d);
     }
-    let cfg = &model.cfg;
-    let moe_layers = (0..cfg.num_layers).filter(|l| cfg.is_moe_layer(*l)).count();
-    let v = cfg.vocab_size;
+    shapes
+}
+
+/// The shared prefix (`--shared-prefix-len` tokens) and the prompts that start with it, in
+/// a vocabulary of `v` tokens.
+fn bench_prompts(a: &EngineArgs, v: usize) -> (Vec<u32>, Vec<Vec<u32>>) {
     let p = a.shared_prefix_len.min(a.input_len);
     let prefix: Vec<u32> = (0..p).map(|j| ((j * 104729 + 7) % v) as u32).collect();
     let prompts: Vec<Vec<u32>> = (0..a.requests)
@@ -315,242 +304,305 @@ pub fn engine(dir: &Path, ty: LinearType, mut base: Deployment, a: &EngineArgs) 
             t
         })
         .collect();
-    let params = SamplingParams {
-        temperature: 0.0,
-        max_tokens: Some(a.output_len),
-        ignore_eos: true,
-        ..SamplingParams::default()
+    (prefix, prompts)
+}
+
+/// What one timed run of the prompts saw.
+struct Timed {
+    /// When the requests were added.
+    t: Instant,
+    tokens: usize,
+    /// Each request's first token.
+    first: Vec<Option<Instant>>,
+    /// Decode phase: from the moment every request has its first token (tokens and stats
+    /// then).
+    decode_start: Option<(Instant, usize, StatsSnapshot)>,
+    last_token: Instant,
+    /// The first request error.
+    failure: Option<String>,
+    busy_before: StatsSnapshot,
+    stats: StatsSnapshot,
+    wall: f64,
+}
+
+/// Computes (and caches) the shared prefix once, untimed: its own request.
+fn prime_prefix(engine: &Engine, prefix: &[u32], params: &SamplingParams) -> Result<()> {
+    let mut prime = prefix.to_vec();
+    prime.push(1);
+    let h = engine.add_request(
+        prime,
+        SamplingParams {
+            max_tokens: Some(1),
+            ..params.clone()
+        },
+    )?;
+    let mut rx_h = h.rx;
+    while let Some(o) = rx_h.blocking_recv() {
+        if o.finish.is_some() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Adds every prompt and times every token as it arrives (one receiver thread per request).
+fn time_requests(engine: &Engine, prompts: &[Vec<u32>], params: &SamplingParams) -> Result<Timed> {
+    let busy_before = engine.stats();
+    let t = Instant::now();
+    let handles = prompts
+        .iter()
+        .map(|p| engine.add_request(p.clone(), params.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    // One receiver thread per request, so that every token is timed when it arrives.
+    let (tx, rx) = mpsc::channel::<(usize, Event)>();
+    let receivers: Vec<_> = handles
+        .into_iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut rx_h = h.rx;
+                while let Some(o) = rx_h.blocking_recv() {
+                    if o.token.is_some() {
+                        let _ = tx.send((i, Event::Token(Instant::now())));
+                    }
+                    if let Some(f) = o.finish {
+                        let r = match f.reason {
+                            tandem_sched::FinishReason::Error(e) => Err(e),
+                            _ => Ok(()),
+                        };
+                        let _ = tx.send((i, Event::Done(r)));
+                        return;
+                    }
+                }
+                let _ = tx.send((i, Event::Done(Err("stream closed".into()))));
+            })
+        })
+        .collect();
+    drop(tx);
+    let n = prompts.len();
+    let mut tokens = 0usize;
+    let mut first = vec![None::<Instant>; n];
+    let mut with_first = 0usize;
+    let mut done = 0usize;
+    // Decode phase: from the moment every request has its first token.
+    let mut decode_start: Option<(Instant, usize, StatsSnapshot)> = None;
+    let mut last_token = t;
+    let mut failure = None;
+    while done < n {
+        let Ok((i, ev)) = rx.recv() else { break };
+        match ev {
+            Event::Token(at) => {
+                tokens += 1;
+                last_token = last_token.max(at);
+                if first[i].is_none() {
+                    first[i] = Some(at);
+                    with_first += 1;
+                    if with_first == n {
+                        decode_start = Some((at, tokens, engine.stats()));
+                    }
+                }
+            }
+            Event::Done(r) => {
+                done += 1;
+                if let Err(e) = r {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+    }
+    for r in receivers {
+        let _ = r.join();
+    }
+    let wall = t.elapsed().as_secs_f64();
+    Ok(Timed {
+        t,
+        tokens,
+        first,
+        decode_start,
+        last_token,
+        failure,
+        busy_before,
+        stats: engine.stats(),
+        wall,
+    })
+}
+
+/// The decode phase of a run of shape `d` (`None` when some request had no token).
+fn decode_json(
+    r: &Timed,
+    d: &Deployment,
+    cfg: &tandem_model::ModelConfig,
+) -> Option<serde_json::Value> {
+    let stats = &r.stats;
+    let m = d.micro_batches.max(1) as f64;
+    // Mean busy time of one worker per pipeline slot (layer x micro-batch of an iteration).
+    let per_slot = |ws: &[serde_json::Value], role: &str, iters: f64, layers: usize| {
+        let busy: Vec<f64> = ws
+            .iter()
+            .filter(|w| w["role"] == role)
+            .filter_map(|w| w["busy_s"].as_f64())
+            .collect();
+        if busy.is_empty() || iters <= 0.0 {
+            return serde_json::Value::Null;
+        }
+        let mean = busy.iter().sum::<f64>() / busy.len() as f64;
+        json!(mean / (iters * layers as f64 * m) * 1e3)
     };
-    if a.rounds == 0 {
-        anyhow::bail!("--rounds must be at least 1");
-    }
-    let n_shapes = shapes.len();
-    let mut runs = Vec::new();
-    for (round, d) in (0..a.rounds).flat_map(|r| shapes.iter().cloned().map(move |d| (r, d))) {
-        let label = if d.expert_workers == 0 {
-            format!("colocated x{} threads", d.threads_per_worker)
+    // Mean over the attention replicas of a replica's `key` seconds, per iteration, in ms.
+    let per_iteration = |ws: &[serde_json::Value], key: &str, iters: f64| {
+        let v: Vec<f64> = ws
+            .iter()
+            .filter(|w| w["role"] == "attention")
+            .filter_map(|w| w[key].as_f64())
+            .collect();
+        if v.is_empty() || iters <= 0.0 {
+            return serde_json::Value::Null;
+        }
+        json!(v.iter().sum::<f64>() / v.len() as f64 / iters * 1e3)
+    };
+    let moe_layers = (0..cfg.num_layers).filter(|l| cfg.is_moe_layer(*l)).count();
+    r.decode_start.as_ref().map(|(at, before_tokens, before)| {
+        let secs = r.last_token.duration_since(*at).as_secs_f64();
+        let toks = r.tokens - before_tokens;
+        let (ws, bubble) = phase_workers(before, stats);
+        let iters = stats.iterations.saturating_sub(before.iterations) as f64;
+        let expert_layers = if d.expert_workers == 0 {
+            cfg.num_layers
         } else {
-            format!(
-                "n_a={} N={} m={}",
-                d.attention_replicas, d.expert_workers, d.micro_batches
-            )
+            moe_layers
         };
-        eprintln!(
-            "bench engine: round {}/{}: {label} ... (load {})",
-            round + 1,
-            a.rounds,
-            load_average()
-        );
-        let load_before = load_average();
-        let engine = Engine::start(
-            model.clone(),
-            None,
-            EngineOptions {
-                deployment: d.clone(),
-                enable_prefix_caching: p > 0,
-                kv_cache_bytes,
-                ..EngineOptions::default()
-            },
-        )?;
-        if p > 0 {
-            // Compute (and cache) the shared prefix once, untimed: its own request.
-            let mut prime = prefix.clone();
-            prime.push(1);
-            let h = engine.add_request(
-                prime,
-                SamplingParams {
-                    max_tokens: Some(1),
-                    ..params.clone()
-                },
-            )?;
-            let mut rx_h = h.rx;
-            while let Some(o) = rx_h.blocking_recv() {
-                if o.finish.is_some() {
-                    break;
-                }
-            }
-        }
-        let busy_before = engine.stats();
-        let t = Instant::now();
-        let handles = prompts
-            .iter()
-            .map(|p| engine.add_request(p.clone(), params.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
-        // One receiver thread per request, so that every token is timed when it arrives.
-        let (tx, rx) = mpsc::channel::<(usize, Event)>();
-        let receivers: Vec<_> = handles
-            .into_iter()
-            .enumerate()
-            .map(|(i, h)| {
-                let tx = tx.clone();
-                std::thread::spawn(move || {
-                    let mut rx_h = h.rx;
-                    while let Some(o) = rx_h.blocking_recv() {
-                        if o.token.is_some() {
-                            let _ = tx.send((i, Event::Token(Instant::now())));
-                        }
-                        if let Some(f) = o.finish {
-                            let r = match f.reason {
-                                tandem_sched::FinishReason::Error(e) => Err(e),
-                                _ => Ok(()),
-                            };
-                            let _ = tx.send((i, Event::Done(r)));
-                            return;
-                        }
-                    }
-                    let _ = tx.send((i, Event::Done(Err("stream closed".into()))));
-                })
-            })
-            .collect();
-        drop(tx);
-        let n = prompts.len();
-        let mut tokens = 0usize;
-        let mut first = vec![None::<Instant>; n];
-        let mut with_first = 0usize;
-        let mut done = 0usize;
-        // Decode phase: from the moment every request has its first token.
-        let mut decode_start: Option<(Instant, usize, tandem_engine::stats::StatsSnapshot)> = None;
-        let mut last_token = t;
-        let mut failure = None;
-        while done < n {
-            let Ok((i, ev)) = rx.recv() else { break };
-            match ev {
-                Event::Token(at) => {
-                    tokens += 1;
-                    last_token = last_token.max(at);
-                    if first[i].is_none() {
-                        first[i] = Some(at);
-                        with_first += 1;
-                        if with_first == n {
-                            decode_start = Some((at, tokens, engine.stats()));
-                        }
-                    }
-                }
-                Event::Done(r) => {
-                    done += 1;
-                    if let Err(e) = r {
-                        failure.get_or_insert(e);
-                    }
-                }
-            }
-        }
-        for r in receivers {
-            let _ = r.join();
-        }
-        let wall = t.elapsed().as_secs_f64();
-        let stats = engine.stats();
-        engine.shutdown();
-        if let Some(e) = failure {
-            anyhow::bail!("{label}: request failed: {e}");
-        }
-        // The timed window only (not the priming of a shared prefix).
-        let (workers, bubble) = phase_workers(&busy_before, &stats);
-        let iterations = stats.iterations.saturating_sub(busy_before.iterations);
-        let mut ttft: Vec<f64> = first
-            .iter()
-            .flatten()
-            .map(|f| f.duration_since(t).as_secs_f64())
-            .collect();
-        ttft.sort_by(|x, y| x.total_cmp(y));
-        let m = d.micro_batches.max(1) as f64;
-        // Mean busy time of one worker per pipeline slot (layer x micro-batch of an iteration).
-        let per_slot = |ws: &[serde_json::Value], role: &str, iters: f64, layers: usize| {
-            let busy: Vec<f64> = ws
-                .iter()
-                .filter(|w| w["role"] == role)
-                .filter_map(|w| w["busy_s"].as_f64())
-                .collect();
-            if busy.is_empty() || iters <= 0.0 {
-                return serde_json::Value::Null;
-            }
-            let mean = busy.iter().sum::<f64>() / busy.len() as f64;
-            json!(mean / (iters * layers as f64 * m) * 1e3)
-        };
-        // Mean over the attention replicas of a replica's `key` seconds, per iteration, in ms.
-        let per_iteration = |ws: &[serde_json::Value], key: &str, iters: f64| {
-            let v: Vec<f64> = ws
-                .iter()
-                .filter(|w| w["role"] == "attention")
-                .filter_map(|w| w[key].as_f64())
-                .collect();
-            if v.is_empty() || iters <= 0.0 {
-                return serde_json::Value::Null;
-            }
-            json!(v.iter().sum::<f64>() / v.len() as f64 / iters * 1e3)
-        };
-        let decode = decode_start.map(|(at, before_tokens, before)| {
-            let secs = last_token.duration_since(at).as_secs_f64();
-            let toks = tokens - before_tokens;
-            let (ws, bubble) = phase_workers(&before, &stats);
-            let iters = stats.iterations.saturating_sub(before.iterations) as f64;
-            let expert_layers = if d.expert_workers == 0 {
-                cfg.num_layers
-            } else {
-                moe_layers
-            };
-            json!({
-                "start_s": at.duration_since(t).as_secs_f64(),
-                "seconds": secs,
-                "output_tokens": toks,
-                "output_tokens_per_s": if secs > 0.0 { toks as f64 / secs } else { 0.0 },
-                "iterations": iters,
-                "workers": ws,
-                "bubble_fraction": bubble,
-                // Busy ms per slot: attention (incl. lm_head, sampling and scheduling, spread
-                // over the slots) and expert, the T_a and T_e of the ping-pong.
-                "attention_busy_ms_per_slot": per_slot(&ws, "attention", iters, cfg.num_layers),
-                "expert_busy_ms_per_slot": per_slot(&ws, "expert", iters, expert_layers),
-                // Of the attention side's busy time: LM head and sampling per iteration (all
-                // micro-batches; mean over replicas), the work at each micro-batch's
-                // iteration boundary.
-                "lm_head_ms_per_iteration": per_iteration(&ws, "lm_head_s", iters),
-                "sample_ms_per_iteration": per_iteration(&ws, "sample_s", iters),
-                // Micro-batch steps started while another was still with the experts.
-                "overlapped_steps": stats.overlapped_steps.saturating_sub(before.overlapped_steps),
-                // Layers run between another lane's LM head parts or sampling.
-                "interleaved_layers": stats.interleaved_layers.saturating_sub(before.interleaved_layers),
-            })
-        });
-        eprintln!(
-            "bench engine: {label}: {:.2} output tok/s overall, {:.2} in decode, bubble {:.2}",
-            tokens as f64 / wall,
-            decode
-                .as_ref()
-                .and_then(|d| d["output_tokens_per_s"].as_f64())
-                .unwrap_or(0.0),
-            bubble
-        );
-        runs.push(json!({
-            "shape": label,
-            "attention_replicas": d.attention_replicas,
-            "expert_workers": d.expert_workers,
-            "micro_batches": d.micro_batches,
-            "threads_per_worker": d.threads_per_worker,
-            "threads_total": d.threads_per_worker * (d.attention_replicas + d.expert_workers),
-            "pin_cores": d.pin_cores,
-            "max_num_seqs": d.max_num_seqs,
-            "max_num_batched_tokens": d.max_num_batched_tokens,
-            "wall_s": wall,
-            "output_tokens": tokens,
-            "output_tokens_per_s": tokens as f64 / wall,
-            "ttft_s": {
-                "min": ttft.first(),
-                "median": ttft.get(ttft.len() / 2),
-                "max": ttft.last(),
-            },
-            "iterations": iterations,
-            "overlapped_steps": stats.overlapped_steps.saturating_sub(busy_before.overlapped_steps),
-            "interleaved_layers": stats.interleaved_layers.saturating_sub(busy_before.interleaved_layers),
-            "preemptions": stats.preemptions,
-            "workers": workers,
+        json!({
+            "start_s": at.duration_since(r.t).as_secs_f64(),
+            "seconds": secs,
+            "output_tokens": toks,
+            "output_tokens_per_s": if secs > 0.0 { toks as f64 / secs } else { 0.0 },
+            "iterations": iters,
+            "workers": ws,
             "bubble_fraction": bubble,
-            "decode": decode,
-            "load_avg_before": load_before,
-            "load_avg_after": load_average(),
-            "round": round + 1,
-        }));
+            // Busy ms per slot: attention (incl. lm_head, sampling and scheduling, spread
+            // over the slots) and expert, the T_a and T_e of the ping-pong.
+            "attention_busy_ms_per_slot": per_slot(&ws, "attention", iters, cfg.num_layers),
+            "expert_busy_ms_per_slot": per_slot(&ws, "expert", iters, expert_layers),
+            // Of the attention side's busy time: LM head and sampling per iteration (all
+            // micro-batches; mean over replicas), the work at each micro-batch's
+            // iteration boundary.
+            "lm_head_ms_per_iteration": per_iteration(&ws, "lm_head_s", iters),
+            "sample_ms_per_iteration": per_iteration(&ws, "sample_s", iters),
+            // Micro-batch steps started while another was still with the experts.
+            "overlapped_steps": stats.overlapped_steps.saturating_sub(before.overlapped_steps),
+            // Layers run between another lane's LM head parts or sampling.
+            "interleaved_layers": stats.interleaved_layers.saturating_sub(before.interleaved_layers),
+        })
+    })
+}
+
+/// The label of shape `d` in the log and the report.
+fn shape_label(d: &Deployment) -> String {
+    if d.expert_workers == 0 {
+        format!("colocated x{} threads", d.threads_per_worker)
+    } else {
+        format!(
+            "n_a={} N={} m={}",
+            d.attention_replicas, d.expert_workers, d.micro_batches
+        )
     }
-    // Ratios against the first shape of the same round.
+}
+
+/// Everything one bench engine run needs besides its shape.
+struct RunInputs<'a> {
+    model: &'a Arc<Model>,
+    prefix: &'a [u32],
+    prompts: &'a [Vec<u32>],
+    params: &'a SamplingParams,
+    kv_cache_bytes: usize,
+    rounds: usize,
+}
+
+/// One round of one shape: starts an engine, runs the prompts, and reports the run.
+fn run_shape(x: &RunInputs, d: &Deployment, round: usize) -> Result<serde_json::Value> {
+    let label = shape_label(d);
+    eprintln!(
+        "bench engine: round {}/{}: {label} ... (load {})",
+        round + 1,
+        x.rounds,
+        load_average()
+    );
+    let load_before = load_average();
+    let p = x.prefix.len();
+    let engine = Engine::start(
+        x.model.clone(),
+        None,
+        EngineOptions {
+            deployment: d.clone(),
+            enable_prefix_caching: p > 0,
+            kv_cache_bytes: x.kv_cache_bytes,
+            ..EngineOptions::default()
+        },
+    )?;
+    if p > 0 {
+        prime_prefix(&engine, x.prefix, x.params)?;
+    }
+    let r = time_requests(&engine, x.prompts, x.params)?;
+    engine.shutdown();
+    if let Some(e) = &r.failure {
+        anyhow::bail!("{label}: request failed: {e}");
+    }
+    let (stats, busy_before) = (&r.stats, &r.busy_before);
+    // The timed window only (not the priming of a shared prefix).
+    let (workers, bubble) = phase_workers(busy_before, stats);
+    let iterations = stats.iterations.saturating_sub(busy_before.iterations);
+    let mut ttft: Vec<f64> = r
+        .first
+        .iter()
+        .flatten()
+        .map(|f| f.duration_since(r.t).as_secs_f64())
+        .collect();
+    ttft.sort_by(|x, y| x.total_cmp(y));
+    let decode = decode_json(&r, d, &x.model.cfg);
+    let (tokens, wall) = (r.tokens, r.wall);
+    eprintln!(
+        "bench engine: {label}: {:.2} output tok/s overall, {:.2} in decode, bubble {:.2}",
+        tokens as f64 / wall,
+        decode
+            .as_ref()
+            .and_then(|d| d["output_tokens_per_s"].as_f64())
+            .unwrap_or(0.0),
+        bubble
+    );
+    Ok(json!({
+        "shape": label,
+        "attention_replicas": d.attention_replicas,
+        "expert_workers": d.expert_workers,
+        "micro_batches": d.micro_batches,
+        "threads_per_worker": d.threads_per_worker,
+        "threads_total": d.threads_per_worker * (d.attention_replicas + d.expert_workers),
+        "pin_cores": d.pin_cores,
+        "max_num_seqs": d.max_num_seqs,
+        "max_num_batched_tokens": d.max_num_batched_tokens,
+        "wall_s": wall,
+        "output_tokens": tokens,
+        "output_tokens_per_s": tokens as f64 / wall,
+        "ttft_s": {
+            "min": ttft.first(),
+            "median": ttft.get(ttft.len() / 2),
+            "max": ttft.last(),
+        },
+        "iterations": iterations,
+        "overlapped_steps": stats.overlapped_steps.saturating_sub(busy_before.overlapped_steps),
+        "interleaved_layers": stats.interleaved_layers.saturating_sub(busy_before.interleaved_layers),
+        "preemptions": stats.preemptions,
+        "workers": workers,
+        "bubble_fraction": bubble,
+        "decode": decode,
+        "load_avg_before": load_before,
+        "load_avg_after": load_average(),
+        "round": round + 1,
+    }))
+}
+
+/// Ratios against the first shape of the same round.
+fn add_ratios(runs: &mut [serde_json::Value], n_shapes: usize) {
     let bases: Vec<(f64, f64)> = runs
         .chunks(n_shapes)
         .map(|c| {
@@ -573,6 +625,58 @@ pub fn engine(dir: &Path, ty: LinearType, mut base: Deployment, a: &EngineArgs) 
             0.0
         });
     }
+}
+
+/// Offline throughput of the engine on the model `src` (weights of type `ty`): the shapes
+/// `base` (the deployment the flags describe) gives with `a`'s sweep, one after another.
+pub fn engine(
+    src: &ModelSource,
+    ty: LinearType,
+    mut base: Deployment,
+    a: &EngineArgs,
+) -> Result<()> {
+    let dir = src.path();
+    let model = Arc::new(
+        Model::load_typed(src.clone(), &ExpertSelection::All, ty)
+            .with_context(|| format!("loading {}", dir.display()))?,
+    );
+    if let Some(v) = a.max_num_seqs {
+        base.max_num_seqs = v;
+    }
+    if let Some(v) = a.max_num_batched_tokens {
+        base.max_num_batched_tokens = v;
+    }
+    base.validate_shape()?;
+    let defaults = EngineOptions::default();
+    let kv_cache_bytes = a.kv_cache_gb.map_or(defaults.kv_cache_bytes, |g| {
+        (g * (1u64 << 30) as f64) as usize
+    });
+    let shapes = sweep_shapes(&base, a);
+    let (prefix, prompts) = bench_prompts(a, model.cfg.vocab_size);
+    let p = prefix.len();
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: Some(a.output_len),
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    if a.rounds == 0 {
+        anyhow::bail!("--rounds must be at least 1");
+    }
+    let inputs = RunInputs {
+        model: &model,
+        prefix: &prefix,
+        prompts: &prompts,
+        params: &params,
+        kv_cache_bytes,
+        rounds: a.rounds,
+    };
+    let n_shapes = shapes.len();
+    let mut runs = Vec::new();
+    for (round, d) in (0..a.rounds).flat_map(|r| shapes.iter().cloned().map(move |d| (r, d))) {
+        runs.push(run_shape(&inputs, &d, round)?);
+    }
+    add_ratios(&mut runs, n_shapes);
     let summary = summarize_rounds(&runs, n_shapes);
     for r in &summary {
         eprintln!(

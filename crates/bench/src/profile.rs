@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_model::layers::from_vec;
 use tandem_model::stages::routed_ffn;
-use tandem_model::{Assignment, BatchLayout, Model, SeqSlot};
+use tandem_model::{Assignment, BatchLayout, Model, ModelSource, SeqSlot};
 use tandem_plan::engine_model::{predict_decode, EngineShape};
 use tandem_plan::profile::{
     least_squares, max_rel_residual, AttentionFit, ExpertFit, HeadFit, NetworkFit, Networks,
@@ -88,9 +88,11 @@ pub struct ProfileArgs {
     pub calib_runs: usize,
 }
 
-/// Profiles the model in `dir` (and with `--calibrate` checks the profile against the engine).
-pub fn run(dir: &Path, a: &ProfileArgs) -> Result<()> {
-    let model = Arc::new(Model::load(dir).with_context(|| format!("loading {}", dir.display()))?);
+/// Profiles the model `src` (and with `--calibrate` checks the profile against the engine).
+pub fn run(src: &ModelSource, a: &ProfileArgs) -> Result<()> {
+    let dir = src.path();
+    let model =
+        Arc::new(Model::load(src.clone()).with_context(|| format!("loading {}", dir.display()))?);
     let shape = ModelShape::from_path(dir)
         .with_context(|| format!("reading {} as a planner model shape", dir.display()))?;
     let cores = std::thread::available_parallelism()

@@ -1440,7 +1440,69 @@ async fn run_requests(
     (outputs, duration)
 }
 
-async fn run_async(a: &BenchServeOpts) -> Result<Value> {
+/// One request before the benchmark (its failure stops it), then the run's settings.
+async fn test_run(
+    a: &BenchServeOpts,
+    client: &reqwest::Client,
+    cfg: &ReqCfg,
+    first: &SampleRequest,
+) -> Result<()> {
+    eprintln!("starting the initial single-prompt test run...");
+    let test = send_request(client, cfg, first, Instant::now()).await;
+    if !test.success {
+        bail!(
+            "the initial test request to {} failed: {}",
+            cfg.url,
+            test.error
+        );
+    }
+    eprintln!("test run completed; starting the benchmark");
+    eprintln!("Traffic request rate: {}", rate_str(a.request_rate));
+    eprintln!(
+        "Burstiness factor: {:?}{}",
+        a.burstiness,
+        if a.burstiness == 1.0 {
+            " (Poisson process)"
+        } else {
+            ""
+        }
+    );
+    eprintln!(
+        "Maximum request concurrency: {}",
+        a.max_concurrency
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "None".into())
+    );
+    Ok(())
+}
+
+/// The failed requests' error messages with their counts (the first ten by text).
+fn print_failures(outputs: &[RequestOutput], failed: usize) {
+    if failed > 0 {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for o in outputs.iter().filter(|o| !o.success) {
+            *counts.entry(o.error.as_str()).or_default() += 1;
+        }
+        eprintln!("{failed} request(s) failed:");
+        for (e, n) in counts.iter().take(10) {
+            eprintln!("  {n} x {}", truncate(e, 300));
+        }
+        if counts.len() > 10 {
+            eprintln!("  ... and {} other error message(s)", counts.len() - 10);
+        }
+    }
+}
+
+/// The options of [`run_async`] checked and parsed before anything is sent.
+struct Checked {
+    selected: Vec<String>,
+    ps: Vec<f64>,
+    schema: Option<Value>,
+    compare: Option<Vec<usize>>,
+    extra_body: Map<String, Value>,
+}
+
+fn check_opts(a: &BenchServeOpts) -> Result<Checked> {
     if a.num_prompts == 0 {
         bail!("--num-prompts must be at least 1");
     }
@@ -1501,6 +1563,23 @@ async fn run_async(a: &BenchServeOpts) -> Result<Value> {
             _ => bail!("--extra-body must be a JSON object"),
         },
     };
+    Ok(Checked {
+        selected,
+        ps,
+        schema,
+        compare,
+        extra_body,
+    })
+}
+
+async fn run_async(a: &BenchServeOpts) -> Result<Value> {
+    let Checked {
+        selected,
+        ps,
+        schema,
+        compare,
+        extra_body,
+    } = check_opts(a)?;
     let base = a
         .base_url
         .clone()
@@ -1576,32 +1655,7 @@ async fn run_async(a: &BenchServeOpts) -> Result<Value> {
     let requests = build_requests(a, tc.as_ref(), &mut rng).await?;
     let offsets = arrival_offsets(requests.len(), a.request_rate, a.burstiness, &mut rng);
 
-    eprintln!("starting the initial single-prompt test run...");
-    let test = send_request(&client, &cfg, &requests[0], Instant::now()).await;
-    if !test.success {
-        bail!(
-            "the initial test request to {} failed: {}",
-            cfg.url,
-            test.error
-        );
-    }
-    eprintln!("test run completed; starting the benchmark");
-    eprintln!("Traffic request rate: {}", rate_str(a.request_rate));
-    eprintln!(
-        "Burstiness factor: {:?}{}",
-        a.burstiness,
-        if a.burstiness == 1.0 {
-            " (Poisson process)"
-        } else {
-            ""
-        }
-    );
-    eprintln!(
-        "Maximum request concurrency: {}",
-        a.max_concurrency
-            .map(|c| c.to_string())
-            .unwrap_or_else(|| "None".into())
-    );
+    test_run(a, &client, &cfg, &requests[0]).await?;
 
     let (outputs, duration) = run_requests(
         &client,
@@ -1614,19 +1668,7 @@ async fn run_async(a: &BenchServeOpts) -> Result<Value> {
     .await;
 
     let m = calculate_metrics(&outputs, duration);
-    if m.failed > 0 {
-        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-        for o in outputs.iter().filter(|o| !o.success) {
-            *counts.entry(o.error.as_str()).or_default() += 1;
-        }
-        eprintln!("{} request(s) failed:", m.failed);
-        for (e, n) in counts.iter().take(10) {
-            eprintln!("  {n} x {}", truncate(e, 300));
-        }
-        if counts.len() > 10 {
-            eprintln!("  ... and {} other error message(s)", counts.len() - 10);
-        }
-    }
+    print_failures(&outputs, m.failed);
     print!(
         "{}",
         format_summary(&m, duration, a.max_concurrency, &selected, &ps)

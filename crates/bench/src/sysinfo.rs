@@ -1,33 +1,11 @@
-//! What the reports record about the machine and the time: CPU name, load average, the
-//! machine object of the JSON reports, memory read bandwidth, and UTC dates (no timezone
-//! database here).
+//! What the reports record about the machine and the time: CPU name, load average (both from
+//! `tandem_core::machine`, which the serving path uses too), the machine object of the JSON
+//! reports, memory read bandwidth, and UTC dates (no timezone database here).
 
 use serde_json::json;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-/// The CPU's model name from /proc/cpuinfo (`None` where there is none).
-pub fn cpu_name() -> Option<String> {
-    let s = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    s.lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(|s| s.trim().to_string())
-}
-
-/// The machine as a profile names it ("CPU name, N cores"): `serve` uses a cached profile only
-/// if its machine is this one.
-pub fn machine_line(cores: usize) -> String {
-    let cpu = cpu_name().unwrap_or_else(|| "unknown CPU".into());
-    format!("{cpu}, {cores} cores")
-}
-
-/// The 1, 5 and 15 minute load averages from /proc/loadavg, space-separated ("" where there
-/// are none).
-pub fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
+pub use tandem_core::machine::{cpu_name, load_average, machine_line};
 
 /// The `machine` object of the JSON reports: CPU name (empty if unknown), cores, OS.
 pub fn machine_info() -> serde_json::Value {

@@ -39,7 +39,7 @@ pub struct EngineCmdArgs {
     #[command(flatten)]
     pub bench: tandem_bench::engine::EngineArgs,
     #[command(flatten)]
-    pub shape: crate::generate::ShapeArgs,
+    pub shape: tandem_deploy::ShapeArgs,
     #[command(flatten)]
     pub weights: crate::models::WeightArgs,
 }
@@ -58,13 +58,13 @@ pub struct DecodeCmdArgs {
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Decode(a) => {
-            let dir = crate::models::resolve(&a.model)?;
-            tandem_bench::engine::decode(&dir, a.weights.linear_type()?, &a.bench)
+            let src = crate::models::resolve(&a.model)?;
+            tandem_bench::engine::decode(&src, a.weights.linear_type()?, &a.bench)
         }
         BenchCmd::Engine(a) => {
-            let dir = crate::models::resolve(&a.model)?;
+            let src = crate::models::resolve(&a.model)?;
             let ty = a.weights.linear_type()?;
-            tandem_bench::engine::engine(&dir, ty, a.shape.deployment()?, &a.bench)
+            tandem_bench::engine::engine(&src, ty, a.shape.deployment()?, &a.bench)
         }
         BenchCmd::Serve(a) => tandem_bench::serve::run(a),
         BenchCmd::M2n(a) => m2n::run(a),

@@ -4,10 +4,10 @@
 mod bench;
 mod generate;
 mod k8s_cmd;
+mod launch_cmd;
 mod models;
 mod plan_cmd;
 mod profile_cmd;
-mod roles;
 mod serve_cmd;
 
 use anyhow::Result;
@@ -44,9 +44,9 @@ enum Cmd {
     /// Discrete-event simulation of a plan's ping-pong pipeline.
     Simulate(plan_cmd::SimulateArgs),
     /// Start every worker of a multi-process deployment on this host (child processes).
-    Launch(roles::LaunchArgs),
+    Launch(launch_cmd::LaunchArgs),
     /// Show whether every worker of a multi-process deployment is up (JSON).
-    Status(roles::StatusArgs),
+    Status(tandem_deploy::StatusArgs),
     /// Write Kubernetes manifests (StatefulSets per role, Services, ConfigMap, PDBs) for a
     /// deployment file: `kubectl apply -k OUT`.
     K8s(k8s_cmd::K8sCmdArgs),
@@ -88,8 +88,8 @@ fn run() -> Result<()> {
         Cmd::Bench(b) => bench::run(b),
         Cmd::Plan(a) => plan_cmd::plan(a),
         Cmd::Simulate(a) => plan_cmd::simulate(a),
-        Cmd::Launch(a) => roles::launch(a),
-        Cmd::Status(a) => roles::status(a),
+        Cmd::Launch(a) => launch_cmd::launch(a),
+        Cmd::Status(a) => tandem_deploy::status(a),
         Cmd::Profile(a) => profile_cmd::run(a),
         Cmd::K8s(a) => k8s_cmd::run(a),
         Cmd::SynthGguf(a) => tandem_bench::synth::run(&a),
@@ -106,5 +106,37 @@ mod tests {
     fn the_command_line_is_consistent() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    /// `generate` and `serve` given the same shape flags run the same shape: one rule decides
+    /// what the flags leave open (`tandem_core::default_micro_batches`).
+    #[test]
+    fn generate_and_serve_run_the_same_shape() {
+        use clap::Parser;
+        let src = tandem_model::ModelSource::HfDir("unused".into());
+        let shape = |cmd: &str, flags: &[&str]| {
+            let mut argv = vec!["tandem", cmd];
+            argv.extend(flags);
+            let s = match super::Cli::try_parse_from(argv).unwrap().cmd {
+                super::Cmd::Generate(a) => a.shape,
+                super::Cmd::Serve(a) => a.shape,
+                _ => unreachable!(),
+            };
+            s.deployment_or_default(false, &src).unwrap()
+        };
+        for (flags, m) in [
+            (&["--expert-workers", "1"][..], 2),
+            (
+                &["--expert-workers", "2", "--attention-replicas", "2"][..],
+                2,
+            ),
+            (&["--expert-workers", "0"][..], 1),
+            (&["--expert-workers", "1", "--micro-batches", "3"][..], 3),
+            (&["--threads-per-worker", "2"][..], 2),
+        ] {
+            let g = shape("generate", flags);
+            assert_eq!(g, shape("serve", flags), "{flags:?}");
+            assert_eq!(g.micro_batches, m, "{flags:?}");
+        }
     }
 }

@@ -6,6 +6,7 @@ use clap::Args;
 use std::path::PathBuf;
 use tandem_model::demo::{default_demo_dir, ensure_demo, write_demo, DemoSpec};
 use tandem_model::weights::LinearType;
+use tandem_model::ModelSource;
 
 /// How the linear layers' weights are held in memory (`serve`, `generate`, `bench`).
 #[derive(Args, Clone, Debug)]
@@ -61,23 +62,21 @@ pub fn init_demo(a: InitDemoArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--model DIR` or `--model FILE.gguf`, or the default demo model (written on first use).
-pub fn resolve(model: &Option<PathBuf>) -> Result<PathBuf> {
+/// `--model DIR` or `--model FILE.gguf`, or the default demo model (written on first use),
+/// resolved to its source: the one place the CLI classifies a model path.
+pub fn resolve(model: &Option<PathBuf>) -> Result<ModelSource> {
     match model {
-        Some(p) if tandem_model::gguf::is_gguf(p) && !p.is_file() => {
-            anyhow::bail!("--model {}: no such GGUF file", p.display())
+        Some(p) => {
+            let src = ModelSource::of_path(p);
+            src.check_exists()
+                .map_err(|e| anyhow::anyhow!("--model {e}"))?;
+            Ok(src)
         }
-        Some(p) if !tandem_model::gguf::is_gguf(p) && p.is_file() => anyhow::bail!(
-            "--model {}: a file, but not a GGUF one (*.gguf); pass a checkpoint directory or a \
-             .gguf file",
-            p.display()
-        ),
-        Some(p) => Ok(p.clone()),
         None => {
             let dir = default_demo_dir();
             ensure_demo(&dir, &DemoSpec::DEFAULT)
                 .with_context(|| format!("writing the demo model to {}", dir.display()))?;
-            Ok(dir)
+            Ok(ModelSource::HfDir(dir))
         }
     }
 }

@@ -270,8 +270,8 @@ pub fn plan(args: PlanArgs) -> Result<()> {
 /// A catalog name, a `config.json` (or its directory), or a GGUF file (its metadata as the
 /// `config.json` it stands for).
 fn resolve_model(name_or_path: &str) -> Result<tandem_plan::ModelShape> {
-    let p = std::path::Path::new(name_or_path);
-    if tandem_model::gguf::is_gguf(p) && p.is_file() {
+    let src = tandem_model::ModelSource::of_path(std::path::Path::new(name_or_path));
+    if let Some(p) = src.gguf().filter(|p| p.is_file()) {
         let g = tandem_model::gguf::GgufFile::open(p)?;
         let cfg = g.config_json()?;
         return Ok(tandem_plan::ModelShape::from_hf_config(

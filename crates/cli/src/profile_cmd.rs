@@ -16,6 +16,6 @@ pub struct ProfileCmdArgs {
 }
 
 pub fn run(a: ProfileCmdArgs) -> Result<()> {
-    let dir = crate::models::resolve(&a.model)?;
-    tandem_bench::profile::run(&dir, &a.profile)
+    let src = crate::models::resolve(&a.model)?;
+    tandem_bench::profile::run(&src, &a.profile)
 }

@@ -1,12 +1,12 @@
 //! `tandem serve`: loads a model, starts the engine and runs the OpenAI-compatible server
 //! (the logic lives in tandem-server).
 
-use crate::roles::Role;
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tandem_deploy::Role;
 use tandem_server::{ApiKey, AppState, ServerOptions};
 
 #[derive(Args)]
@@ -65,40 +65,11 @@ pub struct ServeArgs {
     #[arg(long, value_parser = ["on", "off"])]
     pub reasoning_parser: Option<String>,
     #[command(flatten)]
-    pub shape: crate::generate::ShapeArgs,
+    pub shape: tandem_deploy::ShapeArgs,
     #[command(flatten)]
     pub weights: crate::models::WeightArgs,
     #[command(flatten)]
-    pub role: crate::roles::RoleArgs,
-}
-
-/// Where an expert worker listens. Neither `--host` nor `--port`: its `[addresses] expert`
-/// entry as written (`None` here). Otherwise `--host` (default: 0.0.0.0 with a cluster
-/// secret, 127.0.0.1 without: an unauthenticated worker is not exposed unless asked for) on
-/// `--port` (default: the port of its `[addresses]` entry, else any free port).
-fn expert_listen_address(
-    host: Option<&str>,
-    port: Option<u16>,
-    entry: Option<&String>,
-    has_secret: bool,
-) -> Result<Option<String>> {
-    if host.is_none() && port.is_none() {
-        return Ok(None);
-    }
-    let host = host.unwrap_or(if has_secret { "0.0.0.0" } else { "127.0.0.1" });
-    let port = match (port, entry) {
-        (Some(p), _) => p,
-        (None, Some(e)) => e
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse().ok())
-            .with_context(|| format!("expert address {e:?} is not HOST:PORT"))?,
-        (None, None) => 0,
-    };
-    Ok(Some(if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }))
+    pub role: tandem_deploy::RoleArgs,
 }
 
 pub fn run(mut a: ServeArgs) -> Result<()> {
@@ -122,49 +93,24 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
         opts.validate().context("checking the serve limits")?;
         opts
     };
-    let dir = crate::models::resolve(&a.model)?;
+    let src = crate::models::resolve(&a.model)?;
     let ty = a.weights.linear_type()?;
-    let mut deployment = a.shape.deployment_or_default(a.role.role.is_some(), &dir)?;
+    let mut deployment = a.shape.deployment_or_default(a.role.role.is_some(), &src)?;
     a.role.resolve(&mut deployment)?;
     if a.role.role == Some(Role::Expert) {
-        let secret =
-            crate::roles::cluster_secret(a.role.cluster_secret_file.as_deref(), &deployment)?;
-        let listen = expert_listen_address(
+        return tandem_deploy::serve_expert_role(
+            &src,
+            &deployment,
+            &a.role,
             a.host.as_deref(),
             a.port,
-            deployment.addresses.expert.get(a.role.rank as usize),
-            secret.is_some(),
-        )?;
-        let opts = tandem_engine::net::NetOptions {
-            cluster_secret: secret,
-            tls_server: a.role.tls.server(&deployment)?,
-            shared_memory: a.role.m2n_transport == crate::roles::M2nTransport::Auto,
-            shm_lending: tandem_engine::shm::Lending {
-                min: a.role.m2n_lend_min,
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        return crate::roles::run_expert(&dir, &deployment, a.role.rank, listen, opts, ty);
+            ty,
+        );
     }
-    if a.shape.is_explicit()
-        && a.shape.micro_batches.is_none()
-        && a.shape.deployment.is_none()
-        && deployment.expert_workers > 0
-    {
-        // Disaggregated serving keeps a batch in flight: ping-pong two micro-batches.
-        deployment.micro_batches = 2;
-        deployment.validate_shape()?;
-    }
-    let name = a.served_model_name.clone().unwrap_or_else(|| {
-        let n = if tandem_model::gguf::is_gguf(&dir) {
-            dir.file_stem()
-        } else {
-            dir.file_name()
-        };
-        n.map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "tandem".into())
-    });
+    let name = a
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| src.name().unwrap_or_else(|| "tandem".into()));
     // An attention replica of a multi-process deployment serves HTTP where the file says.
     let (mut host, mut port) = ("127.0.0.1".to_string(), 8000u16);
     if a.role.role == Some(Role::Attention) {
@@ -184,7 +130,7 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
         model_name: name.clone(),
         ..opts
     };
-    let (engine, tok) = crate::roles::start_engine(&dir, deployment.clone(), &a.role, ty)?;
+    let (engine, tok) = tandem_deploy::start_engine(&src, deployment.clone(), &a.role, ty)?;
     let state = AppState::new(Arc::new(engine), tok, opts.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -223,7 +169,7 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
                 n => n.to_string(),
             }
         );
-        tandem_server::serve(listener, state, shutdown_signal()).await?;
+        tandem_server::serve(listener, state, tandem_deploy::shutdown_signal()).await?;
         tracing::info!("server stopped");
         Ok(())
     })
@@ -244,64 +190,5 @@ fn api_key(a: &ServeArgs) -> Result<Option<ApiKey>> {
         Err(std::env::VarError::NotUnicode(_)) => {
             anyhow::bail!("the TANDEM_API_KEY environment variable is not UTF-8")
         }
-    }
-}
-
-/// Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::expert_listen_address;
-
-    #[test]
-    fn expert_listen_address_rule() {
-        let entry = "10.0.0.3:9000".to_string();
-        // Nothing given: the deployment's entry as written.
-        assert_eq!(
-            expert_listen_address(None, None, Some(&entry), false).unwrap(),
-            None
-        );
-        // A port alone: loopback without a secret, every interface with one.
-        assert_eq!(
-            expert_listen_address(None, Some(7000), Some(&entry), false).unwrap(),
-            Some("127.0.0.1:7000".into())
-        );
-        assert_eq!(
-            expert_listen_address(None, Some(7000), Some(&entry), true).unwrap(),
-            Some("0.0.0.0:7000".into())
-        );
-        // A host alone keeps the deployment's port.
-        assert_eq!(
-            expert_listen_address(Some("0.0.0.0"), None, Some(&entry), false).unwrap(),
-            Some("0.0.0.0:9000".into())
-        );
-        assert_eq!(
-            expert_listen_address(Some("::1"), None, None, false).unwrap(),
-            Some("[::1]:0".into())
-        );
-        let bad = "nowhere".to_string();
-        assert!(expert_listen_address(Some("127.0.0.1"), None, Some(&bad), false).is_err());
     }
 }

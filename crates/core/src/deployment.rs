@@ -162,7 +162,8 @@ pub struct Deployment {
     /// `N`: expert workers. 0 means colocated: the replica runs its own experts.
     #[serde(default = "one")]
     pub expert_workers: u32,
-    /// `m`: micro-batches per iteration.
+    /// `m`: micro-batches per iteration. A deployment file without it runs 1; shape flags
+    /// without it run [`default_micro_batches`].
     #[serde(default = "one")]
     pub micro_batches: u32,
     /// Expert placement; contiguous ranges when absent.
@@ -224,6 +225,18 @@ impl Default for Deployment {
             plan: PlanInfo::default(),
             security: Security::default(),
         }
+    }
+}
+
+/// The micro-batches a shape given by flags runs when they name none (`tandem generate`,
+/// `serve`, `bench engine` and the default one-host shape all ask here): disaggregated
+/// (`expert_workers > 0`) keeps a batch in flight by ping-ponging two micro-batches;
+/// colocated has nothing to overlap and runs one.
+pub fn default_micro_batches(expert_workers: u32) -> u32 {
+    if expert_workers > 0 {
+        2
+    } else {
+        1
     }
 }
 

@@ -2,14 +2,16 @@
 //! deployment shape, and the lane policy (`lanes`: which of a replica's micro-batches does what
 //! next, as pure functions the engine runs on real work and the planner on modeled costs).
 //!
-//! This crate has no tensor code and no I/O beyond reading/writing a deployment file, so the
-//! planner (`tandem-plan`), the engine and the CLI can all depend on it.
+//! This crate has no tensor code and no I/O beyond reading/writing a deployment file and the
+//! machine facts of [`machine`] (/proc), so the planner (`tandem-plan`), the engine, the CLI
+//! and the benchmarks can all depend on it.
 
 pub mod deployment;
 pub mod ids;
 pub mod lanes;
+pub mod machine;
 pub mod slot;
 
-pub use deployment::{Deployment, DeploymentError, ExpertPlacement};
+pub use deployment::{default_micro_batches, Deployment, DeploymentError, ExpertPlacement};
 pub use ids::RequestId;
 pub use slot::{Members, Slot};

@@ -234,11 +234,14 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// Reads and parses `dir/config.json`, or the metadata of a GGUF file (`*.gguf`).
-    pub fn from_dir(dir: &Path) -> Result<Self> {
-        if crate::gguf::is_gguf(dir) {
-            return Self::from_gguf(&crate::gguf::GgufFile::open(dir)?);
-        }
+    /// Reads and parses `dir/config.json`, or the metadata of a GGUF file.
+    pub fn from_dir(src: impl Into<crate::ModelSource>) -> Result<Self> {
+        let dir = match src.into() {
+            crate::ModelSource::Gguf(f) => {
+                return Self::from_gguf(&crate::gguf::GgufFile::open(&f)?)
+            }
+            crate::ModelSource::HfDir(d) => d,
+        };
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
             path: path.clone(),

@@ -54,12 +54,6 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// True when `path` names a GGUF file (by its extension) rather than a checkpoint directory.
-pub fn is_gguf(path: &Path) -> bool {
-    path.extension()
-        .is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
-}
-
 /// Where a hub-named tensor lives in the file.
 #[derive(Clone, Debug)]
 pub(crate) struct Entry {
@@ -798,6 +792,18 @@ impl GgufFile {
         if let Some(e) = self.meta_u64("tokenizer.ggml.eos_token_id") {
             c.insert("eos_token_id".into(), json!(e));
         }
+        self.arch_config(&mut c, experts)?;
+        Ok(Json::Object(c))
+    }
+
+    /// The keys of `config.json` that differ by architecture (`llama` as Mixtral, `qwen2moe`,
+    /// `qwen3moe`, `olmoe`): the model type, the expert count and widths, dense layers, biases.
+    fn arch_config(&self, c: &mut Map<String, Json>, experts: u64) -> Result<()> {
+        let a = self.arch.as_str();
+        let need = |key: &str| {
+            self.arch_u64(key)
+                .ok_or_else(|| self.corrupt(format!("metadata {a}.{key} is missing")))
+        };
         let has = |t: &str| self.content.tensor(t).is_some();
         let ff = self.arch_u64("feed_forward_length");
         let expert_ff = self.arch_u64("expert_feed_forward_length");
@@ -878,7 +884,7 @@ impl GgufFile {
                 return Err(self.unsupported(format!("GGUF architecture {other:?}")));
             }
         }
-        Ok(Json::Object(c))
+        Ok(())
     }
 }
 

@@ -8,11 +8,12 @@ use crate::families::{self, FamilyWeights};
 use crate::kv::{BatchLayout, KvCache};
 use crate::layers::{from_vec, with_slice, Linear, Norm, Rope};
 use crate::packed::{PackedWeights, WeightType};
+use crate::source::ModelSource;
 use crate::stages::{Assignment, AttentionStage, ExpertStage};
 use crate::weights::{LinearType, Role, Weights};
 use candle_core::Tensor;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// Which routed experts to load.
@@ -184,7 +185,8 @@ pub struct Layer {
 
 pub struct Model {
     pub cfg: ModelConfig,
-    pub dir: PathBuf,
+    /// Where it was loaded from.
+    pub source: ModelSource,
     /// `[V, D]`, in the linear layers' type (a row is converted when looked up).
     pub embed: PackedWeights,
     pub layers: Vec<Layer>,
@@ -194,42 +196,49 @@ pub struct Model {
 }
 
 impl Model {
-    pub fn load(dir: &Path) -> Result<Self> {
-        Self::load_with(dir, &ExpertSelection::All)
+    /// Loads every expert from a checkpoint directory or a GGUF file (a path is classified
+    /// by [`ModelSource::of_path`]).
+    pub fn load(src: impl Into<ModelSource>) -> Result<Self> {
+        Self::load_with(src, &ExpertSelection::All)
     }
 
-    pub fn load_with(dir: &Path, sel: &ExpertSelection) -> Result<Self> {
-        Self::load_typed(dir, sel, LinearType::Auto)
+    pub fn load_with(src: impl Into<ModelSource>, sel: &ExpertSelection) -> Result<Self> {
+        Self::load_typed(src, sel, LinearType::Auto)
     }
 
-    /// Loads the experts `sel` with every linear layer held as `ty` says. `dir` is a
-    /// checkpoint directory or a GGUF file (`*.gguf`).
+    /// Loads the experts `sel` with every linear layer held as `ty` says. `src` is a
+    /// checkpoint directory or a GGUF file.
     ///
     /// Before anything large is allocated, the resident size of the weights in that type is
     /// compared with the memory available (`MemAvailable`): a model that will not fit is a
     /// [`ModelError::TooLarge`] saying what to try instead.
-    pub fn load_typed(dir: &Path, sel: &ExpertSelection, ty: LinearType) -> Result<Self> {
-        Self::load_within(dir, sel, ty, crate::mem::mem_available())
+    pub fn load_typed(
+        src: impl Into<ModelSource>,
+        sel: &ExpertSelection,
+        ty: LinearType,
+    ) -> Result<Self> {
+        Self::load_within(src, sel, ty, crate::mem::mem_available())
     }
 
     /// [`Model::load_typed`] with `available` bytes of memory instead of `MemAvailable`
     /// (`None`: no check).
     pub fn load_within(
-        dir: &Path,
+        src: impl Into<ModelSource>,
         sel: &ExpertSelection,
         ty: LinearType,
         available: Option<u64>,
     ) -> Result<Self> {
-        let mut weights = Weights::open(dir)?;
+        let src: ModelSource = src.into();
+        let mut weights = Weights::open(src.clone())?;
         let cfg = match weights.gguf() {
             Some(g) => ModelConfig::from_gguf(g)?,
-            None => ModelConfig::from_dir(dir)?,
+            None => ModelConfig::from_dir(src.clone())?,
         };
         if let Some(available) = available {
-            check_fits(&cfg, &weights, dir, sel, ty, available)?;
+            check_fits(&cfg, &weights, src.path(), sel, ty, available)?;
         }
         weights.set_linear_type(ty);
-        let model = Self::from_weights(cfg, &weights, dir, sel)?;
+        let model = Self::from_weights(cfg, &weights, src, sel)?;
         if let Some(g) = weights.gguf() {
             settle_mapping(g, sel, available);
         }
@@ -239,7 +248,7 @@ impl Model {
     pub fn from_weights(
         cfg: ModelConfig,
         w: &Weights,
-        dir: &Path,
+        src: impl Into<ModelSource>,
         sel: &ExpertSelection,
     ) -> Result<Self> {
         let names: Box<dyn FamilyWeights + Send + Sync> = families::for_family(cfg.family);
@@ -292,7 +301,7 @@ impl Model {
             };
         Ok(Self {
             cfg,
-            dir: dir.to_path_buf(),
+            source: src.into(),
             embed,
             layers,
             final_norm,

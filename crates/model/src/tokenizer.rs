@@ -65,18 +65,21 @@ impl Tokenizer {
         )
     }
 
-    /// True when `path` has a tokenizer [`Tokenizer::load`] can read: a GGUF file or a
-    /// directory with `tokenizer.json`.
-    pub fn exists_at(path: &Path) -> bool {
-        crate::gguf::is_gguf(path) || path.join("tokenizer.json").exists()
+    /// True when `src` has a tokenizer [`Tokenizer::load`] can read (see
+    /// [`crate::ModelSource::has_tokenizer`]).
+    pub fn exists_at(src: impl Into<crate::ModelSource>) -> bool {
+        src.into().has_tokenizer()
     }
 
     /// Loads `dir/tokenizer.json` (+ `tokenizer_config.json`), or the tokenizer in the
-    /// metadata of a GGUF file (`*.gguf`).
-    pub fn load(dir: &Path) -> Result<Self> {
-        if crate::gguf::is_gguf(dir) {
-            return Self::from_gguf(&crate::gguf::GgufFile::open(dir)?);
-        }
+    /// metadata of a GGUF file.
+    pub fn load(src: impl Into<crate::ModelSource>) -> Result<Self> {
+        let dir = match src.into() {
+            crate::ModelSource::Gguf(f) => {
+                return Self::from_gguf(&crate::gguf::GgufFile::open(&f)?)
+            }
+            crate::ModelSource::HfDir(d) => d,
+        };
         let path = dir.join("tokenizer.json");
         let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer {
             path: path.clone(),

@@ -99,16 +99,20 @@ enum Source {
 }
 
 impl Weights {
-    /// Opens a GGUF file (`*.gguf`), or in a directory `model.safetensors.index.json` if
-    /// present, else every `*.safetensors` file.
-    pub fn open(dir: &Path) -> Result<Self> {
-        if crate::gguf::is_gguf(dir) {
-            return Ok(Self {
-                source: Source::Gguf(Box::new(GgufFile::open(dir)?)),
-                linear_type: LinearType::Auto,
-                fp8: None,
-            });
-        }
+    /// Opens a GGUF file, or in a directory `model.safetensors.index.json` if present, else
+    /// every `*.safetensors` file.
+    pub fn open(src: impl Into<crate::ModelSource>) -> Result<Self> {
+        let dir = match src.into() {
+            crate::ModelSource::Gguf(f) => {
+                return Ok(Self {
+                    source: Source::Gguf(Box::new(GgufFile::open(&f)?)),
+                    linear_type: LinearType::Auto,
+                    fp8: None,
+                })
+            }
+            crate::ModelSource::HfDir(d) => d,
+        };
+        let dir = dir.as_path();
         let index_path = dir.join("model.safetensors.index.json");
         let mut names: Vec<PathBuf> = Vec::new();
         if index_path.exists() {

@@ -37,7 +37,7 @@ pub fn default_shape(cores: usize) -> DefaultShape {
     let deployment = Deployment {
         attention_replicas: 1,
         expert_workers: 0,
-        micro_batches: 1,
+        micro_batches: tandem_core::default_micro_batches(0),
         threads_per_worker: cores as u32,
         ..Deployment::default()
     };

@@ -312,20 +312,26 @@ fn headline_ratios(cat: &HardwareCatalog, models: &ModelCatalog) -> Result<Vec<f
     Ok(v)
 }
 
-/// Runs every experiment and writes `out_dir/reproduction.md` and `out_dir/img/*.svg`.
-pub fn reproduce(out_dir: &Path) -> Result<ReproSummary> {
-    let cat = HardwareCatalog::builtin()?;
-    let models = ModelCatalog::builtin()?;
-    let img = out_dir.join("img");
-    let mut images = Vec::new();
-    let mut headlines = Vec::new();
-    let mut md = String::new();
-    let eff = cat.defaults;
-    let homog = run_homog(&cat, &models)?;
-    let ablation = run_ablation(&cat, &models, &homog)?;
-    let setups = SETUPS;
-    let hetero = run_hetero(&cat, &models)?;
+/// Section 6's simulations.
+struct SimRuns {
+    sims: Vec<(&'static str, SimReport)>,
+    starved: SimReport,
+    /// The SLO-bound plan and its simulation, then the load-aware plan and its.
+    skew_case: (Plan, SimReport, Plan, SimReport),
+}
 
+/// Every experiment's results, which the figures and the report are made from.
+struct Experiments {
+    eff: crate::hardware::Efficiency,
+    homog: Vec<Homog>,
+    ablation: Vec<Ablation>,
+    hetero: Vec<Hetero>,
+    sensitivity: Vec<(String, Vec<f64>)>,
+    runs: SimRuns,
+}
+
+/// Section 5: the headline ratios again with one efficiency factor changed at a time.
+fn sensitivity(cat: &HardwareCatalog, models: &ModelCatalog) -> Result<Vec<(String, Vec<f64>)>> {
     // Sensitivity of the headline ratios to the efficiency factors (one factor at a time).
     let variants: Vec<(String, HardwareCatalog)> = {
         let mut v = vec![("as shipped".to_string(), cat.clone())];
@@ -353,14 +359,21 @@ pub fn reproduce(out_dir: &Path) -> Result<ReproSummary> {
     };
     let mut sensitivity = Vec::new();
     for (name, c) in &variants {
-        sensitivity.push((name.clone(), headline_ratios(c, &models)?));
+        sensitivity.push((name.clone(), headline_ratios(c, models)?));
     }
+    Ok(sensitivity)
+}
 
-    // ---------- 4. Simulator vs closed form ----------
+/// Section 6's runs: the Mixtral plan `mix_plan` simulated under each scenario, starved at
+/// m = 2, and planned for imbalance.
+fn simulator_runs(
+    cat: &HardwareCatalog,
+    models: &ModelCatalog,
+    mix_plan: &Plan,
+) -> Result<SimRuns> {
     let mix = models.resolve("mixtral-8x22b")?;
-    let mix_plan = &homog[0].dis;
     let a800 = cat.get("A800")?;
-    let mix_roof = Roofline::new(&cat, &mix, a800, a800, 730.0);
+    let mix_roof = Roofline::new(cat, &mix, a800, a800, 730.0);
     let scenarios: Vec<(&str, Imbalance, f64, f64)> = vec![
         (
             "balanced (closed-form assumptions)",
@@ -412,7 +425,7 @@ pub fn reproduce(out_dir: &Path) -> Result<ReproSummary> {
     let skew_case = {
         let mut req = base_request(&mix, "A800", "A800", Objective::PerGpu);
         req.tbt_slo_s = SKEW_CASE_SLO_S;
-        let balanced = disagg(&req, &cat)?;
+        let balanced = disagg(&req, cat)?;
         let run = |p: &Plan| -> Result<SimReport> {
             let mut cfg = SimConfig::new(shape_of(p));
             cfg.steps = 8;
@@ -422,12 +435,60 @@ pub fn reproduce(out_dir: &Path) -> Result<ReproSummary> {
         };
         let sim_bal = run(&balanced)?;
         req.expert_load_factor = sim_bal.worker_load_max_over_mean;
-        let aware = disagg(&req, &cat)?;
+        let aware = disagg(&req, cat)?;
         let sim_aware = run(&aware)?;
         (balanced, sim_bal, aware, sim_aware)
     };
+    Ok(SimRuns {
+        sims,
+        starved,
+        skew_case,
+    })
+}
 
-    // ---------- plots ----------
+/// A setup's name in the figures and tables.
+fn setup_name((a, e, col): (&str, &str, bool)) -> String {
+    if col {
+        format!("colocated {a}")
+    } else if a == e {
+        format!("disagg. {a}")
+    } else {
+        format!("disagg. {a} + {e}")
+    }
+}
+
+/// Tokens/s per cost of five of the setups, one series each, for the figure.
+fn hetero_series(hetero: &[Hetero]) -> Vec<Series> {
+    SETUPS
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| [0usize, 1, 3, 5, 7].contains(i))
+        .map(|(i, s)| Series {
+            name: setup_name(*s),
+            values: hetero
+                .iter()
+                .map(|h| {
+                    h.plans[i]
+                        .as_ref()
+                        .and_then(|p| p.tokens_per_s_per_cost)
+                        .unwrap_or(f64::NAN)
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// The figures: writes every SVG under `img` and returns their paths.
+fn plots(ex: &Experiments, img: &Path) -> Result<Vec<PathBuf>> {
+    let Experiments {
+        homog,
+        ablation,
+        hetero,
+        runs: SimRuns { sims, starved, .. },
+        ..
+    } = ex;
+    let mix_plan = &homog[0].dis;
+    let mut images = Vec::new();
     let labels: Vec<String> = PAPER.iter().map(|p| p.label.to_string()).collect();
     let mut save = |name: &str, text: String| -> Result<()> {
         let p = img.join(name);
@@ -499,32 +560,7 @@ pub fn reproduce(out_dir: &Path) -> Result<ReproSummary> {
             ],
         ),
     )?;
-    let setup_name = |(a, e, col): (&str, &str, bool)| {
-        if col {
-            format!("colocated {a}")
-        } else if a == e {
-            format!("disagg. {a}")
-        } else {
-            format!("disagg. {a} + {e}")
-        }
-    };
-    let het_series: Vec<Series> = setups
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| [0usize, 1, 3, 5, 7].contains(i))
-        .map(|(i, s)| Series {
-            name: setup_name(*s),
-            values: hetero
-                .iter()
-                .map(|h| {
-                    h.plans[i]
-                        .as_ref()
-                        .and_then(|p| p.tokens_per_s_per_cost)
-                        .unwrap_or(f64::NAN)
-                })
-                .collect(),
-        })
-        .collect();
+    let het_series = hetero_series(hetero);
     save(
         "heterogeneous_per_cost.svg",
         svg::grouped_bars(
@@ -577,8 +613,19 @@ pub fn reproduce(out_dir: &Path) -> Result<ReproSummary> {
             Some(3),
         ),
     )?;
+    Ok(images)
+}
 
-    // ---------- markdown ----------
+/// The title, the setting, the headline table and the efficiency factors.
+fn md_head(md: &mut String, ex: &Experiments) {
+    let Experiments {
+        ablation,
+        homog,
+        hetero,
+        runs: SimRuns { sims, .. },
+        eff,
+        ..
+    } = ex;
     let _ = writeln!(
         md,
         "# Reproducing MegaScale-Infer's numbers with tandem-plan\n"
@@ -622,7 +669,7 @@ pub fn reproduce(out_dir: &Path) -> Result<ReproSummary> {
         let rn = h.dis.tokens_per_s_per_gpu / h.node.tokens_per_s_per_gpu;
         let _ = writeln!(md, "| {}: disaggregated / colocated, per GPU | {:.2}x vs TensorRT-LLM ({:.2}x vs vLLM) | {:.2}x vs an ideal colocated deployment | {} vs TensorRT-LLM |", h.label, pm.vs_trt, pm.vs_vllm, rn, pct(rn, pm.vs_trt));
     }
-    for h in &hetero {
+    for h in hetero {
         let r = hetero_vs_colocated_h20(h);
         let _ = writeln!(md, "| {}: H20 + L40S / colocated H20, per cost | up to {PAPER_HETERO_VS_TRT}x vs TensorRT-LLM ({PAPER_HETERO_VS_VLLM}x vs vLLM) | {:.2}x | {} |", h.label, r, pct(r, PAPER_HETERO_VS_TRT));
     }
@@ -659,7 +706,11 @@ pub fn reproduce(out_dir: &Path) -> Result<ReproSummary> {
     let _ = writeln!(md, "These are engineering estimates, not measurements, and the same for every model: no constant is set per model or per experiment. \
         `tandem profile` (later) will replace them with fitted `k1..k4` and a measured `Util(size)` table; the file format is documented in \
         `crates/plan/src/profile.rs` and `tandem plan profile-template` writes one fitted to the roofline. Section 5 shows how much each factor moves the headline ratios.\n");
+}
 
+/// Section 1: micro-batches.
+fn md_ablation(md: &mut String, ex: &Experiments, headlines: &mut Vec<String>) {
+    let Experiments { ablation, .. } = ex;
     // 1. Ablation.
     let _ = writeln!(md, "## 1. Micro-batches (the paper's ping-pong ablation)\n");
     let _ = writeln!(md, "Each model's best homogeneous plan (section 2) is kept fixed (`tp_a`, `n_a`, `tp_e`); for each `m` the planner takes the largest batch that meets \
@@ -692,7 +743,11 @@ pub fn reproduce(out_dir: &Path) -> Result<ReproSummary> {
     }
     let _ = writeln!(md, "\n![micro-batch ablation](img/microbatch_ablation.svg)\n\n![gain 2 to 3](img/microbatch_gain_2_to_3.svg)\n");
     let _ = writeln!(md, "{ABLATION_NOTES}");
+}
 
+/// Section 2: disaggregated vs colocated per GPU.
+fn md_homog(md: &mut String, ex: &Experiments, headlines: &mut Vec<String>) {
+    let Experiments { homog, .. } = ex;
     // 2. Homogeneous.
     let _ = writeln!(
         md,
@@ -730,7 +785,12 @@ pub fn reproduce(out_dir: &Path) -> Result<ReproSummary> {
     }
     let _ = writeln!(md, "\n![per GPU](img/homogeneous_per_gpu.svg)\n");
     let _ = writeln!(md, "{HOMOG_NOTES}");
+}
 
+/// Section 3: heterogeneous vs homogeneous per cost.
+fn md_hetero(md: &mut String, ex: &Experiments, headlines: &mut Vec<String>) {
+    let Experiments { hetero, .. } = ex;
+    let setups = SETUPS;
     // 3. Hetero.
     let _ = writeln!(
         md,
@@ -744,7 +804,7 @@ pub fn reproduce(out_dir: &Path) -> Result<ReproSummary> {
     }
     let _ = writeln!(md, " H20+L40S / colocated H20 (paper: up to {PAPER_HETERO_VS_TRT}x vs TRT-LLM, {PAPER_HETERO_VS_VLLM}x vs vLLM) | H20+L40S / best homogeneous disagg. |");
     let _ = writeln!(md, "|{}", "---|".repeat(setups.len() + 3));
-    for h in &hetero {
+    for h in hetero {
         let _ = write!(md, "| {} |", h.label);
         for p in &h.plans {
             match p {
@@ -779,7 +839,11 @@ pub fn reproduce(out_dir: &Path) -> Result<ReproSummary> {
     }
     let _ = writeln!(md, "\n![per cost](img/heterogeneous_per_cost.svg)\n");
     let _ = writeln!(md, "{HETERO_NOTES}");
+}
 
+/// Section 4: Algorithm 1 against the widened search.
+fn md_balance(md: &mut String, ex: &Experiments) {
+    let Experiments { homog, hetero, .. } = ex;
     // BALANCE.
     let _ = writeln!(md, "## 4. Algorithm 1 as written vs the widened search\n");
     let _ = writeln!(md, "BALANCE fits `T_a = k1 b_a + k2` and `T_e = k3 b_e + k4` (least squares over b in 32..512 on the roofline) and sets `n_a = k1 E / (k3 K)`; \
@@ -817,19 +881,14 @@ pub fn reproduce(out_dir: &Path) -> Result<ReproSummary> {
             }
         }
     };
-    for h in &homog {
-        row(
-            &mut md,
-            h.label,
-            "tok/s/GPU, A800",
-            &h.bal,
-            Some(&h.dis),
-            &|p| p.tokens_per_s_per_gpu,
-        );
+    for h in homog {
+        row(md, h.label, "tok/s/GPU, A800", &h.bal, Some(&h.dis), &|p| {
+            p.tokens_per_s_per_gpu
+        });
     }
-    for h in &hetero {
+    for h in hetero {
         row(
-            &mut md,
+            md,
             h.label,
             "tok/s/cost, H20 + L40S",
             &h.balance,
@@ -838,7 +897,11 @@ pub fn reproduce(out_dir: &Path) -> Result<ReproSummary> {
         );
     }
     let _ = writeln!(md, "\n{BALANCE_NOTES}");
+}
 
+/// Section 5: sensitivity to the efficiency factors.
+fn md_sensitivity(md: &mut String, ex: &Experiments) {
+    let Experiments { sensitivity, .. } = ex;
     // 5. Sensitivity.
     let _ = writeln!(md, "## 5. Sensitivity to the efficiency factors\n");
     let _ = writeln!(md, "Each row changes one factor for every device and reruns sections 1-3. Columns: the m = 2 -> 3 gain, disaggregated / colocated (fewest nodes) per GPU, \
@@ -861,7 +924,7 @@ pub fn reproduce(out_dir: &Path) -> Result<ReproSummary> {
         let _ = write!(md, " <= {PAPER_HETERO_VS_TRT} (TRT) |");
     }
     let _ = writeln!(md);
-    for (name, v) in &sensitivity {
+    for (name, v) in sensitivity {
         let _ = write!(md, "| {name} |");
         for x in v {
             let _ = write!(md, " {x:.2} |");
@@ -869,7 +932,20 @@ pub fn reproduce(out_dir: &Path) -> Result<ReproSummary> {
         let _ = writeln!(md);
     }
     let _ = writeln!(md, "\n{SENSITIVITY_NOTES}");
+}
 
+/// Section 6: the simulator against the closed form.
+fn md_simulator(md: &mut String, ex: &Experiments, headlines: &mut Vec<String>) {
+    let Experiments {
+        homog,
+        runs: SimRuns {
+            sims,
+            starved,
+            skew_case,
+        },
+        ..
+    } = ex;
+    let mix_plan = &homog[0].dis;
     // 6. Simulator.
     let _ = writeln!(md, "## 6. Simulator vs closed form\n");
     let _ = writeln!(md, "The Mixtral 8x22B plan of section 2 ({}), 8 decode steps, seed 2025. S1 has the closed form's assumptions (balanced routing, no jitter); \
@@ -947,6 +1023,35 @@ pub fn reproduce(out_dir: &Path) -> Result<ReproSummary> {
         }
         let _ = writeln!(md);
     }
+}
+
+/// Runs every experiment and writes `out_dir/reproduction.md` and `out_dir/img/*.svg`.
+pub fn reproduce(out_dir: &Path) -> Result<ReproSummary> {
+    let cat = HardwareCatalog::builtin()?;
+    let models = ModelCatalog::builtin()?;
+    let homog = run_homog(&cat, &models)?;
+    let ablation = run_ablation(&cat, &models, &homog)?;
+    let hetero = run_hetero(&cat, &models)?;
+    let sensitivity = sensitivity(&cat, &models)?;
+    let runs = simulator_runs(&cat, &models, &homog[0].dis)?;
+    let ex = Experiments {
+        eff: cat.defaults,
+        homog,
+        ablation,
+        hetero,
+        sensitivity,
+        runs,
+    };
+    let images = plots(&ex, &out_dir.join("img"))?;
+    let mut headlines = Vec::new();
+    let mut md = String::new();
+    md_head(&mut md, &ex);
+    md_ablation(&mut md, &ex, &mut headlines);
+    md_homog(&mut md, &ex, &mut headlines);
+    md_hetero(&mut md, &ex, &mut headlines);
+    md_balance(&mut md, &ex);
+    md_sensitivity(&mut md, &ex);
+    md_simulator(&mut md, &ex, &mut headlines);
     let _ = writeln!(md, "## What is not modelled\n\n{NOT_MODELLED}");
 
     let path = out_dir.join("reproduction.md");

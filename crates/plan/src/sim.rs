@@ -267,10 +267,8 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-/// Runs the simulation of `cfg` with stage times from `sm`.
-// Indices run over several per-node arrays at once; iterators would hide which is which.
-#[allow(clippy::needless_range_loop)]
-pub fn simulate(sm: &dyn StageModel, model: &ModelShape, cfg: &SimConfig) -> Result<SimReport> {
+/// Refuses a shape, step count, noise or routing trace the simulation cannot run.
+fn check_config(model: &ModelShape, cfg: &SimConfig) -> Result<()> {
     let p = cfg.shape;
     if p.n_a == 0
         || p.m == 0
@@ -305,6 +303,12 @@ pub fn simulate(sm: &dyn StageModel, model: &ModelShape, cfg: &SimConfig) -> Res
             )));
         }
     }
+    Ok(())
+}
+
+/// The workers of each expert: `cfg.placement`, else contiguous ranges.
+fn placement_of(model: &ModelShape, cfg: &SimConfig) -> Result<Vec<Vec<u32>>> {
+    let (p, e_count) = (cfg.shape, model.num_experts as usize);
     let placement: Vec<Vec<u32>> = match &cfg.placement {
         Some(pl) => pl.clone(),
         None => {
@@ -319,6 +323,361 @@ pub fn simulate(sm: &dyn StageModel, model: &ModelShape, cfg: &SimConfig) -> Res
             "placement must list at least one worker for every expert".into(),
         ));
     }
+    Ok(placement)
+}
+
+/// What stays fixed over one simulation.
+struct Ctx<'a> {
+    sm: &'a dyn StageModel,
+    model: &'a ModelShape,
+    cfg: &'a SimConfig,
+    p: PipelineShape,
+    /// Routing probabilities per layer.
+    probs: Vec<Vec<f64>>,
+    /// Experts of each worker, with the share of the expert's tokens it gets.
+    worker_experts: Vec<Vec<(usize, f64)>>,
+    closed: StageTimes,
+    n_a: usize,
+    n_w: usize,
+    e_count: usize,
+    eb: f64,
+    t_a: f64,
+    send_a: f64,
+    exact_tokens: f64,
+    n_tokens: u64,
+    rows_a: usize,
+    rows_w: usize,
+}
+
+/// The clocks and counters the simulation advances.
+struct State {
+    rng: Rng,
+    attn_free: Vec<f64>,
+    attn_nic_free: Vec<f64>,
+    attn_busy: Vec<f64>,
+    work_free: Vec<f64>,
+    work_nic_free: Vec<f64>,
+    work_busy: Vec<f64>,
+    /// Combine arrival of the previous layer per replica and micro-batch.
+    ready: Vec<Vec<f64>>,
+    /// Token emission time per (step, replica, micro-batch).
+    emitted: Vec<Vec<Vec<f64>>>,
+    counts: Vec<Vec<f64>>,
+    row: Vec<f64>,
+    worker_tokens: Vec<f64>,
+    expert_tokens: Vec<f64>,
+    attn_end: Vec<f64>,
+    disp_start: Vec<f64>,
+    load_ratio_sum: f64,
+    load_ratio_n: usize,
+    timeline: Vec<Span>,
+}
+
+impl State {
+    fn new(c: &Ctx, m: usize, rng: Rng) -> Self {
+        let (n_a, n_w, e_count) = (c.n_a, c.n_w, c.e_count);
+        Self {
+            rng,
+            attn_free: vec![0.0f64; n_a],
+            attn_nic_free: vec![0.0f64; n_a],
+            attn_busy: vec![0.0f64; n_a],
+            work_free: vec![0.0f64; n_w],
+            work_nic_free: vec![0.0f64; n_w],
+            work_busy: vec![0.0f64; n_w],
+            ready: vec![vec![0.0f64; m]; n_a],
+            emitted: vec![vec![vec![0.0f64; m]; n_a]; c.cfg.steps as usize],
+            counts: vec![vec![0.0f64; e_count]; n_a],
+            row: vec![0.0f64; e_count],
+            worker_tokens: vec![0.0f64; n_w],
+            expert_tokens: vec![0.0f64; e_count],
+            attn_end: vec![0.0f64; n_a],
+            disp_start: vec![0.0f64; n_a],
+            load_ratio_sum: 0.0,
+            load_ratio_n: 0,
+            timeline: Vec::new(),
+        }
+    }
+}
+
+impl Ctx<'_> {
+    /// Attention of micro-batch `j` at layer `l` on every replica, then its dispatch and the
+    /// routing of its tokens.
+    // Indices run over several per-node arrays at once; iterators would hide which is which.
+    #[allow(clippy::needless_range_loop)]
+    fn attention_pass(&self, st: &mut State, l: usize, j: usize, record: bool) {
+        let Ctx {
+            cfg,
+            ref probs,
+            n_a,
+            e_count,
+            t_a,
+            send_a,
+            exact_tokens,
+            n_tokens,
+            rows_a,
+            ..
+        } = *self;
+        let State {
+            rng,
+            attn_free,
+            attn_nic_free,
+            attn_busy,
+            ready,
+            counts,
+            row,
+            attn_end,
+            disp_start,
+            timeline,
+            ..
+        } = st;
+        // Attention on every replica, then its dispatch.
+        for r in 0..n_a {
+            let strag = if cfg.straggler_prob > 0.0 && rng.f64() < cfg.straggler_prob {
+                cfg.straggler_factor
+            } else {
+                1.0
+            };
+            let start = attn_free[r].max(ready[r][j]);
+            let end = start + t_a * strag;
+            attn_free[r] = end;
+            attn_busy[r] += end - start;
+            attn_end[r] = end;
+            disp_start[r] = end.max(attn_nic_free[r]);
+            attn_nic_free[r] = disp_start[r] + send_a;
+            if record && r < rows_a {
+                timeline.push(Span {
+                    row: r,
+                    start_s: start,
+                    end_s: end,
+                    layer: l as u32,
+                    micro_batch: j as u32,
+                    kind: SpanKind::Attention,
+                });
+            }
+            // Routing of this replica's tokens.
+            match cfg.imbalance {
+                Imbalance::None => counts[r]
+                    .iter_mut()
+                    .for_each(|c| *c = exact_tokens / e_count as f64),
+                _ => {
+                    multinomial(rng, n_tokens, &probs[l], row);
+                    counts[r].copy_from_slice(row);
+                }
+            }
+        }
+    }
+
+    /// The expert workers' part of micro-batch `j` at layer `l` of step `s`: each waits for
+    /// every replica's message, computes and sends back; the replicas' next layer is ready
+    /// when the last answer arrives.
+    // Indices run over several per-node arrays at once; iterators would hide which is which.
+    #[allow(clippy::needless_range_loop)]
+    fn expert_pass(
+        &self,
+        st: &mut State,
+        s: usize,
+        l: usize,
+        j: usize,
+        record: bool,
+    ) -> Result<()> {
+        let Ctx {
+            sm,
+            model,
+            cfg,
+            p,
+            ref worker_experts,
+            ref closed,
+            n_a,
+            n_w,
+            eb,
+            send_a,
+            rows_a,
+            rows_w,
+            ..
+        } = *self;
+        let layers = model.moe_layers() as usize;
+        let State {
+            rng,
+            work_free,
+            work_nic_free,
+            work_busy,
+            ready,
+            emitted,
+            counts,
+            worker_tokens,
+            expert_tokens,
+            disp_start,
+            load_ratio_sum,
+            load_ratio_n,
+            timeline,
+            ..
+        } = st;
+        for (e, t) in expert_tokens.iter_mut().enumerate() {
+            *t = counts.iter().map(|c| c[e]).sum();
+        }
+        for (w, wt) in worker_tokens.iter_mut().enumerate() {
+            *wt = worker_experts[w]
+                .iter()
+                .map(|&(e, share)| expert_tokens[e] * share)
+                .sum();
+        }
+        let mean_w = worker_tokens.iter().sum::<f64>() / n_w as f64;
+        if mean_w > 0.0 {
+            *load_ratio_sum += worker_tokens.iter().cloned().fold(0.0, f64::max) / mean_w;
+            *load_ratio_n += 1;
+        }
+        // Experts: wait for every replica's message, compute, send back.
+        let mut arrive = vec![0.0f64; n_a];
+        for w in 0..n_w {
+            let bytes_w = bytes_per_expert_gpu(model, p.tp_e, worker_tokens[w], eb);
+            let recv_w = sm.expert_link_s(bytes_w);
+            let msg = send_a.max(recv_w);
+            let mut inputs = 0.0f64;
+            for &ds in disp_start.iter() {
+                let jit = rng_jitter(rng, cfg.jitter_cv);
+                inputs = inputs.max(ds + msg * jit);
+            }
+            let tokens: Vec<f64> = worker_experts[w]
+                .iter()
+                .map(|&(e, share)| expert_tokens[e] * share)
+                .collect();
+            let strag = if cfg.straggler_prob > 0.0 && rng.f64() < cfg.straggler_prob {
+                cfg.straggler_factor
+            } else {
+                1.0
+            };
+            let dur = sm.expert_s(p.tp_e, &tokens)? * strag;
+            let start = work_free[w].max(inputs);
+            let end = start + dur;
+            work_free[w] = end;
+            work_busy[w] += dur;
+            let send_w = recv_w;
+            let cstart = end.max(work_nic_free[w]);
+            work_nic_free[w] = cstart + send_w;
+            let back = send_w.max(send_a);
+            for a in arrive.iter_mut() {
+                let jit = rng_jitter(rng, cfg.jitter_cv);
+                *a = a.max(cstart + back * jit);
+            }
+            if record && w < rows_w {
+                timeline.push(Span {
+                    row: rows_a + w,
+                    start_s: start,
+                    end_s: end,
+                    layer: l as u32,
+                    micro_batch: j as u32,
+                    kind: SpanKind::Expert,
+                });
+            }
+            if record && w == 0 {
+                timeline.push(Span {
+                    row: rows_a + rows_w + 1,
+                    start_s: cstart,
+                    end_s: cstart + back,
+                    layer: l as u32,
+                    micro_batch: j as u32,
+                    kind: SpanKind::Combine,
+                });
+            }
+        }
+        if record {
+            timeline.push(Span {
+                row: rows_a + rows_w,
+                start_s: disp_start[0],
+                end_s: disp_start[0] + send_a.max(closed.t_c_s),
+                layer: l as u32,
+                micro_batch: j as u32,
+                kind: SpanKind::Dispatch,
+            });
+        }
+        for r in 0..n_a {
+            ready[r][j] = arrive[r];
+            if l + 1 == layers {
+                emitted[s][r][j] = arrive[r];
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the report says about a run `r` (its findings left empty) of `cfg`: the first step
+/// against Eq. 5, a starved pipeline, queued NICs, imbalance, jitter, stragglers and the
+/// steady TBT.
+fn findings(r: &SimReport, cfg: &SimConfig, send_a: f64, nodes: usize) -> Vec<String> {
+    let (p, closed, load) = (cfg.shape, &r.closed, r.worker_load_max_over_mean);
+    let (first_step_s, eq5, eq5_rel_err) = (r.first_step_s, r.eq5_step_s, r.eq5_rel_err);
+    let (tbt_mean, tbt_p99, closed_tbt) = (r.tbt_mean_s, r.tbt_p99_s, r.closed_tbt_s);
+    let mut findings = Vec::new();
+    let fed = closed_form::pipeline_fed(closed, p.m);
+    if eq5_rel_err.abs() <= 0.01 {
+        findings.push(format!(
+            "first step {:.3} ms vs Eq. 5 {:.3} ms: agree within 1% ({:+.2}%)",
+            first_step_s * 1e3,
+            eq5 * 1e3,
+            eq5_rel_err * 100.0
+        ));
+    } else {
+        findings.push(format!(
+            "first step {:.3} ms vs Eq. 5 {:.3} ms: {:+.1}%",
+            first_step_s * 1e3,
+            eq5 * 1e3,
+            eq5_rel_err * 100.0
+        ));
+    }
+    if !fed {
+        findings.push(format!(
+            "m = {} is below constraint 3 (2 (1 + T_c/T_f) = {:.2}): each micro-batch waits for its own round trip T_a + T_e + 2 T_c = {:.3} ms per layer, which Eq. 5 (it assumes a fed pipeline) does not count",
+            p.m,
+            closed_form::min_micro_batches(closed),
+            (closed.t_a_s + closed.t_e_s + 2.0 * closed.t_c_s) * 1e3
+        ));
+    }
+    if send_a > closed.t_a_s {
+        findings.push(format!(
+            "an attention GPU needs {:.3} ms to send a micro-batch but computes one in {:.3} ms: its NIC queues, which the closed form ignores",
+            send_a * 1e3,
+            closed.t_a_s * 1e3
+        ));
+    }
+    if load > 1.005 {
+        findings.push(format!(
+            "expert load imbalance: the busiest worker gets {:.2}x the mean tokens per micro-batch; every layer waits for it, so the expert stage is longer than the balanced T_e = {:.3} ms (plan with an expert load factor of {0:.2} to size for it)",
+            load,
+            closed.t_e_s * 1e3
+        ));
+    }
+    if cfg.jitter_cv > 0.0 {
+        findings.push(format!(
+            "communication jitter (cv {:.2}): each stage waits for the slowest of {} messages",
+            cfg.jitter_cv, nodes
+        ));
+    }
+    if cfg.straggler_prob > 0.0 {
+        findings.push(format!(
+            "stragglers: {:.1}% of tasks run {:.1}x slower; a straggler delays every node that waits for it",
+            cfg.straggler_prob * 100.0,
+            cfg.straggler_factor
+        ));
+    }
+    let steady_err = (tbt_mean - closed_tbt) / closed_tbt;
+    findings.push(format!(
+        "steady TBT: simulated mean {:.3} ms (p99 {:.3} ms) vs closed form {:.3} ms ({:+.1}%)",
+        tbt_mean * 1e3,
+        tbt_p99 * 1e3,
+        closed_tbt * 1e3,
+        steady_err * 100.0
+    ));
+    findings
+}
+
+/// Runs the simulation of `cfg` with stage times from `sm`.
+// Indices run over several per-node arrays at once; iterators would hide which is which.
+#[allow(clippy::needless_range_loop)]
+pub fn simulate(sm: &dyn StageModel, model: &ModelShape, cfg: &SimConfig) -> Result<SimReport> {
+    check_config(model, cfg)?;
+    let p = cfg.shape;
+    let e_count = model.num_experts as usize;
+    let placement = placement_of(model, cfg)?;
     let n_w = placement.iter().flatten().copied().max().unwrap_or(0) as usize + 1;
     let n_a = p.n_a as usize;
     let m = p.m as usize;
@@ -334,161 +693,50 @@ pub fn simulate(sm: &dyn StageModel, model: &ModelShape, cfg: &SimConfig) -> Res
             worker_experts[w as usize].push((e, 1.0 / ws.len() as f64));
         }
     }
-
     let closed = stage_times(sm, model, &p)?;
     let t_a = sm.attention_s(p.tp_a, p.b_a)?;
     let send_a = sm.attention_link_s(dispatch_bytes_per_attention_gpu(model, p.tp_a, p.b_a, eb));
-
-    let mut attn_free = vec![0.0f64; n_a];
-    let mut attn_nic_free = vec![0.0f64; n_a];
-    let mut attn_busy = vec![0.0f64; n_a];
-    let mut work_free = vec![0.0f64; n_w];
-    let mut work_nic_free = vec![0.0f64; n_w];
-    let mut work_busy = vec![0.0f64; n_w];
-    // combine arrival of the previous layer per replica and micro-batch.
-    let mut ready = vec![vec![0.0f64; m]; n_a];
-    // token emission time per (step, replica, micro-batch).
-    let mut emitted = vec![vec![vec![0.0f64; m]; n_a]; cfg.steps as usize];
-    let mut counts = vec![vec![0.0f64; e_count]; n_a];
-    let mut row = vec![0.0f64; e_count];
-    let mut worker_tokens = vec![0.0f64; n_w];
-    let mut expert_tokens = vec![0.0f64; e_count];
-    let mut attn_end = vec![0.0f64; n_a];
-    let mut disp_start = vec![0.0f64; n_a];
-    let mut load_ratio_sum = 0.0;
-    let mut load_ratio_n = 0usize;
-    let mut timeline = Vec::new();
-    let rows_a = n_a.min(4);
-    let rows_w = n_w.min(8);
     let exact_tokens = p.b_a * k;
-    let n_tokens = exact_tokens.round().max(0.0) as u64;
-
+    let (rows_a, rows_w) = (n_a.min(4), n_w.min(8));
+    let cx = Ctx {
+        sm,
+        model,
+        cfg,
+        p,
+        probs,
+        worker_experts,
+        closed,
+        n_a,
+        n_w,
+        e_count,
+        eb,
+        t_a,
+        send_a,
+        exact_tokens,
+        n_tokens: exact_tokens.round().max(0.0) as u64,
+        rows_a,
+        rows_w,
+    };
+    let mut st = State::new(&cx, m, rng);
     for s in 0..cfg.steps as usize {
         let record = cfg.timeline_step == Some(s as u32);
         for l in 0..layers {
             for j in 0..m {
-                // Attention on every replica, then its dispatch.
-                for r in 0..n_a {
-                    let strag = if cfg.straggler_prob > 0.0 && rng.f64() < cfg.straggler_prob {
-                        cfg.straggler_factor
-                    } else {
-                        1.0
-                    };
-                    let start = attn_free[r].max(ready[r][j]);
-                    let end = start + t_a * strag;
-                    attn_free[r] = end;
-                    attn_busy[r] += end - start;
-                    attn_end[r] = end;
-                    disp_start[r] = end.max(attn_nic_free[r]);
-                    attn_nic_free[r] = disp_start[r] + send_a;
-                    if record && r < rows_a {
-                        timeline.push(Span {
-                            row: r,
-                            start_s: start,
-                            end_s: end,
-                            layer: l as u32,
-                            micro_batch: j as u32,
-                            kind: SpanKind::Attention,
-                        });
-                    }
-                    // Routing of this replica's tokens.
-                    match cfg.imbalance {
-                        Imbalance::None => counts[r]
-                            .iter_mut()
-                            .for_each(|c| *c = exact_tokens / e_count as f64),
-                        _ => {
-                            multinomial(&mut rng, n_tokens, &probs[l], &mut row);
-                            counts[r].copy_from_slice(&row);
-                        }
-                    }
-                }
-                for (e, t) in expert_tokens.iter_mut().enumerate() {
-                    *t = counts.iter().map(|c| c[e]).sum();
-                }
-                for (w, wt) in worker_tokens.iter_mut().enumerate() {
-                    *wt = worker_experts[w]
-                        .iter()
-                        .map(|&(e, share)| expert_tokens[e] * share)
-                        .sum();
-                }
-                let mean_w = worker_tokens.iter().sum::<f64>() / n_w as f64;
-                if mean_w > 0.0 {
-                    load_ratio_sum += worker_tokens.iter().cloned().fold(0.0, f64::max) / mean_w;
-                    load_ratio_n += 1;
-                }
-                // Experts: wait for every replica's message, compute, send back.
-                let mut arrive = vec![0.0f64; n_a];
-                for w in 0..n_w {
-                    let bytes_w = bytes_per_expert_gpu(model, p.tp_e, worker_tokens[w], eb);
-                    let recv_w = sm.expert_link_s(bytes_w);
-                    let msg = send_a.max(recv_w);
-                    let mut inputs = 0.0f64;
-                    for &ds in disp_start.iter() {
-                        let jit = rng_jitter(&mut rng, cfg.jitter_cv);
-                        inputs = inputs.max(ds + msg * jit);
-                    }
-                    let tokens: Vec<f64> = worker_experts[w]
-                        .iter()
-                        .map(|&(e, share)| expert_tokens[e] * share)
-                        .collect();
-                    let strag = if cfg.straggler_prob > 0.0 && rng.f64() < cfg.straggler_prob {
-                        cfg.straggler_factor
-                    } else {
-                        1.0
-                    };
-                    let dur = sm.expert_s(p.tp_e, &tokens)? * strag;
-                    let start = work_free[w].max(inputs);
-                    let end = start + dur;
-                    work_free[w] = end;
-                    work_busy[w] += dur;
-                    let send_w = recv_w;
-                    let cstart = end.max(work_nic_free[w]);
-                    work_nic_free[w] = cstart + send_w;
-                    let back = send_w.max(send_a);
-                    for a in arrive.iter_mut() {
-                        let jit = rng_jitter(&mut rng, cfg.jitter_cv);
-                        *a = a.max(cstart + back * jit);
-                    }
-                    if record && w < rows_w {
-                        timeline.push(Span {
-                            row: rows_a + w,
-                            start_s: start,
-                            end_s: end,
-                            layer: l as u32,
-                            micro_batch: j as u32,
-                            kind: SpanKind::Expert,
-                        });
-                    }
-                    if record && w == 0 {
-                        timeline.push(Span {
-                            row: rows_a + rows_w + 1,
-                            start_s: cstart,
-                            end_s: cstart + back,
-                            layer: l as u32,
-                            micro_batch: j as u32,
-                            kind: SpanKind::Combine,
-                        });
-                    }
-                }
-                if record {
-                    timeline.push(Span {
-                        row: rows_a + rows_w,
-                        start_s: disp_start[0],
-                        end_s: disp_start[0] + send_a.max(closed.t_c_s),
-                        layer: l as u32,
-                        micro_batch: j as u32,
-                        kind: SpanKind::Dispatch,
-                    });
-                }
-                for r in 0..n_a {
-                    ready[r][j] = arrive[r];
-                    if l + 1 == layers {
-                        emitted[s][r][j] = arrive[r];
-                    }
-                }
+                cx.attention_pass(&mut st, l, j, record);
+                cx.expert_pass(&mut st, s, l, j, record)?;
             }
         }
     }
+    let Ctx { closed, .. } = cx;
+    let State {
+        emitted,
+        attn_busy,
+        work_busy,
+        load_ratio_sum,
+        load_ratio_n,
+        timeline,
+        ..
+    } = st;
 
     let steps = cfg.steps as usize;
     let last = |s: usize| emitted[s].iter().flatten().cloned().fold(0.0, f64::max);
@@ -536,74 +784,12 @@ pub fn simulate(sm: &dyn StageModel, model: &ModelShape, cfg: &SimConfig) -> Res
         1.0
     };
 
-    let mut findings = Vec::new();
-    let fed = closed_form::pipeline_fed(&closed, p.m);
-    if eq5_rel_err.abs() <= 0.01 {
-        findings.push(format!(
-            "first step {:.3} ms vs Eq. 5 {:.3} ms: agree within 1% ({:+.2}%)",
-            first_step_s * 1e3,
-            eq5 * 1e3,
-            eq5_rel_err * 100.0
-        ));
-    } else {
-        findings.push(format!(
-            "first step {:.3} ms vs Eq. 5 {:.3} ms: {:+.1}%",
-            first_step_s * 1e3,
-            eq5 * 1e3,
-            eq5_rel_err * 100.0
-        ));
-    }
-    if !fed {
-        findings.push(format!(
-            "m = {} is below constraint 3 (2 (1 + T_c/T_f) = {:.2}): each micro-batch waits for its own round trip T_a + T_e + 2 T_c = {:.3} ms per layer, which Eq. 5 (it assumes a fed pipeline) does not count",
-            p.m,
-            closed_form::min_micro_batches(&closed),
-            (closed.t_a_s + closed.t_e_s + 2.0 * closed.t_c_s) * 1e3
-        ));
-    }
-    if send_a > closed.t_a_s {
-        findings.push(format!(
-            "an attention GPU needs {:.3} ms to send a micro-batch but computes one in {:.3} ms: its NIC queues, which the closed form ignores",
-            send_a * 1e3,
-            closed.t_a_s * 1e3
-        ));
-    }
-    if load > 1.005 {
-        findings.push(format!(
-            "expert load imbalance: the busiest worker gets {:.2}x the mean tokens per micro-batch; every layer waits for it, so the expert stage is longer than the balanced T_e = {:.3} ms (plan with an expert load factor of {0:.2} to size for it)",
-            load,
-            closed.t_e_s * 1e3
-        ));
-    }
-    if cfg.jitter_cv > 0.0 {
-        findings.push(format!(
-            "communication jitter (cv {:.2}): each stage waits for the slowest of {} messages",
-            cfg.jitter_cv,
-            n_a.max(n_w)
-        ));
-    }
-    if cfg.straggler_prob > 0.0 {
-        findings.push(format!(
-            "stragglers: {:.1}% of tasks run {:.1}x slower; a straggler delays every node that waits for it",
-            cfg.straggler_prob * 100.0,
-            cfg.straggler_factor
-        ));
-    }
-    let steady_err = (tbt_mean - closed_tbt) / closed_tbt;
-    findings.push(format!(
-        "steady TBT: simulated mean {:.3} ms (p99 {:.3} ms) vs closed form {:.3} ms ({:+.1}%)",
-        tbt_mean * 1e3,
-        tbt_p99 * 1e3,
-        closed_tbt * 1e3,
-        steady_err * 100.0
-    ));
-
     let mut timeline_rows: Vec<String> = (0..rows_a).map(|r| format!("attention {r}")).collect();
     timeline_rows.extend((0..rows_w).map(|w| format!("expert {w}")));
     timeline_rows.push("dispatch (attn 0)".into());
     timeline_rows.push("combine (expert 0)".into());
 
-    Ok(SimReport {
+    let mut report = SimReport {
         steps: cfg.steps,
         global_batch: global,
         closed,
@@ -618,10 +804,12 @@ pub fn simulate(sm: &dyn StageModel, model: &ModelShape, cfg: &SimConfig) -> Res
         attention_util: util(&attn_busy, "attention "),
         expert_util: util(&work_busy, "expert "),
         worker_load_max_over_mean: load,
-        findings,
+        findings: Vec::new(),
         timeline_rows,
         timeline,
-    })
+    };
+    report.findings = findings(&report, cfg, send_a, n_a.max(n_w));
+    Ok(report)
 }
 
 fn rng_jitter(rng: &mut Rng, cv: f64) -> f64 {

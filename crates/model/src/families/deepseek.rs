@@ -78,26 +78,10 @@ fn default_eps() -> f64 {
     1e-6
 }
 
-pub fn parse(v: &Value, cx: &ParseCx, family: Family) -> Result<ModelConfig> {
-    let c: DeepseekConfig = cx.typed(v)?;
-    check_silu(cx, c.hidden_act.as_deref())?;
-    let v3 = family == Family::DeepseekV3;
-    let heads = c.num_attention_heads;
-    let num_experts = c
-        .n_routed_experts
-        .or(c.num_local_experts)
-        .or(c.num_experts)
-        .ok_or_else(|| cx.err("n_routed_experts is not set".into()))?;
-    if c.mlp_bias {
-        return Err(cx.unsupported("mlp_bias = true is not implemented".into()));
-    }
-    if c.moe_layer_freq != 1 {
-        return Err(cx.unsupported(format!(
-            "moe_layer_freq = {}: only every layer after first_k_dense_replace being MoE (1) is \
-             implemented",
-            c.moe_layer_freq
-        )));
-    }
+/// The router `scoring_func` and `topk_method` describe: DeepSeek-V3's sigmoid with
+/// `noaux_tc` (grouped or not), V2's softmax (greedy or group-limited); anything else is
+/// refused by name.
+fn router(c: &DeepseekConfig, cx: &ParseCx, v3: bool) -> Result<RouterKind> {
     let groups = || -> Result<(usize, usize)> {
         match (c.n_group, c.topk_group) {
             (Some(n), Some(k)) => Ok((n, k)),
@@ -107,7 +91,7 @@ pub fn parse(v: &Value, cx: &ParseCx, family: Family) -> Result<ModelConfig> {
             ))),
         }
     };
-    let router = if v3 {
+    Ok(if v3 {
         match c.scoring_func.as_deref() {
             None | Some("sigmoid") => {}
             Some(other) => {
@@ -158,7 +142,30 @@ pub fn parse(v: &Value, cx: &ParseCx, family: Family) -> Result<ModelConfig> {
                 )))
             }
         }
-    };
+    })
+}
+
+pub fn parse(v: &Value, cx: &ParseCx, family: Family) -> Result<ModelConfig> {
+    let c: DeepseekConfig = cx.typed(v)?;
+    check_silu(cx, c.hidden_act.as_deref())?;
+    let v3 = family == Family::DeepseekV3;
+    let heads = c.num_attention_heads;
+    let num_experts = c
+        .n_routed_experts
+        .or(c.num_local_experts)
+        .or(c.num_experts)
+        .ok_or_else(|| cx.err("n_routed_experts is not set".into()))?;
+    if c.mlp_bias {
+        return Err(cx.unsupported("mlp_bias = true is not implemented".into()));
+    }
+    if c.moe_layer_freq != 1 {
+        return Err(cx.unsupported(format!(
+            "moe_layer_freq = {}: only every layer after first_k_dense_replace being MoE (1) is \
+             implemented",
+            c.moe_layer_freq
+        )));
+    }
+    let router = router(&c, cx, v3)?;
     // transformers' DeepSeek-V2 never renormalises the top-k weights; V3 does by default.
     let topk_norm = if v3 && c.norm_topk_prob.unwrap_or(true) {
         TopkNorm::Sum

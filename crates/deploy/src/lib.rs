@@ -1,6 +1,14 @@
-//! Multi-process deployments: one process per role (`--role attention|expert --rank I`),
-//! `tandem launch` (every role of a deployment on this host, as child processes) and
-//! `tandem status` (every worker's health).
+//! tandem-deploy: the processes of a multi-process deployment. One process per role
+//! (`--role attention|expert --rank I`: [`start_engine`], [`run_expert`]), the supervisor
+//! behind `tandem launch` ([`supervise`]: every role of a deployment on this host as child
+//! processes, restarted or stopped together) and `tandem status` ([`status`]: every worker's
+//! health), with the flags they share (role, rank, TLS, cluster secret) as clap argument
+//! groups the CLI flattens into its commands, as `tandem-bench` does for its own.
+//!
+//! Owns: loading a model for a role, the M2N link and TLS/secret set-up from flags,
+//! environment and deployment file, child-process supervision. May not touch: HTTP serving
+//! (`tandem-server`), the engine's scheduling (`tandem-engine`), argument wiring of the
+//! `tandem` binary (`tandem-cli`).
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -17,7 +25,8 @@ use tandem_engine::tls::{TlsClient, TlsServer, CA_ENV, CERT_ENV, KEY_ENV};
 use tandem_engine::wire::WireDtype;
 use tandem_engine::{Engine, EngineOptions};
 use tandem_model::weights::LinearType;
-use tandem_model::{ExpertSelection, Model, Tokenizer};
+use tandem_model::{ExpertSelection, Model, ModelSource, Tokenizer};
+use tandem_sched::{FinishReason, SamplingParams};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Role {
@@ -213,7 +222,7 @@ impl TlsArgs {
     }
 
     /// The flags again, absolute, for child processes.
-    fn to_args(&self) -> Result<Vec<String>> {
+    pub fn to_args(&self) -> Result<Vec<String>> {
         let mut v = Vec::new();
         for (flag, p) in [
             ("--tls-cert", &self.tls_cert),
@@ -292,7 +301,7 @@ fn parse_wire_dtype(s: &str) -> Result<WireDtype, String> {
     WireDtype::parse(s).ok_or_else(|| format!("unknown wire dtype {s:?} (f32 or bf16)"))
 }
 
-fn check_addresses(dep: &Deployment) -> Result<()> {
+pub fn check_addresses(dep: &Deployment) -> Result<()> {
     if dep.expert_workers == 0 {
         bail!("a multi-process deployment needs expert_workers >= 1 (0 means colocated)");
     }
@@ -310,23 +319,23 @@ fn check_addresses(dep: &Deployment) -> Result<()> {
 /// whole deployment in this process, or attention replica `rank` talking TCP to the expert
 /// workers.
 pub fn start_engine(
-    dir: &Path,
+    src: &ModelSource,
     dep: Deployment,
     role: &RoleArgs,
     ty: LinearType,
 ) -> Result<(Engine, Option<Arc<Tokenizer>>)> {
-    let tok = if Tokenizer::exists_at(dir) {
-        Some(Arc::new(Tokenizer::load(dir)?))
+    let tok = if src.has_tokenizer() {
+        Some(Arc::new(Tokenizer::load(src.clone())?))
     } else {
         None
     };
     let load = |sel: &ExpertSelection| {
         let t = Instant::now();
-        let model = Model::load_typed(dir, sel, ty)
-            .with_context(|| format!("loading {}", dir.display()))?;
+        let model = Model::load_typed(src.clone(), sel, ty)
+            .with_context(|| format!("loading {}", src.path().display()))?;
         tracing::info!(
             "loaded {} in {:.1}s: weights {}; {}",
-            dir.display(),
+            src.path().display(),
             t.elapsed().as_secs_f64(),
             model.weight_memory().describe(),
             tandem_model::KvCache::describe_per_token(&model.cfg)
@@ -390,7 +399,7 @@ pub fn start_engine(
 /// its `[addresses] expert` entry), with `opts` (the cluster secret it proves, TLS, whether
 /// it takes shared-memory offers).
 pub fn run_expert(
-    dir: &Path,
+    src: &ModelSource,
     dep: &Deployment,
     rank: u32,
     listen: Option<String>,
@@ -404,12 +413,12 @@ pub fn run_expert(
             dep.addresses.expert.len()
         );
     };
-    let cfg = tandem_model::ModelConfig::from_dir(dir)?;
+    let cfg = tandem_model::ModelConfig::from_dir(src.clone())?;
     let placement = dep.placement_for(cfg.num_experts)?;
     let mine = placement.experts_of(rank);
     let t = Instant::now();
-    let model = Model::load_typed(dir, &ExpertSelection::Only(mine.clone()), ty)
-        .with_context(|| format!("loading {}", dir.display()))?;
+    let model = Model::load_typed(src.clone(), &ExpertSelection::Only(mine.clone()), ty)
+        .with_context(|| format!("loading {}", src.path().display()))?;
     let listener = std::net::TcpListener::bind(&addr).with_context(|| format!("binding {addr}"))?;
     tracing::info!(
         "expert worker {rank} listening on {} with experts {mine:?} (loaded in {:.1}s; weights {})",
@@ -421,39 +430,218 @@ pub fn run_expert(
     Ok(())
 }
 
-// -----------------------------------------------------------------------------------------
-// tandem launch
-// -----------------------------------------------------------------------------------------
-
-#[derive(Args)]
-pub struct LaunchArgs {
-    /// The deployment file; every worker in its `[addresses]` is started on this host.
-    pub deployment: PathBuf,
-    /// Checkpoint directory or llama.cpp GGUF file. Default: the embedded demo model.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Start a worker again when it exits (it rejoins the running deployment).
-    #[arg(long)]
-    pub restart: bool,
-    /// Seconds to wait for the workers to stop after Ctrl-C before killing them.
-    #[arg(long, default_value_t = 10)]
-    pub grace_s: u64,
-    /// The cluster secret file, passed to every worker (see `serve --cluster-secret-file`;
-    /// TANDEM_CLUSTER_SECRET and `[security]` reach them without it).
-    #[arg(long)]
-    pub cluster_secret_file: Option<PathBuf>,
-    /// TLS files, passed to every worker (see `serve --tls-cert`; the TANDEM_TLS_*
-    /// variables and `[security]` reach them without these).
-    #[command(flatten)]
-    pub tls: TlsArgs,
-    #[command(flatten)]
-    pub weights: crate::models::WeightArgs,
+/// Runs expert worker `role.rank` of `dep` (the `serve --role expert` process): its cluster
+/// secret, TLS and M2N transport from `role`, listening where [`expert_listen_address`] says
+/// with `--host`/`--port` (`host`, `port`).
+pub fn serve_expert_role(
+    src: &ModelSource,
+    dep: &Deployment,
+    role: &RoleArgs,
+    host: Option<&str>,
+    port: Option<u16>,
+    ty: LinearType,
+) -> Result<()> {
+    let secret = cluster_secret(role.cluster_secret_file.as_deref(), dep)?;
+    let listen = expert_listen_address(
+        host,
+        port,
+        dep.addresses.expert.get(role.rank as usize),
+        secret.is_some(),
+    )?;
+    let opts = NetOptions {
+        cluster_secret: secret,
+        tls_server: role.tls.server(dep)?,
+        shared_memory: role.m2n_transport == M2nTransport::Auto,
+        shm_lending: tandem_engine::shm::Lending {
+            min: role.m2n_lend_min,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    run_expert(src, dep, role.rank, listen, opts, ty)
 }
 
-struct Worker {
-    name: String,
-    args: Vec<String>,
+/// Where an expert worker listens. Neither `--host` nor `--port`: its `[addresses] expert`
+/// entry as written (`None` here). Otherwise `--host` (default: 0.0.0.0 with a cluster
+/// secret, 127.0.0.1 without: an unauthenticated worker is not exposed unless asked for) on
+/// `--port` (default: the port of its `[addresses]` entry, else any free port).
+pub fn expert_listen_address(
+    host: Option<&str>,
+    port: Option<u16>,
+    entry: Option<&String>,
+    has_secret: bool,
+) -> Result<Option<String>> {
+    if host.is_none() && port.is_none() {
+        return Ok(None);
+    }
+    let host = host.unwrap_or(if has_secret { "0.0.0.0" } else { "127.0.0.1" });
+    let port = match (port, entry) {
+        (Some(p), _) => p,
+        (None, Some(e)) => e
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .with_context(|| format!("expert address {e:?} is not HOST:PORT"))?,
+        (None, None) => 0,
+    };
+    Ok(Some(if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }))
+}
+
+// -----------------------------------------------------------------------------------------
+// The shape flags and batched generation
+// -----------------------------------------------------------------------------------------
+
+/// The deployment shape flags shared by `generate`, `serve` and the benchmarks: one
+/// resolution for all of them ([`ShapeArgs::deployment_or_default`]).
+#[derive(Args, Clone)]
+pub struct ShapeArgs {
+    /// Deployment file (TOML); the flags below override it.
+    #[arg(long)]
+    pub deployment: Option<PathBuf>,
+    /// Attention replicas (n_a).
+    #[arg(long)]
+    pub attention_replicas: Option<u32>,
+    /// Expert workers (N); 0 = colocated (each replica runs its own experts).
+    #[arg(long)]
+    pub expert_workers: Option<u32>,
+    /// Micro-batches per iteration (m).
+    #[arg(long)]
+    pub micro_batches: Option<u32>,
+    /// Threads per worker.
+    #[arg(long)]
+    pub threads_per_worker: Option<u32>,
+    /// Pin workers to cores (replicas first, then expert workers).
+    #[arg(long)]
+    pub pin_cores: bool,
+}
+
+impl ShapeArgs {
+    /// Whether any shape flag or a deployment file was given.
+    pub fn is_explicit(&self) -> bool {
+        self.deployment.is_some()
+            || self.attention_replicas.is_some()
+            || self.expert_workers.is_some()
+            || self.micro_batches.is_some()
+            || self.threads_per_worker.is_some()
+            || self.pin_cores
+    }
+
+    /// The deployment the flags describe; with none at all (and no role), the default shape
+    /// for this host and `model` (`tandem_plan::default_shape`: from this
+    /// machine's cached `tandem profile` of the model if there is one, else the one-host
+    /// rule), logged with its reason.
+    pub fn deployment_or_default(&self, has_role: bool, model: &ModelSource) -> Result<Deployment> {
+        let model = model.path();
+        use tandem_plan::default_shape as ds;
+        if self.is_explicit() || has_role {
+            return self.deployment();
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cached = ds::profile_cache_path(&tandem_model::demo::cache_root(), model);
+        let from_profile = || -> Result<ds::DefaultShape, String> {
+            let profile = tandem_plan::Profile::load(&cached).map_err(|e| e.to_string())?;
+            let shape =
+                tandem_plan::model::ModelShape::from_path(model).map_err(|e| e.to_string())?;
+            let machine = tandem_core::machine::machine_line(cores);
+            ds::from_profile(&profile, &shape, cores, &machine)
+        };
+        let s = if cached.exists() {
+            match from_profile() {
+                Ok(s) => s,
+                Err(why) => {
+                    tracing::warn!("not using the profile {}: {why}", cached.display());
+                    ds::default_shape(cores)
+                }
+            }
+        } else {
+            ds::default_shape(cores)
+        };
+        tracing::info!("shape: {}", s.reason);
+        Ok(s.deployment)
+    }
+
+    pub fn deployment(&self) -> Result<Deployment> {
+        let mut d = match &self.deployment {
+            Some(p) => Deployment::load(p)?,
+            None => Deployment::default(),
+        };
+        if let Some(v) = self.attention_replicas {
+            d.attention_replicas = v;
+        }
+        if let Some(v) = self.expert_workers {
+            d.expert_workers = v;
+        }
+        match self.micro_batches {
+            Some(v) => d.micro_batches = v,
+            // Flags that leave `m` open (no file to take it from) get the one default.
+            None if self.deployment.is_none() && self.is_explicit() => {
+                d.micro_batches = tandem_core::default_micro_batches(d.expert_workers)
+            }
+            None => {}
+        }
+        if let Some(v) = self.threads_per_worker {
+            d.threads_per_worker = v;
+        }
+        if self.pin_cores {
+            d.pin_cores = true;
+        }
+        d.validate_shape()?;
+        Ok(d)
+    }
+}
+
+/// Runs every prompt through the engine (prompts spread over the replicas) and returns the
+/// generated token ids per prompt, in prompt order.
+pub fn generate(
+    engine: &Engine,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+) -> Result<Vec<(Vec<u32>, String)>> {
+    let handles = prompts
+        .iter()
+        .map(|p| engine.add_request(p.clone(), params.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut outs = Vec::with_capacity(handles.len());
+    for h in handles {
+        let mut rx = h.rx;
+        let (mut toks, mut text) = (Vec::new(), String::new());
+        while let Some(o) = rx.blocking_recv() {
+            toks.extend(o.token);
+            text.push_str(&o.text);
+            if let Some(f) = o.finish {
+                if let FinishReason::Error(e) = f.reason {
+                    bail!("request {} failed: {e}", h.id.0);
+                }
+                break;
+            }
+        }
+        outs.push((toks, text));
+    }
+    Ok(outs)
+}
+
+// -----------------------------------------------------------------------------------------
+// tandem launch: the supervisor
+// -----------------------------------------------------------------------------------------
+
+/// One child process of [`supervise`]: the `tandem` binary run with `args`.
+pub struct Worker {
+    pub name: String,
+    pub args: Vec<String>,
     child: Option<Child>,
+}
+
+impl Worker {
+    pub fn new(name: String, args: Vec<String>) -> Self {
+        Self {
+            name,
+            args,
+            child: None,
+        }
+    }
 }
 
 fn spawn_worker(w: &mut Worker) -> Result<()> {
@@ -506,96 +694,33 @@ fn terminate(child: &mut Child) {
         .status();
 }
 
-pub fn launch(a: LaunchArgs) -> Result<()> {
-    let dep = Deployment::load(&a.deployment)?;
-    dep.validate_shape()?;
-    check_addresses(&dep)?;
-    if dep.addresses.attention.len() != dep.attention_replicas as usize {
-        bail!(
-            "the deployment has {} attention replicas but [addresses] attention lists {} (their HTTP addresses)",
-            dep.attention_replicas,
-            dep.addresses.attention.len()
-        );
-    }
-    let file = a.deployment.display().to_string();
-    // A bad secret stops here, not in every child; the children read it again themselves.
-    cluster_secret(a.cluster_secret_file.as_deref(), &dep)?;
-    let secret_args = match &a.cluster_secret_file {
-        Some(p) => vec![
-            "--cluster-secret-file".to_string(),
-            std::path::absolute(p)
-                .with_context(|| format!("locating {}", p.display()))?
-                .display()
-                .to_string(),
-        ],
-        None => vec![],
-    };
-    // Bad TLS files stop here too (both sides' checks).
-    a.tls.server(&dep)?;
-    a.tls.client(&dep)?;
-    let tls_args = a.tls.to_args()?;
-    // Resolving here writes the demo model once rather than racing in every child.
-    let dir = crate::models::resolve(&a.model)?;
-    a.weights.linear_type()?;
-    let mut model_args = vec!["--model".to_string(), dir.display().to_string()];
-    model_args.extend(a.weights.to_args());
-    let mut workers = Vec::new();
-    for (role, n) in [
-        ("expert", dep.expert_workers),
-        ("attention", dep.attention_replicas),
-    ] {
-        for r in 0..n {
-            let mut args = vec![
-                "serve".to_string(),
-                "--deployment".into(),
-                file.clone(),
-                "--role".into(),
-                role.into(),
-                "--rank".into(),
-                r.to_string(),
-            ];
-            args.extend(model_args.iter().cloned());
-            args.extend(secret_args.iter().cloned());
-            args.extend(tls_args.iter().cloned());
-            workers.push(Worker {
-                name: format!("{role}{r}"),
-                args,
-                child: None,
-            });
-        }
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        std::thread::spawn(move || {
-            rt.block_on(crate::serve_cmd::shutdown_signal());
-            stop.store(true, Ordering::Relaxed);
-        });
-    }
-    for w in &mut workers {
+/// Starts every worker (this executable, with its arguments; their output prefixed with
+/// their name), starts one again when it exits if `restart` (it rejoins the running
+/// deployment), and when `stop` is set or every worker has exited sends them SIGTERM, waits
+/// up to `grace` and kills what is left. An error when a worker exited on its own without
+/// `restart`.
+pub fn supervise(
+    workers: &mut [Worker],
+    stop: &AtomicBool,
+    restart: bool,
+    grace: Duration,
+    started: impl FnOnce(),
+) -> Result<()> {
+    for w in workers.iter_mut() {
         spawn_worker(w)?;
     }
-    tracing::info!(
-        "deployment {file}: {} expert workers at {:?}, {} attention replicas serving HTTP at {:?}; Ctrl-C stops them all",
-        dep.expert_workers,
-        dep.addresses.expert,
-        dep.attention_replicas,
-        dep.addresses.attention
-    );
+    started();
     let mut failed = false;
     while !stop.load(Ordering::Relaxed) {
         let mut alive = 0;
-        for w in &mut workers {
+        for w in workers.iter_mut() {
             let Some(c) = w.child.as_mut() else { continue };
             match c.try_wait() {
                 Ok(None) => alive += 1,
                 Ok(Some(st)) => {
                     tracing::error!("{} exited: {st}", w.name);
                     w.child = None;
-                    if a.restart {
+                    if restart {
                         std::thread::sleep(Duration::from_millis(500));
                         spawn_worker(w)?;
                         alive += 1;
@@ -612,13 +737,13 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     tracing::info!("stopping every worker");
-    for w in &mut workers {
+    for w in workers.iter_mut() {
         if let Some(c) = w.child.as_mut() {
             terminate(c);
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(a.grace_s);
-    for w in &mut workers {
+    let deadline = Instant::now() + grace;
+    for w in workers.iter_mut() {
         if let Some(c) = w.child.as_mut() {
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -637,6 +762,44 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
         bail!("a worker exited on its own (use --restart to start it again)");
     }
     Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// A flag set on Ctrl-C or SIGTERM (watched from a thread of its own).
+pub fn stop_on_signal() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        rt.block_on(shutdown_signal());
+        flag.store(true, Ordering::Relaxed);
+    });
+    Ok(stop)
 }
 
 // -----------------------------------------------------------------------------------------
@@ -791,5 +954,40 @@ mod tests {
         // Nothing configured: plaintext on both sides.
         assert!(none.server(&dep(None, None, None)).unwrap().is_none());
         assert!(none.client(&dep(None, None, None)).unwrap().is_none());
+    }
+}
+
+#[cfg(test)]
+mod listen_tests {
+    use super::expert_listen_address;
+
+    #[test]
+    fn expert_listen_address_rule() {
+        let entry = "10.0.0.3:9000".to_string();
+        // Nothing given: the deployment's entry as written.
+        assert_eq!(
+            expert_listen_address(None, None, Some(&entry), false).unwrap(),
+            None
+        );
+        // A port alone: loopback without a secret, every interface with one.
+        assert_eq!(
+            expert_listen_address(None, Some(7000), Some(&entry), false).unwrap(),
+            Some("127.0.0.1:7000".into())
+        );
+        assert_eq!(
+            expert_listen_address(None, Some(7000), Some(&entry), true).unwrap(),
+            Some("0.0.0.0:7000".into())
+        );
+        // A host alone keeps the deployment's port.
+        assert_eq!(
+            expert_listen_address(Some("0.0.0.0"), None, Some(&entry), false).unwrap(),
+            Some("0.0.0.0:9000".into())
+        );
+        assert_eq!(
+            expert_listen_address(Some("::1"), None, None, false).unwrap(),
+            Some("[::1]:0".into())
+        );
+        let bad = "nowhere".to_string();
+        assert!(expert_listen_address(Some("127.0.0.1"), None, Some(&bad), false).is_err());
     }
 }
