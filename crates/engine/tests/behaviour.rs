@@ -55,11 +55,11 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn load(name: &str) -> Arc<Model> {
-    Arc::new(Model::load(&fixture(name)).unwrap())
+    Arc::new(Model::load(fixture(name)).unwrap())
 }
 
 fn load_tokenizer(name: &str) -> Arc<Tokenizer> {
-    Arc::new(Tokenizer::load(&fixture(name)).unwrap())
+    Arc::new(Tokenizer::load(fixture(name)).unwrap())
 }
 
 fn deployment(n_a: u32, n_e: u32, m: u32) -> Deployment {

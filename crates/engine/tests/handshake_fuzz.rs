@@ -68,7 +68,7 @@ fn worker() -> &'static (Deployment, String) {
             },
             ..Deployment::default()
         };
-        let model = Arc::new(Model::load_with(&dir(), &ExpertSelection::All).unwrap());
+        let model = Arc::new(Model::load_with(dir(), &ExpertSelection::All).unwrap());
         let d = dep.clone();
         std::thread::spawn(move || {
             let _ = serve_expert(model, &d, 0, l, net());
@@ -80,7 +80,7 @@ fn worker() -> &'static (Deployment, String) {
 fn identity() -> &'static Identity {
     static I: OnceLock<Identity> = OnceLock::new();
     I.get_or_init(|| {
-        let model = Model::load_with(&dir(), &ExpertSelection::None).unwrap();
+        let model = Model::load_with(dir(), &ExpertSelection::None).unwrap();
         Identity::new(&model, &worker().0).unwrap()
     })
 }
@@ -237,7 +237,7 @@ fn hostile_handshakes_are_closed_in_time_and_a_keyed_replica_still_served() {
         .unwrap();
     println!("64 hostile handshakes in {:?}", t.elapsed());
     let (dep, _) = worker();
-    let model = Arc::new(Model::load_with(&dir(), &ExpertSelection::None).unwrap());
+    let model = Arc::new(Model::load_with(dir(), &ExpertSelection::None).unwrap());
     let link = TcpReplicaLink::connect(
         0,
         dep.addresses.expert.clone(),
@@ -257,7 +257,7 @@ fn hostile_handshakes_are_closed_in_time_and_a_keyed_replica_still_served() {
         Box::new(link),
     )
     .unwrap();
-    let reference = Model::load(&dir()).unwrap();
+    let reference = Model::load(dir()).unwrap();
     for prompt in [vec![3u32, 4, 5], vec![11, 2, 40, 7, 9]] {
         let params = SamplingParams {
             temperature: 0.0,

@@ -391,7 +391,7 @@ fn a_peer_with_another_model_or_deployment_is_refused_with_a_reason() {
     let dep = deployment(1, 1, 2, addrs.clone());
     start_workers(&dir, &dep, ls);
     let model = Arc::new(Model::load_with(&dir, &ExpertSelection::None).unwrap());
-    let other = Arc::new(Model::load_with(&fixture("olmoe"), &ExpertSelection::None).unwrap());
+    let other = Arc::new(Model::load_with(fixture("olmoe"), &ExpertSelection::None).unwrap());
     let link = TcpReplicaLink::connect(
         0,
         addrs.clone(),

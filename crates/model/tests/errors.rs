@@ -863,13 +863,13 @@ fn unsupported_dtype_is_named() {
 #[test]
 fn gpt_oss_fixtures_load() {
     for name in ["gpt_oss", "gpt_oss_mxfp4"] {
-        let cfg = ModelConfig::from_dir(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let cfg = ModelConfig::from_dir(fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(cfg.family.name(), "gpt_oss");
         let w = cfg.sliding_window.as_ref().expect("sliding layers");
         assert_eq!(w.window, 6);
         assert_eq!(w.layers, [true, false, true, false]);
         assert!(cfg.yarn.is_some(), "{name}: yarn");
-        Model::load(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        Model::load(fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 }
 
@@ -1252,7 +1252,7 @@ fn rope_types_other_than_yarn_are_refused_for_deepseek() {
 #[test]
 fn mla_cache_holds_only_the_latent() {
     for name in ["deepseek_v2", "deepseek_v3"] {
-        let cfg = ModelConfig::from_dir(&fixture(name)).unwrap();
+        let cfg = ModelConfig::from_dir(fixture(name)).unwrap();
         let m = cfg.mla.expect("MLA");
         assert_eq!((m.kv_lora_rank, m.qk_rope_head_dim), (32, 8));
         assert_eq!(cfg.kv_cache_widths(), (32 + 8, 0));
@@ -1293,7 +1293,7 @@ fn deepseek_mtp_layer_tensors_are_skipped() {
         }
     });
     let with_mtp = Model::load(tmp.path()).expect("loads with the MTP tensors present");
-    let plain = Model::load(&fixture("deepseek_v3")).unwrap();
+    let plain = Model::load(fixture("deepseek_v3")).unwrap();
     let ids = [5u32, 17, 300];
     let a = tandem_model::generate::greedy(&with_mtp, &ids, 4).unwrap();
     let b = tandem_model::generate::greedy(&plain, &ids, 4).unwrap();

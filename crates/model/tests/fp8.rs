@@ -126,7 +126,7 @@ fn fp8_checkpoint_in_f32_is_transformers_dequantized_model() {
 #[test]
 fn fp8_checkpoint_loads_into_bf16_by_default() {
     let exp = expected();
-    let m = Model::load(&fixture()).unwrap();
+    let m = Model::load(fixture()).unwrap();
     assert_eq!(m.weight_type(), WeightType::Bf16);
     let mem = m.weight_memory();
     assert_eq!(
@@ -153,7 +153,7 @@ fn fp8_checkpoint_loads_into_bf16_by_default() {
 #[test]
 fn fp8_logits_are_within_the_quantization_error_of_the_bf16_source() {
     let exp = expected();
-    let m = Model::load(&fixture()).unwrap();
+    let m = Model::load(fixture()).unwrap();
     for (i, p) in exp.prompts.iter().enumerate() {
         let (_, first) = greedy(&m, &p.ids, 1).unwrap();
         let src = &exp.first_logits_source[i];
@@ -178,7 +178,7 @@ fn fp8_logits_are_within_the_quantization_error_of_the_bf16_source() {
 fn fp8_checkpoint_quantizes_to_q8_0_and_q4_0() {
     use tandem_model::packed::PackedWeights;
     let exp = expected();
-    let w = Weights::open(&fixture()).unwrap();
+    let w = Weights::open(fixture()).unwrap();
     let f32m = load(&fixture(), LinearType::Is(WeightType::F32)).unwrap();
     for ty in [WeightType::Q8_0, WeightType::Q4_0] {
         let m = load(&fixture(), LinearType::Is(ty)).unwrap();
@@ -226,7 +226,7 @@ fn fp8_checkpoint_quantizes_to_q8_0_and_q4_0() {
 #[test]
 fn scale_tensors_are_part_of_their_weight_not_weights() {
     let exp = expected();
-    let w = Weights::open(&fixture()).unwrap();
+    let w = Weights::open(fixture()).unwrap();
     assert_eq!(
         w.fp8(),
         Some(Fp8Config {
@@ -395,7 +395,7 @@ fn doubling_one_block_scale_doubles_exactly_that_block() {
         let v = f32::from_le_bytes(s.data[i..i + 4].try_into().unwrap()) * 2.0;
         s.data[i..i + 4].copy_from_slice(&v.to_le_bytes());
     });
-    let orig = Weights::open(&fixture())
+    let orig = Weights::open(fixture())
         .unwrap()
         .get_vec(Q_A, &[rows, cols])
         .unwrap();
@@ -421,7 +421,7 @@ fn doubling_one_block_scale_doubles_exactly_that_block() {
     );
     // and the model sees it
     let (m0, m1) = (
-        Model::load(&fixture()).unwrap(),
+        Model::load(fixture()).unwrap(),
         Model::load(tmp.path()).unwrap(),
     );
     let p = &expected().prompts[2].ids;

@@ -103,8 +103,8 @@ fn check_tokens(gguf_model: &Model, reference: &Model, exp: &Expected, what: &st
 
 #[test]
 fn mixtral_gguf_config_is_the_checkpoint_config() {
-    let from_gguf = ModelConfig::from_dir(&gguf("mixtral-f32.gguf")).unwrap();
-    let from_dir = ModelConfig::from_dir(&fixtures().join("mixtral")).unwrap();
+    let from_gguf = ModelConfig::from_dir(gguf("mixtral-f32.gguf")).unwrap();
+    let from_dir = ModelConfig::from_dir(fixtures().join("mixtral")).unwrap();
     assert_eq!(
         serde_json::to_value(&from_gguf).unwrap(),
         serde_json::to_value(&from_dir).unwrap()
@@ -116,7 +116,7 @@ fn mixtral_f32_gguf_gives_the_checkpoint_tokens() {
     let dir = fixtures().join("mixtral");
     let exp = expected(&dir);
     let reference = Model::load(&dir).unwrap();
-    let model = Model::load(&gguf("mixtral-f32.gguf")).unwrap();
+    let model = Model::load(gguf("mixtral-f32.gguf")).unwrap();
     assert_eq!(model.weight_type(), WeightType::F32);
     // Same values, so llama.cpp's q/k row permutation was undone exactly.
     assert_same_weights(&model, &reference, "f32");
@@ -138,13 +138,13 @@ fn mixtral_q8_0_gguf_is_tandem_q8_0_block_for_block() {
     )
     .unwrap();
     // Under `auto` the file's q8_0 blocks are kept as they are.
-    let model = Model::load(&gguf("mixtral-q8_0.gguf")).unwrap();
+    let model = Model::load(gguf("mixtral-q8_0.gguf")).unwrap();
     assert_eq!(model.weight_type(), WeightType::Q8_0);
     assert_same_weights(&model, &reference, "q8_0");
     check_tokens(&model, &reference, &exp, "q8_0");
     // Asking for q8_0 explicitly takes the same path.
     let again = Model::load_typed(
-        &gguf("mixtral-q8_0.gguf"),
+        gguf("mixtral-q8_0.gguf"),
         &ExpertSelection::All,
         LinearType::Is(WeightType::Q8_0),
     )
@@ -152,7 +152,7 @@ fn mixtral_q8_0_gguf_is_tandem_q8_0_block_for_block() {
     assert_same_weights(&again, &reference, "q8_0 asked for");
     // Another type dequantizes the blocks: f32 holds exactly the q8_0 values.
     let f32 = Model::load_typed(
-        &gguf("mixtral-q8_0.gguf"),
+        gguf("mixtral-q8_0.gguf"),
         &ExpertSelection::All,
         LinearType::Is(WeightType::F32),
     )
@@ -169,7 +169,7 @@ fn mixtral_q8_0_gguf_is_tandem_q8_0_block_for_block() {
 #[test]
 fn expert_selection_loads_only_those_experts_from_gguf() {
     let m = Model::load_with(
-        &gguf("mixtral-q8_0.gguf"),
+        gguf("mixtral-q8_0.gguf"),
         &ExpertSelection::Only(vec![1, 6]),
     )
     .unwrap();
@@ -255,7 +255,7 @@ fn rewritten_gguf_loads_the_same() {
     let path = tmp.path().join("copy.gguf");
     rewrite(&gguf("mixtral-f32.gguf"), &path, &|t| t);
     let a = Model::load(&path).unwrap();
-    let b = Model::load(&gguf("mixtral-f32.gguf")).unwrap();
+    let b = Model::load(gguf("mixtral-f32.gguf")).unwrap();
     assert_same_weights(&a, &b, "rewritten");
 }
 
@@ -1034,7 +1034,7 @@ fn f16_bf16_and_q4_0_tensors_in_a_file_load_as_their_values() {
         }
     });
     let mixed = Model::load(&path).unwrap();
-    let f32_model = Model::load(&gguf("mixtral-f32.gguf")).unwrap();
+    let f32_model = Model::load(gguf("mixtral-f32.gguf")).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     let content = Content::read(&bytes).unwrap();
     let (mut f16s, mut bf16s, mut q4s) = (0, 0, 0);

@@ -61,7 +61,7 @@ fn check_prompts(tok: &Tokenizer, list: &Json, what: &str) {
 #[test]
 fn spm_gguf_tokenizes_as_hugging_face() {
     let exp = expected();
-    let tok = Tokenizer::load(&spm_gguf()).unwrap();
+    let tok = Tokenizer::load(spm_gguf()).unwrap();
     assert_eq!(tok.vocab_size() as u64, exp["vocab_size"].as_u64().unwrap());
     check_prompts(&tok, &exp["prompts"], "spm");
     assert_eq!(tok.bos_token.as_deref(), exp["bos_token"].as_str());

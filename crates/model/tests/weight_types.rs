@@ -216,7 +216,7 @@ fn auto_keeps_the_checkpoint_type() {
         ("qwen2_moe", WeightType::Bf16),
         ("mixtral", WeightType::F32),
     ] {
-        let m = Model::load(&fixture(name)).unwrap();
+        let m = Model::load(fixture(name)).unwrap();
         assert_eq!(m.weight_type(), want, "{name}");
         let mem = m.weight_memory();
         assert_eq!(mem.by_type.keys().collect::<Vec<_>>(), vec![want.name()]);
@@ -275,7 +275,7 @@ fn gpt_oss_types_track_f32() {
 fn gpt_oss_mxfp4_experts_are_held_in_the_checkpoints_bf16() {
     // The dequantized MXFP4 values (e2m1 times a power of two) are exact in bf16, the type of
     // the checkpoint's other tensors: under `auto` every linear layer is bf16, routers too.
-    let m = Model::load(&fixture("gpt_oss_mxfp4")).unwrap();
+    let m = Model::load(fixture("gpt_oss_mxfp4")).unwrap();
     assert_eq!(m.weight_type(), WeightType::Bf16);
     let mem = m.weight_memory();
     assert_eq!(mem.by_type.keys().collect::<Vec<_>>(), vec!["bf16"]);
