@@ -183,9 +183,9 @@ fn measure(
                 }
             }
             eprintln!(
-                "bench prefill: {asked} ({}), {len} tokens: {:.1} tokens/s (median of {})",
+                "bench prefill: {asked} ({}), {len} tokens: {:.1} ms (median of {})",
                 model.weight_type().name(),
-                len as f64 / percentile(&sorted(&seconds), 50.0),
+                percentile(&sorted(&seconds), 50.0) * 1e3,
                 a.reps
             );
             results.push(PrefillResult {
