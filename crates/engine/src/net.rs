@@ -1401,12 +1401,13 @@ mod tests {
             assert_eq!(r.send_buffer_size().unwrap(), want_snd, "{end} SO_SNDBUF");
             assert_eq!(r.recv_buffer_size().unwrap(), want_rcv, "{end} SO_RCVBUF");
         }
-        // 0 leaves the OS's autotuned buffers (which start far below what was asked above).
+        // 0 leaves the OS's autotuned buffers: the receive buffer starts far below what was
+        // asked above (the send buffer Linux sizes itself at connect, on loopback already
+        // large, so only the receive side tells the two apart).
         let plain = connect_tuned(&addr, Duration::from_secs(5), 0).unwrap();
         let r = socket2::SockRef::from(&plain);
         assert!(r.tcp_nodelay().unwrap());
         assert!(r.recv_buffer_size().unwrap() < want_rcv);
-        assert!(r.send_buffer_size().unwrap() < want_snd);
         assert_eq!(NetOptions::default().socket_buffer, DEFAULT_SOCKET_BUFFER);
     }
 }
