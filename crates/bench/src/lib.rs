@@ -10,6 +10,7 @@
 pub mod engine;
 pub mod kernels;
 pub mod m2n;
+pub mod prefill;
 pub mod profile;
 pub mod prom;
 pub mod serve;

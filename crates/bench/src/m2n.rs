@@ -112,6 +112,10 @@ pub struct M2nArgs {
     /// does) or `tcp` (loopback sockets only).
     #[arg(long, value_enum, default_value_t = OurTransport::Auto)]
     pub transport: OurTransport,
+    /// Ours over TCP: SO_SNDBUF and SO_RCVBUF of every socket in bytes (0: the OS's
+    /// autotuning, what tandem did before; default: the engine's, `NetOptions::socket_buffer`).
+    #[arg(long, default_value_t = tandem_engine::net::DEFAULT_SOCKET_BUFFER)]
+    pub socket_buffer: usize,
 }
 
 fn parse_wire_dtype(s: &str) -> Result<WireDtype, String> {
@@ -153,6 +157,8 @@ pub struct M2nPeerArgs {
     pub tls_dir: Option<std::path::PathBuf>,
     #[arg(long, value_enum, default_value_t = OurTransport::Auto)]
     pub transport: OurTransport,
+    #[arg(long, default_value_t = tandem_engine::net::DEFAULT_SOCKET_BUFFER)]
+    pub socket_buffer: usize,
 }
 
 /// A throwaway PKI for `--tls`: a CA and a certificate for 127.0.0.1 signed by it, in a
@@ -272,7 +278,7 @@ pub fn run(a: M2nArgs) -> Result<()> {
                 (true, _) => "tandem M2N over TLS (rustls, ring) over TCP loopback (tandem_engine::net)",
                 (false, OurTransport::Tcp) => "tandem M2N over TCP loopback (tandem_engine::net)",
                 (false, OurTransport::Auto) => "tandem M2N, auto: shared-memory rings between processes of this host, the TCP loopback socket kept for liveness (tandem_engine::net, tandem_engine::shm)",
-            }, "our_transport": a.transport}),
+            }, "our_transport": a.transport, "socket_buffer": a.socket_buffer}),
         ),
         Some(Baseline::Mpi) => run_mpi(&a)?,
     };
@@ -366,6 +372,8 @@ fn run_ours(a: &M2nArgs) -> Result<Vec<SenderReport>> {
                 OurTransport::Tcp => "tcp",
             }
             .into(),
+            "--socket-buffer".into(),
+            a.socket_buffer.to_string(),
         ]
         .into_iter()
         .chain(tls)
@@ -449,12 +457,7 @@ fn run_ours(a: &M2nArgs) -> Result<Vec<SenderReport>> {
 
 /// Entry point of the child processes.
 pub fn peer(a: M2nPeerArgs) -> Result<()> {
-    use std::sync::{Arc, Mutex};
-    use tandem_core::{Members, Slot};
-    use tandem_engine::net::{Identity, NetOptions, TcpExpertLink, TcpReplicaLink};
-    use tandem_engine::transport::{
-        CombineMsg, DispatchMsg, ExpertLink, ReplicaLink, SlotHeader, ToReplica, ToWorker,
-    };
+    use tandem_engine::net::{Identity, NetOptions};
     let rows = check_shape(a.senders, a.receivers, a.bytes, a.hidden, a.iters)?;
     let id = Identity {
         model_hash: "bench-m2n".into(),
@@ -464,6 +467,7 @@ pub fn peer(a: M2nPeerArgs) -> Result<()> {
     let mut opts = NetOptions {
         wire_dtype: a.wire_dtype,
         shared_memory: a.transport == OurTransport::Auto,
+        socket_buffer: a.socket_buffer,
         ..NetOptions::default()
     };
     if let Some(d) = &a.tls_dir {
@@ -483,155 +487,187 @@ pub fn peer(a: M2nPeerArgs) -> Result<()> {
             }
         }
     }
+    match a.role {
+        Role::Receiver => receiver(&a, rows, id, opts),
+        Role::Sender => sender(&a, rows, id, opts),
+    }
+}
+
+/// The header of every message of round `iteration` from `sender` (one layer, one
+/// micro-batch, epoch 1).
+fn bench_slot(iteration: u64, sender: u32) -> tandem_engine::transport::SlotHeader {
+    tandem_engine::transport::SlotHeader {
+        epoch: 1,
+        slot: tandem_core::Slot::new(iteration, 0, 0),
+        sender,
+    }
+}
+
+/// A `[rows, hidden]` message with non-zero, non-uniform contents, so that no page is
+/// shared or skipped.
+fn bench_payload(rows: usize, hidden: usize, seed: u32) -> Result<candle_core::Tensor> {
+    let v: Vec<f32> = (0..rows * hidden)
+        .map(|i| ((i as u32).wrapping_mul(2654435761) ^ seed) as f32 * 1e-9)
+        .collect();
+    Ok(tandem_model::layers::from_vec(v, rows, hidden)?)
+}
+
+/// A receiver (expert worker): once all M dispatches of a round are in, one combine back to
+/// every sender; ends when every sender has gone after the last round.
+fn receiver(
+    a: &M2nPeerArgs,
+    rows: usize,
+    id: tandem_engine::net::Identity,
+    opts: tandem_engine::net::NetOptions,
+) -> Result<()> {
+    use std::sync::{Arc, Mutex};
+    use tandem_engine::net::TcpExpertLink;
+    use tandem_engine::transport::{CombineMsg, ExpertLink, ToReplica, ToWorker};
     let total = a.warmup + a.iters;
     let m = a.senders;
-    let members = Members::first(m);
-    let slot = |iteration: u64, sender: u32| SlotHeader {
-        epoch: 1,
-        slot: Slot::new(iteration, 0, 0),
-        sender,
-    };
-    // Non-zero, non-uniform contents so that no page is shared or skipped.
-    let payload = |seed: u32| -> Result<_> {
-        let v: Vec<f32> = (0..rows * a.hidden)
-            .map(|i| ((i as u32).wrapping_mul(2654435761) ^ seed) as f32 * 1e-9)
-            .collect();
-        Ok(tandem_model::layers::from_vec(v, rows, a.hidden)?)
-    };
-    match a.role {
-        Role::Receiver => {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-            let port = listener.local_addr()?.port();
-            let status = Arc::new(Mutex::new(
-                tandem_engine::expert_worker::WorkerStatus::default(),
-            ));
-            let link = TcpExpertLink::listen(listener, a.rank, m, id, opts, status);
-            println!("{PORT_PREFIX}{port}");
-            let y = payload(0x5151 + a.rank)?;
-            // Dispatches received per round (a sender can be one round ahead of another).
-            let mut got: std::collections::BTreeMap<u64, usize> = Default::default();
-            let mut done = 0usize;
-            let mut gone = 0usize;
-            while gone < m {
-                let msg = link
-                    .recv()?
-                    .ok_or_else(|| anyhow!("receiver {}: link closed", a.rank))?;
-                match msg {
-                    ToWorker::Dispatch(d) => {
-                        let it = d.header.slot.iteration;
-                        if d.header.sender as usize >= m || it as usize >= total {
-                            bail!("receiver {}: unexpected dispatch {:?}", a.rank, d.header);
-                        }
-                        let c = got.entry(it).or_default();
-                        *c += 1;
-                        if *c == m {
-                            got.remove(&it);
-                            for s in 0..m as u32 {
-                                link.send(
-                                    s,
-                                    ToReplica::Combine(CombineMsg {
-                                        header: slot(it, a.rank),
-                                        y: y.clone(),
-                                        next_members: None,
-                                    }),
-                                )?;
-                            }
-                            done += 1;
-                        }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let status = Arc::new(Mutex::new(
+        tandem_engine::expert_worker::WorkerStatus::default(),
+    ));
+    let link = TcpExpertLink::listen(listener, a.rank, m, id, opts, status);
+    println!("{PORT_PREFIX}{port}");
+    let y = bench_payload(rows, a.hidden, 0x5151 + a.rank)?;
+    // Dispatches received per round (a sender can be one round ahead of another).
+    let mut got: std::collections::BTreeMap<u64, usize> = Default::default();
+    let mut done = 0usize;
+    let mut gone = 0usize;
+    while gone < m {
+        let msg = link
+            .recv()?
+            .ok_or_else(|| anyhow!("receiver {}: link closed", a.rank))?;
+        match msg {
+            ToWorker::Dispatch(d) => {
+                let it = d.header.slot.iteration;
+                if d.header.sender as usize >= m || it as usize >= total {
+                    bail!("receiver {}: unexpected dispatch {:?}", a.rank, d.header);
+                }
+                let c = got.entry(it).or_default();
+                *c += 1;
+                if *c == m {
+                    got.remove(&it);
+                    for s in 0..m as u32 {
+                        link.send(
+                            s,
+                            ToReplica::Combine(CombineMsg {
+                                header: bench_slot(it, a.rank),
+                                y: y.clone(),
+                                next_members: None,
+                            }),
+                        )?;
                     }
-                    ToWorker::Gone { replica } => {
-                        if done < total {
-                            bail!(
-                                "receiver {}: sender {replica} went away after {done} of {total} rounds",
-                                a.rank
-                            );
-                        }
-                        gone += 1;
-                    }
-                    ToWorker::Join { .. } | ToWorker::Trouble { .. } => {
-                        bail!("receiver {}: unexpected control message", a.rank)
-                    }
+                    done += 1;
                 }
             }
-            Ok(())
-        }
-        Role::Sender => {
-            let n = a.connect.len();
-            if n != a.receivers {
-                bail!(
-                    "sender {}: {n} addresses for {} receivers",
-                    a.rank,
-                    a.receivers
-                );
+            ToWorker::Gone { replica } => {
+                if done < total {
+                    bail!(
+                        "receiver {}: sender {replica} went away after {done} of {total} rounds",
+                        a.rank
+                    );
+                }
+                gone += 1;
             }
-            let link = TcpReplicaLink::connect(a.rank, a.connect.clone(), id, opts);
-            link.wait_ready(Duration::from_secs(60))
-                .map_err(|e| anyhow!("sender {}: {e}", a.rank))?;
-            let transports = link
-                .transports()
-                .iter()
-                .map(|t| t.unwrap_or("down").to_string())
-                .collect();
-            let x = payload(a.rank)?;
-            let mut round_ns = Vec::with_capacity(a.iters);
-            let mut start_unix_ns = 0;
-            let mut seen = vec![false; n];
-            for it in 0..total {
-                if it == a.warmup {
-                    start_unix_ns = unix_ns();
-                }
-                let t0 = Instant::now();
-                for w in 0..n as u32 {
-                    link.dispatch(
-                        w,
-                        DispatchMsg {
-                            header: slot(it as u64, a.rank),
-                            members,
-                            more: it + 1 < total,
-                            x: x.clone(),
-                            assignments: Vec::new(),
-                        },
-                    )?;
-                }
-                seen.iter_mut().for_each(|s| *s = false);
-                let mut left = n;
-                while left > 0 {
-                    match link.recv(Duration::from_secs(60))? {
-                        ToReplica::Combine(c) => {
-                            let w = c.header.sender as usize;
-                            if c.header.slot.iteration != it as u64 || w >= n || seen[w] {
-                                bail!("sender {}: unexpected combine {:?}", a.rank, c.header);
-                            }
-                            seen[w] = true;
-                            left -= 1;
-                        }
-                        ToReplica::Lost { worker, why } => {
-                            bail!("sender {}: lost receiver {worker}: {why}", a.rank)
-                        }
-                        ToReplica::Welcome { .. } | ToReplica::Reset { .. } => {
-                            bail!("sender {}: unexpected control message", a.rank)
-                        }
-                    }
-                }
-                if it >= a.warmup {
-                    round_ns.push(t0.elapsed().as_nanos() as u64);
-                }
-                if a.rank == 0 && total >= 10 && (it + 1) % (total / 5).max(1) == 0 {
-                    eprintln!("bench m2n: sender 0 finished round {} of {total}", it + 1);
-                }
+            ToWorker::Join { .. } | ToWorker::Trouble { .. } => {
+                bail!("receiver {}: unexpected control message", a.rank)
             }
-            let rep = SenderReport {
-                rank: a.rank,
-                start_unix_ns,
-                end_unix_ns: unix_ns(),
-                round_ns,
-                transports,
-                loans: tandem_engine::shm::loans(),
-            };
-            println!("{RESULT_PREFIX}{}", serde_json::to_string(&rep)?);
-            Ok(())
         }
     }
+    Ok(())
+}
+
+/// A sender (attention replica): every round, one dispatch to each receiver, then waits for
+/// all N combines; prints its round times.
+fn sender(
+    a: &M2nPeerArgs,
+    rows: usize,
+    id: tandem_engine::net::Identity,
+    opts: tandem_engine::net::NetOptions,
+) -> Result<()> {
+    use tandem_core::Members;
+    use tandem_engine::net::TcpReplicaLink;
+    use tandem_engine::transport::{DispatchMsg, ReplicaLink, ToReplica};
+    let total = a.warmup + a.iters;
+    let members = Members::first(a.senders);
+    let n = a.connect.len();
+    if n != a.receivers {
+        bail!(
+            "sender {}: {n} addresses for {} receivers",
+            a.rank,
+            a.receivers
+        );
+    }
+    let link = TcpReplicaLink::connect(a.rank, a.connect.clone(), id, opts);
+    link.wait_ready(Duration::from_secs(60))
+        .map_err(|e| anyhow!("sender {}: {e}", a.rank))?;
+    let transports = link
+        .transports()
+        .iter()
+        .map(|t| t.unwrap_or("down").to_string())
+        .collect();
+    let x = bench_payload(rows, a.hidden, a.rank)?;
+    let mut round_ns = Vec::with_capacity(a.iters);
+    let mut start_unix_ns = 0;
+    let mut seen = vec![false; n];
+    for it in 0..total {
+        if it == a.warmup {
+            start_unix_ns = unix_ns();
+        }
+        let t0 = Instant::now();
+        for w in 0..n as u32 {
+            link.dispatch(
+                w,
+                DispatchMsg {
+                    header: bench_slot(it as u64, a.rank),
+                    members,
+                    more: it + 1 < total,
+                    x: x.clone(),
+                    assignments: Vec::new(),
+                },
+            )?;
+        }
+        seen.iter_mut().for_each(|s| *s = false);
+        let mut left = n;
+        while left > 0 {
+            match link.recv(Duration::from_secs(60))? {
+                ToReplica::Combine(c) => {
+                    let w = c.header.sender as usize;
+                    if c.header.slot.iteration != it as u64 || w >= n || seen[w] {
+                        bail!("sender {}: unexpected combine {:?}", a.rank, c.header);
+                    }
+                    seen[w] = true;
+                    left -= 1;
+                }
+                ToReplica::Lost { worker, why } => {
+                    bail!("sender {}: lost receiver {worker}: {why}", a.rank)
+                }
+                ToReplica::Welcome { .. } | ToReplica::Reset { .. } => {
+                    bail!("sender {}: unexpected control message", a.rank)
+                }
+            }
+        }
+        if it >= a.warmup {
+            round_ns.push(t0.elapsed().as_nanos() as u64);
+        }
+        if a.rank == 0 && total >= 10 && (it + 1) % (total / 5).max(1) == 0 {
+            eprintln!("bench m2n: sender 0 finished round {} of {total}", it + 1);
+        }
+    }
+    let rep = SenderReport {
+        rank: a.rank,
+        start_unix_ns,
+        end_unix_ns: unix_ns(),
+        round_ns,
+        transports,
+        loans: tandem_engine::shm::loans(),
+    };
+    println!("{RESULT_PREFIX}{}", serde_json::to_string(&rep)?);
+    Ok(())
 }
 
 fn run_mpi(a: &M2nArgs) -> Result<(Vec<SenderReport>, serde_json::Value)> {

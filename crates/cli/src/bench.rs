@@ -10,6 +10,9 @@ pub enum BenchCmd {
     /// Decode steps of the colocated model at a fixed batch: tokens/s, ms/step and the
     /// fraction of the memory-bandwidth roofline reached.
     Decode(DecodeCmdArgs),
+    /// Prompt processing speed (`llama-bench -p 512 -n 0`): prompt tokens/s per weight type
+    /// and prompt length, each prompt one forward pass into an empty KV cache.
+    Prefill(PrefillCmdArgs),
     /// Offline throughput of the engine: N requests through one or more deployment shapes,
     /// measured one after another in the same run.
     Engine(EngineCmdArgs),
@@ -45,6 +48,15 @@ pub struct EngineCmdArgs {
 }
 
 #[derive(Args)]
+pub struct PrefillCmdArgs {
+    /// Checkpoint directory or llama.cpp GGUF file; default: the embedded demo model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub bench: tandem_bench::prefill::PrefillArgs,
+}
+
+#[derive(Args)]
 pub struct DecodeCmdArgs {
     /// Checkpoint directory or llama.cpp GGUF file; default: the embedded demo model.
     #[arg(long)]
@@ -60,6 +72,12 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Decode(a) => {
             let src = crate::models::resolve(&a.model)?;
             tandem_bench::engine::decode(&src, a.weights.linear_type()?, &a.bench)
+        }
+        BenchCmd::Prefill(a) => {
+            // The flags first: a typo fails before the demo model is written or loaded.
+            tandem_bench::prefill::check(&a.bench)?;
+            let dir = crate::models::resolve(&a.model)?;
+            tandem_bench::prefill::run(&dir, &a.bench)
         }
         BenchCmd::Engine(a) => {
             let src = crate::models::resolve(&a.model)?;

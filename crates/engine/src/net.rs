@@ -1,7 +1,8 @@
 //! M2N over TCP: the [`ReplicaLink`] / [`ExpertLink`] of a multi-process deployment.
 //!
 //! Each attention replica keeps one connection to every expert worker, set up once (and set
-//! up again after a failure), with `TCP_NODELAY`. A connection starts with a versioned
+//! up again after a failure), with `TCP_NODELAY` and socket buffers large enough for whole
+//! frames ([`NetOptions::socket_buffer`]). A connection starts with a versioned
 //! handshake of four messages (see `docs/m2n.md`):
 //!
 //! 1. hello (connecting side): wire version, role, rank, the hashes of the model configuration
@@ -198,6 +199,31 @@ pub struct NetOptions {
     /// (`usize::MAX`: never); loans from this very process are read only with
     /// `same_process` (both ends in one process: tests).
     pub shm_lending: Lending,
+    /// `SO_SNDBUF` and `SO_RCVBUF` of every M2N socket, asked before the connection is set
+    /// up (the kernel caps them at `net.core.wmem_max` / `rmem_max` and doubles them);
+    /// 0 leaves the OS's autotuning. See [`DEFAULT_SOCKET_BUFFER`].
+    pub socket_buffer: usize,
+}
+
+/// The socket buffers asked for every M2N connection: room for several whole messages, so
+/// a writer's `writev` of a 256 KiB matrix lands in the kernel at once instead of waiting,
+/// a slice at a time, for the peer's reader thread to be scheduled and drain the socket.
+/// With the autotuned default (a receive window that starts at 64 KiB and grows only as
+/// the reader keeps up) a worker sending its combines one after another waited on every
+/// replica's reader in turn: on 2 cores with 16 processes that chain of wake-ups held
+/// rounds for 60-140 ms (`docs/m2n.md`, "TCP tail").
+pub const DEFAULT_SOCKET_BUFFER: usize = 4 << 20;
+
+/// Sets the options of an M2N socket (or of a listener, whose accepted sockets inherit
+/// them): `TCP_NODELAY` (a frame's last segment must not wait for an acknowledgement) and,
+/// when `buffer` is not 0, the send and receive buffers.
+pub(crate) fn tune_socket(sock: socket2::SockRef<'_>, buffer: usize) -> std::io::Result<()> {
+    sock.set_tcp_nodelay(true)?;
+    if buffer > 0 {
+        sock.set_send_buffer_size(buffer)?;
+        sock.set_recv_buffer_size(buffer)?;
+    }
+    Ok(())
 }
 
 /// Over shared memory ([`crate::shm`]), matrices at least this long are lent (copied once, by
@@ -238,6 +264,7 @@ impl Default for NetOptions {
             shared_memory: true,
             shm_ring_bytes: crate::shm::DEFAULT_RING_BYTES,
             shm_lending: Lending::default(),
+            socket_buffer: DEFAULT_SOCKET_BUFFER,
         }
     }
 }
@@ -607,14 +634,27 @@ fn replica_conn_loop(s: &ReplicaShared, w: usize, tx: mpsc::Sender<ToReplica>) {
     }
 }
 
+/// Connects with the socket options set first: the receive buffer decides the window
+/// scale offered in the SYN, so it must be asked before the connection exists.
+fn connect_tuned(
+    sa: &std::net::SocketAddr,
+    timeout: Duration,
+    buffer: usize,
+) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(*sa), Type::STREAM, Some(Protocol::TCP))?;
+    tune_socket((&sock).into(), buffer)?;
+    sock.connect_timeout(&(*sa).into(), timeout)?;
+    Ok(sock.into())
+}
+
 fn replica_handshake(
     s: &ReplicaShared,
     w: usize,
 ) -> Result<(TcpStream, ReadHalf, WriteHalf), String> {
     let sa = resolve(&s.addrs[w]).map_err(|e| e.to_string())?;
-    let stream = TcpStream::connect_timeout(&sa, s.opts.handshake_timeout)
+    let stream = connect_tuned(&sa, s.opts.handshake_timeout, s.opts.socket_buffer)
         .map_err(|e| format!("cannot connect: {e}"))?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
     let (mut rd, mut wr) = open_client(
         &stream,
         s.opts.tls_client.as_ref(),
@@ -844,6 +884,9 @@ impl TcpExpertLink {
             pending: AtomicUsize::new(0),
             traffic: (0..n_replicas).map(|_| LinkTraffic::default()).collect(),
         });
+        if let Err(e) = tune_socket((&listener).into(), shared.opts.socket_buffer) {
+            tracing::warn!(worker, "cannot set the M2N listener's socket options: {e}");
+        }
         if let Ok(a) = listener.local_addr() {
             if shared.opts.cluster_secret.is_none() && !a.ip().is_loopback() {
                 tracing::warn!(
@@ -972,13 +1015,110 @@ fn worker_handshake(
     Ok((hello, Some(to_hex(&secret.prove(TAG_WORKER, t.bytes())))))
 }
 
+/// What a status query gets: each replica's address and transport (one look at each entry,
+/// so the two agree), the traffic counters, the loans and the worker's status.
+fn status_report(s: &WorkerShared) -> WorkerReport {
+    let (replicas, transports) = s
+        .peers
+        .iter()
+        .map(|p| {
+            let entry = p.lock().ok().and_then(|g| g.clone());
+            let transport = entry.as_ref().map(|(_, t)| t.to_string());
+            (entry.map(|(a, _)| a), transport)
+        })
+        .unzip();
+    let (loans_made, loans_read) = crate::shm::loans();
+    WorkerReport {
+        worker: s.worker,
+        tandem_version: env!("CARGO_PKG_VERSION").into(),
+        replicas,
+        transports,
+        traffic: s.traffic.iter().map(LinkTraffic::report).collect(),
+        loans_made,
+        loans_read,
+        status: s
+            .status
+            .lock()
+            .ok()
+            .and_then(|g| serde_json::to_value(&*g).ok())
+            .unwrap_or_default(),
+    }
+}
+
+/// The rank of a replica's hello whose role, model, deployment and rank this worker takes;
+/// `Err`: why it is refused.
+fn replica_rank(s: &WorkerShared, hello: &Hello) -> Result<usize, String> {
+    if hello.role != "replica" {
+        return Err(format!("unknown role {:?}", hello.role));
+    }
+    match &hello.identity {
+        Some(id) if *id == s.id => {}
+        Some(id) if id.model_hash != s.id.model_hash || id.hidden_size != s.id.hidden_size => {
+            return Err(format!(
+                "model mismatch: the replica serves model {} (hidden {}), this worker {} (hidden {})",
+                id.model_hash, id.hidden_size, s.id.model_hash, s.id.hidden_size
+            ))
+        }
+        Some(id) => {
+            return Err(format!(
+                "deployment mismatch: the replica's deployment hash is {}, this worker's {}",
+                id.deployment_hash, s.id.deployment_hash
+            ))
+        }
+        None => return Err("the hello names no model".into()),
+    }
+    let rank = hello.rank as usize;
+    if rank >= s.conns.len() {
+        return Err(format!(
+            "replica rank {rank}, but the deployment has {} replicas",
+            s.conns.len()
+        ));
+    }
+    Ok(rank)
+}
+
+/// Reads replica `rank`'s frames and hands them to the worker until the connection breaks,
+/// a frame is malformed or claims another sender, or the worker stops; returns why.
+fn read_replica_frames(
+    s: &WorkerShared,
+    rd: &mut ReadHalf,
+    rank: usize,
+    tx: &mpsc::Sender<ToWorker>,
+) -> String {
+    let mut r = BufReader::with_capacity(1 << 16, rd);
+    loop {
+        match read_frame_meta(&mut r, s.id.hidden_size, s.opts.max_payload) {
+            Ok((Frame::ToWorker(m), meta)) => {
+                if let Some(meta) = &meta {
+                    s.traffic[rank].count(meta);
+                }
+                let sender = match &m {
+                    ToWorker::Dispatch(d) => d.header.sender,
+                    ToWorker::Join { replica } | ToWorker::Trouble { replica, .. } => *replica,
+                    ToWorker::Gone { .. } => u32::MAX,
+                };
+                if sender != rank as u32 {
+                    return format!("message claims to come from replica {sender}");
+                }
+                if tx.send(m).is_err() {
+                    return "the worker stopped".into();
+                }
+            }
+            Ok(_) => return "unexpected message kind on a worker connection".into(),
+            Err(WireError::Closed) => return "closed by the replica".into(),
+            Err(e) => return e.to_string(),
+        }
+    }
+}
+
 fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) {
     let pending = PendingGuard(&s.pending);
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
-    let _ = stream.set_nodelay(true);
+    // Inherited from the listener where `listen` could set them; set again in case not.
+    let _ = tune_socket((&stream).into(), s.opts.socket_buffer);
     let limit = s.opts.handshake_timeout;
     let _ = stream.set_write_timeout(Some(limit));
     let opened = match &s.opts.tls_server {
@@ -1013,70 +1153,16 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
         }))
     };
     if hello.role == "status" {
-        // One look at each replica's entry: its address and transport agree.
-        let (replicas, transports) = s
-            .peers
-            .iter()
-            .map(|p| {
-                let entry = p.lock().ok().and_then(|g| g.clone());
-                let transport = entry.as_ref().map(|(_, t)| t.to_string());
-                (entry.map(|(a, _)| a), transport)
-            })
-            .unzip();
-        let (loans_made, loans_read) = crate::shm::loans();
-        let report = WorkerReport {
-            worker: s.worker,
-            tandem_version: env!("CARGO_PKG_VERSION").into(),
-            replicas,
-            transports,
-            traffic: s.traffic.iter().map(LinkTraffic::report).collect(),
-            loans_made,
-            loans_read,
-            status: s
-                .status
-                .lock()
-                .ok()
-                .and_then(|g| serde_json::to_value(&*g).ok())
-                .unwrap_or_default(),
-        };
         let _ = write_frame(&mut wr, &ack(0, false), 0);
-        let _ = write_frame(&mut wr, &Frame::Status(json(&report)), 0);
+        let _ = write_frame(&mut wr, &Frame::Status(json(&status_report(s))), 0);
         let _ = wr.flush();
         wr.shutdown();
         return;
     }
-    if hello.role != "replica" {
-        return reject(&mut wr, format!("unknown role {:?}", hello.role));
-    }
-    match &hello.identity {
-        Some(id) if *id == s.id => {}
-        Some(id) if id.model_hash != s.id.model_hash || id.hidden_size != s.id.hidden_size => {
-            return reject(
-                &mut wr,
-                format!(
-                "model mismatch: the replica serves model {} (hidden {}), this worker {} (hidden {})",
-                id.model_hash, id.hidden_size, s.id.model_hash, s.id.hidden_size
-            ),
-            )
-        }
-        Some(id) => {
-            return reject(&mut wr, format!(
-                "deployment mismatch: the replica's deployment hash is {}, this worker's {}",
-                id.deployment_hash, s.id.deployment_hash
-            ))
-        }
-        None => return reject(&mut wr, "the hello names no model".into()),
-    }
-    let rank = hello.rank as usize;
-    if rank >= s.conns.len() {
-        return reject(
-            &mut wr,
-            format!(
-                "replica rank {rank}, but the deployment has {} replicas",
-                s.conns.len()
-            ),
-        );
-    }
+    let rank = match replica_rank(s, &hello) {
+        Ok(rank) => rank,
+        Err(why) => return reject(&mut wr, why),
+    };
     // A replica on this host may offer shared memory; a refusal (logged) keeps TCP.
     let shm = match &hello.shm {
         Some(o) if s.opts.shared_memory && s.opts.tls_server.is_none() => {
@@ -1139,30 +1225,7 @@ fn worker_conn(s: &WorkerShared, stream: TcpStream, tx: mpsc::Sender<ToWorker>) 
             "no cluster secret"
         },
     );
-    let mut r = BufReader::with_capacity(1 << 16, &mut rd);
-    let why = loop {
-        match read_frame_meta(&mut r, s.id.hidden_size, s.opts.max_payload) {
-            Ok((Frame::ToWorker(m), meta)) => {
-                if let Some(meta) = &meta {
-                    s.traffic[rank].count(meta);
-                }
-                let sender = match &m {
-                    ToWorker::Dispatch(d) => d.header.sender,
-                    ToWorker::Join { replica } | ToWorker::Trouble { replica, .. } => *replica,
-                    ToWorker::Gone { .. } => u32::MAX,
-                };
-                if sender != rank as u32 {
-                    break format!("message claims to come from replica {sender}");
-                }
-                if tx.send(m).is_err() {
-                    break "the worker stopped".into();
-                }
-            }
-            Ok(_) => break "unexpected message kind on a worker connection".into(),
-            Err(WireError::Closed) => break "closed by the replica".into(),
-            Err(e) => break e.to_string(),
-        }
-    };
+    let why = read_replica_frames(s, &mut rd, rank, &tx);
     let _ = stream.shutdown(Shutdown::Both);
     let mine = s.conns[rank]
         .lock()
@@ -1305,4 +1368,46 @@ pub fn serve_expert(
         .map_err(|e| EngineError::Spawn(e.to_string()))?;
     let stats = WorkerStats::default();
     pool.install(|| worker.run(&stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/proc/sys/net/core/{name}` (0 where unreadable).
+    fn core_sysctl(name: &str) -> usize {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn m2n_sockets_get_nodelay_and_the_buffers_asked_at_both_ends() {
+        let buffer = 1 << 20;
+        // Linux doubles what is asked (for its bookkeeping), capped at the `*_max` sysctl.
+        let want_snd = 2 * buffer.min(core_sysctl("wmem_max"));
+        let want_rcv = 2 * buffer.min(core_sysctl("rmem_max"));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        tune_socket((&listener).into(), buffer).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = connect_tuned(&addr, Duration::from_secs(5), buffer).unwrap();
+        // What `listen` sets on the listener, the accepted socket inherits.
+        let (accepted, _) = listener.accept().unwrap();
+        for (end, s) in [("connecting", &client), ("accepted", &accepted)] {
+            let r = socket2::SockRef::from(s);
+            assert!(r.tcp_nodelay().unwrap(), "{end} socket without TCP_NODELAY");
+            assert_eq!(r.send_buffer_size().unwrap(), want_snd, "{end} SO_SNDBUF");
+            assert_eq!(r.recv_buffer_size().unwrap(), want_rcv, "{end} SO_RCVBUF");
+        }
+        // 0 leaves the OS's autotuned buffers: the receive buffer starts far below what was
+        // asked above (the send buffer Linux sizes itself at connect, on loopback already
+        // large, so only the receive side tells the two apart).
+        let plain = connect_tuned(&addr, Duration::from_secs(5), 0).unwrap();
+        let r = socket2::SockRef::from(&plain);
+        assert!(r.tcp_nodelay().unwrap());
+        assert!(r.recv_buffer_size().unwrap() < want_rcv);
+        assert_eq!(NetOptions::default().socket_buffer, DEFAULT_SOCKET_BUFFER);
+    }
 }
