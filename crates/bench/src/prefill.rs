@@ -7,10 +7,9 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
-use std::path::Path;
 use std::time::Instant;
 use tandem_model::weights::LinearType;
-use tandem_model::{BatchLayout, ExpertSelection, KvCache, Model, SeqSlot};
+use tandem_model::{BatchLayout, ExpertSelection, KvCache, Model, ModelSource, SeqSlot};
 
 use crate::stats::percentile;
 use crate::sysinfo::{load_average, machine_info, unix_secs, utc_stamp};
@@ -139,8 +138,8 @@ pub fn report(
     })
 }
 
-/// Runs `tandem bench prefill` on the model in `dir` and prints the report.
-pub fn run(dir: &Path, a: &PrefillArgs) -> Result<()> {
+/// Runs `tandem bench prefill` on the model `src` and prints the report.
+pub fn run(src: &ModelSource, a: &PrefillArgs) -> Result<()> {
     let types = check(a)?;
     let threads = a.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -150,13 +149,13 @@ pub fn run(dir: &Path, a: &PrefillArgs) -> Result<()> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
-    let out = pool.install(|| measure(dir, a, &types, threads))?;
+    let out = pool.install(|| measure(src, a, &types, threads))?;
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
 
 fn measure(
-    dir: &Path,
+    src: &ModelSource,
     a: &PrefillArgs,
     types: &[LinearType],
     threads: usize,
@@ -164,8 +163,8 @@ fn measure(
     let mut results = Vec::new();
     let mut about = None;
     for (asked, &ty) in a.dtype.iter().zip(types) {
-        let model = Model::load_typed(dir, &ExpertSelection::All, ty)
-            .with_context(|| format!("loading {} with --dtype {asked}", dir.display()))?;
+        let model = Model::load_typed(src.clone(), &ExpertSelection::All, ty)
+            .with_context(|| format!("loading {} with --dtype {asked}", src.path().display()))?;
         let cfg = &model.cfg;
         about.get_or_insert((cfg.family.name().to_string(), cfg.num_params()));
         for &len in &a.prompt_len {
@@ -198,7 +197,7 @@ fn measure(
     }
     let (family, params) = about.unwrap_or_default();
     Ok(report(
-        &dir.display().to_string(),
+        &src.path().display().to_string(),
         &family,
         params as u64,
         threads,
