@@ -6,6 +6,9 @@
 //!
 //! `m2n` starts child processes of the running binary (`bench m2n-peer`, `bench m2n-mpi-rank`
 //! under mpirun), so it is only usable from the `tandem` binary.
+//!
+//! Owns: measuring and reporting. May not be a dependency of the serving path (server, engine,
+//! deploy): what both need, such as machine facts, lives in `tandem_core::machine`.
 
 pub mod engine;
 pub mod kernels;

@@ -5,6 +5,9 @@
 //! This crate has no tensor code and no I/O beyond reading/writing a deployment file and the
 //! machine facts of [`machine`] (/proc), so the planner (`tandem-plan`), the engine, the CLI
 //! and the benchmarks can all depend on it.
+//!
+//! Owns: the types and the pure lane policy every crate shares. May not depend on any other
+//! tandem crate.
 
 pub mod deployment;
 pub mod ids;

@@ -5,6 +5,10 @@
 //! it, `m2n_client.rs` is a replica's side of the protocol and `expert_worker.rs` the other
 //! side.
 //! [`Engine`] is the API: `add_request` returns a stream of outputs; `abort` cancels.
+//!
+//! Owns: threads, lanes, the M2N transports and the engine API. May not parse HTTP or
+//! checkpoint files (the server and `tandem-model` do), nor compute kernels itself (it calls
+//! the model's stages).
 
 pub mod auth;
 pub mod constraint;

@@ -14,6 +14,9 @@
 //! Each pod finds its rank from its own name (`--rank-from-hostname`) and, as a cross-check,
 //! from the pod-index label (`TANDEM_RANK`, see [`rank`]). [`Manifests::write`] writes one
 //! YAML file per object and a `kustomization.yaml` listing them (`kubectl apply -k DIR`).
+//!
+//! Owns: the manifests as typed objects and their YAML. May not talk to a cluster (it writes
+//! files; `kubectl` applies them) nor depend on the runtime crates.
 
 mod pod;
 pub mod rank;

@@ -17,6 +17,9 @@
 //!   (`tandem_core::lanes`) on modeled costs.
 //!
 //! Units everywhere: seconds, bytes, FLOPs, tokens; names say so (`_s`, `_bytes`).
+//!
+//! Owns: prediction. May not depend on tensor code (core only): model shapes are parsed
+//! here from `config.json`, and the engine's behaviour comes from `tandem_core::lanes`.
 
 pub mod closed_form;
 pub mod default_shape;

@@ -12,6 +12,9 @@
 //!
 //! Layout of a sequence in the KV cache: the token at position `p` lives in block
 //! `block_table[p / block_size]` at offset `p % block_size`.
+//!
+//! Owns: admission, KV block accounting, sampling and constraints. May not touch model
+//! weights, threads or the transport; its only kernel is `tandem-kernels`' `sum_exp`.
 
 pub mod block_manager;
 pub mod constraint;

@@ -21,6 +21,9 @@
 //! limits on the body size (413), prompt tokens, `max_tokens` and `n` (400) and requests in
 //! flight per client address (429 + `Retry-After`) are checked before a request reaches the
 //! engine.
+//!
+//! Owns: HTTP, the OpenAI shapes and their validation. May not compute anything of the model:
+//! every request goes through [`tandem_engine::Engine`].
 
 pub mod auth;
 pub mod chat_out;
