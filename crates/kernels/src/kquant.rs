@@ -29,8 +29,10 @@
 //! `dx * (d * sum_g s_g * sum_{i in g} q_i x_i - dmin * sum_g mm_g * bsum_g)`, two exact
 //! integer sums per block. An MXFP4 block is `2^(e - 128) * dx * sum KV x` per 32 weights. The
 //! scalar path computes exactly these sums and is the oracle of the SIMD ones: AVX2
-//! (`maddubs` + `madd`) and AVX-512 with VNNI (`maddubs` + `vpdpwssd`; MXFP4: `vpdpbusd` on
-//! |w| and x with w's sign). Tasks split the output rows (and row blocks of the input, with
+//! (`maddubs` + `madd`) and AVX-512 with VNNI (`maddubs` + `vpdpwssd`; MXFP4: groups of 4
+//! blocks, `vpdpbusd` of the code values + 12 against x in the nibbles' order, each sum
+//! started at `-12 * sum x`; AVX512_VBMI byte permutes unpack the blocks where the CPU has
+//! them). Tasks split the output rows (and row blocks of the input, with
 //! [`crate::packed`]'s split); a task decodes a weight block once for up to 4 input rows.
 //! The activation rounding is the one error beyond the weights': at most `dx / 2` per input,
 //! so an output is within `sum_b dx_b / 2 * sum_{i in b} |w_i|` of the dequantized weights'
@@ -49,6 +51,9 @@ const MCK: usize = 64;
 
 /// The e2m1 values doubled, by code (ggml's `kvalues_mxfp4`).
 pub const MXFP4_KV: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// `MXFP4_KV + 12`: unsigned, as the AVX-512 kernel's `vpdpbusd` wants its weights.
+const MXFP4_KV12: [u8; 16] = [12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0];
 
 /// A block format of this module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -376,6 +381,15 @@ pub(crate) struct KRows {
     /// Sums of each 32 `q` (the pairs of `bsums`) `[rows][kb * 8]`: Q4_K's mins term.
     bsums32: Vec<i16>,
     kb: usize,
+    /// For the AVX-512 MXFP4 kernel ([`KRows::with_mxfp4`]; empty otherwise): `q`,
+    /// `[rows][kb * 256]`, each group of 4 blocks of 32 (128 values) stored as the first 16
+    /// values of each block, then the last 16 of each (the order of the low and high nibbles
+    /// of the 4 blocks' codes).
+    mx: Vec<i8>,
+    /// With `mx`: per group, `-12 *` the sum of the (low and high) 4 values of each of the 16
+    /// dword lanes, `[rows][kb * 2][16]`: the kernel multiplies `code value + 12` (unsigned)
+    /// and starts each lane's sum here.
+    mx_corr: Vec<i32>,
 }
 
 /// `y` rounded to the nearest integer, ties to even (as ggml's `nearest_int`), for
@@ -421,7 +435,36 @@ impl KRows {
             bsums,
             bsums32,
             kb,
+            mx: Vec::new(),
+            mx_corr: Vec::new(),
         }
+    }
+
+    /// Adds the layout the AVX-512 MXFP4 kernel reads (see the fields `mx` and `mx_corr`).
+    pub(crate) fn with_mxfp4(mut self) -> Self {
+        let mut mx = vec![0i8; self.q.len()];
+        let mut corr = vec![0i32; self.q.len() / 128 * 16];
+        for ((src, dst), c) in self
+            .q
+            .chunks_exact(128)
+            .zip(mx.chunks_exact_mut(128))
+            .zip(corr.chunks_exact_mut(16))
+        {
+            for blk in 0..4 {
+                dst[blk * 16..blk * 16 + 16].copy_from_slice(&src[blk * 32..blk * 32 + 16]);
+                dst[64 + blk * 16..64 + blk * 16 + 16]
+                    .copy_from_slice(&src[blk * 32 + 16..blk * 32 + 32]);
+            }
+            for (lane, c) in c.iter_mut().enumerate() {
+                let sum: i32 = (0..4)
+                    .map(|i| dst[lane * 4 + i] as i32 + dst[64 + lane * 4 + i] as i32)
+                    .sum();
+                *c = -12 * sum;
+            }
+        }
+        self.mx = mx;
+        self.mx_corr = corr;
+        self
     }
 
     fn block(&self, t: usize, b: usize) -> &[i8] {
@@ -697,11 +740,22 @@ impl KQuantWeights {
         }
     }
 
+    /// The input rows quantized for this weight's kernels (with the MXFP4 layout when a segment
+    /// is MXFP4).
+    fn rows_for(&self, x: &[f32], rows: usize) -> KRows {
+        let xq = KRows::new(x, rows, self.k);
+        if self.segs.iter().any(|s| s.format == KFormat::Mxfp4) {
+            xq.with_mxfp4()
+        } else {
+            xq
+        }
+    }
+
     /// `out[t, j] = sum_i x[t, i] * w[j, i]` for the columns `cols` (`PackedWeights::
     /// matmul_cols` checks its arguments and calls this). Runs on the current rayon pool.
     pub(crate) fn matmul_cols(&self, x: &[f32], rows: usize, cols: Range<usize>, out: &mut [f32]) {
         debug_assert!(cols.end <= self.n && out.len() == rows * self.n);
-        let xq = KRows::new(x, rows, self.k);
+        let xq = self.rows_for(x, rows);
         let out_ptr = SyncPtr(out.as_mut_ptr());
         crate::packed::for_each_tile(rows, MCK, cols, 8, |rows, cols| {
             // SAFETY: tasks write disjoint (row block, column range) tiles of `out`.
@@ -718,7 +772,7 @@ impl KQuantWeights {
         );
         assert_eq!(x.len(), rows * self.k, "x must be [rows, k]");
         assert_eq!(out.len(), rows * self.n, "out must be [rows, n]");
-        let xq = KRows::new(x, rows, self.k);
+        let xq = self.rows_for(x, rows);
         // SAFETY: one tile covering the whole output; the CPU supports `simd` (checked).
         unsafe { self.tile_with(simd, &xq, 0..rows, 0..self.n, SyncPtr(out.as_mut_ptr())) }
     }
@@ -750,7 +804,11 @@ impl KQuantWeights {
                 use crate::simd::Simd;
                 if simd == Simd::Avx512 && avx512::has_vnni() {
                     for (f, cols) in self.runs(cols) {
-                        avx512::tile(self, f, xq, rows.clone(), cols, out.0);
+                        if f == KFormat::Mxfp4 && avx512::has_vbmi() {
+                            avx512::tile_vbmi(self, xq, rows.clone(), cols, out.0);
+                        } else {
+                            avx512::tile(self, f, xq, rows.clone(), cols, out.0);
+                        }
                     }
                     return;
                 }
@@ -1143,7 +1201,7 @@ mod avx2 {
 // Row indices address several register arrays at once.
 #[allow(clippy::needless_range_loop)]
 mod avx512 {
-    use super::avx2::{decode, hsum, mx_blocks, mx_weights};
+    use super::avx2::{decode, hsum, mx_blocks};
     use super::*;
     use std::arch::x86_64::*;
 
@@ -1429,7 +1487,108 @@ mod avx512 {
     /// the description above says is written through it, and no other thread may access them
     /// meanwhile.
     #[inline(always)]
-    unsafe fn mx_micro<const R: usize>(
+    /// A group of 4 MXFP4 blocks at `p` (68 bytes): their codes as values + 12 (unsigned),
+    /// the low nibbles (codes 0-15 of each block) and the high ones (codes 16-31), block i's
+    /// in dword lanes 4i..4i+3 of each, and the blocks' scales times two, 2^(e - 127), in the
+    /// same lanes (vscalefps: exact for every e below 255).
+    ///
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU supports
+    /// `avx512f,avx512bw`. `p` must be valid for reading 68 bytes.
+    unsafe fn mx_group(p: *const u8) -> (__m512i, __m512i, __m512) {
+        unsafe {
+            let v = _mm512_inserti32x4::<3>(
+                _mm512_inserti32x4::<2>(
+                    _mm512_inserti32x4::<1>(
+                        _mm512_castsi128_si512(_mm_loadu_si128(p.add(1) as *const _)),
+                        _mm_loadu_si128(p.add(18) as *const _),
+                    ),
+                    _mm_loadu_si128(p.add(35) as *const _),
+                ),
+                _mm_loadu_si128(p.add(52) as *const _),
+            );
+            let tbl = _mm512_broadcast_i32x4(_mm_loadu_si128(MXFP4_KV12.as_ptr() as *const _));
+            let m4 = _mm512_set1_epi8(0x0f);
+            let w_lo = _mm512_shuffle_epi8(tbl, _mm512_and_si512(v, m4));
+            let w_hi = _mm512_shuffle_epi8(tbl, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4));
+            let e4 = (*p as u32)
+                | (*p.add(17) as u32) << 8
+                | (*p.add(34) as u32) << 16
+                | (*p.add(51) as u32) << 24;
+            let spread = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+            let e = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(e4 as i32), spread));
+            let e = _mm512_cvtepi32_ps(_mm512_sub_epi32(e, _mm512_set1_epi32(127)));
+            (w_lo, w_hi, _mm512_scalef_ps(_mm512_set1_ps(1.0), e))
+        }
+    }
+
+    /// Byte i of the code bytes of a group: `1 + 17 * (i / 16) + i % 16` of the group, from
+    /// the load at 0 below 64, else from the load at 4.
+    const MX_CODES: [u8; 64] = {
+        let mut t = [0u8; 64];
+        let mut i = 0;
+        while i < 64 {
+            let at = 1 + 17 * (i / 16) + i % 16;
+            t[i] = if at < 64 {
+                at as u8
+            } else {
+                (64 + at - 4) as u8
+            };
+            i += 1;
+        }
+        t
+    };
+
+    /// Byte 2 of dword lane d (bits 16-23) gets the exponent of block d / 4, at 17 * (d / 4);
+    /// shifted left by 7 it is the exponent field of an f32.
+    const MX_EXPS: [u8; 64] = {
+        let mut t = [0u8; 64];
+        let mut d = 0;
+        while d < 16 {
+            t[4 * d + 2] = (17 * (d / 4)) as u8;
+            d += 1;
+        }
+        t
+    };
+
+    /// `MXFP4_KV12` by the low 6 bits of an index (what `vpermb` reads): the nibble above
+    /// needs no masking.
+    const MX_KV64: [u8; 64] = {
+        let mut t = [0u8; 64];
+        let mut i = 0;
+        while i < 64 {
+            t[i] = MXFP4_KV12[i % 16];
+            i += 1;
+        }
+        t
+    };
+
+    #[inline(always)]
+    /// [`mx_group`] with AVX512_VBMI's byte permutes: one gathers the 64 code bytes from two
+    /// loads, two look the values up (64-entry tables, so no nibble masks), one puts each
+    /// exponent in its lanes' f32 exponent field. An exponent of 0 (a scale of 2^-127, whose
+    /// weights are below 2^-123) gives a scale of 0 here.
+    ///
+    /// # Safety
+    /// Only called, inlined, from [`tile_vbmi`]: the CPU supports
+    /// `avx512f,avx512bw,avx512vbmi`. `p` must be valid for reading 68 bytes.
+    unsafe fn mx_group_vbmi(p: *const u8) -> (__m512i, __m512i, __m512) {
+        unsafe {
+            let a = _mm512_loadu_si512(p as *const _);
+            let b = _mm512_loadu_si512(p.add(4) as *const _);
+            let codes = _mm512_loadu_si512(MX_CODES.as_ptr() as *const _);
+            let exps = _mm512_loadu_si512(MX_EXPS.as_ptr() as *const _);
+            let kv = _mm512_loadu_si512(MX_KV64.as_ptr() as *const _);
+            let v = _mm512_permutex2var_epi8(a, codes, b);
+            let w_lo = _mm512_permutexvar_epi8(v, kv);
+            let w_hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), kv);
+            let e = _mm512_maskz_permutexvar_epi8(0x4444_4444_4444_4444, exps, a);
+            (w_lo, w_hi, _mm512_castsi512_ps(_mm512_slli_epi32(e, 7)))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn mx_micro<const R: usize, const V: bool>(
         w: &KQuantWeights,
         xq: &KRows,
         row: *const u8,
@@ -1439,35 +1598,42 @@ mod avx512 {
     ) {
         unsafe {
             let nb = w.k.div_ceil(QK_MXFP4);
+            // Whole groups of 4 blocks here; the last 1-3 blocks go to the AVX2 path below.
+            let groups_end = nb & !3;
             let mut acc = [_mm512_setzero_ps(); R];
-            let zero = _mm512_setzero_si512();
-            let mut b = 0;
-            while b + 2 <= nb {
-                let (p0, p1) = (row.add(b * 17), row.add((b + 1) * 17));
-                let wv = join(mx_weights(p0), mx_weights(p1));
-                let aw = _mm512_abs_epi8(wv);
-                let neg = _mm512_movepi8_mask(wv);
-                let (s0, s1) = (e8m0_half(*p0), e8m0_half(*p1));
-                // b is even, so both blocks lie in one activation block.
-                let (xb, o) = (b / 8, (b % 8) * QK_MXFP4);
-                for r in 0..R {
-                    let t = t0 + r;
-                    let xp = xq.q.as_ptr().add((t * xq.kb + xb) * QK_K + o);
-                    let xv = _mm512_loadu_si512(xp as *const _);
-                    let sx = _mm512_mask_sub_epi8(xv, neg, zero, xv);
-                    let dot = _mm512_dpbusd_epi32(zero, aw, sx);
-                    let dx = *xq.d.get_unchecked(t * xq.kb + xb);
-                    let sc = _mm512_mask_blend_ps(
-                        0xff00,
-                        _mm512_set1_ps(s0 * dx),
-                        _mm512_set1_ps(s1 * dx),
-                    );
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc[r]);
+            let mut xb = 0;
+            while xb * 8 < groups_end {
+                // The blocks that share activation block `xb` (and its scale `dx`) are summed
+                // with their own scales first, then scaled by `dx` once.
+                let mut accb = [_mm512_setzero_ps(); R];
+                let mut b = xb * 8;
+                while b < ((xb + 1) * 8).min(groups_end) {
+                    let p = row.add(b * 17);
+                    // Each row's sum starts at -12 * its activations' sum (`mx_corr`), as the
+                    // weights come as code values + 12.
+                    let (w_lo, w_hi, sv) = if V { mx_group_vbmi(p) } else { mx_group(p) };
+                    let o = (b % 8) * QK_MXFP4;
+                    for r in 0..R {
+                        let at = ((t0 + r) * xq.kb + xb) * QK_K + o;
+                        let xp = xq.mx.as_ptr().add(at);
+                        let x_lo = _mm512_loadu_si512(xp as *const _);
+                        let x_hi = _mm512_loadu_si512(xp.add(64) as *const _);
+                        let init = _mm512_loadu_si512(xq.mx_corr.as_ptr().add(at / 8) as *const _);
+                        let dot =
+                            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init, w_lo, x_lo), w_hi, x_hi);
+                        accb[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sv, accb[r]);
+                    }
+                    b += 4;
                 }
-                b += 2;
+                for r in 0..R {
+                    // The block scales were 2^(e - 127): twice 2^(e - 128).
+                    let dx = 0.5 * *xq.d.get_unchecked((t0 + r) * xq.kb + xb);
+                    acc[r] = _mm512_fmadd_ps(accb[r], _mm512_set1_ps(dx), acc[r]);
+                }
+                xb += 1;
             }
             let mut tail = [_mm256_setzero_ps(); R];
-            mx_blocks::<R>(row, xq, b..nb, t0, &mut tail);
+            mx_blocks::<R>(row, xq, groups_end..nb, t0, &mut tail);
             for r in 0..R {
                 *out.add((t0 + r) * w.n + j) = _mm512_reduce_add_ps(acc[r]) + hsum(tail[r]);
             }
@@ -1480,7 +1646,7 @@ mod avx512 {
     /// the description above says is written through it, and no other thread may access them
     /// meanwhile.
     #[inline(always)]
-    unsafe fn tile_of<const F: u8>(
+    unsafe fn tile_of<const F: u8, const V: bool>(
         w: &KQuantWeights,
         format: KFormat,
         xq: &KRows,
@@ -1495,7 +1661,7 @@ mod avx512 {
                     let mut t = rows.start;
                     while t + 4 <= rows.end {
                         match format {
-                            KFormat::Mxfp4 => mx_micro::<4>(w, xq, row, j, t, out),
+                            KFormat::Mxfp4 => mx_micro::<4, V>(w, xq, row, j, t, out),
                             KFormat::Q4K => q4k_micro::<4>(w, xq, row, j, t, out),
                             KFormat::Q6K => q6k_micro::<4>(w, xq, row, j, t, out),
                             KFormat::Q5K => micro::<F, 4>(w, xq, row, j, t, out),
@@ -1504,9 +1670,9 @@ mod avx512 {
                     }
                     match (rows.end - t, format) {
                         (0, _) => {}
-                        (3, KFormat::Mxfp4) => mx_micro::<3>(w, xq, row, j, t, out),
-                        (2, KFormat::Mxfp4) => mx_micro::<2>(w, xq, row, j, t, out),
-                        (_, KFormat::Mxfp4) => mx_micro::<1>(w, xq, row, j, t, out),
+                        (3, KFormat::Mxfp4) => mx_micro::<3, V>(w, xq, row, j, t, out),
+                        (2, KFormat::Mxfp4) => mx_micro::<2, V>(w, xq, row, j, t, out),
+                        (_, KFormat::Mxfp4) => mx_micro::<1, V>(w, xq, row, j, t, out),
                         (3, KFormat::Q4K) => q4k_micro::<3>(w, xq, row, j, t, out),
                         (2, KFormat::Q4K) => q4k_micro::<2>(w, xq, row, j, t, out),
                         (_, KFormat::Q4K) => q4k_micro::<1>(w, xq, row, j, t, out),
@@ -1540,11 +1706,33 @@ mod avx512 {
     ) {
         unsafe {
             match format {
-                KFormat::Q4K | KFormat::Mxfp4 => tile_of::<F_Q4K>(w, format, xq, rows, cols, out),
-                KFormat::Q5K => tile_of::<F_Q5K>(w, format, xq, rows, cols, out),
-                KFormat::Q6K => tile_of::<F_Q6K>(w, format, xq, rows, cols, out),
+                KFormat::Q4K | KFormat::Mxfp4 => {
+                    tile_of::<F_Q4K, false>(w, format, xq, rows, cols, out)
+                }
+                KFormat::Q5K => tile_of::<F_Q5K, false>(w, format, xq, rows, cols, out),
+                KFormat::Q6K => tile_of::<F_Q6K, false>(w, format, xq, rows, cols, out),
             }
         }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+    /// [`tile`] of an MXFP4 weight, its blocks unpacked with AVX512_VBMI's byte permutes.
+    ///
+    /// # Safety
+    /// As [`tile`], and the CPU must support `avx512vbmi` too ([`has_vbmi`]).
+    pub(super) unsafe fn tile_vbmi(
+        w: &KQuantWeights,
+        xq: &KRows,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        out: *mut f32,
+    ) {
+        unsafe { tile_of::<F_Q4K, true>(w, KFormat::Mxfp4, xq, rows, cols, out) }
+    }
+
+    /// The CPU has AVX512_VBMI (the MXFP4 unpacking of [`tile_vbmi`]).
+    pub fn has_vbmi() -> bool {
+        std::is_x86_feature_detected!("avx512vbmi")
     }
 
     /// The CPU has the 512-bit VNNI this module needs (on top of
@@ -1794,6 +1982,103 @@ mod tests {
                                 );
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 kernel makes MXFP4 scales with `vscalefps` rather than from bits: exponents
+    /// at the ends of the range (subnormal 2^-128 and 2^-127, and large ones) must agree with
+    /// the scalar path and the dequantized weights too, at a pair of blocks and an odd tail.
+    #[test]
+    fn mxfp4_scales_at_the_ends_of_the_exponent_range() {
+        let mut seed = 5u64;
+        let exps = [0u8, 1, 2, 3, 64, 127, 128, 129, 170, 200];
+        for &(rows, n, k) in &[(1, 7, 320), (4, 5, 256), (3, 3, 96)] {
+            let mut raw = random_blocks(&mut seed, KFormat::Mxfp4, n, k);
+            for (i, blk) in raw.chunks_exact_mut(17).enumerate() {
+                blk[0] = exps[i % exps.len()];
+            }
+            let p = KQuantWeights::from_bytes(raw, n, k, KFormat::Mxfp4).unwrap();
+            // Activations of the size that keeps 2^72 * 12 * x finite in f32.
+            let x = rnd_vec(&mut seed, rows * k);
+            let w = p.dequantize();
+            let mut want = vec![f32::NAN; rows * n];
+            p.matmul_with(Simd::Scalar, &x, rows, &mut want);
+            check(&p, &x, rows, &want, &format!("scalar {rows}x{k}x{n}"));
+            for &level in &levels()[1..] {
+                let mut o = vec![f32::NAN; rows * n];
+                p.matmul_with(level, &x, rows, &mut o);
+                check(&p, &x, rows, &o, &format!("{level:?} {rows}x{k}x{n}"));
+                for t in 0..rows {
+                    for j in 0..n {
+                        let mag: f32 = (0..k).map(|i| (x[t * k + i] * w[j * k + i]).abs()).sum();
+                        let (a, b) = (o[t * n + j], want[t * n + j]);
+                        assert!(
+                            (a - b).abs() <= 1e-5 * (1.0 + 2.0 * mag),
+                            "{level:?} {rows}x{k}x{n} [{t},{j}]: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 MXFP4 kernel unpacks its blocks two ways, with AVX512_VBMI byte permutes
+    /// where the CPU has them and with inserts and nibble masks where it does not; `matmul`
+    /// runs only one of them on a given machine, so both are run here against the scalar path.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn mxfp4_avx512_unpacks_with_and_without_vbmi_alike() {
+        if crate::simd::detected_simd() < Simd::Avx512 || !avx512::has_vnni() {
+            eprintln!("no AVX-512 VNNI on this CPU: the MXFP4 AVX-512 kernel is not tested");
+            return;
+        }
+        let mut seed = 11u64;
+        for &(rows, n, k) in &[
+            (1, 5, 128),
+            (2, 3, 288),
+            (4, 4, 1024),
+            (5, 2, 2880),
+            (7, 3, 96),
+        ] {
+            let x = rnd_vec(&mut seed, rows * k);
+            let raw = random_blocks(&mut seed, KFormat::Mxfp4, n, k);
+            let p = KQuantWeights::from_bytes(raw, n, k, KFormat::Mxfp4).unwrap();
+            let w = p.dequantize();
+            let mut want = vec![f32::NAN; rows * n];
+            p.matmul_with(Simd::Scalar, &x, rows, &mut want);
+            let xq = p.rows_for(&x, rows);
+            let mut ways = vec![("plain", vec![f32::NAN; rows * n])];
+            // SAFETY: the CPU has AVX-512 with VNNI (checked above); one tile covers `out`.
+            unsafe {
+                avx512::tile(
+                    &p,
+                    KFormat::Mxfp4,
+                    &xq,
+                    0..rows,
+                    0..n,
+                    ways[0].1.as_mut_ptr(),
+                )
+            };
+            if avx512::has_vbmi() {
+                let mut o = vec![f32::NAN; rows * n];
+                // SAFETY: as above, and the CPU has AVX512_VBMI (checked).
+                unsafe { avx512::tile_vbmi(&p, &xq, 0..rows, 0..n, o.as_mut_ptr()) };
+                ways.push(("vbmi", o));
+            } else {
+                eprintln!("no AVX512_VBMI on this CPU: its MXFP4 unpacking is not tested");
+            }
+            for (way, o) in &ways {
+                for t in 0..rows {
+                    for j in 0..n {
+                        let mag: f32 = (0..k).map(|i| (x[t * k + i] * w[j * k + i]).abs()).sum();
+                        let (a, b) = (o[t * n + j], want[t * n + j]);
+                        assert!(
+                            (a - b).abs() <= 1e-5 * (1.0 + 2.0 * mag),
+                            "{way} {rows}x{k}x{n} [{t},{j}]: {a} vs {b}"
+                        );
                     }
                 }
             }
