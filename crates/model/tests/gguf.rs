@@ -1155,7 +1155,7 @@ fn put_f32(w: &mut GgufWriter, hub: &Weights, name: &str, hub_name: &str, shape:
 
 /// The qwen3_moe checkpoint as llama.cpp's converter would name it: metadata, embeddings,
 /// final norm and head, then every layer.
-fn qwen3moe_gguf(hub: &Weights) -> GgufWriter {
+fn qwen3moe_gguf(hub: &Weights) -> GgufWriter<'static> {
     let Q3mDims { d, vocab, .. } = Q3M;
     let mut w = GgufWriter::new();
     qwen3moe_meta(&mut w);
