@@ -1768,7 +1768,35 @@ async fn run_compare(
     requests: &[SampleRequest],
     rng: &mut StdRng,
 ) -> Result<Value> {
-    let plain = Arc::new(ReqCfg {
+    let plain = unconstrained(constrained);
+    compare_test_runs(client, [&plain, constrained], &requests[0]).await?;
+    let mut comparisons = Vec::new();
+    let mut summary = compare_summary_header();
+    let mut missing_metrics = false;
+    let ctx = CompareCtx {
+        a,
+        client,
+        base,
+        arms: [&plain, constrained],
+    };
+    for &c in concurrency {
+        let (line, comparison) = compare_at(&ctx, c, requests, rng, &mut missing_metrics).await;
+        summary.push_str(&line);
+        comparisons.push(comparison);
+    }
+    summary.push_str("(mask and wait: milliseconds per constrained token, from /metrics)\n");
+    summary.push_str(&"=".repeat(78));
+    summary.push('\n');
+    print!("{summary}");
+    if missing_metrics {
+        eprintln!("{base}/metrics did not answer: no mask-time percentiles (tandem serves them)");
+    }
+    compare_report(a, model_id, constrained, comparisons)
+}
+
+/// The request settings of `constrained` without its schema: the unconstrained arm.
+fn unconstrained(constrained: &ReqCfg) -> Arc<ReqCfg> {
+    Arc::new(ReqCfg {
         url: constrained.url.clone(),
         kind: constrained.kind,
         model: constrained.model.clone(),
@@ -1780,13 +1808,19 @@ async fn run_compare(
         top_k: constrained.top_k,
         extra_body: constrained.extra_body.clone(),
         schema: None,
-    });
-    let api_key = constrained.api_key.as_deref();
-    // One test request per arm; the first constrained one also makes the server build its
-    // token trie, which no round should pay for.
+    })
+}
+
+/// One test request per arm; the first constrained one also makes the server build its
+/// token trie, which no round should pay for.
+async fn compare_test_runs(
+    client: &reqwest::Client,
+    arms: [&Arc<ReqCfg>; 2],
+    first: &SampleRequest,
+) -> Result<()> {
     eprintln!("starting the initial test runs (without and with the schema)...");
-    for cfg in [&plain, constrained] {
-        let test = send_request(client, cfg, &requests[0], Instant::now()).await;
+    for cfg in arms {
+        let test = send_request(client, cfg, first, Instant::now()).await;
         if !test.success {
             bail!(
                 "the initial test request to {} failed: {}",
@@ -1795,9 +1829,12 @@ async fn run_compare(
             );
         }
     }
-    let mut comparisons = Vec::new();
-    let mut summary = String::new();
-    summary.push_str(&format!(
+    Ok(())
+}
+
+/// The title and column heads of the `--compare-schema` summary table.
+fn compare_summary_header() -> String {
+    format!(
         "{:=^78}\n{:>8} {:>16} {:>16} {:>7} {:>13} {:>13}\n",
         " Structured output cost (--compare-schema) ",
         "clients",
@@ -1806,109 +1843,152 @@ async fn run_compare(
         "ratio",
         "mask p50/p99",
         "wait p50/p99"
-    ));
-    let mut missing_metrics = false;
-    for &c in concurrency {
-        let n = (c * a.compare_requests_per_client).min(requests.len());
-        let reqs = &requests[..n];
-        let offsets = arrival_offsets(n, a.request_rate, a.burstiness, rng);
-        // One round before the measured ones, not counted: the first round at a client count
-        // pays for first touches (KV cache pages, buffers grown to the batch), which would
-        // land on the first arm.
-        let (warm, _) =
-            run_requests(client, constrained, reqs, &offsets, Some(c), progress(a, n)).await;
-        let warm_failed = warm.iter().filter(|o| !o.success).count();
-        eprintln!("clients {c}: warm-up round done ({warm_failed} failed)");
-        let mut arms = [Arm::default(), Arm::default()];
-        let mut rounds = Vec::new();
-        for round in 0..a.compare_rounds {
-            for (i, cfg) in [&plain, constrained].into_iter().enumerate() {
-                let before = scrape(client, base, api_key).await;
-                let (outputs, duration) =
-                    run_requests(client, cfg, reqs, &offsets, Some(c), progress(a, n)).await;
-                let after = scrape(client, base, api_key).await;
-                let m = calculate_metrics(&outputs, duration);
-                let finish = finish_counts(&outputs);
-                let arm = &mut arms[i];
-                arm.duration += duration;
-                arm.output_tokens += m.total_output;
-                arm.completed += m.completed;
-                arm.failed += m.failed;
-                arm.rates.push(m.output_throughput);
-                for (k, v) in &finish {
-                    *arm.finish.entry(k.clone()).or_default() += v;
-                }
-                let mut constrained_tokens = Value::Null;
-                match (before, after) {
-                    (Some(b), Some(af)) => {
-                        let (hb, ha) = (constraint_histograms(&b), constraint_histograms(&af));
-                        for (k, (x, y)) in hb.iter().zip(&ha).enumerate() {
-                            arm.hist[k].add(&y.since(x));
-                        }
-                        constrained_tokens = json!(ha[0].since(&hb[0]).count as u64);
-                    }
-                    _ => missing_metrics = true,
-                }
-                let name = if i == 0 {
-                    "unconstrained"
-                } else {
-                    "constrained"
-                };
-                eprintln!(
-                    "clients {c}, round {round}, {name}: {:.2} output tok/s, {} tokens in \
-                     {duration:.2} s, finished {finish:?}, {} failed",
-                    m.output_throughput, m.total_output, m.failed
-                );
-                rounds.push(json!({
-                    "round": round,
-                    "arm": name,
-                    "duration": duration,
-                    "completed": m.completed,
-                    "failed": m.failed,
-                    "total_output_tokens": m.total_output,
-                    "output_throughput": m.output_throughput,
-                    "finish_reasons": finish,
-                    "median_ttft_ms": stats(&m.ttfts_ms, &[]).median,
-                    "mean_tpot_ms": stats(&m.tpots_ms, &[]).mean,
-                    "constrained_tokens": constrained_tokens,
-                }));
-            }
+    )
+}
+
+/// What every round of a `--compare-schema` run shares: the options, the client, the
+/// server's base URL, and the two arms (unconstrained, constrained).
+struct CompareCtx<'a> {
+    a: &'a BenchServeOpts,
+    client: &'a reqwest::Client,
+    base: &'a str,
+    arms: [&'a Arc<ReqCfg>; 2],
+}
+
+/// The warm-up and measured rounds at `c` clients: the summary table's line and the
+/// comparison's JSON. Sets `missing_metrics` when a `/metrics` scrape fails.
+async fn compare_at(
+    ctx: &CompareCtx<'_>,
+    c: usize,
+    requests: &[SampleRequest],
+    rng: &mut StdRng,
+    missing_metrics: &mut bool,
+) -> (String, Value) {
+    let (a, client) = (ctx.a, ctx.client);
+    let n = (c * a.compare_requests_per_client).min(requests.len());
+    let reqs = &requests[..n];
+    let offsets = arrival_offsets(n, a.request_rate, a.burstiness, rng);
+    // One round before the measured ones, not counted: the first round at a client count
+    // pays for first touches (KV cache pages, buffers grown to the batch), which would
+    // land on the first arm.
+    let (warm, _) =
+        run_requests(client, ctx.arms[1], reqs, &offsets, Some(c), progress(a, n)).await;
+    let warm_failed = warm.iter().filter(|o| !o.success).count();
+    eprintln!("clients {c}: warm-up round done ({warm_failed} failed)");
+    let mut arms = [Arm::default(), Arm::default()];
+    let mut rounds = Vec::new();
+    for round in 0..a.compare_rounds {
+        for (i, arm) in arms.iter_mut().enumerate() {
+            let (detail, scraped) = compare_round(ctx, i, arm, c, round, reqs, &offsets).await;
+            *missing_metrics |= !scraped;
+            rounds.push(detail);
         }
-        let ratio = if arms[0].throughput() > 0.0 {
-            arms[1].throughput() / arms[0].throughput()
-        } else {
-            0.0
-        };
-        let ms = |h: &Histogram, q: f64| {
-            h.quantile(q)
-                .map(|x| format!("{:.3}", x * 1e3))
-                .unwrap_or_else(|| "-".into())
-        };
-        let (mask, wait) = (&arms[1].hist[0], &arms[1].hist[1]);
-        summary.push_str(&format!(
-            "{c:>8} {:>16.2} {:>16.2} {ratio:>7.3} {:>13} {:>13}\n",
-            arms[0].throughput(),
-            arms[1].throughput(),
-            format!("{}/{}", ms(mask, 0.5), ms(mask, 0.99)),
-            format!("{}/{}", ms(wait, 0.5), ms(wait, 0.99)),
-        ));
-        comparisons.push(json!({
-            "max_concurrency": c,
-            "requests_per_round": n,
-            "rounds": a.compare_rounds,
-            "unconstrained": arms[0].json(),
-            "constrained": arms[1].json(),
-            "ratio": ratio,
-            "round_details": rounds,
-        }));
     }
-    summary.push_str("(mask and wait: milliseconds per constrained token, from /metrics)\n");
-    summary.push_str(&"=".repeat(78));
-    summary.push('\n');
-    print!("{summary}");
-    if missing_metrics {
-        eprintln!("{base}/metrics did not answer: no mask-time percentiles (tandem serves them)");
+    let ratio = if arms[0].throughput() > 0.0 {
+        arms[1].throughput() / arms[0].throughput()
+    } else {
+        0.0
+    };
+    let ms = |h: &Histogram, q: f64| {
+        h.quantile(q)
+            .map(|x| format!("{:.3}", x * 1e3))
+            .unwrap_or_else(|| "-".into())
+    };
+    let (mask, wait) = (&arms[1].hist[0], &arms[1].hist[1]);
+    let line = format!(
+        "{c:>8} {:>16.2} {:>16.2} {ratio:>7.3} {:>13} {:>13}\n",
+        arms[0].throughput(),
+        arms[1].throughput(),
+        format!("{}/{}", ms(mask, 0.5), ms(mask, 0.99)),
+        format!("{}/{}", ms(wait, 0.5), ms(wait, 0.99)),
+    );
+    let comparison = json!({
+        "max_concurrency": c,
+        "requests_per_round": n,
+        "rounds": a.compare_rounds,
+        "unconstrained": arms[0].json(),
+        "constrained": arms[1].json(),
+        "ratio": ratio,
+        "round_details": rounds,
+    });
+    (line, comparison)
+}
+
+/// One measured round of arm `i` (0 unconstrained, 1 constrained) at `c` clients, between
+/// two `/metrics` scrapes: adds it to `arm` and returns the round's JSON, and whether both
+/// scrapes answered.
+async fn compare_round(
+    ctx: &CompareCtx<'_>,
+    i: usize,
+    arm: &mut Arm,
+    c: usize,
+    round: usize,
+    reqs: &[SampleRequest],
+    offsets: &[f64],
+) -> (Value, bool) {
+    let (a, client, base) = (ctx.a, ctx.client, ctx.base);
+    let api_key = ctx.arms[1].api_key.as_deref();
+    let n = reqs.len();
+    let before = scrape(client, base, api_key).await;
+    let (outputs, duration) =
+        run_requests(client, ctx.arms[i], reqs, offsets, Some(c), progress(a, n)).await;
+    let after = scrape(client, base, api_key).await;
+    let m = calculate_metrics(&outputs, duration);
+    let finish = finish_counts(&outputs);
+    arm.duration += duration;
+    arm.output_tokens += m.total_output;
+    arm.completed += m.completed;
+    arm.failed += m.failed;
+    arm.rates.push(m.output_throughput);
+    for (k, v) in &finish {
+        *arm.finish.entry(k.clone()).or_default() += v;
     }
+    let mut constrained_tokens = Value::Null;
+    let mut scraped = true;
+    match (before, after) {
+        (Some(b), Some(af)) => {
+            let (hb, ha) = (constraint_histograms(&b), constraint_histograms(&af));
+            for (k, (x, y)) in hb.iter().zip(&ha).enumerate() {
+                arm.hist[k].add(&y.since(x));
+            }
+            constrained_tokens = json!(ha[0].since(&hb[0]).count as u64);
+        }
+        _ => scraped = false,
+    }
+    let name = if i == 0 {
+        "unconstrained"
+    } else {
+        "constrained"
+    };
+    eprintln!(
+        "clients {c}, round {round}, {name}: {:.2} output tok/s, {} tokens in \
+         {duration:.2} s, finished {finish:?}, {} failed",
+        m.output_throughput, m.total_output, m.failed
+    );
+    let detail = json!({
+        "round": round,
+        "arm": name,
+        "duration": duration,
+        "completed": m.completed,
+        "failed": m.failed,
+        "total_output_tokens": m.total_output,
+        "output_throughput": m.output_throughput,
+        "finish_reasons": finish,
+        "median_ttft_ms": stats(&m.ttfts_ms, &[]).median,
+        "mean_tpot_ms": stats(&m.tpots_ms, &[]).mean,
+        "constrained_tokens": constrained_tokens,
+    });
+    (detail, scraped)
+}
+
+/// The `--compare-schema` result file: the run's settings, its comparisons, and the
+/// `--metadata` pairs.
+fn compare_report(
+    a: &BenchServeOpts,
+    model_id: &str,
+    constrained: &ReqCfg,
+    comparisons: Vec<Value>,
+) -> Result<Value> {
     let mut r = Map::new();
     r.insert("date".into(), json!(utc_stamp(unix_secs())));
     r.insert("backend".into(), json!(a.backend));

@@ -381,165 +381,218 @@ fn weight_type(
     }
 }
 
-/// Every tensor of the file, in the order the converter writes them.
-pub fn plan(s: &Spec, ty: SynthType) -> Vec<TensorPlan> {
-    let mut v = Vec::new();
-    let d = s.hidden;
-    let mut add = |name: String, shape: Vec<usize>, fill: Fill, layer: Option<usize>| {
+/// Collects the tensors of a plan, choosing each one's ggml type as it is added.
+struct Planner<'a> {
+    s: &'a Spec,
+    ty: SynthType,
+    v: Vec<TensorPlan>,
+}
+
+impl Planner<'_> {
+    fn add(&mut self, name: String, shape: Vec<usize>, fill: Fill, layer: Option<usize>) {
         let ty = match fill {
             Fill::Ones | Fill::Zeros => GgmlType::F32,
             Fill::Weight { role, .. } => weight_type(
-                ty,
+                self.ty,
                 role,
                 layer,
-                s.layers,
-                s.experts,
+                self.s.layers,
+                self.s.experts,
                 *shape.last().unwrap_or(&1),
             ),
         };
-        v.push(TensorPlan {
+        self.v.push(TensorPlan {
             name,
             shape,
             ty,
             fill,
             layer,
         });
+    }
+}
+
+/// A random weight of fan-in `fan_in`, typed as `role`.
+fn w(fan_in: usize, role: Role) -> Fill {
+    Fill::Weight { fan_in, role }
+}
+
+/// Every tensor of the file, in the order the converter writes them.
+pub fn plan(s: &Spec, ty: SynthType) -> Vec<TensorPlan> {
+    let mut p = Planner {
+        s,
+        ty,
+        v: Vec::new(),
     };
-    let w = |fan_in: usize, role: Role| Fill::Weight { fan_in, role };
-    add(
+    let d = s.hidden;
+    p.add(
         "token_embd.weight".into(),
         vec![s.vocab, d],
         w(1, Role::Embedding),
         None,
     );
     for l in 0..s.layers {
-        let b = |t: &str| format!("blk.{l}.{t}");
-        let at = Some(l);
-        add(b("attn_norm.weight"), vec![d], Fill::Ones, at);
-        let q_width = s.heads * s.head_dim;
-        let kv_width = s.kv_heads * s.head_dim;
+        p.add(
+            format!("blk.{l}.attn_norm.weight"),
+            vec![d],
+            Fill::Ones,
+            Some(l),
+        );
         match (s.arch, s.mla) {
-            (Arch::Deepseek2, Some(m)) => {
-                add(b("attn_q.weight"), vec![q_width, d], w(d, Role::Other), at);
-                add(
-                    b("attn_kv_a_mqa.weight"),
-                    vec![m.kv_lora_rank + m.rope_dim, d],
-                    w(d, Role::Other),
-                    at,
-                );
-                add(
-                    b("attn_kv_a_norm.weight"),
-                    vec![m.kv_lora_rank],
-                    Fill::Ones,
-                    at,
-                );
-                add(
-                    b("attn_k_b.weight"),
-                    vec![s.heads, m.kv_lora_rank, m.nope_dim],
-                    w(m.nope_dim, Role::Other),
-                    at,
-                );
-                add(
-                    b("attn_v_b.weight"),
-                    vec![s.heads, m.v_dim, m.kv_lora_rank],
-                    w(m.kv_lora_rank, Role::AttnV),
-                    at,
-                );
-                add(
-                    b("attn_output.weight"),
-                    vec![d, s.heads * m.v_dim],
-                    w(s.heads * m.v_dim, Role::Other),
-                    at,
-                );
-            }
-            _ => {
-                let bias = s.arch == Arch::GptOss;
-                add(b("attn_q.weight"), vec![q_width, d], w(d, Role::Other), at);
-                if bias {
-                    add(b("attn_q.bias"), vec![q_width], Fill::Zeros, at);
-                }
-                add(b("attn_k.weight"), vec![kv_width, d], w(d, Role::AttnK), at);
-                if bias {
-                    add(b("attn_k.bias"), vec![kv_width], Fill::Zeros, at);
-                }
-                add(b("attn_v.weight"), vec![kv_width, d], w(d, Role::AttnV), at);
-                if bias {
-                    add(b("attn_v.bias"), vec![kv_width], Fill::Zeros, at);
-                }
-                add(
-                    b("attn_output.weight"),
-                    vec![d, q_width],
-                    w(q_width, Role::AttnOutput),
-                    at,
-                );
-                if bias {
-                    add(b("attn_output.bias"), vec![d], Fill::Zeros, at);
-                    add(b("attn_sinks.weight"), vec![s.heads], Fill::Zeros, at);
-                }
-                if s.arch == Arch::Qwen3Moe {
-                    add(b("attn_q_norm.weight"), vec![s.head_dim], Fill::Ones, at);
-                    add(b("attn_k_norm.weight"), vec![s.head_dim], Fill::Ones, at);
-                }
-            }
+            (Arch::Deepseek2, Some(m)) => plan_mla_attention(&mut p, l, m),
+            _ => plan_attention(&mut p, l),
         }
         let post = if s.arch == Arch::GptOss {
             "post_attention_norm.weight"
         } else {
             "ffn_norm.weight"
         };
-        add(b(post), vec![d], Fill::Ones, at);
+        p.add(format!("blk.{l}.{post}"), vec![d], Fill::Ones, Some(l));
         if l < s.dense_layers {
-            let f = s.dense_ff;
-            add(b("ffn_gate.weight"), vec![f, d], w(d, Role::Other), at);
-            add(b("ffn_down.weight"), vec![d, f], w(f, Role::FfnDown), at);
-            add(b("ffn_up.weight"), vec![f, d], w(d, Role::Other), at);
-            continue;
-        }
-        let (e, f) = (s.experts, s.expert_ff);
-        add(b("ffn_gate_inp.weight"), vec![e, d], w(d, Role::Router), at);
-        let bias = s.arch == Arch::GptOss;
-        if bias {
-            add(b("ffn_gate_inp.bias"), vec![e], Fill::Zeros, at);
-        }
-        let up = Role::Experts { down: false };
-        let down = Role::Experts { down: true };
-        add(b("ffn_gate_exps.weight"), vec![e, f, d], w(d, up), at);
-        if bias {
-            add(b("ffn_gate_exps.bias"), vec![e, f], Fill::Zeros, at);
-        }
-        add(b("ffn_down_exps.weight"), vec![e, d, f], w(f, down), at);
-        if bias {
-            add(b("ffn_down_exps.bias"), vec![e, d], Fill::Zeros, at);
-        }
-        add(b("ffn_up_exps.weight"), vec![e, f, d], w(d, up), at);
-        if bias {
-            add(b("ffn_up_exps.bias"), vec![e, f], Fill::Zeros, at);
-        }
-        if s.shared_experts > 0 {
-            let sf = s.shared_experts * f;
-            add(
-                b("ffn_gate_shexp.weight"),
-                vec![sf, d],
-                w(d, Role::Other),
-                at,
-            );
-            add(
-                b("ffn_down_shexp.weight"),
-                vec![d, sf],
-                w(sf, Role::FfnDown),
-                at,
-            );
-            add(b("ffn_up_shexp.weight"), vec![sf, d], w(d, Role::Other), at);
+            plan_dense_ffn(&mut p, l);
+        } else {
+            plan_moe_ffn(&mut p, l);
         }
     }
-    add("output_norm.weight".into(), vec![d], Fill::Ones, None);
-    add(
+    p.add("output_norm.weight".into(), vec![d], Fill::Ones, None);
+    p.add(
         "output.weight".into(),
         vec![s.vocab, d],
         w(d, Role::Output),
         None,
     );
-    v
+    p.v
+}
+
+/// The MLA attention tensors of layer `l` (DeepSeek).
+fn plan_mla_attention(p: &mut Planner, l: usize, m: MlaSpec) {
+    let s = p.s;
+    let d = s.hidden;
+    let b = |t: &str| format!("blk.{l}.{t}");
+    let at = Some(l);
+    let q_width = s.heads * s.head_dim;
+    p.add(b("attn_q.weight"), vec![q_width, d], w(d, Role::Other), at);
+    p.add(
+        b("attn_kv_a_mqa.weight"),
+        vec![m.kv_lora_rank + m.rope_dim, d],
+        w(d, Role::Other),
+        at,
+    );
+    p.add(
+        b("attn_kv_a_norm.weight"),
+        vec![m.kv_lora_rank],
+        Fill::Ones,
+        at,
+    );
+    p.add(
+        b("attn_k_b.weight"),
+        vec![s.heads, m.kv_lora_rank, m.nope_dim],
+        w(m.nope_dim, Role::Other),
+        at,
+    );
+    p.add(
+        b("attn_v_b.weight"),
+        vec![s.heads, m.v_dim, m.kv_lora_rank],
+        w(m.kv_lora_rank, Role::AttnV),
+        at,
+    );
+    p.add(
+        b("attn_output.weight"),
+        vec![d, s.heads * m.v_dim],
+        w(s.heads * m.v_dim, Role::Other),
+        at,
+    );
+}
+
+/// The (grouped-query) attention tensors of layer `l`, with GPT-OSS's biases and sinks
+/// and Qwen3's q/k norms.
+fn plan_attention(p: &mut Planner, l: usize) {
+    let s = p.s;
+    let d = s.hidden;
+    let b = |t: &str| format!("blk.{l}.{t}");
+    let at = Some(l);
+    let q_width = s.heads * s.head_dim;
+    let kv_width = s.kv_heads * s.head_dim;
+    let bias = s.arch == Arch::GptOss;
+    p.add(b("attn_q.weight"), vec![q_width, d], w(d, Role::Other), at);
+    if bias {
+        p.add(b("attn_q.bias"), vec![q_width], Fill::Zeros, at);
+    }
+    p.add(b("attn_k.weight"), vec![kv_width, d], w(d, Role::AttnK), at);
+    if bias {
+        p.add(b("attn_k.bias"), vec![kv_width], Fill::Zeros, at);
+    }
+    p.add(b("attn_v.weight"), vec![kv_width, d], w(d, Role::AttnV), at);
+    if bias {
+        p.add(b("attn_v.bias"), vec![kv_width], Fill::Zeros, at);
+    }
+    p.add(
+        b("attn_output.weight"),
+        vec![d, q_width],
+        w(q_width, Role::AttnOutput),
+        at,
+    );
+    if bias {
+        p.add(b("attn_output.bias"), vec![d], Fill::Zeros, at);
+        p.add(b("attn_sinks.weight"), vec![s.heads], Fill::Zeros, at);
+    }
+    if s.arch == Arch::Qwen3Moe {
+        p.add(b("attn_q_norm.weight"), vec![s.head_dim], Fill::Ones, at);
+        p.add(b("attn_k_norm.weight"), vec![s.head_dim], Fill::Ones, at);
+    }
+}
+
+/// The dense feed-forward tensors of layer `l` (one of the first `dense_layers`).
+fn plan_dense_ffn(p: &mut Planner, l: usize) {
+    let (d, f) = (p.s.hidden, p.s.dense_ff);
+    let b = |t: &str| format!("blk.{l}.{t}");
+    let at = Some(l);
+    p.add(b("ffn_gate.weight"), vec![f, d], w(d, Role::Other), at);
+    p.add(b("ffn_down.weight"), vec![d, f], w(f, Role::FfnDown), at);
+    p.add(b("ffn_up.weight"), vec![f, d], w(d, Role::Other), at);
+}
+
+/// The router, expert and shared-expert tensors of MoE layer `l`.
+fn plan_moe_ffn(p: &mut Planner, l: usize) {
+    let s = p.s;
+    let d = s.hidden;
+    let b = |t: &str| format!("blk.{l}.{t}");
+    let at = Some(l);
+    let (e, f) = (s.experts, s.expert_ff);
+    p.add(b("ffn_gate_inp.weight"), vec![e, d], w(d, Role::Router), at);
+    let bias = s.arch == Arch::GptOss;
+    if bias {
+        p.add(b("ffn_gate_inp.bias"), vec![e], Fill::Zeros, at);
+    }
+    let up = Role::Experts { down: false };
+    let down = Role::Experts { down: true };
+    p.add(b("ffn_gate_exps.weight"), vec![e, f, d], w(d, up), at);
+    if bias {
+        p.add(b("ffn_gate_exps.bias"), vec![e, f], Fill::Zeros, at);
+    }
+    p.add(b("ffn_down_exps.weight"), vec![e, d, f], w(f, down), at);
+    if bias {
+        p.add(b("ffn_down_exps.bias"), vec![e, d], Fill::Zeros, at);
+    }
+    p.add(b("ffn_up_exps.weight"), vec![e, f, d], w(d, up), at);
+    if bias {
+        p.add(b("ffn_up_exps.bias"), vec![e, f], Fill::Zeros, at);
+    }
+    if s.shared_experts > 0 {
+        let sf = s.shared_experts * f;
+        p.add(
+            b("ffn_gate_shexp.weight"),
+            vec![sf, d],
+            w(d, Role::Other),
+            at,
+        );
+        p.add(
+            b("ffn_down_shexp.weight"),
+            vec![d, sf],
+            w(sf, Role::FfnDown),
+            at,
+        );
+        p.add(b("ffn_up_shexp.weight"), vec![sf, d], w(d, Role::Other), at);
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -141,6 +141,6 @@ pub struct K8sCmdArgs {
 
 pub fn run(a: K8sCmdArgs) -> Result<()> {
     let dep = Deployment::load(&a.deployment)?;
-    let cat = crate::plan_cmd::load_catalog(a.hw_catalog.as_ref())?;
+    let cat = tandem_deploy::load_hw_catalog(a.hw_catalog.as_ref())?;
     a.k8s.write(&dep, &cat, &a.out)
 }

@@ -2,7 +2,7 @@
 //! binary; the supervisor is `tandem_deploy::supervise`, the roles' flags are
 //! `tandem_deploy::RoleArgs`.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -36,15 +36,7 @@ pub struct LaunchArgs {
 
 pub fn launch(a: LaunchArgs) -> Result<()> {
     let dep = Deployment::load(&a.deployment)?;
-    dep.validate_shape()?;
-    tandem_deploy::check_addresses(&dep)?;
-    if dep.addresses.attention.len() != dep.attention_replicas as usize {
-        bail!(
-            "the deployment has {} attention replicas but [addresses] attention lists {} (their HTTP addresses)",
-            dep.attention_replicas,
-            dep.addresses.attention.len()
-        );
-    }
+    tandem_deploy::check_launch(&dep)?;
     let file = a.deployment.display().to_string();
     // A bad secret stops here, not in every child; the children read it again themselves.
     tandem_deploy::cluster_secret(a.cluster_secret_file.as_deref(), &dep)?;

@@ -5,11 +5,12 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use std::path::PathBuf;
+use tandem_deploy::{load_hw_catalog, load_profile, resolve_model_shape};
 use tandem_plan::deploy::{self, SimulateOptions};
 use tandem_plan::engine_model::{predict_decode, EngineShape};
 use tandem_plan::planner::{Objective, PerfSource, PlanRequest, ReplicaSearch};
 use tandem_plan::sim::{Imbalance, RoutingTrace};
-use tandem_plan::{report, HardwareCatalog, ModelCatalog, PriceUnit, Profile};
+use tandem_plan::{report, ModelCatalog, PriceUnit, Profile};
 
 /// `tandem plan`: search deployment plans, or one of the subcommands.
 #[derive(Debug, Args)]
@@ -247,15 +248,6 @@ pub struct SimulateArgs {
     pub json: bool,
 }
 
-pub(crate) fn load_catalog(extra: Option<&PathBuf>) -> Result<HardwareCatalog> {
-    let mut c = HardwareCatalog::builtin().context("loading the built-in hardware catalog")?;
-    if let Some(p) = extra {
-        c.merge_file(p)
-            .with_context(|| format!("loading hardware catalog {}", p.display()))?;
-    }
-    Ok(c)
-}
-
 /// Runs `tandem plan` and its subcommands.
 pub fn plan(args: PlanArgs) -> Result<()> {
     match args.command {
@@ -267,33 +259,13 @@ pub fn plan(args: PlanArgs) -> Result<()> {
     }
 }
 
-/// A catalog name, a `config.json` (or its directory), or a GGUF file (its metadata as the
-/// `config.json` it stands for).
-fn resolve_model(name_or_path: &str) -> Result<tandem_plan::ModelShape> {
-    let src = tandem_model::ModelSource::of_path(std::path::Path::new(name_or_path));
-    if let Some(p) = src.gguf().filter(|p| p.is_file()) {
-        let g = tandem_model::gguf::GgufFile::open(p)?;
-        let cfg = g.config_json()?;
-        return Ok(tandem_plan::ModelShape::from_hf_config(
-            &cfg.to_string(),
-            name_or_path,
-        )?);
-    }
-    Ok(ModelCatalog::builtin()?.resolve(name_or_path)?)
-}
-
-fn load_profile(path: Option<&PathBuf>) -> Result<Option<Profile>> {
-    path.map(|p| Profile::load(p).with_context(|| format!("loading profile {}", p.display())))
-        .transpose()
-}
-
 fn search(a: PlanSearchArgs) -> Result<()> {
     let Some(model_ref) = a.model.clone() else {
         bail!("tandem plan needs --model (a catalog name or a config.json); see `tandem plan catalog`");
     };
-    let cat = load_catalog(a.hw_catalog.as_ref())?;
+    let cat = load_hw_catalog(a.hw_catalog.as_ref())?;
     let model =
-        resolve_model(&model_ref).with_context(|| format!("resolving model {model_ref}"))?;
+        resolve_model_shape(&model_ref).with_context(|| format!("resolving model {model_ref}"))?;
     let mut req = PlanRequest::new(model, "", "");
     (req.attention_hw, req.expert_hw) = match &a.hw {
         Some(h) => (vec![h.clone()], vec![h.clone()]),
@@ -359,14 +331,14 @@ fn reproduce(a: ReproduceArgs) -> Result<()> {
 }
 
 fn catalog(a: CatalogArgs) -> Result<()> {
-    let cat = load_catalog(a.hw_catalog.as_ref())?;
+    let cat = load_hw_catalog(a.hw_catalog.as_ref())?;
     print!("{}", report::catalog(&cat, &ModelCatalog::builtin()?));
     Ok(())
 }
 
 fn profile_template(a: ProfileTemplateArgs) -> Result<()> {
-    let cat = load_catalog(a.hw_catalog.as_ref())?;
-    let model = resolve_model(&a.model)?;
+    let cat = load_hw_catalog(a.hw_catalog.as_ref())?;
+    let model = resolve_model_shape(&a.model)?;
     let ctx = a.context as f64;
     let text = Profile::roofline_template(&cat, &model, &a.attention_hw, &a.expert_hw, ctx)?;
     std::fs::write(&a.out, text).with_context(|| format!("writing {}", a.out.display()))?;
@@ -379,7 +351,7 @@ fn engine_predict(a: EnginePredictArgs) -> Result<()> {
         .with_context(|| format!("loading profile {}", a.profile.display()))?;
     let model_ref = a.model.unwrap_or_else(|| profile.profile.model.clone());
     let model =
-        resolve_model(&model_ref).with_context(|| format!("resolving model {model_ref}"))?;
+        resolve_model_shape(&model_ref).with_context(|| format!("resolving model {model_ref}"))?;
     let mut d = match &a.deployment {
         Some(p) => tandem_core::Deployment::load(p)?,
         None => tandem_core::Deployment::default(),
@@ -400,7 +372,7 @@ fn engine_predict(a: EnginePredictArgs) -> Result<()> {
 
 /// Runs `tandem simulate`.
 pub fn simulate(a: SimulateArgs) -> Result<()> {
-    let cat = load_catalog(a.hw_catalog.as_ref())?;
+    let cat = load_hw_catalog(a.hw_catalog.as_ref())?;
     let profile = load_profile(a.profile.as_ref())?;
     let imbalance = match (&a.routing_trace, a.skew) {
         (Some(p), _) => Imbalance::Trace(

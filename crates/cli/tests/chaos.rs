@@ -511,12 +511,82 @@ fn run(schedule: Schedule, soak_secs: Option<u64>, seed: u64) {
     let tmp = std::env::temp_dir().join(format!("tandem-chaos-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     let ps = Arc::new(prompts());
+    let want = Arc::new(colocated_reference(&model, &ps));
+    let (cluster, proxy) = start_deployment(model, &tmp);
+    let http_ports = cluster.http.clone();
 
-    // The reference: the same streaming requests against a colocated `tandem serve`.
+    // Load and faults.
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = load(
+        http_ports.clone(),
+        ps.clone(),
+        want.clone(),
+        tally.clone(),
+        stop.clone(),
+    );
+    let t0 = Instant::now();
+    let faults = inject_faults(schedule, &mut rng, &cluster, &proxy, t0);
+    let fault_phase = t0.elapsed();
+    println!("chaos: faults over after {:.1}s", fault_phase.as_secs_f64());
+    assert!(
+        wait_healthy(&http_ports, Duration::from_secs(60)),
+        "a replica did not come back healthy"
+    );
+
+    // Optional soak: steady load, resident memory before and after.
+    let mut rss = None;
+    if let Some(secs) = soak_secs {
+        std::thread::sleep(Duration::from_secs(5));
+        let before = cluster.rss_kib();
+        std::thread::sleep(Duration::from_secs(secs));
+        rss = Some((before, cluster.rss_kib()));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+
+    // The final wave: every request completes with the reference text.
+    assert!(wait_healthy(&http_ports, Duration::from_secs(30)));
+    let final_tally = final_wave(&http_ports, &ps, &want);
+
+    // Nothing left behind once the streams are over.
+    std::thread::sleep(Duration::from_millis(500));
+    let blocks: f64 = http_ports
+        .iter()
+        .map(|&p| metric(p, "tandem_kv_blocks_used"))
+        .sum();
+    let queue: f64 = http_ports
+        .iter()
+        .map(|&p| metric(p, "tandem_queue_running") + metric(p, "tandem_queue_waiting"))
+        .sum();
+
+    println!(
+        "\nchaos under load: seed {seed}, {schedule:?}, {} faults in {:.1} s \
+         ({} proxy resets), {CLIENTS} streaming clients, {MAX_TOKENS} tokens each, \
+         peer timeout {PEER_TIMEOUT_S} s",
+        faults.len(),
+        fault_phase.as_secs_f64(),
+        proxy.resets.load(Ordering::Relaxed)
+    );
+    print_tallies(&tally, &final_tally, soak_secs.is_some());
+    println!("process logs: {}", tmp.display());
+    println!("afterwards: tandem_kv_blocks_used {blocks}, tandem_queue_running+waiting {queue}");
+    print_errors(&tally, &final_tally);
+    if let Some((before, after)) = &rss {
+        println!("VmRSS kB (expert 0, expert 1, replica 0, replica 1): before soak {before:?}, after {after:?}");
+    }
+    check_afterwards(&tally, &final_tally, blocks, queue, rss);
+}
+
+/// The same streaming requests against a colocated `tandem serve`: the text every
+/// completed request of the deployment must carry.
+fn colocated_reference(model: &Path, ps: &[Vec<u32>]) -> Vec<String> {
     let ref_port = free_ports(1)[0];
     let mut colocated = Command::new(BIN)
         .args(["serve", "--model"])
-        .arg(&model)
+        .arg(model)
         .args(["--attention-replicas", "1", "--expert-workers", "0"])
         .args(["--port", &ref_port.to_string()])
         .env("RUST_LOG", "warn")
@@ -537,9 +607,12 @@ fn run(schedule: Schedule, soak_secs: Option<u64>, seed: u64) {
     let _ = colocated.wait();
     assert!(ok, "the colocated server never came up");
     assert!(want.iter().all(|t| !t.is_empty()), "{want:?}");
-    let want = Arc::new(want);
+    want
+}
 
-    // The deployment: expert worker 1 reached through the proxy.
+/// The 2-replica, 2-worker deployment, written to `tmp/deployment.toml`, with expert worker
+/// 1 reached through the proxy; returns once both replicas are healthy.
+fn start_deployment(model: PathBuf, tmp: &Path) -> (Arc<Cluster>, Arc<Proxy>) {
     let ports = free_ports(4);
     let (http_ports, exp_ports) = (ports[..2].to_vec(), ports[2..].to_vec());
     let text = format!(
@@ -569,18 +642,18 @@ fn run(schedule: Schedule, soak_secs: Option<u64>, seed: u64) {
         wait_healthy(&http_ports, Duration::from_secs(60)),
         "the deployment never came up"
     );
+    (cluster, proxy)
+}
 
-    // Load and faults.
-    let tally = Arc::new(Tally::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients = load(
-        http_ports.clone(),
-        ps.clone(),
-        want.clone(),
-        tally.clone(),
-        stop.clone(),
-    );
-    let t0 = Instant::now();
+/// The faults of `schedule`, each printed and listed with the moment (since `t0`) it began;
+/// between two, the deployment may come back (bounded) and a random moment passes.
+fn inject_faults(
+    schedule: Schedule,
+    rng: &mut Rng,
+    cluster: &Cluster,
+    proxy: &Proxy,
+    t0: Instant,
+) -> Vec<String> {
     let mut faults: Vec<String> = Vec::new();
     // EachKindOnce: the four kinds in a seeded order (Fisher-Yates).
     let mut order = [0u64, 1, 2, 3];
@@ -634,33 +707,17 @@ fn run(schedule: Schedule, soak_secs: Option<u64>, seed: u64) {
         wait_healthy(&cluster.http, Duration::from_secs(30));
         std::thread::sleep(rng.millis(300, 3000));
     }
-    let fault_phase = t0.elapsed();
-    println!("chaos: faults over after {:.1}s", fault_phase.as_secs_f64());
-    assert!(
-        wait_healthy(&http_ports, Duration::from_secs(60)),
-        "a replica did not come back healthy"
-    );
+    faults
+}
 
-    // Optional soak: steady load, resident memory before and after.
-    let mut rss = None;
-    if let Some(secs) = soak_secs {
-        std::thread::sleep(Duration::from_secs(5));
-        let before = cluster.rss_kib();
-        std::thread::sleep(Duration::from_secs(secs));
-        rss = Some((before, cluster.rss_kib()));
-    }
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.join().unwrap();
-    }
-
-    // The final wave: every request completes with the reference text.
-    assert!(wait_healthy(&http_ports, Duration::from_secs(30)));
+/// One request per client after the faults, half to each replica, each tallied against the
+/// reference text.
+fn final_wave(http_ports: &[u16], ps: &Arc<Vec<Vec<u32>>>, want: &Arc<Vec<String>>) -> Arc<Tally> {
     let final_tally = Arc::new(Tally::default());
     let wave: Vec<_> = (0..CLIENTS)
         .map(|c| {
             let (ports, ps, want, t) = (
-                http_ports.clone(),
+                http_ports.to_vec(),
                 ps.clone(),
                 want.clone(),
                 final_tally.clone(),
@@ -676,48 +733,31 @@ fn run(schedule: Schedule, soak_secs: Option<u64>, seed: u64) {
         w.join().unwrap();
     }
 
-    // Nothing left behind once the streams are over.
-    std::thread::sleep(Duration::from_millis(500));
-    let blocks: f64 = http_ports
-        .iter()
-        .map(|&p| metric(p, "tandem_kv_blocks_used"))
-        .sum();
-    let queue: f64 = http_ports
-        .iter()
-        .map(|&p| metric(p, "tandem_queue_running") + metric(p, "tandem_queue_waiting"))
-        .sum();
+    final_tally
+}
 
-    let hangs = tally.hangs.lock().unwrap().clone();
-    let wrong = tally.wrong.lock().unwrap().clone();
-    let f_hangs = final_tally.hangs.lock().unwrap().clone();
-    let f_wrong = final_tally.wrong.lock().unwrap().clone();
-    let f_done = final_tally.completed.load(Ordering::Relaxed);
-    println!(
-        "\nchaos under load: seed {seed}, {schedule:?}, {} faults in {:.1} s \
-         ({} proxy resets), {CLIENTS} streaming clients, {MAX_TOKENS} tokens each, \
-         peer timeout {PEER_TIMEOUT_S} s",
-        faults.len(),
-        fault_phase.as_secs_f64(),
-        proxy.resets.load(Ordering::Relaxed)
-    );
+/// The table of outcomes under faults (and soak) and in the final wave.
+fn print_tallies(tally: &Tally, final_tally: &Tally, soaked: bool) {
     println!("| phase | completed | errored | hangs | wrong tokens |");
     println!("|---|---|---|---|---|");
     println!(
         "| under faults{} | {} | {} | {} | {} |",
-        if soak_secs.is_some() { " + soak" } else { "" },
+        if soaked { " + soak" } else { "" },
         tally.completed.load(Ordering::Relaxed),
         tally.errored.load(Ordering::Relaxed),
-        hangs.len(),
-        wrong.len()
+        tally.hangs.lock().unwrap().len(),
+        tally.wrong.lock().unwrap().len()
     );
     println!(
-        "| final wave | {f_done} | {} | {} | {} |",
+        "| final wave | {} | {} | {} | {} |",
+        final_tally.completed.load(Ordering::Relaxed),
         final_tally.errored.load(Ordering::Relaxed),
-        f_hangs.len(),
-        f_wrong.len()
+        final_tally.hangs.lock().unwrap().len(),
+        final_tally.wrong.lock().unwrap().len()
     );
-    println!("process logs: {}", tmp.display());
-    println!("afterwards: tandem_kv_blocks_used {blocks}, tandem_queue_running+waiting {queue}");
+}
+
+fn print_errors(tally: &Tally, final_tally: &Tally) {
     println!("errors by kind:");
     for (k, n) in tally.errors.lock().unwrap().iter() {
         println!("  {n:6} {k}");
@@ -725,10 +765,23 @@ fn run(schedule: Schedule, soak_secs: Option<u64>, seed: u64) {
     for (k, n) in final_tally.errors.lock().unwrap().iter() {
         println!("  final wave {n:6} {k}");
     }
-    if let Some((before, after)) = &rss {
-        println!("VmRSS kB (expert 0, expert 1, replica 0, replica 1): before soak {before:?}, after {after:?}");
-    }
+}
 
+/// No hang and no wrong token in either phase, the whole final wave completed, something
+/// completed under faults, no KV block or queued request left, and (after a soak) resident
+/// memory within bounds.
+fn check_afterwards(
+    tally: &Tally,
+    final_tally: &Tally,
+    blocks: f64,
+    queue: f64,
+    rss: Option<(Vec<u64>, Vec<u64>)>,
+) {
+    let hangs = tally.hangs.lock().unwrap().clone();
+    let wrong = tally.wrong.lock().unwrap().clone();
+    let f_hangs = final_tally.hangs.lock().unwrap().clone();
+    let f_wrong = final_tally.wrong.lock().unwrap().clone();
+    let f_done = final_tally.completed.load(Ordering::Relaxed);
     assert!(hangs.is_empty(), "hangs: {hangs:#?}");
     assert!(wrong.is_empty(), "wrong tokens: {wrong:#?}");
     assert!(f_hangs.is_empty(), "final wave hangs: {f_hangs:#?}");

@@ -137,6 +137,50 @@ fn pods_started_as_the_manifests_say_serve_hf_greedy_tokens() {
     let tmp = std::env::temp_dir().join(format!("tandem-k8s-e2e-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
+    let (cm, experts, replicas, dep) = generate_manifests(&tmp);
+    let volumes = pod_volumes(&tmp, &cm);
+    let secrets = BTreeMap::from([
+        (("kt-api".into(), "api-key".into()), API_KEY.to_string()),
+        (
+            ("kt-m2n".into(), "cluster-secret".into()),
+            "m2n-secret".to_string(),
+        ),
+    ]);
+    let (mapped, map_args) = loopback_map(&dep);
+
+    let mut procs = Procs(Vec::new());
+    let mut logs = Vec::new();
+    for (sts, n) in [
+        (&experts, dep.expert_workers),
+        (&replicas, dep.attention_replicas),
+    ] {
+        for i in 0..n {
+            let log = tmp.join(format!("{}-{i}.log", sts.metadata.name.clone().unwrap()));
+            let mut cmd = pod_command(sts, i, &volumes, &secrets, &map_args);
+            cmd.stderr(std::fs::File::create(&log).unwrap());
+            procs.0.push(cmd.spawn().unwrap());
+            logs.push(log);
+        }
+    }
+
+    let health_path = check_probes(&dep, &experts, &replicas);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let urls = wait_ready(&rt, &client, &dep, &mapped, &health_path, &mut procs);
+    check_greedy_completions(&rt, &client, &urls, &logs);
+    drop(procs);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// `tandem k8s` for a hand-written 2-replica, 2-worker deployment with both Secrets; the
+/// ConfigMap, the two StatefulSets and the deployment file the ConfigMap holds.
+fn generate_manifests(tmp: &Path) -> (ConfigMap, StatefulSet, StatefulSet, Deployment) {
     let dep_file = tmp.join("hand.toml");
     std::fs::write(
         &dep_file,
@@ -186,8 +230,11 @@ fn pods_started_as_the_manifests_say_serve_hf_greedy_tokens() {
         dep.addresses.expert[1],
         "kt-expert-1.kt-expert.e2e.svc.cluster.local:9000"
     );
+    (cm, experts, replicas, dep)
+}
 
-    // Volumes: the ConfigMap's files in a directory, the "PVC" is the fixtures directory.
+/// Volumes: the ConfigMap's files in a directory, the "PVC" is the fixtures directory.
+fn pod_volumes(tmp: &Path, cm: &ConfigMap) -> BTreeMap<String, PathBuf> {
     let config_dir = tmp.join("config");
     std::fs::create_dir_all(&config_dir).unwrap();
     for (k, v) in cm.data.as_ref().unwrap() {
@@ -195,19 +242,15 @@ fn pods_started_as_the_manifests_say_serve_hf_greedy_tokens() {
     }
     let tmp_vol = tmp.join("tmpvol");
     std::fs::create_dir_all(&tmp_vol).unwrap();
-    let volumes = BTreeMap::from([
+    BTreeMap::from([
         ("config".to_string(), config_dir),
         ("model".to_string(), fixtures()),
         ("tmp".to_string(), tmp_vol),
-    ]);
-    let secrets = BTreeMap::from([
-        (("kt-api".into(), "api-key".into()), API_KEY.to_string()),
-        (
-            ("kt-m2n".into(), "cluster-secret".into()),
-            "m2n-secret".to_string(),
-        ),
-    ]);
-    // Every DNS name to its own loopback port.
+    ])
+}
+
+/// Every DNS name to its own loopback port: the map, and the `--address-map` args saying it.
+fn loopback_map(dep: &Deployment) -> (BTreeMap<String, String>, Vec<String>) {
     let all: Vec<String> = dep
         .addresses
         .attention
@@ -225,66 +268,58 @@ fn pods_started_as_the_manifests_say_serve_hf_greedy_tokens() {
         .iter()
         .flat_map(|(a, b)| ["--address-map".to_string(), format!("{a}={b}")])
         .collect();
+    (mapped, map_args)
+}
 
-    let mut procs = Procs(Vec::new());
-    let mut logs = Vec::new();
-    for (sts, n) in [
-        (&experts, dep.expert_workers),
-        (&replicas, dep.attention_replicas),
-    ] {
-        for i in 0..n {
-            let log = tmp.join(format!("{}-{i}.log", sts.metadata.name.clone().unwrap()));
-            let mut cmd = pod_command(sts, i, &volumes, &secrets, &map_args);
-            cmd.stderr(std::fs::File::create(&log).unwrap());
-            procs.0.push(cmd.spawn().unwrap());
-            logs.push(log);
-        }
-    }
-    let dump_logs = || {
-        logs.iter()
-            .map(|l| {
-                format!(
-                    "--- {}\n{}",
-                    l.display(),
-                    std::fs::read_to_string(l).unwrap_or_default()
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
+fn dump_logs(logs: &[PathBuf]) -> String {
+    logs.iter()
+        .map(|l| {
+            format!(
+                "--- {}\n{}",
+                l.display(),
+                std::fs::read_to_string(l).unwrap_or_default()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
 
-    // Readiness as the probes say: TCP on each expert's m2n port, GET /health on each
-    // replica's http port (the container ports are the ports of the pods' DNS names).
-    let probe_port = |sts: &StatefulSet, name: &str| -> u16 {
-        let c = &sts
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap()
-            .containers[0];
-        let p = c
-            .ports
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|p| p.name.as_deref() == Some(name))
-            .unwrap();
-        p.container_port as u16
-    };
+/// The container port named `name` of `sts`.
+fn probe_port(sts: &StatefulSet, name: &str) -> u16 {
+    let c = &sts
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    let p = c
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|p| p.name.as_deref() == Some(name))
+        .unwrap();
+    p.container_port as u16
+}
+
+/// Readiness as the probes say: TCP on each expert's m2n port, GET /health on each
+/// replica's http port (the container ports are the ports of the pods' DNS names); returns
+/// the replicas' readiness path.
+fn check_probes(dep: &Deployment, experts: &StatefulSet, replicas: &StatefulSet) -> String {
     assert!(dep
         .addresses
         .expert
         .iter()
-        .all(|a| a.ends_with(&format!(":{}", probe_port(&experts, "m2n")))));
+        .all(|a| a.ends_with(&format!(":{}", probe_port(experts, "m2n")))));
     assert!(dep
         .addresses
         .attention
         .iter()
-        .all(|a| a.ends_with(&format!(":{}", probe_port(&replicas, "http")))));
-    let health_path = replicas
+        .all(|a| a.ends_with(&format!(":{}", probe_port(replicas, "http")))));
+    replicas
         .spec
         .as_ref()
         .unwrap()
@@ -301,23 +336,26 @@ fn pods_started_as_the_manifests_say_serve_hf_greedy_tokens() {
         .unwrap()
         .path
         .clone()
-        .unwrap();
+        .unwrap()
+}
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
+/// Waits for every expert to listen and every replica to pass its readiness probe; returns
+/// the replicas' base URLs.
+fn wait_ready(
+    rt: &tokio::runtime::Runtime,
+    client: &reqwest::Client,
+    dep: &Deployment,
+    mapped: &BTreeMap<String, String>,
+    health_path: &str,
+    procs: &mut Procs,
+) -> Vec<String> {
     for a in &dep.addresses.expert {
         let to = mapped[a].clone();
         wait_until(
             &format!("expert {a} listening"),
             Duration::from_secs(120),
             || std::net::TcpStream::connect(&to).is_ok(),
-            &mut procs,
+            procs,
         );
     }
     let urls: Vec<String> = dep
@@ -335,10 +373,38 @@ fn pods_started_as_the_manifests_say_serve_hf_greedy_tokens() {
                 rt.block_on(async { client.get(&url).send().await })
                     .is_ok_and(|r| r.status() == 200)
             },
-            &mut procs,
+            procs,
         );
     }
+    urls
+}
 
+fn post(
+    rt: &tokio::runtime::Runtime,
+    client: &reqwest::Client,
+    url: String,
+    body: Value,
+    key: Option<&str>,
+) -> (u16, Value) {
+    rt.block_on(async {
+        let mut r = client.post(url).json(&body);
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        let resp = r.send().await.unwrap();
+        let st = resp.status().as_u16();
+        (st, resp.json::<Value>().await.unwrap_or(Value::Null))
+    })
+}
+
+/// Each replica: 401 without the API key; with it, HF's greedy tokens for every prompt of
+/// the fixture, and the usage they add up to.
+fn check_greedy_completions(
+    rt: &tokio::runtime::Runtime,
+    client: &reqwest::Client,
+    urls: &[String],
+    logs: &[PathBuf],
+) {
     let expected: Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("mixtral/expected.json")).unwrap(),
     )
@@ -351,25 +417,26 @@ fn pods_started_as_the_manifests_say_serve_hf_greedy_tokens() {
         .collect();
     let greedy = expected["greedy"].as_array().unwrap();
     let n_new = expected["num_new_tokens"].as_u64().unwrap();
-    let post = |url: String, body: Value, key: Option<&str>| -> (u16, Value) {
-        rt.block_on(async {
-            let mut r = client.post(url).json(&body);
-            if let Some(k) = key {
-                r = r.bearer_auth(k);
-            }
-            let resp = r.send().await.unwrap();
-            let st = resp.status().as_u16();
-            (st, resp.json::<Value>().await.unwrap_or(Value::Null))
-        })
-    };
-    for u in &urls {
+    for u in urls {
         let body = json!({"prompt": prompts, "max_tokens": n_new, "temperature": 0,
                           "ignore_eos": true, "logprobs": 1});
         // The API key comes from the Secret: without it, 401.
-        let (st, v) = post(format!("{u}/v1/completions"), body.clone(), None);
+        let (st, v) = post(
+            rt,
+            client,
+            format!("{u}/v1/completions"),
+            body.clone(),
+            None,
+        );
         assert_eq!(st, 401, "{v}");
-        let (st, v) = post(format!("{u}/v1/completions"), body, Some(API_KEY));
-        assert_eq!(st, 200, "{v}\n{}", dump_logs());
+        let (st, v) = post(
+            rt,
+            client,
+            format!("{u}/v1/completions"),
+            body,
+            Some(API_KEY),
+        );
+        assert_eq!(st, 200, "{v}\n{}", dump_logs(logs));
         let choices = v["choices"].as_array().unwrap();
         assert_eq!(choices.len(), greedy.len());
         for (i, (c, g)) in choices.iter().zip(greedy).enumerate() {
@@ -381,6 +448,8 @@ fn pods_started_as_the_manifests_say_serve_hf_greedy_tokens() {
                 .iter()
                 .map(|id| {
                     let (st, d) = post(
+                        rt,
+                        client,
                         format!("{u}/detokenize"),
                         json!({"tokens": [id]}),
                         Some(API_KEY),
@@ -400,8 +469,6 @@ fn pods_started_as_the_manifests_say_serve_hf_greedy_tokens() {
             Some(n_new * greedy.len() as u64)
         );
     }
-    drop(procs);
-    let _ = std::fs::remove_dir_all(&tmp);
 }
 
 #[test]

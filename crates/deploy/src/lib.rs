@@ -6,7 +6,9 @@
 //! groups the CLI flattens into its commands, as `tandem-bench` does for its own.
 //!
 //! Owns: loading a model for a role, the M2N link and TLS/secret set-up from flags,
-//! environment and deployment file, child-process supervision. May not touch: HTTP serving
+//! environment and deployment file, child-process supervision, the checks `tandem launch`
+//! makes of a deployment file, and loading the planner's inputs named on a command line
+//! (hardware catalog, model shape, profile). May not touch: HTTP serving
 //! (`tandem-server`), the engine's scheduling (`tandem-engine`), argument wiring of the
 //! `tandem` binary (`tandem-cli`).
 
@@ -313,6 +315,55 @@ pub fn check_addresses(dep: &Deployment) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What `tandem launch` needs of a deployment before it starts a child: a valid shape, one
+/// address per expert worker and one HTTP address per attention replica.
+pub fn check_launch(dep: &Deployment) -> Result<()> {
+    dep.validate_shape()?;
+    check_addresses(dep)?;
+    if dep.addresses.attention.len() != dep.attention_replicas as usize {
+        bail!(
+            "the deployment has {} attention replicas but [addresses] attention lists {} (their HTTP addresses)",
+            dep.attention_replicas,
+            dep.addresses.attention.len()
+        );
+    }
+    Ok(())
+}
+
+/// The built-in hardware catalog, with the entries of `extra` (a TOML file) merged in.
+pub fn load_hw_catalog(extra: Option<&PathBuf>) -> Result<tandem_plan::HardwareCatalog> {
+    let mut c =
+        tandem_plan::HardwareCatalog::builtin().context("loading the built-in hardware catalog")?;
+    if let Some(p) = extra {
+        c.merge_file(p)
+            .with_context(|| format!("loading hardware catalog {}", p.display()))?;
+    }
+    Ok(c)
+}
+
+/// The planner's shape of a model: a catalog name, a `config.json` (or its directory), or a
+/// GGUF file (its metadata as the `config.json` it stands for).
+pub fn resolve_model_shape(name_or_path: &str) -> Result<tandem_plan::ModelShape> {
+    let src = ModelSource::of_path(Path::new(name_or_path));
+    if let Some(p) = src.gguf().filter(|p| p.is_file()) {
+        let g = tandem_model::gguf::GgufFile::open(p)?;
+        let cfg = g.config_json()?;
+        return Ok(tandem_plan::ModelShape::from_hf_config(
+            &cfg.to_string(),
+            name_or_path,
+        )?);
+    }
+    Ok(tandem_plan::ModelCatalog::builtin()?.resolve(name_or_path)?)
+}
+
+/// The measured performance profile at `path`, if one is given.
+pub fn load_profile(path: Option<&PathBuf>) -> Result<Option<tandem_plan::Profile>> {
+    path.map(|p| {
+        tandem_plan::Profile::load(p).with_context(|| format!("loading profile {}", p.display()))
+    })
+    .transpose()
 }
 
 /// Loads the model (the attention side without routed experts) and starts an engine: the
@@ -954,6 +1005,21 @@ mod tests {
         // Nothing configured: plaintext on both sides.
         assert!(none.server(&dep(None, None, None)).unwrap().is_none());
         assert!(none.client(&dep(None, None, None)).unwrap().is_none());
+    }
+
+    /// `tandem launch` refuses a deployment file without one HTTP address per attention
+    /// replica, naming both counts, and accepts it once the address is there.
+    #[test]
+    fn launch_wants_an_http_address_per_attention_replica() {
+        let mut d = Deployment::default();
+        d.addresses.expert = vec!["127.0.0.1:7100".into()];
+        let e = super::check_launch(&d).unwrap_err().to_string();
+        assert!(
+            e.contains("1 attention replicas") && e.contains("attention lists 0"),
+            "{e}"
+        );
+        d.addresses.attention = vec!["127.0.0.1:8100".into()];
+        super::check_launch(&d).unwrap();
     }
 }
 

@@ -85,155 +85,205 @@ fn check_common(m: &Manifests, o: &K8sOptions) -> Deployment {
     let text = &cm.data.as_ref().unwrap()[tandem_k8s::DEPLOYMENT_KEY];
     let d = Deployment::from_toml_str(text, "configmap").unwrap();
     assert_eq!(d, m.deployment);
-    for (r, role, n, port_name, port, addrs) in [
-        (
-            &m.attention,
-            "attention",
-            d.attention_replicas,
-            "http",
-            o.http_port,
-            &d.addresses.attention,
-        ),
-        (
-            &m.expert,
-            "expert",
-            d.expert_workers,
-            "m2n",
-            o.m2n_port,
-            &d.addresses.expert,
-        ),
+    for r in [
+        Role {
+            objects: &m.attention,
+            role: "attention",
+            n: d.attention_replicas,
+            port_name: "http",
+            port: o.http_port,
+            addrs: &d.addresses.attention,
+        },
+        Role {
+            objects: &m.expert,
+            role: "expert",
+            n: d.expert_workers,
+            port_name: "m2n",
+            port: o.m2n_port,
+            addrs: &d.addresses.expert,
+        },
     ] {
-        let RoleObjects {
-            stateful_set: sts,
-            headless,
-            pdb,
-        } = r;
-        let name = sts.metadata.name.clone().unwrap();
-        assert_eq!(name, format!("{}-{role}", o.name));
-        assert_eq!(
-            sts.metadata.namespace.as_deref(),
-            Some(o.namespace.as_str())
-        );
-        let spec = sts.spec.as_ref().unwrap();
-        assert_eq!(spec.replicas, Some(n as i32));
-        // The headless Service governs the StatefulSet and selects exactly its pods.
-        let svc_name = spec.service_name.clone().unwrap();
-        assert_eq!(headless.metadata.name.as_deref(), Some(svc_name.as_str()));
-        let hs = headless.spec.as_ref().unwrap();
-        assert_eq!(hs.cluster_ip.as_deref(), Some("None"));
-        let pod_labels = spec
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .labels
-            .clone()
-            .unwrap();
-        assert_eq!(hs.selector.as_ref(), Some(&pod_labels));
-        assert_eq!(spec.selector.match_labels.as_ref(), Some(&pod_labels));
-        assert_eq!(
-            pdb.spec
-                .as_ref()
-                .unwrap()
-                .selector
-                .as_ref()
-                .unwrap()
-                .match_labels,
-            Some(pod_labels.clone())
-        );
-        assert_eq!(
-            pdb.spec.as_ref().unwrap().max_unavailable,
-            Some(IntOrString::Int(1))
-        );
-        // The ConfigMap's addresses are the pods' DNS names: <pod>.<service>.<ns>.svc.<domain>.
-        let expect: Vec<String> = (0..n)
-            .map(|i| {
-                format!(
-                    "{name}-{i}.{svc_name}.{}.svc.{}:{port}",
-                    o.namespace, o.cluster_domain
-                )
-            })
-            .collect();
-        assert_eq!(addrs, &expect, "{role}");
-        let c = container(sts);
-        let cport = &c.ports.as_ref().unwrap()[0];
-        assert_eq!(cport.name.as_deref(), Some(port_name));
-        assert_eq!(cport.container_port, i32::from(port));
-        assert_eq!(
-            hs.ports.as_ref().unwrap()[0].target_port,
-            Some(IntOrString::String(port_name.into()))
-        );
-        // Ranks: each pod's name ends in its ordinal, and the env carries the pod index.
-        assert_eq!(flag(c, "--role").as_deref(), Some(role));
-        assert!(args(c).contains(&"--rank-from-hostname".to_string()));
-        assert!(!args(c).contains(&"--rank".to_string()));
-        for i in 0..n {
-            assert_eq!(rank_from_hostname(&format!("{name}-{i}")).unwrap(), i);
-        }
-        let rank = env(c, "TANDEM_RANK").unwrap();
-        assert_eq!(
-            rank.value_from
-                .as_ref()
-                .unwrap()
-                .field_ref
-                .as_ref()
-                .unwrap()
-                .field_path,
-            "metadata.labels['apps.kubernetes.io/pod-index']"
-        );
-        assert_eq!(
-            flag(c, "--deployment").as_deref(),
-            Some("/etc/tandem/deployment.toml")
-        );
-        assert_eq!(flag(c, "--model").as_deref(), Some(o.model.path.as_str()));
-        assert_eq!(c.image.as_deref(), Some(o.image.as_str()));
-        // The deployment file is mounted where --deployment points.
-        let mount = c
-            .volume_mounts
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|v| v.mount_path == "/etc/tandem")
-            .unwrap();
-        let vol = pod_spec(sts)
-            .volumes
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|v| v.name == mount.name)
-            .unwrap();
-        assert_eq!(
-            vol.config_map.as_ref().unwrap().name,
-            cm.metadata.name.clone().unwrap()
-        );
-        // Probes.
-        let ready = c.readiness_probe.as_ref().unwrap();
-        let live = c.liveness_probe.as_ref().unwrap();
-        match role {
-            "attention" => {
-                let h = ready.http_get.as_ref().unwrap();
-                assert_eq!(h.path.as_deref(), Some("/health"));
-                assert_eq!(h.port, IntOrString::String("http".into()));
-            }
-            _ => {
-                assert_eq!(
-                    ready.tcp_socket.as_ref().unwrap().port,
-                    IntOrString::String("m2n".into())
-                );
-            }
-        }
-        assert_eq!(
-            live.tcp_socket.as_ref().unwrap().port,
-            IntOrString::String(port_name.into())
-        );
-        // Rolling updates one pod at a time.
-        let us = spec.update_strategy.as_ref().unwrap();
-        assert_eq!(us.type_.as_deref(), Some("RollingUpdate"));
-        assert_eq!(
-            us.rolling_update.as_ref().unwrap().max_unavailable,
-            Some(IntOrString::Int(1))
-        );
+        let name = check_role_objects(&r, o);
+        check_role_container(&r, o, cm, &name);
     }
+    check_attention_and_secrets(m, o);
+    assert_yaml_round_trips(m);
+    d
+}
+
+/// One role's objects and what the deployment file says of that role.
+struct Role<'a> {
+    objects: &'a RoleObjects,
+    role: &'a str,
+    n: u32,
+    port_name: &'a str,
+    port: u16,
+    addrs: &'a Vec<String>,
+}
+
+/// The role's StatefulSet (name, namespace, replicas, rolling updates one pod at a time), its
+/// headless Service and PodDisruptionBudget, and the ConfigMap's addresses as the pods' DNS
+/// names; returns the StatefulSet's name.
+fn check_role_objects(r: &Role, o: &K8sOptions) -> String {
+    let Role {
+        objects,
+        role,
+        n,
+        port,
+        addrs,
+        ..
+    } = *r;
+    let RoleObjects {
+        stateful_set: sts,
+        headless,
+        pdb,
+    } = objects;
+    let name = sts.metadata.name.clone().unwrap();
+    assert_eq!(name, format!("{}-{role}", o.name));
+    assert_eq!(
+        sts.metadata.namespace.as_deref(),
+        Some(o.namespace.as_str())
+    );
+    let spec = sts.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(n as i32));
+    // The headless Service governs the StatefulSet and selects exactly its pods.
+    let svc_name = spec.service_name.clone().unwrap();
+    assert_eq!(headless.metadata.name.as_deref(), Some(svc_name.as_str()));
+    let hs = headless.spec.as_ref().unwrap();
+    assert_eq!(hs.cluster_ip.as_deref(), Some("None"));
+    let pod_labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    assert_eq!(hs.selector.as_ref(), Some(&pod_labels));
+    assert_eq!(spec.selector.match_labels.as_ref(), Some(&pod_labels));
+    assert_eq!(
+        pdb.spec
+            .as_ref()
+            .unwrap()
+            .selector
+            .as_ref()
+            .unwrap()
+            .match_labels,
+        Some(pod_labels.clone())
+    );
+    assert_eq!(
+        pdb.spec.as_ref().unwrap().max_unavailable,
+        Some(IntOrString::Int(1))
+    );
+    // The ConfigMap's addresses are the pods' DNS names: <pod>.<service>.<ns>.svc.<domain>.
+    let expect: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "{name}-{i}.{svc_name}.{}.svc.{}:{port}",
+                o.namespace, o.cluster_domain
+            )
+        })
+        .collect();
+    assert_eq!(addrs, &expect, "{role}");
+    // Rolling updates one pod at a time.
+    let us = spec.update_strategy.as_ref().unwrap();
+    assert_eq!(us.type_.as_deref(), Some("RollingUpdate"));
+    assert_eq!(
+        us.rolling_update.as_ref().unwrap().max_unavailable,
+        Some(IntOrString::Int(1))
+    );
+    name
+}
+
+/// The role's container: its port and the headless Service's target port, the rank taken
+/// from the pod's name and index, the flags, the mounted deployment file and the probes.
+fn check_role_container(r: &Role, o: &K8sOptions, cm: &ConfigMap, name: &str) {
+    let Role {
+        objects,
+        role,
+        n,
+        port_name,
+        port,
+        ..
+    } = *r;
+    let sts = &objects.stateful_set;
+    let hs = objects.headless.spec.as_ref().unwrap();
+    let c = container(sts);
+    let cport = &c.ports.as_ref().unwrap()[0];
+    assert_eq!(cport.name.as_deref(), Some(port_name));
+    assert_eq!(cport.container_port, i32::from(port));
+    assert_eq!(
+        hs.ports.as_ref().unwrap()[0].target_port,
+        Some(IntOrString::String(port_name.into()))
+    );
+    // Ranks: each pod's name ends in its ordinal, and the env carries the pod index.
+    assert_eq!(flag(c, "--role").as_deref(), Some(role));
+    assert!(args(c).contains(&"--rank-from-hostname".to_string()));
+    assert!(!args(c).contains(&"--rank".to_string()));
+    for i in 0..n {
+        assert_eq!(rank_from_hostname(&format!("{name}-{i}")).unwrap(), i);
+    }
+    let rank = env(c, "TANDEM_RANK").unwrap();
+    assert_eq!(
+        rank.value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap()
+            .field_path,
+        "metadata.labels['apps.kubernetes.io/pod-index']"
+    );
+    assert_eq!(
+        flag(c, "--deployment").as_deref(),
+        Some("/etc/tandem/deployment.toml")
+    );
+    assert_eq!(flag(c, "--model").as_deref(), Some(o.model.path.as_str()));
+    assert_eq!(c.image.as_deref(), Some(o.image.as_str()));
+    // The deployment file is mounted where --deployment points.
+    let mount = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.mount_path == "/etc/tandem")
+        .unwrap();
+    let vol = pod_spec(sts)
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    assert_eq!(
+        vol.config_map.as_ref().unwrap().name,
+        cm.metadata.name.clone().unwrap()
+    );
+    // Probes.
+    let ready = c.readiness_probe.as_ref().unwrap();
+    let live = c.liveness_probe.as_ref().unwrap();
+    match role {
+        "attention" => {
+            let h = ready.http_get.as_ref().unwrap();
+            assert_eq!(h.path.as_deref(), Some("/health"));
+            assert_eq!(h.port, IntOrString::String("http".into()));
+        }
+        _ => {
+            assert_eq!(
+                ready.tcp_socket.as_ref().unwrap().port,
+                IntOrString::String("m2n".into())
+            );
+        }
+    }
+    assert_eq!(
+        live.tcp_socket.as_ref().unwrap().port,
+        IntOrString::String(port_name.into())
+    );
+}
+
+/// The attention pods' termination grace and API Service, and the secrets only where asked
+/// for (workers never get the API key).
+fn check_attention_and_secrets(m: &Manifests, o: &K8sOptions) {
     // Termination grace: the drain (--shutdown-grace-s) fits in it.
     let a = container(&m.attention.stateful_set);
     assert_eq!(
@@ -293,8 +343,6 @@ fn check_common(m: &Manifests, o: &K8sOptions) -> Deployment {
             None => assert!(env(c, "TANDEM_CLUSTER_SECRET").is_none()),
         }
     }
-    assert_yaml_round_trips(m);
-    d
 }
 
 /// Every YAML file parses back into the object it was written from, and the kustomization

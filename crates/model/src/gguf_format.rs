@@ -666,18 +666,17 @@ impl<'a> Cursor<'a> {
     }
 }
 
-impl Content {
-    /// Reads the header of the GGUF file `buf` (the whole file) and checks that every
-    /// tensor's data lies in it.
-    pub fn read(buf: &[u8]) -> R<Self> {
-        let mut c = Cursor { buf, pos: 0 };
-        let magic = c.array::<4>(&|| "the magic".to_string())?;
+/// The steps of [`Content::read`], in file order.
+impl Cursor<'_> {
+    /// The magic and the version (2 or 3, little-endian).
+    fn version(&mut self) -> R<u32> {
+        let magic = self.array::<4>(&|| "the magic".to_string())?;
         if &magic != b"GGUF" {
             return corrupt(format!(
                 "not a GGUF file: it starts with {magic:02x?}, not \"GGUF\""
             ));
         }
-        let version = c.u32(&|| "the version".to_string())?;
+        let version = self.u32(&|| "the version".to_string())?;
         if version != 0 && version & 0xffff == 0 {
             return Err(GgufError::Unsupported(format!(
                 "the version reads as {version:#x}: a big-endian GGUF file, which is not \
@@ -685,146 +684,194 @@ impl Content {
             )));
         }
         match version {
-            2 | 3 => {}
-            1 => {
-                return Err(GgufError::Unsupported(
-                    "GGUF version 1 is not supported (re-convert the model with a recent \
-                     llama.cpp)"
-                        .into(),
-                ))
-            }
-            v => {
-                return Err(GgufError::Unsupported(format!(
-                    "GGUF version {v} is not supported (versions 2 and 3 are)"
-                )))
-            }
+            2 | 3 => Ok(version),
+            1 => Err(GgufError::Unsupported(
+                "GGUF version 1 is not supported (re-convert the model with a recent \
+                 llama.cpp)"
+                    .into(),
+            )),
+            v => Err(GgufError::Unsupported(format!(
+                "GGUF version {v} is not supported (versions 2 and 3 are)"
+            ))),
         }
-        let n_tensors = c.u64(&|| "the tensor count".to_string())?;
-        let n_kv = c.u64(&|| "the metadata count".to_string())?;
+    }
+
+    /// The tensor and metadata counts, checked against the bytes left.
+    fn counts(&mut self) -> R<(u64, u64)> {
+        let n_tensors = self.u64(&|| "the tensor count".to_string())?;
+        let n_kv = self.u64(&|| "the metadata count".to_string())?;
         // Each metadata pair is at least a key length, a type and one byte; each tensor info a
         // name length, a dimension count, a type and an offset.
         for (n, min, what) in [(n_kv, 13u64, "metadata pairs"), (n_tensors, 24, "tensors")] {
-            if n.checked_mul(min).is_none_or(|b| b > c.left()) {
+            if n.checked_mul(min).is_none_or(|b| b > self.left()) {
                 return corrupt(format!(
                     "file is truncated or corrupt: the header lists {n} {what} (at least {min} \
                      bytes each) but only {} bytes are left",
-                    c.left()
+                    self.left()
                 ));
             }
         }
+        Ok((n_tensors, n_kv))
+    }
+
+    /// `n_kv` metadata pairs, in file order, and the index of their keys.
+    fn metadata(&mut self, n_kv: u64) -> R<MetadataAndIndex> {
         let mut metadata = Vec::with_capacity(n_kv as usize);
         let mut meta_index = HashMap::with_capacity(n_kv as usize);
         for i in 0..n_kv {
-            let key = c.string(&|| format!("metadata key {i}"))?;
-            let id = c.u32(&|| format!("the type of metadata {key}"))?;
+            let key = self.string(&|| format!("metadata key {i}"))?;
+            let id = self.u32(&|| format!("the type of metadata {key}"))?;
             let ty = ValueType::from_id(id).ok_or_else(|| {
                 GgufError::Corrupt(format!("metadata {key}: unknown value type {id}"))
             })?;
-            let v = c.value(ty, &key, 0)?;
+            let v = self.value(ty, &key, 0)?;
             if meta_index.insert(key.clone(), metadata.len()).is_some() {
                 return corrupt(format!("metadata key {key} appears twice"));
             }
             metadata.push((key, v));
         }
-        let alignment = match meta_index.get("general.alignment").map(|i| &metadata[*i].1) {
-            None => DEFAULT_ALIGNMENT,
-            Some(Value::U32(a)) if *a > 0 && a.is_power_of_two() => *a as u64,
-            Some(v) => {
-                return corrupt(format!(
-                    "general.alignment must be a u32 power of two, not {v:?}"
-                ))
-            }
-        };
+        Ok((metadata, meta_index))
+    }
+
+    /// `n_tensors` tensor infos, in file order, and the index of their names.
+    fn tensor_infos(&mut self, n_tensors: u64, alignment: u64) -> R<TensorsAndIndex> {
         let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors as usize);
         let mut tensor_index = HashMap::with_capacity(n_tensors as usize);
         for i in 0..n_tensors {
-            let name = c.string(&|| format!("tensor name {i}"))?;
+            let name = self.string(&|| format!("tensor name {i}"))?;
             if tensor_index.contains_key(&name) {
                 return corrupt(format!("tensor {name} appears twice"));
             }
-            let n_dims = c.u32(&|| format!("the dimension count of tensor {name}"))?;
-            if n_dims as usize > MAX_DIMS {
-                return corrupt(format!(
-                    "tensor {name} has {n_dims} dimensions (at most {MAX_DIMS})"
-                ));
-            }
-            let mut dims = Vec::with_capacity(n_dims as usize);
-            for j in 0..n_dims {
-                let d = c.u64(&|| format!("dimension {j} of tensor {name}"))?;
-                if d == 0 {
-                    return corrupt(format!("tensor {name}: dimension {j} is 0"));
-                }
-                dims.push(d);
-            }
-            let n = dims
-                .iter()
-                .try_fold(1u64, |a, d| a.checked_mul(*d))
-                .filter(|n| *n <= i64::MAX as u64)
-                .ok_or_else(|| {
-                    GgufError::Corrupt(format!(
-                        "tensor {name}: dimensions {dims:?} hold more than 2^63 values"
-                    ))
-                })?;
-            let id = c.u32(&|| format!("the type of tensor {name}"))?;
-            let ggml_type = GgmlType::from_id(id).ok_or_else(|| {
-                GgufError::Unsupported(format!(
-                    "tensor {name} has ggml type {id}, which is not a type this reader knows \
-                     (a newer llama.cpp, or a removed type)"
-                ))
-            })?;
-            let row = dims.first().copied().unwrap_or(1);
-            let bs = ggml_type.block_size() as u64;
-            if !row.is_multiple_of(bs) {
-                return corrupt(format!(
-                    "tensor {name}: rows of {row} values are not whole {ggml_type} blocks of {bs}"
-                ));
-            }
-            let size = ggml_type.bytes_for(n).ok_or_else(|| {
-                GgufError::Corrupt(format!(
-                    "tensor {name}: {n} {ggml_type} values overflow a 64-bit size"
-                ))
-            })?;
-            let offset = c.u64(&|| format!("the data offset of tensor {name}"))?;
-            if !offset.is_multiple_of(alignment) {
-                return corrupt(format!(
-                    "tensor {name}: data offset {offset} is not a multiple of the alignment \
-                     {alignment}"
-                ));
-            }
-            tensor_index.insert(name.clone(), tensors.len());
-            tensors.push(TensorInfo {
-                name,
-                ggml_type,
-                dims,
-                offset,
-                size,
-            });
+            let t = self.tensor_info(name, alignment)?;
+            tensor_index.insert(t.name.clone(), tensors.len());
+            tensors.push(t);
         }
+        Ok((tensors, tensor_index))
+    }
+
+    /// The rest of the info of the tensor `name` (read already): dimensions, type, offset.
+    fn tensor_info(&mut self, name: String, alignment: u64) -> R<TensorInfo> {
+        let dims = self.dims(&name)?;
+        let n = dims
+            .iter()
+            .try_fold(1u64, |a, d| a.checked_mul(*d))
+            .filter(|n| *n <= i64::MAX as u64)
+            .ok_or_else(|| {
+                GgufError::Corrupt(format!(
+                    "tensor {name}: dimensions {dims:?} hold more than 2^63 values"
+                ))
+            })?;
+        let id = self.u32(&|| format!("the type of tensor {name}"))?;
+        let ggml_type = GgmlType::from_id(id).ok_or_else(|| {
+            GgufError::Unsupported(format!(
+                "tensor {name} has ggml type {id}, which is not a type this reader knows \
+                 (a newer llama.cpp, or a removed type)"
+            ))
+        })?;
+        let row = dims.first().copied().unwrap_or(1);
+        let bs = ggml_type.block_size() as u64;
+        if !row.is_multiple_of(bs) {
+            return corrupt(format!(
+                "tensor {name}: rows of {row} values are not whole {ggml_type} blocks of {bs}"
+            ));
+        }
+        let size = ggml_type.bytes_for(n).ok_or_else(|| {
+            GgufError::Corrupt(format!(
+                "tensor {name}: {n} {ggml_type} values overflow a 64-bit size"
+            ))
+        })?;
+        let offset = self.u64(&|| format!("the data offset of tensor {name}"))?;
+        if !offset.is_multiple_of(alignment) {
+            return corrupt(format!(
+                "tensor {name}: data offset {offset} is not a multiple of the alignment \
+                 {alignment}"
+            ));
+        }
+        Ok(TensorInfo {
+            name,
+            ggml_type,
+            dims,
+            offset,
+            size,
+        })
+    }
+
+    /// The dimension count and the dimensions of the tensor `name`, none of them 0.
+    fn dims(&mut self, name: &str) -> R<Vec<u64>> {
+        let n_dims = self.u32(&|| format!("the dimension count of tensor {name}"))?;
+        if n_dims as usize > MAX_DIMS {
+            return corrupt(format!(
+                "tensor {name} has {n_dims} dimensions (at most {MAX_DIMS})"
+            ));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for j in 0..n_dims {
+            let d = self.u64(&|| format!("dimension {j} of tensor {name}"))?;
+            if d == 0 {
+                return corrupt(format!("tensor {name}: dimension {j} is 0"));
+            }
+            dims.push(d);
+        }
+        Ok(dims)
+    }
+}
+
+/// The metadata pairs in file order and the index of their keys.
+type MetadataAndIndex = (Vec<(String, Value)>, HashMap<String, usize>);
+/// The tensor infos in file order and the index of their names.
+type TensorsAndIndex = (Vec<TensorInfo>, HashMap<String, usize>);
+
+/// `general.alignment`: a u32 power of two, [`DEFAULT_ALIGNMENT`] when absent.
+fn alignment_of(value: Option<&Value>) -> R<u64> {
+    match value {
+        None => Ok(DEFAULT_ALIGNMENT),
+        Some(Value::U32(a)) if *a > 0 && a.is_power_of_two() => Ok(*a as u64),
+        Some(v) => corrupt(format!(
+            "general.alignment must be a u32 power of two, not {v:?}"
+        )),
+    }
+}
+
+/// Checks that every tensor's data, from `data_offset`, lies in a file of `file_len` bytes.
+fn check_tensor_data(tensors: &[TensorInfo], data_offset: u64, file_len: u64) -> R<()> {
+    for t in tensors {
+        let range = data_offset
+            .checked_add(t.offset)
+            .and_then(|s| Some((s, s.checked_add(t.size)?)));
+        let Some((start, end)) = range else {
+            return corrupt(format!(
+                "tensor {}: offset {} + {} bytes overflow",
+                t.name, t.offset, t.size
+            ));
+        };
+        if end > file_len {
+            return corrupt(format!(
+                "file is truncated: tensor {} needs bytes {start}..{end} but the file has \
+                 {file_len} bytes ({} bytes missing)",
+                t.name,
+                end - file_len
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Content {
+    /// Reads the header of the GGUF file `buf` (the whole file) and checks that every
+    /// tensor's data lies in it.
+    pub fn read(buf: &[u8]) -> R<Self> {
+        let mut c = Cursor { buf, pos: 0 };
+        let version = c.version()?;
+        let (n_tensors, n_kv) = c.counts()?;
+        let (metadata, meta_index) = c.metadata(n_kv)?;
+        let alignment = alignment_of(meta_index.get("general.alignment").map(|i| &metadata[*i].1))?;
+        let (tensors, tensor_index) = c.tensor_infos(n_tensors, alignment)?;
         let header_end = c.pos as u64;
         let data_offset = header_end
             .div_ceil(alignment)
             .checked_mul(alignment)
             .ok_or_else(|| GgufError::Corrupt("the data offset overflows".into()))?;
-        let file_len = buf.len() as u64;
-        for t in &tensors {
-            let range = data_offset
-                .checked_add(t.offset)
-                .and_then(|s| Some((s, s.checked_add(t.size)?)));
-            let Some((start, end)) = range else {
-                return corrupt(format!(
-                    "tensor {}: offset {} + {} bytes overflow",
-                    t.name, t.offset, t.size
-                ));
-            };
-            if end > file_len {
-                return corrupt(format!(
-                    "file is truncated: tensor {} needs bytes {start}..{end} but the file has \
-                     {file_len} bytes ({} bytes missing)",
-                    t.name,
-                    end - file_len
-                ));
-            }
-        }
+        check_tensor_data(&tensors, data_offset, buf.len() as u64)?;
         Ok(Self {
             version,
             metadata,

@@ -310,23 +310,15 @@ impl GgufFile {
         }
     }
 
-    /// The tokenizer the metadata describes as a `tokenizer.json` value, with the BOS/EOS
-    /// token texts and the chat template (`tokenizer.chat_template`).
-    pub fn tokenizer_parts(&self) -> Result<TokenizerParts> {
-        let model = self
-            .meta_str("tokenizer.ggml.model")
-            .ok_or_else(|| self.tokenizer_err("no tokenizer.ggml.model in the metadata".into()))?;
-        let tokens = self.tokenizer_strings("tokenizer.ggml.tokens")?;
-        if tokens.is_empty() {
-            return Err(self.tokenizer_err("tokenizer.ggml.tokens is missing or empty".into()));
-        }
-        let types: Vec<i64> = match self.meta("tokenizer.ggml.token_type") {
+    /// `tokenizer.ggml.token_type`, one per token (all normal, 1, when absent).
+    fn tokenizer_types(&self, n: usize) -> Result<Vec<i64>> {
+        match self.meta("tokenizer.ggml.token_type") {
             Some(Value::Array(a)) => {
-                if a.len() != tokens.len() {
+                if a.len() != n {
                     return Err(self.tokenizer_err(format!(
                         "tokenizer.ggml.token_type has {} entries for {} tokens",
                         a.len(),
-                        tokens.len()
+                        n
                     )));
                 }
                 a.iter()
@@ -339,115 +331,141 @@ impl GgufFile {
                             ))
                         }),
                     })
-                    .collect::<Result<_>>()?
+                    .collect()
             }
-            None => vec![1; tokens.len()],
-            Some(_) => {
-                return Err(self.tokenizer_err("tokenizer.ggml.token_type is not an array".into()))
-            }
-        };
-        // A special token id, checked against the vocabulary.
-        let token_id = |key: &str| -> Result<Option<(String, u32)>> {
-            match self.meta_u64(key) {
-                None => Ok(None),
-                Some(i) => match tokens.get(i as usize) {
-                    Some(t) => Ok(Some((t.clone(), i as u32))),
-                    None => Err(self.tokenizer_err(format!(
-                        "{key} = {i} is outside the vocabulary of {} tokens",
-                        tokens.len()
-                    ))),
-                },
-            }
-        };
-        let bos = token_id("tokenizer.ggml.bos_token_id")?;
-        let eos = token_id("tokenizer.ggml.eos_token_id")?;
+            None => Ok(vec![1; n]),
+            Some(_) => Err(self.tokenizer_err("tokenizer.ggml.token_type is not an array".into())),
+        }
+    }
+
+    /// A special token id, checked against the vocabulary: its text and id, `None` when absent.
+    fn tokenizer_token_id(&self, tokens: &[String], key: &str) -> Result<Option<(String, u32)>> {
+        match self.meta_u64(key) {
+            None => Ok(None),
+            Some(i) => match tokens.get(i as usize) {
+                Some(t) => Ok(Some((t.clone(), i as u32))),
+                None => Err(self.tokenizer_err(format!(
+                    "{key} = {i} is outside the vocabulary of {} tokens",
+                    tokens.len()
+                ))),
+            },
+        }
+    }
+
+    /// The parts of a SentencePiece BPE (`tokenizer.ggml.model = "llama"`) tokenizer.
+    fn llama_parts(
+        &self,
+        tokens: &[String],
+        types: &[i64],
+        vocab: Map<String, Json>,
+        add_bos: Option<bool>,
+    ) -> Result<ModelParts> {
+        let index: HashMap<&str, usize> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i))
+            .collect();
+        let scores = self.tokenizer_scores(tokens.len())?;
+        let merges = spm_merges(tokens, &scores, &index);
+        let prefix = self
+            .tokenizer_flag("tokenizer.ggml.add_space_prefix")?
+            .unwrap_or(true);
+        let unk = self
+            .tokenizer_token_id(tokens, "tokenizer.ggml.unknown_token_id")?
+            .map(|(t, _)| t)
+            .or_else(|| {
+                types
+                    .iter()
+                    .position(|&t| t == UNKNOWN)
+                    .map(|i| tokens[i].clone())
+            });
+        let mut decoders = vec![
+            json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+            json!({"type": "ByteFallback"}),
+            json!({"type": "Fuse"}),
+        ];
+        if prefix {
+            decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+        Ok(ModelParts {
+            normalizer: Json::Null,
+            pre_tokenizer: json!({"type": "Metaspace", "replacement": "\u{2581}",
+                   "prepend_scheme": if prefix { "always" } else { "never" },
+                   "split": false}),
+            decoder: json!({"type": "Sequence", "decoders": decoders}),
+            model: json!({"type": "BPE", "dropout": null, "unk_token": unk,
+                   "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                   "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                   "vocab": vocab, "merges": merges}),
+            add_bos: add_bos.unwrap_or(true),
+        })
+    }
+
+    /// The parts of a byte-level BPE (`tokenizer.ggml.model = "gpt2"`) tokenizer.
+    fn gpt2_parts(&self, vocab: Map<String, Json>, add_bos: Option<bool>) -> Result<ModelParts> {
+        let name = self.meta_str("tokenizer.ggml.pre").unwrap_or("default");
+        let pre = bpe_pre(name).ok_or_else(|| {
+            self.tokenizer_err(format!(
+                "tokenizer.ggml.pre = {name:?} is not supported (supported: {})",
+                BPE_PRE_TOKENIZERS.join(", ")
+            ))
+        })?;
+        // Merges are "a b" strings in GGUF; the hub format takes pairs.
+        let merges: Vec<Json> = self
+            .tokenizer_strings("tokenizer.ggml.merges")?
+            .iter()
+            .map(|m| match m.split_once(' ') {
+                Some((a, b)) => Ok(json!([a, b])),
+                None => Err(self.tokenizer_err(format!("merge {m:?} is not two tokens"))),
+            })
+            .collect::<Result<_>>()?;
+        Ok(ModelParts {
+            normalizer: Json::Null,
+            pre_tokenizer: pre.split.pre_tokenizer(),
+            decoder: json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+                   "use_regex": true}),
+            model: json!({"type": "BPE", "dropout": null, "unk_token": null,
+                   "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                   "fuse_unk": false, "byte_fallback": false,
+                   "ignore_merges": pre.ignore_merges, "vocab": vocab,
+                   "merges": merges}),
+            add_bos: add_bos.unwrap_or(pre.add_bos),
+        })
+    }
+
+    /// Refuses `tokenizer.ggml.add_{what}_token` set without the token id `t`.
+    fn tokenizer_need(&self, what: &str, t: &Option<(String, u32)>) -> Result<()> {
+        match t {
+            Some(_) => Ok(()),
+            None => Err(self.tokenizer_err(format!(
+                "tokenizer.ggml.add_{what}_token is set but tokenizer.ggml.{what}_token_id \
+                 is missing"
+            ))),
+        }
+    }
+
+    /// The tokenizer the metadata describes as a `tokenizer.json` value, with the BOS/EOS
+    /// token texts and the chat template (`tokenizer.chat_template`).
+    pub fn tokenizer_parts(&self) -> Result<TokenizerParts> {
+        let model = self
+            .meta_str("tokenizer.ggml.model")
+            .ok_or_else(|| self.tokenizer_err("no tokenizer.ggml.model in the metadata".into()))?;
+        let tokens = self.tokenizer_strings("tokenizer.ggml.tokens")?;
+        if tokens.is_empty() {
+            return Err(self.tokenizer_err("tokenizer.ggml.tokens is missing or empty".into()));
+        }
+        let types = self.tokenizer_types(tokens.len())?;
+        let bos = self.tokenizer_token_id(&tokens, "tokenizer.ggml.bos_token_id")?;
+        let eos = self.tokenizer_token_id(&tokens, "tokenizer.ggml.eos_token_id")?;
         let add_bos = self.tokenizer_flag("tokenizer.ggml.add_bos_token")?;
         let add_eos = self
             .tokenizer_flag("tokenizer.ggml.add_eos_token")?
             .unwrap_or(false);
 
-        let mut vocab = Map::new();
-        let mut added = Vec::new();
-        for (id, (t, &ty)) in tokens.iter().zip(&types).enumerate() {
-            vocab.insert(t.clone(), json!(id));
-            if matches!(ty, UNKNOWN | CONTROL | USER_DEFINED) {
-                added.push(json!({"id": id, "content": t, "single_word": false,
-                    "lstrip": false, "rstrip": false, "normalized": false,
-                    "special": ty != USER_DEFINED}));
-            }
-        }
-
-        let (normalizer, pre_tokenizer, decoder, bpe, add_bos) = match model {
-            "llama" => {
-                let index: HashMap<&str, usize> = tokens
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| (t.as_str(), i))
-                    .collect();
-                let scores = self.tokenizer_scores(tokens.len())?;
-                let merges = spm_merges(&tokens, &scores, &index);
-                let prefix = self
-                    .tokenizer_flag("tokenizer.ggml.add_space_prefix")?
-                    .unwrap_or(true);
-                let unk = token_id("tokenizer.ggml.unknown_token_id")?
-                    .map(|(t, _)| t)
-                    .or_else(|| {
-                        types
-                            .iter()
-                            .position(|&t| t == UNKNOWN)
-                            .map(|i| tokens[i].clone())
-                    });
-                let mut decoders = vec![
-                    json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
-                    json!({"type": "ByteFallback"}),
-                    json!({"type": "Fuse"}),
-                ];
-                if prefix {
-                    decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
-                }
-                (
-                    Json::Null,
-                    json!({"type": "Metaspace", "replacement": "\u{2581}",
-                           "prepend_scheme": if prefix { "always" } else { "never" },
-                           "split": false}),
-                    json!({"type": "Sequence", "decoders": decoders}),
-                    json!({"type": "BPE", "dropout": null, "unk_token": unk,
-                           "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                           "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                           "vocab": vocab, "merges": merges}),
-                    add_bos.unwrap_or(true),
-                )
-            }
-            "gpt2" => {
-                let name = self.meta_str("tokenizer.ggml.pre").unwrap_or("default");
-                let pre = bpe_pre(name).ok_or_else(|| {
-                    self.tokenizer_err(format!(
-                        "tokenizer.ggml.pre = {name:?} is not supported (supported: {})",
-                        BPE_PRE_TOKENIZERS.join(", ")
-                    ))
-                })?;
-                // Merges are "a b" strings in GGUF; the hub format takes pairs.
-                let merges: Vec<Json> = self
-                    .tokenizer_strings("tokenizer.ggml.merges")?
-                    .iter()
-                    .map(|m| match m.split_once(' ') {
-                        Some((a, b)) => Ok(json!([a, b])),
-                        None => Err(self.tokenizer_err(format!("merge {m:?} is not two tokens"))),
-                    })
-                    .collect::<Result<_>>()?;
-                (
-                    Json::Null,
-                    pre.split.pre_tokenizer(),
-                    json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
-                           "use_regex": true}),
-                    json!({"type": "BPE", "dropout": null, "unk_token": null,
-                           "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                           "fuse_unk": false, "byte_fallback": false,
-                           "ignore_merges": pre.ignore_merges, "vocab": vocab,
-                           "merges": merges}),
-                    add_bos.unwrap_or(pre.add_bos),
-                )
-            }
+        let (vocab, added) = vocab_and_added(&tokens, &types);
+        let parts = match model {
+            "llama" => self.llama_parts(&tokens, &types, vocab, add_bos)?,
+            "gpt2" => self.gpt2_parts(vocab, add_bos)?,
             other => {
                 return Err(self.tokenizer_err(format!(
                     "tokenizer.ggml.model = {other:?} is not supported (supported: \"llama\", \
@@ -455,21 +473,13 @@ impl GgufFile {
                 )))
             }
         };
-        let need = |what: &str, t: &Option<(String, u32)>| -> Result<()> {
-            match t {
-                Some(_) => Ok(()),
-                None => Err(self.tokenizer_err(format!(
-                    "tokenizer.ggml.add_{what}_token is set but tokenizer.ggml.{what}_token_id \
-                     is missing"
-                ))),
-            }
-        };
+        let add_bos = parts.add_bos;
         // An absent BOS with BOS added by default only is no error: nothing is added.
         if add_eos {
-            need("eos", &eos)?;
+            self.tokenizer_need("eos", &eos)?;
         }
         if add_bos && self.meta("tokenizer.ggml.add_bos_token").is_some() {
-            need("bos", &bos)?;
+            self.tokenizer_need("bos", &bos)?;
         }
         let pick = |on: bool, t: &Option<(String, u32)>| {
             t.as_ref().filter(|_| on).map(|(s, i)| (s.clone(), *i))
@@ -484,11 +494,11 @@ impl GgufFile {
             "truncation": null,
             "padding": null,
             "added_tokens": added,
-            "normalizer": normalizer,
-            "pre_tokenizer": pre_tokenizer,
+            "normalizer": parts.normalizer,
+            "pre_tokenizer": parts.pre_tokenizer,
             "post_processor": post,
-            "decoder": decoder,
-            "model": bpe,
+            "decoder": parts.decoder,
+            "model": parts.model,
         });
         Ok(TokenizerParts {
             tokenizer_json,
@@ -497,6 +507,31 @@ impl GgufFile {
             chat_template: self.meta_str("tokenizer.chat_template").map(String::from),
         })
     }
+}
+
+/// The parts of `tokenizer.json` that depend on `tokenizer.ggml.model`, and whether BOS is
+/// added (the model's default when `tokenizer.ggml.add_bos_token` is absent).
+struct ModelParts {
+    normalizer: Json,
+    pre_tokenizer: Json,
+    decoder: Json,
+    model: Json,
+    add_bos: bool,
+}
+
+/// The vocabulary (text to id) and the added tokens (unknown, control and user-defined ones).
+fn vocab_and_added(tokens: &[String], types: &[i64]) -> (Map<String, Json>, Vec<Json>) {
+    let mut vocab = Map::new();
+    let mut added = Vec::new();
+    for (id, (t, &ty)) in tokens.iter().zip(types).enumerate() {
+        vocab.insert(t.clone(), json!(id));
+        if matches!(ty, UNKNOWN | CONTROL | USER_DEFINED) {
+            added.push(json!({"id": id, "content": t, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false,
+                "special": ty != USER_DEFINED}));
+        }
+    }
+    (vocab, added)
 }
 
 #[cfg(test)]

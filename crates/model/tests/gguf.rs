@@ -1096,10 +1096,97 @@ fn qwen3moe_gguf_written_in_llama_cpp_names_gives_the_checkpoint_tokens() {
     let dir = fixtures().join("qwen3_moe");
     let hub = Weights::open(&dir).unwrap();
     let cfg = ModelConfig::from_dir(&dir).unwrap();
-    let (d, heads, kv, hd) = (64usize, 4usize, 2usize, 32usize);
-    let (experts, moe_ff, ff, layers, vocab) = (8usize, 32usize, 96usize, 3usize, 512usize);
-    let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let w = qwen3moe_gguf(&hub);
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("qwen3moe-f32.gguf");
+    w.write_file(&path).unwrap();
+    let ours = serde_json::to_value(ModelConfig::from_dir(&path).unwrap()).unwrap();
+    assert_eq!(ours, serde_json::to_value(&cfg).unwrap(), "config");
+    let reference =
+        Model::load_typed(&dir, &ExpertSelection::All, LinearType::Is(WeightType::F32)).unwrap();
+    let model = Model::load(&path).unwrap();
+    assert_same_model(&model, &reference, "qwen3moe");
+    let exp = expected(&dir);
+    check_tokens(&model, &reference, &exp, "qwen3moe");
+    for (i, p) in exp.prompts.iter().enumerate() {
+        let (toks, _) = greedy(&model, &p.ids, exp.greedy[i].len()).unwrap();
+        assert_eq!(
+            toks, exp.greedy[i],
+            "qwen3moe prompt {i}: transformers' tokens"
+        );
+    }
+}
+
+/// The qwen3_moe fixture's sizes: hidden, heads, kv heads, head_dim, experts, expert ff,
+/// dense ff, layers, vocab.
+const Q3M: Q3mDims = Q3mDims {
+    d: 64,
+    heads: 4,
+    kv: 2,
+    hd: 32,
+    experts: 8,
+    moe_ff: 32,
+    ff: 96,
+    layers: 3,
+    vocab: 512,
+};
+
+struct Q3mDims {
+    d: usize,
+    heads: usize,
+    kv: usize,
+    hd: usize,
+    experts: usize,
+    moe_ff: usize,
+    ff: usize,
+    layers: usize,
+    vocab: usize,
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Copies the checkpoint tensor `hub_name` into the file as the f32 tensor `name`.
+fn put_f32(w: &mut GgufWriter, hub: &Weights, name: &str, hub_name: &str, shape: &[usize]) {
+    let v = hub.get_vec(hub_name, shape).unwrap();
+    w.tensor(name, GgmlType::F32, shape, f32_bytes(&v)).unwrap();
+}
+
+/// The qwen3_moe checkpoint as llama.cpp's converter would name it: metadata, embeddings,
+/// final norm and head, then every layer.
+fn qwen3moe_gguf(hub: &Weights) -> GgufWriter<'static> {
+    let Q3mDims { d, vocab, .. } = Q3M;
     let mut w = GgufWriter::new();
+    qwen3moe_meta(&mut w);
+    put_f32(
+        &mut w,
+        hub,
+        "token_embd.weight",
+        "model.embed_tokens.weight",
+        &[vocab, d],
+    );
+    put_f32(&mut w, hub, "output_norm.weight", "model.norm.weight", &[d]);
+    put_f32(&mut w, hub, "output.weight", "lm_head.weight", &[vocab, d]);
+    for l in 0..Q3M.layers {
+        qwen3moe_layer(&mut w, hub, l);
+    }
+    w
+}
+
+/// The `qwen3moe.*` metadata keys and the bos/eos ids.
+fn qwen3moe_meta(w: &mut GgufWriter) {
+    let Q3mDims {
+        d,
+        heads,
+        kv,
+        hd,
+        experts,
+        moe_ff,
+        ff,
+        layers,
+        ..
+    } = Q3M;
     let a = "qwen3moe";
     w.meta("general.architecture", Value::String(a.into()));
     for (k, v) in [
@@ -1125,133 +1212,128 @@ fn qwen3moe_gguf_written_in_llama_cpp_names_gives_the_checkpoint_tokens() {
     );
     w.meta("tokenizer.ggml.bos_token_id", Value::U32(0));
     w.meta("tokenizer.ggml.eos_token_id", Value::U32(1));
-    let put = |w: &mut GgufWriter, name: &str, hub_name: &str, shape: &[usize]| {
-        let v = hub.get_vec(hub_name, shape).unwrap();
-        w.tensor(name, GgmlType::F32, shape, bytes(&v)).unwrap();
-    };
-    put(
-        &mut w,
-        "token_embd.weight",
-        "model.embed_tokens.weight",
-        &[vocab, d],
+}
+
+/// Layer `l`: norms and attention (with per-head q/k norms), then the dense MLP for layer 1
+/// or the router and the experts stacked `[E, F, D]` for the routed layers.
+fn qwen3moe_layer(w: &mut GgufWriter, hub: &Weights, l: usize) {
+    let Q3mDims {
+        d,
+        heads,
+        kv,
+        hd,
+        experts,
+        moe_ff,
+        ff,
+        ..
+    } = Q3M;
+    let p = format!("model.layers.{l}");
+    put_f32(
+        w,
+        hub,
+        &format!("blk.{l}.attn_norm.weight"),
+        &format!("{p}.input_layernorm.weight"),
+        &[d],
     );
-    put(&mut w, "output_norm.weight", "model.norm.weight", &[d]);
-    put(&mut w, "output.weight", "lm_head.weight", &[vocab, d]);
-    for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        put(
-            &mut w,
-            &format!("blk.{l}.attn_norm.weight"),
-            &format!("{p}.input_layernorm.weight"),
-            &[d],
+    put_f32(
+        w,
+        hub,
+        &format!("blk.{l}.ffn_norm.weight"),
+        &format!("{p}.post_attention_layernorm.weight"),
+        &[d],
+    );
+    put_f32(
+        w,
+        hub,
+        &format!("blk.{l}.attn_q.weight"),
+        &format!("{p}.self_attn.q_proj.weight"),
+        &[heads * hd, d],
+    );
+    put_f32(
+        w,
+        hub,
+        &format!("blk.{l}.attn_k.weight"),
+        &format!("{p}.self_attn.k_proj.weight"),
+        &[kv * hd, d],
+    );
+    put_f32(
+        w,
+        hub,
+        &format!("blk.{l}.attn_v.weight"),
+        &format!("{p}.self_attn.v_proj.weight"),
+        &[kv * hd, d],
+    );
+    put_f32(
+        w,
+        hub,
+        &format!("blk.{l}.attn_output.weight"),
+        &format!("{p}.self_attn.o_proj.weight"),
+        &[d, heads * hd],
+    );
+    put_f32(
+        w,
+        hub,
+        &format!("blk.{l}.attn_q_norm.weight"),
+        &format!("{p}.self_attn.q_norm.weight"),
+        &[hd],
+    );
+    put_f32(
+        w,
+        hub,
+        &format!("blk.{l}.attn_k_norm.weight"),
+        &format!("{p}.self_attn.k_norm.weight"),
+        &[hd],
+    );
+    if l == 1 {
+        put_f32(
+            w,
+            hub,
+            &format!("blk.{l}.ffn_gate.weight"),
+            &format!("{p}.mlp.gate_proj.weight"),
+            &[ff, d],
         );
-        put(
-            &mut w,
-            &format!("blk.{l}.ffn_norm.weight"),
-            &format!("{p}.post_attention_layernorm.weight"),
-            &[d],
+        put_f32(
+            w,
+            hub,
+            &format!("blk.{l}.ffn_up.weight"),
+            &format!("{p}.mlp.up_proj.weight"),
+            &[ff, d],
         );
-        put(
-            &mut w,
-            &format!("blk.{l}.attn_q.weight"),
-            &format!("{p}.self_attn.q_proj.weight"),
-            &[heads * hd, d],
+        put_f32(
+            w,
+            hub,
+            &format!("blk.{l}.ffn_down.weight"),
+            &format!("{p}.mlp.down_proj.weight"),
+            &[d, ff],
         );
-        put(
-            &mut w,
-            &format!("blk.{l}.attn_k.weight"),
-            &format!("{p}.self_attn.k_proj.weight"),
-            &[kv * hd, d],
-        );
-        put(
-            &mut w,
-            &format!("blk.{l}.attn_v.weight"),
-            &format!("{p}.self_attn.v_proj.weight"),
-            &[kv * hd, d],
-        );
-        put(
-            &mut w,
-            &format!("blk.{l}.attn_output.weight"),
-            &format!("{p}.self_attn.o_proj.weight"),
-            &[d, heads * hd],
-        );
-        put(
-            &mut w,
-            &format!("blk.{l}.attn_q_norm.weight"),
-            &format!("{p}.self_attn.q_norm.weight"),
-            &[hd],
-        );
-        put(
-            &mut w,
-            &format!("blk.{l}.attn_k_norm.weight"),
-            &format!("{p}.self_attn.k_norm.weight"),
-            &[hd],
-        );
-        if l == 1 {
-            put(
-                &mut w,
-                &format!("blk.{l}.ffn_gate.weight"),
-                &format!("{p}.mlp.gate_proj.weight"),
-                &[ff, d],
-            );
-            put(
-                &mut w,
-                &format!("blk.{l}.ffn_up.weight"),
-                &format!("{p}.mlp.up_proj.weight"),
-                &[ff, d],
-            );
-            put(
-                &mut w,
-                &format!("blk.{l}.ffn_down.weight"),
-                &format!("{p}.mlp.down_proj.weight"),
-                &[d, ff],
-            );
-            continue;
-        }
-        put(
-            &mut w,
-            &format!("blk.{l}.ffn_gate_inp.weight"),
-            &format!("{p}.mlp.gate.weight"),
-            &[experts, d],
-        );
-        for (gg, which, shape) in [
-            ("ffn_gate_exps", "gate_proj", [moe_ff, d]),
-            ("ffn_up_exps", "up_proj", [moe_ff, d]),
-            ("ffn_down_exps", "down_proj", [d, moe_ff]),
-        ] {
-            let mut all = Vec::new();
-            for e in 0..experts {
-                all.extend(
-                    hub.get_vec(&format!("{p}.mlp.experts.{e}.{which}.weight"), &shape)
-                        .unwrap(),
-                );
-            }
-            w.tensor(
-                &format!("blk.{l}.{gg}.weight"),
-                GgmlType::F32,
-                &[experts, shape[0], shape[1]],
-                bytes(&all),
-            )
-            .unwrap();
-        }
+        return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("qwen3moe-f32.gguf");
-    w.write_file(&path).unwrap();
-    let ours = serde_json::to_value(ModelConfig::from_dir(&path).unwrap()).unwrap();
-    assert_eq!(ours, serde_json::to_value(&cfg).unwrap(), "config");
-    let reference =
-        Model::load_typed(&dir, &ExpertSelection::All, LinearType::Is(WeightType::F32)).unwrap();
-    let model = Model::load(&path).unwrap();
-    assert_same_model(&model, &reference, "qwen3moe");
-    let exp = expected(&dir);
-    check_tokens(&model, &reference, &exp, "qwen3moe");
-    for (i, p) in exp.prompts.iter().enumerate() {
-        let (toks, _) = greedy(&model, &p.ids, exp.greedy[i].len()).unwrap();
-        assert_eq!(
-            toks, exp.greedy[i],
-            "qwen3moe prompt {i}: transformers' tokens"
-        );
+    put_f32(
+        w,
+        hub,
+        &format!("blk.{l}.ffn_gate_inp.weight"),
+        &format!("{p}.mlp.gate.weight"),
+        &[experts, d],
+    );
+    for (gg, which, shape) in [
+        ("ffn_gate_exps", "gate_proj", [moe_ff, d]),
+        ("ffn_up_exps", "up_proj", [moe_ff, d]),
+        ("ffn_down_exps", "down_proj", [d, moe_ff]),
+    ] {
+        let mut all = Vec::new();
+        for e in 0..experts {
+            all.extend(
+                hub.get_vec(&format!("{p}.mlp.experts.{e}.{which}.weight"), &shape)
+                    .unwrap(),
+            );
+        }
+        w.tensor(
+            &format!("blk.{l}.{gg}.weight"),
+            GgmlType::F32,
+            &[experts, shape[0], shape[1]],
+            f32_bytes(&all),
+        )
+        .unwrap();
     }
 }
 
