@@ -45,19 +45,10 @@ pub struct EnginePredictArgs {
     /// profile's.
     #[arg(long)]
     pub model: Option<String>,
-    /// Deployment file; the flags below override it.
-    #[arg(long)]
-    pub deployment: Option<PathBuf>,
-    #[arg(long)]
-    pub attention_replicas: Option<u32>,
-    /// 0 = colocated.
-    #[arg(long)]
-    pub expert_workers: Option<u32>,
-    #[arg(long)]
-    pub micro_batches: Option<u32>,
-    /// Threads per worker (the profile's tp).
-    #[arg(long)]
-    pub threads_per_worker: Option<u32>,
+    /// The shape, resolved as `bench engine` resolves the same flags (so the prediction is of
+    /// the run those flags make; `--pin-cores` is accepted and does not change it).
+    #[command(flatten)]
+    pub shape: tandem_deploy::ShapeArgs,
     /// Decoding sequences per replica.
     #[arg(long, default_value_t = 16)]
     pub batch: u32,
@@ -352,14 +343,7 @@ fn engine_predict(a: EnginePredictArgs) -> Result<()> {
     let model_ref = a.model.unwrap_or_else(|| profile.profile.model.clone());
     let model =
         resolve_model_shape(&model_ref).with_context(|| format!("resolving model {model_ref}"))?;
-    let mut d = match &a.deployment {
-        Some(p) => tandem_core::Deployment::load(p)?,
-        None => tandem_core::Deployment::default(),
-    };
-    d.attention_replicas = a.attention_replicas.unwrap_or(d.attention_replicas);
-    d.expert_workers = a.expert_workers.unwrap_or(d.expert_workers);
-    d.micro_batches = a.micro_batches.unwrap_or(d.micro_batches);
-    d.threads_per_worker = a.threads_per_worker.unwrap_or(d.threads_per_worker);
+    let d = a.shape.deployment()?;
     let shape = EngineShape::from_deployment(&d, a.batch, a.context);
     let p = predict_decode(&profile, &model, &shape).context("predicting the engine")?;
     if a.json {
@@ -474,7 +458,10 @@ mod tests {
         let Some(PlanCommand::Engine(e)) = p.command else {
             panic!("not plan engine")
         };
-        assert_eq!((e.expert_workers, e.batch, e.context), (Some(0), 8, 88.0));
+        assert_eq!(
+            (e.shape.expert_workers, e.batch, e.context),
+            (Some(0), 8, 88.0)
+        );
         let Cmd::Plan(p) = parse(&["plan", "--model", "dbrx", "--attention-hw", "H20,H800"]) else {
             panic!("not plan")
         };
@@ -500,6 +487,32 @@ mod tests {
             Cli::try_parse_from(["tandem", "plan", "--hw", "A800", "--attention-hw", "H20"])
                 .is_err()
         );
+    }
+
+    /// `plan engine` predicts the run `bench engine` makes with the same flags: an
+    /// expert-worker count without `--micro-batches` gets the one default `m`
+    /// (`tandem_core::default_micro_batches`), not a second default of its own.
+    #[test]
+    fn plan_engine_resolves_the_shape_bench_engine_runs() {
+        for workers in [0u32, 1, 3] {
+            let w = workers.to_string();
+            let Cmd::Plan(p) = parse(&[
+                "plan",
+                "engine",
+                "--profile",
+                "p.toml",
+                "--expert-workers",
+                &w,
+            ]) else {
+                panic!("not plan")
+            };
+            let Some(PlanCommand::Engine(e)) = p.command else {
+                panic!("not plan engine")
+            };
+            let d = e.shape.deployment().unwrap();
+            assert_eq!(d.expert_workers, workers);
+            assert_eq!(d.micro_batches, tandem_core::default_micro_batches(workers));
+        }
     }
 
     #[test]

@@ -547,7 +547,7 @@ pub fn expert_listen_address(
 
 /// The deployment shape flags shared by `generate`, `serve` and the benchmarks: one
 /// resolution for all of them ([`ShapeArgs::deployment_or_default`]).
-#[derive(Args, Clone)]
+#[derive(Args, Clone, Debug)]
 pub struct ShapeArgs {
     /// Deployment file (TOML); the flags below override it.
     #[arg(long)]
