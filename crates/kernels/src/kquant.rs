@@ -748,7 +748,7 @@ impl KQuantWeights {
             #[cfg(target_arch = "x86_64")]
             {
                 use crate::simd::Simd;
-                if simd == Simd::Avx512 && avx512::has_vnni() {
+                if simd >= Simd::Avx512 && avx512::has_vnni() {
                     for (f, cols) in self.runs(cols) {
                         avx512::tile(self, f, xq, rows.clone(), cols, out.0);
                     }
