@@ -15,10 +15,13 @@
 //!
 //! A weight can be held in any [`WeightType`]: bf16 panels have the same layout with 2-byte
 //! values (a line is 32 bytes) and the same kernel, which widens a line to f32 in registers
-//! (a bf16 is the top half of an f32); q8_0 and q4_0 weights are packed in groups of block-
+//! (a bf16 is the top half of an f32); at the level with AVX512_BF16 ([`Simd::bf16_dot`])
+//! the activations are rounded to bf16 instead and two lines (64 contiguous bytes) are one
+//! `vdpbf16ps` operand after a word permutation (see `avx512bf16`); q8_0 and q4_0 weights are packed in groups of block-
 //! quantized columns and multiplied by the kernels of [`crate::quant`]; K-quants and MXFP4
 //! stay in GGUF's row-major blocks (a range of the mapped file) and are multiplied by the
-//! kernels of [`crate::kquant`]. Activations are f32 for every type.
+//! kernels of [`crate::kquant`]. Activations are f32 for every type (rounded to bf16 inside
+//! the bf16 product at that level).
 
 use crate::kquant::{KFormat, KQuantWeights};
 use crate::mem::{HugeBuf, Zeroable};
@@ -746,9 +749,12 @@ impl<L: PanelLine> Panels<L> {
 }
 
 /// Rows from which bf16 weights take `vdpbf16ps` at a level with [`Simd::bf16_dot`]; fewer
-/// rows (the one-row GEMV, memory-bound) take the widening kernel on the same bf16-rounded
-/// activations.
-pub const BF16_DOT_MIN_ROWS: usize = 2;
+/// rows (memory-bound: the GEMV, and micro-tiles of 2-3 rows) take the widening kernel on the
+/// same bf16-rounded activations. Measured with `bench kernels --weight-types bf16` on the demo
+/// model's shapes (one thread, AMD EPYC with AVX512_BF16): at 2 rows `vdpbf16ps` was slower
+/// (1024x2048: 0.18-0.20 ms against 0.14), at 3 level, at 4 level or faster (4096x1024: 0.28
+/// against 0.38-0.41 ms), at 6 rows and more faster (8 rows: 0.38 against 0.75 ms, 2x).
+pub const BF16_DOT_MIN_ROWS: usize = 4;
 
 /// The activations of a bf16 product at a level with [`Simd::bf16_dot`], rounded to bf16.
 enum Bf16Input {
@@ -1985,8 +1991,9 @@ pub(crate) mod tests {
 
     /// Shapes for the bf16 dot path: odd and even `k` (an odd last pair), one `k` block and
     /// three with a short odd last one, `n` a multiple of 16 and not, one and several row
-    /// blocks ([`MC`]); rows 1 (the rounded GEMV) and 2..=9 (every micro-tile height, a
-    /// partial last micro-tile), 13, 33.
+    /// blocks ([`MC`]); rows 1 (the rounded GEMV), 2 and 3 (the rounded widening micro-tiles,
+    /// below [`BF16_DOT_MIN_ROWS`]), 4..=9 (`vdpbf16ps`: every micro-tile height, 1-3 as
+    /// the partial last micro-tile of 7-9 rows), 13, 33, and a second row block of 7.
     const DOT_SHAPES: [(usize, usize); 6] = [
         (1, 3),
         (37, 9),
@@ -1996,6 +2003,10 @@ pub(crate) mod tests {
         (300, 17),
     ];
     const DOT_ROWS: [usize; 12] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 33, MC + 7];
+    const _: () = assert!(
+        BF16_DOT_MIN_ROWS <= 4,
+        "DOT_ROWS' partial micro-tiles need it"
+    );
 
     /// `out[t, j]` with the activations rounded to bf16 first (`half`) and each pair of
     /// exact products `w[j, 2q] x[2q] + w[j, 2q + 1] x[2q + 1]` added in f32, `k` in order:
