@@ -802,7 +802,7 @@ impl KQuantWeights {
             #[cfg(target_arch = "x86_64")]
             {
                 use crate::simd::Simd;
-                if simd == Simd::Avx512 && avx512::has_vnni() {
+                if simd >= Simd::Avx512 && avx512::has_vnni() {
                     for (f, cols) in self.runs(cols) {
                         if f == KFormat::Mxfp4 && avx512::has_vbmi() {
                             avx512::tile_vbmi(self, xq, rows.clone(), cols, out.0);

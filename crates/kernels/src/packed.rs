@@ -15,10 +15,13 @@
 //!
 //! A weight can be held in any [`WeightType`]: bf16 panels have the same layout with 2-byte
 //! values (a line is 32 bytes) and the same kernel, which widens a line to f32 in registers
-//! (a bf16 is the top half of an f32); q8_0 and q4_0 weights are packed in groups of block-
+//! (a bf16 is the top half of an f32); at the level with AVX512_BF16 ([`Simd::bf16_dot`])
+//! the activations are rounded to bf16 instead and two lines (64 contiguous bytes) are one
+//! `vdpbf16ps` operand after a word permutation (see `avx512bf16`); q8_0 and q4_0 weights are packed in groups of block-
 //! quantized columns and multiplied by the kernels of [`crate::quant`]; K-quants and MXFP4
 //! stay in GGUF's row-major blocks (a range of the mapped file) and are multiplied by the
-//! kernels of [`crate::kquant`]. Activations are f32 for every type.
+//! kernels of [`crate::kquant`]. Activations are f32 for every type (rounded to bf16 inside
+//! the bf16 product at that level).
 
 use crate::kquant::{KFormat, KQuantWeights};
 use crate::mem::{HugeBuf, Zeroable};
@@ -580,8 +583,28 @@ impl PackedWeights {
     /// left as they are): a large product (an LM head) computed in parts, with other work
     /// between them. `cols.start` must be a multiple of [`NR`], and `cols.end` too unless it
     /// is `n`.
+    ///
+    /// bf16 weights at a level with [`Simd::bf16_dot`] (AVX512_BF16) multiply the activations
+    /// rounded to bf16 (to nearest, ties to even, as llama.cpp does), the products exact and
+    /// summed in f32: with `vdpbf16ps` from [`BF16_DOT_MIN_ROWS`] rows on, and below that with
+    /// the widening kernel on the same rounded activations, so that every row's result is the
+    /// same function of that row whatever rows share its call (up to the order of f32 sums).
+    /// At the other levels bf16 products are exact.
     pub fn matmul_cols(
         &self,
+        x: &[f32],
+        rows: usize,
+        cols: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        self.matmul_cols_at(crate::simd::simd(), x, rows, cols, out)
+    }
+
+    /// [`PackedWeights::matmul_cols`] with the f32 and bf16 kernels of `level` (at most what the
+    /// CPU has); the quantized types run at [`crate::simd()`]'s.
+    fn matmul_cols_at(
+        &self,
+        level: Simd,
         x: &[f32],
         rows: usize,
         cols: std::ops::Range<usize>,
@@ -606,8 +629,8 @@ impl PackedWeights {
             return;
         }
         match &self.store {
-            Store::F32(p) => p.matmul_cols(x, rows, cols, out),
-            Store::Bf16(p) => p.matmul_cols(x, rows, cols, out),
+            Store::F32(p) => p.matmul_cols(level, x, rows, cols, out),
+            Store::Bf16(p) => p.matmul_cols_bf16(level, x, rows, cols, out),
             Store::Quant(q) => q.matmul_cols(x, rows, cols, out),
             Store::K(q) => q.matmul_cols(x, rows, cols, out),
         }
@@ -619,12 +642,20 @@ impl PackedWeights {
     fn matmul_with(&self, simd: Simd, x: &[f32], rows: usize, out: &mut [f32]) {
         assert!(simd <= crate::simd::detected_simd());
         assert_eq!(out.len(), rows * self.n);
-        let a = pack_rows(x, rows, self.k);
         let tile = Tile {
             rows: 0..rows,
             panels: 0..self.n.div_ceil(NR),
         };
         let out = SyncPtr(out.as_mut_ptr());
+        if let Store::Bf16(p) = &self.store {
+            if let Some(input) = Bf16Input::prepare(simd, x, rows, self.k) {
+                // SAFETY: one tile covering the whole output; the CPU supports `simd`, which
+                // has AVX512_BF16 (`prepare` said so).
+                unsafe { p.tile_bf16_dot(&input, tile, out) };
+                return;
+            }
+        }
+        let a = pack_rows(x, rows, self.k);
         // SAFETY: one tile covering the whole output; the CPU supports `simd`.
         unsafe {
             match &self.store {
@@ -634,31 +665,38 @@ impl PackedWeights {
             }
         }
     }
+
+    /// [`PackedWeights::matmul`] with the f32 and bf16 kernels of `level`, on the current
+    /// rayon pool (tests: a level other than the process's).
+    #[cfg(test)]
+    fn matmul_at(&self, level: Simd, x: &[f32], rows: usize, out: &mut [f32]) {
+        assert!(level <= crate::simd::detected_simd());
+        self.matmul_cols_at(level, x, rows, 0..self.n, out);
+    }
 }
 
 impl<L: PanelLine> Panels<L> {
-    fn matmul_cols(&self, x: &[f32], rows: usize, cols: std::ops::Range<usize>, out: &mut [f32]) {
+    /// The product with the weights widened to f32 (exact products), with the kernels of
+    /// `level` (at most what the CPU has).
+    fn matmul_cols(
+        &self,
+        level: Simd,
+        x: &[f32],
+        rows: usize,
+        cols: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        assert!(level <= crate::simd::detected_simd());
         let a = pack_rows(x, rows, self.k);
         let out_ptr = SyncPtr(out.as_mut_ptr());
         let panels = cols.start / NR..cols.end.div_ceil(NR);
         // At least 4 panels (64 columns) a task, so its stream of weights is long enough to
         // prefetch.
         for_each_tile(rows, MC, panels, 4, |rows, panels| {
-            // SAFETY: tasks write disjoint (row block, panel range) tiles of `out`.
-            unsafe { self.tile(x, &a, Tile { rows, panels }, out_ptr) };
+            // SAFETY: tasks write disjoint (row block, panel range) tiles of `out`; the CPU
+            // supports `level` (asserted above).
+            unsafe { self.tile_with(level, x, &a, Tile { rows, panels }, out_ptr) };
         });
-    }
-
-    /// Rows `tile.rows` of the product, columns of `tile.panels`; `x` is the input, `a` the
-    /// same in the layout of [`pack_rows`].
-    ///
-    /// # Safety
-    /// No CPU feature is needed: the level is [`crate::simd()`]'s, which the CPU supports. `out`
-    /// must point to this product's row-major output (`rows x n`), valid for writing every element
-    /// of the tile, and no other thread may write those elements meanwhile (each task owns its
-    /// tile).
-    unsafe fn tile(&self, x: &[f32], a: &[f32], tile: Tile, out: SyncPtr) {
-        unsafe { self.tile_with(crate::simd::simd(), x, a, tile, out) }
     }
 
     /// `tile` with the kernels of `simd` (which the CPU must support).
@@ -671,7 +709,9 @@ impl<L: PanelLine> Panels<L> {
         unsafe {
             #[cfg(target_arch = "x86_64")]
             match simd {
-                Simd::Avx512 => return avx512::tile(&self.lines, self.n, self.k, a, tile, out.0),
+                Simd::Avx512 | Simd::Avx512Bf16 => {
+                    return avx512::tile(&self.lines, self.n, self.k, a, tile, out.0);
+                }
                 Simd::Avx2 => return avx::tile(&self.lines, self.n, self.k, a, tile, out.0),
                 Simd::Scalar => {}
             }
@@ -706,6 +746,128 @@ impl<L: PanelLine> Panels<L> {
             }
         }
     }
+}
+
+/// Rows from which bf16 weights take `vdpbf16ps` at a level with [`Simd::bf16_dot`]; fewer
+/// rows (memory-bound: the GEMV, and micro-tiles of 2-3 rows) take the widening kernel on the
+/// same bf16-rounded activations. Measured with `bench kernels --weight-types bf16` on the demo
+/// model's shapes (one thread, AMD EPYC with AVX512_BF16): at 2 rows `vdpbf16ps` was slower
+/// (1024x2048: 0.18-0.20 ms against 0.14), at 3 level, at 4 level or faster (4096x1024: 0.28
+/// against 0.38-0.41 ms), at 6 rows and more faster (8 rows: 0.38 against 0.75 ms, 2x).
+pub const BF16_DOT_MIN_ROWS: usize = 4;
+
+/// The activations of a bf16 product at a level with [`Simd::bf16_dot`], rounded to bf16.
+enum Bf16Input {
+    /// Fewer than [`BF16_DOT_MIN_ROWS`] rows: the rounded values as f32 (`x`) and in the
+    /// layout of [`pack_rows`] (`a`), for the widening kernel.
+    Rounded { x: Vec<f32>, a: Vec<f32> },
+    /// The layout of [`pack_pairs`], for `vdpbf16ps`.
+    Pairs(Vec<u32>),
+}
+
+impl Bf16Input {
+    /// `None` where `level` multiplies bf16 weights exactly (no AVX512_BF16).
+    fn prepare(level: Simd, x: &[f32], rows: usize, k: usize) -> Option<Self> {
+        if !level.bf16_dot() {
+            return None;
+        }
+        if rows >= BF16_DOT_MIN_ROWS {
+            return Some(Bf16Input::Pairs(pack_pairs(level, x, rows, k)));
+        }
+        let mut bits = vec![0u16; x.len()];
+        round_bf16(level, x, &mut bits);
+        let x: Vec<f32> = bits
+            .iter()
+            .map(|b| f32::from_bits((*b as u32) << 16))
+            .collect();
+        let a = pack_rows(&x, rows, k);
+        Some(Bf16Input::Rounded { x, a })
+    }
+}
+
+impl Panels<LineBf16> {
+    /// [`Panels::matmul_cols`], except at a level with [`Simd::bf16_dot`]: there the
+    /// activations are rounded to bf16 (see [`PackedWeights::matmul_cols`]).
+    fn matmul_cols_bf16(
+        &self,
+        level: Simd,
+        x: &[f32],
+        rows: usize,
+        cols: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        assert!(level <= crate::simd::detected_simd());
+        let Some(input) = Bf16Input::prepare(level, x, rows, self.k) else {
+            return self.matmul_cols(level, x, rows, cols, out);
+        };
+        let out_ptr = SyncPtr(out.as_mut_ptr());
+        let panels = cols.start / NR..cols.end.div_ceil(NR);
+        for_each_tile(rows, MC, panels, 4, |rows, panels| {
+            // SAFETY: tasks write disjoint (row block, panel range) tiles of `out`; `level`,
+            // which the CPU supports (asserted above), has AVX512_BF16 (`prepare` said so).
+            unsafe { self.tile_bf16_dot(&input, Tile { rows, panels }, out_ptr) };
+        });
+    }
+
+    /// A tile of the product on activations rounded to bf16.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F/BW/VL and AVX512_BF16 (`input` is only made at a level
+    /// with them). `out` must point to this product's row-major output (`rows x n`), valid for
+    /// writing every element of the tile, and no other thread may write those elements
+    /// meanwhile (each task owns its tile).
+    unsafe fn tile_bf16_dot(&self, input: &Bf16Input, tile: Tile, out: SyncPtr) {
+        unsafe {
+            #[cfg(target_arch = "x86_64")]
+            match input {
+                Bf16Input::Rounded { x, a } => self.tile_with(Simd::Avx512, x, a, tile, out),
+                Bf16Input::Pairs(pairs) => {
+                    avx512bf16::tile(&self.lines, self.n, self.k, pairs, tile, out.0)
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (input, tile, out);
+        }
+    }
+}
+
+/// `x` rounded to bf16, the bits of each value in `out`: to nearest, ties to even, NaN kept
+/// (quiet), exactly as `half::bf16::from_f32`; 16 values at a time with AVX-512 at a level
+/// that has it.
+fn round_bf16(level: Simd, x: &[f32], out: &mut [u16]) {
+    assert_eq!(x.len(), out.len());
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if level >= Simd::Avx512 {
+        // SAFETY: the level, at most what the CPU has, includes AVX-512 F/BW.
+        done = unsafe { avx512bf16::round(x, out) };
+    }
+    let _ = level;
+    for (o, v) in out[done..].iter_mut().zip(&x[done..]) {
+        *o = half::bf16::from_f32(*v).to_bits();
+    }
+}
+
+/// The input rows rounded to bf16 for `vdpbf16ps`: consecutive `k` in pairs, `(x[2q],
+/// x[2q + 1])` as one u32 (the first in the low half; an odd `k`'s last pair padded with
+/// zero), in micro-tiles of [`MR`] rows stored pair-major (`[k / 2][R]`) at the offset
+/// `t0 * ceil(k / 2)` of their first row `t0`, as [`pack_rows`] does with single values.
+fn pack_pairs(level: Simd, x: &[f32], rows: usize, k: usize) -> Vec<u32> {
+    let kp = k.div_ceil(2);
+    let mut a = vec![0u32; rows * kp];
+    let mut row = vec![0u16; 2 * kp];
+    for t0 in (0..rows).step_by(MR) {
+        let r = MR.min(rows - t0);
+        let dst = &mut a[t0 * kp..(t0 + r) * kp];
+        for i in 0..r {
+            round_bf16(level, &x[(t0 + i) * k..(t0 + i + 1) * k], &mut row[..k]);
+            for (q, pair) in row.chunks_exact(2).enumerate() {
+                dst[q * r + i] = pair[0] as u32 | (pair[1] as u32) << 16;
+            }
+        }
+    }
+    a
 }
 
 /// Calls `tile(rows, units)` for every tile of a product with `rows` token rows and the
@@ -1074,7 +1236,7 @@ mod avx512 {
     /// `avx512f,avx512bw,avx512vl,avx2,fma`. `c` must be valid for writing every element the
     /// description above says is written through it, and no other thread may access them meanwhile.
     #[inline(always)]
-    unsafe fn store(c: *mut f32, v: __m512, cols: usize, accumulate: bool) {
+    pub(super) unsafe fn store(c: *mut f32, v: __m512, cols: usize, accumulate: bool) {
         unsafe {
             if cols == NR {
                 let v = if accumulate {
@@ -1224,6 +1386,232 @@ mod avx512 {
                 return super::drive::<L, super::avx::Avx2>(lines, n, k, a, tile, out);
             }
             super::drive::<L, Avx512>(lines, n, k, a, tile, out)
+        }
+    }
+}
+
+/// AVX512_BF16: a pair of consecutive lines of a bf16 panel (64 contiguous bytes) becomes,
+/// through one word permutation, 16 dwords `(w[k][c], w[k + 1][c])` in column order, and
+/// `vdpbf16ps` adds `w[k][c] x[k] + w[k + 1][c] x[k + 1]` to column `c`'s f32 accumulator
+/// for one row, the row's activation pair broadcast (see `pack_pairs`): twice the products of
+/// an f32 FMA per instruction, and no widening.
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16 {
+    use super::{LineBf16, Tile, BF16_SLOT, KC, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// Word `i` of the permuted pair: the low word of dword `c` is column `c` of the first
+    /// line (stored at word `BF16_SLOT[c]`), the high word column `c` of the second (the same
+    /// slot, 16 words on).
+    const PAIR_INDEX: [u16; 2 * NR] = {
+        let mut ix = [0u16; 2 * NR];
+        let mut c = 0;
+        while c < NR {
+            ix[2 * c] = BF16_SLOT[c] as u16;
+            ix[2 * c + 1] = (NR + BF16_SLOT[c]) as u16;
+            c += 1;
+        }
+        ix
+    };
+
+    /// Where a micro-tile reads, writes and prefetches (`super::Micro` with activation pairs).
+    #[derive(Clone, Copy)]
+    struct Micro {
+        /// The tile's activation pairs at the block's first `k`, `[kc / 2][R]`.
+        a: *const u32,
+        /// First line of the panel block (its first `k` is even: blocks are `KC` long).
+        b: *const LineBf16,
+        /// Lines of the block; an odd count only in a panel's last block of an odd `k`.
+        kc: usize,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        accumulate: bool,
+        pf: *const LineBf16,
+        pf_lines: usize,
+        pf_every: usize,
+    }
+
+    /// The pair of lines `kk`, `kk + 1` of the block as `vdpbf16ps` wants them.
+    ///
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points. `b.add(kk)`
+    /// and the next line must be readable.
+    #[inline(always)]
+    unsafe fn pair(b: *const LineBf16, kk: usize, idx: __m512i) -> __m512bh {
+        unsafe {
+            let v = _mm512_loadu_si512(b.add(kk) as *const __m512i);
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_permutexvar_epi16(idx, v))
+        }
+    }
+
+    /// `R` rows (1..=MR) of one panel block, `k` pairs unrolled by `U` with separate
+    /// accumulators.
+    ///
+    /// # Safety
+    /// Only called, inlined, from this module's `#[target_feature]` entry points: the CPU
+    /// supports `avx512f,avx512bw,avx512vl,avx512bf16`. `m`'s pointers must cover the panel
+    /// lines, activation pairs and outputs its fields describe.
+    #[inline(always)]
+    unsafe fn micro<const R: usize, const U: usize>(m: Micro, idx: __m512i) {
+        unsafe {
+            let bcast = |q: usize, r: usize| {
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
+                    *m.a.add(q * R + r) as i32
+                ))
+            };
+            let mut acc = [[_mm512_setzero_ps(); R]; U];
+            let (mut next_pf, mut pf_done) = (0usize, 0usize);
+            let pairs = m.kc / 2;
+            let mut q = 0;
+            while q + U <= pairs {
+                for (u, acc) in acc.iter_mut().enumerate() {
+                    let w = pair(m.b, 2 * (q + u), idx);
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm512_dpbf16_ps(*acc, w, bcast(q + u, r));
+                    }
+                }
+                // One prefetch a cache line (two lines of 32 bytes).
+                while 2 * q >= next_pf && pf_done < m.pf_lines {
+                    _mm_prefetch::<_MM_HINT_T1>(m.pf.add(pf_done) as *const i8);
+                    pf_done += 2;
+                    next_pf += 2 * m.pf_every;
+                }
+                q += U;
+            }
+            while q < pairs {
+                let w = pair(m.b, 2 * q, idx);
+                for (r, acc) in acc[0].iter_mut().enumerate() {
+                    *acc = _mm512_dpbf16_ps(*acc, w, bcast(q, r));
+                }
+                q += 1;
+            }
+            if m.kc % 2 == 1 {
+                // The last line alone (the next one is another panel's, or past the end):
+                // paired with zeros, as its activation is (see `pack_pairs`).
+                let v =
+                    _mm512_zextsi256_si512(_mm256_loadu_si256(m.b.add(2 * q) as *const __m256i));
+                let w = std::mem::transmute::<__m512i, __m512bh>(_mm512_permutexvar_epi16(idx, v));
+                for (r, acc) in acc[0].iter_mut().enumerate() {
+                    *acc = _mm512_dpbf16_ps(*acc, w, bcast(q, r));
+                }
+            }
+            while pf_done < m.pf_lines {
+                _mm_prefetch::<_MM_HINT_T1>(m.pf.add(pf_done) as *const i8);
+                pf_done += 2;
+            }
+            let (first, rest) = acc.split_at_mut(1);
+            for other in rest.iter() {
+                for (a, o) in first[0].iter_mut().zip(other) {
+                    *a = _mm512_add_ps(*a, *o);
+                }
+            }
+            for (r, acc) in acc[0].iter().enumerate() {
+                super::avx512::store(m.c.add(r * m.ldc), *acc, m.cols, m.accumulate);
+            }
+        }
+    }
+
+    /// Rows `tile.rows`, panels `tile.panels` of the product of a bf16 weight and activation
+    /// pairs laid out by `pack_pairs`: `drive`'s walk (panels, `k` blocks, micro-tiles, the
+    /// next block prefetched) with `vdpbf16ps` micro-tiles, one-row tiles included.
+    ///
+    /// # Safety
+    /// The CPU must support `avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma`; callers check
+    /// [`crate::simd()`] first. `pairs` must be `pack_pairs` of this product's rows; `out` must be
+    /// valid for writing every element of the tile (row-major `rows x n`), and no other thread
+    /// may access them meanwhile.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
+    pub unsafe fn tile(
+        lines: &[LineBf16],
+        n: usize,
+        k: usize,
+        pairs: &[u32],
+        tile: Tile,
+        out: *mut f32,
+    ) {
+        unsafe {
+            let idx = _mm512_loadu_si512(PAIR_INDEX.as_ptr() as *const __m512i);
+            let kp = k.div_ceil(2);
+            let rows = tile.rows.len();
+            let micro_tiles = rows.div_ceil(MR);
+            let end = lines.as_ptr().add(tile.panels.end * k);
+            for p in tile.panels {
+                let cols = NR.min(n - p * NR);
+                let mut k0 = 0;
+                while k0 < k {
+                    let kc = KC.min(k - k0);
+                    let b = lines.as_ptr().add(p * k + k0);
+                    let next = b.add(kc);
+                    let ahead = (end.offset_from(next).max(0) as usize).min(KC);
+                    let mut t = 0;
+                    for j in 0..micro_tiles {
+                        let r = MR.min(rows - t);
+                        let (lo, hi) = (ahead * j / micro_tiles, ahead * (j + 1) / micro_tiles);
+                        let pf_lines = hi - lo;
+                        let row = tile.rows.start + t;
+                        let m = Micro {
+                            a: pairs.as_ptr().add(row * kp + k0 / 2 * r),
+                            b,
+                            kc,
+                            c: out.add(row * n + p * NR),
+                            ldc: n,
+                            cols,
+                            accumulate: k0 > 0,
+                            pf: next.add(lo),
+                            pf_lines,
+                            pf_every: (kc / pf_lines.max(1)).max(1),
+                        };
+                        match r {
+                            1 => micro::<1, 4>(m, idx),
+                            2 => micro::<2, 4>(m, idx),
+                            3 => micro::<3, 2>(m, idx),
+                            4 => micro::<4, 2>(m, idx),
+                            5 => micro::<5, 2>(m, idx),
+                            _ => micro::<MR, 2>(m, idx),
+                        }
+                        t += r;
+                    }
+                    k0 += kc;
+                }
+            }
+        }
+    }
+
+    /// The first `len / 16 * 16` values of [`super::round_bf16`]; returns how many.
+    ///
+    /// # Safety
+    /// The CPU must support `avx512f,avx512bw`; callers check the level first.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn round(x: &[f32], out: &mut [u16]) -> usize {
+        unsafe {
+            let n = x.len().min(out.len()) / 16 * 16;
+            let abs_mask = _mm512_set1_epi32(0x7FFF_FFFF);
+            let inf = _mm512_set1_epi32(0x7F80_0000);
+            let half_ulp = _mm512_set1_epi32(0x7FFF);
+            let one = _mm512_set1_epi32(1);
+            let quiet = _mm512_set1_epi32(0x0040);
+            let mut i = 0;
+            while i < n {
+                let v = _mm512_loadu_si512(x.as_ptr().add(i) as *const __m512i);
+                let nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(v, abs_mask), inf);
+                let hi = _mm512_srli_epi32::<16>(v);
+                // Adding 0x7FFF plus the kept value's lowest bit carries into the kept half
+                // exactly when the dropped half is above one half, or equal with an odd kept
+                // value: ties to even.
+                let up = _mm512_add_epi32(_mm512_add_epi32(v, half_ulp), _mm512_and_si512(hi, one));
+                let r = _mm512_mask_mov_epi32(
+                    _mm512_srli_epi32::<16>(up),
+                    nan,
+                    _mm512_or_si512(hi, quiet),
+                );
+                _mm256_storeu_si256(
+                    out.as_mut_ptr().add(i) as *mut __m256i,
+                    _mm512_cvtepi32_epi16(r),
+                );
+                i += 16;
+            }
+            n
         }
     }
 }
@@ -1384,14 +1772,25 @@ pub(crate) mod tests {
         }
     }
 
+    /// The levels at which `ty`'s products are exact (bf16 rounds its activations at a level
+    /// with `bf16_dot`; the tests of that path are the `bf16_dot_*` ones).
+    fn exact_levels(ty: WeightType) -> Vec<Simd> {
+        levels()
+            .into_iter()
+            .filter(|l| ty != WeightType::Bf16 || !l.bf16_dot())
+            .collect()
+    }
+
     /// Every instruction set the CPU has (AVX2, AVX-512) against the scalar path, for both
     /// panel types, every micro-tile height, the GEMV path, partial panels and `k` blocks.
+    /// bf16 at the levels where its products are exact (see `exact_levels`).
     #[test]
     fn every_instruction_set_matches_the_scalar_path() {
         let mut seed = 5u64;
         let levels = levels();
         eprintln!("instruction sets tested: {levels:?}");
         for ty in [WeightType::F32, WeightType::Bf16] {
+            let levels = exact_levels(ty);
             for t in [1, 2, 3, 4, 5, 6, 7, 13, 33] {
                 for &(k, n) in &[(1, 3), (37, 9), (2 * KC + 5, 70), (64, 16 * 5)] {
                     let x = rnd_vec(&mut seed, t * k);
@@ -1430,10 +1829,18 @@ pub(crate) mod tests {
 
     /// f32 and bf16 against the f64 product of the weights they hold (exact for both), at the
     /// row counts of decode and prefill, on odd shapes: only f32 summation error remains.
+    /// bf16 at the levels where its products are exact (the process's level if it is one, the
+    /// highest such level otherwise; see `exact_levels`).
     #[test]
     fn f32_and_bf16_match_their_weights_in_f64() {
         let mut seed = 21u64;
         for ty in [WeightType::F32, WeightType::Bf16] {
+            let levels = exact_levels(ty);
+            let top = *levels
+                .iter()
+                .filter(|l| **l <= crate::simd())
+                .max()
+                .unwrap();
             for &t in &[1, 2, 7, 16, 33, 128] {
                 for &(k, n) in &[(37, 9), (300, 33), (KC + 3, 70)] {
                     let x = rnd_vec(&mut seed, t * k);
@@ -1446,7 +1853,7 @@ pub(crate) mod tests {
                             .build()
                             .unwrap();
                         let mut o = vec![f32::NAN; t * n];
-                        pool.install(|| p.matmul(&x, t, &mut o));
+                        pool.install(|| p.matmul_at(top, &x, t, &mut o));
                         for (a, b) in o.iter().zip(&r) {
                             assert!(
                                 (a - b).abs() < 1e-5 * (k as f32).sqrt(),
@@ -1455,7 +1862,7 @@ pub(crate) mod tests {
                         }
                     }
                     // Every instruction set, the scalar oracle included.
-                    for level in levels() {
+                    for &level in &levels {
                         let mut o = vec![f32::NAN; t * n];
                         p.matmul_with(level, &x, t, &mut o);
                         for (a, b) in o.iter().zip(&r) {
@@ -1515,6 +1922,261 @@ pub(crate) mod tests {
             let p = PackedWeights::pack_as(&vec![0.5; n * k], n, k, ty);
             let (held, own) = (p.resident_bytes() as f64, p.weight_bytes() as f64);
             assert!(held >= own && held <= own * 1.05, "{ty}: {held} vs {own}");
+        }
+    }
+
+    /// `round_bf16` is `half::bf16::from_f32` bit for bit at every level: ties to even both
+    /// ways, carries into the exponent and to infinity, NaNs kept quiet, subnormals, zeros.
+    #[test]
+    fn bf16_rounding_is_halfs_at_every_level() {
+        let mut seed = 29u64;
+        let mut bits: Vec<u32> = vec![
+            0x0000_0000,
+            0x8000_0000,
+            0x7F80_0000,
+            0xFF80_0000, // zeros, infinities
+            0x7F80_0001,
+            0x7FC0_0000,
+            0xFFFF_FFFF,
+            0x7FBF_FFFF, // NaNs (signalling too)
+            0x3F80_8000,
+            0x3F81_8000,
+            0xBF80_8000,
+            0xBF81_8000, // ties: to even, down and up
+            0x3F80_8001,
+            0x3F80_7FFF,
+            0x3FFF_FFFF,
+            0x3FFF_8000, // above, below, exponent carry
+            0x7F7F_FFFF,
+            0x7F7F_8000,
+            0x7F7E_8000,
+            0xFF7F_FFFF, // to infinity, ties at the top
+            0x0000_0001,
+            0x0000_8000,
+            0x0001_8000,
+            0x807F_FFFF, // subnormals
+        ];
+        for _ in 0..4000 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            bits.push((seed >> 32) as u32);
+        }
+        let x: Vec<f32> = bits.iter().map(|b| f32::from_bits(*b)).collect();
+        let want: Vec<u16> = x
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_bits())
+            .collect();
+        for level in levels() {
+            // Every length and offset: the SIMD body and the scalar tail.
+            for skip in [0, 1, 7] {
+                let mut got = vec![0u16; x.len() - skip];
+                round_bf16(level, &x[skip..], &mut got);
+                for (i, (g, w)) in got.iter().zip(&want[skip..]).enumerate() {
+                    assert_eq!(g, w, "{level:?} {:#010x}", bits[skip + i]);
+                }
+            }
+        }
+    }
+
+    /// The level with `vdpbf16ps`, if this CPU has it (the `bf16_dot_*` tests need it: they
+    /// say so, and pass, where it is missing).
+    fn dot_level() -> Option<Simd> {
+        let l = levels().into_iter().find(|l| l.bf16_dot());
+        if l.is_none() {
+            eprintln!("no AVX512_BF16 on this CPU: the bf16 dot-product path is not tested");
+        }
+        l
+    }
+
+    /// Shapes for the bf16 dot path: odd and even `k` (an odd last pair), one `k` block and
+    /// three with a short odd last one, `n` a multiple of 16 and not, one and several row
+    /// blocks ([`MC`]); rows 1 (the rounded GEMV), 2 and 3 (the rounded widening micro-tiles,
+    /// below [`BF16_DOT_MIN_ROWS`]), 4..=9 (`vdpbf16ps`: every micro-tile height, 1-3 as
+    /// the partial last micro-tile of 7-9 rows), 13, 33, and a second row block of 7.
+    const DOT_SHAPES: [(usize, usize); 6] = [
+        (1, 3),
+        (37, 9),
+        (64, 16 * 5),
+        (2 * KC + 5, 70),
+        (KC, 33),
+        (300, 17),
+    ];
+    const DOT_ROWS: [usize; 12] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 33, MC + 7];
+    const _: () = assert!(
+        BF16_DOT_MIN_ROWS <= 4,
+        "DOT_ROWS' partial micro-tiles need it"
+    );
+
+    /// `out[t, j]` with the activations rounded to bf16 first (`half`) and each pair of
+    /// exact products `w[j, 2q] x[2q] + w[j, 2q + 1] x[2q + 1]` added in f32, `k` in order:
+    /// what `vdpbf16ps` computes; with `sum |w x|` of each output, the scale of its error.
+    fn rounded_pairs_reference(
+        x: &[f32],
+        t: usize,
+        k: usize,
+        w: &[f32],
+        n: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let xr: Vec<f32> = x
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_f32())
+            .collect();
+        let (mut o, mut mag) = (vec![0f32; t * n], vec![0f32; t * n]);
+        for i in 0..t {
+            for j in 0..n {
+                let (xi, wj) = (&xr[i * k..(i + 1) * k], &w[j * k..(j + 1) * k]);
+                let (mut s, mut m) = (0f32, 0f32);
+                for (xp, wp) in xi.chunks(2).zip(wj.chunks(2)) {
+                    let p: f32 = xp.iter().zip(wp).map(|(a, b)| a * b).sum();
+                    s += p;
+                    m += xp.iter().zip(wp).map(|(a, b)| (a * b).abs()).sum::<f32>();
+                }
+                o[i * n + j] = s;
+                mag[i * n + j] = m;
+            }
+        }
+        (o, mag)
+    }
+
+    /// The dot path computes exactly what it is meant to: the activations rounded to bf16 to
+    /// nearest-even, paired `(k, k + 1)` with the right weights in the right columns, products
+    /// summed in f32. Against `rounded_pairs_reference` within `1e-5 * sum |w x|` (the two
+    /// differ only in the order of f32 sums, a few units of 2^-24 relative): one tile on this
+    /// thread, and through `matmul_at` on one and three threads. Rounding toward zero, not
+    /// rounding, or a pair matched with the wrong activation or column is off by up to 2^-8
+    /// (not rounding, truncating: 2^-7) of each product, far outside; the test checks that its
+    /// own tolerance can tell (the unrounded product must fall outside it somewhere).
+    #[test]
+    fn bf16_dot_matches_the_rounded_scalar_reference() {
+        let Some(dot) = dot_level() else { return };
+        let mut seed = 31u64;
+        for &(k, n) in &DOT_SHAPES {
+            for &t in &DOT_ROWS {
+                let x = rnd_vec(&mut seed, t * k);
+                let w = rnd_vec(&mut seed, n * k);
+                let p = PackedWeights::pack_as(&w, n, k, WeightType::Bf16);
+                let held = p.unpack();
+                let (want, mag) = rounded_pairs_reference(&x, t, k, &held, n);
+                let tol = |i: usize| 1e-5 * mag[i] + 1e-30;
+                let mut got = vec![vec![f32::NAN; t * n]; 3];
+                p.matmul_with(dot, &x, t, &mut got[0]);
+                for (threads, o) in [1, 3].into_iter().zip(&mut got[1..]) {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    pool.install(|| p.matmul_at(dot, &x, t, o));
+                }
+                for (run, o) in got.iter().enumerate() {
+                    for (i, (a, b)) in o.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= tol(i),
+                            "{t}x{k}x{n} run {run} [{i}]: {a} vs {b} (tol {})",
+                            tol(i)
+                        );
+                    }
+                }
+                if k >= 37 {
+                    let exact = naive(&x, t, k, &held, n);
+                    assert!(
+                        exact
+                            .iter()
+                            .zip(&want)
+                            .enumerate()
+                            .any(|(i, (a, b))| (a - b).abs() > tol(i)),
+                        "{t}x{k}x{n}: the tolerance cannot tell rounded from unrounded inputs"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every level, the dot path included, and the process's own `matmul` (column ranges too)
+    /// against the f64 product of the held bf16 weights and the unrounded activations:
+    /// `|out - exact| <= c * 2^-8 * sum_k |w_jk x_k|` with `c = 1.1`. Rounding an activation to
+    /// bf16 (8 significant bits, to nearest) moves it by at most 2^-8 of itself, so each
+    /// product by at most 2^-8 of `|w x|` (the weights are held exactly and a product of two
+    /// bf16 is exact in f32): 2^-8 of `sum |w x|` in all. The f32 sums add at most about
+    /// `k * 2^-24` of `sum |w x|`, under 0.01 * 2^-8 for these `k` (at most 517); the other
+    /// 0.09 is margin. Truncating instead of rounding can reach 2^-7 (caught here only
+    /// sometimes; `bf16_dot_matches_the_rounded_scalar_reference` always).
+    #[test]
+    fn bf16_dot_is_within_the_bf16_rounding_of_the_f32_product() {
+        let mut seed = 37u64;
+        let bound = 1.1 * 2f32.powi(-8);
+        for &(k, n) in &DOT_SHAPES {
+            for &t in &DOT_ROWS {
+                let x = rnd_vec(&mut seed, t * k);
+                let w = rnd_vec(&mut seed, n * k);
+                let p = PackedWeights::pack_as(&w, n, k, WeightType::Bf16);
+                let held = p.unpack();
+                let exact = naive(&x, t, k, &held, n);
+                let mag: Vec<f32> = (0..t * n)
+                    .map(|i| {
+                        let (r, j) = (i / n, i % n);
+                        (0..k).map(|l| (x[r * k + l] * held[j * k + l]).abs()).sum()
+                    })
+                    .collect();
+                let check = |what: &str, o: &[f32], cols: std::ops::Range<usize>| {
+                    for (i, (a, b)) in o.iter().zip(&exact).enumerate() {
+                        if cols.contains(&(i % n)) {
+                            assert!(
+                                (a - b).abs() <= bound * mag[i] + 1e-30,
+                                "{what} {t}x{k}x{n} [{i}]: {a} vs {b}"
+                            );
+                        } else {
+                            assert!(a.is_nan(), "{what} {t}x{k}x{n}: column {} written", i % n);
+                        }
+                    }
+                };
+                for level in levels() {
+                    let mut o = vec![f32::NAN; t * n];
+                    p.matmul_with(level, &x, t, &mut o);
+                    check(level.name(), &o, 0..n);
+                }
+                let mut o = vec![f32::NAN; t * n];
+                p.matmul(&x, t, &mut o);
+                check("matmul", &o, 0..n);
+                if n > 2 * NR {
+                    let mut o = vec![f32::NAN; t * n];
+                    p.matmul_cols(&x, t, NR..n, &mut o);
+                    check("matmul_cols", &o, NR..n);
+                }
+            }
+        }
+    }
+
+    /// At the dot level a row's result is the same function of the row whatever rows share
+    /// its call (the engine's batches differ from step to step): each row of a batch of `t`
+    /// against the row alone (the rounded GEMV) and in a batch of two, within
+    /// `1e-5 * sum |w x|` (the order of f32 sums). Without rounding at one row, the row alone
+    /// would differ by up to 2^-8 of each product.
+    #[test]
+    fn bf16_dot_rows_do_not_depend_on_their_batch() {
+        let Some(dot) = dot_level() else { return };
+        let mut seed = 41u64;
+        for &(k, n) in &DOT_SHAPES {
+            let t = 9;
+            let x = rnd_vec(&mut seed, t * k);
+            let w = rnd_vec(&mut seed, n * k);
+            let p = PackedWeights::pack_as(&w, n, k, WeightType::Bf16);
+            let (_, mag) = rounded_pairs_reference(&x, t, k, &p.unpack(), n);
+            let mut batch = vec![f32::NAN; t * n];
+            p.matmul_at(dot, &x, t, &mut batch);
+            for r in 0..t {
+                let row = &x[r * k..(r + 1) * k];
+                let mut alone = vec![f32::NAN; n];
+                p.matmul_at(dot, row, 1, &mut alone);
+                let pair = [row, &x[((r + 1) % t) * k..][..k]].concat();
+                let mut two = vec![f32::NAN; 2 * n];
+                p.matmul_at(dot, &pair, 2, &mut two);
+                for j in 0..n {
+                    let (b, tol) = (batch[r * n + j], 1e-5 * mag[r * n + j] + 1e-30);
+                    assert!((alone[j] - b).abs() <= tol, "{k}x{n} row {r} [{j}] alone");
+                    assert!((two[j] - b).abs() <= tol, "{k}x{n} row {r} [{j}] in two");
+                }
+            }
         }
     }
 

@@ -340,7 +340,7 @@ impl QuantWeights {
             {
                 use crate::simd::Simd;
                 let simd = crate::simd::simd();
-                if simd == Simd::Avx512 && avx512::has_vnni() {
+                if simd >= Simd::Avx512 && avx512::has_vnni() {
                     return avx512::tile(self, xq, rows, groups, col_end, out.0);
                 }
                 if simd >= Simd::Avx2 {
@@ -1111,7 +1111,7 @@ mod tests {
                     }
                 }
                 #[cfg(target_arch = "x86_64")]
-                if crate::simd::detected_simd() == crate::simd::Simd::Avx512 && avx512::has_vnni() {
+                if crate::simd::detected_simd() >= crate::simd::Simd::Avx512 && avx512::has_vnni() {
                     let mut o = vec![f32::NAN; rows * n];
                     // SAFETY: the CPU has AVX-512 F/BW/VL and VNNI (checked); one tile.
                     unsafe { avx512::tile(&p, &xq, 0..rows, groups.clone(), n, o.as_mut_ptr()) };

@@ -13,6 +13,13 @@ pub enum Simd {
     Avx2,
     /// AVX-512 F/BW/VL (512-bit VNNI for the quantized kernels where present).
     Avx512,
+    /// [`Simd::Avx512`] plus AVX512_BF16: bf16 weights are multiplied with `vdpbf16ps`, their
+    /// activations rounded to bf16 first (as llama.cpp does), at every row count so that a
+    /// row's result does not depend on the rows that share its batch (see
+    /// `packed::PackedWeights::matmul_cols`). The one level whose results differ from the
+    /// others' by more than the order of f32 sums, and only for bf16 weights; every other
+    /// kernel runs as at [`Simd::Avx512`]. `TANDEM_SIMD=avx512` keeps bf16 exact.
+    Avx512Bf16,
 }
 
 impl Simd {
@@ -21,7 +28,14 @@ impl Simd {
             Simd::Scalar => "scalar",
             Simd::Avx2 => "avx2",
             Simd::Avx512 => "avx512",
+            Simd::Avx512Bf16 => "avx512bf16",
         }
+    }
+
+    /// Whether bf16 weights multiply activations rounded to bf16 (`vdpbf16ps`) at this level,
+    /// rather than the exact f32 products of the levels below.
+    pub fn bf16_dot(self) -> bool {
+        self >= Simd::Avx512Bf16
     }
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -29,6 +43,7 @@ impl Simd {
             "scalar" => Some(Simd::Scalar),
             "avx2" => Some(Simd::Avx2),
             "avx512" => Some(Simd::Avx512),
+            "avx512bf16" | "avx512_bf16" => Some(Simd::Avx512Bf16),
             _ => None,
         }
     }
@@ -44,6 +59,9 @@ pub fn detected_simd() -> Simd {
         let avx512 = std::is_x86_feature_detected!("avx512f")
             && std::is_x86_feature_detected!("avx512bw")
             && std::is_x86_feature_detected!("avx512vl");
+        if avx2 && avx512 && std::is_x86_feature_detected!("avx512bf16") {
+            return Simd::Avx512Bf16;
+        }
         if avx2 && avx512 {
             return Simd::Avx512;
         }
@@ -57,18 +75,19 @@ pub fn detected_simd() -> Simd {
 /// Every level this CPU can run, the scalar oracle first: the levels the kernel tests compare
 /// against each other on this machine.
 pub fn available_levels() -> Vec<Simd> {
-    [Simd::Scalar, Simd::Avx2, Simd::Avx512]
+    [Simd::Scalar, Simd::Avx2, Simd::Avx512, Simd::Avx512Bf16]
         .into_iter()
         .filter(|l| *l <= detected_simd())
         .collect()
 }
 
-/// One line saying which instruction-set levels (and which of their optional extensions)
+/// One line saying which instruction-set levels (AVX512_BF16 is the level `avx512bf16`; and
+/// which of the levels' optional extensions)
 /// the kernel tests exercise on this machine, and which they cannot: printed by the test
 /// suite so that a run on a CPU without AVX-512 is visible as such.
 pub fn coverage_report() -> String {
     let levels: Vec<&str> = available_levels().iter().map(|l| l.name()).collect();
-    let mut missing: Vec<&str> = [Simd::Avx2, Simd::Avx512]
+    let mut missing: Vec<&str> = [Simd::Avx2, Simd::Avx512, Simd::Avx512Bf16]
         .into_iter()
         .filter(|l| *l > detected_simd())
         .map(|l| l.name())
@@ -77,7 +96,6 @@ pub fn coverage_report() -> String {
     #[cfg(target_arch = "x86_64")]
     for (name, has) in [
         ("avx512_vnni", std::is_x86_feature_detected!("avx512vnni")),
-        ("avx512_bf16", std::is_x86_feature_detected!("avx512bf16")),
         ("avx_vnni", std::is_x86_feature_detected!("avxvnni")),
     ] {
         if has {
@@ -103,7 +121,7 @@ pub fn coverage_report() -> String {
 }
 
 /// The level the kernels run with: [`detected_simd`], capped by the environment variable
-/// `TANDEM_SIMD` (`scalar`, `avx2` or `avx512`) so the paths can be compared on one machine.
+/// `TANDEM_SIMD` (`scalar`, `avx2`, `avx512` or `avx512bf16`) so the paths can be compared on one machine.
 /// A value above what the CPU has, or one not understood, is ignored with a warning.
 pub fn simd() -> Simd {
     static LEVEL: OnceLock<Simd> = OnceLock::new();

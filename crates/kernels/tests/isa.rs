@@ -36,6 +36,12 @@ fn instruction_set_levels_covered_on_this_machine() {
                 avx512 && has("avx2"),
                 "{flags}"
             );
+            // The bf16 dot-product level exactly when the CPU also lists avx512_bf16.
+            assert_eq!(
+                levels.contains(&Simd::Avx512Bf16),
+                avx512 && has("avx2") && has("avx512_bf16"),
+                "{flags}"
+            );
         }
     }
 }

@@ -30,8 +30,9 @@ pub mod stages;
 pub mod tokenizer;
 pub mod weights;
 
-// The kernels' modules under the paths the model's code has always used for them.
-pub use tandem_kernels::{kquant, packed, quant};
+// The kernels' modules under the paths the model's code has always used for them, and the
+// instruction-set level they run at (`simd`: tests ask whether bf16 products are exact).
+pub use tandem_kernels::{kquant, packed, quant, simd};
 
 pub use config::{Family, ModelConfig};
 pub use error::{ModelError, Result};
