@@ -1910,6 +1910,24 @@ mod tests {
         }
     }
 
+    /// A SIMD result `got` against the scalar path's `want` for the same weight `p` and input:
+    /// the same exact integer sums, so only the f32 scaling and summation order differ, by
+    /// ulps of the terms' magnitudes.
+    fn assert_close_to_scalar(p: &KQuantWeights, x: &[f32], got: &[f32], want: &[f32], what: &str) {
+        let (n, k) = (p.n(), p.k());
+        let w = p.dequantize();
+        for t in 0..want.len() / n {
+            for j in 0..n {
+                let mag: f32 = (0..k).map(|i| (x[t * k + i] * w[j * k + i]).abs()).sum();
+                let (a, b) = (got[t * n + j], want[t * n + j]);
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + 2.0 * mag),
+                    "{what} [{t},{j}]: {a} vs {b}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn matmul_matches_dequantized_reference() {
         let mut seed = 1u64;
@@ -1965,23 +1983,11 @@ mod tests {
                         &want,
                         &format!("scalar {format:?} {rows}x{k}x{n}"),
                     );
-                    let w = p.dequantize();
                     for &level in &levels[1..] {
                         let mut o = vec![f32::NAN; rows * n];
                         p.matmul_with(level, &x, rows, &mut o);
-                        for t in 0..rows {
-                            for j in 0..n {
-                                // The same exact integer sums; only the f32 scaling and
-                                // summation order differ: ulps of the terms' magnitudes.
-                                let mag: f32 =
-                                    (0..k).map(|i| (x[t * k + i] * w[j * k + i]).abs()).sum();
-                                let (a, b) = (o[t * n + j], want[t * n + j]);
-                                assert!(
-                                    (a - b).abs() <= 1e-5 * (1.0 + 2.0 * mag),
-                                    "{level:?} {format:?} {rows}x{k}x{n} [{t},{j}]: {a} vs {b}"
-                                );
-                            }
-                        }
+                        let what = format!("{level:?} {format:?} {rows}x{k}x{n}");
+                        assert_close_to_scalar(&p, &x, &o, &want, &what);
                     }
                 }
             }
@@ -2003,24 +2009,15 @@ mod tests {
             let p = KQuantWeights::from_bytes(raw, n, k, KFormat::Mxfp4).unwrap();
             // Activations of the size that keeps 2^72 * 12 * x finite in f32.
             let x = rnd_vec(&mut seed, rows * k);
-            let w = p.dequantize();
             let mut want = vec![f32::NAN; rows * n];
             p.matmul_with(Simd::Scalar, &x, rows, &mut want);
             check(&p, &x, rows, &want, &format!("scalar {rows}x{k}x{n}"));
             for &level in &levels()[1..] {
                 let mut o = vec![f32::NAN; rows * n];
                 p.matmul_with(level, &x, rows, &mut o);
-                check(&p, &x, rows, &o, &format!("{level:?} {rows}x{k}x{n}"));
-                for t in 0..rows {
-                    for j in 0..n {
-                        let mag: f32 = (0..k).map(|i| (x[t * k + i] * w[j * k + i]).abs()).sum();
-                        let (a, b) = (o[t * n + j], want[t * n + j]);
-                        assert!(
-                            (a - b).abs() <= 1e-5 * (1.0 + 2.0 * mag),
-                            "{level:?} {rows}x{k}x{n} [{t},{j}]: {a} vs {b}"
-                        );
-                    }
-                }
+                let what = format!("{level:?} {rows}x{k}x{n}");
+                check(&p, &x, rows, &o, &what);
+                assert_close_to_scalar(&p, &x, &o, &want, &what);
             }
         }
     }
@@ -2046,7 +2043,6 @@ mod tests {
             let x = rnd_vec(&mut seed, rows * k);
             let raw = random_blocks(&mut seed, KFormat::Mxfp4, n, k);
             let p = KQuantWeights::from_bytes(raw, n, k, KFormat::Mxfp4).unwrap();
-            let w = p.dequantize();
             let mut want = vec![f32::NAN; rows * n];
             p.matmul_with(Simd::Scalar, &x, rows, &mut want);
             let xq = p.rows_for(&x, rows);
@@ -2071,16 +2067,7 @@ mod tests {
                 eprintln!("no AVX512_VBMI on this CPU: its MXFP4 unpacking is not tested");
             }
             for (way, o) in &ways {
-                for t in 0..rows {
-                    for j in 0..n {
-                        let mag: f32 = (0..k).map(|i| (x[t * k + i] * w[j * k + i]).abs()).sum();
-                        let (a, b) = (o[t * n + j], want[t * n + j]);
-                        assert!(
-                            (a - b).abs() <= 1e-5 * (1.0 + 2.0 * mag),
-                            "{way} {rows}x{k}x{n} [{t},{j}]: {a} vs {b}"
-                        );
-                    }
-                }
+                assert_close_to_scalar(&p, &x, o, &want, &format!("{way} {rows}x{k}x{n}"));
             }
         }
     }
