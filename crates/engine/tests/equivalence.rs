@@ -170,35 +170,17 @@ fn check_family_as(name: &str, ty: LinearType) {
     }
 }
 
-/// Token equality across shapes (and with transformers) holds where bf16 products are exact.
-/// At `tandem_kernels`' AVX512_BF16 level (`Simd::bf16_dot`) bf16 weights multiply activations
-/// rounded to bf16 (tested against its own oracle in `tandem-kernels`): a row's result still
-/// does not depend on its batch beyond the order of f32 sums, but a last-bit difference in an
-/// activation can move its bf16 rounding by a whole bf16 step, and the bf16 fixtures' near-tied
-/// routers then pick another expert (measured: `gpt_oss_mxfp4` differs from the colocated loop
-/// even with every row on the rounded widening kernel, no `vdpbf16ps` at all). So there the
-/// test named `test` reruns in a child process capped to `avx512`, exact bf16: true when it did
-/// so (and the child passed), false when the test runs here.
-fn reran_with_exact_bf16(test: &str) -> bool {
-    if !tandem_model::simd::simd().bf16_dot() {
-        return false;
-    }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture"])
-        .env("TANDEM_SIMD", "avx512")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && text.contains("1 passed"),
-        "{test} at avx512: {text}"
-    );
-    true
-}
+// Token equality across shapes (and with transformers) holds where bf16 products are exact.
+// At `tandem_kernels`' AVX512_BF16 level (`Simd::bf16_dot`) bf16 weights multiply activations
+// rounded to bf16: a row's result still does not depend on its batch beyond the order of f32
+// sums, but a last-bit difference in an activation can move its bf16 rounding by a whole bf16
+// step, and the bf16 fixtures' near-tied routers then pick another expert (measured:
+// `gpt_oss_mxfp4` differs from the colocated loop even with every row on the rounded widening
+// kernel, no `vdpbf16ps` at all). So there such a test reruns capped to `avx512`, with the
+// model crate's test helper.
+#[path = "../../model/tests/common/mod.rs"]
+mod common;
+use common::reran_with_exact_bf16;
 
 #[test]
 fn mixtral_all_shapes() {
